@@ -1,0 +1,241 @@
+"""2-D convolution (cross-correlation, like PyTorch) on NCHW arrays: forward and backward.
+
+The public functions validate and normalise their arguments once, then dispatch: CuPy arrays (or
+kernel emulation) go to the CUDA launchers in conv_cuda.py, NumPy arrays to the im2col + BLAS path
+below. Both paths therefore raise the same errors for the same bad input.
+
+The NumPy path turns convolution into one batched matrix product. A strided view of the (padded)
+input holds every sliding window without copying; one copy lays the windows out as columns
+(N, groups, C/groups*KH*KW, OH*OW), and `weight @ cols` then yields (N, groups, O/groups, OH*OW),
+which is already NCHW, so the output needs no transpose.
+"""
+import numpy as np
+
+from ..backend import get_array_module, uses_cuda_kernels
+from ..errors import ArgumentError, ShapeError
+from ._args import check_float_array, check_same_dtype, conv_output_size, pair, same_device
+
+ALGOS = ("auto", "direct", "im2col")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument handling shared by both paths
+
+
+def _resolve_padding(padding, kernel, stride, dilation):
+    """-> (symmetric (ph, pw) for the op, explicit ((top, bottom), (left, right)) pad or None).
+
+    "same" with an even effective kernel needs one more row/column at the bottom/right (PyTorch's
+    choice); the launchers only take symmetric pairs, so that case becomes an explicit zero pad of x
+    and padding (0, 0).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), None
+        if padding != "same":
+            raise ArgumentError(f"padding: expected an int, a pair of ints, 'same' or 'valid', "
+                                f"got {padding!r}")
+        if stride != (1, 1):
+            raise ArgumentError(f"padding='same' needs stride=1 (as in PyTorch), got stride={stride}; "
+                                "pass an explicit padding instead")
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        before = [t // 2 for t in totals]
+        after = [t - b for t, b in zip(totals, before)]
+        if before == after:
+            return tuple(before), None
+        return (0, 0), tuple(zip(before, after))
+    return pair(padding, "padding", minimum=0), None
+
+
+def _check_conv_args(x, w, b, stride, padding, dilation, groups, algo):
+    """Validate everything; returns (stride, padding, dilation, groups, explicit_pad, out_hw)."""
+    check_float_array(x, "x", 4)
+    check_float_array(w, "weight", 4)
+    if b is not None:
+        check_float_array(b, "bias", 1)
+    same_device(x, w, b)
+    check_same_dtype(x=x, weight=w, bias=b)
+    if algo not in ALGOS:
+        raise ArgumentError(f"algo: expected one of {ALGOS}, got {algo!r}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ArgumentError(f"groups: expected an int >= 1, got {groups!r}")
+    groups = int(groups)
+    stride = pair(stride, "stride", minimum=1)
+    dilation = pair(dilation, "dilation", minimum=1)
+    n, c, h, wd = x.shape
+    out_c, c_per_group, kh, kw = w.shape
+    if out_c % groups:
+        raise ShapeError(f"weight: out_channels={out_c} must be divisible by groups={groups}; "
+                         "change the number of filters or groups")
+    if c % groups:
+        raise ShapeError(f"x: in_channels={c} must be divisible by groups={groups}; "
+                         "change the number of input channels or groups")
+    if c_per_group * groups != c:
+        raise ShapeError(f"weight: expected shape (out, {c // groups}, kh, kw) for x with {c} channels "
+                         f"and groups={groups} (in_channels == weight.shape[1] * groups), got weight "
+                         f"shape {tuple(w.shape)} and x shape {tuple(x.shape)}")
+    if kh < 1 or kw < 1:
+        raise ShapeError(f"weight: expected a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    if b is not None and b.shape[0] != out_c:
+        raise ShapeError(f"bias: expected shape ({out_c},) to match weight.shape[0], got {tuple(b.shape)}")
+    padding, explicit = _resolve_padding(padding, (kh, kw), stride, dilation)
+    padded = (h, wd) if explicit is None else (h + sum(explicit[0]), wd + sum(explicit[1]))
+    out_hw = tuple(conv_output_size(s, k, st, p, d)
+                   for s, k, st, p, d in zip(padded, (kh, kw), stride, padding, dilation))
+    if min(out_hw) < 1:
+        raise ShapeError(
+            f"x: input {h}x{wd} with padding {padding} is smaller than the dilated kernel "
+            f"{dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1} (output would be "
+            f"{out_hw[0]}x{out_hw[1]}); use a larger input, more padding or a smaller kernel")
+    return stride, padding, dilation, groups, explicit, out_hw
+
+
+def _pad_explicit(x, explicit):
+    if explicit is None:
+        return x
+    xp = get_array_module(x)
+    return xp.pad(x, ((0, 0), (0, 0)) + explicit)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto"):
+    """y[n, o] = b[o] + sum_c,kh,kw w[o, c, kh, kw] * x_padded[n, g*C/g + c, oh*S + kh*D, ow*S + kw*D].
+
+    x: (N, C, H, W); w: (O, C/groups, KH, KW); b: (O,) or None. stride/dilation: int or pair
+    (>= 1); padding: int, pair, "valid" or "same" (stride 1 only). `algo` picks the CUDA kernel
+    ("direct" or "im2col"; "auto" chooses by shape); on the CPU every algo is the same GEMM over
+    sliding windows. An empty batch (N == 0) gives an empty (0, O, OH, OW) output, as in PyTorch.
+    """
+    stride, padding, dilation, groups, explicit, _ = _check_conv_args(
+        x, w, b, stride, padding, dilation, groups, algo)
+    x = _pad_explicit(x, explicit)
+    if uses_cuda_kernels(x):
+        from . import conv_cuda
+        return conv_cuda.conv2d_forward(x, w, b, stride, padding, dilation, groups, algo)
+    return conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo)
+
+
+def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="auto",
+                    need_dx=True, need_bias=True):
+    """Gradients of conv2d -> (dx or None, dw, db or None), each with the shape of its input.
+
+    need_dx=False skips the data gradient (a first layer never needs it); need_bias=False skips db.
+    """
+    stride, padding, dilation, groups, explicit, out_hw = _check_conv_args(
+        x, w, None, stride, padding, dilation, groups, algo)
+    check_float_array(dy, "dy", 4)
+    same_device(dy, x)
+    check_same_dtype(dy=dy, x=x)
+    expected = (x.shape[0], w.shape[0]) + out_hw
+    if tuple(dy.shape) != expected:
+        raise ShapeError(f"dy: expected shape {expected} (the shape of conv2d's output), "
+                         f"got {tuple(dy.shape)}")
+    x_padded = _pad_explicit(x, explicit)
+    if uses_cuda_kernels(x):
+        from . import conv_cuda
+        dx, dw, db = conv_cuda.conv2d_backward(dy, x_padded, w, stride, padding, dilation, groups,
+                                               algo, need_dx, need_bias)
+    else:
+        dx, dw, db = conv2d_backward_numpy(dy, x_padded, w, stride, padding, dilation, groups,
+                                           algo, need_dx, need_bias)
+    if dx is not None and explicit is not None:
+        (top, _), (left, _) = explicit
+        dx = dx[:, :, top:top + x.shape[2], left:left + x.shape[3]].copy()
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy path. Same signatures as conv_cuda's launchers: arguments are already validated, stride,
+# padding and dilation are int pairs. Public so the CUDA tests can use it as the reference.
+
+
+def _columns(x, kernel, stride, padding, dilation, groups, out_hw):
+    """im2col: (N, groups, C/groups*KH*KW, OH*OW), rows ordered (c, kh, kw) like w.reshape(O, -1)."""
+    n, c, h, wd = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    oh, ow = out_hw
+    if ph or pw:
+        padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)
+        padded[:, :, ph:ph + h, pw:pw + wd] = x
+        x = padded
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    # (N, C, H', W', span_h, span_w): every window, no copy; then pick the strided/dilated taps.
+    windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
+    windows = windows[:, :, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, ::dh, ::dw]
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    np.copyto(cols, windows.transpose(0, 1, 4, 5, 2, 3))
+    return cols.reshape(n, groups, (c // groups) * kh * kw, oh * ow)
+
+
+def _add_columns(dx, dcols, kernel, stride, padding, dilation):
+    """col2im: dx += the (N, C, KH, KW, OH, OW) column gradient, one strided slice-add per kernel tap.
+
+    Taps that fall into the padding are clipped away, so dx needs no padded buffer and no crop.
+    """
+    h, wd = dx.shape[2:]
+    oh, ow = dcols.shape[4:]
+    for i in range(kernel[0]):
+        rows = _tap_range(i, h, oh, stride[0], padding[0], dilation[0])
+        if rows is None:
+            continue
+        for j in range(kernel[1]):
+            cols = _tap_range(j, wd, ow, stride[1], padding[1], dilation[1])
+            if cols is None:
+                continue
+            dx[:, :, rows[0], cols[0]] += dcols[:, :, i, j, rows[1], cols[1]]
+
+
+def _tap_range(tap, in_size, out_size, stride, padding, dilation):
+    """For kernel tap `tap`: (input slice, output slice) of the outputs whose tap lands inside the
+    unpadded input (input index = o*stride - padding + tap*dilation), or None if there are none."""
+    offset = tap * dilation - padding
+    first = max(0, -(offset // stride))  # ceil(-offset / stride), the first o with index >= 0
+    last = min(out_size - 1, (in_size - 1 - offset) // stride)
+    if last < first:
+        return None
+    start = first * stride + offset
+    return (slice(start, start + (last - first) * stride + 1, stride), slice(first, last + 1))
+
+
+def conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo="auto"):
+    """NumPy conv2d on validated arguments (see conv2d); `algo` is ignored on the CPU."""
+    n, c = x.shape[:2]
+    out_c, _, kh, kw = w.shape
+    out_hw = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d
+                   in zip(x.shape[2:], (kh, kw), stride, padding, dilation))
+    y = np.empty((n, groups, out_c // groups, out_hw[0] * out_hw[1]), dtype=x.dtype)
+    if n:
+        cols = _columns(x, (kh, kw), stride, padding, dilation, groups, out_hw)
+        np.matmul(w.reshape(groups, out_c // groups, -1), cols, out=y)
+    y = y.reshape((n, out_c) + out_hw)
+    if b is not None:
+        y += b.reshape(-1, 1, 1)
+    return y
+
+
+def conv2d_backward_numpy(dy, x, w, stride, padding, dilation, groups, algo="auto",
+                          need_dx=True, need_bias=True):
+    """NumPy conv2d gradients on validated arguments -> (dx or None, dw, db or None)."""
+    n, c = x.shape[:2]
+    out_c, c_per_group, kh, kw = w.shape
+    out_hw = dy.shape[2:]
+    db = dy.sum(axis=(0, 2, 3)) if need_bias else None
+    if n == 0:
+        dx = np.zeros(x.shape, dtype=x.dtype) if need_dx else None
+        return dx, np.zeros(w.shape, dtype=w.dtype), db
+    dy_mat = np.ascontiguousarray(dy).reshape(n, groups, out_c // groups, -1)
+    cols = _columns(x, (kh, kw), stride, padding, dilation, groups, out_hw)
+    # dw[g] = sum_n dy[n, g] @ cols[n, g].T; BLAS reads the transposed view directly.
+    dw = np.matmul(dy_mat, cols.transpose(0, 1, 3, 2)).sum(axis=0)
+    dw = dw.reshape(w.shape)
+    dx = None
+    if need_dx:
+        w_mat = w.reshape(groups, out_c // groups, -1).transpose(0, 2, 1)
+        dcols = np.matmul(w_mat, dy_mat, out=cols)  # reuse the column buffer
+        dx = np.zeros(x.shape, dtype=x.dtype)
+        _add_columns(dx, dcols.reshape((n, c, kh, kw) + tuple(out_hw)), (kh, kw), stride, padding,
+                     dilation)
+    return dx, dw, db
