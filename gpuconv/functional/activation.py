@@ -1,0 +1,121 @@
+"""Elementwise activations and dropout, forward/backward pairs on NumPy or CuPy arrays.
+
+No custom kernels: each op is a few array-module calls, which CuPy fuses well enough on the GPU.
+Backward functions take whichever of x or y makes the gradient cheapest (PyTorch does the same).
+"""
+import numbers
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..errors import ArgumentError, DTypeError, ShapeError
+from ._args import check_float_array, check_same_dtype, same_device
+
+
+def _prepare(x, name="x"):
+    check_float_array(x, name)
+    return get_array_module(x).ascontiguousarray(x)
+
+
+def _prepare_pair(dy, other, other_name):
+    check_float_array(dy, "dy")
+    check_float_array(other, other_name)
+    same_device(dy, other)
+    check_same_dtype(dy=dy, **{other_name: other})
+    if dy.shape != other.shape:
+        raise ShapeError(f"dy: expected the shape of {other_name}, {tuple(other.shape)}, got {tuple(dy.shape)}")
+    xp = get_array_module(dy)
+    return xp, xp.ascontiguousarray(dy), other
+
+
+def relu(x):
+    """max(x, 0); NaN stays NaN."""
+    x = _prepare(x)
+    return get_array_module(x).maximum(x, 0)
+
+
+def relu_backward(dy, x):
+    """dy where x > 0, else 0. Passing relu's output y instead of x gives the same result."""
+    xp, dy, x = _prepare_pair(dy, x, "x")
+    return xp.where(x > 0, dy, 0)
+
+
+def tanh(x):
+    x = _prepare(x)
+    return get_array_module(x).tanh(x)
+
+
+def tanh_backward(dy, y):
+    """dy * (1 - y**2), with y = tanh(x)."""
+    xp, dy, y = _prepare_pair(dy, y, "y")
+    grad = xp.multiply(y, y)
+    xp.subtract(1, grad, out=grad)
+    grad *= dy
+    return grad
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)), evaluated through exp(-|x|) so it neither overflows nor loses the tails."""
+    x = _prepare(x)
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1, e) / (1 + e)
+
+
+def sigmoid_backward(dy, y):
+    """dy * y * (1 - y), with y = sigmoid(x)."""
+    xp, dy, y = _prepare_pair(dy, y, "y")
+    grad = xp.subtract(1, y)
+    grad *= y
+    grad *= dy
+    return grad
+
+
+def _check_p(p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ArgumentError(f"p: expected a drop probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def dropout(x, p, rng=None, mask=None):
+    """Inverted dropout -> (y, mask): y = x * mask / (1 - p), mask True where x is kept.
+
+    rng: a numpy.random.Generator (or cupy.random.Generator) that draws the mask; None draws from
+    a fresh unseeded one. Pass `mask` instead to replay a mask. Each element is kept with
+    probability 1 - p, and the scaling keeps the expected value of y equal to x.
+    """
+    p = _check_p(p)
+    x = _prepare(x)
+    xp = get_array_module(x)
+    if mask is None:
+        if rng is None:
+            rng = np.random.default_rng()
+        if not hasattr(rng, "random"):
+            raise ArgumentError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}; "
+                                "create one with numpy.random.default_rng(seed)")
+        mask = xp.asarray(rng.random(x.shape, dtype=np.float32) >= p)
+    else:
+        _check_mask(mask, x.shape)
+        same_device(x, mask)
+    y = xp.multiply(x, mask)
+    y *= 1.0 / (1.0 - p)
+    return y, mask
+
+
+def _check_mask(mask, shape):
+    if not hasattr(mask, "dtype") or mask.dtype != np.bool_:
+        raise DTypeError(f"mask: expected the boolean array dropout returned, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ShapeError(f"mask: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+
+
+def dropout_backward(dy, mask, p):
+    """dy * mask / (1 - p), with the mask dropout returned."""
+    p = _check_p(p)
+    dy = _prepare(dy, "dy")
+    _check_mask(mask, dy.shape)
+    same_device(dy, mask)
+    grad = get_array_module(dy).multiply(dy, mask)
+    grad *= 1.0 / (1.0 - p)
+    return grad

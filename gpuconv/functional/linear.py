@@ -1,0 +1,44 @@
+"""Fully connected layer: y = x @ w.T + b, with w of shape (out_features, in_features) as in PyTorch."""
+from ..backend import get_array_module
+from ..errors import ShapeError
+from ._args import check_float_array, check_same_dtype, same_device
+
+
+def _check(x, w, b):
+    check_float_array(x, "x", 2)
+    check_float_array(w, "weight", 2)
+    if b is not None:
+        check_float_array(b, "bias", 1)
+    same_device(x, w, b)
+    check_same_dtype(x=x, weight=w, bias=b)
+    if x.shape[1] != w.shape[1]:
+        raise ShapeError(f"x: expected {w.shape[1]} features per sample (weight.shape[1]; weight is "
+                         f"(out_features, in_features)), got x shape {tuple(x.shape)}; flatten "
+                         "conv outputs with x.reshape(len(x), -1)")
+    if b is not None and b.shape[0] != w.shape[0]:
+        raise ShapeError(f"bias: expected shape ({w.shape[0]},) to match weight.shape[0], got {tuple(b.shape)}")
+
+
+def linear(x, w, b=None):
+    """x: (N, in_features), w: (out_features, in_features), b: (out_features,) or None -> (N, out)."""
+    _check(x, w, b)
+    xp = get_array_module(x)
+    y = xp.matmul(x, w.T)  # BLAS reads the transpose in place, no copy
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_backward(dy, x, w, need_dx=True):
+    """-> (dx or None, dw, db) for y = linear(x, w, b)."""
+    _check(x, w, None)
+    check_float_array(dy, "dy", 2)
+    same_device(dy, x)
+    check_same_dtype(dy=dy, x=x)
+    if dy.shape != (x.shape[0], w.shape[0]):
+        raise ShapeError(f"dy: expected shape {(x.shape[0], w.shape[0])} (linear's output), got {tuple(dy.shape)}")
+    xp = get_array_module(x)
+    dw = xp.matmul(dy.T, x)
+    db = dy.sum(axis=0)
+    dx = xp.matmul(dy, w) if need_dx else None
+    return dx, dw, db
