@@ -72,7 +72,7 @@ def gradcheck(f, inputs, grads, dy=None, eps=1e-6, rtol=1e-5, atol=1e-6, seed=0)
     inputs = [np.array(_to_numpy(a), dtype=np.float64) for a in inputs]
     out_shape = np.shape(_to_numpy(f(*inputs)))
     if dy is None:
-        if callable(grads) is False:
+        if not callable(grads):
             raise ValueError("gradcheck: pass dy when grads are precomputed, so both sides use it")
         dy = np.random.default_rng(seed).standard_normal(out_shape)
     dy = np.asarray(_to_numpy(dy), dtype=np.float64)
