@@ -1,0 +1,358 @@
+// CUDA features used (the kernel emulator supports exactly these): #define (constants) __global__ __device__ __forceinline__ template<typename T> __restrict__ __shared__ (fixed-size 1-D and 2-D arrays) __syncthreads blockIdx threadIdx blockDim gridDim (.x .y .z)
+//
+// 2-D convolution, NCHW, weights (K, C/groups, KH, KW), PyTorch semantics (cross-correlation).
+// Two algorithms, chosen per shape by gpuconv/functional/conv_cuda.py:
+//   direct  implicit GEMM tiled through shared memory (forward, backward-data), plus block-per-element
+//           reductions for the filter and bias gradients;
+//   im2col  im2col / col2im below around cuBLAS GEMMs issued from Python.
+// Every reduction runs in a fixed order (no atomics), so results are bit-identical run to run.
+// Offsets into arrays are long long (N*C*H*W passes 2^31 for realistic batches); per-plane and
+// per-batch counts stay int so the inner loops need no 64-bit division.
+
+// Implicit-GEMM tile: a block of 16x16 threads computes TILE_P output pixels x TILE_K output channels,
+// each thread PIXELS_PER_THREAD pixels of one channel; the reduction walks TILE_R rows at a time.
+// No __launch_bounds__ anywhere: with NVRTC 13 it makes ptxas trade registers for occupancy and
+// spill (check-kernels fails on spills); the launcher always uses the block sizes below.
+#define TILE_P 64
+#define TILE_K 16
+#define TILE_R 16
+#define TILE_THREADS 256
+#define PIXELS_PER_THREAD 4
+// Threads per block of the deterministic reductions (power of two, matches the launcher).
+#define REDUCE_THREADS 256
+
+// Sum of one value per thread; a fixed tree so the rounding is the same on every run.
+template<typename T>
+__device__ __forceinline__ T block_sum(T value, T* buffer)
+{
+    const int tid = threadIdx.x;
+    buffer[tid] = value;
+    __syncthreads();
+    for (int half = REDUCE_THREADS / 2; half > 0; half >>= 1) {
+        if (tid < half) {
+            buffer[tid] += buffer[tid + half];
+        }
+        __syncthreads();
+    }
+    return buffer[0];
+}
+
+// y[n, g*Kg + k, p] = sum_r w[g*Kg + k, r] * x_col[n, g, r, p] + b, with x_col gathered on the fly.
+// grid: (ceil(OH*OW / TILE_P), ceil(Kg / TILE_K), min(N*groups, 65535)), block (16, 16).
+template<typename T>
+__global__ void conv2d_forward_direct(
+    const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
+    int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups, int has_bias)
+{
+    __shared__ T x_tile[TILE_R][TILE_P];
+    __shared__ T w_tile[TILE_R][TILE_K + 1];  // +1: the transposed store below hits distinct banks
+
+    const int Cg = C / groups;
+    const int Kg = K / groups;
+    const int taps = KH * KW;
+    const int R = Cg * taps;
+    const int P = OH * OW;
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int tid = ty * blockDim.x + tx;
+    const int p0 = blockIdx.x * TILE_P;
+    const int k0 = blockIdx.y * TILE_K;
+    for (int ng = blockIdx.z; ng < N * groups; ng += gridDim.z) {
+        const int n = ng / groups;
+        const int g = ng % groups;
+        const T* x_n = x + ((long long)n * C + (long long)g * Cg) * H * W;
+        const T* w_g = w + (long long)g * Kg * R;
+
+        T acc[PIXELS_PER_THREAD];
+        for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+            acc[j] = T(0);
+        }
+
+        for (int r0 = 0; r0 < R; r0 += TILE_R) {
+            for (int e = tid; e < TILE_R * TILE_P; e += TILE_THREADS) {
+                const int rr = e / TILE_P;
+                const int pp = e % TILE_P;
+                const int r = r0 + rr;
+                const int p = p0 + pp;
+                T value = T(0);
+                if (r < R && p < P) {
+                    const int c = r / taps;
+                    const int kh = (r % taps) / KW;
+                    const int kw = r % KW;
+                    const int ih = (p / OW) * stride_h - pad_h + kh * dil_h;
+                    const int iw = (p % OW) * stride_w - pad_w + kw * dil_w;
+                    if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
+                        value = x_n[((long long)c * H + ih) * W + iw];
+                    }
+                }
+                x_tile[rr][pp] = value;
+            }
+            {
+                const int k = k0 + ty;
+                const int r = r0 + tx;
+                w_tile[tx][ty] = (k < Kg && r < R) ? w_g[(long long)k * R + r] : T(0);
+            }
+            __syncthreads();
+            for (int rr = 0; rr < TILE_R; ++rr) {
+                const T weight = w_tile[rr][ty];
+                for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                    acc[j] += weight * x_tile[rr][tx + j * 16];
+                }
+            }
+            __syncthreads();
+        }
+
+        const int k = k0 + ty;
+        if (k < Kg) {
+            const int channel = g * Kg + k;
+            const T bias = has_bias ? b[channel] : T(0);
+            T* y_nk = y + ((long long)n * K + channel) * P;
+            for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                const int p = p0 + tx + j * 16;
+                if (p < P) {
+                    y_nk[p] = acc[j] + bias;
+                }
+            }
+        }
+    }
+}
+
+// The transpose of the forward GEMM, gathered per input pixel (no scatter, no atomics):
+// dx[n, g*Cg + c, q] = sum over (k, kh, kw) of w[g*Kg + k, c, kh, kw] * dy[n, g*Kg + k, oh, ow]
+// where (oh, ow) is the output pixel whose window puts tap (kh, kw) on input pixel q, if any.
+// grid: (ceil(H*W / TILE_P), ceil(Cg / TILE_K), min(N*groups, 65535)), block (16, 16).
+template<typename T>
+__global__ void conv2d_backward_data_direct(
+    const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
+    int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups)
+{
+    __shared__ T dy_tile[TILE_R][TILE_P];
+    __shared__ T w_tile[TILE_R][TILE_K + 1];
+
+    const int Cg = C / groups;
+    const int Kg = K / groups;
+    const int taps = KH * KW;
+    const int R = Kg * taps;
+    const int Q = H * W;
+    const int P = OH * OW;
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int tid = ty * blockDim.x + tx;
+    const int q0 = blockIdx.x * TILE_P;
+    const int c0 = blockIdx.y * TILE_K;
+    for (int ng = blockIdx.z; ng < N * groups; ng += gridDim.z) {
+        const int n = ng / groups;
+        const int g = ng % groups;
+        const T* dy_n = dy + ((long long)n * K + (long long)g * Kg) * P;
+        const T* w_g = w + (long long)g * Kg * Cg * taps;
+
+        T acc[PIXELS_PER_THREAD];
+        for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+            acc[j] = T(0);
+        }
+
+        for (int r0 = 0; r0 < R; r0 += TILE_R) {
+            for (int e = tid; e < TILE_R * TILE_P; e += TILE_THREADS) {
+                const int rr = e / TILE_P;
+                const int qq = e % TILE_P;
+                const int r = r0 + rr;
+                const int q = q0 + qq;
+                T value = T(0);
+                if (r < R && q < Q) {
+                    const int k = r / taps;
+                    const int kh = (r % taps) / KW;
+                    const int kw = r % KW;
+                    const int oh_scaled = q / W + pad_h - kh * dil_h;
+                    const int ow_scaled = q % W + pad_w - kw * dil_w;
+                    if (oh_scaled >= 0 && ow_scaled >= 0
+                        && oh_scaled % stride_h == 0 && ow_scaled % stride_w == 0) {
+                        const int oh = oh_scaled / stride_h;
+                        const int ow = ow_scaled / stride_w;
+                        if (oh < OH && ow < OW) {
+                            value = dy_n[(long long)k * P + oh * OW + ow];
+                        }
+                    }
+                }
+                dy_tile[rr][qq] = value;
+            }
+            {
+                const int c = c0 + ty;
+                const int r = r0 + tx;
+                T weight = T(0);
+                if (c < Cg && r < R) {
+                    const int k = r / taps;
+                    const int tap = r % taps;
+                    weight = w_g[((long long)k * Cg + c) * taps + tap];
+                }
+                w_tile[tx][ty] = weight;
+            }
+            __syncthreads();
+            for (int rr = 0; rr < TILE_R; ++rr) {
+                const T weight = w_tile[rr][ty];
+                for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                    acc[j] += weight * dy_tile[rr][tx + j * 16];
+                }
+            }
+            __syncthreads();
+        }
+
+        const int c = c0 + ty;
+        if (c < Cg) {
+            T* dx_nc = dx + ((long long)n * C + (long long)g * Cg + c) * Q;
+            for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                const int q = q0 + tx + j * 16;
+                if (q < Q) {
+                    dx_nc[q] = acc[j];
+                }
+            }
+        }
+    }
+}
+
+// dw[k, c, kh, kw] = sum over n, output pixel p of dy[n, k, p] * x[n, g*Cg + c, ih(p, kh), iw(p, kw)].
+// One block per weight element (grid-stride over them); REDUCE_THREADS threads stride over the
+// N*OH*OW products and a fixed tree adds their partial sums.
+template<typename T>
+__global__ void conv2d_backward_filter_direct(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dw,
+    int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups)
+{
+    __shared__ T partial[REDUCE_THREADS];
+
+    const int Cg = C / groups;
+    const int Kg = K / groups;
+    const int taps = KH * KW;
+    const int P = OH * OW;
+    const int weight_count = K * Cg * taps;
+
+    for (int e = blockIdx.x; e < weight_count; e += gridDim.x) {
+        const int k = e / (Cg * taps);
+        const int c = (e / taps) % Cg;
+        const int kh = (e % taps) / KW;
+        const int kw = e % KW;
+        const int channel_in = (k / Kg) * Cg + c;
+
+        // Walk (n, p) in steps of REDUCE_THREADS without a division per step.
+        int n = threadIdx.x / P;
+        int p = threadIdx.x % P;
+        T sum = T(0);
+        while (n < N) {
+            const int ih = (p / OW) * stride_h - pad_h + kh * dil_h;
+            const int iw = (p % OW) * stride_w - pad_w + kw * dil_w;
+            if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
+                sum += dy[((long long)n * K + k) * P + p]
+                     * x[(((long long)n * C + channel_in) * H + ih) * W + iw];
+            }
+            p += REDUCE_THREADS;
+            while (p >= P) {
+                p -= P;
+                ++n;
+            }
+        }
+        const T total = block_sum(sum, partial);
+        if (threadIdx.x == 0) {
+            dw[e] = total;
+        }
+        __syncthreads();  // everyone has read partial[0] before the next element overwrites it
+    }
+}
+
+// db[k] = sum over n, p of dy[n, k, p]; one block per channel, fixed-order tree.
+template<typename T>
+__global__ void conv2d_backward_bias(
+    const T* __restrict__ dy, T* __restrict__ db, int N, int K, int P)
+{
+    __shared__ T partial[REDUCE_THREADS];
+
+    for (int k = blockIdx.x; k < K; k += gridDim.x) {
+        int n = threadIdx.x / P;
+        int p = threadIdx.x % P;
+        T sum = T(0);
+        while (n < N) {
+            sum += dy[((long long)n * K + k) * P + p];
+            p += REDUCE_THREADS;
+            while (p >= P) {
+                p -= P;
+                ++n;
+            }
+        }
+        const T total = block_sum(sum, partial);
+        if (threadIdx.x == 0) {
+            db[k] = total;
+        }
+        __syncthreads();
+    }
+}
+
+// col[(c*KH + kh)*KW + kw, n, p] = x[n, c, ih, iw] (0 in the padding). Rows of one group are
+// contiguous and (n, p) is one long GEMM dimension, so each group is a single cuBLAS call.
+// grid.y strides over the C*KH*KW*N lines (row, n), grid.x over the OH*OW pixels of a line.
+template<typename T>
+__global__ void im2col(
+    const T* __restrict__ x, T* __restrict__ col,
+    int N, int C, int H, int W, int KH, int KW, int OH, int OW,
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w)
+{
+    const int P = OH * OW;
+    const int lines = C * KH * KW * N;
+    for (int line = blockIdx.y; line < lines; line += gridDim.y) {
+        const int n = line % N;
+        const int row = line / N;
+        const int kw = row % KW;
+        const int kh = (row / KW) % KH;
+        const int c = row / (KH * KW);
+        const T* x_plane = x + ((long long)n * C + c) * H * W;
+        T* col_line = col + (long long)line * P;
+        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += blockDim.x * gridDim.x) {
+            const int ih = (p / OW) * stride_h - pad_h + kh * dil_h;
+            const int iw = (p % OW) * stride_w - pad_w + kw * dil_w;
+            T value = T(0);
+            if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
+                value = x_plane[ih * W + iw];
+            }
+            col_line[p] = value;
+        }
+    }
+}
+
+// The adjoint of im2col, gather-style: each thread owns one dx element and adds, in a fixed tap
+// order, every col entry that im2col copied from it. grid.y strides over the N*C planes, grid.x
+// over the H*W pixels of a plane.
+template<typename T>
+__global__ void col2im(
+    const T* __restrict__ col, T* __restrict__ dx,
+    int N, int C, int H, int W, int KH, int KW, int OH, int OW,
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w)
+{
+    const int P = OH * OW;
+    for (int plane = blockIdx.y; plane < N * C; plane += gridDim.y) {
+        const int n = plane / C;
+        const int c = plane % C;
+        T* dx_plane = dx + (long long)plane * H * W;
+        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < H * W;
+             pixel += blockDim.x * gridDim.x) {
+            const int ih = pixel / W;
+            const int iw = pixel % W;
+            T sum = T(0);
+            for (int kh = 0; kh < KH; ++kh) {
+                const int oh_scaled = ih + pad_h - kh * dil_h;
+                if (oh_scaled < 0 || oh_scaled % stride_h != 0 || oh_scaled / stride_h >= OH) {
+                    continue;
+                }
+                const int oh = oh_scaled / stride_h;
+                for (int kw = 0; kw < KW; ++kw) {
+                    const int ow_scaled = iw + pad_w - kw * dil_w;
+                    if (ow_scaled < 0 || ow_scaled % stride_w != 0 || ow_scaled / stride_w >= OW) {
+                        continue;
+                    }
+                    const int line = ((c * KH + kh) * KW + kw) * N + n;
+                    sum += col[(long long)line * P + oh * OW + ow_scaled / stride_w];
+                }
+            }
+            dx_plane[pixel] = sum;
+        }
+    }
+}
