@@ -1,0 +1,148 @@
+"""Optimizers (SGD with momentum/Nesterov, Adam) and learning-rate schedules, PyTorch's semantics.
+
+Updates are in place on each Parameter's `.data`, on whatever device it lives; state arrays are
+created beside it. `state_dict()` returns NumPy copies so checkpoints are device-independent.
+"""
+import math
+
+import numpy as np
+
+from .backend import get_array_module, to_device
+from .errors import ArgumentError, CheckpointError
+
+
+def _check_positive(name, value, allow_zero=False):
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, (int, float)) or not ok or not math.isfinite(value):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ArgumentError(f"{name}: expected a finite number {bound}, got {value!r}")
+
+
+class Optimizer:
+    state_names = ()
+
+    def __init__(self, params, lr):
+        self.params = list(params)
+        if not self.params:
+            raise ArgumentError("params: expected at least one Parameter, got an empty list")
+        _check_positive("lr", lr)
+        self.lr = float(lr)
+        self.initial_lr = self.lr
+        self.state = {name: [None] * len(self.params) for name in self.state_names}
+        self.steps = 0
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.steps += 1
+        for index, p in enumerate(self.params):
+            if p.grad is not None:
+                self.update(index, p, get_array_module(p.data))
+
+    def _state(self, name, index, like):
+        if self.state[name][index] is None or self.state[name][index].shape != like.shape:
+            self.state[name][index] = get_array_module(like).zeros_like(like)
+        return self.state[name][index]
+
+    def state_dict(self):
+        out = {"lr": np.float64(self.lr), "initial_lr": np.float64(self.initial_lr), "steps": np.int64(self.steps)}
+        for name, arrays in self.state.items():
+            for index, array in enumerate(arrays):
+                if array is not None:
+                    out[f"{name}.{index}"] = np.array(to_device(array, "cpu"))
+        return out
+
+    def load_state_dict(self, state):
+        try:
+            self.lr, self.initial_lr = float(state["lr"]), float(state["initial_lr"])
+            self.steps = int(state["steps"])
+        except KeyError as exc:
+            raise CheckpointError(f"optimizer state: missing key {exc.args[0]!r}; "
+                                  f"was it saved by {type(self).__name__}?") from None
+        for name in self.state_names:
+            for index, p in enumerate(self.params):
+                key = f"{name}.{index}"
+                if key in state:
+                    if tuple(state[key].shape) != tuple(p.data.shape):
+                        raise CheckpointError(f"optimizer state {key!r}: expected shape {tuple(p.data.shape)}, "
+                                              f"got {tuple(state[key].shape)}")
+                    self.state[name][index] = get_array_module(p.data).asarray(state[key], dtype=p.data.dtype)
+        return self
+
+
+class SGD(Optimizer):
+    """v = momentum * v + g (+ weight_decay * w); w -= lr * (g + momentum * v if nesterov else v)."""
+    state_names = ("velocity",)
+
+    def __init__(self, params, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr)
+        _check_positive("momentum", momentum, allow_zero=True)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        if nesterov and momentum == 0:
+            raise ArgumentError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+
+    def update(self, index, p, xp):
+        grad = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
+        if self.momentum:
+            velocity = self._state("velocity", index, p.data)
+            velocity *= self.momentum
+            velocity += grad
+            grad = grad + self.momentum * velocity if self.nesterov else velocity
+        p.data -= p.data.dtype.type(self.lr) * grad
+
+
+class Adam(Optimizer):
+    """Kingma & Ba 2015 with bias correction; weight_decay is L2 added to the gradient (as torch.optim.Adam)."""
+    state_names = ("m", "v")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr)
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ArgumentError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        _check_positive("eps", eps)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+
+    def update(self, index, p, xp):
+        beta1, beta2 = self.betas
+        grad = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
+        m, v = self._state("m", index, p.data), self._state("v", index, p.data)
+        m *= beta1
+        m += (1 - beta1) * grad
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        step_size = self.lr * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
+        p.data -= p.data.dtype.type(step_size) * m / (xp.sqrt(v) + p.data.dtype.type(self.eps))
+
+
+class StepLR:
+    """lr = initial_lr * gamma ** (epoch // step_size); call step() once per epoch."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1):
+        if not isinstance(step_size, int) or step_size < 1:
+            raise ArgumentError(f"step_size: expected an int >= 1, got {step_size!r}")
+        self.optimizer, self.step_size, self.gamma, self.epoch = optimizer, step_size, gamma, 0
+
+    def step(self):
+        self.epoch += 1
+        self.optimizer.lr = self.optimizer.initial_lr * self.gamma ** (self.epoch // self.step_size)
+
+
+class CosineAnnealingLR:
+    """lr = eta_min + (initial_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2."""
+
+    def __init__(self, optimizer, T_max, eta_min=0.0):
+        if not isinstance(T_max, int) or T_max < 1:
+            raise ArgumentError(f"T_max: expected an int >= 1, got {T_max!r}")
+        self.optimizer, self.T_max, self.eta_min, self.epoch = optimizer, T_max, eta_min, 0
+
+    def step(self):
+        self.epoch += 1
+        progress = min(self.epoch, self.T_max) / self.T_max
+        self.optimizer.lr = self.eta_min + (self.optimizer.initial_lr - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+
+
+SCHEDULES = {"none": None, "step": StepLR, "cosine": CosineAnnealingLR}

@@ -1,0 +1,213 @@
+"""Training LeNet-5 on MNIST: the loop behind `python -m gpuconv train` and examples/train_lenet.py.
+
+Everything that decides the result is in the checkpoint (weights, optimizer state, epoch, batch,
+seed, history), and the order of every epoch depends only on (seed, epoch), so --resume continues
+to exactly the weights an uninterrupted run reaches.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import functional as F
+from . import optim
+from .backend import get_array_module, parse_device, to_device
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .data import MNIST, DataLoader
+from .data.loader import to_float_batch
+from .errors import ArgumentError, CheckpointError, NonFiniteError
+from .models import LeNet5
+
+DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
+                weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
+                limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
+                activation="relu", pool="max")
+
+
+def build_optimizer(name, params, lr, momentum, weight_decay):
+    if name == "sgd":
+        return optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    if name == "adam":
+        return optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ArgumentError(f"optimizer: expected 'sgd' or 'adam', got {name!r}")
+
+
+def evaluate(model, images, labels, batch_size=1000):
+    """Accuracy of `model` on (images, labels) NumPy arrays, moving each batch to the model's device."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = to_device(images[start:start + batch_size], model.device)
+        predicted = to_device(model(x).argmax(axis=1), "cpu")
+        correct += int((predicted == labels[start:start + batch_size]).sum())
+    model.train()
+    return correct / max(len(labels), 1)
+
+
+def first_non_finite_layer(model, x):
+    """Run x through the model layer by layer; name of the first layer whose output is NaN/Inf."""
+    xp = get_array_module(x)
+    if not bool(xp.isfinite(x).all()):
+        return "input"
+    for name, layer in model.named_children():
+        x = layer(x)
+        if not bool(xp.isfinite(x).all()):
+            return name
+    return "loss"
+
+
+class Trainer:
+    """One training run: model, optimizer, schedule, data, progress; fit() runs it."""
+
+    def __init__(self, config, log=print):
+        self.config = dict(DEFAULTS, **config)
+        self.log = log
+        c = self.config
+        if not (isinstance(c["epochs"], int) and c["epochs"] >= 1):
+            raise ArgumentError(f"epochs: expected an int >= 1, got {c['epochs']!r}")
+        if not (isinstance(c["batch_size"], int) and c["batch_size"] >= 1):
+            raise ArgumentError(f"batch_size: expected an int >= 1, got {c['batch_size']!r}")
+        if c["resume"] and not c["checkpoint"]:
+            raise ArgumentError("resume: --resume needs --checkpoint PATH to resume from")
+        self.device = parse_device(c["device"])
+        self.model = LeNet5(activation=c["activation"], pool=c["pool"], seed=c["seed"]).to(self.device)
+        self.optimizer = build_optimizer(c["optimizer"], self.model.parameters(), c["lr"], c["momentum"],
+                                         c["weight_decay"])
+        schedule = optim.SCHEDULES.get(c["schedule"], "missing")
+        if schedule == "missing":
+            raise ArgumentError(f"schedule: expected one of {sorted(optim.SCHEDULES)}, got {c['schedule']!r}")
+        self.schedule = None if schedule is None else (
+            schedule(self.optimizer, T_max=c["epochs"]) if schedule is optim.CosineAnnealingLR
+            else schedule(self.optimizer, step_size=max(1, c["epochs"] // 3)))
+        self.loss_fn = F.softmax_cross_entropy
+        self.train_set = MNIST("train", data_dir=c["data_dir"], limit=c["limit_train"])
+        self.test_set = MNIST("test", data_dir=c["data_dir"], limit=c["limit_test"])
+        self.test_images = to_float_batch(self.test_set.images)
+        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"])
+        self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
+        if c["resume"] and os.path.exists(c["checkpoint"]):
+            self.restore(c["checkpoint"])
+
+    # ----- checkpoints -----
+    def meta(self):
+        keys = ("seed", "batch_size", "activation", "pool", "optimizer", "schedule", "epochs")
+        return dict(epoch=self.epoch, batch=self.batch, step=self.step, history=self.history,
+                    config={k: self.config[k] for k in keys})
+
+    def save(self):
+        if self.config["checkpoint"]:
+            save_checkpoint(self.config["checkpoint"], self.model, self.optimizer, self.meta())
+            history_path = os.path.splitext(self.config["checkpoint"])[0] + ".history.json"
+            text = json.dumps(self.history, indent=1).encode()
+            atomic_write(history_path, lambda f: f.write(text))
+
+    def restore(self, path):
+        model_state, optim_state, meta = load_checkpoint(path)
+        saved = meta.get("config", {})
+        for key in ("seed", "batch_size", "activation", "pool", "optimizer"):
+            if key in saved and saved[key] != self.config[key]:
+                raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
+                                      f"this run asks for {key}={self.config[key]!r}; pass the same value")
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        self.epoch, self.batch, self.step = meta["epoch"], meta["batch"], meta["step"]
+        self.history = meta["history"]
+        if self.schedule is not None:
+            self.schedule.epoch = self.epoch
+            self.schedule.epoch -= 1
+            self.schedule.step()
+        self.log(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch}")
+
+    # ----- training -----
+    def train_step(self, x, y):
+        logits = self.model(x)
+        loss, dlogits = self.loss_fn(logits, y)
+        if not math.isfinite(loss):
+            layer = first_non_finite_layer(self.model, x)
+            raise NonFiniteError(f"loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
+                                 f"the first non-finite output came from layer {layer!r}. The last good "
+                                 "checkpoint is kept; lower --lr or check the input data")
+        self.model.backward(dlogits, need_dx=False)
+        self.optimizer.step()
+        return loss, logits
+
+    def fit(self):
+        c = self.config
+        test_accuracy = None
+        while self.epoch < c["epochs"]:
+            started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+            batches = self.loader.batches(self.epoch, start=self.batch)
+            bar = tqdm(batches, total=len(self.loader) - self.batch, desc=f"epoch {self.epoch + 1}/{c['epochs']}",
+                       leave=False, disable=None, unit="batch")
+            for x, y in bar:
+                x, y = to_device(x, self.device), to_device(y, self.device)
+                loss, logits = self.train_step(x, y)
+                self.batch += 1
+                self.step += 1
+                seen += len(y)
+                loss_sum += loss * len(y)
+                correct += int((logits.argmax(axis=1) == y).sum())
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+                if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0:
+                    self.save()
+            bar.close()
+            seconds = time.perf_counter() - started
+            test_accuracy = evaluate(self.model, self.test_images, self.test_set.labels)
+            record = dict(epoch=self.epoch + 1, train_loss=loss_sum / max(seen, 1),
+                          train_accuracy=correct / max(seen, 1), test_accuracy=test_accuracy,
+                          seconds=seconds, images_per_s=seen / seconds if seconds else 0.0, lr=self.optimizer.lr)
+            self.history.append(record)
+            self.log(f"epoch {record['epoch']}/{c['epochs']}: train loss {record['train_loss']:.4f}, "
+                     f"train accuracy {record['train_accuracy']:.4f}, test accuracy {test_accuracy:.4f}, "
+                     f"{seconds:.1f} s, {record['images_per_s']:,.0f} images/s")
+            self.epoch, self.batch = self.epoch + 1, 0
+            if self.schedule is not None:
+                self.schedule.step()
+            self.save()
+        if test_accuracy is None:  # resumed a finished run
+            test_accuracy = evaluate(self.model, self.test_images, self.test_set.labels)
+        return test_accuracy
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.")
+    p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=DEFAULTS["optimizer"])
+    p.add_argument("--momentum", type=float, default=DEFAULTS["momentum"])
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    p.add_argument("--schedule", choices=sorted(optim.SCHEDULES), default=DEFAULTS["schedule"])
+    p.add_argument("--activation", choices=["relu", "tanh", "sigmoid"], default=DEFAULTS["activation"])
+    p.add_argument("--pool", choices=["max", "avg"], default=DEFAULTS["pool"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--data-dir", default=None, help="folder with the four MNIST files (.gz or raw)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--checkpoint", default=None, help="write a checkpoint (.npz) here after every epoch")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also write one every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config = {k: v for k, v in vars(args).items()}
+    trainer = Trainer(config)
+    trainer.log(f"training LeNet-5 ({trainer.model.num_parameters():,} parameters) on {trainer.device}, "
+                f"{len(trainer.train_set):,} training and {len(trainer.test_set):,} test images")
+    try:
+        accuracy = trainer.fit()
+    except KeyboardInterrupt:
+        trainer.save()
+        where = f"; checkpoint written to {trainer.config['checkpoint']}" if trainer.config["checkpoint"] else ""
+        print(f"interrupted at epoch {trainer.epoch + 1}, batch {trainer.batch}{where}", file=sys.stderr)
+        return 130
+    print(f"test accuracy: {accuracy:.4f}")
+    return 0

@@ -1,0 +1,24 @@
+"""Shared fixtures: seeded generators, dtypes, and the `gpu` marker (Chainer-style)."""
+import numpy as np
+import pytest
+
+import gpuconv
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpuconv.cuda_available():
+        return
+    reason = "needs a CUDA GPU: " + gpuconv.backend.cuda_status()[1]
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def dtype(request):
+    return request.param
