@@ -1,0 +1,324 @@
+"""See what a trained LeNet-5 learned: `python -m gpuconv show --checkpoint PATH`.
+
+Four PNG pictures from one checkpoint:
+  filters.png           every conv1 filter as a grey tile, on one shared scale
+  feature_maps.png      one test digit, its predicted class, and the conv1 and conv2 feature maps
+  training_curves.png   loss and accuracy per epoch, as `train` recorded them
+  confusion_matrix.png  true class against predicted class over the test set, with counts
+
+A checkpoint holds NumPy arrays only, so one trained on either device draws anywhere; the model runs
+on the CPU unless --device says otherwise. matplotlib is optional (`pip install 'gpuconv[plot]'`) and
+imported only when a picture is drawn, so `import gpuconv.show` works without it. Figures are drawn
+with the Agg canvas at a fixed size and dpi (never bbox_inches="tight"), so every PNG has a known
+pixel size.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from .backend import parse_device, to_device
+from .checkpoint import load_checkpoint
+from .data import MNIST
+from .data.loader import to_float_batch
+from .errors import ArgumentError, CheckpointError, GpuconvError
+from .models import LeNet5
+
+DPI = 100
+# (width, height) in inches; at DPI these give the pixel sizes in PICTURES.
+FIGURE_SIZES = {
+    "filters": (7.2, 2.0),
+    "feature_maps": (10.0, 4.4),
+    "training_curves": (9.0, 3.4),
+    "confusion_matrix": (6.0, 5.4),
+}
+PICTURES = {name: f"{name}.png" for name in FIGURE_SIZES}
+CLASS_NAMES = [str(digit) for digit in range(10)]
+# Feature maps are taken after each conv's activation: what the next layer actually sees.
+FEATURE_LAYERS = {"conv1": "act1", "conv2": "act2"}
+
+
+class MissingExtraError(GpuconvError, ImportError):
+    """An optional dependency group (a pip "extra") is not installed."""
+
+
+def pixel_size(name):
+    """(width, height) in pixels of picture `name` ("filters", "feature_maps", ...)."""
+    width, height = FIGURE_SIZES[name]
+    return round(width * DPI), round(height * DPI)
+
+
+def require_matplotlib():
+    """Import matplotlib with the Agg canvas, or raise MissingExtraError naming the `plot` extra."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"drawing pictures needs matplotlib, which is not installed ({exc}); install the optional "
+            "extra with: pip install 'gpuconv[plot]'") from None
+    return matplotlib, Figure, FigureCanvasAgg
+
+
+def new_figure(name):
+    """A Figure on its own Agg canvas: no pyplot, no global state, no display needed."""
+    _, Figure, FigureCanvasAgg = require_matplotlib()
+    figure = Figure(figsize=FIGURE_SIZES[name], dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=DPI, format="png")  # fixed size: no bbox_inches="tight"
+    return path
+
+
+# ----- model and data -----
+def load_model(checkpoint, device="cpu"):
+    """Rebuild LeNet-5 as the checkpoint's config describes it, load its weights -> (model, meta)."""
+    if not os.path.exists(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint!r}: no such file; train one first with "
+                              "python -m gpuconv train --checkpoint PATH")
+    state, _, meta = load_checkpoint(checkpoint)
+    config = meta.get("config", {})
+    model = LeNet5(activation=config.get("activation", "relu"), pool=config.get("pool", "max"))
+    model.load_state_dict(state)
+    model.eval()
+    return model.to(parse_device(device)), meta
+
+
+def load_history(checkpoint, meta):
+    """Per-epoch records from the checkpoint's meta, else from PATH-without-.npz + ".history.json"."""
+    if meta.get("history"):
+        return list(meta["history"])
+    path = os.path.splitext(checkpoint)[0] + ".history.json"
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return list(json.load(f))
+    return []
+
+
+def check_image_index(image_index, count):
+    if isinstance(image_index, bool) or not isinstance(image_index, (int, np.integer)) \
+            or not 0 <= image_index < count:
+        raise ArgumentError(f"--image-index: expected an int in 0..{count - 1} (the test set has {count} "
+                            f"images), got {image_index!r}")
+    return int(image_index)
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def predict(model, images, batch_size=1000):
+    """Class probabilities (N, 10) as NumPy for uint8 (N, 28, 28) images, on the model's device."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = to_device(to_float_batch(images[start:start + batch_size]), model.device)
+        chunks.append(softmax(to_device(model(x), "cpu").astype(np.float64)))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 10))
+
+
+def feature_maps(model, image):
+    """Run one uint8 (28, 28) image through the model layer by layer -> (maps, probabilities):
+    maps[name] is the (C, H, W) NumPy output of the activation after each conv in FEATURE_LAYERS."""
+    x = to_device(to_float_batch(image[None]), model.device)
+    wanted = {after: conv for conv, after in FEATURE_LAYERS.items()}
+    maps = {}
+    for name, layer in model.named_children():
+        x = layer(x)
+        if name in wanted:
+            maps[wanted[name]] = to_device(x, "cpu")[0]
+    return maps, softmax(to_device(x, "cpu").astype(np.float64))[0]
+
+
+def confusion_matrix(labels, predicted, num_classes=10):
+    """counts[true, predicted], like sklearn.metrics.confusion_matrix."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels), np.asarray(predicted)), 1)
+    return counts
+
+
+# ----- pictures -----
+def _tile(axes, image, vmin, vmax, title=None):
+    shown = axes.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    if title:
+        axes.set_title(title, fontsize=9)
+    return shown
+
+
+def plot_filters(model, path):
+    """Every conv1 filter (6 of 1x5x5) as a grey tile, all on one scale centred on zero."""
+    weights = to_device(model.conv1.weight.data, "cpu")[:, 0]
+    limit = float(np.abs(weights).max()) or 1.0
+    figure = new_figure("filters")
+    grid = figure.add_gridspec(1, len(weights) + 1, width_ratios=[1] * len(weights) + [0.08],
+                               left=0.02, right=0.93, top=0.72, bottom=0.06, wspace=0.15)
+    for index, kernel in enumerate(weights):
+        shown = _tile(figure.add_subplot(grid[0, index]), kernel, -limit, limit, f"filter {index}")
+    figure.colorbar(shown, cax=figure.add_subplot(grid[0, -1])).ax.tick_params(labelsize=8)
+    figure.suptitle(f"conv1 weights: {len(weights)} filters of {weights.shape[1]}x{weights.shape[2]} "
+                    "(black = negative, white = positive)", fontsize=11)
+    return save_figure(figure, path)
+
+
+def plot_feature_maps(model, image, label, path, activation="relu"):
+    """The digit, its predicted class and probability, and the conv1 and conv2 feature maps."""
+    maps, probabilities = feature_maps(model, image)
+    predicted = int(probabilities.argmax())
+    figure = new_figure("feature_maps")
+    outer = figure.add_gridspec(1, 2, width_ratios=[1, 4.2], left=0.03, right=0.97, top=0.87,
+                                bottom=0.06, wspace=0.12)
+    left = outer[0, 0].subgridspec(2, 1, height_ratios=[1.3, 1], hspace=0.45)
+    digit = figure.add_subplot(left[0])
+    _tile(digit, image, 0, 255)
+    verdict = "right" if predicted == label else "wrong"
+    digit.set_title(f"true {label}, predicted {predicted}\n"
+                    f"p = {probabilities[predicted]:.3f} ({verdict})", fontsize=10)
+    bars = figure.add_subplot(left[1])
+    colours = ["tab:green" if c == predicted else "tab:grey" for c in range(len(probabilities))]
+    bars.bar(range(len(probabilities)), probabilities, color=colours)
+    bars.set_xticks(range(len(probabilities)), CLASS_NAMES, fontsize=8)
+    bars.set_ylim(0, 1)
+    bars.tick_params(axis="y", labelsize=8)
+    bars.set_title("class probabilities", fontsize=9)
+
+    right = outer[0, 1].subgridspec(2, 1, height_ratios=[1.15, 1.85], hspace=0.3)
+    for row, (conv, columns) in enumerate((("conv1", 6), ("conv2", 8))):
+        stack = maps[conv]
+        rows = -(-len(stack) // columns)
+        grid = right[row].subgridspec(rows, columns + 1, width_ratios=[1] * columns + [0.08],
+                                      wspace=0.08, hspace=0.12)
+        vmax = float(stack.max()) if stack.max() > stack.min() else float(stack.min()) + 1.0
+        vmin = float(stack.min())
+        for index, fmap in enumerate(stack):
+            shown = _tile(figure.add_subplot(grid[index // columns, index % columns]), fmap, vmin, vmax)
+        colorbar = figure.colorbar(shown, cax=figure.add_subplot(grid[:, -1]))
+        colorbar.ax.tick_params(labelsize=7)
+        # A title on the first tile's row, spanning the maps: set on an invisible axes over them.
+        header = figure.add_subplot(grid[0, :columns], frame_on=False)
+        header.set_xticks([])
+        header.set_yticks([])
+        header.patch.set_alpha(0)
+        header.set_title(f"{conv} after {activation}: {len(stack)} maps of {stack.shape[1]}x{stack.shape[2]} "
+                         "(one shared scale)", fontsize=10)
+    figure.suptitle("What LeNet-5 sees in one test digit", fontsize=12)
+    return save_figure(figure, path)
+
+
+def plot_training_curves(history, path):
+    """Training loss, and train/test accuracy, per epoch."""
+    figure = new_figure("training_curves")
+    loss_axes, accuracy_axes = figure.subplots(1, 2, gridspec_kw=dict(left=0.08, right=0.98, top=0.82,
+                                                                       bottom=0.16, wspace=0.25))
+    epochs = [record["epoch"] for record in history]
+    if not history:
+        for axes in (loss_axes, accuracy_axes):
+            axes.text(0.5, 0.5, "no training history recorded\nin the checkpoint or its .history.json",
+                      ha="center", va="center", transform=axes.transAxes, fontsize=9)
+    else:
+        loss_axes.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="train")
+        for key, colour, label in (("train_accuracy", "tab:blue", "train"), ("test_accuracy", "tab:orange", "test")):
+            if all(key in record for record in history):
+                values = [100 * record[key] for record in history]
+                accuracy_axes.plot(epochs, values, "o-", color=colour, label=label)
+                accuracy_axes.annotate(f"{values[-1]:.2f}%", (epochs[-1], values[-1]), fontsize=8,
+                                       textcoords="offset points", xytext=(-10, -14 if label == "train" else 6),
+                                       ha="right" if len(epochs) > 1 else "center")
+        accuracy_axes.legend(fontsize=8, loc="lower right")
+        loss_axes.legend(fontsize=8, loc="upper right")
+    loss_axes.set_title("training loss (cross-entropy)", fontsize=10)
+    accuracy_axes.set_title("accuracy", fontsize=10)
+    accuracy_axes.set_ylabel("%")
+    loss_axes.set_ylabel("mean loss per epoch")
+    for axes in (loss_axes, accuracy_axes):
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+        axes.margins(y=0.2)
+        if epochs:
+            axes.set_xticks(epochs if len(epochs) <= 12 else axes.get_xticks())
+            axes.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    figure.suptitle(f"Training history ({len(history)} epoch{'s' if len(history) != 1 else ''})", fontsize=12)
+    return save_figure(figure, path)
+
+
+def plot_confusion_matrix(counts, path):
+    """counts[true, predicted] with the count in every non-empty cell."""
+    figure = new_figure("confusion_matrix")
+    axes = figure.add_axes([0.12, 0.1, 0.7, 0.78])
+    colorbar_axes = figure.add_axes([0.85, 0.1, 0.03, 0.78])
+    shown = axes.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
+    figure.colorbar(shown, cax=colorbar_axes).ax.tick_params(labelsize=8)
+    threshold = counts.max() / 2
+    for true in range(counts.shape[0]):
+        for predicted in range(counts.shape[1]):
+            if counts[true, predicted]:
+                axes.text(predicted, true, str(counts[true, predicted]), ha="center", va="center", fontsize=8,
+                          color="white" if counts[true, predicted] > threshold else "black")
+    axes.set_xticks(range(counts.shape[1]), CLASS_NAMES[:counts.shape[1]])
+    axes.set_yticks(range(counts.shape[0]), CLASS_NAMES[:counts.shape[0]])
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    total, correct = int(counts.sum()), int(np.trace(counts))
+    axes.set_title(f"Confusion matrix: {correct:,} of {total:,} test images right "
+                   f"({100 * correct / max(total, 1):.2f}%)", fontsize=10)
+    return save_figure(figure, path)
+
+
+def render_all(checkpoint, out_dir, image_index=0, data_dir=None, limit_test=None, device="cpu", log=print):
+    """Draw all four pictures from `checkpoint` into `out_dir` -> {picture name: path}."""
+    require_matplotlib()  # fail before any slow work
+    model, meta = load_model(checkpoint, device)
+    test_set = MNIST("test", data_dir=data_dir, limit=limit_test)
+    image_index = check_image_index(image_index, len(test_set))
+    activation = meta.get("config", {}).get("activation", "relu")
+    paths = {name: os.path.join(out_dir, filename) for name, filename in PICTURES.items()}
+
+    plot_filters(model, paths["filters"])
+    plot_feature_maps(model, test_set.images[image_index], int(test_set.labels[image_index]),
+                      paths["feature_maps"], activation)
+    history = load_history(checkpoint, meta)
+    if not history:
+        log(f"warning: {checkpoint!r} has no training history (nor a .history.json beside it); "
+            "the training-curves picture says so")
+    plot_training_curves(history, paths["training_curves"])
+    predicted = predict(model, test_set.images).argmax(axis=1)
+    plot_confusion_matrix(confusion_matrix(test_set.labels, predicted), paths["confusion_matrix"])
+    for name, path in paths.items():
+        width, height = pixel_size(name)
+        log(f"wrote {path} ({width}x{height} px)")
+    return paths
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m gpuconv show",
+                                description="Draw conv1 filters, feature maps, training curves and a "
+                                            "confusion matrix from a checkpoint, as PNG files (needs "
+                                            "pip install 'gpuconv[plot]').")
+    p.add_argument("--checkpoint", required=True, help="a .npz written by python -m gpuconv train --checkpoint")
+    p.add_argument("--image-index", type=int, default=0, help="which test image to show feature maps for")
+    p.add_argument("--out", default="pictures", help="folder for the PNG files (created if missing)")
+    p.add_argument("--device", default="cpu", help="where to run the model: cpu (default), cuda, cuda:N, auto")
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: found automatically)")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.limit_test is not None and args.limit_test < 1:
+        raise ArgumentError(f"--limit-test: expected an int >= 1, got {args.limit_test}")
+    render_all(args.checkpoint, args.out, image_index=args.image_index, data_dir=args.data_dir,
+               limit_test=args.limit_test, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
