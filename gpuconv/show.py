@@ -224,15 +224,13 @@ def plot_training_curves(history, path):
             axes.text(0.5, 0.5, "no training history recorded\nin the checkpoint or its .history.json",
                       ha="center", va="center", transform=axes.transAxes, fontsize=9)
     else:
-        loss_axes.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="train")
+        losses = [record["train_loss"] for record in history]
+        loss_axes.plot(epochs, losses, "o-", color="tab:blue", label=f"train (last {losses[-1]:.4f})")
         for key, colour, label in (("train_accuracy", "tab:blue", "train"), ("test_accuracy", "tab:orange", "test")):
             if all(key in record for record in history):
                 values = [100 * record[key] for record in history]
-                accuracy_axes.plot(epochs, values, "o-", color=colour, label=label)
-                accuracy_axes.annotate(f"{values[-1]:.2f}%", (epochs[-1], values[-1]), fontsize=8,
-                                       textcoords="offset points", xytext=(-10, -14 if label == "train" else 6),
-                                       ha="right" if len(epochs) > 1 else "center")
-        accuracy_axes.legend(fontsize=8, loc="lower right")
+                accuracy_axes.plot(epochs, values, "o-", color=colour, label=f"{label} (last {values[-1]:.2f}%)")
+        accuracy_axes.legend(fontsize=8, loc="best")
         loss_axes.legend(fontsize=8, loc="upper right")
     loss_axes.set_title("training loss (cross-entropy)", fontsize=10)
     accuracy_axes.set_title("accuracy", fontsize=10)
