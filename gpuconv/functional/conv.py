@@ -4,10 +4,11 @@ The public functions validate and normalise their arguments once, then dispatch:
 kernel emulation) go to the CUDA launchers in conv_cuda.py, NumPy arrays to the im2col + BLAS path
 below. Both paths therefore raise the same errors for the same bad input.
 
-The NumPy path turns convolution into one batched matrix product. A strided view of the (padded)
-input holds every sliding window without copying; one copy lays the windows out as columns
-(N, groups, C/groups*KH*KW, OH*OW), and `weight @ cols` then yields (N, groups, O/groups, OH*OW),
-which is already NCHW, so the output needs no transpose.
+The NumPy path turns convolution into one batched matrix product: the sliding windows of the
+(padded) input are copied once into columns (N, groups, C/groups*KH*KW, P), and `weight @ cols`
+yields (N, groups, O/groups, P), already in NCHW order, so the output needs no transpose. The
+backward is two more products (dw from dy and the columns; the column gradient from w.T and dy)
+and a col2im that adds the column gradient back with one slice-add per kernel tap.
 """
 import numpy as np
 
@@ -150,42 +151,107 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
 # ----------------------------------------------------------------------------------------------
 # NumPy path. Same signatures as conv_cuda's launchers: arguments are already validated, stride,
 # padding and dilation are int pairs. Public so the CUDA tests can use it as the reference.
+#
+# Columns are (N, groups, C/groups*KH*KW, P) with rows ordered (c, kh, kw) like w.reshape(O, -1);
+# output pixel (oh, ow) is column oh * row_len + ow. In general row_len = OW and P = OH*OW.
+# For stride 1 they sit on "wide rows" instead: row_len = the padded input width, so every kernel
+# tap is one contiguous run of the flattened input, x_flat[off : off + P], and im2col/col2im move
+# long contiguous runs instead of rows of OW elements (2-3x faster). The wide layout adds
+# row_len - OW junk columns per row: they are cropped from y, and dy is zero there, so they add
+# nothing to dw or dx.
+
+
+def _pad(x, padding):
+    if padding == (0, 0):
+        return np.ascontiguousarray(x)
+    (ph, pw), (n, c, h, w) = padding, x.shape
+    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+    padded[:, :, ph:ph + h, pw:pw + w] = x
+    return padded
+
+
+def _row_len(padded_width, out_hw, stride):
+    return padded_width if stride == (1, 1) else out_hw[1]
+
+
+def _num_columns(out_hw, row_len):
+    return (out_hw[0] - 1) * row_len + out_hw[1]
 
 
 def _columns(x, kernel, stride, padding, dilation, groups, out_hw):
-    """im2col: (N, groups, C/groups*KH*KW, OH*OW), rows ordered (c, kh, kw) like w.reshape(O, -1)."""
-    n, c, h, wd = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    oh, ow = out_hw
-    if ph or pw:
-        padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)
-        padded[:, :, ph:ph + h, pw:pw + wd] = x
-        x = padded
-    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    # (N, C, H', W', span_h, span_w): every window, no copy; then pick the strided/dilated taps.
-    windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
-    windows = windows[:, :, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, ::dh, ::dw]
-    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
-    np.copyto(cols, windows.transpose(0, 1, 4, 5, 2, 3))
-    return cols.reshape(n, groups, (c // groups) * kh * kw, oh * ow)
+    """im2col of the padded input -> (columns (N, groups, C/groups*KH*KW, P), row_len)."""
+    x = _pad(x, padding)
+    n, c, h, w = x.shape
+    (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out_hw
+    row_len = _row_len(w, out_hw, stride)
+    if row_len == w:
+        flat = x.reshape(n, c, h * w)
+        size = _num_columns(out_hw, row_len)
+        cols = np.empty((n, c, kh, kw, size), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                offset = i * dh * w + j * dw
+                cols[:, :, i, j] = flat[:, :, offset:offset + size]
+    else:
+        # (N, C, H', W', span_h, span_w): every window without a copy; then the strided and
+        # dilated taps, copied once into column order.
+        sh, sw = stride
+        windows = np.lib.stride_tricks.sliding_window_view(
+            x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+        windows = windows[:, :, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, ::dh, ::dw]
+        cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+        np.copyto(cols, windows.transpose(0, 1, 4, 5, 2, 3))
+    return cols.reshape(n, groups, (c // groups) * kh * kw, -1), row_len
 
 
-def _add_columns(dx, dcols, kernel, stride, padding, dilation):
-    """col2im: dx += the (N, C, KH, KW, OH, OW) column gradient, one strided slice-add per kernel tap.
+def _from_columns(y_cols, out_hw, row_len):
+    """(N, O, P) on rows of row_len -> contiguous (N, O, OH, OW)."""
+    n, o, _ = y_cols.shape
+    if row_len == out_hw[1]:
+        return y_cols.reshape((n, o) + out_hw)
+    item = y_cols.itemsize
+    grid = np.lib.stride_tricks.as_strided(
+        y_cols, (n, o) + out_hw, y_cols.strides[:2] + (row_len * item, item), writeable=False)
+    return grid.copy()
 
-    Taps that fall into the padding are clipped away, so dx needs no padded buffer and no crop.
-    """
-    h, wd = dx.shape[2:]
-    oh, ow = dcols.shape[4:]
-    for i in range(kernel[0]):
-        rows = _tap_range(i, h, oh, stride[0], padding[0], dilation[0])
+
+def _to_columns(dy, row_len):
+    """(N, O, OH, OW) -> (N, O, P) on rows of row_len, zero in the junk columns."""
+    n, o, oh, ow = dy.shape
+    if row_len == ow:
+        return np.ascontiguousarray(dy).reshape(n, o, oh * ow)
+    wide = np.zeros((n, o, oh, row_len), dtype=dy.dtype)
+    wide[..., :ow] = dy
+    return wide.reshape(n, o, oh * row_len)[:, :, :_num_columns((oh, ow), row_len)]
+
+
+def _add_columns(dx, dcols, kernel, stride, padding, dilation, out_hw, row_len):
+    """col2im: dx += the (N, C, KH, KW, P) column gradient, one slice-add per kernel tap."""
+    (kh, kw), (dh, dw) = kernel, dilation
+    if stride == (1, 1):
+        # wide rows: each tap is a contiguous run of the flattened padded input
+        padded = _pad(dx, padding) if padding != (0, 0) else dx
+        h, w = padded.shape[2:]
+        flat = padded.reshape(padded.shape[:2] + (h * w,))
+        size = dcols.shape[-1]
+        for i in range(kh):
+            for j in range(kw):
+                offset = i * dh * w + j * dw
+                flat[:, :, offset:offset + size] += dcols[:, :, i, j]
+        if padded is not dx:
+            ph, pw = padding
+            dx[...] = padded[:, :, ph:ph + dx.shape[2], pw:pw + dx.shape[3]]
+        return
+    # taps that fall into the padding are clipped away: no padded buffer, no crop
+    dcols = dcols.reshape(dcols.shape[:4] + out_hw)
+    for i in range(kh):
+        rows = _tap_range(i, dx.shape[2], out_hw[0], stride[0], padding[0], dh)
         if rows is None:
             continue
-        for j in range(kernel[1]):
-            cols = _tap_range(j, wd, ow, stride[1], padding[1], dilation[1])
-            if cols is None:
-                continue
-            dx[:, :, rows[0], cols[0]] += dcols[:, :, i, j, rows[1], cols[1]]
+        for j in range(kw):
+            cols = _tap_range(j, dx.shape[3], out_hw[1], stride[1], padding[1], dw)
+            if cols is not None:
+                dx[:, :, rows[0], cols[0]] += dcols[:, :, i, j, rows[1], cols[1]]
 
 
 def _tap_range(tap, in_size, out_size, stride, padding, dilation):
@@ -200,17 +266,21 @@ def _tap_range(tap, in_size, out_size, stride, padding, dilation):
     return (slice(start, start + (last - first) * stride + 1, stride), slice(first, last + 1))
 
 
+def _out_hw(x, w, stride, padding, dilation):
+    return tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d
+                 in zip(x.shape[2:], w.shape[2:], stride, padding, dilation))
+
+
 def conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo="auto"):
     """NumPy conv2d on validated arguments (see conv2d); `algo` is ignored on the CPU."""
-    n, c = x.shape[:2]
-    out_c, _, kh, kw = w.shape
-    out_hw = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d
-                   in zip(x.shape[2:], (kh, kw), stride, padding, dilation))
-    y = np.empty((n, groups, out_c // groups, out_hw[0] * out_hw[1]), dtype=x.dtype)
-    if n:
-        cols = _columns(x, (kh, kw), stride, padding, dilation, groups, out_hw)
-        np.matmul(w.reshape(groups, out_c // groups, -1), cols, out=y)
-    y = y.reshape((n, out_c) + out_hw)
+    n, out_c = x.shape[0], w.shape[0]
+    out_hw = _out_hw(x, w, stride, padding, dilation)
+    if n == 0:
+        y = np.empty((0, out_c) + out_hw, dtype=x.dtype)
+    else:
+        cols, row_len = _columns(x, w.shape[2:], stride, padding, dilation, groups, out_hw)
+        y_cols = np.matmul(w.reshape(groups, out_c // groups, -1), cols)  # (N, g, O/g, P)
+        y = _from_columns(y_cols.reshape(n, out_c, -1), out_hw, row_len)
     if b is not None:
         y += b.reshape(-1, 1, 1)
     return y
@@ -220,22 +290,21 @@ def conv2d_backward_numpy(dy, x, w, stride, padding, dilation, groups, algo="aut
                           need_dx=True, need_bias=True):
     """NumPy conv2d gradients on validated arguments -> (dx or None, dw, db or None)."""
     n, c = x.shape[:2]
-    out_c, c_per_group, kh, kw = w.shape
-    out_hw = dy.shape[2:]
+    out_c, _, kh, kw = w.shape
+    out_hw = tuple(dy.shape[2:])
     db = dy.sum(axis=(0, 2, 3)) if need_bias else None
     if n == 0:
         dx = np.zeros(x.shape, dtype=x.dtype) if need_dx else None
         return dx, np.zeros(w.shape, dtype=w.dtype), db
-    dy_mat = np.ascontiguousarray(dy).reshape(n, groups, out_c // groups, -1)
-    cols = _columns(x, (kh, kw), stride, padding, dilation, groups, out_hw)
-    # dw[g] = sum_n dy[n, g] @ cols[n, g].T; BLAS reads the transposed view directly.
-    dw = np.matmul(dy_mat, cols.transpose(0, 1, 3, 2)).sum(axis=0)
-    dw = dw.reshape(w.shape)
+    cols, row_len = _columns(x, (kh, kw), stride, padding, dilation, groups, out_hw)
+    dy_cols = _to_columns(dy, row_len).reshape(n, groups, out_c // groups, -1)
+    # dw[g] = sum_n dy[n, g] @ cols[n, g].T; BLAS reads the transposed view in place.
+    dw = np.matmul(dy_cols, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape)
     dx = None
     if need_dx:
-        w_mat = w.reshape(groups, out_c // groups, -1).transpose(0, 2, 1)
-        dcols = np.matmul(w_mat, dy_mat, out=cols)  # reuse the column buffer
+        w_t = w.reshape(groups, out_c // groups, -1).transpose(0, 2, 1)
+        dcols = np.matmul(w_t, dy_cols, out=cols)  # the column buffer is free again: reuse it
         dx = np.zeros(x.shape, dtype=x.dtype)
-        _add_columns(dx, dcols.reshape((n, c, kh, kw) + tuple(out_hw)), (kh, kw), stride, padding,
-                     dilation)
+        _add_columns(dx, dcols.reshape(n, c, kh, kw, -1), (kh, kw), stride, padding, dilation,
+                     out_hw, row_len)
     return dx, dw, db

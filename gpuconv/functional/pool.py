@@ -194,13 +194,34 @@ def _first_argmax_taps(x, kernel, stride, padding, out_hw):
     return which
 
 
+def _max_pool_backward(dx, dy, x, kernel, stride, padding, out_hw):
+    """dx += each output's gradient at its window's first maximum (first NaN if any)."""
+    taps = list(_taps(x.shape[2:], out_hw, kernel, stride, padding))
+    y = pool2d_forward_numpy("max", x, kernel, stride, padding)
+    if np.isnan(y).any():
+        which = _first_argmax_taps(x, kernel, stride, padding, out_hw)
+        for tap, src, dst in taps:
+            dx[src] += np.where(which[dst] == tap, dy[dst], 0)
+        return
+    # Without NaN, a window's maximum is its first tap equal to y; `unclaimed` marks the windows
+    # whose maximum no earlier tap has taken, so later equal taps (ties) get nothing.
+    disjoint = stride[0] >= kernel[0] and stride[1] >= kernel[1]
+    unclaimed = np.ones(y.shape, dtype=bool)
+    for _, src, dst in taps:
+        hit = x[src] == y[dst]
+        hit &= unclaimed[dst]
+        unclaimed[dst] ^= hit
+        if disjoint:  # every input belongs to at most one window: write, don't accumulate
+            np.multiply(dy[dst], hit, out=dx[src])
+        else:
+            dx[src] += dy[dst] * hit
+
+
 def pool2d_backward_numpy(mode, dy, x, kernel, stride, padding, norm_type=0.0, count_include_pad=True):
     out_hw = _out_hw(x, kernel, stride, padding)
     dx = np.zeros(x.shape, dtype=x.dtype)
     if mode == "max":
-        which = _first_argmax_taps(x, kernel, stride, padding, out_hw)
-        for tap, src, dst in _taps(x.shape[2:], out_hw, kernel, stride, padding):
-            dx[src] += np.where(which[dst] == tap, dy[dst], 0)
+        _max_pool_backward(dx, dy, x, kernel, stride, padding, out_hw)
         return dx
     if mode == "avg":
         share = dy / _avg_divisor(x, kernel, stride, padding, out_hw, count_include_pad)
