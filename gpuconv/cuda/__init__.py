@@ -1,19 +1,12 @@
 """CUDA infrastructure: compiling and launching gpuconv's raw kernels (compiler), the offline
 NVRTC compile check (check), and the CPU emulation of the CUDA execution model (emulate).
 
-Importing this package does not import CuPy."""
-import contextlib
-
-from .. import backend
+Importing this package imports neither CuPy nor the emulator."""
 
 
-@contextlib.contextmanager
-def emulation(enabled=True):
-    """Run gpuconv's CUDA kernels on NumPy arrays on the CPU inside this block (or switch emulation
-    off with enabled=False). The same launch code and .cu sources run as on a GPU, so kernels can be
-    tested on a machine without one."""
-    backend._emulation_override.append(bool(enabled))
-    try:
-        yield
-    finally:
-        backend._emulation_override.pop()
+def emulation(enabled=True, **settings):
+    """Context manager: run gpuconv's CUDA kernels on NumPy arrays on the CPU inside the block
+    (enabled=False switches emulation off). The same launch code and .cu sources run as on a GPU.
+    Keyword settings (order, mode, seed) are the emulator's: see gpuconv.cuda.emulate.emulation."""
+    from .emulate import emulation as emulation_context
+    return emulation_context(enabled, **settings)

@@ -143,18 +143,20 @@ def _describe(shapes):
 @contextlib.contextmanager
 def device_errors(op_name, shapes):
     """Turn CuPy's out-of-memory and CUDA errors raised inside an op into gpuconv's, naming the op and
-    the shapes. Wraps allocations and cuBLAS calls as well as kernel launches."""
+    the shapes. Wraps allocations and cuBLAS calls as well as kernel launches. Matched by name so
+    that this module never imports CuPy."""
     try:
         yield
     except Exception as exc:
         kind = type(exc).__name__
-        if kind == "OutOfMemoryError":
+        from_cupy = type(exc).__module__.startswith(("cupy", "cupy_backends"))
+        if from_cupy and kind == "OutOfMemoryError":
             raise GpuOutOfMemoryError(
                 f"{op_name}: the GPU ran out of memory with {_describe(shapes)} ({exc}); "
                 "use a smaller batch size") from exc
-        if kind in ("CUDADriverError", "CUDARuntimeError", "CUBLASError"):
+        if from_cupy and kind in ("CUDADriverError", "CUDARuntimeError", "CUBLASError"):
             raise KernelError(f"{op_name} failed on the GPU with {_describe(shapes)}: {exc}") from exc
-        if _is_compile_error(exc):
+        if from_cupy and _is_compile_error(exc):
             raise KernelError(f"{op_name}: compiling its CUDA kernel failed: {exc}") from exc
         raise
 
@@ -271,17 +273,19 @@ def _device_free_compiler(compiler, arch):
 
 
 @functools.lru_cache(maxsize=None)
-def compile_offline(source_name, arch, name_expressions, extra_options=()):
+def compile_offline(source_name, arch, name_expressions, extra_options=(), strict=True):
     """Compile kernels/<source_name> for sm_<arch> exactly as RawModule(code, options=OPTIONS,
     name_expressions) would (CuPy's option assembly, header key, -ftz, --device-as-default-execution-
     space), plus CHECK_OPTIONS and `extra_options`. No GPU is needed.
 
     Returns an OfflineResult; raises KernelError with NVRTC's log when the compile fails, which
-    includes any warning, spill or local-memory use. Cached per arguments for the process."""
+    (strict, the default) includes any warning, spill or local-memory use. strict=False only adds
+    -Xptxas=-v, to read the resource usage of a source the strict compile rejects.
+    Cached per arguments for the process."""
     compiler, core = _private_cupy()
     arch = str(arch).removeprefix("sm_")
     name_expressions = tuple(name_expressions)
-    options = CHECK_OPTIONS + tuple(extra_options)
+    options = (CHECK_OPTIONS if strict else OPTIONS + ("-Xptxas=-v",)) + tuple(extra_options)
     source = read_source(source_name)
     log = io.StringIO()
     with _offline_lock, _device_free_compiler(compiler, arch):

@@ -1,0 +1,234 @@
+"""GPU launch code for conv2d: kernels/conv2d.cu plus cuBLAS GEMMs through xp.matmul.
+
+Called by conv.py with validated arguments (stride, padding, dilation are int pairs; padding is
+symmetric). Arrays stay on their device: allocations use the arrays' own module (CuPy on a GPU, NumPy
+under kernel emulation), so no activation is ever copied to the host.
+
+Two algorithms:
+  direct  implicit GEMM tiled through shared memory; no workspace. Filter and bias gradients are
+          block-per-element reductions in a fixed order.
+  im2col  im2col -> one cuBLAS GEMM per group over the whole batch chunk -> (col2im for dx). Needs a
+          column buffer of C*KH*KW*N*OH*OW elements, so the batch is processed in chunks that keep it
+          under COLUMN_BUDGET_BYTES.
+"auto" uses im2col when the GEMM is big enough for cuBLAS to win: the reduction length
+C/groups*KH*KW >= 64 and K/groups >= 16 output channels per group (LeNet's conv2: 150 and 16).
+Otherwise (few input channels like LeNet's conv1, depthwise convolutions) direct avoids the column
+buffer and its extra memory traffic.
+Both are deterministic: no atomics, every sum in a fixed order.
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from ..cuda.compiler import device_errors, get_kernel, launch
+from ..errors import ArgumentError, ShapeError
+
+SOURCE = "conv2d.cu"
+
+# Must match the tile constants in kernels/conv2d.cu.
+TILE_P = 64
+TILE_K = 16
+TILE_BLOCK = (16, 16, 1)
+REDUCE_THREADS = 256
+ELEMENTWISE_THREADS = 256
+MAX_GRID_YZ = 65535
+
+# auto: im2col + cuBLAS from this GEMM size on (see the module docstring).
+IM2COL_MIN_REDUCTION = 64
+IM2COL_MIN_CHANNELS = 16
+
+COLUMN_BUDGET_BYTES = 256 * 1024 * 1024
+
+INT32_MAX = 2**31 - 1
+
+
+def choose_algo(x_shape, w_shape, groups):
+    """'direct' or 'im2col' for algo='auto' (see the module docstring)."""
+    out_channels, in_per_group, kh, kw = w_shape
+    reduction = in_per_group * kh * kw
+    if reduction >= IM2COL_MIN_REDUCTION and out_channels // groups >= IM2COL_MIN_CHANNELS:
+        return "im2col"
+    return "direct"
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
+    xp = get_array_module(x, w, b)
+    geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    shapes = {"x": x.shape, "weight": w.shape}
+    algo = choose_algo(x.shape, w.shape, groups) if algo == "auto" else algo
+    with device_errors("conv2d", shapes):
+        x = xp.ascontiguousarray(x)
+        w = xp.ascontiguousarray(w)
+        if geometry.empty:
+            y = xp.zeros(geometry.y_shape, dtype=x.dtype)
+            return y if b is None else y + b.reshape(1, -1, 1, 1)
+        if algo == "direct":
+            return _forward_direct(xp, x, w, b, geometry, shapes)
+        return _forward_im2col(xp, x, w, b, geometry, shapes)
+
+
+def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, need_bias):
+    xp = get_array_module(dy, x, w)
+    geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    shapes = {"dy": dy.shape, "x": x.shape, "weight": w.shape}
+    algo = choose_algo(x.shape, w.shape, groups) if algo == "auto" else algo
+    with device_errors("conv2d_backward", shapes):
+        dy = xp.ascontiguousarray(dy)
+        x = xp.ascontiguousarray(x)
+        w = xp.ascontiguousarray(w)
+        if geometry.empty:
+            dx = xp.zeros(x.shape, dtype=x.dtype) if need_dx else None
+            db = xp.zeros(w.shape[0], dtype=x.dtype) if need_bias else None
+            return dx, xp.zeros(w.shape, dtype=x.dtype), db
+        db = _bias_gradient(xp, dy, geometry, shapes) if need_bias else None
+        if algo == "direct":
+            dx, dw = _backward_direct(xp, dy, x, w, geometry, need_dx, shapes)
+        else:
+            dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, shapes)
+    return dx, dw, db
+
+
+class _Geometry:
+    """Every size a conv kernel takes, checked to fit the kernels' 32-bit counters."""
+
+    def __init__(self, x_shape, w_shape, stride, padding, dilation, groups):
+        self.N, self.C, self.H, self.W = (int(s) for s in x_shape)
+        self.K, _, self.KH, self.KW = (int(s) for s in w_shape)
+        (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = stride, padding, dilation
+        self.groups = int(groups)
+        self.OH = (self.H + 2 * self.ph - self.dh * (self.KH - 1) - 1) // self.sh + 1
+        self.OW = (self.W + 2 * self.pw - self.dw * (self.KW - 1) - 1) // self.sw + 1
+        if self.OH < 1 or self.OW < 1:
+            raise ShapeError(f"conv2d: the kernel {self.KH}x{self.KW} (dilation {dilation}) does not fit "
+                             f"the padded input {self.H}x{self.W} (padding {padding}); pad more or "
+                             "use a smaller kernel")
+        self.Cg, self.Kg = self.C // self.groups, self.K // self.groups
+        self.P = self.OH * self.OW
+        self.R = self.Cg * self.KH * self.KW
+        self.y_shape = (self.N, self.K, self.OH, self.OW)
+        self.empty = self.N == 0 or self.C == 0 or self.K == 0
+        for what, count in (("H*W", self.H * self.W), ("OH*OW", self.P), ("N*C", self.N * self.C),
+                            ("N*K", self.N * self.K), ("K*C/groups*KH*KW", self.K * self.R),
+                            ("C*KH*KW", self.C * self.KH * self.KW)):
+            if count > INT32_MAX:
+                raise ArgumentError(f"conv2d: {what} = {count} exceeds the CUDA kernels' 32-bit range; "
+                                    "use a smaller batch or image")
+
+    def scalars(self):
+        """The shared int parameters: N C H W K KH KW OH OW stride pad dilation groups."""
+        return tuple(np.int32(v) for v in (
+            self.N, self.C, self.H, self.W, self.K, self.KH, self.KW, self.OH, self.OW,
+            self.sh, self.sw, self.ph, self.pw, self.dh, self.dw, self.groups))
+
+    def with_batch(self, n):
+        chunk = object.__new__(_Geometry)
+        chunk.__dict__.update(self.__dict__)
+        chunk.N = n
+        return chunk
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _threads_for(count):
+    """Threads per block for `count` work items: whole warps, at most ELEMENTWISE_THREADS, so a small
+    plane (LeNet's 5x5 pool output) does not leave most of a 256-thread block idle."""
+    return max(32, min(ELEMENTWISE_THREADS, _cdiv(count, 32) * 32))
+
+
+def _forward_direct(xp, x, w, b, g, shapes):
+    y = xp.empty(g.y_shape, dtype=x.dtype)
+    bias = b if b is not None else xp.zeros(1, dtype=x.dtype)
+    kernel = get_kernel(SOURCE, "conv2d_forward_direct", x.dtype)
+    grid = (_cdiv(g.P, TILE_P), _cdiv(g.Kg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
+    launch(kernel, grid, TILE_BLOCK,
+           (x, w, xp.ascontiguousarray(bias), y) + g.scalars() + (np.int32(b is not None),),
+           op_name="conv2d (direct)", shapes=shapes)
+    return y
+
+
+def _backward_direct(xp, dy, x, w, g, need_dx, shapes):
+    dx = None
+    if need_dx:
+        dx = xp.empty(x.shape, dtype=x.dtype)
+        kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", x.dtype)
+        grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
+        launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
+               op_name="conv2d_backward data (direct)", shapes=shapes)
+    dw = xp.empty(w.shape, dtype=w.dtype)
+    kernel = get_kernel(SOURCE, "conv2d_backward_filter_direct", x.dtype)
+    launch(kernel, (w.size, 1, 1), (REDUCE_THREADS, 1, 1), (dy, x, dw) + g.scalars(),
+           op_name="conv2d_backward filter (direct)", shapes=shapes)
+    return dx, dw
+
+
+def _bias_gradient(xp, dy, g, shapes):
+    db = xp.empty(g.K, dtype=dy.dtype)
+    kernel = get_kernel(SOURCE, "conv2d_backward_bias", dy.dtype)
+    launch(kernel, (g.K, 1, 1), (REDUCE_THREADS, 1, 1),
+           (dy, db, np.int32(g.N), np.int32(g.K), np.int32(g.P)),
+           op_name="conv2d_backward bias", shapes=shapes)
+    return db
+
+
+def _batch_chunks(g, itemsize):
+    """(start, stop) batch ranges whose column buffer stays under COLUMN_BUDGET_BYTES (and under the
+    kernels' 32-bit line count)."""
+    per_sample = g.C * g.KH * g.KW * g.P
+    chunk = max(1, min(COLUMN_BUDGET_BYTES // max(1, per_sample * itemsize),
+                       INT32_MAX // max(1, g.C * g.KH * g.KW)))
+    return [(start, min(start + chunk, g.N)) for start in range(0, g.N, chunk)]
+
+
+def _columns(xp, x, g, shapes):
+    """(groups, C/groups*KH*KW, n*OH*OW) columns of a batch chunk x (im2col)."""
+    n = x.shape[0]
+    col = xp.empty((g.C * g.KH * g.KW, n, g.P), dtype=x.dtype)
+    kernel = get_kernel(SOURCE, "im2col", x.dtype)
+    grid = (_cdiv(g.P, _threads_for(g.P)), min(g.C * g.KH * g.KW * n, MAX_GRID_YZ), 1)
+    launch(kernel, grid, (_threads_for(g.P), 1, 1), (x, col) + _im2col_scalars(g, n),
+           op_name="conv2d im2col", shapes=shapes)
+    return col.reshape(g.groups, g.R, n * g.P)
+
+
+def _im2col_scalars(g, n):
+    return tuple(np.int32(v) for v in (n, g.C, g.H, g.W, g.KH, g.KW, g.OH, g.OW,
+                                       g.sh, g.sw, g.ph, g.pw, g.dh, g.dw))
+
+
+def _forward_im2col(xp, x, w, b, g, shapes):
+    y = xp.empty(g.y_shape, dtype=x.dtype)
+    w_groups = w.reshape(g.groups, g.Kg, g.R)
+    for start, stop in _batch_chunks(g, x.itemsize):
+        n = stop - start
+        col = _columns(xp, x[start:stop], g, shapes)
+        y_chunk = xp.matmul(w_groups, col)  # (groups, Kg, n*P): channel-major, batch inside
+        y[start:stop] = y_chunk.reshape(g.K, n, g.OH, g.OW).transpose(1, 0, 2, 3)
+    if b is not None:
+        y += b.reshape(1, g.K, 1, 1)
+    return y
+
+
+def _backward_im2col(xp, dy, x, w, g, need_dx, shapes):
+    w_groups_t = w.reshape(g.groups, g.Kg, g.R).transpose(0, 2, 1)
+    dx = xp.empty(x.shape, dtype=x.dtype) if need_dx else None
+    dw = None
+    chunks = _batch_chunks(g, x.itemsize)
+    for start, stop in chunks:
+        n = stop - start
+        col = _columns(xp, x[start:stop], g, shapes)
+        dy_chunk = xp.ascontiguousarray(dy[start:stop].reshape(n, g.K, g.P).transpose(1, 0, 2))
+        dy_chunk = dy_chunk.reshape(g.groups, g.Kg, n * g.P)
+        dw_chunk = xp.matmul(dy_chunk, col.transpose(0, 2, 1))  # (groups, Kg, R)
+        dw = dw_chunk if dw is None else dw + dw_chunk  # chunks in order: deterministic
+        if need_dx:
+            dcol = xp.matmul(w_groups_t, dy_chunk)  # (groups, R, n*P)
+            dx_chunk = dx if len(chunks) == 1 else xp.empty((n,) + x.shape[1:], dtype=x.dtype)
+            kernel = get_kernel(SOURCE, "col2im", x.dtype)
+            threads = _threads_for(g.H * g.W)
+            grid = (_cdiv(g.H * g.W, threads), min(n * g.C, MAX_GRID_YZ), 1)
+            launch(kernel, grid, (threads, 1, 1), (dcol, dx_chunk) + _im2col_scalars(g, n),
+                   op_name="conv2d_backward col2im", shapes=shapes)
+            if dx_chunk is not dx:
+                dx[start:stop] = dx_chunk
+    return dx, dw.reshape(w.shape)
