@@ -178,3 +178,63 @@ def test_no_bias_means_zero_bias():
 def test_conv_output_size_textbook(size, k, s, p, d, expected):
     assert conv_output_size(size, k, s, p, d) == expected
     assert conv_output_size(size, k, s, p, d) == (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+class _FakeLaunchers:
+    """Stands in for conv_cuda: records what the public functions hand the CUDA launchers."""
+
+    def __init__(self):
+        self.calls = []
+
+    def conv2d_forward(self, *args):
+        self.calls.append(("forward", args))
+        return "from-cuda"
+
+    def conv2d_backward(self, *args):
+        self.calls.append(("backward", args))
+        x = args[1]
+        return np.zeros(x.shape), None, None
+
+
+@pytest.fixture
+def fake_conv_cuda(monkeypatch):
+    import sys
+    import gpuconv.functional as functional
+    fake = _FakeLaunchers()
+    monkeypatch.setitem(sys.modules, "gpuconv.functional.conv_cuda", fake)
+    monkeypatch.setattr(functional, "conv_cuda", fake, raising=False)
+    backend._emulation_override.append(True)  # uses_cuda_kernels(x) is now True for NumPy x
+    yield fake
+    backend._emulation_override.pop()
+
+
+def test_dispatch_hands_the_launchers_normalised_pairs(fake_conv_cuda):
+    x, w, b = _data((1, 4, 6, 6), (2, 2, 3, 3), np.float32)
+    assert conv2d(x, w, b, stride=2, padding=1, dilation=1, groups=2, algo="direct") == "from-cuda"
+    _, args = fake_conv_cuda.calls[-1]
+    assert args[0] is x and args[1] is w and args[2] is b
+    assert args[3:] == ((2, 2), (1, 1), (1, 1), 2, "direct")
+    dy = np.ones((1, 2, 3, 3), np.float32)
+    conv2d_backward(dy, x, w, 2, 1, 1, 2, "im2col", need_dx=False, need_bias=True)
+    _, args = fake_conv_cuda.calls[-1]
+    assert args[0] is dy and args[1] is x and args[3:] == ((2, 2), (1, 1), (1, 1), 2, "im2col", False, True)
+
+
+def test_dispatch_resolves_asymmetric_same_padding_before_the_launchers(fake_conv_cuda):
+    x, w, _ = _data((1, 1, 5, 6), (1, 1, 2, 3), np.float32)
+    conv2d(x, w, padding="same")
+    _, args = fake_conv_cuda.calls[-1]
+    # height needs 1 extra row at the bottom; width pads 1 each side: all explicit, padding (0, 0)
+    assert args[0].shape == (1, 1, 6, 8) and args[4] == (0, 0)
+    np.testing.assert_array_equal(args[0][0, 0, :5, 1:7], x[0, 0])
+    assert not args[0][0, 0, 5].any() and not args[0][0, 0, :, [0, 7]].any()
+    dx, _, _ = conv2d_backward(np.ones((1, 1, 5, 6), np.float32), x, w, padding="same")
+    assert dx.shape == x.shape and dx.flags.c_contiguous  # cropped back
+
+
+def test_validation_runs_before_dispatch(fake_conv_cuda):
+    x, w, _ = _data((1, 4, 6, 6), (2, 2, 3, 3), np.float32)
+    from gpuconv.errors import ShapeError
+    with pytest.raises(ShapeError):
+        conv2d(x, w)  # groups=1 but w expects 2 channels
+    assert fake_conv_cuda.calls == []

@@ -208,3 +208,36 @@ def test_empty_batch_gives_empty_output(mode):
     x = np.zeros((0, 3, 6, 6), np.float32)
     y = {"max": max_pool2d(x, 2), "avg": avg_pool2d(x, 2), "lp": lp_pool2d(x, 2, 2)}[mode]
     assert y.shape == (0, 3, 3, 3) and y.dtype == np.float32
+
+
+def test_dispatch_hands_pool_cuda_normalised_arguments(monkeypatch):
+    import sys
+    import gpuconv.functional as functional
+    calls = []
+
+    class FakePoolCuda:
+        @staticmethod
+        def pool2d_forward(*args):
+            calls.append(args)
+            return "forward"
+
+        @staticmethod
+        def pool2d_backward(*args):
+            calls.append(args)
+            return "backward"
+
+    monkeypatch.setitem(sys.modules, "gpuconv.functional.pool_cuda", FakePoolCuda)
+    monkeypatch.setattr(functional, "pool_cuda", FakePoolCuda, raising=False)
+    x = np.ones((1, 1, 6, 6), np.float32)
+    backend._emulation_override.append(True)
+    try:
+        assert max_pool2d(x, 3, padding=1) == "forward"
+        assert avg_pool2d(x, (3, 2), 1, (1, 0), count_include_pad=False) == "forward"
+        assert lp_pool2d(x, 2, 2) == "forward"
+        assert lp_pool2d_backward(np.ones((1, 1, 3, 3), np.float32), x, 3, 2) == "backward"
+    finally:
+        backend._emulation_override.pop()
+    assert calls[0] == ("max", x, (3, 3), (3, 3), (1, 1), 0.0, True)
+    assert calls[1] == ("avg", x, (3, 2), (1, 1), (1, 0), 0.0, False)
+    assert calls[2] == ("lp", x, (2, 2), (2, 2), (0, 0), 2.0, True)
+    assert calls[3][0] == "lp" and calls[3][2] is x and calls[3][3:] == ((2, 2), (2, 2), (0, 0), 3.0, True)
