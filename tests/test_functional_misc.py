@@ -195,3 +195,23 @@ def test_softmax_and_log_softmax():
     np.testing.assert_allclose(s.sum(axis=1), 1, rtol=1e-6)
     np.testing.assert_allclose(np.exp(ls), s, rtol=1e-5, atol=1e-30)
     np.testing.assert_allclose(softmax(x.T, axis=0), s.T, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("gpuconv").cuda_available(), reason="needs a CUDA GPU")
+def test_elementwise_ops_linear_and_loss_run_on_cupy_and_match_numpy():
+    import cupy
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(4, 6), (3, 6), (3,)])
+    labels = np.array([0, 2, 1, 2])
+    gx, gw, gb, glabels = (cupy.asarray(a) for a in (x, w, b, labels))
+    for f in (relu, tanh, sigmoid, softmax, log_softmax):
+        np.testing.assert_allclose(f(gx).get(), f(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(linear(gx, gw, gb).get(), linear(x, w, b), rtol=1e-5)
+    for got, want in zip(linear_backward(gx[:, :3], gx, gw), linear_backward(x[:, :3], x, w)):
+        np.testing.assert_allclose(got.get(), want, rtol=1e-5)
+    loss, dlogits = softmax_cross_entropy(gx, glabels)
+    assert loss == pytest.approx(softmax_cross_entropy(x, labels)[0], rel=1e-5)
+    y, mask = dropout(gx, 0.5, np.random.default_rng(0))
+    assert isinstance(y, cupy.ndarray) and isinstance(mask, cupy.ndarray)
+    assert isinstance(dropout_backward(gx, mask, 0.5), cupy.ndarray)
