@@ -4,6 +4,7 @@ Written to a temporary file in the same folder, flushed to disk, then renamed ov
 crash at any moment leaves either the previous checkpoint or the new one, never half of either.
 Loaded with allow_pickle=False: a checkpoint is data, never code.
 """
+import glob
 import json
 import os
 import tempfile
@@ -20,6 +21,8 @@ def atomic_write(path, write):
     """Call write(file_object) on a temporary file next to `path`, fsync it, then rename it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(os.path.basename(path)) + ".*.tmp")):
+        os.unlink(stale)  # left by a writer that was killed before its rename; never the real file
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
