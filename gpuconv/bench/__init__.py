@@ -1,0 +1,87 @@
+"""`python -m gpuconv bench`: time every LeNet-5 op, the training step and inference on each
+device (and in PyTorch), from the command line or from Python:
+
+    from gpuconv import bench
+    results = bench.run(devices=["cpu", "cuda"], batch_sizes=[64, 128], compare_torch=True)
+    print(bench.format_table(results))
+"""
+import argparse
+import shlex
+import sys
+
+from ..functional.conv import ALGOS
+from .report import (PLOT_EXTRA_MESSAGE, format_table, machine_line, matplotlib_pyplot, plot_results,
+                     write_json)
+from .runner import DEFINITIONS, SCHEMA, run
+
+__all__ = ["run", "format_table", "write_json", "plot_results", "machine_line", "main", "SCHEMA",
+           "DEFINITIONS"]
+
+
+def _int_list(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 64,128,256, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
+
+
+def _name_list(text):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m gpuconv bench",
+        description="Time LeNet-5's ops, training step and inference on each device, optionally beside "
+                    "PyTorch. Medians over --repeat calls after --warmup calls; the first call (which "
+                    "compiles the kernels on a GPU) is reported apart.")
+    parser.add_argument("--devices", type=_name_list, default=["cpu", "cuda"],
+                        help="comma-separated devices (default cpu,cuda; an unavailable one is skipped "
+                             "with the reason, and if none can run the command exits 1)")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[64, 128, 256],
+                        help="training batch sizes (default 64,128,256)")
+    parser.add_argument("--inference-batch-sizes", type=_int_list, default=None,
+                        help="inference batch sizes (default: the training ones)")
+    parser.add_argument("--ops", action="store_true",
+                        help="also time every layer op (conv forward/backward-data/backward-filter, relu, "
+                             "pool, linear, loss) at its real LeNet-5 shape")
+    parser.add_argument("--algos", type=_name_list, default=["direct", "im2col"],
+                        help=f"CUDA conv algorithms to compare, from {', '.join(ALGOS)} (default "
+                             "direct,im2col; the CPU has one)")
+    parser.add_argument("--repeat", type=int, default=10, help="measured calls per row (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured calls after the first (default 2)")
+    parser.add_argument("--peak-size", type=int, default=2048,
+                        help="side of the float32 GEMM that measures each device's peak (default 2048; 0 skips)")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="time the same ops and LeNet-5 step in PyTorch, same device and thread count")
+    parser.add_argument("--json", metavar="PATH", help="write every figure and the machine to PATH")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs 'gpuconv[plot]')")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.plot:
+        try:  # before measuring: a missing extra should not cost a whole run
+            matplotlib_pyplot()
+        except ImportError:
+            print(f"gpuconv bench: error: {PLOT_EXTRA_MESSAGE}", file=sys.stderr)
+            return 1
+    results = run(devices=args.devices, batch_sizes=args.batch_sizes,
+                  inference_batch_sizes=args.inference_batch_sizes, ops=args.ops, algos=args.algos,
+                  repeat=args.repeat, warmup=args.warmup, compare_torch=args.compare_torch,
+                  peak_size=args.peak_size, progress=False if args.no_progress else None,
+                  command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv))
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_results(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if results["failures"] else 0

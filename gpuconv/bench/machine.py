@@ -1,0 +1,114 @@
+"""What the numbers were measured on: CPU, threads, BLAS, GPU, library versions, date, load.
+
+Everything here is read without extra dependencies (no threadpoolctl): the CPU model from
+/proc/cpuinfo, the BLAS from numpy.show_config, its thread count by asking the loaded OpenBLAS.
+"""
+import ctypes
+import datetime
+import os
+import platform
+
+import numpy as np
+
+from ..backend import cuda_status
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_threads():
+    """CPUs this process may run on (the affinity mask, which containers narrow), else cpu_count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def blas_name():
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # old NumPy without mode="dicts", or a build that lists no BLAS
+        return "unknown"
+
+
+_OPENBLAS_THREAD_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                            "openblas_get_num_threads64_", "openblas_get_num_threads")
+
+
+def blas_threads():
+    """Threads NumPy's BLAS uses: asked of the loaded OpenBLAS, else the usual environment
+    variables, else the CPUs available. Returns (threads, how it was found)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libraries = sorted({line.split()[-1] for line in f
+                                if "openblas" in line.lower() and ".so" in line.split()[-1]})
+        for path in libraries:
+            library = ctypes.CDLL(path)
+            for symbol in _OPENBLAS_THREAD_GETTERS:
+                if hasattr(library, symbol):
+                    return int(getattr(library, symbol)()), f"{symbol}()"
+    except OSError:
+        pass
+    for variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value), f"${variable}"
+    return cpu_threads(), "CPUs available"
+
+
+def torch_info():
+    """(torch module or None, reason it is unavailable or '')."""
+    try:
+        import torch
+    except ImportError:
+        return None, "PyTorch is not installed (pip install torch to compare against it)"
+    except Exception as exc:  # a broken install raises other things (missing shared libraries)
+        return None, f"PyTorch failed to import: {exc}"
+    return torch, ""
+
+
+def gpu_info():
+    cupy, reason = cuda_status()
+    info = dict(cuda_available=not reason, cuda_reason=reason,
+                cupy_version=getattr(cupy, "__version__", None), gpu_name=None,
+                cuda_runtime_version=None, cuda_driver_version=None)
+    if reason:
+        return info
+    runtime = cupy.cuda.runtime
+    props = runtime.getDeviceProperties(0)
+    name = props["name"]
+    info.update(gpu_name=name.decode() if isinstance(name, bytes) else str(name),
+                gpu_count=runtime.getDeviceCount(),
+                cuda_runtime_version=runtime.runtimeGetVersion(),
+                cuda_driver_version=runtime.driverGetVersion())
+    return info
+
+
+def load_average():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine_info():
+    threads, threads_source = blas_threads()
+    info = dict(cpu_model=cpu_model(), cpu_threads=cpu_threads(), blas=blas_name(),
+                blas_threads=threads, blas_threads_source=threads_source,
+                numpy_version=np.__version__, python_version=platform.python_version(),
+                platform=platform.platform(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    info.update(gpu_info())
+    torch, _ = torch_info()
+    info["torch_version"] = torch.__version__ if torch is not None else None
+    return info

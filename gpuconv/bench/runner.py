@@ -1,0 +1,238 @@
+"""run(): measure every planned row on every usable device, gpuconv and (optionally) PyTorch.
+
+Devices that cannot run are kept in the results with the reason; if none of the requested
+devices can run, CudaUnavailableError says why. Figures per row: median, min, max over `repeat`
+calls after `warmup` calls, the first call apart; GFLOP/s and its share of the device's measured
+GEMM peak; images/s for the step and inference; speed-up against the CPU; and with PyTorch,
+speed_ratio_vs_torch = torch median / gpuconv median (> 1 means gpuconv is faster).
+"""
+import contextlib
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from ..backend import cuda_status, parse_device, to_device
+from ..errors import ArgumentError, CudaUnavailableError
+from ..functional.conv import ALGOS
+from . import rows as rows_module
+from .machine import load_average, machine_info, torch_info
+from .rows import GpuconvRows, inference_spec, specs, step_spec
+from .timing import measure
+from .torch_rows import TorchRows, torch_device
+
+SCHEMA = "gpuconv-bench/1"
+DEFINITIONS = {
+    "median_s, min_s, max_s": "over `repeat` calls after `warmup` calls; the first call is not among them",
+    "first_s": "the very first call, which on a GPU includes compiling and loading the kernels",
+    "gflops": "row FLOPs (a multiply-add counts 2) / median time / 1e9",
+    "peak_share": "gflops / the device's peak, a float32 GEMM of side peak_size measured in the same run "
+                  "(numpy or cupy matmul)",
+    "images_per_s": "batch_size / median time (train_step and inference rows)",
+    "speedup_vs_cpu": "the CPU's median for the same row and batch / this row's median",
+    "speed_ratio_vs_torch": "PyTorch median / gpuconv median, same device, same run: > 1 means gpuconv is faster",
+    "cpu timing": "time.perf_counter around each call",
+    "gpu timing": "CUDA events (cupyx.profiler.benchmark for gpuconv, torch.cuda.Event for PyTorch)",
+}
+
+
+def _positive_ints(values, name):
+    values = [values] if isinstance(values, int) else list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
+        raise ArgumentError(f"{name}: expected one or more ints >= 1, got {values!r}")
+    return [int(v) for v in values]
+
+
+def _check_settings(batch_sizes, inference_batch_sizes, algos, repeat, warmup, peak_size):
+    batch_sizes = _positive_ints(batch_sizes, "batch_sizes")
+    inference_batch_sizes = (batch_sizes if inference_batch_sizes is None
+                             else _positive_ints(inference_batch_sizes, "inference_batch_sizes"))
+    algos = [algos] if isinstance(algos, str) else list(algos)
+    if not algos or any(a not in ALGOS for a in algos):
+        raise ArgumentError(f"algos: expected one or more of {ALGOS}, got {algos!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ArgumentError(f"repeat: expected an int >= 1, got {repeat!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ArgumentError(f"warmup: expected an int >= 0, got {warmup!r}")
+    if isinstance(peak_size, bool) or not isinstance(peak_size, int) or peak_size < 0:
+        raise ArgumentError(f"peak_size: expected an int >= 0 (0 skips the peak), got {peak_size!r}")
+    return batch_sizes, inference_batch_sizes, algos
+
+
+def _resolve_devices(devices):
+    """-> (usable Device list, {name: {available, reason}}) in the order asked."""
+    names = [devices] if isinstance(devices, str) else list(devices)
+    names = [n for name in names for n in str(name).split(",") if n.strip()]
+    if not names:
+        raise ArgumentError("devices: expected one or more of 'cpu', 'cuda', 'cuda:N', got none")
+    usable, status = [], {}
+    for name in names:
+        try:
+            device = parse_device(name)
+        except CudaUnavailableError as exc:
+            reason = cuda_status()[1] or str(exc)
+            status[name.strip().lower()] = dict(available=False, reason=reason)
+            continue
+        if device not in usable:
+            usable.append(device)
+            status[str(device)] = dict(available=True, reason="")
+    if not usable:
+        reasons = "; ".join(f"{name}: {s['reason']}" for name, s in status.items())
+        raise CudaUnavailableError(f"none of the requested devices can run ({reasons}). "
+                                   "Pass --devices cpu (devices=['cpu']) to benchmark the CPU")
+    return usable, status
+
+
+@contextlib.contextmanager
+def _on(device):
+    if device.kind == "cpu":
+        yield
+    else:
+        with cuda_status()[0].cuda.Device(device.index):
+            yield
+
+
+def _figures(timing, spec, batch, peak_gflops):
+    figures = dict(timing)
+    figures["gflops"] = spec["flops"] / timing["median_s"] / 1e9 if spec["flops"] else None
+    figures["peak_share"] = (figures["gflops"] / peak_gflops
+                             if figures["gflops"] is not None and peak_gflops else None)
+    if spec["kind"] in ("step", "inference"):
+        figures["images_per_s"] = batch / timing["median_s"]
+        figures["images_per_s_min"] = batch / timing["max_s"]
+        figures["images_per_s_max"] = batch / timing["min_s"]
+    return figures
+
+
+def _peak(device, size, repeat, warmup, framework, torch=None):
+    """GFLOP/s of a float32 (size x size) @ (size x size) matmul on `device`."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((size, size), dtype=np.float32) for _ in range(2))
+    if framework == "torch":
+        a, b = (torch.from_numpy(m).to(torch_device(device)) for m in (a, b))
+        fn = lambda: torch.matmul(a, b)  # noqa: E731
+    else:
+        a, b = to_device(a, device), to_device(b, device)
+        xp = device.xp
+        fn = lambda: xp.matmul(a, b)  # noqa: E731
+    timing = measure(fn, device, repeat, warmup, framework)
+    flops = 2 * size ** 3
+    return dict(timing, size=size, flops=flops, gflops=flops / timing["median_s"] / 1e9,
+                what=f"float32 {size}x{size} @ {size}x{size} matmul ({'torch' if framework == 'torch' else device.xp.__name__})")
+
+
+def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size):
+    """Every measurement in order, as (device, batch or None, spec or 'peak', algo)."""
+    plan = []
+    for device in usable:
+        device_algos = ["numpy"] if device.kind == "cpu" else algos
+        if peak_size:
+            plan.append((device, None, "peak", None))
+        for batch in sorted(set(batch_sizes) | set(inference_batch_sizes)):
+            if batch in batch_sizes:
+                for spec in specs(batch) if ops else []:
+                    for algo in device_algos if spec["uses_algo"] else [None]:
+                        plan.append((device, batch, spec, algo))
+                for algo in device_algos:
+                    plan.append((device, batch, step_spec(batch), algo))
+            if batch in inference_batch_sizes:
+                for algo in device_algos:
+                    plan.append((device, batch, inference_spec(batch), algo))
+    return plan
+
+
+def _callable(env, spec, algo):
+    op_algo = "auto" if algo in (None, "numpy") else algo
+    if spec["kind"] == "step":
+        return env.step(op_algo)
+    if spec["kind"] == "inference":
+        return env.inference(op_algo)
+    return env.op(spec["name"], op_algo)
+
+
+def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_sizes=None, ops=False,
+        algos=("direct", "im2col"), repeat=10, warmup=2, compare_torch=False, peak_size=2048,
+        progress=None, seed=0, command=None):
+    """Measure and return the results as a JSON-ready dict (see DEFINITIONS and report.py).
+
+    progress: True/False for the tqdm bar on stderr, None to show it only on a terminal.
+    On the CPU every conv algo is the same im2col + BLAS code, so CPU rows have algo 'numpy';
+    `algos` picks the CUDA kernels.
+    """
+    batch_sizes, inference_batch_sizes, algos = _check_settings(
+        batch_sizes, inference_batch_sizes, algos, repeat, warmup, peak_size)
+    usable, device_status = _resolve_devices(devices)
+    machine = machine_info()
+    machine["load_average_start"] = load_average()
+    torch, torch_reason = torch_info() if compare_torch else (None, "not requested (--compare-torch)")
+    torch_section = dict(requested=bool(compare_torch), available=torch is not None, reason=torch_reason)
+    if torch is not None:
+        # Same thread count as NumPy's BLAS, so the CPU comparison is core for core.
+        torch.set_num_threads(max(1, machine["blas_threads"]))
+        torch_section.update(version=torch.__version__, threads=torch.get_num_threads(),
+                             numpy_blas_threads=machine["blas_threads"])
+    for device in usable:
+        info = device_status[str(device)]
+        info["name"] = machine["cpu_model"] if device.kind == "cpu" else machine.get("gpu_name")
+        info["peak"] = info["torch_peak"] = None
+    plan = _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size)
+    results_rows, torch_cache, envs, failures = [], {}, {}, []
+    bar = tqdm(plan, desc="gpuconv bench", unit="row", file=sys.stderr, leave=False,
+               disable=(None if progress is None else not progress))
+    for device, batch, spec, algo in bar:
+        with _on(device):
+            if spec == "peak":
+                bar.set_postfix_str(f"{device} peak GEMM")
+                device_status[str(device)]["peak"] = _peak(device, peak_size, repeat, warmup, "gpuconv")
+                if torch is not None:
+                    device_status[str(device)]["torch_peak"] = _peak(device, peak_size, repeat, warmup,
+                                                                     "torch", torch)
+                continue
+            bar.set_postfix_str(f"{device} batch {batch} {spec['name']}" + (f" [{algo}]" if algo else ""))
+            key = (str(device), batch)
+            if key not in envs:
+                envs.clear()  # one device and batch at a time: frees the previous activations
+                envs[key] = {"gpuconv": GpuconvRows(device, batch, seed)}
+                if torch is not None:
+                    envs[key]["torch"] = TorchRows(torch, device, batch, seed)
+            peak = (device_status[str(device)]["peak"] or {}).get("gflops")
+            row = dict(device=str(device), algo=algo, batch_size=batch,
+                       **{k: spec[k] for k in ("name", "layer", "op", "kind", "text", "flops", "in_training")})
+            try:
+                timing = measure(_callable(envs[key]["gpuconv"], spec, algo), device, repeat, warmup)
+                row["gpuconv"] = _figures(timing, spec, batch, peak)
+            except Exception as exc:  # one failing kernel must not lose every other row's numbers
+                row["gpuconv"] = None
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                failures.append(f"{device} batch {batch} {spec['name']} [{algo}]: {row['error']}")
+            row["torch"] = None
+            if torch is not None:
+                torch_key = key + (spec["name"],)
+                if torch_key not in torch_cache:
+                    timing = measure(_callable(envs[key]["torch"], spec, None), device, repeat, warmup, "torch")
+                    torch_cache[torch_key] = _figures(timing, spec, batch, peak)
+                row["torch"] = torch_cache[torch_key]
+            results_rows.append(row)
+    bar.close()
+    envs.clear()
+    _add_ratios(results_rows)
+    machine["load_average_end"] = load_average()
+    return dict(schema=SCHEMA, command=command, machine=machine,
+                settings=dict(devices=[str(d) for d in usable] + [n for n, s in device_status.items()
+                                                                    if not s["available"]],
+                              batch_sizes=batch_sizes, inference_batch_sizes=inference_batch_sizes,
+                              algos=algos, ops=bool(ops), repeat=repeat, warmup=warmup,
+                              compare_torch=bool(compare_torch), peak_size=peak_size, seed=seed,
+                              backward_data_is_separate=rows_module.backward_data_is_separate()),
+                devices=device_status, torch=torch_section, definitions=DEFINITIONS,
+                rows=results_rows, failures=failures)
+
+
+def _add_ratios(rows):
+    cpu = {(r["name"], r["batch_size"]): r["gpuconv"]["median_s"] for r in rows
+           if r["device"] == "cpu" and r["gpuconv"]}
+    for r in rows:
+        median = r["gpuconv"]["median_s"] if r["gpuconv"] else None
+        base = cpu.get((r["name"], r["batch_size"]))
+        r["speedup_vs_cpu"] = base / median if median and base else None
+        r["speed_ratio_vs_torch"] = (r["torch"]["median_s"] / median if median and r["torch"] else None)

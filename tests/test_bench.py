@@ -1,0 +1,189 @@
+"""`python -m gpuconv bench` end to end on the CPU with tiny repeat counts: the JSON's structure and
+that every figure is positive and finite. No timing thresholds: only the shape of the results."""
+import builtins
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import bench
+from gpuconv.__main__ import main as gpuconv_main
+from gpuconv.bench import rows as bench_rows
+from gpuconv.bench.timing import summarize, time_cpu
+from gpuconv.errors import ArgumentError, CudaUnavailableError
+from gpuconv.models import LeNet5
+
+TINY = ["--batch-sizes", "8", "--repeat", "2", "--warmup", "1", "--peak-size", "64", "--no-progress"]
+TIMING_KEYS = ("first_s", "median_s", "min_s", "max_s")
+
+
+def positive_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One end-to-end run of the command (default devices cpu,cuda) with every op row."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    code = gpuconv_main(["bench", "--ops", "--json", str(path)] + TINY)
+    return code, json.loads(path.read_text())
+
+
+def test_cli_exit_code_and_schema(cli_run):
+    code, results = cli_run
+    assert code == 0
+    assert results["schema"] == bench.SCHEMA
+    assert results["command"].startswith("python -m gpuconv bench")
+    for key in ("cpu_model", "cpu_threads", "blas", "blas_threads", "numpy_version", "date",
+                "cuda_available", "cupy_version", "gpu_name", "torch_version",
+                "load_average_start", "load_average_end"):
+        assert key in results["machine"], key
+    assert results["machine"]["cpu_threads"] >= 1 and results["machine"]["blas_threads"] >= 1
+    settings = results["settings"]
+    assert settings["batch_sizes"] == [8] and settings["repeat"] == 2 and settings["warmup"] == 1
+    assert set(results["definitions"]) >= {"speed_ratio_vs_torch", "first_s", "peak_share"}
+    assert results["failures"] == []
+
+
+def test_cli_every_row_and_figure(cli_run):
+    _, results = cli_run
+    cpu_rows = [r for r in results["rows"] if r["device"] == "cpu"]
+    expected = {s["name"] for s in bench_rows.specs(8)} | {"train_step", "inference"}
+    assert {r["name"] for r in cpu_rows} == expected
+    peak = results["devices"]["cpu"]["peak"]
+    assert positive_finite(peak["gflops"]) and peak["size"] == 64
+    for row in cpu_rows:
+        assert row["batch_size"] == 8 and positive_finite(row["flops"])
+        figures = row["gpuconv"]
+        assert figures["repeat"] == 2
+        for key in TIMING_KEYS + ("gflops", "peak_share"):
+            assert positive_finite(figures[key]), (row["name"], key, figures[key])
+        assert figures["min_s"] <= figures["median_s"] <= figures["max_s"]
+        assert row["speedup_vs_cpu"] == pytest.approx(1.0)
+        if row["kind"] in ("step", "inference"):
+            assert positive_finite(figures["images_per_s"])
+            assert figures["images_per_s"] == pytest.approx(8 / figures["median_s"])
+    conv1_data = next(r for r in cpu_rows if r["name"] == "conv1.backward_data")
+    assert conv1_data["in_training"] is False
+
+
+def test_cli_without_gpu_skips_cuda_with_the_reason(cli_run):
+    if gpuconv.cuda_available():
+        pytest.skip("this machine has a GPU")
+    _, results = cli_run
+    reason = gpuconv.backend.cuda_status()[1]
+    assert results["devices"]["cuda"] == {"available": False, "reason": reason}
+    assert not any(r["device"].startswith("cuda") for r in results["rows"])
+
+
+def test_devices_cuda_alone_without_gpu_exits_1_with_the_reason(capsys):
+    if gpuconv.cuda_available():
+        pytest.skip("this machine has a GPU")
+    assert gpuconv_main(["bench", "--devices", "cuda"] + TINY) == 1
+    err = capsys.readouterr().err
+    assert "CudaUnavailableError" in err and gpuconv.backend.cuda_status()[1] in err
+    assert "--devices cpu" in err
+    with pytest.raises(CudaUnavailableError):
+        bench.run(devices=["cuda"], batch_sizes=[8], repeat=1, warmup=0, peak_size=0, progress=False)
+
+
+def test_table_names_rows_devices_and_definitions():
+    results = bench.run(devices=["cpu", "cuda"], batch_sizes=[4], inference_batch_sizes=[6], repeat=1,
+                        warmup=0, peak_size=0, progress=False)
+    table = bench.format_table(results)
+    assert "train_step" in table and "inference" in table and "median ms" in table
+    assert "torch ms" not in table  # not requested
+    steps = [(r["kind"], r["batch_size"]) for r in results["rows"]]
+    assert steps == [("step", 4), ("inference", 6)]
+    assert results["devices"]["cpu"]["peak"] is None
+    assert results["rows"][0]["gpuconv"]["peak_share"] is None
+    if not gpuconv.cuda_available():
+        assert "cuda: unavailable, skipped: " + gpuconv.backend.cuda_status()[1] in table
+
+
+def test_without_torch_says_so_and_goes_on(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    results = bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0,
+                        compare_torch=True, progress=False)
+    assert results["torch"]["requested"] and not results["torch"]["available"]
+    assert "not installed" in results["torch"]["reason"]
+    assert all(r["torch"] is None and r["speed_ratio_vs_torch"] is None for r in results["rows"])
+    assert all(positive_finite(r["gpuconv"]["median_s"]) for r in results["rows"])
+    assert "PyTorch comparison skipped: PyTorch is not installed" in bench.format_table(results)
+
+
+def test_with_torch_every_row_has_a_ratio(tmp_path):
+    torch = pytest.importorskip("torch")
+    results = bench.run(devices=["cpu"], batch_sizes=[4], ops=True, repeat=1, warmup=0, peak_size=32,
+                        compare_torch=True, progress=False)
+    assert results["torch"]["available"] and results["torch"]["threads"] == torch.get_num_threads()
+    assert positive_finite(results["devices"]["cpu"]["torch_peak"]["gflops"])
+    for row in results["rows"]:
+        assert positive_finite(row["torch"]["median_s"]), row["name"]
+        assert row["speed_ratio_vs_torch"] == pytest.approx(row["torch"]["median_s"] / row["gpuconv"]["median_s"])
+    assert "torch/ours" in bench.format_table(results)
+    bench.write_json(results, tmp_path / "t.json")  # JSON-serialisable with torch figures too
+
+
+def test_plot_writes_a_png_that_decodes(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    path = tmp_path / "bench.png"
+    results = bench.run(devices=["cpu"], batch_sizes=[4], ops=True, repeat=1, warmup=0, peak_size=0,
+                        progress=False)
+    bench.plot_results(results, path)
+    image = plt.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_plot_without_matplotlib_names_the_extra_before_measuring(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    monkeypatch.setattr(bench, "run", lambda **kwargs: pytest.fail("measured although --plot cannot work"))
+    path = tmp_path / "bench.png"
+    assert gpuconv_main(["bench", "--devices", "cpu", "--plot", str(path)] + TINY) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install 'gpuconv[plot]'" in err
+    assert not path.exists()
+    with pytest.raises(ImportError, match=r"gpuconv\[plot\]"):
+        bench.plot_results({}, path)
+
+
+@pytest.mark.parametrize("kwargs", [dict(repeat=0), dict(warmup=-1), dict(batch_sizes=[0]),
+                                    dict(algos=["winograd"]), dict(peak_size=-1), dict(devices=[])])
+def test_run_rejects_bad_settings(kwargs):
+    settings = dict(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, progress=False)
+    with pytest.raises(ArgumentError):
+        bench.run(**dict(settings, **kwargs))
+
+
+def test_cli_rejects_a_bad_batch_list(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpuconv_main(["bench", "--batch-sizes", "64,abc"])
+    assert exc.value.code == 2 and "comma-separated ints" in capsys.readouterr().err
+
+
+def test_flop_counts_match_the_model_summary():
+    per_image = sum(layer["flops"] for layer in LeNet5().summary(print_fn=None)["layers"])
+    # the summary counts a bias add per output; the bench leaves biases out: within 2%
+    assert bench_rows.forward_flops(1) == pytest.approx(per_image, rel=0.02)
+    conv1 = next(s for s in bench_rows.specs(3) if s["name"] == "conv1.forward")
+    assert conv1["flops"] == 2 * 3 * 6 * 28 * 28 * 25
+    assert bench_rows.step_flops(1) > 2.5 * bench_rows.forward_flops(1)
+
+
+def test_time_cpu_reports_first_call_apart():
+    calls = []
+    figures = time_cpu(lambda: calls.append(1), repeat=3, warmup=2)
+    assert len(calls) == 1 + 2 + 3 and figures["repeat"] == 3
+    assert summarize([3.0, 1.0, 2.0], first_s=9.0) == dict(first_s=9.0, median_s=2.0, min_s=1.0,
+                                                           max_s=3.0, repeat=3)
+    assert np.isfinite(figures["median_s"])
