@@ -196,3 +196,10 @@ def test_layer_constructor_errors_name_the_argument():
         LeNet5(activation="gelu")
     with pytest.raises(ArgumentError, match="Dropout p"):
         nn.Dropout(1.0)
+
+
+def test_im2col_memory_cost_is_one_receptive_field_per_output_position():
+    conv2 = LeNet5().conv2
+    # 6 channels x 5x5 taps for each of the 10x10 output positions: 15,000 floats, 4x the input
+    assert conv2.im2col_elements((1, 16, 10, 10)) == 6 * 25 * 100
+    assert "im2col KiB" in LeNet5().summary((1, 1, 28, 28), print_fn=None)["text"]

@@ -63,6 +63,13 @@ class Conv2d(Module):
         per_output = 2 * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
         return c_out * h_out * w_out * (per_output + (1 if self.bias is not None else 0))
 
+    def im2col_elements(self, output_shape):
+        """Size of the im2col matrix per image: one column of C/groups*kH*kW values for every output
+        position, so each input pixel is copied up to kH*kW times. That copy is the price of
+        turning the convolution into one matrix product (a GEMM)."""
+        _, _, h_out, w_out = output_shape
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1] * h_out * w_out
+
     def extra_repr(self):
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):

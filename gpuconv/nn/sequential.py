@@ -60,17 +60,20 @@ class Sequential(Module):
         """Print each layer's output shape, parameters and forward FLOPs per image, with totals.
         FLOPs count a multiply-add as 2; backward costs about twice the forward."""
         rows = self.layer_table(input_shape)
-        header = f"{'layer':<28}{'output shape':<22}{'params':>10}{'FLOPs':>14}"
+        header = f"{'layer':<28}{'output shape':<22}{'params':>10}{'FLOPs':>14}{'im2col KiB':>12}"
         lines = [header, "-" * len(header)]
         for name, layer, out, params, flops in rows:
             label = f"{name}: {type(layer).__name__}"
-            lines.append(f"{label:<28}{str(tuple(out[1:])):<22}{params:>10,}{flops:>14,}")
+            cols = layer.im2col_elements(out) * 4 / 1024 if hasattr(layer, "im2col_elements") else None
+            cols_text = f"{cols:>12,.1f}" if cols is not None else f"{'':>12}"
+            lines.append(f"{label:<28}{str(tuple(out[1:])):<22}{params:>10,}{flops:>14,}{cols_text}")
         total_params = sum(r[3] for r in rows)
         total_flops = sum(r[4] for r in rows)
         lines += ["-" * len(header),
                   f"{'total':<50}{total_params:>10,}{total_flops:>14,}",
                   f"input {tuple(input_shape)}, parameters on {self.device}, "
-                  f"{total_params * 4 / 1024:.1f} KiB as float32"]
+                  f"{total_params * 4 / 1024:.1f} KiB as float32; im2col KiB: the float32 column matrix "
+                  "one image needs when a conv runs as a GEMM"]
         text = "\n".join(lines)
         if print_fn is not None:
             print_fn(text)
