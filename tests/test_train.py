@@ -175,3 +175,15 @@ def test_sigkill_during_checkpoint_writes_leaves_a_complete_checkpoint_and_resum
     run(killed, ["--resume"])
     assert_same_weights(weights(full), weights(killed))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_device_cuda_without_a_gpu_says_why_and_which_extra_to_install():
+    import gpuconv
+    if gpuconv.cuda_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([sys.executable, "-m", "gpuconv", "train", "--device", "cuda", "--limit-train", "64"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert "CudaUnavailableError: device 'cuda' was asked for but CUDA is unavailable" in result.stderr
+    assert ("gpuconv[cuda13]" in result.stderr) or ("no CUDA device is usable" in result.stderr)
+    assert "Traceback" not in result.stderr
