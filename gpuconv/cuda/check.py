@@ -46,7 +46,7 @@ def kernel_rows(archs=ARCHS, sources=None):
                 result = compile_offline(source, arch, names)
             except KernelError as strict_error:
                 message = str(strict_error).splitlines()
-                errors = [line.strip(" \x00") for line in message if "error" in line] or message[:1]
+                errors = [line.strip() for line in message if "error" in line] or message[:1]
                 try:
                     result = compile_offline(source, arch, names, strict=False)
                 except KernelError:

@@ -295,8 +295,9 @@ def compile_offline(source_name, arch, name_expressions, extra_options=(), stric
                 extra_source=core._get_header_source(), backend="nvrtc",
                 name_expressions=list(name_expressions), log_stream=log)
         except compiler.CompileException as exc:
-            raise KernelError(f"kernels/{source_name} does not compile for sm_{arch}:\n{exc}") from exc
-    text = log.getvalue()
+            log_text = str(exc).replace("\x00", "")
+            raise KernelError(f"kernels/{source_name} does not compile for sm_{arch}:\n{log_text}") from exc
+    text = log.getvalue().replace("\x00", "")  # NVRTC logs end in NUL
     mapping = module.mapping or {}
     resources = parse_ptxas_log(text, arch)
     kernels = []
