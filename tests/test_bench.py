@@ -187,3 +187,30 @@ def test_time_cpu_reports_first_call_apart():
     assert summarize([3.0, 1.0, 2.0], first_s=9.0) == dict(first_s=9.0, median_s=2.0, min_s=1.0,
                                                            max_s=3.0, repeat=3)
     assert np.isfinite(figures["median_s"])
+
+
+@pytest.mark.gpu
+def test_cuda_rows_end_to_end(tmp_path):
+    path = tmp_path / "bench.json"
+    assert gpuconv_main(["bench", "--devices", "cpu,cuda", "--ops", "--json", str(path)] + TINY) == 0
+    results = json.loads(path.read_text())
+    cuda_rows = [r for r in results["rows"] if r["device"].startswith("cuda")]
+    assert results["machine"]["gpu_name"] and cuda_rows
+    assert {r["algo"] for r in cuda_rows if r["kind"] != "op" or r["layer"].startswith("conv")} == {"direct", "im2col"}
+    for row in cuda_rows:
+        for key in TIMING_KEYS + ("gflops", "peak_share"):
+            assert positive_finite(row["gpuconv"][key]), (row["name"], key)
+        assert positive_finite(row["speedup_vs_cpu"])
+
+
+def test_threads_sets_numpy_blas_for_the_run_and_restores_it():
+    from gpuconv.bench.machine import blas_threads, set_blas_threads
+    if not set_blas_threads(blas_threads()[0]):
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads can be set from Python")
+    before = blas_threads()[0]
+    results = bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, threads=1,
+                        progress=False)
+    assert results["settings"]["threads"] == 1 and results["machine"]["blas_threads"] == 1
+    assert blas_threads()[0] == before
+    with pytest.raises(ArgumentError):
+        bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, threads=0)

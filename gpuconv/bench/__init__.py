@@ -55,6 +55,9 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured calls after the first (default 2)")
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="side of the float32 GEMM that measures each device's peak (default 2048; 0 skips)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for NumPy's BLAS and PyTorch alike (default: NumPy's BLAS as "
+                             "it is, PyTorch set to match)")
     parser.add_argument("--compare-torch", action="store_true",
                         help="time the same ops and LeNet-5 step in PyTorch, same device and thread count")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine to PATH")
@@ -75,7 +78,7 @@ def main(argv=None):
     results = run(devices=args.devices, batch_sizes=args.batch_sizes,
                   inference_batch_sizes=args.inference_batch_sizes, ops=args.ops, algos=args.algos,
                   repeat=args.repeat, warmup=args.warmup, compare_torch=args.compare_torch,
-                  peak_size=args.peak_size, progress=False if args.no_progress else None,
+                  peak_size=args.peak_size, threads=args.threads, progress=False if args.no_progress else None,
                   command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv))
     print(format_table(results))
     if args.json:

@@ -16,7 +16,7 @@ from ..backend import cuda_status, parse_device, to_device
 from ..errors import ArgumentError, CudaUnavailableError
 from ..functional.conv import ALGOS
 from . import rows as rows_module
-from .machine import load_average, machine_info, torch_info
+from .machine import blas_threads, load_average, machine_info, set_blas_threads, torch_info
 from .rows import GpuconvRows, inference_spec, specs, step_spec
 from .timing import measure
 from .torch_rows import TorchRows, torch_device
@@ -121,23 +121,31 @@ def _peak(device, size, repeat, warmup, framework, torch=None):
                 what=f"float32 {size}x{size} @ {size}x{size} matmul ({'torch' if framework == 'torch' else device.xp.__name__})")
 
 
-def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size):
-    """Every measurement in order, as (device, batch or None, spec or 'peak', algo)."""
+def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, with_torch):
+    """Every measurement in order, as (framework, device, batch or None, spec or 'peak', algo).
+
+    Per device and batch, all gpuconv rows come first, then all PyTorch rows: each library keeps
+    its own worker threads spinning for a while after a call (OpenBLAS for up to ~0.1 s), so
+    alternating row by row would make each pay for the other's threads."""
     plan = []
     for device in usable:
         device_algos = ["numpy"] if device.kind == "cpu" else algos
         if peak_size:
-            plan.append((device, None, "peak", None))
+            plan.append(("gpuconv", device, None, "peak", None))
+            if with_torch:
+                plan.append(("torch", device, None, "peak", None))
         for batch in sorted(set(batch_sizes) | set(inference_batch_sizes)):
+            group = []
             if batch in batch_sizes:
-                for spec in specs(batch) if ops else []:
-                    for algo in device_algos if spec["uses_algo"] else [None]:
-                        plan.append((device, batch, spec, algo))
-                for algo in device_algos:
-                    plan.append((device, batch, step_spec(batch), algo))
+                group += [(spec, algo) for spec in (specs(batch) if ops else [])
+                          for algo in (device_algos if spec["uses_algo"] else [None])]
+                group += [(step_spec(batch), algo) for algo in device_algos]
             if batch in inference_batch_sizes:
-                for algo in device_algos:
-                    plan.append((device, batch, inference_spec(batch), algo))
+                group += [(inference_spec(batch), algo) for algo in device_algos]
+            plan += [("gpuconv", device, batch, spec, algo) for spec, algo in group]
+            if with_torch:  # PyTorch has no algo choice: one row serves every algo's row
+                unique = {spec["name"]: spec for spec, _ in group}
+                plan += [("torch", device, batch, spec, None) for spec in unique.values()]
     return plan
 
 
@@ -150,71 +158,98 @@ def _callable(env, spec, algo):
     return env.op(spec["name"], op_algo)
 
 
+def _set_threads(threads, machine):
+    """Pin NumPy's BLAS to `threads` (None leaves it); returns the count both frameworks use."""
+    if threads is None:
+        return max(1, machine["blas_threads"])
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ArgumentError(f"threads: expected an int >= 1, got {threads!r}")
+    if not set_blas_threads(threads):
+        raise ArgumentError(f"threads: cannot set the thread count of NumPy's BLAS ({machine['blas']}) from "
+                            "Python; start Python with OMP_NUM_THREADS (or OPENBLAS_NUM_THREADS / "
+                            f"MKL_NUM_THREADS)={threads} instead")
+    machine["blas_threads"], machine["blas_threads_source"] = blas_threads()
+    return threads
+
+
 def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_sizes=None, ops=False,
         algos=("direct", "im2col"), repeat=10, warmup=2, compare_torch=False, peak_size=2048,
-        progress=None, seed=0, command=None):
+        threads=None, progress=None, seed=0, command=None):
     """Measure and return the results as a JSON-ready dict (see DEFINITIONS and report.py).
 
-    progress: True/False for the tqdm bar on stderr, None to show it only on a terminal.
-    On the CPU every conv algo is the same im2col + BLAS code, so CPU rows have algo 'numpy';
-    `algos` picks the CUDA kernels.
+    threads: CPU threads for NumPy's BLAS and PyTorch alike (None: NumPy's BLAS as it is, and
+    PyTorch set to match). progress: True/False for the tqdm bar on stderr, None to show it only
+    on a terminal. On the CPU every conv algo is the same im2col + BLAS code, so CPU rows have
+    algo 'numpy'; `algos` picks the CUDA kernels.
     """
     batch_sizes, inference_batch_sizes, algos = _check_settings(
         batch_sizes, inference_batch_sizes, algos, repeat, warmup, peak_size)
     usable, device_status = _resolve_devices(devices)
     machine = machine_info()
     machine["load_average_start"] = load_average()
+    original_threads = machine["blas_threads"]
+    threads = _set_threads(threads, machine)
+    try:
+        return _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
+                            algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command)
+    finally:
+        if threads != original_threads:
+            set_blas_threads(original_threads)  # the caller's process gets its BLAS back as it was
+
+
+def _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes, algos, ops,
+                 repeat, warmup, compare_torch, peak_size, progress, seed, command):
     torch, torch_reason = torch_info() if compare_torch else (None, "not requested (--compare-torch)")
     torch_section = dict(requested=bool(compare_torch), available=torch is not None, reason=torch_reason)
     if torch is not None:
-        # Same thread count as NumPy's BLAS, so the CPU comparison is core for core.
-        torch.set_num_threads(max(1, machine["blas_threads"]))
+        torch.set_num_threads(threads)  # core for core with NumPy's BLAS
         torch_section.update(version=torch.__version__, threads=torch.get_num_threads(),
                              numpy_blas_threads=machine["blas_threads"])
     for device in usable:
         info = device_status[str(device)]
         info["name"] = machine["cpu_model"] if device.kind == "cpu" else machine.get("gpu_name")
         info["peak"] = info["torch_peak"] = None
-    plan = _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size)
-    results_rows, torch_cache, envs, failures = [], {}, {}, []
+    plan = _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, torch is not None)
+    results_rows, torch_figures, envs, failures = [], {}, {}, []
     bar = tqdm(plan, desc="gpuconv bench", unit="row", file=sys.stderr, leave=False,
                disable=(None if progress is None else not progress))
-    for device, batch, spec, algo in bar:
+    for framework, device, batch, spec, algo in bar:
+        status = device_status[str(device)]
         with _on(device):
             if spec == "peak":
-                bar.set_postfix_str(f"{device} peak GEMM")
-                device_status[str(device)]["peak"] = _peak(device, peak_size, repeat, warmup, "gpuconv")
-                if torch is not None:
-                    device_status[str(device)]["torch_peak"] = _peak(device, peak_size, repeat, warmup,
-                                                                     "torch", torch)
+                bar.set_postfix_str(f"{device} {framework} peak GEMM")
+                status["torch_peak" if framework == "torch" else "peak"] = _peak(
+                    device, peak_size, repeat, warmup, framework, torch)
                 continue
-            bar.set_postfix_str(f"{device} batch {batch} {spec['name']}" + (f" [{algo}]" if algo else ""))
+            bar.set_postfix_str(f"{device} batch {batch} {framework} {spec['name']}"
+                                + (f" [{algo}]" if algo else ""))
             key = (str(device), batch)
             if key not in envs:
                 envs.clear()  # one device and batch at a time: frees the previous activations
                 envs[key] = {"gpuconv": GpuconvRows(device, batch, seed)}
                 if torch is not None:
                     envs[key]["torch"] = TorchRows(torch, device, batch, seed)
-            peak = (device_status[str(device)]["peak"] or {}).get("gflops")
-            row = dict(device=str(device), algo=algo, batch_size=batch,
-                       **{k: spec[k] for k in ("name", "layer", "op", "kind", "text", "flops", "in_training")})
+            peak = (status["peak"] or {}).get("gflops")
+            what = f"{device} batch {batch} {spec['name']} [{algo or framework}]"
             try:
-                timing = measure(_callable(envs[key]["gpuconv"], spec, algo), device, repeat, warmup)
-                row["gpuconv"] = _figures(timing, spec, batch, peak)
+                timing = measure(_callable(envs[key][framework], spec, algo), device, repeat, warmup, framework)
+                figures, error = _figures(timing, spec, batch, peak), None
             except Exception as exc:  # one failing kernel must not lose every other row's numbers
-                row["gpuconv"] = None
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                failures.append(f"{device} batch {batch} {spec['name']} [{algo}]: {row['error']}")
-            row["torch"] = None
-            if torch is not None:
-                torch_key = key + (spec["name"],)
-                if torch_key not in torch_cache:
-                    timing = measure(_callable(envs[key]["torch"], spec, None), device, repeat, warmup, "torch")
-                    torch_cache[torch_key] = _figures(timing, spec, batch, peak)
-                row["torch"] = torch_cache[torch_key]
+                figures, error = None, f"{type(exc).__name__}: {exc}"
+                failures.append(f"{what}: {error}")
+            if framework == "torch":
+                torch_figures[key + (spec["name"],)] = figures
+                continue
+            row = dict(device=str(device), algo=algo, batch_size=batch,
+                       **{k: spec[k] for k in ("name", "layer", "op", "kind", "text", "flops", "in_training")},
+                       gpuconv=figures)
+            if error:
+                row["error"] = error
             results_rows.append(row)
     bar.close()
     envs.clear()
+    for row in results_rows:
+        row["torch"] = torch_figures.get((row["device"], row["batch_size"], row["name"]))
     _add_ratios(results_rows)
     machine["load_average_end"] = load_average()
     return dict(schema=SCHEMA, command=command, machine=machine,
@@ -222,8 +257,8 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
                                                                     if not s["available"]],
                               batch_sizes=batch_sizes, inference_batch_sizes=inference_batch_sizes,
                               algos=algos, ops=bool(ops), repeat=repeat, warmup=warmup,
-                              compare_torch=bool(compare_torch), peak_size=peak_size, seed=seed,
-                              backward_data_is_separate=rows_module.backward_data_is_separate()),
+                              compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads,
+                              seed=seed, backward_data_is_separate=rows_module.backward_data_is_separate()),
                 devices=device_status, torch=torch_section, definitions=DEFINITIONS,
                 rows=results_rows, failures=failures)
 
