@@ -259,7 +259,17 @@ class _Library:
 
 
 _libraries = {}
+_key_locks = {}
 _build_lock = threading.Lock()
+
+
+def build_all(modules_and_modes, workers=None):
+    """Compile several (module, mode) pairs in parallel (g++ runs outside the GIL), without loading
+    them: warms the on-disk cache, e.g. before sanitizer subprocesses. Returns the library paths."""
+    from concurrent.futures import ThreadPoolExecutor
+    pairs = list(modules_and_modes)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda pair: pair[0].compile(mode=pair[1], load=False), pairs))
 
 
 def _check_sanitizer_runtime(mode):
@@ -343,6 +353,8 @@ class EmulatedModule:
         mode = mode or self.mode or current_settings()["mode"]
         key = self._build_key(mode)
         with _build_lock:
+            key_lock = _key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one build per key at a time; different keys build in parallel
             library = _libraries.get(key)
             if library is not None:
                 return library if load else library.path
@@ -443,7 +455,7 @@ class EmulatedKernel:
         where = f"{self.name}: argument {index}"
         expected = (f"a pointer to {_c_type_name(pointee_kind, pointee_size)}" if kind == 0
                     else _c_type_name(kind, size))
-        if isinstance(value, (bool, int, float)):
+        if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
             raise KernelArgumentError(
                 f"{where} is a Python {type(value).__name__} ({value!r}), the kernel expects {expected}. "
                 "CuPy would silently pass a Python int as int64 and a float as double; pass an explicit "

@@ -52,6 +52,7 @@
 #include <unistd.h>
 #if EMU_THREADS
 #include <condition_variable>
+#include <memory>
 #include <string>
 #include <thread>
 #endif
@@ -570,47 +571,89 @@ inline void forget_abandoned_fibers(unsigned n) {
 namespace emu {
 
 #if EMU_THREADS
-inline bool run_block(unsigned n, int order, std::mt19937_64& rng, char* err, size_t errlen) {
-    BlockBarrier barrier;
-    barrier.expected = n;
-    g_barrier = &barrier;
-    const dim3 b = g_block_dim;
-    std::vector<unsigned> start_order(n);
-    for (unsigned i = 0; i < n; ++i) {
-        start_order[i] = order == ORDER_REVERSE ? n - 1 - i : i;
-    }
-    if (order == ORDER_RANDOM) {
-        std::shuffle(start_order.begin(), start_order.end(), rng);
-    }
-    std::vector<std::thread> threads;
-    threads.reserve(n);
-    try {
-        for (unsigned i : start_order) {
-            const uint3 tid{i % b.x, (i / b.x) % b.y, i / (b.x * b.y)};
-            threads.emplace_back([tid] {
-                t_thread_idx = tid;
-                try {
-                    g_body(g_body_context);
-                    thread_exit(tid, nullptr);
-                } catch (const Fault& fault) {
-                    thread_exit(tid, fault.message);
-                }
-            });
+// One OS thread per CUDA thread of a block, started once per launch and reused for every block
+// (thread creation under TSan costs far more than running a small block). Blocks still run one
+// after another: the pool's mutex orders each block's work after the previous block's.
+class WorkerPool {
+public:
+    WorkerPool(unsigned n, int order, std::mt19937_64& rng) : n_(n) {
+        slots_.resize(n);
+        for (unsigned i = 0; i < n; ++i) {
+            slots_[i] = order == ORDER_REVERSE ? n - 1 - i : i;
         }
-    } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(barrier.mutex);
-        barrier.fail(std::string("could not start an OS thread per CUDA thread: ") + e.what());
+        if (order == ORDER_RANDOM) {
+            std::shuffle(slots_.begin(), slots_.end(), rng);
+        }
+        threads_.reserve(n);
+        for (unsigned worker = 0; worker < n; ++worker) {
+            threads_.emplace_back([this, worker] { work(slots_[worker]); });
+        }
     }
-    for (auto& t : threads) {
-        t.join();
+
+    ~WorkerPool() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            quit_ = true;
+        }
+        start_.notify_all();
+        for (auto& t : threads_) {
+            t.join();
+        }
     }
-    g_barrier = nullptr;
-    if (barrier.failed) {
-        snprintf(err, errlen, "%s", barrier.message.c_str());
-        return false;
+
+    bool run_block(char* err, size_t errlen) {
+        BlockBarrier barrier;
+        barrier.expected = n_;
+        g_barrier = &barrier;
+        std::unique_lock<std::mutex> lock(mutex_);
+        finished_ = 0;
+        ++generation_;
+        start_.notify_all();
+        done_.wait(lock, [&] { return finished_ == n_; });
+        g_barrier = nullptr;
+        if (barrier.failed) {
+            snprintf(err, errlen, "%s", barrier.message.c_str());
+            return false;
+        }
+        return true;
     }
-    return true;
-}
+
+private:
+    void work(unsigned linear) {
+        unsigned seen = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                start_.wait(lock, [&] { return quit_ || generation_ != seen; });
+                if (quit_) {
+                    return;
+                }
+                seen = generation_;
+            }
+            const dim3 b = g_block_dim;
+            const uint3 tid{linear % b.x, (linear / b.x) % b.y, linear / (b.x * b.y)};
+            t_thread_idx = tid;
+            try {
+                g_body(g_body_context);
+                thread_exit(tid, nullptr);
+            } catch (const Fault& fault) {
+                thread_exit(tid, fault.message);
+            }
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (++finished_ == n_) {
+                done_.notify_one();
+            }
+        }
+    }
+
+    unsigned n_;
+    std::vector<unsigned> slots_;
+    std::vector<std::thread> threads_;
+    std::mutex mutex_;
+    std::condition_variable start_, done_;
+    unsigned generation_ = 0, finished_ = 0;
+    bool quit_ = false;
+};
 #endif
 
 inline void reset_shared_for_block() {
@@ -679,6 +722,18 @@ inline int run_grid(void (*body)(void*), void* context, Dim3 grid, Dim3 block, s
         std::shuffle(block_order.begin(), block_order.end(), rng);
     }
     int status = 0;
+#if EMU_THREADS
+    std::unique_ptr<WorkerPool> pool;
+    try {
+        pool = std::make_unique<WorkerPool>(n, order, rng);
+    } catch (const std::exception& e) {
+        snprintf(err, errlen, "could not start %u OS threads (one per CUDA thread): %s", n, e.what());
+        free(g_dynamic_shared);
+        g_dynamic_shared = nullptr;
+        g_dynamic_shared_size = 0;
+        return 1;
+    }
+#endif
     for (unsigned long long i = 0; i < blocks; ++i) {
         unsigned long long linear = block_order.empty()
             ? (order == ORDER_REVERSE ? blocks - 1 - i : i) : block_order[i];
@@ -687,7 +742,12 @@ inline int run_grid(void (*body)(void*), void* context, Dim3 grid, Dim3 block, s
         reset_shared_for_block();
         char why[768];
         why[0] = '\0';
-        if (!run_block(n, order, rng, why, sizeof why)) {
+#if EMU_THREADS
+        const bool ok = pool->run_block(why, sizeof why);
+#else
+        const bool ok = run_block(n, order, rng, why, sizeof why);
+#endif
+        if (!ok) {
             snprintf(err, errlen, "block (%u,%u,%u): %s", g_block_idx.x, g_block_idx.y, g_block_idx.z, why);
 #if !EMU_THREADS
             forget_abandoned_fibers(n);
