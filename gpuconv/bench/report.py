@@ -22,15 +22,19 @@ def _num(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
+def _threads(n):
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def machine_line(results):
     m, t = results["machine"], results["torch"]
     parts = [m["date"], f"{m['cpu_model']} ({m['cpu_threads']} CPUs)",
-             f"BLAS {m['blas']} ({m['blas_threads']} threads)", f"numpy {m['numpy_version']}"]
+             f"BLAS {m['blas']} ({_threads(m['blas_threads'])})", f"numpy {m['numpy_version']}"]
     if m.get("gpu_name"):
         parts.append(f"GPU {m['gpu_name']} (CUDA runtime {m['cuda_runtime_version']}, driver "
                      f"{m['cuda_driver_version']}, CuPy {m['cupy_version']})")
     if t.get("available"):
-        parts.append(f"torch {t['version']} ({t['threads']} threads)")
+        parts.append(f"torch {t['version']} ({_threads(t['threads'])})")
     load = [m.get("load_average_start"), m.get("load_average_end")]
     if all(load):
         parts.append(f"load avg {load[0][0]:.2f} -> {load[1][0]:.2f}")
@@ -50,7 +54,9 @@ def _line(cells, columns):
 def format_table(results):
     """The results as text: one block per device, one line per row, then what the columns mean."""
     with_torch = results["torch"].get("available", False)
-    columns = COLUMNS + (TORCH_COLUMNS if with_torch else [])
+    several = sum(s["available"] for s in results["devices"].values()) > 1
+    keep = COLUMNS if several else [c for c in COLUMNS if c[0] != "vs cpu"]
+    columns = keep + (TORCH_COLUMNS if with_torch else [])
     header = _line([c[0] for c in columns], columns)
     out = [f"gpuconv bench: {machine_line(results)}"]
     if results.get("command"):
@@ -84,8 +90,9 @@ def format_table(results):
                 continue
             cells = [row["batch_size"], label, row["algo"] or "-", _ms(g["median_s"]),
                      f"{_ms(g['min_s'])}-{_ms(g['max_s'])}", _ms(g["first_s"]), _num(g["gflops"], ".2f"),
-                     _num(g["peak_share"] and 100 * g["peak_share"], ".1f"), _num(g.get("images_per_s"), ",.0f"),
-                     _num(row["speedup_vs_cpu"], ".2f")]
+                     _num(g["peak_share"] and 100 * g["peak_share"], ".1f"), _num(g.get("images_per_s"), ",.0f")]
+            if several:
+                cells.append(_num(row["speedup_vs_cpu"], ".2f"))
             if with_torch:
                 cells += [_ms(row["torch"]["median_s"]) if row["torch"] else "-",
                           _num(row["speed_ratio_vs_torch"], ".2f")]
@@ -102,7 +109,7 @@ def format_table(results):
                    "(conv1's 1-channel input needs no gradient).")
     if with_torch:
         out.append("torch/ours = PyTorch median / gpuconv median, same device, same run: > 1 means gpuconv "
-                   f"is faster. PyTorch {results['torch']['version']} on {results['torch']['threads']} threads.")
+                   f"is faster. PyTorch {results['torch']['version']} on {_threads(results['torch']['threads'])}.")
     if results.get("failures"):
         out.append(f"{len(results['failures'])} row(s) failed; see 'failures' in the JSON.")
     return "\n".join(out)
