@@ -100,8 +100,8 @@ def format_table(results):
     s = results["settings"]
     out += ["", f"median, min-max over {s['repeat']} calls after {s['warmup']} warm-up calls; first = the first "
                 "call (kernel compilation on a GPU), never in the median.",
-            "GFLOP/s counts a multiply-add as 2; %peak = share of the float32 GEMM peak above; "
-            "vs cpu = CPU median / this median."]
+            "GFLOP/s counts a multiply-add as 2; %peak = share of the float32 GEMM peak above"
+            + ("; vs cpu = CPU median / this median." if several else ".")]
     if any(r["op"] == "backward_data" for r in results["rows"]):
         detail = ("dx alone" if s["backward_data_is_separate"] else
                   "dx with dw and db (conv2d_backward has no way to skip dw)")
