@@ -59,7 +59,23 @@ CASES = [
     ((1, 4, 6, 5), (4, 2, 2, 3), (1, 1), "same", (1, 2), 2),
     ((2, 1, 5, 5), (3, 1, 5, 5), (1, 1), (0, 0), (1, 1), 1),  # kernel as large as the input
     ((1, 3, 4, 4), (3, 1, 3, 3), (1, 1), (1, 1), (1, 1), 3),  # depthwise
+    # stride (S, 1) with a 1-wide kernel: OW equals the input width, yet rows are strided
+    ((1, 2, 3, 1), (2, 2, 1, 1), (2, 1), (0, 0), (1, 1), 1),
+    ((2, 2, 6, 4), (3, 2, 3, 1), (3, 1), (1, 0), (1, 1), 1),
 ]
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (1, 2), (2, 1), (2, 3), (3, 1)])
+@pytest.mark.parametrize("kernel", [(1, 1), (1, 3), (2, 1), (3, 2)])
+@pytest.mark.parametrize("padding", [(0, 0), (1, 0), (0, 1)])
+def test_small_sweep_forward_and_gradients_match_reference(stride, kernel, padding):
+    """Every stride/kernel/padding mix on a tiny input: the fast paths choose their layout from
+    these, so each combination gets its own check against the loop reference."""
+    x, w, b = _data((2, 2, 5, 4), (3, 2) + kernel, np.float64, seed=sum(stride + kernel + padding))
+    y = conv2d(x, w, b, stride, padding)
+    np.testing.assert_allclose(y, reference_conv2d(x, w, b, stride, padding, (1, 1), 1), rtol=1e-12, atol=1e-12)
+    gradcheck(lambda x, w, b: conv2d(x, w, b, stride, padding), [x, w, b],
+              lambda dy, x, w, b: conv2d_backward(dy, x, w, stride, padding))
 
 
 def _data(x_shape, w_shape, dtype, seed=0, bias=True):

@@ -184,7 +184,7 @@ def _columns(x, kernel, stride, padding, dilation, groups, out_hw):
     n, c, h, w = x.shape
     (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out_hw
     row_len = _row_len(w, out_hw, stride)
-    if row_len == w:
+    if stride == (1, 1):  # not `row_len == w`: a 1-wide kernel with stride (2, 1) has OW == W too
         flat = x.reshape(n, c, h * w)
         size = _num_columns(out_hw, row_len)
         cols = np.empty((n, c, kh, kw, size), dtype=x.dtype)
