@@ -9,6 +9,7 @@ COMMANDS = {
     "bench": ("gpuconv.bench", "time every op and the training step on each device (and PyTorch)"),
     "show": ("gpuconv.show", "draw filters, feature maps, training curves and a confusion matrix"),
     "check-kernels": ("gpuconv.cuda.check", "compile every CUDA kernel with NVRTC for every arch"),
+    "kernel-plan": ("gpuconv.cuda.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),
     "summary": ("gpuconv.summary_cli", "print LeNet-5's layers, parameter counts and FLOPs"),
 }
 
