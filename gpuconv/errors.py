@@ -52,3 +52,7 @@ class CheckpointError(GpuconvError, ValueError):
 
 class NonFiniteError(GpuconvError, FloatingPointError):
     """Training produced NaN or Inf; the message names the step and the first layer that did."""
+
+
+class MissingExtraError(GpuconvError, ImportError):
+    """An optional dependency group (a pip "extra", e.g. `plot` for matplotlib) is not installed."""

@@ -23,7 +23,7 @@ from .backend import parse_device, to_device
 from .checkpoint import load_checkpoint
 from .data import MNIST
 from .data.loader import to_float_batch
-from .errors import ArgumentError, CheckpointError, GpuconvError
+from .errors import ArgumentError, CheckpointError, MissingExtraError
 from .models import LeNet5
 
 DPI = 100
@@ -38,10 +38,6 @@ PICTURES = {name: f"{name}.png" for name in FIGURE_SIZES}
 CLASS_NAMES = [str(digit) for digit in range(10)]
 # Feature maps are taken after each conv's activation: what the next layer actually sees.
 FEATURE_LAYERS = {"conv1": "act1", "conv2": "act2"}
-
-
-class MissingExtraError(GpuconvError, ImportError):
-    """An optional dependency group (a pip "extra") is not installed."""
 
 
 def pixel_size(name):

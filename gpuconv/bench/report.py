@@ -3,6 +3,7 @@ import json
 import math
 
 from ..checkpoint import atomic_write
+from ..errors import MissingExtraError
 
 PLOT_EXTRA_MESSAGE = ("--plot needs matplotlib, which is not installed; install the plot extra: "
                       "pip install 'gpuconv[plot]'")
@@ -132,13 +133,13 @@ def write_json(results, path):
 
 
 def matplotlib_pyplot():
-    """matplotlib.pyplot with a file-only backend, or ImportError naming the extra to install."""
+    """matplotlib.pyplot with a file-only backend, or MissingExtraError (an ImportError) naming the extra to install."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError(PLOT_EXTRA_MESSAGE) from None
+        raise MissingExtraError(PLOT_EXTRA_MESSAGE) from None
     return plt
 
 
