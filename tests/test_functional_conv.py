@@ -126,6 +126,11 @@ def test_need_dx_and_need_bias_flags():
     dx, dw, db = conv2d_backward(dy, x, w, need_dx=False, need_bias=False)
     assert dx is None and db is None
     np.testing.assert_allclose(dw, conv2d_backward(dy, x, w)[1])
+    dx, dw, db = conv2d_backward(dy, x, w, need_dw=False)
+    assert dw is None
+    np.testing.assert_allclose(dx, conv2d_backward(dy, x, w)[0])
+    np.testing.assert_allclose(db, conv2d_backward(dy, x, w)[2])
+    assert conv2d_backward(dy, x, w, need_dx=False, need_dw=False, need_bias=False) == (None, None, None)
 
 
 @pytest.mark.parametrize("algo", ["auto", "direct", "im2col"])
@@ -233,7 +238,8 @@ def test_dispatch_hands_the_launchers_normalised_pairs(fake_conv_cuda):
     dy = np.ones((1, 2, 3, 3), np.float32)
     conv2d_backward(dy, x, w, 2, 1, 1, 2, "im2col", need_dx=False, need_bias=True)
     _, args = fake_conv_cuda.calls[-1]
-    assert args[0] is dy and args[1] is x and args[3:] == ((2, 2), (1, 1), (1, 1), 2, "im2col", False, True)
+    assert args[0] is dy and args[1] is x
+    assert args[3:] == ((2, 2), (1, 1), (1, 1), 2, "im2col", False, True, True)
 
 
 def test_dispatch_resolves_asymmetric_same_padding_before_the_launchers(fake_conv_cuda):

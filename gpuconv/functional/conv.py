@@ -120,10 +120,11 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto")
 
 
 def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="auto",
-                    need_dx=True, need_bias=True):
-    """Gradients of conv2d -> (dx or None, dw, db or None), each with the shape of its input.
+                    need_dx=True, need_bias=True, need_dw=True):
+    """Gradients of conv2d -> (dx or None, dw or None, db or None), each with its input's shape.
 
-    need_dx=False skips the data gradient (a first layer never needs it); need_bias=False skips db.
+    need_dx=False skips the data gradient (a first layer never needs it); need_bias=False skips db;
+    need_dw=False skips the filter gradient (frozen weights, or timing the data gradient alone).
     """
     stride, padding, dilation, groups, explicit, out_hw = _check_conv_args(
         x, w, None, stride, padding, dilation, groups, algo)
@@ -138,10 +139,10 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
     if uses_cuda_kernels(x):
         from . import conv_cuda
         dx, dw, db = conv_cuda.conv2d_backward(dy, x_padded, w, stride, padding, dilation, groups,
-                                               algo, need_dx, need_bias)
+                                               algo, need_dx, need_bias, need_dw)
     else:
         dx, dw, db = conv2d_backward_numpy(dy, x_padded, w, stride, padding, dilation, groups,
-                                           algo, need_dx, need_bias)
+                                           algo, need_dx, need_bias, need_dw)
     if dx is not None and explicit is not None:
         (top, _), (left, _) = explicit
         dx = dx[:, :, top:top + x.shape[2], left:left + x.shape[3]].copy()
@@ -287,19 +288,21 @@ def conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo="auto"
 
 
 def conv2d_backward_numpy(dy, x, w, stride, padding, dilation, groups, algo="auto",
-                          need_dx=True, need_bias=True):
-    """NumPy conv2d gradients on validated arguments -> (dx or None, dw, db or None)."""
+                          need_dx=True, need_bias=True, need_dw=True):
+    """NumPy conv2d gradients on validated arguments -> (dx or None, dw or None, db or None)."""
     n, c = x.shape[:2]
     out_c, _, kh, kw = w.shape
     out_hw = tuple(dy.shape[2:])
     db = dy.sum(axis=(0, 2, 3)) if need_bias else None
     if n == 0:
         dx = np.zeros(x.shape, dtype=x.dtype) if need_dx else None
-        return dx, np.zeros(w.shape, dtype=w.dtype), db
+        return dx, np.zeros(w.shape, dtype=w.dtype) if need_dw else None, db
+    if not (need_dx or need_dw):
+        return None, None, db
     cols, row_len = _columns(x, (kh, kw), stride, padding, dilation, groups, out_hw)
     dy_cols = _to_columns(dy, row_len).reshape(n, groups, out_c // groups, -1)
     # dw[g] = sum_n dy[n, g] @ cols[n, g].T; BLAS reads the transposed view in place.
-    dw = np.matmul(dy_cols, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape)
+    dw = np.matmul(dy_cols, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape) if need_dw else None
     dx = None
     if need_dx:
         w_t = w.reshape(groups, out_c // groups, -1).transpose(0, 2, 1)

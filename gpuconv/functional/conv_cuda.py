@@ -66,7 +66,7 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
         return _forward_im2col(xp, x, w, b, geometry, shapes)
 
 
-def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, need_bias):
+def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, need_bias, need_dw=True):
     xp = get_array_module(dy, x, w)
     geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
     shapes = {"dy": dy.shape, "x": x.shape, "weight": w.shape}
@@ -78,12 +78,14 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, 
         if geometry.empty:
             dx = xp.zeros(x.shape, dtype=x.dtype) if need_dx else None
             db = xp.zeros(w.shape[0], dtype=x.dtype) if need_bias else None
-            return dx, xp.zeros(w.shape, dtype=x.dtype), db
+            return dx, xp.zeros(w.shape, dtype=x.dtype) if need_dw else None, db
         db = _bias_gradient(xp, dy, geometry, shapes) if need_bias else None
+        if not (need_dx or need_dw):
+            return None, None, db
         if algo == "direct":
-            dx, dw = _backward_direct(xp, dy, x, w, geometry, need_dx, shapes)
+            dx, dw = _backward_direct(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
         else:
-            dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, shapes)
+            dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
     return dx, dw, db
 
 
@@ -147,7 +149,7 @@ def _forward_direct(xp, x, w, b, g, shapes):
     return y
 
 
-def _backward_direct(xp, dy, x, w, g, need_dx, shapes):
+def _backward_direct(xp, dy, x, w, g, need_dx, need_dw, shapes):
     dx = None
     if need_dx:
         dx = xp.empty(x.shape, dtype=x.dtype)
@@ -155,6 +157,8 @@ def _backward_direct(xp, dy, x, w, g, need_dx, shapes):
         grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
         launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
                op_name="conv2d_backward data (direct)", shapes=shapes)
+    if not need_dw:
+        return dx, None
     dw = xp.empty(w.shape, dtype=w.dtype)
     kernel = get_kernel(SOURCE, "conv2d_backward_filter_direct", x.dtype)
     launch(kernel, (w.size, 1, 1), (REDUCE_THREADS, 1, 1), (dy, x, dw) + g.scalars(),
@@ -209,18 +213,19 @@ def _forward_im2col(xp, x, w, b, g, shapes):
     return y
 
 
-def _backward_im2col(xp, dy, x, w, g, need_dx, shapes):
+def _backward_im2col(xp, dy, x, w, g, need_dx, need_dw, shapes):
     w_groups_t = w.reshape(g.groups, g.Kg, g.R).transpose(0, 2, 1)
     dx = xp.empty(x.shape, dtype=x.dtype) if need_dx else None
     dw = None
     chunks = _batch_chunks(g, x.itemsize)
     for start, stop in chunks:
         n = stop - start
-        col = _columns(xp, x[start:stop], g, shapes)
+        col = _columns(xp, x[start:stop], g, shapes) if need_dw else None  # only dw reads it
         dy_chunk = xp.ascontiguousarray(dy[start:stop].reshape(n, g.K, g.P).transpose(1, 0, 2))
         dy_chunk = dy_chunk.reshape(g.groups, g.Kg, n * g.P)
-        dw_chunk = xp.matmul(dy_chunk, col.transpose(0, 2, 1))  # (groups, Kg, R)
-        dw = dw_chunk if dw is None else dw + dw_chunk  # chunks in order: deterministic
+        if need_dw:
+            dw_chunk = xp.matmul(dy_chunk, col.transpose(0, 2, 1))  # (groups, Kg, R)
+            dw = dw_chunk if dw is None else dw + dw_chunk  # chunks in order: deterministic
         if need_dx:
             dcol = xp.matmul(w_groups_t, dy_chunk)  # (groups, R, n*P)
             dx_chunk = dx if len(chunks) == 1 else xp.empty((n,) + x.shape[1:], dtype=x.dtype)
@@ -231,4 +236,4 @@ def _backward_im2col(xp, dy, x, w, g, need_dx, shapes):
                    op_name="conv2d_backward col2im", shapes=shapes)
             if dx_chunk is not dx:
                 dx[start:stop] = dx_chunk
-    return dx, dw.reshape(w.shape)
+    return dx, dw.reshape(w.shape) if need_dw else None
