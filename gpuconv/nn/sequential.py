@@ -2,10 +2,15 @@
 import numpy as np
 
 from ..backend import device_of
+from . import cpu_plan
 from .module import Module
 
 
 class Sequential(Module):
+    # float32 NumPy batches run through gpuconv.nn.cpu_plan (same results, ~4x faster on LeNet-5)
+    # when it supports every layer; use_fast_cpu(False) keeps this model on the layers.
+    fast_cpu = True
+
     def __init__(self, *layers):
         self._names = []
         for index, layer in enumerate(layers):
@@ -31,8 +36,15 @@ class Sequential(Module):
     def __getitem__(self, index):
         return getattr(self, self._names[index])
 
+    def use_fast_cpu(self, enabled=True):
+        self.fast_cpu = bool(enabled)
+        return self
+
     def forward(self, x):
         self.check_input_device(x)
+        y = cpu_plan.forward(self, x)  # None unless the fast CPU path applies
+        if y is not None:
+            return y
         for layer in self:
             x = layer(x)
         return x
@@ -40,6 +52,9 @@ class Sequential(Module):
     def backward(self, dy, need_dx=True):
         """Back through the chain. The first layer is told whether anyone wants its input gradient:
         a network's first conv never does, and skipping it saves a whole col2im."""
+        planned, dx = cpu_plan.backward(self, dy, need_dx)  # the plan ran the last forward
+        if planned:
+            return dx
         layers = list(self)
         for index in range(len(layers) - 1, -1, -1):
             dy = layers[index].backward(dy, need_dx=need_dx or index > 0)

@@ -1,0 +1,668 @@
+"""The fast CPU path: a Sequential run as one plan in the batch-innermost layout.
+
+Sequential.forward/backward hand a float32 NumPy batch to `forward(model, x)` / `backward(model,
+dy, need_dx)` below. When every layer is one this module knows (Conv2d with groups=1, ReLU, Tanh,
+Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Linear, Dropout when
+it is the identity), the model runs here; otherwise `forward` returns None and the layers run one
+by one, which stays the reference. Gradients match that reference to float32 rounding.
+
+Why it is faster than the layers (measured at batch 128 on 2 cores; see the commit messages):
+
+* Layout. Activations live as [C, H, W, n] (n, the images of a chunk, innermost). A convolution is
+  then `W[F, C*K*K] @ cols[C*K*K, OH*OW*n]` and the product *is* the next layer's input, every
+  im2col tap copies runs of OW*n contiguous floats, col2im is K*K slice-adds of the same kind, and
+  Flatten before a Linear is a free reshape ([C*H*W, n], already the order NCHW's flatten gives).
+  Dense layers are `W @ x` on [features, n]. NCHW is converted only at the model's edges.
+* Fusion. conv -> ReLU -> max pool runs as conv -> max pool -> (+bias, ReLU) on the 4x smaller
+  pooled map: max pooling commutes with adding a per-channel constant and with any non-decreasing
+  function, and ties resolve to the same tap because the raw values tie wherever the ReLU'd ones
+  do with a non-zero gradient. The bias gradient is the sum of the pooled gradient.
+* Threads. NumPy's elementwise work runs on one core and OpenBLAS's threaded small GEMMs stall
+  when the other core is busy. So the batch is split into one part per BLAS thread, each part runs
+  the whole network in its own Python thread (NumPy releases the GIL inside every large call)
+  with a single-threaded BLAS, and the parameter gradients of the parts are summed at the end.
+  Two joins per training step, none per layer. The thread count is NumPy's BLAS thread count
+  (OPENBLAS_NUM_THREADS), so "2 threads" means the same here as for the BLAS alone.
+* Memory. Each buffer is allocated once per (chunk, layer) and reused while the batch size stays
+  the same. What the caller receives (logits, input gradient, every p.grad) is always a new array.
+
+Non-finite logits (a NaN or Inf anywhere upstream reaches them) make `forward` run the layers
+instead, so the reference rules for NaN in max pooling apply and backward follows the same path.
+Switch the plan off with `model.use_fast_cpu(False)` or, for the process, `cpu_plan.enabled = False`.
+"""
+import math
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import blas
+from ..backend import emulation_enabled
+from ..errors import DTypeError, ShapeError
+from ..functional._args import conv_output_size
+from . import layers as L
+
+enabled = True          # process-wide switch; Sequential.use_fast_cpu(False) switches one model off
+MIN_CHUNK = 16          # fewer images than this per thread is not worth a thread
+MAX_CHUNK = 64          # a thread runs its share in chunks of at most this many images
+
+_plans = weakref.WeakKeyDictionary()  # model -> its _Plan (kept off the model: no state in vars())
+_executor = None
+_executor_lock = threading.Lock()
+
+
+class Unsupported(Exception):
+    """A layer or configuration this plan does not run; the caller falls back to the layers."""
+
+
+# ----------------------------------------------------------------------------------------------
+# buffers
+
+
+def _buffer(store, key, shape, zero=False, dtype=np.float32):
+    """A cached array for `key`, reallocated only when the shape changes. zero=True arrays are
+    zeroed when (re)allocated: callers rely on parts they never write (padding) staying zero."""
+    array = store.get(key)
+    if array is None or array.shape != shape:
+        array = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+        store[key] = array
+    return array
+
+
+def _shared(store, name, shape):
+    """A view of one flat buffer that every op of a thread shares (the columns: the largest
+    array, used by one op at a time), grown to the largest shape asked for."""
+    size = math.prod(shape)
+    flat = store.get(name)
+    if flat is None or flat.size < size:
+        flat = store[name] = np.empty(size, np.float32)
+    return flat[:size].reshape(shape)
+
+
+class _Chunk:
+    """The images [start, stop) that one thread runs; `store` keeps its buffers across steps,
+    `saved` what this step's backward needs."""
+
+    def __init__(self, start, stop):
+        self.start, self.stop, self.n = start, stop, stop - start
+        self.store, self.saved = {}, {}
+
+
+# ----------------------------------------------------------------------------------------------
+# ops on batch-innermost arrays: spatial [C, H, W, n], dense [F, n]
+
+
+class _Op:
+    needs_own_output = False  # does backward read this op's output? (then nothing may overwrite it)
+
+    def setup(self, shape):
+        """Per-image input shape -> per-image output shape; raises Unsupported."""
+        raise NotImplementedError
+
+    def params(self):
+        return []
+
+
+def _relu_mask_multiply(dy, y, out):
+    """out = dy where y > 0 else 0 (y is a ReLU output, so y > 0 exactly where x > 0)."""
+    np.multiply(dy, y > 0, out=out)
+    return out
+
+
+class _Conv(_Op):
+    """Conv2d (groups=1), optionally fused with a following [ReLU ->] MaxPool2d(k, stride k).
+
+    Fused, the output positions are ordered pool-tap-major, (a, b, PH, PW) with output row
+    oh = PH*k + a: every pooling tap is then one contiguous block, so pooling, routing the
+    gradient to the maxima and the filter gradient all run on contiguous arrays, and positions
+    no window covers are never computed. The columns are not kept for the backward: rebuilding
+    them (one copy) costs less than the cache they would occupy until then.
+    """
+
+    def __init__(self, layer, index, pool=None, relu=False):
+        self.layer, self.index, self.pool, self.relu = layer, index, pool, relu
+
+    def setup(self, shape):
+        layer = self.layer
+        c, h, w = shape
+        if layer.groups != 1 or c != layer.in_channels or layer.weight.data.shape[1] != c:
+            raise Unsupported("conv groups or channels")
+        self.kernel = tuple(layer.weight.data.shape[2:])
+        self.stride, self.dilation = layer.stride, layer.dilation
+        if layer.padding == "same":
+            totals = [d * (k - 1) for k, d in zip(self.kernel, self.dilation)]
+            if self.stride != (1, 1) or any(t % 2 for t in totals):
+                raise Unsupported("asymmetric 'same' padding")
+            self.padding = (totals[0] // 2, totals[1] // 2)
+        else:
+            self.padding = layer.padding
+        self.channels, self.in_hw = c, (h, w)
+        self.out_hw = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
+                            zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
+        if min(self.out_hw) < 1:
+            raise Unsupported("empty conv output")
+        self.filters = layer.weight.data.shape[0]
+        self.rows = c * self.kernel[0] * self.kernel[1]
+        if self.pool is None:
+            self.positions = self.out_hw  # natural order (OH, OW)
+            return (self.filters,) + self.out_hw
+        self.pooled_hw = (self.out_hw[0] // self.pool[0], self.out_hw[1] // self.pool[1])
+        if min(self.pooled_hw) < 1:
+            raise Unsupported("empty pool output")
+        self.positions = self.pool + self.pooled_hw  # tap-major (a, b, PH, PW)
+        return (self.filters,) + self.pooled_hw
+
+    def params(self):
+        layer = self.layer
+        return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    def _columns(self, x, out):
+        """im2col into `out` [C, KH, KW, *positions, n] from the (padded) input [C, H', W', n]."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        sc, srow, scol, sn = x.strides
+        if self.pool is None:
+            oh, ow = self.out_hw
+            shape = (x.shape[0], kh, kw, oh, ow, x.shape[3])
+            strides = (sc, dh * srow, dw * scol, sh * srow, sw * scol, sn)
+        else:  # output row oh = PH*k + a reads input row oh*stride + kh*dilation
+            (ph, pw), (a, b) = self.pooled_hw, self.pool
+            shape = (x.shape[0], kh, kw, a, b, ph, pw, x.shape[3])
+            strides = (sc, dh * srow, dw * scol, sh * srow, sw * scol, a * sh * srow, b * sw * scol, sn)
+        # np.ndarray over x's memory: the same view as as_strided, without its Python overhead
+        np.copyto(out, np.ndarray(shape, x.dtype, buffer=x, strides=strides))
+        return out
+
+    def forward(self, chunk, x, scratch):
+        n, c, (h, w) = chunk.n, self.channels, self.in_hw
+        (ph, pw), key, f = self.padding, self.index, self.filters
+        if ph or pw or not x.flags.c_contiguous:
+            padded = _buffer(chunk.store, (key, "x"), (c, h + 2 * ph, w + 2 * pw, n), zero=True)
+            padded[:, ph:ph + h, pw:pw + w, :] = x
+            x = padded
+        cols = self._columns(x, _shared(scratch, "cols", (c,) + self.kernel + self.positions + (n,)))
+        y = _buffer(chunk.store, (key, "y"), (f,) + self.positions + (n,))
+        np.matmul(self.layer.weight.data.reshape(f, -1), cols.reshape(self.rows, -1), out=y.reshape(f, -1))
+        chunk.saved[key] = dict(source=x, y=y)
+        bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
+        if self.pool is None:
+            if bias is not None:
+                y += bias
+            return y
+        taps = y.reshape((f, -1) + self.pooled_hw + (n,))[:, :]
+        peak = _buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
+        if taps.shape[1] == 1:
+            np.copyto(peak, taps[:, 0])
+        else:
+            np.maximum(taps[:, 0], taps[:, 1], out=peak)
+        for tap in range(2, taps.shape[1]):
+            np.maximum(peak, taps[:, tap], out=peak)
+        out = _buffer(chunk.store, (key, "out"), peak.shape)
+        if bias is not None:
+            np.add(peak, bias, out=out)
+        else:
+            np.copyto(out, peak)
+        if self.relu:
+            np.multiply(out, out > 0, out=out)
+        chunk.saved[key].update(peak=peak, out=out)
+        return out
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        saved = chunk.saved[self.index]
+        n, key, layer = chunk.n, self.index, self.layer
+        f, c, (kh, kw) = self.filters, self.channels, self.kernel
+        if self.pool is not None:
+            if self.relu:
+                dy = _relu_mask_multiply(dy, saved["out"], _buffer(scratch, (key, "dpre"), dy.shape))
+            if layer.bias is not None:
+                grads.add(layer.bias, dy.sum(axis=(1, 2, 3)))
+            # Route each pooled gradient to its window's first maximum: `remaining` holds what no
+            # earlier tap has claimed, a tap equal to the maximum takes all of it, and the last
+            # tap gets what is left (some tap holds the maximum: max() returns one of its inputs).
+            taps = saved["y"].reshape((f, -1) + self.pooled_hw + (n,))
+            dfull = _buffer(scratch, (key, "dfull"), (f,) + self.positions + (n,))
+            targets = dfull.reshape(taps.shape)
+            peak, count = saved["peak"], taps.shape[1]
+            remaining = _buffer(scratch, (key, "remaining"), dy.shape) if count > 2 else None
+            for tap in range(count - 1):
+                np.multiply(dy, taps[:, tap] == peak, out=targets[:, tap])
+                last = tap == count - 2
+                np.subtract(dy, targets[:, tap], out=targets[:, tap + 1] if last else remaining)
+                dy = remaining
+            if count == 1:
+                np.copyto(targets[:, 0], dy)
+            dy = dfull
+        elif layer.bias is not None:
+            grads.add(layer.bias, dy.sum(axis=(1, 2, 3)))
+        dy2 = dy.reshape(f, -1)
+        cols = self._columns(saved["source"], _shared(scratch, "cols", (c,) + self.kernel + self.positions + (n,)))
+        grads.add(layer.weight, np.matmul(dy2, cols.reshape(self.rows, -1).T).reshape(layer.weight.data.shape))
+        if not need_dx:
+            return None
+        (oh, ow), (sh, sw), (ph, pw), (dh, dw) = self.out_hw, self.stride, self.padding, self.dilation
+        if self.pool is not None:  # back to natural (OH, OW) order; rows no window covers get 0
+            natural = _buffer(scratch, (key, "natural"), (f, oh, ow, n), zero=True)
+            (a, b), (qh, qw) = self.pool, self.pooled_hw
+            window_part = natural[:, :qh * a, :qw * b].reshape(f, qh, a, qw, b, n)
+            np.copyto(window_part, dy.reshape(f, a, b, qh, qw, n).transpose(0, 3, 1, 4, 2, 5))
+            dy2 = natural.reshape(f, -1)
+        dcols = _shared(scratch, "cols", (c, kh, kw, oh, ow, n))
+        np.matmul(layer.weight.data.reshape(f, -1).T, dy2, out=dcols.reshape(self.rows, -1))
+        dx = _buffer(scratch, (key, "dx"), saved["source"].shape)
+        dx.fill(0)
+        for i in range(kh):
+            for j in range(kw):
+                dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, i, j]
+        h, w = self.in_hw
+        return dx[:, ph:ph + h, pw:pw + w, :]
+
+
+class _Pool(_Op):
+    """MaxPool2d / AvgPool2d with stride == kernel and no padding (LeNet's pools)."""
+
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+        self.mode = "max" if type(layer) is L.MaxPool2d else "avg"
+        self.needs_own_output = self.mode == "max"
+
+    def setup(self, shape):
+        layer = self.layer
+        if layer.stride != layer.kernel_size or layer.padding != (0, 0) or len(shape) != 3:
+            raise Unsupported("pool with stride != kernel or padding")
+        c, h, w = shape
+        self.kernel = layer.kernel_size
+        self.in_hw, self.out_hw = (h, w), (h // self.kernel[0], w // self.kernel[1])
+        if min(self.out_hw) < 1:
+            raise Unsupported("empty pool output")
+        return (c,) + self.out_hw
+
+    def _taps(self, x):
+        (kh, kw), (oh, ow) = self.kernel, self.out_hw
+        return [x[:, i:oh * kh:kh, j:ow * kw:kw, :] for i in range(kh) for j in range(kw)]
+
+    def forward(self, chunk, x, scratch):
+        taps = self._taps(x)
+        y = _buffer(chunk.store, (self.index, "y"), (x.shape[0],) + self.out_hw + (chunk.n,))
+        np.copyto(y, taps[0])
+        for tap in taps[1:]:
+            if self.mode == "max":
+                np.maximum(y, tap, out=y)  # propagates NaN, like the reference
+            else:
+                y += tap
+        if self.mode == "avg":
+            y /= y.dtype.type(self.kernel[0] * self.kernel[1])  # the reference's sum, then divide
+        chunk.saved[self.index] = dict(x=x, y=y)
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        saved = chunk.saved[self.index]
+        x, y = saved["x"], saved["y"]
+        dx = _buffer(scratch, (self.index, "dx"), x.shape, zero=True)  # rows past the last window stay 0
+        targets = self._taps(dx)
+        if self.mode == "avg":
+            share = np.divide(dy, dy.dtype.type(self.kernel[0] * self.kernel[1]))
+            for target in targets:
+                np.copyto(target, share)
+            return dx
+        # first maximum of each window takes the gradient; the last tap gets what is left
+        remaining = _buffer(scratch, (self.index, "remaining"), dy.shape)
+        taps = self._taps(x)
+        for index in range(len(taps) - 1):
+            np.multiply(dy, taps[index] == y, out=targets[index])
+            np.subtract(dy, targets[index], out=targets[-1] if index == len(taps) - 2 else remaining)
+            dy = remaining
+        if len(taps) == 1:
+            np.copyto(targets[0], dy)
+        return dx
+
+
+class _Activation(_Op):
+    def __init__(self, layer, index, in_place):
+        self.layer, self.index, self.in_place = layer, index, in_place
+        self.kind = {L.ReLU: "relu", L.Tanh: "tanh", L.Sigmoid: "sigmoid"}[type(layer)]
+        self.needs_own_output = True
+
+    def setup(self, shape):
+        return shape
+
+    def forward(self, chunk, x, scratch):
+        y = x if self.in_place else _buffer(chunk.store, (self.index, "y"), x.shape)
+        if self.kind == "relu":
+            np.multiply(x, x > 0, out=y)
+        elif self.kind == "tanh":
+            np.tanh(x, out=y)
+        else:  # the reference's formula, so the float32 results agree bit for bit
+            e = np.exp(-np.abs(x))
+            np.divide(np.where(x >= 0, np.float32(1), e), 1 + e, out=y)
+        chunk.saved[self.index] = y
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        y = chunk.saved[self.index]
+        dx = _buffer(scratch, (self.index, "dx"), y.shape)
+        if self.kind == "relu":
+            return _relu_mask_multiply(dy, y, dx)
+        if self.kind == "tanh":
+            np.multiply(y, y, out=dx)
+            np.subtract(1, dx, out=dx)
+        else:
+            np.subtract(1, y, out=dx)
+            dx *= y
+        dx *= dy
+        return dx
+
+
+class _Flatten(_Op):
+    def __init__(self, index):
+        self.index = index
+
+    def setup(self, shape):
+        self.shape = shape
+        return (int(np.prod(shape)),)
+
+    def forward(self, chunk, x, scratch):
+        return np.ascontiguousarray(x).reshape(-1, chunk.n)
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        return dy.reshape(self.shape + (chunk.n,))
+
+
+class _Identity(_Op):
+    def __init__(self, index):
+        self.index = index
+
+    def setup(self, shape):
+        return shape
+
+    def forward(self, chunk, x, scratch):
+        return x
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        return dy
+
+
+class _Linear(_Op):
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+
+    def setup(self, shape):
+        if len(shape) != 1 or shape[0] != self.layer.weight.data.shape[1]:
+            raise Unsupported("linear input size")
+        return (self.layer.weight.data.shape[0],)
+
+    def params(self):
+        layer = self.layer
+        return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    def forward(self, chunk, x, scratch):
+        weight = self.layer.weight.data
+        y = _buffer(chunk.store, (self.index, "y"), (weight.shape[0], chunk.n))
+        np.matmul(weight, x, out=y)
+        if self.layer.bias is not None:
+            y += self.layer.bias.data[:, None]
+        chunk.saved[self.index] = x
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        x, layer = chunk.saved[self.index], self.layer
+        grads.add(layer.weight, np.matmul(dy, x.T))
+        if layer.bias is not None:
+            grads.add(layer.bias, dy.sum(axis=1))
+        if not need_dx:
+            return None
+        dx = _buffer(scratch, (self.index, "dx"), x.shape)
+        np.matmul(layer.weight.data.T, dy, out=dx)
+        return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling a Sequential into ops
+
+
+def _signature(model, x):
+    """What the compiled ops depend on; any change recompiles (cheap: a tuple per layer)."""
+    parts = [x.shape[1:]]
+    for layer in model:
+        kind = type(layer)
+        if kind is L.Conv2d:
+            parts.append((id(layer), kind, layer.stride, layer.padding, layer.dilation, layer.groups,
+                          layer.weight.data.shape, layer.bias is None))
+        elif kind is L.Linear:
+            parts.append((id(layer), kind, layer.weight.data.shape, layer.bias is None))
+        elif kind in (L.MaxPool2d, L.AvgPool2d):
+            parts.append((id(layer), kind, layer.kernel_size, layer.stride, layer.padding))
+        elif kind is L.Dropout:
+            parts.append((id(layer), kind, layer.training and layer.p > 0))
+        else:
+            parts.append((id(layer), kind))
+    return tuple(parts)
+
+
+def _compile(layers, input_shape):
+    """Layers -> ops, fusing conv [-> ReLU] -> MaxPool2d(k, stride k). Raises Unsupported."""
+    ops, index = [], 0
+    while index < len(layers):
+        layer, kind = layers[index], type(layers[index])
+        following = [type(l) for l in layers[index + 1:index + 3]]
+        if kind is L.Conv2d:
+            relu = following[:1] == [L.ReLU]
+            pool_at = index + 1 + relu
+            pool = layers[pool_at] if pool_at < len(layers) else None
+            if (type(pool) is L.MaxPool2d and pool.stride == pool.kernel_size
+                    and pool.padding == (0, 0)):
+                ops.append(_Conv(layer, index, pool=pool.kernel_size, relu=relu))
+                index = pool_at + 1
+                continue
+            ops.append(_Conv(layer, index))
+        elif kind in (L.MaxPool2d, L.AvgPool2d):
+            ops.append(_Pool(layer, index))
+        elif kind in (L.ReLU, L.Tanh, L.Sigmoid):
+            # In place when nothing reads the previous output again (conv without pool, linear).
+            in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (_Conv, _Linear))
+            ops.append(_Activation(layer, index, in_place))
+        elif kind is L.Flatten:
+            ops.append(_Flatten(index))
+        elif kind is L.Linear:
+            ops.append(_Linear(layer, index))
+        elif kind is L.Dropout and not (layer.training and layer.p > 0):
+            ops.append(_Identity(index))
+        else:
+            raise Unsupported(f"layer {kind.__name__}")
+        index += 1
+    shape = tuple(input_shape)
+    for op in ops:
+        if isinstance(op, (_Conv, _Pool)) and len(shape) != 3:
+            raise Unsupported("spatial op on a flat input")
+        shape = op.setup(shape)
+    return ops, shape
+
+
+class _Grads:
+    """Per-thread parameter gradients: the first contribution is kept (a fresh array from a
+    matmul or a sum), later ones are added to it."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def add(self, param, value):
+        key = id(param)
+        if key in self.arrays:
+            self.arrays[key][1] += value
+        else:
+            self.arrays[key] = [param, value]
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+def _run_parallel(function, parts):
+    """function(part) for each part; the first in this thread, the others in the pool."""
+    global _executor
+    if len(parts) == 1:
+        return [function(parts[0])]
+    with _executor_lock:
+        if _executor is None or _executor._max_workers < len(parts) - 1:
+            _executor = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="gpuconv-cpu")
+        futures = [_executor.submit(function, part) for part in parts[1:]]
+    results = []
+    try:
+        results.append(function(parts[0]))
+    finally:
+        results += [future.result() for future in futures]  # wait for all before anything returns
+    return results
+
+
+class _Plan:
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+        self.signature = None
+        self.ops = None
+        self.parts = []          # per thread: list of _Chunk
+        self.active = False      # did the last forward run here (so backward must too)?
+        self.threads = 1
+        self.batch = None
+        self.layout_key = None
+        self.scratch = []        # per thread: buffers its ops reuse chunk after chunk
+
+    def prepare(self, model, x):
+        """Compile if the model or input shape changed; False if the plan cannot run this model."""
+        signature = _signature(model, x)
+        if signature != self.signature:
+            self.signature = signature
+            try:
+                self.ops, self.out_shape = _compile(list(model), x.shape[1:])
+            except Unsupported:
+                self.ops = None
+            self.layout_key = None
+            self.parts, self.scratch = [], []
+        if self.ops is None:
+            return False
+        for op in self.ops:
+            for p in op.params():
+                if not isinstance(p.data, np.ndarray) or p.data.dtype != np.float32:
+                    return False
+        return True
+
+    def layout(self, batch):
+        """Split the batch over threads (one per BLAS thread while each gets MIN_CHUNK images),
+        and each thread's share into chunks of at most MAX_CHUNK images run one after another."""
+        threads = max(1, min(blas.get_num_threads() if blas.available() else 1, batch // MIN_CHUNK))
+        if (batch, threads, MAX_CHUNK) == self.layout_key:
+            return
+        old = {chunk.n: chunk.store for part in self.parts for chunk in part}
+        bounds = [batch * t // threads for t in range(threads + 1)]
+        self.parts = []
+        for start, stop in zip(bounds, bounds[1:]):
+            count = -(-(stop - start) // MAX_CHUNK)
+            edges = [start + (stop - start) * i // count for i in range(count + 1)]
+            part = [_Chunk(a, b) for a, b in zip(edges, edges[1:])]
+            for chunk in part:  # a chunk of a size seen before takes over its buffers
+                chunk.store = old.pop(chunk.n, chunk.store)
+            self.parts.append(part)
+        while len(self.scratch) < threads:
+            self.scratch.append({})
+        del self.scratch[threads:]
+        self.batch, self.threads, self.layout_key = batch, threads, (batch, threads, MAX_CHUNK)
+        blas.warm_up()
+
+    def forward(self, x):
+        batch = x.shape[0]
+        self.layout(batch)
+        self.input_shape = x.shape[1:]
+        spatial_in = x.ndim == 4
+        out = np.empty((batch,) + tuple(self.out_shape), np.float32)
+
+        def run(thread):
+            scratch = self.scratch[thread]
+            for chunk in self.parts[thread]:
+                chunk.saved = {}
+                h = x[chunk.start:chunk.stop]
+                h = h.transpose(1, 2, 3, 0) if spatial_in else h.T
+                for op in self.ops:
+                    h = op.forward(chunk, h, scratch)
+                target = out[chunk.start:chunk.stop]
+                np.copyto(target.transpose(*range(1, target.ndim), 0), h)
+
+        self._in_threads(run)
+        return out
+
+    def backward(self, dy, need_dx):
+        expected = (self.batch,) + tuple(self.out_shape)
+        if not isinstance(dy, np.ndarray) or dy.dtype != np.float32:
+            raise DTypeError(f"dy: expected a float32 NumPy array like the model's output, got "
+                             f"{getattr(dy, 'dtype', type(dy).__name__)}")
+        if dy.shape != expected:
+            raise ShapeError(f"dy: expected shape {expected} (the shape of the model's output), "
+                             f"got {tuple(dy.shape)}")
+        dx = None
+
+        def run(thread):
+            grads, scratch = _Grads(), self.scratch[thread]
+            for chunk in self.parts[thread]:
+                d = dy[chunk.start:chunk.stop]
+                d = d.transpose(*range(1, d.ndim), 0)
+                for position in range(len(self.ops) - 1, -1, -1):
+                    op = self.ops[position]
+                    d = op.backward(chunk, d, need_dx or position > 0, grads, scratch)
+                if need_dx:
+                    target = dx[chunk.start:chunk.stop]
+                    np.copyto(target.transpose(*range(1, target.ndim), 0), d)
+            return grads
+
+        if need_dx:
+            dx = np.empty((self.batch,) + tuple(self.input_shape), np.float32)
+        results = self._in_threads(run)
+        total = results[0].arrays
+        for other in results[1:]:
+            for key, (param, value) in other.arrays.items():
+                total[key][1] += value
+        for op in self.ops:
+            for p in op.params():
+                p.grad = total[id(p)][1] if id(p) in total else None
+        return dx
+
+    def _in_threads(self, function):
+        if self.threads == 1:
+            return [function(0)]
+        with blas.num_threads(1):
+            return _run_parallel(function, list(range(self.threads)))
+
+
+def _plan_for(model, x):
+    if not (enabled and getattr(model, "fast_cpu", False)):
+        return None
+    if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim not in (2, 4) or x.shape[0] == 0:
+        return None
+    if emulation_enabled():
+        return None
+    plan = _plans.get(model)
+    if plan is None:
+        plan = _plans[model] = _Plan(model)
+    if not plan.prepare(model, x):
+        return None
+    return plan
+
+
+def forward(model, x):
+    """The model's output for x by the plan, or None when the layers must run (and then they
+    will also run the backward)."""
+    plan = _plan_for(model, x)
+    previous = _plans.get(model)
+    if previous is not None:
+        previous.active = False
+    if plan is None:
+        return None
+    y = plan.forward(x)
+    if not np.isfinite(y).all():
+        return None  # let the layers recompute it: their NaN rules decide the gradients
+    plan.active = True
+    return y
+
+
+def backward(model, dy, need_dx):
+    """(True, dx or None) when the last forward ran by the plan, else (False, None)."""
+    plan = _plans.get(model)
+    if plan is None or not plan.active:
+        return False, None
+    return True, plan.backward(dy, need_dx)
