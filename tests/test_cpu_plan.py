@@ -114,6 +114,24 @@ def test_other_layer_settings_match(rng, threads):
     assert planned(model, x)
 
 
+@pytest.mark.parametrize("head", [
+    lambda rng: [nn.Conv2d(1, 3, (3, 5), padding=(1, 2), rng=rng), nn.ReLU()],
+    lambda rng: [nn.Conv2d(1, 3, (3, 5), padding=(2, 1), rng=rng), nn.MaxPool2d(3)],
+    lambda rng: [nn.Conv2d(1, 3, 4, rng=rng), nn.ReLU(), nn.MaxPool2d((2, 3))],
+    lambda rng: [nn.Conv2d(1, 3, 3, stride=2, rng=rng), nn.ReLU(), nn.MaxPool2d(2)],
+], ids=["no-pool", "pool3", "pool2x3", "stride2"])
+def test_single_channel_convs_match(head, rng, threads):
+    """A one-channel conv with stride 1 runs without im2col (batched GEMMs over output rows)."""
+    layers = head(rng)
+    model = nn.Sequential(*layers, nn.Conv2d(3, 2, 2, rng=rng), nn.Flatten())
+    x = rng.standard_normal((6, 1, 13, 14)).astype(np.float32)
+    x[:, :, :3] = 0
+    width = model.layer_table(x.shape)[-1][2][1]
+    model.add("fc", nn.Linear(width, 3, rng=rng))
+    assert_same_run(model, x, rng.integers(0, 3, 6), need_dx=True)
+    assert planned(model, x)
+
+
 def test_dense_only_model(rng, threads):
     model = nn.Sequential(nn.Linear(10, 8, rng=rng), nn.ReLU(), nn.Linear(8, 4, rng=rng))
     x = rng.standard_normal((12, 10)).astype(np.float32)

@@ -144,8 +144,9 @@ class _Conv(_Op):
             raise Unsupported("empty conv output")
         self.filters = layer.weight.data.shape[0]
         self.rows = c * self.kernel[0] * self.kernel[1]
+        self.row_path = c == 1 and self.stride == (1, 1) and self.dilation == (1, 1)
         if self.pool is None:
-            self.positions = self.out_hw  # natural order (OH, OW)
+            self.positions, self.pooled_hw = self.out_hw, self.out_hw  # natural order (OH, OW)
             return (self.filters,) + self.out_hw
         self.pooled_hw = (self.out_hw[0] // self.pool[0], self.out_hw[1] // self.pool[1])
         if min(self.pooled_hw) < 1:
@@ -173,6 +174,45 @@ class _Conv(_Op):
         np.copyto(out, np.ndarray(shape, x.dtype, buffer=x, strides=strides))
         return out
 
+    def _row_matrices(self, x, scratch, n):
+        """The one-channel, stride-1 case without im2col: R[b, ih, kw, pw, n] = x[0, ih, B*pw + b + kw, n]
+        holds every input row shifted by each kw and thinned to pooling column b, KH times less
+        than the columns. In R the KH*KW column rows of output row (a, PH) are equally spaced
+        (kh steps KW times as far as kw), so each output row's columns are a plain matrix
+        M[a, b, PH] of shape [KK, PW*n] inside R, and the matrices of neighbouring rows overlap.
+        Returns M as one view [A, B, PH, KK, PW*n]; one batched matmul then does the conv."""
+        (kh, kw), (a, b), (ph, pw) = self.kernel, self.pool or (1, 1), self.pooled_hw
+        _, srow, scol, sn = x.strides
+        rows = _shared(scratch, "cols", (b, x.shape[1], kw, pw, n))
+        np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x, strides=(scol, srow, scol, b * scol, sn)))
+        rb, rih, rkw, _, _ = rows.strides
+        return np.ndarray((a, b, ph, kh * kw, pw * n), x.dtype, buffer=rows,
+                          strides=(rih, rb, a * rih, rkw, rows.itemsize))
+
+    def _by_output_row(self, array, n):
+        """[F, A, B, PH, PW, n] -> the view [A, B, PH, F, PW*n] that pairs with _row_matrices."""
+        (a, b), (ph, pw) = self.pool or (1, 1), self.pooled_hw
+        return array.reshape(self.filters, a, b, ph, pw * n).transpose(1, 2, 3, 0, 4)
+
+    def _product(self, x, y, scratch, n):
+        """y = W @ columns(x), y [F, *positions, n]."""
+        weight = self.layer.weight.data.reshape(self.filters, -1)
+        if self.row_path:
+            np.matmul(weight, self._row_matrices(x, scratch, n), out=self._by_output_row(y, n))
+            return
+        cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
+        np.matmul(weight, cols.reshape(self.rows, -1), out=y.reshape(self.filters, -1))
+
+    def _weight_grad(self, x, dy, scratch, n):
+        """dW = dy @ columns(x).T, in the weight's shape; dy [F, *positions, n]."""
+        shape = self.layer.weight.data.shape
+        if self.row_path:
+            matrices = self._row_matrices(x, scratch, n)
+            partial = np.matmul(self._by_output_row(dy, n), matrices.transpose(0, 1, 2, 4, 3))
+            return partial.sum(axis=(0, 1, 2)).reshape(shape)
+        cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
+        return np.matmul(dy.reshape(self.filters, -1), cols.reshape(self.rows, -1).T).reshape(shape)
+
     def forward(self, chunk, x, scratch):
         n, c, (h, w) = chunk.n, self.channels, self.in_hw
         (ph, pw), key, f = self.padding, self.index, self.filters
@@ -180,9 +220,8 @@ class _Conv(_Op):
             padded = _buffer(chunk.store, (key, "x"), (c, h + 2 * ph, w + 2 * pw, n), zero=True)
             padded[:, ph:ph + h, pw:pw + w, :] = x
             x = padded
-        cols = self._columns(x, _shared(scratch, "cols", (c,) + self.kernel + self.positions + (n,)))
         y = _buffer(chunk.store, (key, "y"), (f,) + self.positions + (n,))
-        np.matmul(self.layer.weight.data.reshape(f, -1), cols.reshape(self.rows, -1), out=y.reshape(f, -1))
+        self._product(x, y, scratch, n)
         chunk.saved[key] = dict(source=x, y=y)
         bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
         if self.pool is None:
@@ -235,8 +274,7 @@ class _Conv(_Op):
         elif layer.bias is not None:
             grads.add(layer.bias, dy.sum(axis=(1, 2, 3)))
         dy2 = dy.reshape(f, -1)
-        cols = self._columns(saved["source"], _shared(scratch, "cols", (c,) + self.kernel + self.positions + (n,)))
-        grads.add(layer.weight, np.matmul(dy2, cols.reshape(self.rows, -1).T).reshape(layer.weight.data.shape))
+        grads.add(layer.weight, self._weight_grad(saved["source"], dy, scratch, n))
         if not need_dx:
             return None
         (oh, ow), (sh, sw), (ph, pw), (dh, dw) = self.out_hw, self.stride, self.padding, self.dilation
