@@ -144,7 +144,7 @@ class _Conv(_Op):
             raise Unsupported("empty conv output")
         self.filters = layer.weight.data.shape[0]
         self.rows = c * self.kernel[0] * self.kernel[1]
-        self.row_path = c == 1 and self.stride == (1, 1) and self.dilation == (1, 1)
+        self.row_path = self.dilation == (1, 1)
         if self.pool is None:
             self.positions, self.pooled_hw = self.out_hw, self.out_hw  # natural order (OH, OW)
             return (self.filters,) + self.out_hw
@@ -175,19 +175,24 @@ class _Conv(_Op):
         return out
 
     def _row_matrices(self, x, scratch, n):
-        """The one-channel, stride-1 case without im2col: R[b, ih, kw, pw, n] = x[0, ih, B*pw + b + kw, n]
-        holds every input row shifted by each kw and thinned to pooling column b, KH times less
-        than the columns. In R the KH*KW column rows of output row (a, PH) are equally spaced
-        (kh steps KW times as far as kw), so each output row's columns are a plain matrix
-        M[a, b, PH] of shape [KK, PW*n] inside R, and the matrices of neighbouring rows overlap.
-        Returns M as one view [A, B, PH, KK, PW*n]; one batched matmul then does the conv."""
-        (kh, kw), (a, b), (ph, pw) = self.kernel, self.pool or (1, 1), self.pooled_hw
-        _, srow, scol, sn = x.strides
-        rows = _shared(scratch, "cols", (b, x.shape[1], kw, pw, n))
-        np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x, strides=(scol, srow, scol, b * scol, sn)))
-        rb, rih, rkw, _, _ = rows.strides
-        return np.ndarray((a, b, ph, kh * kw, pw * n), x.dtype, buffer=rows,
-                          strides=(rih, rb, a * rih, rkw, rows.itemsize))
+        """Convolution without im2col (dilation 1). R[b, ih, c, kw, pw, n] = x[c, ih, (B*pw + b)*S + kw, n]
+        holds every input row shifted by each kw and thinned to pooling column b: KH times less
+        than the columns. Ordered (kh, c, kw), the column rows of output row (a, PH) are then one
+        contiguous block of R, rows R[(A*PH + a)*S : ... + KH], i.e. a plain matrix
+        M[a, b, PH] [KH*C*KW, PW*n] inside R; neighbouring rows' matrices overlap in memory.
+        Returns M as one view [A, B, PH, KH*C*KW, PW*n]: one batched matmul does the conv."""
+        (kh, kw), (a, b), (ph, pw), (sh, sw) = self.kernel, self.pool or (1, 1), self.pooled_hw, self.stride
+        sc, srow, scol, sn = x.strides
+        rows = _shared(scratch, "cols", (b, x.shape[1], self.channels, kw, pw, n))
+        np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x,
+                                   strides=(sw * scol, srow, sc, scol, b * sw * scol, sn)))
+        rb, rih, _, rkw, _, _ = rows.strides
+        return np.ndarray((a, b, ph, self.rows, pw * n), x.dtype, buffer=rows,
+                          strides=(sh * rih, rb, a * sh * rih, rkw, rows.itemsize))
+
+    def _row_weight(self):
+        """W as [F, KH*C*KW], the row order of _row_matrices (a copy unless C == 1)."""
+        return self.layer.weight.data.transpose(0, 2, 1, 3).reshape(self.filters, -1)
 
     def _by_output_row(self, array, n):
         """[F, A, B, PH, PW, n] -> the view [A, B, PH, F, PW*n] that pairs with _row_matrices."""
@@ -196,10 +201,10 @@ class _Conv(_Op):
 
     def _product(self, x, y, scratch, n):
         """y = W @ columns(x), y [F, *positions, n]."""
-        weight = self.layer.weight.data.reshape(self.filters, -1)
         if self.row_path:
-            np.matmul(weight, self._row_matrices(x, scratch, n), out=self._by_output_row(y, n))
+            np.matmul(self._row_weight(), self._row_matrices(x, scratch, n), out=self._by_output_row(y, n))
             return
+        weight = self.layer.weight.data.reshape(self.filters, -1)
         cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
         np.matmul(weight, cols.reshape(self.rows, -1), out=y.reshape(self.filters, -1))
 
@@ -209,7 +214,8 @@ class _Conv(_Op):
         if self.row_path:
             matrices = self._row_matrices(x, scratch, n)
             partial = np.matmul(self._by_output_row(dy, n), matrices.transpose(0, 1, 2, 4, 3))
-            return partial.sum(axis=(0, 1, 2)).reshape(shape)
+            f, c, kh, kw = shape
+            return np.ascontiguousarray(partial.sum(axis=(0, 1, 2)).reshape(f, kh, c, kw).transpose(0, 2, 1, 3))
         cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
         return np.matmul(dy.reshape(self.filters, -1), cols.reshape(self.rows, -1).T).reshape(shape)
 
@@ -273,26 +279,62 @@ class _Conv(_Op):
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, dy.sum(axis=(1, 2, 3)))
-        dy2 = dy.reshape(f, -1)
         grads.add(layer.weight, self._weight_grad(saved["source"], dy, scratch, n))
         if not need_dx:
             return None
-        (oh, ow), (sh, sw), (ph, pw), (dh, dw) = self.out_hw, self.stride, self.padding, self.dilation
-        if self.pool is not None:  # back to natural (OH, OW) order; rows no window covers get 0
-            natural = _buffer(scratch, (key, "natural"), (f, oh, ow, n), zero=True)
-            (a, b), (qh, qw) = self.pool, self.pooled_hw
-            window_part = natural[:, :qh * a, :qw * b].reshape(f, qh, a, qw, b, n)
-            np.copyto(window_part, dy.reshape(f, a, b, qh, qw, n).transpose(0, 3, 1, 4, 2, 5))
-            dy2 = natural.reshape(f, -1)
-        dcols = _shared(scratch, "cols", (c, kh, kw, oh, ow, n))
-        np.matmul(layer.weight.data.reshape(f, -1).T, dy2, out=dcols.reshape(self.rows, -1))
         dx = _buffer(scratch, (key, "dx"), saved["source"].shape)
         dx.fill(0)
+        if self.row_path and self.stride[0] == 1:
+            self._input_grad_by_rows(dy, dx, scratch, n)
+        else:
+            self._input_grad_by_columns(dy, dx, scratch, n)
+        (ph, pw), (h, w) = self.padding, self.in_hw
+        return dx[:, ph:ph + h, pw:pw + w, :]
+
+    def _natural(self, dy, target):
+        """Write dy (this op's output gradient, [F, *positions, n]) into `target` [OH, F, OW, n]
+        in natural position order; positions no pooling window covers are left alone (zero)."""
+        f, n = self.filters, dy.shape[-1]
+        if self.pool is None:
+            np.copyto(target, dy.transpose(1, 0, 2, 3))
+            return
+        (a, b), (qh, qw) = self.pool, self.pooled_hw
+        windows = target[:qh * a, :, :qw * b].reshape(qh, a, f, qw, b, n)
+        np.copyto(windows, dy.reshape(f, a, b, qh, qw, n).transpose(3, 1, 0, 4, 2, 5))
+
+    def _input_grad_by_rows(self, dy, dx, scratch, n):
+        """dx += conv_transpose(dy) for stride 1 along H, dilation 1, without col2im. Along H it
+        is the row trick again: with dy as [rows, F, OW*n], zero-padded by KH-1 rows at both ends,
+        input row ih gets Wt[C*KW, KH*F] @ (rows ih .. ih+KH-1 of the padded dy), one contiguous
+        block, neighbours overlapping. That leaves a [Hp, C, KW, OW, n] array, summed over kw
+        into dx by KW slice-adds (col2im would add KH*KW times more)."""
+        f, c, (kh, kw), (oh, ow) = self.filters, self.channels, self.kernel, self.out_hw
+        hp, sw = dx.shape[1], self.stride[1]
+        rows = _buffer(scratch, (self.index, "dy_rows"), (oh + 2 * (kh - 1), f, ow * n), zero=True)
+        self._natural(dy, rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n))
+        r0, r1, r2 = rows.strides
+        blocks = np.ndarray((hp, kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
+        # block j of rows ih.. is output row ih + j - (KH-1), which meets kernel row kh = KH-1-j
+        weight = self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0).reshape(c * kw, kh * f)
+        by_row = _shared(scratch, "cols", (hp, c * kw, ow * n))
+        np.matmul(weight, blocks, out=by_row)
+        by_row = by_row.reshape(hp, c, kw, ow, n).transpose(1, 0, 2, 3, 4)
+        for j in range(kw):
+            dx[:, :, j:j + (ow - 1) * sw + 1:sw, :] += by_row[:, :, j]
+
+    def _input_grad_by_columns(self, dy, dx, scratch, n):
+        """dx += col2im(W.T @ dy): any stride and dilation."""
+        f, c, (kh, kw) = self.filters, self.channels, self.kernel
+        (oh, ow), (sh, sw), (dh, dw) = self.out_hw, self.stride, self.dilation
+        if self.pool is not None:  # back to natural (OH, OW) order; rows no window covers get 0
+            natural = _buffer(scratch, (self.index, "natural"), (oh, f, ow, n), zero=True)
+            self._natural(dy, natural)
+            dy = natural.transpose(1, 0, 2, 3)
+        dcols = _shared(scratch, "cols", (c, kh, kw, oh, ow, n))
+        np.matmul(self.layer.weight.data.reshape(f, -1).T, dy.reshape(f, -1), out=dcols.reshape(self.rows, -1))
         for i in range(kh):
             for j in range(kw):
                 dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, i, j]
-        h, w = self.in_hw
-        return dx[:, ph:ph + h, pw:pw + w, :]
 
 
 class _Pool(_Op):
