@@ -31,6 +31,7 @@ instead, so the reference rules for NaN in max pooling apply and backward follow
 Switch the plan off with `model.use_fast_cpu(False)` or, for the process, `cpu_plan.enabled = False`.
 """
 import math
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +46,11 @@ from . import layers as L
 
 enabled = True          # process-wide switch; Sequential.use_fast_cpu(False) switches one model off
 MIN_CHUNK = 16          # fewer images than this per thread is not worth a thread
-MAX_CHUNK = 64          # a thread runs its share in chunks of at most this many images
+MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many images
 
 _plans = weakref.WeakKeyDictionary()  # model -> its _Plan (kept off the model: no state in vars())
 _executor = None
+_executor_pid = None
 _executor_lock = threading.Lock()
 
 
@@ -578,12 +580,16 @@ class _Grads:
 
 def _run_parallel(function, parts):
     """function(part) for each part; the first in this thread, the others in the pool."""
-    global _executor
+    global _executor, _executor_pid
     if len(parts) == 1:
         return [function(parts[0])]
     with _executor_lock:
-        if _executor is None or _executor._max_workers < len(parts) - 1:
+        # A forked child inherits the pool object but not its threads: make a new one there.
+        if _executor is None or _executor._max_workers < len(parts) - 1 or _executor_pid != os.getpid():
+            if _executor is not None and _executor_pid == os.getpid():
+                _executor.shutdown(wait=False)
             _executor = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="gpuconv-cpu")
+            _executor_pid = os.getpid()
         futures = [_executor.submit(function, part) for part in parts[1:]]
     results = []
     try:
