@@ -6,25 +6,31 @@ Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Line
 it is the identity), the model runs here; otherwise `forward` returns None and the layers run one
 by one, which stays the reference. Gradients match that reference to float32 rounding.
 
-Why it is faster than the layers (measured at batch 128 on 2 cores; see the commit messages):
+Why it is faster than the layers (figures: the commit messages of this file):
 
-* Layout. Activations live as [C, H, W, n] (n, the images of a chunk, innermost). A convolution is
-  then `W[F, C*K*K] @ cols[C*K*K, OH*OW*n]` and the product *is* the next layer's input, every
-  im2col tap copies runs of OW*n contiguous floats, col2im is K*K slice-adds of the same kind, and
-  Flatten before a Linear is a free reshape ([C*H*W, n], already the order NCHW's flatten gives).
-  Dense layers are `W @ x` on [features, n]. NCHW is converted only at the model's edges.
+* Layout. Activations live as [C, H, W, n] (n, the images of a chunk, innermost); dense ones as
+  [features, n]. A conv's product W @ columns is then already the next layer's input, Flatten is
+  a free reshape ([C*H*W, n] in NCHW's flatten order), and NCHW is converted only at the edges.
+* No im2col. With the column rows ordered (kh, c, kw), the columns of one output row are a
+  contiguous block of R[ih, c, kw, ow, n] = x[c, ih, ow*S + kw, n], KH times smaller than the
+  im2col matrix: each output row is a GEMM reading R in place (see _Conv._row_matrices). The input
+  gradient uses the same trick along H on the output gradient, then KW slice-adds, not col2im.
 * Fusion. conv -> ReLU -> max pool runs as conv -> max pool -> (+bias, ReLU) on the 4x smaller
-  pooled map: max pooling commutes with adding a per-channel constant and with any non-decreasing
-  function, and ties resolve to the same tap because the raw values tie wherever the ReLU'd ones
-  do with a non-zero gradient. The bias gradient is the sum of the pooled gradient.
+  map: max pooling commutes with adding a per-channel constant and with ReLU. Its output
+  positions are ordered pool-tap-major, so each pooling tap is one contiguous block for the max,
+  for routing the gradient to the first maximum and for dW. Ties are decided on the raw conv
+  output, before the bias; only where the float32 bias add rounds two different raw values to
+  the same number can the layers (first of the equal sums) and the plan (the larger raw value,
+  as exact arithmetic would) route a gradient differently.
 * Threads. NumPy's elementwise work runs on one core and OpenBLAS's threaded small GEMMs stall
   when the other core is busy. So the batch is split into one part per BLAS thread, each part runs
   the whole network in its own Python thread (NumPy releases the GIL inside every large call)
-  with a single-threaded BLAS, and the parameter gradients of the parts are summed at the end.
-  Two joins per training step, none per layer. The thread count is NumPy's BLAS thread count
-  (OPENBLAS_NUM_THREADS), so "2 threads" means the same here as for the BLAS alone.
-* Memory. Each buffer is allocated once per (chunk, layer) and reused while the batch size stays
-  the same. What the caller receives (logits, input gradient, every p.grad) is always a new array.
+  with a single-threaded BLAS (set process-wide for the length of the call, then restored), and
+  the parts' parameter gradients are summed. Two joins per training step, none per layer. The
+  thread count is NumPy's BLAS thread count, so "2 threads" means the same as for the BLAS alone.
+* Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
+  size stays; the columns are rebuilt in the backward rather than kept. What the caller receives
+  (logits, input gradient, every p.grad) is always a new array.
 
 Non-finite logits (a NaN or Inf anywhere upstream reaches them) make `forward` run the layers
 instead, so the reference rules for NaN in max pooling apply and backward follows the same path.
@@ -118,8 +124,9 @@ class _Conv(_Op):
     Fused, the output positions are ordered pool-tap-major, (a, b, PH, PW) with output row
     oh = PH*k + a: every pooling tap is then one contiguous block, so pooling, routing the
     gradient to the maxima and the filter gradient all run on contiguous arrays, and positions
-    no window covers are never computed. The columns are not kept for the backward: rebuilding
-    them (one copy) costs less than the cache they would occupy until then.
+    no window covers are never computed. With dilation 1 the product needs no im2col
+    (_row_matrices); with dilation > 1 it builds the columns. Either is rebuilt in the backward
+    (one copy) rather than kept, so a step holds one such buffer per thread, not per layer.
     """
 
     def __init__(self, layer, index, pool=None, relu=False):
@@ -236,7 +243,7 @@ class _Conv(_Op):
             if bias is not None:
                 y += bias
             return y
-        taps = y.reshape((f, -1) + self.pooled_hw + (n,))[:, :]
+        taps = y.reshape((f, -1) + self.pooled_hw + (n,))
         peak = _buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
         if taps.shape[1] == 1:
             np.copyto(peak, taps[:, 0])
@@ -256,8 +263,7 @@ class _Conv(_Op):
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
         saved = chunk.saved[self.index]
-        n, key, layer = chunk.n, self.index, self.layer
-        f, c, (kh, kw) = self.filters, self.channels, self.kernel
+        n, key, layer, f = chunk.n, self.index, self.layer, self.filters
         if self.pool is not None:
             if self.relu:
                 dy = _relu_mask_multiply(dy, saved["out"], _buffer(scratch, (key, "dpre"), dy.shape))
