@@ -132,6 +132,26 @@ def test_single_channel_convs_match(head, rng, threads):
     assert planned(model, x)
 
 
+@pytest.mark.parametrize("tail", [[], [nn.ReLU(), nn.MaxPool2d(2)], [nn.AvgPool2d(2)]],
+                         ids=["conv", "conv-relu-pool", "conv-avgpool"])
+def test_spatial_output_is_nchw(tail, rng, threads):
+    """A model that ends in a spatial layer returns NCHW and takes an NCHW output gradient."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng), *tail)
+    x = rng.standard_normal((5, 2, 8, 8)).astype(np.float32)
+    dy = None
+    results = []
+    for fast in (True, False):
+        model.use_fast_cpu(fast)
+        y = model(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32) if dy is None else dy
+        dx = model.backward(dy, need_dx=True)
+        results.append((y, dx, model[0].weight.grad.copy(), model[0].bias.grad.copy()))
+    for fast_value, slow_value in zip(*results):
+        assert fast_value.shape == slow_value.shape
+        assert_close(fast_value, slow_value)
+    assert planned(model, x)
+
+
 def test_dense_only_model(rng, threads):
     model = nn.Sequential(nn.Linear(10, 8, rng=rng), nn.ReLU(), nn.Linear(8, 4, rng=rng))
     x = rng.standard_normal((12, 10)).astype(np.float32)
