@@ -314,3 +314,31 @@ def test_threads_mode_tsan_reports_the_missing_barrier_only():
     assert "WARNING: ThreadSanitizer: data race" in racy.stderr
     assert "block_sum_unsynced" in racy.stderr and "reduce.cu:" in racy.stderr
     assert racy.returncode == 66
+
+
+@pytest.mark.slow
+def test_threads_mode_runs_the_execution_model_checks_too():
+    load("misc.cu").compile(mode="threads", load=False)
+    result = run_in_sanitizer("threads", f"""
+        m = EmulatedModule(path={str(KERNELS / "misc.cu")!r})
+        out = np.full((2, 1, 3, 4, 2, 1, 12), -7, np.int32)
+        m.get_function("record_indices")((3, 1, 2), (1, 2, 4), (out,))
+        print("indices", out[1, 0, 2, 3, 1, 0, :6].tolist())
+        values, counts = np.zeros(64, np.float32), np.zeros(64, np.int32)
+        m.get_function("read_unwritten_shared")(1, 64, (values, counts))
+        print("unwritten", np.isnan(values[32:]).all(), (counts[32:] == -1).all(), values[5])
+        for name in ("early_exit", "divergent_barriers"):
+            try:
+                m.get_function(name)(1, 8, (np.zeros(8, np.float32),))
+            except Exception as e:
+                print(name, "raised:", str(e).split("): ", 1)[1])
+    """)
+    assert result.returncode == 0 and "ThreadSanitizer" not in result.stderr, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "indices [2, 0, 1, 0, 1, 3]" in lines  # blockIdx (2, 0, 1), threadIdx (0, 1, 3)
+    assert "unwritten True True 5.0" in lines
+    # which side notices first (the returning thread or one arriving at the barrier) is up to the OS
+    assert any(line.startswith("early_exit raised: block (0,0,0): thread (") and "returned" in line
+               for line in lines)
+    assert any(line.startswith("divergent_barriers raised:") and "while other threads wait" in line
+               for line in lines)

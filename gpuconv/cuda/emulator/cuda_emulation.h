@@ -51,8 +51,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #if EMU_THREADS
+#include <atomic>
+#include <climits>
 #include <condition_variable>
 #include <memory>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include <string>
 #include <thread>
 #endif
@@ -154,8 +158,19 @@ inline void* shared_alloc(size_t size) {
 template <class T, int ID>
 T& shared_var() {
 #if EMU_THREADS
-    std::lock_guard<std::mutex> lock(g_shared_mutex);
-#endif
+    // Lock-free once allocated: a mutex taken here by every thread would let ThreadSanitizer order
+    // threads that never synchronise on a GPU (see BlockBarrier).
+    static std::atomic<void*> storage{nullptr};
+    static std::atomic<unsigned long long> serial{0};
+    if (serial.load(std::memory_order_acquire) != g_block_serial) {
+        std::lock_guard<std::mutex> lock(g_shared_mutex);
+        if (serial.load(std::memory_order_relaxed) != g_block_serial) {
+            storage.store(shared_alloc(sizeof(T)), std::memory_order_relaxed);
+            serial.store(g_block_serial, std::memory_order_release);
+        }
+    }
+    return *static_cast<T*>(storage.load(std::memory_order_relaxed));
+#else
     static void* storage = nullptr;
     static unsigned long long serial = 0;
     if (serial != g_block_serial) {
@@ -163,6 +178,7 @@ T& shared_var() {
         serial = g_block_serial;
     }
     return *static_cast<T*>(storage);
+#endif
 }
 
 // `extern __shared__ T name[];` becomes `T* name = emu::dynamic_shared<T>();`.
@@ -183,24 +199,44 @@ inline void* g_body_context = nullptr;
 
 inline thread_local uint3 t_thread_idx;
 
-// A __syncthreads barrier for OS threads that also notices misuse.
+// A __syncthreads barrier for OS threads that also notices misuse. Built on atomics and raw futex
+// calls, not on a mutex, on purpose: ThreadSanitizer derives happens-before from every lock, and a
+// mutex taken when a thread leaves the barrier would order it after whatever its neighbours did
+// since, hiding exactly the races (a missing second __syncthreads) this mode exists to find. Here a
+// departing thread synchronises only with the arrivals of the barrier it leaves.
+inline void futex_wait(std::atomic<unsigned>* word, unsigned expected) {
+    syscall(SYS_futex, reinterpret_cast<unsigned*>(word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+inline void futex_wake_all(std::atomic<unsigned>* word) {
+    syscall(SYS_futex, reinterpret_cast<unsigned*>(word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
+
 struct BlockBarrier {
-    std::mutex mutex;
-    std::condition_variable released;
-    unsigned expected = 0, arrived = 0, exited = 0, generation = 0;
-    int line = -1;
-    bool failed = false;
+    unsigned expected = 0;
+    // Threads waiting at the barrier (low 32 bits) and threads that returned (high 32 bits) in one
+    // word, so "a thread returned while another waits" is decided by one atomic order, whichever
+    // of the two comes first.
+    std::atomic<unsigned long long> state{0};
+    std::atomic<unsigned> generation{0};
+    std::atomic<int> line{-1};
+    std::atomic<bool> failed{false};
+    std::mutex message_mutex;  // only on the error path
     std::string message;
 
-    void fail(const std::string& why) {  // with mutex held
-        if (!failed) {
-            failed = true;
-            message = why;
+    void fail(const std::string& why) {
+        {
+            std::lock_guard<std::mutex> lock(message_mutex);
+            if (message.empty()) {
+                message = why;
+            }
         }
-        released.notify_all();
+        failed.store(true);
+        generation.fetch_add(1);
+        futex_wake_all(&generation);
     }
 };
 inline BlockBarrier* g_barrier = nullptr;
+constexpr unsigned long long kExited = 1ull << 32;
 
 inline std::string thread_name(uint3 t) {
     return "thread (" + std::to_string(t.x) + "," + std::to_string(t.y) + "," + std::to_string(t.z) + ")";
@@ -208,41 +244,43 @@ inline std::string thread_name(uint3 t) {
 
 inline void syncthreads(int line) {
     BlockBarrier& b = *g_barrier;
-    std::unique_lock<std::mutex> lock(b.mutex);
-    if (b.failed) {
+    if (b.failed.load()) {
         return;  // the launch is already lost; let the threads run out
     }
-    if (b.exited) {
-        b.fail(thread_name(t_thread_idx) + " reached __syncthreads (line " + std::to_string(line) +
-               ") after " + std::to_string(b.exited) + " thread(s) of its block returned");
-        return;
-    }
-    if (b.arrived == 0) {
-        b.line = line;
-    } else if (b.line != line) {
+    // Both before arriving: neither the generation nor the barrier's line can move without us.
+    const unsigned generation = b.generation.load();
+    int first_line = -1;
+    if (!b.line.compare_exchange_strong(first_line, line) && first_line != line) {
         b.fail(thread_name(t_thread_idx) + " waits at __syncthreads on line " + std::to_string(line) +
-               " while other threads wait at the one on line " + std::to_string(b.line));
+               " while other threads wait at the one on line " + std::to_string(first_line));
         return;
     }
-    if (++b.arrived == b.expected) {
-        b.arrived = 0;
-        ++b.generation;
-        b.released.notify_all();
+    const unsigned long long before = b.state.fetch_add(1);
+    if (const unsigned exited = (unsigned)(before >> 32)) {
+        b.fail(thread_name(t_thread_idx) + " reached __syncthreads (line " + std::to_string(line) +
+               ") after " + std::to_string(exited) + " thread(s) of its block returned");
         return;
     }
-    unsigned generation = b.generation;
-    b.released.wait(lock, [&] { return b.generation != generation || b.failed; });
+    if ((unsigned)before + 1 == b.expected) {  // the last to arrive releases the others
+        b.line.store(-1);
+        b.state.fetch_sub(b.expected);
+        b.generation.fetch_add(1);
+        futex_wake_all(&b.generation);
+        return;
+    }
+    while (b.generation.load() == generation && !b.failed.load()) {
+        futex_wait(&b.generation, generation);
+    }
 }
 
 inline void thread_exit(uint3 tid, const char* fault_message) {
     BlockBarrier& b = *g_barrier;
-    std::lock_guard<std::mutex> lock(b.mutex);
-    ++b.exited;
+    const unsigned long long before = b.state.fetch_add(kExited);
     if (fault_message) {
         b.fail(thread_name(tid) + ": " + fault_message);
-    } else if (b.arrived > 0) {
-        b.fail(thread_name(tid) + " returned while " + std::to_string(b.arrived) +
-               " thread(s) of its block wait at __syncthreads (line " + std::to_string(b.line) + ")");
+    } else if (const unsigned waiting = (unsigned)before) {
+        b.fail(thread_name(tid) + " returned while " + std::to_string(waiting) +
+               " thread(s) of its block wait at __syncthreads (line " + std::to_string(b.line.load()) + ")");
     }
 }
 
@@ -576,26 +614,29 @@ namespace emu {
 // after another: the pool's mutex orders each block's work after the previous block's.
 class WorkerPool {
 public:
-    WorkerPool(unsigned n, int order, std::mt19937_64& rng) : n_(n) {
-        slots_.resize(n);
+    WorkerPool(unsigned n, int order, std::mt19937_64& rng) : workers_(n) {
+        std::vector<unsigned> slots(n);
         for (unsigned i = 0; i < n; ++i) {
-            slots_[i] = order == ORDER_REVERSE ? n - 1 - i : i;
+            slots[i] = order == ORDER_REVERSE ? n - 1 - i : i;
         }
         if (order == ORDER_RANDOM) {
-            std::shuffle(slots_.begin(), slots_.end(), rng);
+            std::shuffle(slots.begin(), slots.end(), rng);
         }
         threads_.reserve(n);
-        for (unsigned worker = 0; worker < n; ++worker) {
-            threads_.emplace_back([this, worker] { work(slots_[worker]); });
+        for (unsigned i = 0; i < n; ++i) {
+            workers_[i].linear = slots[i];
+            threads_.emplace_back([this, i] { work(workers_[i]); });
         }
     }
 
     ~WorkerPool() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            quit_ = true;
+        for (Worker& w : workers_) {
+            {
+                std::lock_guard<std::mutex> lock(w.mutex);
+                w.quit = true;
+            }
+            w.wake.notify_all();
         }
-        start_.notify_all();
         for (auto& t : threads_) {
             t.join();
         }
@@ -603,15 +644,24 @@ public:
 
     bool run_block(char* err, size_t errlen) {
         BlockBarrier barrier;
-        barrier.expected = n_;
+        barrier.expected = (unsigned)workers_.size();
         g_barrier = &barrier;
-        std::unique_lock<std::mutex> lock(mutex_);
-        finished_ = 0;
         ++generation_;
-        start_.notify_all();
-        done_.wait(lock, [&] { return finished_ == n_; });
+        // Each worker synchronises only with this thread, never with another worker.
+        for (Worker& w : workers_) {
+            {
+                std::lock_guard<std::mutex> lock(w.mutex);
+                w.start = generation_;
+                w.done = false;
+            }
+            w.wake.notify_all();
+        }
+        for (Worker& w : workers_) {
+            std::unique_lock<std::mutex> lock(w.mutex);
+            w.wake.wait(lock, [&] { return w.done; });
+        }
         g_barrier = nullptr;
-        if (barrier.failed) {
+        if (barrier.failed.load()) {
             snprintf(err, errlen, "%s", barrier.message.c_str());
             return false;
         }
@@ -619,19 +669,27 @@ public:
     }
 
 private:
-    void work(unsigned linear) {
+    struct Worker {
+        unsigned linear = 0;  // this worker's CUDA thread, as x + y*bx + z*bx*by
+        std::mutex mutex;
+        std::condition_variable wake;
+        unsigned start = 0;
+        bool done = false, quit = false;
+    };
+
+    void work(Worker& w) {
         unsigned seen = 0;
         for (;;) {
             {
-                std::unique_lock<std::mutex> lock(mutex_);
-                start_.wait(lock, [&] { return quit_ || generation_ != seen; });
-                if (quit_) {
+                std::unique_lock<std::mutex> lock(w.mutex);
+                w.wake.wait(lock, [&] { return w.quit || w.start != seen; });
+                if (w.quit) {
                     return;
                 }
-                seen = generation_;
+                seen = w.start;
             }
             const dim3 b = g_block_dim;
-            const uint3 tid{linear % b.x, (linear / b.x) % b.y, linear / (b.x * b.y)};
+            const uint3 tid{w.linear % b.x, (w.linear / b.x) % b.y, w.linear / (b.x * b.y)};
             t_thread_idx = tid;
             try {
                 g_body(g_body_context);
@@ -639,20 +697,17 @@ private:
             } catch (const Fault& fault) {
                 thread_exit(tid, fault.message);
             }
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (++finished_ == n_) {
-                done_.notify_one();
+            {
+                std::lock_guard<std::mutex> lock(w.mutex);
+                w.done = true;
             }
+            w.wake.notify_all();
         }
     }
 
-    unsigned n_;
-    std::vector<unsigned> slots_;
+    std::vector<Worker> workers_;
     std::vector<std::thread> threads_;
-    std::mutex mutex_;
-    std::condition_variable start_, done_;
-    unsigned generation_ = 0, finished_ = 0;
-    bool quit_ = false;
+    unsigned generation_ = 0;
 };
 #endif
 
