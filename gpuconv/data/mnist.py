@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DataError, DataNotFoundError
 from .idx import decompress_if_gzip, parse_idx
-from .loader import to_float_batch
+from .loader import ArrayDataset
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -224,7 +224,7 @@ def load_mnist(data_dir=None, download=True, mirrors=None, opener=None):
     return MnistArrays(*train, *test)
 
 
-class MNIST:
+class MNIST(ArrayDataset):
     """One MNIST split as a dataset: item i is (float32 image (1, 28, 28) in [0, 1], int64 label).
 
     `.images` (uint8, (N, 28, 28)) and `.labels` (int64, (N,)) expose the whole split so DataLoader can
@@ -236,19 +236,9 @@ class MNIST:
             if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
                 raise ArgumentError(f"limit must be a positive int or None, got {limit!r}")
             images, labels = images[:limit], labels[:limit]
+        super().__init__(images, labels)
         self.split = split
-        self.images = images
-        self.labels = labels.astype(np.int64)
         self.labels.flags.writeable = False
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return to_float_batch(self.images[index][None])[0], self.labels[index]
-
-    def get_batch(self, indices):
-        return to_float_batch(self.images[indices]), self.labels[indices]
 
     def __repr__(self):
         return f"MNIST(split={self.split!r}, n={len(self)})"
