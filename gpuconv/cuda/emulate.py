@@ -312,6 +312,7 @@ class EmulatedModule:
         self._plain_names = plain_kernel_names(code)
         self._kernels = list(dict.fromkeys(self._plain_names + list(self.name_expressions)))
         self._rewritten = None
+        self._loaded = {}  # mode -> _Library: a launch skips hashing the source
 
     # -- building
 
@@ -348,16 +349,22 @@ class EmulatedModule:
         return digest.hexdigest()[:32]
 
     def compile(self, mode=None, load=True):
-        """Build (or find in the cache) the library for `mode`; returns its path. load=False only
-        builds, so a parent process can warm the cache for a sanitizer subprocess."""
+        """Build (or find in the on-disk cache) and load the library for `mode`. load=False only
+        builds and returns the .so's path, so a parent process can warm the cache for a sanitizer
+        subprocess (which loads it)."""
         mode = mode or self.mode or current_settings()["mode"]
+        if load and mode in self._loaded:
+            return self._loaded[mode]
         key = self._build_key(mode)
         with _build_lock:
             key_lock = _key_locks.setdefault(key, threading.Lock())
         with key_lock:  # one build per key at a time; different keys build in parallel
             library = _libraries.get(key)
             if library is not None:
-                return library if load else library.path
+                if not load:
+                    return library.path
+                self._loaded[mode] = library
+                return library
             directory = _cache_dir()
             directory.mkdir(parents=True, exist_ok=True)
             target = directory / f"{Path(self.filename).stem}-{mode}-{key}.so"
@@ -368,7 +375,8 @@ class EmulatedModule:
             _check_sanitizer_runtime(mode)
             library = _Library(target, self._kernels)
             _libraries[key] = library
-            return library
+        self._loaded[mode] = library
+        return library
 
     def _run_compiler(self, mode, target, directory):
         source_path = target.with_suffix(".cpp")

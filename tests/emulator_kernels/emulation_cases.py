@@ -18,6 +18,7 @@ CONV_CASES = [
     ((1, 6, 12, 12), (16, 6, 5, 5), 1, 0, 1, 1),
     ((2, 4, 6, 6), (4, 1, 3, 3), 2, 1, 1, 4),
     ((1, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1, 1),
+    ((1, 2, 3, 1), (1, 2, 1, 1), (2, 1), 0, 1, 1),  # found by the random-shape test: a NumPy-path bug
 ]
 
 # mode, x shape, kernel, stride, padding, count_include_pad (avg) or norm_type (lp).
