@@ -89,6 +89,16 @@ def test_order_comes_from_the_emulation_context(misc):
     assert list(log[:8]) == list(range(8))[::-1]
 
 
+def test_order_from_the_environment(misc, monkeypatch):
+    monkeypatch.setenv("GPUCONV_EMULATE_ORDER", "reverse")
+    log = np.zeros(9, np.int32)
+    misc.get_function("record_order")(1, 8, (log,))
+    assert list(log[:8]) == list(range(8))[::-1]
+    monkeypatch.setenv("GPUCONV_EMULATE_ORDER", "sideways")
+    with pytest.raises(KernelError, match="GPUCONV_EMULATE_ORDER"):
+        misc.get_function("record_order")(1, 8, (log,))
+
+
 def test_emulation_context_switches_backend_dispatch():
     with emulate.emulation():
         assert backend.emulation_enabled()

@@ -191,6 +191,20 @@ def _cache_dir():
     return Path(base) / "gpuconv" / "emulator"
 
 
+def _writable_cache_dir():
+    """The cache folder, or a per-user temporary one when it cannot be written (read-only HOME)."""
+    directory = _cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"gpuconv-emulator-{os.getuid()}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
 def _compiler():
     return os.environ.get("CXX", "g++")
 
@@ -365,8 +379,7 @@ class EmulatedModule:
                     return library.path
                 self._loaded[mode] = library
                 return library
-            directory = _cache_dir()
-            directory.mkdir(parents=True, exist_ok=True)
+            directory = _writable_cache_dir()
             target = directory / f"{Path(self.filename).stem}-{mode}-{key}.so"
             if not target.exists():
                 self._run_compiler(mode, target, directory)
