@@ -112,7 +112,8 @@ def load_module(source_name, name_expressions):
             code = read_source(source_name)
             if emulated:
                 from .emulate import EmulatedModule
-                module = EmulatedModule(code=code, options=OPTIONS, name_expressions=list(name_expressions))
+                module = EmulatedModule(code=code, options=OPTIONS, name_expressions=list(name_expressions),
+                                        filename=source_name)  # sanitizer reports name conv2d.cu:LINE
             else:
                 import cupy
                 module = cupy.RawModule(code=code, options=OPTIONS, name_expressions=list(name_expressions))
