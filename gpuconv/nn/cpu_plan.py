@@ -112,12 +112,6 @@ class _Op:
         return []
 
 
-def _relu_mask_multiply(dy, y, out):
-    """out = dy where y > 0 else 0 (y is a ReLU output, so y > 0 exactly where x > 0)."""
-    np.multiply(dy, y > 0, out=out)
-    return out
-
-
 class _Conv(_Op):
     """Conv2d (groups=1), optionally fused with a following [ReLU ->] MaxPool2d(k, stride k).
 
@@ -224,7 +218,8 @@ class _Conv(_Op):
             matrices = self._row_matrices(x, scratch, n)
             partial = np.matmul(self._by_output_row(dy, n), matrices.transpose(0, 1, 2, 4, 3))
             f, c, kh, kw = shape
-            return np.ascontiguousarray(partial.sum(axis=(0, 1, 2)).reshape(f, kh, c, kw).transpose(0, 2, 1, 3))
+            total = np.add.reduce(partial.reshape(-1, f, kh, c, kw), axis=0)
+            return np.ascontiguousarray(total.transpose(0, 2, 1, 3))
         cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
         return np.matmul(dy.reshape(self.filters, -1), cols.reshape(self.rows, -1).T).reshape(shape)
 
@@ -245,48 +240,44 @@ class _Conv(_Op):
             return y
         taps = y.reshape((f, -1) + self.pooled_hw + (n,))
         peak = _buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
-        if taps.shape[1] == 1:
-            np.copyto(peak, taps[:, 0])
-        else:
-            np.maximum(taps[:, 0], taps[:, 1], out=peak)
-        for tap in range(2, taps.shape[1]):
-            np.maximum(peak, taps[:, tap], out=peak)
+        np.maximum.reduce(taps, axis=1, out=peak)  # propagates NaN, like the reference
         out = _buffer(chunk.store, (key, "out"), peak.shape)
         if bias is not None:
             np.add(peak, bias, out=out)
         else:
             np.copyto(out, peak)
-        if self.relu:
-            np.multiply(out, out > 0, out=out)
-        chunk.saved[key].update(peak=peak, out=out)
+        chunk.saved[key].update(peak=peak)
+        if self.relu:  # the mask is kept for the backward
+            mask = np.greater(out, 0, out=_buffer(chunk.store, (key, "mask"), out.shape, dtype=bool))
+            np.multiply(out, mask, out=out)
+            chunk.saved[key]["mask"] = mask
         return out
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
         saved = chunk.saved[self.index]
         n, key, layer, f = chunk.n, self.index, self.layer, self.filters
         if self.pool is not None:
-            if self.relu:
-                dy = _relu_mask_multiply(dy, saved["out"], _buffer(scratch, (key, "dpre"), dy.shape))
-            if layer.bias is not None:
-                grads.add(layer.bias, dy.sum(axis=(1, 2, 3)))
-            # Route each pooled gradient to its window's first maximum: `remaining` holds what no
-            # earlier tap has claimed, a tap equal to the maximum takes all of it, and the last
-            # tap gets what is left (some tap holds the maximum: max() returns one of its inputs).
+            # Each pooled gradient goes to its window's first maximum (and nowhere where the
+            # ReLU was off): `first` marks, per tap, "equals the maximum and no earlier tap did".
             taps = saved["y"].reshape((f, -1) + self.pooled_hw + (n,))
+            first = _buffer(scratch, (key, "first"), taps.shape, dtype=bool)
+            np.equal(taps, saved["peak"][:, None], out=first)
+            if taps.shape[1] > 1:  # (logical_or.accumulate along axis 1 is 40x slower than this)
+                claimed = _buffer(scratch, (key, "claimed"), first[:, 0].shape, dtype=bool)
+                np.copyto(claimed, first[:, 0])
+                for tap in range(1, taps.shape[1]):
+                    np.greater(first[:, tap], claimed, out=first[:, tap])  # equal and not yet claimed
+                    if tap < taps.shape[1] - 1:
+                        np.logical_or(claimed, first[:, tap], out=claimed)
+            if self.relu:
+                np.logical_and(first, saved["mask"][:, None], out=first)
             dfull = _buffer(scratch, (key, "dfull"), (f,) + self.positions + (n,))
-            targets = dfull.reshape(taps.shape)
-            peak, count = saved["peak"], taps.shape[1]
-            remaining = _buffer(scratch, (key, "remaining"), dy.shape) if count > 2 else None
-            for tap in range(count - 1):
-                np.multiply(dy, taps[:, tap] == peak, out=targets[:, tap])
-                last = tap == count - 2
-                np.subtract(dy, targets[:, tap], out=targets[:, tap + 1] if last else remaining)
-                dy = remaining
-            if count == 1:
-                np.copyto(targets[:, 0], dy)
+            np.multiply(dy[:, None], first, out=dfull.reshape(taps.shape))
             dy = dfull
+            if layer.bias is not None:
+                grads.add(layer.bias, np.add.reduce(dfull.reshape(f, -1), axis=1))
         elif layer.bias is not None:
-            grads.add(layer.bias, dy.sum(axis=(1, 2, 3)))
+            grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
         grads.add(layer.weight, self._weight_grad(saved["source"], dy, scratch, n))
         if not need_dx:
             return None
@@ -415,8 +406,11 @@ class _Activation(_Op):
 
     def forward(self, chunk, x, scratch):
         y = x if self.in_place else _buffer(chunk.store, (self.index, "y"), x.shape)
-        if self.kind == "relu":
-            np.multiply(x, x > 0, out=y)
+        if self.kind == "relu":  # the mask is kept: the backward is then one multiply
+            mask = np.greater(x, 0, out=_buffer(chunk.store, (self.index, "mask"), x.shape, dtype=bool))
+            np.multiply(x, mask, out=y)
+            chunk.saved[self.index] = mask
+            return y
         elif self.kind == "tanh":
             np.tanh(x, out=y)
         else:  # the reference's formula, so the float32 results agree bit for bit
@@ -429,7 +423,7 @@ class _Activation(_Op):
         y = chunk.saved[self.index]
         dx = _buffer(scratch, (self.index, "dx"), y.shape)
         if self.kind == "relu":
-            return _relu_mask_multiply(dy, y, dx)
+            return np.multiply(dy, y, out=dx)  # y is the mask x > 0
         if self.kind == "tanh":
             np.multiply(y, y, out=dx)
             np.subtract(1, dx, out=dx)
@@ -495,7 +489,7 @@ class _Linear(_Op):
         x, layer = chunk.saved[self.index], self.layer
         grads.add(layer.weight, np.matmul(dy, x.T))
         if layer.bias is not None:
-            grads.add(layer.bias, dy.sum(axis=1))
+            grads.add(layer.bias, np.add.reduce(dy, axis=1))
         if not need_dx:
             return None
         dx = _buffer(scratch, (self.index, "dx"), x.shape)
