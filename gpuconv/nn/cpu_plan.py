@@ -29,7 +29,7 @@ Why it is faster than the layers (figures: the commit messages of this file):
   the parts' parameter gradients are summed. Two joins per training step, none per layer. The
   thread count is NumPy's BLAS thread count, so "2 threads" means the same as for the BLAS alone.
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
-  size stays; the columns are rebuilt in the backward rather than kept. What the caller receives
+  size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
 
 Non-finite logits (a NaN or Inf anywhere upstream reaches them) make `forward` run the layers
@@ -119,8 +119,8 @@ class _Conv(_Op):
     oh = PH*k + a: every pooling tap is then one contiguous block, so pooling, routing the
     gradient to the maxima and the filter gradient all run on contiguous arrays, and positions
     no window covers are never computed. With dilation 1 the product needs no im2col
-    (_row_matrices); with dilation > 1 it builds the columns. Either is rebuilt in the backward
-    (one copy) rather than kept, so a step holds one such buffer per thread, not per layer.
+    (_row_matrices), and its shifted-row copy R is kept for dW; with dilation > 1 it builds
+    the columns, in one buffer per thread, and rebuilds them in the backward.
     """
 
     def __init__(self, layer, index, pool=None, relu=False):
@@ -177,16 +177,17 @@ class _Conv(_Op):
         np.copyto(out, np.ndarray(shape, x.dtype, buffer=x, strides=strides))
         return out
 
-    def _row_matrices(self, x, scratch, n):
+    def _row_matrices(self, x, store, key, n):
         """Convolution without im2col (dilation 1). R[b, ih, c, kw, pw, n] = x[c, ih, (B*pw + b)*S + kw, n]
         holds every input row shifted by each kw and thinned to pooling column b: KH times less
         than the columns. Ordered (kh, c, kw), the column rows of output row (a, PH) are then one
         contiguous block of R, rows R[(A*PH + a)*S : ... + KH], i.e. a plain matrix
         M[a, b, PH] [KH*C*KW, PW*n] inside R; neighbouring rows' matrices overlap in memory.
-        Returns M as one view [A, B, PH, KH*C*KW, PW*n]: one batched matmul does the conv."""
+        Returns M as one view [A, B, PH, KH*C*KW, PW*n]: one batched matmul does the conv.
+        R lives in store[key]; the forward keeps it for the backward's dW (it is small)."""
         (kh, kw), (a, b), (ph, pw), (sh, sw) = self.kernel, self.pool or (1, 1), self.pooled_hw, self.stride
         sc, srow, scol, sn = x.strides
-        rows = _shared(scratch, "cols", (b, x.shape[1], self.channels, kw, pw, n))
+        rows = _buffer(store, key, (b, x.shape[1], self.channels, kw, pw, n))
         np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x,
                                    strides=(sw * scol, srow, sc, scol, b * sw * scol, sn)))
         rb, rih, _, rkw, _, _ = rows.strides
@@ -202,24 +203,26 @@ class _Conv(_Op):
         (a, b), (ph, pw) = self.pool or (1, 1), self.pooled_hw
         return array.reshape(self.filters, a, b, ph, pw * n).transpose(1, 2, 3, 0, 4)
 
-    def _product(self, x, y, scratch, n):
-        """y = W @ columns(x), y [F, *positions, n]."""
+    def _product(self, x, y, chunk, scratch, n):
+        """y = W @ columns(x), y [F, *positions, n]; returns the row matrices (or None)."""
         if self.row_path:
-            np.matmul(self._row_weight(), self._row_matrices(x, scratch, n), out=self._by_output_row(y, n))
-            return
+            matrices = self._row_matrices(x, chunk.store, (self.index, "rows"), n)
+            np.matmul(self._row_weight(), matrices, out=self._by_output_row(y, n))
+            return matrices
         weight = self.layer.weight.data.reshape(self.filters, -1)
         cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
         np.matmul(weight, cols.reshape(self.rows, -1), out=y.reshape(self.filters, -1))
+        return None
 
-    def _weight_grad(self, x, dy, scratch, n):
+    def _weight_grad(self, x, matrices, dy, scratch, n):
         """dW = dy @ columns(x).T, in the weight's shape; dy [F, *positions, n]."""
         shape = self.layer.weight.data.shape
         if self.row_path:
-            matrices = self._row_matrices(x, scratch, n)
-            partial = np.matmul(self._by_output_row(dy, n), matrices.transpose(0, 1, 2, 4, 3))
+            # [KK, F] per output row (M @ dy.T): OpenBLAS runs this orientation 10-15% faster
+            partial = np.matmul(matrices, self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3))
             f, c, kh, kw = shape
-            total = np.add.reduce(partial.reshape(-1, f, kh, c, kw), axis=0)
-            return np.ascontiguousarray(total.transpose(0, 2, 1, 3))
+            total = np.add.reduce(partial.reshape(-1, kh, c, kw, f), axis=0)
+            return np.ascontiguousarray(total.transpose(3, 1, 0, 2))
         cols = self._columns(x, _shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
         return np.matmul(dy.reshape(self.filters, -1), cols.reshape(self.rows, -1).T).reshape(shape)
 
@@ -231,8 +234,8 @@ class _Conv(_Op):
             padded[:, ph:ph + h, pw:pw + w, :] = x
             x = padded
         y = _buffer(chunk.store, (key, "y"), (f,) + self.positions + (n,))
-        self._product(x, y, scratch, n)
-        chunk.saved[key] = dict(source=x, y=y)
+        matrices = self._product(x, y, chunk, scratch, n)
+        chunk.saved[key] = dict(source=x, y=y, matrices=matrices)
         bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
         if self.pool is None:
             if bias is not None:
@@ -278,7 +281,7 @@ class _Conv(_Op):
                 grads.add(layer.bias, np.add.reduce(dfull.reshape(f, -1), axis=1))
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
-        grads.add(layer.weight, self._weight_grad(saved["source"], dy, scratch, n))
+        grads.add(layer.weight, self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n))
         if not need_dx:
             return None
         dx = _buffer(scratch, (key, "dx"), saved["source"].shape)
