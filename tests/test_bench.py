@@ -12,7 +12,8 @@ import gpuconv
 from gpuconv import bench
 from gpuconv.__main__ import main as gpuconv_main
 from gpuconv.bench import rows as bench_rows
-from gpuconv.bench.timing import summarize, time_cpu
+from gpuconv.bench.runner import _plan
+from gpuconv.bench.timing import merge, summarize, time_cpu
 from gpuconv.errors import ArgumentError, CudaUnavailableError
 from gpuconv.models import LeNet5
 
@@ -58,7 +59,7 @@ def test_cli_every_row_and_figure(cli_run):
     for row in cpu_rows:
         assert row["batch_size"] == 8 and positive_finite(row["flops"])
         figures = row["gpuconv"]
-        assert figures["repeat"] == 2
+        assert figures["repeat"] == 2 * 2  # --repeat 2 in each of the default 2 rounds, pooled
         for key in TIMING_KEYS + ("gflops", "peak_share"):
             assert positive_finite(figures[key]), (row["name"], key, figures[key])
         assert figures["min_s"] <= figures["median_s"] <= figures["max_s"]
@@ -185,7 +186,7 @@ def test_time_cpu_reports_first_call_apart():
     figures = time_cpu(lambda: calls.append(1), repeat=3, warmup=2)
     assert len(calls) == 1 + 2 + 3 and figures["repeat"] == 3
     assert summarize([3.0, 1.0, 2.0], first_s=9.0) == dict(first_s=9.0, median_s=2.0, min_s=1.0,
-                                                           max_s=3.0, repeat=3)
+                                                           max_s=3.0, repeat=3, times=[3.0, 1.0, 2.0])
     assert np.isfinite(figures["median_s"])
 
 
@@ -214,3 +215,15 @@ def test_threads_sets_numpy_blas_for_the_run_and_restores_it():
     assert blas_threads()[0] == before
     with pytest.raises(ArgumentError):
         bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, threads=0)
+
+
+def test_rounds_alternate_which_library_goes_first_and_pool_every_call():
+    cpu = gpuconv.parse_device("cpu")
+    first = _plan([cpu], [8], [8], ["direct"], False, 0, True)
+    second = _plan([cpu], [8], [8], ["direct"], False, 0, True, torch_first=True)
+    assert [step[0] for step in first] == ["gpuconv", "gpuconv", "torch", "torch"]
+    assert [step[0] for step in second] == ["torch", "torch", "gpuconv", "gpuconv"]
+    pooled = merge([summarize([1.0, 5.0], 9.0), summarize([2.0, 3.0], 7.0)])
+    assert pooled["repeat"] == 4 and pooled["median_s"] == 2.5 and pooled["first_s"] == 9.0
+    with pytest.raises(ArgumentError, match="rounds"):
+        bench.run(devices=["cpu"], rounds=0)

@@ -53,6 +53,9 @@ def build_parser():
                              "direct,im2col; the CPU has one)")
     parser.add_argument("--repeat", type=int, default=10, help="measured calls per row (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured calls after the first (default 2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run every row this many times, gpuconv first and PyTorch first in turn, and pool "
+                             "the calls, so drift during the run favours neither (default 2)")
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="side of the float32 GEMM that measures each device's peak (default 2048; 0 skips)")
     parser.add_argument("--threads", type=int, default=None,
@@ -77,7 +80,7 @@ def main(argv=None):
             return 1
     results = run(devices=args.devices, batch_sizes=args.batch_sizes,
                   inference_batch_sizes=args.inference_batch_sizes, ops=args.ops, algos=args.algos,
-                  repeat=args.repeat, warmup=args.warmup, compare_torch=args.compare_torch,
+                  repeat=args.repeat, warmup=args.warmup, rounds=args.rounds, compare_torch=args.compare_torch,
                   peak_size=args.peak_size, threads=args.threads, progress=False if args.no_progress else None,
                   command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv))
     print(format_table(results))

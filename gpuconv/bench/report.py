@@ -99,8 +99,11 @@ def format_table(results):
                           _num(row["speed_ratio_vs_torch"], ".2f")]
             out.append(_line(cells, columns))
     s = results["settings"]
-    out += ["", f"median, min-max over {s['repeat']} calls after {s['warmup']} warm-up calls; first = the first "
-                "call (kernel compilation on a GPU), never in the median.",
+    rounds = s.get("rounds", 1)
+    pooled = (f" in each of {rounds} rounds (gpuconv first, then PyTorch first, in turn), pooled"
+              if rounds > 1 else "")
+    out += ["", f"median, min-max over {s['repeat']} calls after {s['warmup']} warm-up calls{pooled}; first = "
+                "the first call (kernel compilation on a GPU), never in the median.",
             "GFLOP/s counts a multiply-add as 2; %peak = share of the float32 GEMM peak above"
             + ("; vs cpu = CPU median / this median." if several else ".")]
     if any(r["op"] == "backward_data" for r in results["rows"]):

@@ -18,7 +18,7 @@ from ..functional.conv import ALGOS
 from . import rows as rows_module
 from .machine import blas_threads, load_average, machine_info, set_blas_threads, torch_info
 from .rows import GpuconvRows, inference_spec, specs, step_spec
-from .timing import measure
+from .timing import measure, merge
 from .torch_rows import TorchRows, torch_device
 
 SCHEMA = "gpuconv-bench/1"
@@ -116,17 +116,20 @@ def _peak(device, size, repeat, warmup, framework, torch=None):
         xp = device.xp
         fn = lambda: xp.matmul(a, b)  # noqa: E731
     timing = measure(fn, device, repeat, warmup, framework)
+    timing.pop("times")
     flops = 2 * size ** 3
     return dict(timing, size=size, flops=flops, gflops=flops / timing["median_s"] / 1e9,
                 what=f"float32 {size}x{size} @ {size}x{size} matmul ({'torch' if framework == 'torch' else device.xp.__name__})")
 
 
-def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, with_torch):
+def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, with_torch, torch_first=False):
     """Every measurement in order, as (framework, device, batch or None, spec or 'peak', algo).
 
-    Per device and batch, all gpuconv rows come first, then all PyTorch rows: each library keeps
-    its own worker threads spinning for a while after a call (OpenBLAS for up to ~0.1 s), so
-    alternating row by row would make each pay for the other's threads."""
+    Per device and batch, all gpuconv rows come first, then all PyTorch rows (or the reverse with
+    torch_first): each library keeps its own worker threads spinning for a while after a call
+    (OpenBLAS for up to ~0.1 s), so alternating row by row would make each pay for the other's
+    threads. Rounds alternate the order (A B, then B A) so that a machine that speeds up or slows
+    down during the run favours neither library."""
     plan = []
     for device in usable:
         device_algos = ["numpy"] if device.kind == "cpu" else algos
@@ -142,10 +145,12 @@ def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, wit
                 group += [(step_spec(batch), algo) for algo in device_algos]
             if batch in inference_batch_sizes:
                 group += [(inference_spec(batch), algo) for algo in device_algos]
-            plan += [("gpuconv", device, batch, spec, algo) for spec, algo in group]
+            ours = [("gpuconv", device, batch, spec, algo) for spec, algo in group]
+            theirs = []
             if with_torch:  # PyTorch has no algo choice: one row serves every algo's row
                 unique = {spec["name"]: spec for spec, _ in group}
-                plan += [("torch", device, batch, spec, None) for spec in unique.values()]
+                theirs = [("torch", device, batch, spec, None) for spec in unique.values()]
+            plan += theirs + ours if torch_first else ours + theirs
     return plan
 
 
@@ -174,14 +179,17 @@ def _set_threads(threads, machine):
 
 def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_sizes=None, ops=False,
         algos=("direct", "im2col"), repeat=10, warmup=2, compare_torch=False, peak_size=2048,
-        threads=None, progress=None, seed=0, command=None):
+        threads=None, progress=None, seed=0, command=None, rounds=2):
     """Measure and return the results as a JSON-ready dict (see DEFINITIONS and report.py).
 
     threads: CPU threads for NumPy's BLAS and PyTorch alike (None: NumPy's BLAS as it is, and
     PyTorch set to match). progress: True/False for the tqdm bar on stderr, None to show it only
     on a terminal. On the CPU every conv algo is the same im2col + BLAS code, so CPU rows have
-    algo 'numpy'; `algos` picks the CUDA kernels.
+    algo 'numpy'; `algos` picks the CUDA kernels. rounds: the whole plan runs this many times,
+    gpuconv first then PyTorch first in turn, and each row's calls are pooled over the rounds.
     """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ArgumentError(f"rounds: expected an int >= 1, got {rounds!r}")
     batch_sizes, inference_batch_sizes, algos = _check_settings(
         batch_sizes, inference_batch_sizes, algos, repeat, warmup, peak_size)
     usable, device_status = _resolve_devices(devices)
@@ -191,14 +199,15 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
     threads = _set_threads(threads, machine)
     try:
         return _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
-                            algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command)
+                            algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command,
+                            rounds)
     finally:
         if threads != original_threads:
             set_blas_threads(original_threads)  # the caller's process gets its BLAS back as it was
 
 
 def _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes, algos, ops,
-                 repeat, warmup, compare_torch, peak_size, progress, seed, command):
+                 repeat, warmup, compare_torch, peak_size, progress, seed, command, rounds):
     torch, torch_reason = torch_info() if compare_torch else (None, "not requested (--compare-torch)")
     torch_section = dict(requested=bool(compare_torch), available=torch is not None, reason=torch_reason)
     if torch is not None:
@@ -209,45 +218,56 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
         info = device_status[str(device)]
         info["name"] = machine["cpu_model"] if device.kind == "cpu" else machine.get("gpu_name")
         info["peak"] = info["torch_peak"] = None
-    plan = _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, torch is not None)
-    results_rows, torch_figures, envs, failures = [], {}, {}, []
+    plan = [step + (round_index,) for round_index in range(rounds)
+            for step in _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size,
+                              torch is not None, torch_first=round_index % 2 == 1)]
+    timings, failures, envs = {}, [], {}
     bar = tqdm(plan, desc="gpuconv bench", unit="row", file=sys.stderr, leave=False,
                disable=(None if progress is None else not progress))
-    for framework, device, batch, spec, algo in bar:
+    for framework, device, batch, spec, algo, round_index in bar:
         status = device_status[str(device)]
         with _on(device):
             if spec == "peak":
-                bar.set_postfix_str(f"{device} {framework} peak GEMM")
-                status["torch_peak" if framework == "torch" else "peak"] = _peak(
-                    device, peak_size, repeat, warmup, framework, torch)
+                if round_index == 0:
+                    bar.set_postfix_str(f"{device} {framework} peak GEMM")
+                    status["torch_peak" if framework == "torch" else "peak"] = _peak(
+                        device, peak_size, repeat, warmup, framework, torch)
                 continue
             bar.set_postfix_str(f"{device} batch {batch} {framework} {spec['name']}"
                                 + (f" [{algo}]" if algo else ""))
-            key = (str(device), batch)
+            key = (str(device), batch, round_index)
             if key not in envs:
                 envs.clear()  # one device and batch at a time: frees the previous activations
                 envs[key] = {"gpuconv": GpuconvRows(device, batch, seed)}
                 if torch is not None:
                     envs[key]["torch"] = TorchRows(torch, device, batch, seed)
-            peak = (status["peak"] or {}).get("gflops")
             what = f"{device} batch {batch} {spec['name']} [{algo or framework}]"
+            row_key = (framework, str(device), batch, spec["name"], algo)
+            entry = timings.setdefault(row_key, dict(spec=spec, device=device, timings=[], error=None))
             try:
-                timing = measure(_callable(envs[key][framework], spec, algo), device, repeat, warmup, framework)
-                figures, error = _figures(timing, spec, batch, peak), None
+                entry["timings"].append(
+                    measure(_callable(envs[key][framework], spec, algo), device, repeat, warmup, framework))
             except Exception as exc:  # one failing kernel must not lose every other row's numbers
-                figures, error = None, f"{type(exc).__name__}: {exc}"
-                failures.append(f"{what}: {error}")
-            if framework == "torch":
-                torch_figures[key + (spec["name"],)] = figures
-                continue
-            row = dict(device=str(device), algo=algo, batch_size=batch,
-                       **{k: spec[k] for k in ("name", "layer", "op", "kind", "text", "flops", "in_training")},
-                       gpuconv=figures)
-            if error:
-                row["error"] = error
-            results_rows.append(row)
+                if entry["error"] is None:
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                    failures.append(f"{what}: {entry['error']}")
     bar.close()
     envs.clear()
+    results_rows, torch_figures = [], {}
+    for (framework, device, batch, name, algo), entry in timings.items():
+        peak = (device_status[device]["peak"] or {}).get("gflops")
+        figures = None if entry["error"] else _figures(merge(entry["timings"]), entry["spec"], batch, peak)
+        if figures:
+            figures.pop("times", None)
+        if framework == "torch":
+            torch_figures[(device, batch, name)] = figures
+            continue
+        row = dict(device=device, algo=algo, batch_size=batch,
+                   **{k: entry["spec"][k] for k in ("name", "layer", "op", "kind", "text", "flops", "in_training")},
+                   gpuconv=figures)
+        if entry["error"]:
+            row["error"] = entry["error"]
+        results_rows.append(row)
     for row in results_rows:
         row["torch"] = torch_figures.get((row["device"], row["batch_size"], row["name"]))
     _add_ratios(results_rows)
@@ -257,7 +277,7 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
                                                                     if not s["available"]],
                               batch_sizes=batch_sizes, inference_batch_sizes=inference_batch_sizes,
                               algos=algos, ops=bool(ops), repeat=repeat, warmup=warmup,
-                              compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads,
+                              compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads, rounds=rounds,
                               seed=seed, backward_data_is_separate=rows_module.backward_data_is_separate()),
                 devices=device_status, torch=torch_section, definitions=DEFINITIONS,
                 rows=results_rows, failures=failures)

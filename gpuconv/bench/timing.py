@@ -11,10 +11,17 @@ import time
 
 
 def summarize(times, first_s):
-    """Figures for a list of per-call seconds: median, min, max (and the first call apart)."""
+    """Figures for a list of per-call seconds: median, min, max (and the first call apart). The
+    calls themselves stay under "times" so that rounds can be pooled (see merge)."""
     times = [float(t) for t in times]
     return dict(first_s=float(first_s), median_s=statistics.median(times), min_s=min(times),
-                max_s=max(times), repeat=len(times))
+                max_s=max(times), repeat=len(times), times=times)
+
+
+def merge(timings):
+    """One summary of several rounds of the same row: all their calls pooled; the first call is
+    the first round's (later rounds reuse what it compiled and allocated)."""
+    return summarize([t for timing in timings for t in timing["times"]], timings[0]["first_s"])
 
 
 def time_cpu(fn, repeat, warmup):
