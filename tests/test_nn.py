@@ -178,6 +178,13 @@ def test_numpy_input_into_a_model_on_cuda_names_both_devices():
         model(np.zeros((1, 1, 28, 28), np.float32))
 
 
+@pytest.mark.gpu
+def test_cupy_input_into_a_model_on_the_cpu_names_both_devices():
+    import cupy
+    with pytest.raises(DeviceMismatchError, match="cuda:0.*cpu"):
+        LeNet5()(cupy.zeros((1, 1, 28, 28), cupy.float32))
+
+
 def test_model_split_across_devices_is_reported(monkeypatch):
     model = LeNet5()
     monkeypatch.setattr(gpuconv.nn.module, "device_of", lambda a: "cuda:0" if a.ndim == 4 else "cpu")
