@@ -279,3 +279,39 @@ def test_blas_thread_control_restores_the_count():
     with blas.num_threads(1):
         assert blas.get_num_threads() == 1
     assert blas.get_num_threads() == before
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_parallel_region_raises_a_part_error_after_every_part_ran(failing):
+    """The caller's part or a worker's part may raise: the error reaches the caller once every
+    part has finished, and the workers run the next region normally."""
+    ran = []
+
+    def work(part):
+        ran.append(part)
+        if part == failing:
+            raise ValueError(f"part {part}")
+        return part * 10
+
+    with pytest.raises(ValueError, match=f"part {failing}"):
+        cpu_plan._run_parallel(work, [0, 1, 2])
+    assert sorted(ran) == [0, 1, 2]
+    assert cpu_plan._run_parallel(lambda part: part * 10, [0, 1, 2]) == [0, 10, 20]
+
+
+def test_switch_interval_is_restored(rng):
+    import sys
+    before = sys.getswitchinterval()
+    model = LeNet5()
+    x, labels = mnist_like(rng, 64)
+    run(model, x, labels, True)
+    assert sys.getswitchinterval() == before
+
+
+def test_worker_never_returns_a_result_left_by_an_abandoned_wait():
+    import time
+    worker = cpu_plan._Worker()
+    worker.submit(lambda part: part, 1)  # its result is never collected (an interrupted wait)
+    time.sleep(0.05)
+    worker.submit(lambda part: part, 2)
+    assert worker.result() == 2
