@@ -1,0 +1,464 @@
+"""The ops of the fast CPU path (gpuconv/nn/cpu_plan.py), one class per layer kind, on
+batch-innermost arrays: spatial [C, H, W, n], dense [F, n]. Each op sets itself up from the per-image
+input shape, then runs forward and backward on one thread's chunk of images, reusing that chunk's
+buffers. See cpu_plan.py's docstring for why this layout and these fusions are fast.
+"""
+import math
+
+import numpy as np
+
+from ..functional._args import conv_output_size
+from . import layers as L
+
+
+class Unsupported(Exception):
+    """A layer or configuration this plan does not run; the caller falls back to the layers."""
+
+
+# ----------------------------------------------------------------------------------------------
+# buffers
+
+
+def buffer(store, key, shape, zero=False, dtype=np.float32):
+    """A cached array for `key`, reallocated only when the shape changes. zero=True arrays are
+    zeroed when (re)allocated: callers rely on parts they never write (padding) staying zero."""
+    array = store.get(key)
+    if array is None or array.shape != shape:
+        array = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+        store[key] = array
+    return array
+
+
+def shared(store, name, shape):
+    """A view of one flat buffer that every op of a thread shares (the columns: the largest
+    array, used by one op at a time), grown to the largest shape asked for."""
+    size = math.prod(shape)
+    flat = store.get(name)
+    if flat is None or flat.size < size:
+        flat = store[name] = np.empty(size, np.float32)
+    return flat[:size].reshape(shape)
+
+
+class Chunk:
+    """The images [start, stop) that one thread runs; `store` keeps its buffers across steps,
+    `saved` what this step's backward needs."""
+
+    def __init__(self, start, stop):
+        self.start, self.stop, self.n = start, stop, stop - start
+        self.store, self.saved = {}, {}
+
+
+# ----------------------------------------------------------------------------------------------
+# ops on batch-innermost arrays: spatial [C, H, W, n], dense [F, n]
+
+
+class Op:
+    needs_own_output = False  # does backward read this op's output? (then nothing may overwrite it)
+
+    def setup(self, shape):
+        """Per-image input shape -> per-image output shape; raises Unsupported."""
+        raise NotImplementedError
+
+    def params(self):
+        return []
+
+
+class ConvOp(Op):
+    """Conv2d (groups=1), optionally fused with a following [ReLU ->] MaxPool2d(k, stride k).
+
+    Fused, the output positions are ordered pool-tap-major, (a, b, PH, PW) with output row
+    oh = PH*k + a: every pooling tap is then one contiguous block, so pooling, routing the
+    gradient to the maxima and the filter gradient all run on contiguous arrays, and positions
+    no window covers are never computed. With dilation 1 the product needs no im2col
+    (_row_matrices), and its shifted-row copy R is kept for dW; with dilation > 1 it builds
+    the columns, in one buffer per thread, and rebuilds them in the backward.
+    """
+
+    def __init__(self, layer, index, pool=None, relu=False):
+        self.layer, self.index, self.pool, self.relu = layer, index, pool, relu
+
+    def setup(self, shape):
+        layer = self.layer
+        c, h, w = shape
+        if layer.groups != 1 or c != layer.in_channels or layer.weight.data.shape[1] != c:
+            raise Unsupported("conv groups or channels")
+        self.kernel = tuple(layer.weight.data.shape[2:])
+        self.stride, self.dilation = layer.stride, layer.dilation
+        if layer.padding == "same":
+            totals = [d * (k - 1) for k, d in zip(self.kernel, self.dilation)]
+            if self.stride != (1, 1) or any(t % 2 for t in totals):
+                raise Unsupported("asymmetric 'same' padding")
+            self.padding = (totals[0] // 2, totals[1] // 2)
+        else:
+            self.padding = layer.padding
+        self.channels, self.in_hw = c, (h, w)
+        self.out_hw = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
+                            zip((h, w), self.kernel, self.stride, self.padding, self.dilation))
+        if min(self.out_hw) < 1:
+            raise Unsupported("empty conv output")
+        self.filters = layer.weight.data.shape[0]
+        self.rows = c * self.kernel[0] * self.kernel[1]
+        self.row_path = self.dilation == (1, 1)
+        if self.pool is None:
+            self.positions, self.pooled_hw = self.out_hw, self.out_hw  # natural order (OH, OW)
+            return (self.filters,) + self.out_hw
+        self.pooled_hw = (self.out_hw[0] // self.pool[0], self.out_hw[1] // self.pool[1])
+        if min(self.pooled_hw) < 1:
+            raise Unsupported("empty pool output")
+        self.positions = self.pool + self.pooled_hw  # tap-major (a, b, PH, PW)
+        return (self.filters,) + self.pooled_hw
+
+    def params(self):
+        layer = self.layer
+        return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    def _columns(self, x, out):
+        """im2col into `out` [C, KH, KW, *positions, n] from the (padded) input [C, H', W', n]."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        sc, srow, scol, sn = x.strides
+        if self.pool is None:
+            oh, ow = self.out_hw
+            shape = (x.shape[0], kh, kw, oh, ow, x.shape[3])
+            strides = (sc, dh * srow, dw * scol, sh * srow, sw * scol, sn)
+        else:  # output row oh = PH*k + a reads input row oh*stride + kh*dilation
+            (ph, pw), (a, b) = self.pooled_hw, self.pool
+            shape = (x.shape[0], kh, kw, a, b, ph, pw, x.shape[3])
+            strides = (sc, dh * srow, dw * scol, sh * srow, sw * scol, a * sh * srow, b * sw * scol, sn)
+        # np.ndarray over x's memory: the same view as as_strided, without its Python overhead
+        np.copyto(out, np.ndarray(shape, x.dtype, buffer=x, strides=strides))
+        return out
+
+    def _row_matrices(self, x, store, key, n):
+        """Convolution without im2col (dilation 1). R[b, ih, c, kw, pw, n] = x[c, ih, (B*pw + b)*S + kw, n]
+        holds every input row shifted by each kw and thinned to pooling column b: KH times less
+        than the columns. Ordered (kh, c, kw), the column rows of output row (a, PH) are then one
+        contiguous block of R, rows R[(A*PH + a)*S : ... + KH], i.e. a plain matrix
+        M[a, b, PH] [KH*C*KW, PW*n] inside R; neighbouring rows' matrices overlap in memory.
+        Returns M as one view [A, B, PH, KH*C*KW, PW*n]: one batched matmul does the conv.
+        R lives in store[key]; the forward keeps it for the backward's dW (it is small)."""
+        (_, kw), (a, b), (ph, pw), (sh, sw) = self.kernel, self.pool or (1, 1), self.pooled_hw, self.stride
+        sc, srow, scol, sn = x.strides
+        rows = buffer(store, key, (b, x.shape[1], self.channels, kw, pw, n))
+        np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x,
+                                   strides=(sw * scol, srow, sc, scol, b * sw * scol, sn)))
+        rb, rih, _, rkw, _, _ = rows.strides
+        return np.ndarray((a, b, ph, self.rows, pw * n), x.dtype, buffer=rows,
+                          strides=(sh * rih, rb, a * sh * rih, rkw, rows.itemsize))
+
+    def _row_weight(self):
+        """W as [F, KH*C*KW], the row order of _row_matrices (a copy unless C == 1)."""
+        return self.layer.weight.data.transpose(0, 2, 1, 3).reshape(self.filters, -1)
+
+    def _by_output_row(self, array, n):
+        """[F, A, B, PH, PW, n] -> the view [A, B, PH, F, PW*n] that pairs with _row_matrices."""
+        (a, b), (ph, pw) = self.pool or (1, 1), self.pooled_hw
+        return array.reshape(self.filters, a, b, ph, pw * n).transpose(1, 2, 3, 0, 4)
+
+    def _product(self, x, y, chunk, scratch, n):
+        """y = W @ columns(x), y [F, *positions, n]; returns the row matrices (or None)."""
+        if self.row_path:
+            matrices = self._row_matrices(x, chunk.store, (self.index, "rows"), n)
+            np.matmul(self._row_weight(), matrices, out=self._by_output_row(y, n))
+            return matrices
+        weight = self.layer.weight.data.reshape(self.filters, -1)
+        cols = self._columns(x, shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
+        np.matmul(weight, cols.reshape(self.rows, -1), out=y.reshape(self.filters, -1))
+        return None
+
+    def _weight_grad(self, x, matrices, dy, scratch, n):
+        """dW = dy @ columns(x).T, in the weight's shape; dy [F, *positions, n]."""
+        shape = self.layer.weight.data.shape
+        if self.row_path:
+            # [KK, F] per output row (M @ dy.T): OpenBLAS runs this orientation 10-15% faster
+            partial = np.matmul(matrices, self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3))
+            f, c, kh, kw = shape
+            total = np.add.reduce(partial.reshape(-1, kh, c, kw, f), axis=0)
+            return np.ascontiguousarray(total.transpose(3, 1, 0, 2))
+        cols = self._columns(x, shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
+        return np.matmul(dy.reshape(self.filters, -1), cols.reshape(self.rows, -1).T).reshape(shape)
+
+    def forward(self, chunk, x, scratch):
+        n, c, (h, w) = chunk.n, self.channels, self.in_hw
+        (ph, pw), key, f = self.padding, self.index, self.filters
+        if ph or pw or not x.flags.c_contiguous:
+            padded = buffer(chunk.store, (key, "x"), (c, h + 2 * ph, w + 2 * pw, n), zero=True)
+            padded[:, ph:ph + h, pw:pw + w, :] = x
+            x = padded
+        y = buffer(chunk.store, (key, "y"), (f,) + self.positions + (n,))
+        matrices = self._product(x, y, chunk, scratch, n)
+        chunk.saved[key] = dict(source=x, y=y, matrices=matrices)
+        bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
+        if self.pool is None:
+            if bias is not None:
+                y += bias
+            return y
+        taps = y.reshape((f, -1) + self.pooled_hw + (n,))
+        peak = buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
+        np.maximum.reduce(taps, axis=1, out=peak)  # propagates NaN, like the reference
+        out = buffer(chunk.store, (key, "out"), peak.shape)
+        if bias is not None:
+            np.add(peak, bias, out=out)
+        else:
+            np.copyto(out, peak)
+        chunk.saved[key].update(peak=peak)
+        if self.relu:  # the mask is kept for the backward
+            mask = np.greater(out, 0, out=buffer(chunk.store, (key, "mask"), out.shape, dtype=bool))
+            np.multiply(out, mask, out=out)
+            chunk.saved[key]["mask"] = mask
+        return out
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        saved = chunk.saved[self.index]
+        n, key, layer, f = chunk.n, self.index, self.layer, self.filters
+        if self.pool is not None:
+            # Each pooled gradient goes to its window's first maximum (and nowhere where the
+            # ReLU was off). Taps in order take `remaining * equal`, which is all or nothing per
+            # window, and leave `remaining - taken`; the last tap takes what is left (some tap
+            # equals the maximum). All on the 4x smaller pooled arrays, and few calls (the GIL).
+            taps = saved["y"].reshape((f, -1) + self.pooled_hw + (n,))
+            count = taps.shape[1]
+            if self.relu:
+                dy = np.multiply(dy, saved["mask"], out=buffer(scratch, (key, "dmask"), dy.shape))
+            if layer.bias is not None:  # every window's gradient lands on exactly one tap
+                grads.add(layer.bias, np.add.reduce(dy.reshape(f, -1), axis=1))
+            dfull = buffer(scratch, (key, "dfull"), (f,) + self.positions + (n,))
+            routed = dfull.reshape(taps.shape)
+            if count == 1:
+                np.copyto(routed[:, 0], dy)
+            else:
+                equal = np.equal(taps[:, :-1], saved["peak"][:, None],
+                                 out=buffer(scratch, (key, "equal"), (f, count - 1) + dy.shape[1:], dtype=bool))
+                remaining = buffer(scratch, (key, "remaining"), dy.shape)
+                for tap in range(count - 1):
+                    np.multiply(dy, equal[:, tap], out=routed[:, tap])
+                    dy = np.subtract(dy, routed[:, tap], out=routed[:, -1] if tap == count - 2 else remaining)
+            dy = dfull
+        elif layer.bias is not None:
+            grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
+        grads.add(layer.weight, self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n))
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (key, "dx"), saved["source"].shape)
+        dx.fill(0)
+        if self.row_path and self.stride[0] == 1:
+            self._input_grad_by_rows(dy, dx, scratch, n)
+        else:
+            self._input_grad_by_columns(dy, dx, scratch, n)
+        (ph, pw), (h, w) = self.padding, self.in_hw
+        return dx[:, ph:ph + h, pw:pw + w, :]
+
+    def _natural(self, dy, target):
+        """Write dy (this op's output gradient, [F, *positions, n]) into `target` [OH, F, OW, n]
+        in natural position order; positions no pooling window covers are left alone (zero)."""
+        f, n = self.filters, dy.shape[-1]
+        if self.pool is None:
+            np.copyto(target, dy.transpose(1, 0, 2, 3))
+            return
+        (a, b), (qh, qw) = self.pool, self.pooled_hw
+        windows = target[:qh * a, :, :qw * b].reshape(qh, a, f, qw, b, n)
+        np.copyto(windows, dy.reshape(f, a, b, qh, qw, n).transpose(3, 1, 0, 4, 2, 5))
+
+    def _input_grad_by_rows(self, dy, dx, scratch, n):
+        """dx += conv_transpose(dy) for stride 1 along H, dilation 1, without col2im. Along H it
+        is the row trick again: with dy as [rows, F, OW*n], zero-padded by KH-1 rows at both ends,
+        input row ih gets Wt[C*KW, KH*F] @ (rows ih .. ih+KH-1 of the padded dy), one contiguous
+        block, neighbours overlapping. That leaves a [Hp, C, KW, OW, n] array, summed over kw
+        into dx by KW slice-adds (col2im would add KH*KW times more)."""
+        f, c, (kh, kw), (oh, ow) = self.filters, self.channels, self.kernel, self.out_hw
+        hp, sw = dx.shape[1], self.stride[1]
+        rows = buffer(scratch, (self.index, "dy_rows"), (oh + 2 * (kh - 1), f, ow * n), zero=True)
+        self._natural(dy, rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n))
+        r0, r1, r2 = rows.strides
+        blocks = np.ndarray((hp, kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
+        # block j of rows ih.. is output row ih + j - (KH-1), which meets kernel row kh = KH-1-j
+        weight = self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0).reshape(c * kw, kh * f)
+        by_row = shared(scratch, "cols", (hp, c * kw, ow * n))
+        # Rows KH-1 .. OH-1 meet all KH output rows: one batched product. The 2(KH-1) edge rows
+        # meet fewer; multiplying their zero padding too would cost 29% more for LeNet's conv2.
+        inner = range(kh - 1, oh)
+        if len(inner):
+            np.matmul(weight, blocks[inner.start:inner.stop], out=by_row[inner.start:inner.stop])
+        for ih in (ih for ih in range(hp) if ih not in inner):
+            first, last = max(0, kh - 1 - ih), min(kh - 1, oh + kh - 2 - ih)
+            np.matmul(weight[:, first * f:(last + 1) * f], rows[ih + first:ih + last + 1].reshape(-1, ow * n),
+                      out=by_row[ih])
+        by_row = by_row.reshape(hp, c, kw, ow, n).transpose(1, 0, 2, 3, 4)
+        for j in range(kw):
+            dx[:, :, j:j + (ow - 1) * sw + 1:sw, :] += by_row[:, :, j]
+
+    def _input_grad_by_columns(self, dy, dx, scratch, n):
+        """dx += col2im(W.T @ dy): any stride and dilation."""
+        f, c, (kh, kw) = self.filters, self.channels, self.kernel
+        (oh, ow), (sh, sw), (dh, dw) = self.out_hw, self.stride, self.dilation
+        if self.pool is not None:  # back to natural (OH, OW) order; rows no window covers get 0
+            natural = buffer(scratch, (self.index, "natural"), (oh, f, ow, n), zero=True)
+            self._natural(dy, natural)
+            dy = natural.transpose(1, 0, 2, 3)
+        dcols = shared(scratch, "cols", (c, kh, kw, oh, ow, n))
+        np.matmul(self.layer.weight.data.reshape(f, -1).T, dy.reshape(f, -1), out=dcols.reshape(self.rows, -1))
+        for i in range(kh):
+            for j in range(kw):
+                dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, i, j]
+
+
+class PoolOp(Op):
+    """MaxPool2d / AvgPool2d with stride == kernel and no padding (LeNet's pools)."""
+
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+        self.mode = "max" if type(layer) is L.MaxPool2d else "avg"
+        self.needs_own_output = self.mode == "max"
+
+    def setup(self, shape):
+        layer = self.layer
+        if layer.stride != layer.kernel_size or layer.padding != (0, 0) or len(shape) != 3:
+            raise Unsupported("pool with stride != kernel or padding")
+        c, h, w = shape
+        self.kernel = layer.kernel_size
+        self.in_hw, self.out_hw = (h, w), (h // self.kernel[0], w // self.kernel[1])
+        if min(self.out_hw) < 1:
+            raise Unsupported("empty pool output")
+        return (c,) + self.out_hw
+
+    def _taps(self, x):
+        (kh, kw), (oh, ow) = self.kernel, self.out_hw
+        return [x[:, i:oh * kh:kh, j:ow * kw:kw, :] for i in range(kh) for j in range(kw)]
+
+    def forward(self, chunk, x, scratch):
+        taps = self._taps(x)
+        y = buffer(chunk.store, (self.index, "y"), (x.shape[0],) + self.out_hw + (chunk.n,))
+        np.copyto(y, taps[0])
+        for tap in taps[1:]:
+            if self.mode == "max":
+                np.maximum(y, tap, out=y)  # propagates NaN, like the reference
+            else:
+                y += tap
+        if self.mode == "avg":
+            y /= y.dtype.type(self.kernel[0] * self.kernel[1])  # the reference's sum, then divide
+        chunk.saved[self.index] = dict(x=x, y=y)
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        saved = chunk.saved[self.index]
+        x, y = saved["x"], saved["y"]
+        dx = buffer(scratch, (self.index, "dx"), x.shape, zero=True)  # rows past the last window stay 0
+        targets = self._taps(dx)
+        if self.mode == "avg":
+            share = np.divide(dy, dy.dtype.type(self.kernel[0] * self.kernel[1]))
+            for target in targets:
+                np.copyto(target, share)
+            return dx
+        # first maximum of each window takes the gradient; the last tap gets what is left
+        remaining = buffer(scratch, (self.index, "remaining"), dy.shape)
+        taps = self._taps(x)
+        for index in range(len(taps) - 1):
+            np.multiply(dy, taps[index] == y, out=targets[index])
+            np.subtract(dy, targets[index], out=targets[-1] if index == len(taps) - 2 else remaining)
+            dy = remaining
+        if len(taps) == 1:
+            np.copyto(targets[0], dy)
+        return dx
+
+
+class ActivationOp(Op):
+    def __init__(self, layer, index, in_place):
+        self.layer, self.index, self.in_place = layer, index, in_place
+        self.kind = {L.ReLU: "relu", L.Tanh: "tanh", L.Sigmoid: "sigmoid"}[type(layer)]
+        self.needs_own_output = True
+
+    def setup(self, shape):
+        return shape
+
+    def forward(self, chunk, x, scratch):
+        y = x if self.in_place else buffer(chunk.store, (self.index, "y"), x.shape)
+        if self.kind == "relu":  # the mask is kept: the backward is then one multiply
+            mask = np.greater(x, 0, out=buffer(chunk.store, (self.index, "mask"), x.shape, dtype=bool))
+            np.multiply(x, mask, out=y)
+            chunk.saved[self.index] = mask
+            return y
+        elif self.kind == "tanh":
+            np.tanh(x, out=y)
+        else:  # the reference's formula, so the float32 results agree bit for bit
+            e = np.exp(-np.abs(x))
+            np.divide(np.where(x >= 0, np.float32(1), e), 1 + e, out=y)
+        chunk.saved[self.index] = y
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        y = chunk.saved[self.index]
+        dx = buffer(scratch, (self.index, "dx"), y.shape)
+        if self.kind == "relu":
+            return np.multiply(dy, y, out=dx)  # y is the mask x > 0
+        if self.kind == "tanh":
+            np.multiply(y, y, out=dx)
+            np.subtract(1, dx, out=dx)
+        else:
+            np.subtract(1, y, out=dx)
+            dx *= y
+        dx *= dy
+        return dx
+
+
+class FlattenOp(Op):
+    def __init__(self, index):
+        self.index = index
+
+    def setup(self, shape):
+        self.shape = shape
+        return (int(np.prod(shape)),)
+
+    def forward(self, chunk, x, scratch):
+        return np.ascontiguousarray(x).reshape(-1, chunk.n)
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        return dy.reshape(self.shape + (chunk.n,))
+
+
+class IdentityOp(Op):
+    def __init__(self, index):
+        self.index = index
+
+    def setup(self, shape):
+        return shape
+
+    def forward(self, chunk, x, scratch):
+        return x
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        return dy
+
+
+class LinearOp(Op):
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+
+    def setup(self, shape):
+        if len(shape) != 1 or shape[0] != self.layer.weight.data.shape[1]:
+            raise Unsupported("linear input size")
+        return (self.layer.weight.data.shape[0],)
+
+    def params(self):
+        layer = self.layer
+        return [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    def forward(self, chunk, x, scratch):
+        weight = self.layer.weight.data
+        y = buffer(chunk.store, (self.index, "y"), (weight.shape[0], chunk.n))
+        np.matmul(weight, x, out=y)
+        if self.layer.bias is not None:
+            y += self.layer.bias.data[:, None]
+        chunk.saved[self.index] = x
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        x, layer = chunk.saved[self.index], self.layer
+        grads.add(layer.weight, np.matmul(dy, x.T))
+        if layer.bias is not None:
+            grads.add(layer.bias, np.add.reduce(dy, axis=1))
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (self.index, "dx"), x.shape)
+        np.matmul(layer.weight.data.T, dy, out=dx)
+        return dx
+
+
