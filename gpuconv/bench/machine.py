@@ -3,13 +3,13 @@
 Everything here is read without extra dependencies (no threadpoolctl): the CPU model from
 /proc/cpuinfo, the BLAS from numpy.show_config, its thread count by asking the loaded OpenBLAS.
 """
-import ctypes
 import datetime
 import os
 import platform
 
 import numpy as np
 
+from .. import blas
 from ..backend import cuda_status
 
 
@@ -41,44 +41,16 @@ def blas_name():
         return "unknown"
 
 
-_OPENBLAS_THREAD_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                            "openblas_get_num_threads64_", "openblas_get_num_threads")
-
-
-def _openblas_libraries():
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f
-                            if "openblas" in line.lower() and ".so" in line.split()[-1]})
-    except OSError:
-        return []
-    libraries = []
-    for path in paths:
-        try:
-            libraries.append(ctypes.CDLL(path))
-        except OSError:
-            continue
-    return libraries
-
-
 def set_blas_threads(threads):
     """Tell the loaded OpenBLAS to use `threads` threads; False if there is none to tell."""
-    for library in _openblas_libraries():
-        for symbol in _OPENBLAS_THREAD_GETTERS:
-            setter = symbol.replace("get_num_threads", "set_num_threads")
-            if hasattr(library, setter):
-                getattr(library, setter)(ctypes.c_int(int(threads)))
-                return True
-    return False
+    return blas.set_num_threads(threads)
 
 
 def blas_threads():
-    """Threads NumPy's BLAS uses: asked of the loaded OpenBLAS, else the usual environment
-    variables, else the CPUs available. Returns (threads, how it was found)."""
-    for library in _openblas_libraries():
-        for symbol in _OPENBLAS_THREAD_GETTERS:
-            if hasattr(library, symbol):
-                return int(getattr(library, symbol)()), f"{symbol}()"
+    """Threads NumPy's BLAS uses: asked of the loaded OpenBLAS (gpuconv.blas), else the usual
+    environment variables, else the CPUs available. Returns (threads, how it was found)."""
+    if blas.available():
+        return blas.get_num_threads(), "OpenBLAS get_num_threads()"
     for variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(variable, "")
         if value.isdigit() and int(value) > 0:
