@@ -10,8 +10,8 @@ import shlex
 import sys
 
 from ..functional.conv import ALGOS
-from .report import (PLOT_EXTRA_MESSAGE, format_table, machine_line, matplotlib_pyplot, plot_results,
-                     write_json)
+from ..show import require_matplotlib
+from .report import format_table, machine_line, plot_results, write_json
 from .runner import DEFINITIONS, SCHEMA, run
 
 __all__ = ["run", "format_table", "write_json", "plot_results", "machine_line", "main", "SCHEMA",
@@ -73,11 +73,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.plot:
-        try:  # before measuring: a missing extra should not cost a whole run
-            matplotlib_pyplot()
-        except ImportError:
-            print(f"gpuconv bench: error: {PLOT_EXTRA_MESSAGE}", file=sys.stderr)
-            return 1
+        require_matplotlib()  # before measuring: a missing extra should not cost a whole run
     results = run(devices=args.devices, batch_sizes=args.batch_sizes,
                   inference_batch_sizes=args.inference_batch_sizes, ops=args.ops, algos=args.algos,
                   repeat=args.repeat, warmup=args.warmup, rounds=args.rounds, compare_torch=args.compare_torch,

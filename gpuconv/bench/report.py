@@ -3,10 +3,7 @@ import json
 import math
 
 from ..checkpoint import atomic_write
-from ..errors import MissingExtraError
-
-PLOT_EXTRA_MESSAGE = ("--plot needs matplotlib, which is not installed; install the plot extra: "
-                      "pip install 'gpuconv[plot]'")
+from ..show import require_matplotlib
 
 
 def _ms(seconds):
@@ -135,24 +132,15 @@ def write_json(results, path):
     atomic_write(path, lambda f: f.write(text))
 
 
-def matplotlib_pyplot():
-    """matplotlib.pyplot with a file-only backend, or MissingExtraError (an ImportError) naming the extra to install."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtraError(PLOT_EXTRA_MESSAGE) from None
-    return plt
-
-
 def plot_results(results, path):
     """PNG: training-step images/s per batch size (and inference), each device/algo, gpuconv and
     PyTorch; with op rows, a second panel of op times at the largest batch."""
-    plt = matplotlib_pyplot()
+    _, Figure, FigureCanvasAgg = require_matplotlib()
     rows = [r for r in results["rows"] if r["gpuconv"]]
     op_rows = [r for r in rows if r["kind"] == "op"]
-    fig, axes = plt.subplots(1, 2 if op_rows else 1, figsize=(15 if op_rows else 8, 5.5), squeeze=False)
+    fig = Figure(figsize=(15 if op_rows else 8, 5.5))
+    FigureCanvasAgg(fig)  # a file-only canvas: no pyplot, no process-wide backend switch
+    axes = fig.subplots(1, 2 if op_rows else 1, squeeze=False)
     _bars_throughput(axes[0][0], rows)
     if op_rows:
         _bars_ops(axes[0][1], op_rows)
@@ -161,7 +149,6 @@ def plot_results(results, path):
                  + f" ({results['machine']['date'][:10]})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _series(rows, kinds):
