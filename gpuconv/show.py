@@ -25,6 +25,7 @@ from .data import MNIST
 from .data.loader import to_float_batch
 from .errors import ArgumentError, CheckpointError, MissingExtraError
 from .models import LeNet5
+from .train import predict_logits
 
 DPI = 100
 # (width, height) in inches; at DPI these give the pixel sizes in PICTURES.
@@ -113,11 +114,9 @@ def softmax(logits):
 
 def predict(model, images, batch_size=1000):
     """Class probabilities (N, 10) as NumPy for uint8 (N, 28, 28) images, on the model's device."""
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        x = to_device(to_float_batch(images[start:start + batch_size]), model.device)
-        chunks.append(softmax(to_device(model(x), "cpu").astype(np.float64)))
-    return np.concatenate(chunks) if chunks else np.zeros((0, 10))
+    if len(images) == 0:
+        return np.zeros((0, 10))
+    return softmax(predict_logits(model, to_float_batch(images), batch_size).astype(np.float64))
 
 
 def feature_maps(model, image):

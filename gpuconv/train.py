@@ -37,16 +37,24 @@ def build_optimizer(name, params, lr, momentum, weight_decay):
     raise ArgumentError(f"optimizer: expected 'sgd' or 'adam', got {name!r}")
 
 
-def evaluate(model, images, labels, batch_size=1000):
-    """Accuracy of `model` on (images, labels) NumPy arrays, moving each batch to the model's device."""
+def predict_logits(model, images, batch_size=1000):
+    """Logits (N, classes) on the host for float32 NCHW `images`, run batch by batch on the model's
+    device in eval mode (the model's train/eval mode is restored afterwards)."""
+    was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = to_device(images[start:start + batch_size], model.device)
-        predicted = to_device(model(x).argmax(axis=1), "cpu")
-        correct += int((predicted == labels[start:start + batch_size]).sum())
-    model.train()
-    return correct / max(len(labels), 1)
+    try:
+        chunks = [to_device(model(to_device(images[start:start + batch_size], model.device)), "cpu")
+                  for start in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(chunks)
+
+
+def evaluate(model, images, labels, batch_size=1000):
+    """Accuracy of `model` on (images, labels) NumPy arrays."""
+    if len(labels) == 0:
+        return 0.0
+    return float((predict_logits(model, images, batch_size).argmax(axis=1) == labels).mean())
 
 
 def first_non_finite_layer(model, x):
