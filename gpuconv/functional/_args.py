@@ -52,3 +52,14 @@ def check_same_dtype(**arrays):
 def same_device(*arrays):
     """The array module of the arrays; raises DeviceMismatchError when they are on different devices."""
     return get_array_module(*arrays)
+
+
+def check_input_weight_bias(x, w, b, ndim):
+    """The shared checks of a layer op: x and weight float arrays of rank `ndim`, bias 1-D or None,
+    all on one device and of one dtype."""
+    check_float_array(x, "x", ndim)
+    check_float_array(w, "weight", ndim)
+    if b is not None:
+        check_float_array(b, "bias", 1)
+    same_device(x, w, b)
+    check_same_dtype(x=x, weight=w, bias=b)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ArgumentError, ShapeError
-from ._args import check_float_array, check_same_dtype, conv_output_size, pair, same_device
+from ._args import (check_float_array, check_input_weight_bias, check_same_dtype, conv_output_size, pair,
+                    same_device)
 
 ALGOS = ("auto", "direct", "im2col")
 
@@ -50,12 +51,7 @@ def _resolve_padding(padding, kernel, stride, dilation):
 
 def _check_conv_args(x, w, b, stride, padding, dilation, groups, algo):
     """Validate everything; returns (stride, padding, dilation, groups, explicit_pad, out_hw)."""
-    check_float_array(x, "x", 4)
-    check_float_array(w, "weight", 4)
-    if b is not None:
-        check_float_array(b, "bias", 1)
-    same_device(x, w, b)
-    check_same_dtype(x=x, weight=w, bias=b)
+    check_input_weight_bias(x, w, b, 4)
     if algo not in ALGOS:
         raise ArgumentError(f"algo: expected one of {ALGOS}, got {algo!r}")
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:

@@ -1,16 +1,11 @@
 """Fully connected layer: y = x @ w.T + b, with w of shape (out_features, in_features) as in PyTorch."""
 from ..backend import get_array_module
 from ..errors import ShapeError
-from ._args import check_float_array, check_same_dtype, same_device
+from ._args import check_float_array, check_input_weight_bias, check_same_dtype, same_device
 
 
 def _check(x, w, b):
-    check_float_array(x, "x", 2)
-    check_float_array(w, "weight", 2)
-    if b is not None:
-        check_float_array(b, "bias", 1)
-    same_device(x, w, b)
-    check_same_dtype(x=x, weight=w, bias=b)
+    check_input_weight_bias(x, w, b, 2)
     if x.shape[1] != w.shape[1]:
         raise ShapeError(f"x: expected {w.shape[1]} features per sample (weight.shape[1]; weight is "
                          f"(out_features, in_features)), got x shape {tuple(x.shape)}; flatten "
