@@ -711,8 +711,8 @@ private:
 };
 #endif
 
-inline void reset_shared_for_block() {
-    ++g_block_serial;
+// Forget the block's static __shared__ arrays (under ASan each was its own allocation).
+inline void release_static_shared() {
     g_static_shared_used = 0;
 #if EMU_ASAN
     for (void* p : g_shared_allocations) {
@@ -720,6 +720,11 @@ inline void reset_shared_for_block() {
     }
     g_shared_allocations.clear();
 #endif
+}
+
+inline void reset_shared_for_block() {
+    ++g_block_serial;
+    release_static_shared();
     if (g_dynamic_shared_size) {
         memset(g_dynamic_shared, 0xFF, g_dynamic_shared_size);
     }
@@ -811,13 +816,7 @@ inline int run_grid(void (*body)(void*), void* context, Dim3 grid, Dim3 block, s
             break;
         }
     }
-    g_static_shared_used = 0;
-#if EMU_ASAN
-    for (void* p : g_shared_allocations) {
-        free(p);
-    }
-    g_shared_allocations.clear();
-#endif
+    release_static_shared();
     free(g_dynamic_shared);
     g_dynamic_shared = nullptr;
     g_dynamic_shared_size = 0;
