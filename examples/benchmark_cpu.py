@@ -2,10 +2,17 @@
 1000, beside the same LeNet-5 in PyTorch (same process, same thread count) when it is installed.
 
     python examples/benchmark_cpu.py
+    python examples/benchmark_cpu.py --layers   # without the CPU plan: layer by layer
 
 `python -m gpuconv bench --devices cpu --compare-torch` gives the same with every figure.
 """
+import sys
+
 from gpuconv import bench
+from gpuconv.nn import cpu_plan
+
+if "--layers" in sys.argv:
+    cpu_plan.enabled = False  # every model runs its layers one by one (the reference path)
 
 results = bench.run(devices=["cpu"], batch_sizes=[64, 128, 256], inference_batch_sizes=[1000],
                     compare_torch=True, repeat=10, warmup=3, peak_size=0)
