@@ -39,7 +39,7 @@ class Optimizer:
         self.steps += 1
         for index, p in enumerate(self.params):
             if p.grad is not None:
-                self.update(index, p, get_array_module(p.data))
+                self.update(index, p)
 
     def _state(self, name, index, like):
         if self.state[name][index] is None or self.state[name][index].shape != like.shape:
@@ -84,7 +84,7 @@ class SGD(Optimizer):
             raise ArgumentError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
-    def update(self, index, p, xp):
+    def update(self, index, p):
         grad = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
         if self.momentum:
             velocity = self._state("velocity", index, p.data)
@@ -106,7 +106,8 @@ class Adam(Optimizer):
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
-    def update(self, index, p, xp):
+    def update(self, index, p):
+        xp = get_array_module(p.data)
         beta1, beta2 = self.betas
         grad = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
         m, v = self._state("m", index, p.data), self._state("v", index, p.data)
