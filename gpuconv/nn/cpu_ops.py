@@ -99,14 +99,15 @@ class ConvOp(Op):
         self.filters = layer.weight.data.shape[0]
         self.rows = c * self.kernel[0] * self.kernel[1]
         self.row_path = self.dilation == (1, 1)
-        # Few filters make the per-row GEMMs too thin for OpenBLAS's kernels: then one GEMM per
-        # pooling window row pair, with a banded weight (see _row_weight), reads R (A*KH)/band
-        # times less for band/KH times the FLOPs. Measured single-threaded at n=64, C=1 28x28
-        # 5x5 pool 2 (fw / bw): F=4 -7% / -7%, F=6 -16% / -23%; F=8 -3% / +8%, F=16 0% / +9%.
-        self.banded = (self.row_path and self.pool is not None and self.pool[0] > 1
-                       and self.filters < 8)
-        self.rows_per_block = self.pool[0] if self.banded else 1
-        self.band = (self.rows_per_block - 1) * self.stride[0] + self.kernel[0]
+        # Few filters make the per-row GEMMs too thin for OpenBLAS's kernels. Then one GEMM per
+        # pooling row does all A*B taps of its windows with a banded weight (see _row_weight): it
+        # reads R about A*B times less for (band area)/(KH*KW) times the FLOPs (1.44 for LeNet).
+        # Single-threaded, n=64, fused ReLU + pool, forward / backward against per-row GEMMs:
+        # F=6: C=1 5x5 pool 2 -16% / -29%, 3x3 pool 2 -2% / -33%, 3x3 pool 3 +11% / -20%,
+        # C=3 3x3 -10% / -26%; F=8: C=1 -4% / -6% but C=6 0% / +13%; F=16: +5% / -5%, C=6 +5% / +14%.
+        self.banded = self.row_path and self.pool is not None and self.filters < 8
+        self.block = self.pool if self.banded else (1, 1)  # output rows, columns per GEMM row block
+        self.band = tuple((r - 1) * s + k for r, s, k in zip(self.block, self.stride, self.kernel))
         if self.pool is None:
             self.positions, self.pooled_hw = self.out_hw, self.out_hw  # natural order (OH, OW)
             return (self.filters,) + self.out_hw
@@ -142,42 +143,51 @@ class ConvOp(Op):
         than the columns. Ordered (kh, c, kw), the column rows of output row (a, PH) are then one
         contiguous block of R, rows R[(A*PH + a)*S : ... + KH], i.e. a plain matrix
         M[a, b, PH] [KH*C*KW, PW*n] inside R; neighbouring rows' matrices overlap in memory.
-        With `banded`, one block holds the A output rows of a pooling window, rows
-        R[A*PH*S : ... + (A-1)*S + KH] (see _row_weight). Returns the blocks as one view
-        [A or 1, B, PH, rows, PW*n]: one batched matmul does the conv. R lives in store[key];
-        the forward keeps it for the backward's dW (it is small)."""
-        (_, kw), (a, b), (ph, pw), (sh, sw) = self.kernel, self.pool or (1, 1), self.pooled_hw, self.stride
+        Banded, R has one column group holding the band of (B-1)*S + KW shifts, and one block,
+        rows R[A*PH*S : ... + (A-1)*S + KH], serves a whole pooling row. Returns the blocks as
+        one view [A or 1, B or 1, PH, rows, PW*n]: one batched matmul does the conv. R lives in
+        store[key]; the forward keeps it for the backward's dW (it is small)."""
+        (a, b), (ph, pw), (sh, sw) = self.pool or (1, 1), self.pooled_hw, self.stride
+        (band_h, band_w), groups = self.band, b // self.block[1]
         sc, srow, scol, sn = x.strides
-        rows = buffer(store, key, (b, x.shape[1], self.channels, kw, pw, n))
+        rows = buffer(store, key, (groups, x.shape[1], self.channels, band_w, pw, n))
         np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x,
                                    strides=(sw * scol, srow, sc, scol, b * sw * scol, sn)))
         rb, rih, _, rkw, _, _ = rows.strides
-        block = self.band * self.channels * kw
-        return np.ndarray((a // self.rows_per_block, b, ph, block, pw * n), x.dtype, buffer=rows,
-                          strides=(sh * rih, rb, a * sh * rih, rkw, rows.itemsize))
+        return np.ndarray((a // self.block[0], groups, ph, band_h * self.channels * band_w, pw * n),
+                          x.dtype, buffer=rows, strides=(sh * rih, rb, a * sh * rih, rkw, rows.itemsize))
 
     def _row_weight(self, store):
-        """W as [F * rows_per_block, band * C * KW], the row order of _row_matrices. Banded, row
-        (f, a) holds W[f] (as (kh, c, kw)) shifted down by a*S input rows, zero elsewhere."""
+        """W in the row order of _row_matrices: [F, KH*C*KW], or banded [F*A*B, band_h*C*band_w]
+        where row (f, a, b) holds W[f] (as (kh, c, kw)) shifted by (a*SH, b*SW), zero elsewhere."""
         w = self.layer.weight.data.transpose(0, 2, 1, 3)
         if not self.banded:
             return w.reshape(self.filters, -1)  # a copy unless C == 1
-        a, f, kh, s = self.pool[0], self.filters, self.kernel[0], self.stride[0]
-        band = buffer(store, (self.index, "band"), (f, a, self.band) + w.shape[2:], zero=True)
-        for tap in range(a):
-            band[:, tap, tap * s:tap * s + kh] = w
-        return band.reshape(f * a, -1)
+        band = buffer(store, (self.index, "band"), (self.filters,) + self.pool + (self.band[0], self.channels,
+                                                                                   self.band[1]), zero=True)
+        np.copyto(self._taps_in_band(band), w[:, None, None])
+        return band.reshape(-1, band[0, 0, 0].size)
+
+    def _taps_in_band(self, band, axes=(0, 1, 2, 3, 4, 5)):
+        """The view taps[f, a, b, kh, c, kw] of a banded array whose axes are [F, A, B, band_h, C,
+        band_w] in the order `axes`: tap (a, b)'s kernel sits a*SH rows and b*SW columns into the
+        band, so a and b step that much further."""
+        step = dict(zip(axes, band.strides))
+        strides = (step[0], step[1] + self.stride[0] * step[3], step[2] + self.stride[1] * step[5],
+                   step[3], step[4], step[5])
+        shape = (self.filters,) + self.pool + (self.kernel[0], self.channels, self.kernel[1])
+        return np.ndarray(shape, band.dtype, buffer=band, strides=strides)
 
     def _by_output_row(self, array, n):
-        """[F, A, B, PH, PW, n] -> the view [A or 1, B, PH, F * rows_per_block, PW*n] that pairs
-        with _row_matrices; banded, rows (f, a) are evenly spaced since F's stride is A times a's."""
+        """[F, A, B, PH, PW, n] -> the view [A or 1, B or 1, PH, F or F*A*B, PW*n] that pairs with
+        _row_matrices; banded, rows (f, a, b) are evenly spaced in the contiguous array."""
         (a, b), (ph, pw) = self.pool or (1, 1), self.pooled_hw
         view = array.reshape(self.filters, a, b, ph, pw * n).transpose(1, 2, 3, 0, 4)
         if not self.banded:
             return view
-        sa, sb, sph, _, sn = view.strides
-        return np.ndarray((1, b, ph, self.filters * a, pw * n), array.dtype, buffer=array,
-                          strides=(0, sb, sph, sa, sn))
+        _, sb, sph, _, sn = view.strides
+        return np.ndarray((1, 1, ph, self.filters * a * b, pw * n), array.dtype, buffer=array,
+                          strides=(0, 0, sph, sb, sn))
 
     def _product(self, x, y, chunk, scratch, n):
         """y = W @ columns(x), y [F, *positions, n]; returns the row matrices (or None)."""
@@ -195,14 +205,15 @@ class ConvOp(Op):
         shape = self.layer.weight.data.shape
         f, c, kh, kw = shape
         if self.row_path and self.banded:
-            # [F*A, band*C*KW] per pooling row (dy @ M.T: 9% faster than M @ dy.T here)
-            partial = np.matmul(self._by_output_row(dy, n), matrices.transpose(0, 1, 2, 4, 3))
-            a, s = self.pool[0], self.stride[0]
-            band = np.add.reduce(partial.reshape(-1, f, a, self.band, c, kw), axis=0)
-            total = band[:, 0, :kh].copy()
-            for tap in range(1, a):
-                total += band[:, tap, tap * s:tap * s + kh]
-            return np.ascontiguousarray(total.transpose(0, 2, 1, 3))
+            # [band rows, F*A*B] per pooling row (M @ dy.T: 10% faster than dy @ M.T here)
+            partial = np.matmul(matrices, self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3))
+            ph, (band_h, band_w) = self.pooled_hw[0], self.band
+            bands = partial.reshape((ph, band_h, c, band_w, f) + self.pool)
+            t = self._taps_in_band(bands[0], axes=(3, 4, 5, 0, 1, 2)).strides
+            # every pooling row's taps as [PH, A, B, F, C, KH, KW]: one reduce gives dW
+            view = np.ndarray((ph,) + self.pool + shape, dy.dtype, buffer=bands,
+                              strides=(bands.strides[0], t[1], t[2], t[0], t[4], t[3], t[5]))
+            return np.add.reduce(view, axis=(0, 1, 2))
         if self.row_path:
             # [KK, F] per output row (M @ dy.T): OpenBLAS runs this orientation 10-15% faster
             partial = np.matmul(matrices, self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3))
