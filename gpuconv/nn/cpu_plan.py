@@ -14,8 +14,10 @@ Why it is faster than the layers (figures: the commit messages of this file):
   a free reshape ([C*H*W, n] in NCHW's flatten order), and NCHW is converted only at the edges.
 * No im2col. With the column rows ordered (kh, c, kw), the columns of one output row are a
   contiguous block of R[ih, c, kw, ow, n] = x[c, ih, ow*S + kw, n], KH times smaller than the
-  im2col matrix: each output row is a GEMM reading R in place (see _Conv._row_matrices). The input
-  gradient uses the same trick along H on the output gradient, then KW slice-adds, not col2im.
+  im2col matrix: each output row is a GEMM reading R in place (see ConvOp._row_matrices). With
+  few filters (LeNet's conv1: 6) one GEMM does a whole pooling row, with a banded weight. The
+  input gradient uses the same trick along H on the output gradient, then one reduce over kw,
+  not col2im.
 * Fusion. conv -> ReLU -> max pool runs as conv -> max pool -> (+bias, ReLU) on the 4x smaller
   map: max pooling commutes with adding a per-channel constant and with ReLU. Its output
   positions are ordered pool-tap-major, so each pooling tap is one contiguous block for the max,
