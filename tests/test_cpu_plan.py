@@ -225,8 +225,12 @@ def test_gradients_are_new_arrays_every_step(rng):
         np.testing.assert_array_equal(kept[name], first[name])  # step 2 did not write into step 1's
 
 
-def test_backward_twice_after_one_forward(rng):
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_backward_twice_after_one_forward(rng, mode):
+    """The pooling backward overwrites the conv output it routes from, so which taps hold the
+    maximum is kept first: by the forward in training mode, by the first backward in eval mode."""
     model = LeNet5()
+    getattr(model, mode)()
     x, labels = mnist_like(rng, 8)
     logits = model(x)
     _, dlogits = F.softmax_cross_entropy(logits, labels)
@@ -236,6 +240,10 @@ def test_backward_twice_after_one_forward(rng):
     np.testing.assert_array_equal(first, second)
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(p.grad, grads[name])
+    _, reference, reference_dx = run(model, x, labels, False, need_dx=True)
+    assert_close(first, reference_dx)
+    for name in grads:
+        assert_close(grads[name], reference[name])
 
 
 def test_sgd_training_follows_the_layers(rng):

@@ -246,6 +246,8 @@ class ConvOp(Op):
         else:
             np.copyto(out, peak)
         chunk.saved[key].update(peak=peak)
+        if self.layer.training and taps.shape[1] > 1:
+            self._equal_taps(chunk, chunk.saved[key])  # now, while y is still in the caches
         if self.relu:  # the mask is kept for the backward
             mask = np.greater(out, 0, out=buffer(chunk.store, (key, "mask"), out.shape, dtype=bool))
             np.multiply(out, mask, out=out)
@@ -266,13 +268,16 @@ class ConvOp(Op):
                 dy = np.multiply(dy, saved["mask"], out=buffer(scratch, (key, "dmask"), dy.shape))
             if layer.bias is not None:  # every window's gradient lands on exactly one tap
                 grads.add(layer.bias, np.add.reduce(dy.reshape(f, -1), axis=1))
-            dfull = buffer(scratch, (key, "dfull"), (f,) + self.positions + (n,))
+            equal = self._equal_taps(chunk, saved) if count > 1 else None
+            # The routed gradient overwrites y, which nothing reads after `equal`: one array of
+            # y's size (1.2 MB for LeNet's conv1 at 64 images) less in the caches. A step at 64
+            # images on one thread: 1.6-3.8% faster in four interleaved runs, 1.5-2.1% for two
+            # threads at batch 128 in three.
+            dfull = saved["y"]
             routed = dfull.reshape(taps.shape)
             if count == 1:
                 np.copyto(routed[:, 0], dy)
             else:
-                equal = np.equal(taps[:, :-1], saved["peak"][:, None],
-                                 out=buffer(scratch, (key, "equal"), (f, count - 1) + dy.shape[1:], dtype=bool))
                 remaining = buffer(scratch, (key, "remaining"), dy.shape)
                 for tap in range(count - 1):
                     np.multiply(dy, equal[:, tap], out=routed[:, tap])
@@ -291,6 +296,16 @@ class ConvOp(Op):
             self._input_grad_by_columns(dy, dx, scratch, n)
         (ph, pw), (h, w) = self.padding, self.in_hw
         return dx[:, ph:ph + h, pw:pw + w, :]
+
+    def _equal_taps(self, chunk, saved):
+        """Which pooling taps (all but the last) equal their window's maximum, bool
+        [F, taps - 1, PH, PW, n]; computed once per forward (by the forward in training mode,
+        else by the first backward, before it overwrites y) and kept for further backwards."""
+        if "equal" not in saved:
+            f, taps = self.filters, saved["y"].reshape((self.filters, -1) + saved["peak"].shape[1:])
+            flags = buffer(chunk.store, (self.index, "equal"), (f, taps.shape[1] - 1) + taps.shape[2:], dtype=bool)
+            saved["equal"] = np.equal(taps[:, :-1], saved["peak"][:, None], out=flags)
+        return saved["equal"]
 
     def _natural(self, dy, target):
         """Write dy (this op's output gradient, [F, *positions, n]) into `target` [OH, F, OW, n]
