@@ -48,6 +48,18 @@ class Chunk:
         self.store, self.saved = {}, {}
 
 
+def route_to_first_max(dy, targets, equal, remaining):
+    """Max-pool backward: targets[i] = dy where tap i is its window's first maximum, else 0.
+    `equal` gives, for every tap but the last, where it equals the window's maximum. Taps in
+    order take `dy * equal` (all or nothing per window) and leave `dy - taken` in `remaining`;
+    the last tap takes what is left, since some tap holds the maximum."""
+    for index, flags in enumerate(equal):
+        np.multiply(dy, flags, out=targets[index])
+        dy = np.subtract(dy, targets[index], out=targets[-1] if index == len(targets) - 2 else remaining)
+    if len(targets) == 1:
+        np.copyto(targets[0], dy)
+
+
 # ----------------------------------------------------------------------------------------------
 # ops on batch-innermost arrays: spatial [C, H, W, n], dense [F, n]
 
@@ -259,9 +271,7 @@ class ConvOp(Op):
         n, key, layer, f = chunk.n, self.index, self.layer, self.filters
         if self.pool is not None:
             # Each pooled gradient goes to its window's first maximum (and nowhere where the
-            # ReLU was off). Taps in order take `remaining * equal`, which is all or nothing per
-            # window, and leave `remaining - taken`; the last tap takes what is left (some tap
-            # equals the maximum). All on the 4x smaller pooled arrays, and few calls (the GIL).
+            # ReLU was off), routed on the 4x smaller pooled arrays with few calls (the GIL).
             taps = saved["y"].reshape((f, -1) + self.pooled_hw + (n,))
             count = taps.shape[1]
             if self.relu:
@@ -275,13 +285,9 @@ class ConvOp(Op):
             # threads at batch 128 in three.
             dfull = saved["y"]
             routed = dfull.reshape(taps.shape)
-            if count == 1:
-                np.copyto(routed[:, 0], dy)
-            else:
-                remaining = buffer(scratch, (key, "remaining"), dy.shape)
-                for tap in range(count - 1):
-                    np.multiply(dy, equal[:, tap], out=routed[:, tap])
-                    dy = np.subtract(dy, routed[:, tap], out=routed[:, -1] if tap == count - 2 else remaining)
+            route_to_first_max(dy, [routed[:, tap] for tap in range(count)],
+                               [] if equal is None else [equal[:, tap] for tap in range(count - 1)],
+                               buffer(scratch, (key, "remaining"), dy.shape))
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
@@ -423,15 +429,8 @@ class PoolOp(Op):
             for target in targets:
                 np.copyto(target, share)
             return dx
-        # first maximum of each window takes the gradient; the last tap gets what is left
-        remaining = buffer(scratch, (self.index, "remaining"), dy.shape)
-        taps = self._taps(x)
-        for index in range(len(taps) - 1):
-            np.multiply(dy, taps[index] == y, out=targets[index])
-            np.subtract(dy, targets[index], out=targets[-1] if index == len(taps) - 2 else remaining)
-            dy = remaining
-        if len(taps) == 1:
-            np.copyto(targets[0], dy)
+        route_to_first_max(dy, targets, (tap == y for tap in self._taps(x)[:-1]),
+                           buffer(scratch, (self.index, "remaining"), dy.shape))
         return dx
 
 
