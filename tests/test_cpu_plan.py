@@ -213,6 +213,30 @@ def test_small_chunks_within_a_thread(max_chunk, rng, monkeypatch):
         assert_same_run(model, x, labels, need_dx=True)
 
 
+def test_backward_order_changes_no_number(rng, monkeypatch):
+    """Every other thread computes each conv's and linear's input gradient before its weight
+    gradient. Either order must give the same bits: run one thread both ways."""
+    monkeypatch.setattr(blas, "get_num_threads", lambda: 1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 5, 3, dilation=2, rng=rng), nn.Tanh(),  # im2col path
+                          nn.Conv2d(5, 6, 3, stride=2, rng=rng),  # rows path, stride 2
+                          nn.Flatten(), nn.Linear(6 * 4 * 4, 12, rng=rng), nn.ReLU(), nn.Linear(12, 10, rng=rng))
+    x, labels = mnist_like(rng, 9)
+    runs = []
+    for input_grad_first in (False, True):
+        run(model, x, labels, True)
+        for chunk in cpu_plan._plans[model].parts[0]:
+            chunk.input_grad_first = input_grad_first
+        runs.append(run(model, x, labels, True, need_dx=True))
+    (logits, grads, dx), (logits2, grads2, dx2) = runs
+    np.testing.assert_array_equal(logits, logits2)
+    np.testing.assert_array_equal(dx, dx2)
+    assert grads.keys() == grads2.keys()
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], grads2[name])
+    assert_same_run(model, x, labels, need_dx=True)
+
+
 def test_gradients_are_new_arrays_every_step(rng):
     model = LeNet5()
     x1, y1 = mnist_like(rng, 16)

@@ -31,6 +31,12 @@ Why it is faster than the layers (figures: the commit messages of this file):
   with a single-threaded BLAS (set process-wide for the length of the call, then restored), and
   the parts' parameter gradients are summed. Two joins per training step, none per layer. The
   thread count is NumPy's BLAS thread count, so "2 threads" means the same as for the BLAS alone.
+  A short NumPy call still hands the GIL to the other thread, and getting it back costs a wake-up
+  (~60 us on a VM whose idle core has halted), so the threads lose most when both run short calls
+  at once. Running the same ops in lockstep, they would; so in the backward every other thread
+  computes each conv's and linear's input gradient before its weight gradient, which moves one
+  thread's short calls next to the other's long GEMMs (a step at batch 128: -2% to -4% in four
+  interleaved runs; Chunk.input_grad_first).
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
@@ -278,7 +284,7 @@ class _Plan:
         for start, stop in zip(bounds, bounds[1:]):
             count = -(-(stop - start) // MAX_CHUNK)
             edges = [start + (stop - start) * i // count for i in range(count + 1)]
-            part = [Chunk(a, b) for a, b in zip(edges, edges[1:])]
+            part = [Chunk(a, b, input_grad_first=len(self.parts) % 2 == 1) for a, b in zip(edges, edges[1:])]
             for chunk in part:  # a chunk of a size seen before takes over its buffers
                 chunk.store = old.pop(chunk.n, chunk.store)
             self.parts.append(part)
