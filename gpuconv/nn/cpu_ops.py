@@ -41,14 +41,11 @@ def shared(store, name, shape):
 
 class Chunk:
     """The images [start, stop) that one thread runs; `store` keeps its buffers across steps,
-    `saved` what this step's backward needs. `input_grad_first`: the backward of a conv or linear
-    op computes the input gradient before the weight gradient (the same numbers, the other order;
-    see cpu_plan.py's "Threads")."""
+    `saved` what this step's backward needs."""
 
-    def __init__(self, start, stop, input_grad_first=False):
+    def __init__(self, start, stop):
         self.start, self.stop, self.n = start, stop, stop - start
         self.store, self.saved = {}, {}
-        self.input_grad_first = input_grad_first
 
 
 def route_to_first_max(dy, targets, equal, remaining):
@@ -294,16 +291,10 @@ class ConvOp(Op):
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
-        dx = None
-        if need_dx and chunk.input_grad_first:
-            dx = self._input_grad(saved, dy, scratch, n)
-        grads.add(layer.weight, self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n))
-        if need_dx and dx is None:
-            dx = self._input_grad(saved, dy, scratch, n)
-        return dx
-
-    def _input_grad(self, saved, dy, scratch, n):
-        dx = buffer(scratch, (self.index, "dx"), saved["source"].shape)
+        grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n))
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (key, "dx"), saved["source"].shape)
         if self.row_path and self.stride[0] == 1:
             self._input_grad_by_rows(dy, dx, scratch, n)
         else:
@@ -535,14 +526,13 @@ class LinearOp(Op):
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
         x, layer = chunk.saved[self.index], self.layer
-        dx = None
-        if need_dx and chunk.input_grad_first:
-            dx = np.matmul(layer.weight.data.T, dy, out=buffer(scratch, (self.index, "dx"), x.shape))
-        grads.add(layer.weight, np.matmul(dy, x.T))
+        grads.add_later(layer.weight, lambda: np.matmul(dy, x.T))
         if layer.bias is not None:
-            grads.add(layer.bias, np.add.reduce(dy, axis=1))
-        if need_dx and dx is None:
-            dx = np.matmul(layer.weight.data.T, dy, out=buffer(scratch, (self.index, "dx"), x.shape))
+            grads.add_later(layer.bias, lambda: np.add.reduce(dy, axis=1))
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (self.index, "dx"), x.shape)
+        np.matmul(layer.weight.data.T, dy, out=dx)
         return dx
 
 
