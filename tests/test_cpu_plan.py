@@ -245,6 +245,7 @@ def test_gradients_are_new_arrays_every_step(rng):
     run(model, x2, y2, True)
     for name, p in model.named_parameters():
         assert p.grad is not kept[name]
+        assert p.grad.flags.c_contiguous and p.grad.shape == p.data.shape, name
         np.testing.assert_array_equal(kept[name], first[name])  # step 2 did not write into step 1's
 
 

@@ -4,6 +4,7 @@ input shape, then runs forward and backward on one thread's chunk of images, reu
 buffers. See cpu_plan.py's docstring for why this layout and these fusions are fast.
 """
 import math
+import operator
 
 import numpy as np
 
@@ -37,6 +38,17 @@ def shared(store, name, shape):
     if flat is None or flat.size < size:
         flat = store[name] = np.empty(size, np.float32)
     return flat[:size].reshape(shape)
+
+
+def kept_views(store, key, make, *bases):
+    """make(*bases), built once and kept in store[key] while the same base arrays come back.
+    The buffers are reused step after step, and so are the views over them: building one costs
+    microseconds of Python under the GIL, time the other thread mostly waits for (5 us more in
+    each of a thread's 31 buffer() calls made a step at batch 128 8% slower)."""
+    entry = store.get(key)
+    if entry is None or not all(map(operator.is_, entry[0], bases)):
+        entry = store[key] = (bases, make(*bases))
+    return entry[1]
 
 
 class Chunk:
@@ -159,15 +171,22 @@ class ConvOp(Op):
         rows R[A*PH*S : ... + (A-1)*S + KH], serves a whole pooling row. Returns the blocks as
         one view [A or 1, B or 1, PH, rows, PW*n]: one batched matmul does the conv. R lives in
         store[key]; the forward keeps it for the backward's dW (it is small)."""
+        groups, pw = self.pool[1] // self.block[1] if self.pool else 1, self.pooled_hw[1]
+        rows = buffer(store, key, (groups, x.shape[1], self.channels, self.band[1], pw, n))
+        source, matrices = kept_views(store, (key, "views"), self._row_views, x, rows)
+        np.copyto(rows, source)
+        return matrices
+
+    def _row_views(self, x, rows):
+        """(the view of x that fills R, R's blocks as matrices) for _row_matrices."""
         (a, b), (ph, pw), (sh, sw) = self.pool or (1, 1), self.pooled_hw, self.stride
-        (band_h, band_w), groups = self.band, b // self.block[1]
         sc, srow, scol, sn = x.strides
-        rows = buffer(store, key, (groups, x.shape[1], self.channels, band_w, pw, n))
-        np.copyto(rows, np.ndarray(rows.shape, x.dtype, buffer=x,
-                                   strides=(sw * scol, srow, sc, scol, b * sw * scol, sn)))
+        source = np.ndarray(rows.shape, x.dtype, buffer=x, strides=(sw * scol, srow, sc, scol, b * sw * scol, sn))
         rb, rih, _, rkw, _, _ = rows.strides
-        return np.ndarray((a // self.block[0], groups, ph, band_h * self.channels * band_w, pw * n),
-                          x.dtype, buffer=rows, strides=(sh * rih, rb, a * sh * rih, rkw, rows.itemsize))
+        matrices = np.ndarray((a // self.block[0], rows.shape[0], ph, self.band[0] * self.channels * self.band[1],
+                               pw * x.shape[3]), x.dtype, buffer=rows,
+                              strides=(sh * rih, rb, a * sh * rih, rkw, rows.itemsize))
+        return source, matrices
 
     def _row_weight(self, store):
         """W in the row order of _row_matrices: [F, KH*C*KW], or banded [F*A*B, band_h*C*band_w]
@@ -177,8 +196,10 @@ class ConvOp(Op):
             return w.reshape(self.filters, -1)  # a copy unless C == 1
         band = buffer(store, (self.index, "band"), (self.filters,) + self.pool + (self.band[0], self.channels,
                                                                                    self.band[1]), zero=True)
-        np.copyto(self._taps_in_band(band), w[:, None, None])
-        return band.reshape(-1, band[0, 0, 0].size)
+        taps, matrix = kept_views(store, (self.index, "band views"),
+                                  lambda band: (self._taps_in_band(band), band.reshape(-1, band[0, 0, 0].size)), band)
+        np.copyto(taps, w[:, None, None])
+        return matrix
 
     def _taps_in_band(self, band, axes=(0, 1, 2, 3, 4, 5)):
         """The view taps[f, a, b, kh, c, kw] of a banded array whose axes are [F, A, B, band_h, C,
@@ -205,7 +226,8 @@ class ConvOp(Op):
         """y = W @ columns(x), y [F, *positions, n]; returns the row matrices (or None)."""
         if self.row_path:
             matrices = self._row_matrices(x, chunk.store, (self.index, "rows"), n)
-            np.matmul(self._row_weight(chunk.store), matrices, out=self._by_output_row(y, n))
+            by_row = kept_views(chunk.store, (self.index, "y by row"), lambda y: self._by_output_row(y, n), y)
+            np.matmul(self._row_weight(chunk.store), matrices, out=by_row)
             return matrices
         weight = self.layer.weight.data.reshape(self.filters, -1)
         cols = self._columns(x, shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
@@ -216,23 +238,30 @@ class ConvOp(Op):
         """dW = dy @ columns(x).T, in the weight's shape; dy [F, *positions, n]."""
         shape = self.layer.weight.data.shape
         f, c, kh, kw = shape
-        if self.row_path and self.banded:
-            # [band rows, F*A*B] per pooling row (M @ dy.T: 10% faster than dy @ M.T here)
-            partial = np.matmul(matrices, self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3))
-            ph, (band_h, band_w) = self.pooled_hw[0], self.band
-            bands = partial.reshape((ph, band_h, c, band_w, f) + self.pool)
-            t = self._taps_in_band(bands[0], axes=(3, 4, 5, 0, 1, 2)).strides
-            # every pooling row's taps as [PH, A, B, F, C, KH, KW]: one reduce gives dW
-            view = np.ndarray((ph,) + self.pool + shape, dy.dtype, buffer=bands,
-                              strides=(bands.strides[0], t[1], t[2], t[0], t[4], t[3], t[5]))
-            return np.add.reduce(view, axis=(0, 1, 2))
         if self.row_path:
-            # [KK, F] per output row (M @ dy.T): OpenBLAS runs this orientation 10-15% faster
-            partial = np.matmul(matrices, self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3))
-            total = np.add.reduce(partial.reshape(-1, kh, c, kw, f), axis=0)
-            return np.ascontiguousarray(total.transpose(3, 1, 0, 2))
+            # M @ dy.T per output row or pooling row: OpenBLAS runs this orientation 10-15% faster
+            dy_t = kept_views(scratch, (self.index, "dy by row"),
+                              lambda dy: self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3), dy)
+            partial = buffer(scratch, (self.index, "partial"), matrices.shape[:-1] + dy_t.shape[-1:])
+            np.matmul(matrices, dy_t, out=partial)
+            taps = kept_views(scratch, (self.index, "partial taps"), self._taps_of_partial, partial)
+            return np.add.reduce(taps, axis=(0, 1, 2), out=np.empty(shape, partial.dtype))  # C order, like W
         cols = self._columns(x, shared(scratch, "cols", (self.channels,) + self.kernel + self.positions + (n,)))
         return np.matmul(dy.reshape(self.filters, -1), cols.reshape(self.rows, -1).T).reshape(shape)
+
+    def _taps_of_partial(self, partial):
+        """The row products of _weight_grad as [rows, A, B, F, C, KH, KW] (per row or pooling row,
+        for every tap): summed over the first three axes, dW."""
+        f, c, kh, kw = self.layer.weight.data.shape
+        if not self.banded:  # [.., KH*C*KW, F] per output row; the taps are already summed per row
+            view = partial.reshape(-1, kh, c, kw, f).transpose(0, 4, 2, 1, 3)
+            return view.reshape((-1, 1, 1) + view.shape[1:])
+        # banded: [band rows, F*A*B] per pooling row; tap (a, b) sits (a*SH, b*SW) into the band
+        ph, (band_h, band_w) = self.pooled_hw[0], self.band
+        bands = partial.reshape((ph, band_h, c, band_w, f) + self.pool)
+        t = self._taps_in_band(bands[0], axes=(3, 4, 5, 0, 1, 2)).strides
+        return np.ndarray((ph,) + self.pool + (f, c, kh, kw), partial.dtype, buffer=bands,
+                          strides=(bands.strides[0], t[1], t[2], t[0], t[4], t[3], t[5]))
 
     def forward(self, chunk, x, scratch):
         n, c, (h, w) = chunk.n, self.channels, self.in_hw
@@ -284,10 +313,10 @@ class ConvOp(Op):
             # images on one thread: 1.6-3.8% faster in four interleaved runs, 1.5-2.1% for two
             # threads at batch 128 in three.
             dfull = saved["y"]
-            routed = dfull.reshape(taps.shape)
-            route_to_first_max(dy, [routed[:, tap] for tap in range(count)],
-                               [] if equal is None else [equal[:, tap] for tap in range(count - 1)],
-                               buffer(scratch, (key, "remaining"), dy.shape))
+            targets, flags = kept_views(chunk.store, (key, "route views"), lambda dfull, equal: (
+                [dfull.reshape(taps.shape)[:, tap] for tap in range(count)],
+                [] if equal is None else [equal[:, tap] for tap in range(count - 1)]), dfull, equal)
+            route_to_first_max(dy, targets, flags, buffer(scratch, (key, "remaining"), dy.shape))
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
@@ -308,21 +337,28 @@ class ConvOp(Op):
         [F, taps - 1, PH, PW, n]; computed once per forward (by the forward in training mode,
         else by the first backward, before it overwrites y) and kept for further backwards."""
         if "equal" not in saved:
-            f, taps = self.filters, saved["y"].reshape((self.filters, -1) + saved["peak"].shape[1:])
-            flags = buffer(chunk.store, (self.index, "equal"), (f, taps.shape[1] - 1) + taps.shape[2:], dtype=bool)
-            saved["equal"] = np.equal(taps[:, :-1], saved["peak"][:, None], out=flags)
+            y, peak = saved["y"], saved["peak"]
+            flags = buffer(chunk.store, (self.index, "equal"), (self.filters, self.pool[0] * self.pool[1] - 1) +
+                           peak.shape[1:], dtype=bool)
+            first_taps, peaks = kept_views(chunk.store, (self.index, "equal views"),
+                                           lambda y, peak: (y.reshape((self.filters, -1) + peak.shape[1:])[:, :-1],
+                                                            peak[:, None]), y, peak)
+            saved["equal"] = np.equal(first_taps, peaks, out=flags)
         return saved["equal"]
 
-    def _natural(self, dy, target):
+    def _natural(self, dy, target, scratch):
         """Write dy (this op's output gradient, [F, *positions, n]) into `target` [OH, F, OW, n]
         in natural position order; positions no pooling window covers are left alone (zero)."""
+        windows, source = kept_views(scratch, (self.index, "natural views"), self._natural_views, dy, target)
+        np.copyto(windows, source)
+
+    def _natural_views(self, dy, target):
         f, n = self.filters, dy.shape[-1]
         if self.pool is None:
-            np.copyto(target, dy.transpose(1, 0, 2, 3))
-            return
+            return target, dy.transpose(1, 0, 2, 3)
         (a, b), (qh, qw) = self.pool, self.pooled_hw
-        windows = target[:qh * a, :, :qw * b].reshape(qh, a, f, qw, b, n)
-        np.copyto(windows, dy.reshape(f, a, b, qh, qw, n).transpose(3, 1, 0, 4, 2, 5))
+        return (target[:qh * a, :, :qw * b].reshape(qh, a, f, qw, b, n),
+                dy.reshape(f, a, b, qh, qw, n).transpose(3, 1, 0, 4, 2, 5))
 
     def _input_grad_by_rows(self, dy, dx, scratch, n):
         """dx = conv_transpose(dy) for stride 1 along H, dilation 1, without col2im. Along H it
@@ -333,39 +369,56 @@ class ConvOp(Op):
         f, c, (kh, kw), (oh, ow) = self.filters, self.channels, self.kernel, self.out_hw
         hp, wp, sw = dx.shape[1], dx.shape[2], self.stride[1]
         rows = buffer(scratch, (self.index, "dy_rows"), (oh + 2 * (kh - 1), f, ow * n), zero=True)
-        self._natural(dy, rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n))
-        r0, r1, r2 = rows.strides
-        blocks = np.ndarray((hp, kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
-        # block j of rows ih.. is output row ih + j - (KH-1), which meets kernel row kh = KH-1-j
-        weight = self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0).reshape(c * kw, kh * f)
+        # Wt[(c, kw), (j, f)] = W[f, c, KH-1-j, kw]: block j of rows ih.. is output row
+        # ih + j - (KH-1), which meets kernel row KH-1-j
+        weight = buffer(scratch, (self.index, "dx_weight"), (c * kw, kh * f))
+        np.copyto(weight.reshape(c, kw, kh, f), self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0))
         if sw == 1:
             # Each product row (c, kw) is written into a row of Wp*n floats whose last (KW-1)*n
             # stay zero. Read back with the row stride shortened by n, row (c, kw) then appears
             # shifted right by kw columns, so the sum over kw is one reduce over [C, Hp, KW, Wp*n]
             # that writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
-            padded = buffer(scratch, (self.index, "dx_rows"), (hp, c * kw, wp * n), zero=True)
-            by_row = padded[:, :, :ow * n]
+            out = buffer(scratch, (self.index, "dx_rows"), (hp, c * kw, wp * n), zero=True)
         else:
-            by_row = shared(scratch, "cols", (hp, c * kw, ow * n))
+            out = shared(scratch, "cols", (hp, c * kw, ow * n))
+        dy_rows, products, shifted, target = kept_views(scratch, (self.index, "dx views"), self._row_products,
+                                                        rows, weight, out, dx)
+        self._natural(dy, dy_rows, scratch)
+        for weights, blocks, by_row in products:
+            np.matmul(weights, blocks, out=by_row)
+        if sw == 1:
+            np.add.reduce(shifted, axis=2, out=target)
+            return
+        dx.fill(0)
+        by_row = out.reshape(hp, c, kw, ow, n).transpose(1, 0, 2, 3, 4)
+        for j in range(kw):
+            dx[:, :, j:j + (ow - 1) * sw + 1:sw, :] += by_row[:, :, j]
+
+    def _row_products(self, rows, weight, out, dx):
+        """For _input_grad_by_rows: the unpadded rows of `rows` as [OH, F, OW, n], the products
+        as (weights, blocks, by_row) operand triples, and for stride 1 the shifted view of `out`
+        whose sum over kw is dx (and dx as its target)."""
+        f, (kh, kw), (oh, ow) = self.filters, self.kernel, self.out_hw
+        hp, n = dx.shape[1], dx.shape[3]
+        by_row = out[:, :, :ow * n]
+        r0, r1, r2 = rows.strides
+        blocks = np.ndarray((hp, kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
         # Rows KH-1 .. OH-1 meet all KH output rows: one batched product. The 2(KH-1) edge rows
         # meet fewer; multiplying their zero padding too would cost 29% more for LeNet's conv2.
         inner = range(kh - 1, oh)
-        if len(inner):
-            np.matmul(weight, blocks[inner.start:inner.stop], out=by_row[inner.start:inner.stop])
+        products = [(weight, blocks[inner.start:inner.stop], by_row[inner.start:inner.stop])] if len(inner) else []
         for ih in (ih for ih in range(hp) if ih not in inner):
             first, last = max(0, kh - 1 - ih), min(kh - 1, oh + kh - 2 - ih)
-            np.matmul(weight[:, first * f:(last + 1) * f], rows[ih + first:ih + last + 1].reshape(-1, ow * n),
-                      out=by_row[ih])
-        if sw == 1:
-            p0, p1, _ = padded.strides
-            shifted = np.ndarray((c, hp, kw, wp * n), dx.dtype, buffer=padded,
-                                 strides=(kw * p1, p0, p1 - n * dx.itemsize, dx.itemsize))
-            np.add.reduce(shifted, axis=2, out=dx.reshape(c, hp, wp * n))
-            return
-        dx.fill(0)
-        by_row = by_row.reshape(hp, c, kw, ow, n).transpose(1, 0, 2, 3, 4)
-        for j in range(kw):
-            dx[:, :, j:j + (ow - 1) * sw + 1:sw, :] += by_row[:, :, j]
+            products.append((weight[:, first * f:(last + 1) * f], rows[ih + first:ih + last + 1].reshape(-1, ow * n),
+                             by_row[ih]))
+        dy_rows = rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n)
+        if self.stride[1] != 1:
+            return dy_rows, products, None, None
+        c, wp = self.channels, dx.shape[2]
+        p0, p1, _ = out.strides
+        shifted = np.ndarray((c, hp, kw, wp * n), dx.dtype, buffer=out,
+                             strides=(kw * p1, p0, p1 - n * dx.itemsize, dx.itemsize))
+        return dy_rows, products, shifted, dx.reshape(c, hp, wp * n)
 
     def _input_grad_by_columns(self, dy, dx, scratch, n):
         """dx += col2im(W.T @ dy): any stride and dilation."""
@@ -373,7 +426,7 @@ class ConvOp(Op):
         (oh, ow), (sh, sw), (dh, dw) = self.out_hw, self.stride, self.dilation
         if self.pool is not None:  # back to natural (OH, OW) order; rows no window covers get 0
             natural = buffer(scratch, (self.index, "natural"), (oh, f, ow, n), zero=True)
-            self._natural(dy, natural)
+            self._natural(dy, natural, scratch)
             dy = natural.transpose(1, 0, 2, 3)
         dcols = shared(scratch, "cols", (c, kh, kw, oh, ow, n))
         np.matmul(self.layer.weight.data.reshape(f, -1).T, dy.reshape(f, -1), out=dcols.reshape(self.rows, -1))
