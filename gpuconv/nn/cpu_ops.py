@@ -171,8 +171,8 @@ class ConvOp(Op):
         rows R[A*PH*S : ... + (A-1)*S + KH], serves a whole pooling row. Returns the blocks as
         one view [A or 1, B or 1, PH, rows, PW*n]: one batched matmul does the conv. R lives in
         store[key]; the forward keeps it for the backward's dW (it is small)."""
-        groups, pw = self.pool[1] // self.block[1] if self.pool else 1, self.pooled_hw[1]
-        rows = buffer(store, key, (groups, x.shape[1], self.channels, self.band[1], pw, n))
+        b = self.pool[1] if self.pool else 1
+        rows = buffer(store, key, (b // self.block[1], x.shape[1], self.channels, self.band[1], self.pooled_hw[1], n))
         source, matrices = kept_views(store, (key, "views"), self._row_views, x, rows)
         np.copyto(rows, source)
         return matrices
