@@ -42,9 +42,10 @@ def shared(store, name, shape):
 
 def kept_views(store, key, make, *bases):
     """make(*bases), built once and kept in store[key] while the same base arrays come back.
-    The buffers are reused step after step, and so are the views over them: building one costs
-    microseconds of Python under the GIL, time the other thread mostly waits for (5 us more in
-    each of a thread's 31 buffer() calls made a step at batch 128 8% slower)."""
+    The buffers are reused step after step, and so are the views over them. Building one costs
+    microseconds of Python, and Python between NumPy calls costs a two-thread step more than its
+    own time: 5 us more in each of a thread's 31 buffer() calls made a step at batch 128 8% slower,
+    2.6 times the time added (commit cf2dd86)."""
     entry = store.get(key)
     if entry is None or not all(map(operator.is_, entry[0], bases)):
         entry = store[key] = (bases, make(*bases))
@@ -237,7 +238,6 @@ class ConvOp(Op):
     def _weight_grad(self, x, matrices, dy, scratch, n):
         """dW = dy @ columns(x).T, in the weight's shape; dy [F, *positions, n]."""
         shape = self.layer.weight.data.shape
-        f, c, kh, kw = shape
         if self.row_path:
             # M @ dy.T per output row or pooling row: OpenBLAS runs this orientation 10-15% faster
             dy_t = kept_views(scratch, (self.index, "dy by row"),
@@ -263,6 +263,10 @@ class ConvOp(Op):
         return np.ndarray((ph,) + self.pool + (f, c, kh, kw), partial.dtype, buffer=bands,
                           strides=(bands.strides[0], t[1], t[2], t[0], t[4], t[3], t[5]))
 
+    def _by_tap(self, y):
+        """The fused conv output [F, A, B, PH, PW, n] as [F, A*B, PH, PW, n]: one block per tap."""
+        return y.reshape((self.filters, self.pool[0] * self.pool[1]) + self.pooled_hw + y.shape[-1:])
+
     def forward(self, chunk, x, scratch):
         n, c, (h, w) = chunk.n, self.channels, self.in_hw
         (ph, pw), key, f = self.padding, self.index, self.filters
@@ -278,7 +282,7 @@ class ConvOp(Op):
             if bias is not None:
                 y += bias
             return y
-        taps = y.reshape((f, -1) + self.pooled_hw + (n,))
+        taps = self._by_tap(y)
         peak = buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
         np.maximum.reduce(taps, axis=1, out=peak)  # propagates NaN, like the reference
         out = buffer(chunk.store, (key, "out"), peak.shape)
@@ -301,8 +305,7 @@ class ConvOp(Op):
         if self.pool is not None:
             # Each pooled gradient goes to its window's first maximum (and nowhere where the
             # ReLU was off), routed on the 4x smaller pooled arrays with few calls (the GIL).
-            taps = saved["y"].reshape((f, -1) + self.pooled_hw + (n,))
-            count = taps.shape[1]
+            count = self.pool[0] * self.pool[1]
             if self.relu:
                 dy = np.multiply(dy, saved["mask"], out=buffer(scratch, (key, "dmask"), dy.shape))
             if layer.bias is not None:  # every window's gradient lands on exactly one tap
@@ -314,7 +317,7 @@ class ConvOp(Op):
             # threads at batch 128 in three.
             dfull = saved["y"]
             targets, flags = kept_views(chunk.store, (key, "route views"), lambda dfull, equal: (
-                [dfull.reshape(taps.shape)[:, tap] for tap in range(count)],
+                [self._by_tap(dfull)[:, tap] for tap in range(count)],
                 [] if equal is None else [equal[:, tap] for tap in range(count - 1)]), dfull, equal)
             route_to_first_max(dy, targets, flags, buffer(scratch, (key, "remaining"), dy.shape))
             dy = dfull
@@ -341,8 +344,7 @@ class ConvOp(Op):
             flags = buffer(chunk.store, (self.index, "equal"), (self.filters, self.pool[0] * self.pool[1] - 1) +
                            peak.shape[1:], dtype=bool)
             first_taps, peaks = kept_views(chunk.store, (self.index, "equal views"),
-                                           lambda y, peak: (y.reshape((self.filters, -1) + peak.shape[1:])[:, :-1],
-                                                            peak[:, None]), y, peak)
+                                           lambda y, peak: (self._by_tap(y)[:, :-1], peak[:, None]), y, peak)
             saved["equal"] = np.equal(first_taps, peaks, out=flags)
         return saved["equal"]
 
@@ -373,14 +375,11 @@ class ConvOp(Op):
         # ih + j - (KH-1), which meets kernel row KH-1-j
         weight = buffer(scratch, (self.index, "dx_weight"), (c * kw, kh * f))
         np.copyto(weight.reshape(c, kw, kh, f), self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0))
-        if sw == 1:
-            # Each product row (c, kw) is written into a row of Wp*n floats whose last (KW-1)*n
-            # stay zero. Read back with the row stride shortened by n, row (c, kw) then appears
-            # shifted right by kw columns, so the sum over kw is one reduce over [C, Hp, KW, Wp*n]
-            # that writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
-            out = buffer(scratch, (self.index, "dx_rows"), (hp, c * kw, wp * n), zero=True)
-        else:
-            out = shared(scratch, "cols", (hp, c * kw, ow * n))
+        # With stride 1, each product row (c, kw) is written into a row of Wp*n floats whose last
+        # (KW-1)*n stay zero. Read back with the row stride shortened by n, row (c, kw) then appears
+        # shifted right by kw columns, so the sum over kw is one reduce over [C, Hp, KW, Wp*n] that
+        # writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
+        out = buffer(scratch, (self.index, "dx_rows"), (hp, c * kw, (wp if sw == 1 else ow) * n), zero=True)
         dy_rows, products, shifted, target = kept_views(scratch, (self.index, "dx views"), self._row_products,
                                                         rows, weight, out, dx)
         self._natural(dy, dy_rows, scratch)

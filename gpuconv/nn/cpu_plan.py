@@ -31,12 +31,11 @@ Why it is faster than the layers (figures: the commit messages of this file):
   with a single-threaded BLAS (set process-wide for the length of the call, then restored), and
   the parts' parameter gradients are summed. Two joins per training step, none per layer. The
   thread count is NumPy's BLAS thread count, so "2 threads" means the same as for the BLAS alone.
-  A short NumPy call still hands the GIL to the other thread, and getting it back costs a wake-up
-  (~60 us on a VM whose idle core has halted), so the threads lose most when both run short calls
-  at once. Running the same ops in lockstep, they would; so in the backward every other thread
-  computes all the input gradients first and the weight gradients after (_Grads.add_later),
-  which puts one thread's short calls (the dense layers, the pooling routes) beside the other's
-  long GEMMs. A step at batch 128, blocks alternating in one process: 1.5-1.7% faster by the
+  Running the same ops in lockstep, the two threads would run their short NumPy calls (and the
+  Python between them, which holds the GIL) at the same moments; so in the backward every other
+  thread computes all the input gradients first and the weight gradients after
+  (_Grads.add_later), which puts one thread's short calls (the dense layers, the pooling routes)
+  beside the other's long GEMMs. A step at batch 128, blocks alternating in one process: 1.5-1.7% faster by the
   per-block medians in two runs of 40 blocks (23 and 24 faster), 2-3.5% for an earlier variant
   that only swapped each op's dW and dx, which this beat in 4 of 5 runs.
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch

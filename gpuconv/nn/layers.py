@@ -2,7 +2,6 @@
 import numpy as np
 
 from .. import functional as F
-from ..backend import get_array_module
 from ..errors import ArgumentError
 from ..functional._args import conv_output_size, pair
 from .init import initialize

@@ -1,7 +1,4 @@
 """Sequential: layers in a chain, forward in order and backward in reverse, plus summary()."""
-import numpy as np
-
-from ..backend import device_of
 from . import cpu_plan
 from .module import Module
 
@@ -42,7 +39,8 @@ class Sequential(Module):
 
     def forward(self, x):
         # None unless the fast CPU path applies; it does only for a NumPy x and NumPy parameters,
-        # so the device check (a walk over every parameter, ~0.1 ms a step) is needed only after
+        # so the device check (a walk over every parameter, ~0.1 ms a step) is needed only when
+        # it declines
         y = cpu_plan.forward(self, x)
         if y is not None:
             return y
