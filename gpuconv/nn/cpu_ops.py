@@ -381,7 +381,7 @@ class ConvOp(Op):
         np.copyto(weight.reshape(c, kw, kh, f), self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0))
         # With stride 1, each product row (c, kw) is written into a row of Wp*n floats whose last
         # (KW-1)*n stay zero. Read back with the row stride shortened by n, row (c, kw) then appears
-        # shifted right by kw columns, so the sum over kw is one reduce over [C, Hp, KW, Wp*n] that
+        # shifted right by kw columns, so the sum over kw is one reduce over [KW, C, Hp, Wp*n] that
         # writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
         out = buffer(scratch, (self.index, "dx_rows"), (hp, c * kw, (wp if sw == 1 else ow) * n), zero=True)
         dy_rows, products, shifted, target = kept_views(scratch, (self.index, "dx views"), self._row_products,
@@ -390,7 +390,7 @@ class ConvOp(Op):
         for weights, blocks, by_row in products:
             np.matmul(weights, blocks, out=by_row)
         if sw == 1:
-            np.add.reduce(shifted, axis=2, out=target)
+            np.add.reduce(shifted, axis=0, out=target)  # kw first: 58 us where axis 2 took 74 (conv2)
             return
         dx.fill(0)
         by_row = out.reshape(hp, c, kw, ow, n).transpose(1, 0, 2, 3, 4)
@@ -419,8 +419,8 @@ class ConvOp(Op):
             return dy_rows, products, None, None
         c, wp = self.channels, dx.shape[2]
         p0, p1, _ = out.strides
-        shifted = np.ndarray((c, hp, kw, wp * n), dx.dtype, buffer=out,
-                             strides=(kw * p1, p0, p1 - n * dx.itemsize, dx.itemsize))
+        shifted = np.ndarray((kw, c, hp, wp * n), dx.dtype, buffer=out,
+                             strides=(p1 - n * dx.itemsize, kw * p1, p0, dx.itemsize))
         return dy_rows, products, shifted, dx.reshape(c, hp, wp * n)
 
     def _input_grad_by_columns(self, dy, dx, scratch, n):
