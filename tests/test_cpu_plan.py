@@ -252,8 +252,11 @@ def test_gradients_are_new_arrays_every_step(rng):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_backward_twice_after_one_forward(rng, mode):
     """The pooling backward overwrites the conv output it routes from, so which taps hold the
-    maximum is kept first: by the forward in training mode, by the first backward in eval mode."""
+    maximum is kept first: by the forward in training mode, by the first backward in eval mode.
+    Biases are not zero, so an output written over the maxima would give other flags."""
     model = LeNet5()
+    for conv in (model.conv1, model.conv2):
+        conv.bias.data[:] = rng.uniform(-0.5, 0.5, conv.bias.data.shape)
     getattr(model, mode)()
     x, labels = mnist_like(rng, 8)
     logits = model(x)

@@ -289,14 +289,17 @@ class ConvOp(Op):
         taps = self._by_tap(y)
         peak = buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
         np.maximum.reduce(taps, axis=1, out=peak)  # propagates NaN, like the reference
-        out = buffer(chunk.store, (key, "out"), peak.shape)
-        if bias is not None:
-            np.add(peak, bias, out=out)
-        else:
-            np.copyto(out, peak)
         chunk.saved[key].update(peak=peak)
         if self.layer.training and taps.shape[1] > 1:
             self._equal_taps(chunk, chunk.saved[key])  # now, while y is still in the caches
+        if taps.shape[1] > 1 and "equal" not in chunk.saved[key]:
+            out = buffer(chunk.store, (key, "out"), peak.shape)  # a backward may want the maxima for its flags
+        else:
+            out = peak  # nothing reads the maxima again: one array fewer in the caches
+        if bias is not None:
+            np.add(peak, bias, out=out)
+        elif out is not peak:
+            np.copyto(out, peak)
         if self.relu:  # the mask is kept for the backward
             mask = np.greater(out, 0, out=buffer(chunk.store, (key, "mask"), out.shape, dtype=bool))
             np.multiply(out, mask, out=out)
@@ -323,7 +326,9 @@ class ConvOp(Op):
             targets, flags = kept_views(chunk.store, (key, "route views"), lambda dfull, equal: (
                 [self._by_tap(dfull)[:, tap] for tap in range(count)],
                 [] if equal is None else [equal[:, tap] for tap in range(count - 1)]), dfull, equal)
-            route_to_first_max(dy, targets, flags, buffer(scratch, (key, "remaining"), dy.shape))
+            # what the taps leave goes into dmask (nothing reads it again), else into a buffer of its own
+            remaining = dy if self.relu else buffer(scratch, (key, "remaining"), dy.shape)
+            route_to_first_max(dy, targets, flags, remaining)
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
