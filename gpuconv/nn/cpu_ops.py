@@ -12,6 +12,9 @@ from ..functional._args import conv_output_size
 from . import layers as L
 
 
+DX_GROUP_BYTES = 512 * 1024  # a conv's input-gradient products go a group of rows at a time (_input_grad_by_rows)
+
+
 class Unsupported(Exception):
     """A layer or configuration this plan does not run; the caller falls back to the layers."""
 
@@ -388,14 +391,19 @@ class ConvOp(Op):
         # (KW-1)*n stay zero. Read back with the row stride shortened by n, row (c, kw) then appears
         # shifted right by kw columns, so the sum over kw is one reduce over [KW, C, Hp, Wp*n] that
         # writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
-        out = buffer(scratch, (self.index, "dx_rows"), (hp, c * kw, (wp if sw == 1 else ow) * n), zero=True)
-        dy_rows, products, shifted, target = kept_views(scratch, (self.index, "dx views"), self._row_products,
-                                                        rows, weight, out, dx)
+        # The products take KW times dx's memory, so they go a group of input rows at a time
+        # through one buffer of about DX_GROUP_BYTES, which the reduce then reads back from L2.
+        width = (wp if sw == 1 else ow) * n
+        group = hp if sw != 1 else max(1, min(hp, DX_GROUP_BYTES // (c * kw * width * dx.itemsize)))
+        out = buffer(scratch, (self.index, "dx_rows"), (group, c * kw, width), zero=True)
+        dy_rows, groups = kept_views(scratch, (self.index, "dx views"), self._row_products, rows, weight, out, dx)
         self._natural(dy, dy_rows, scratch)
-        for weights, blocks, by_row in products:
-            np.matmul(weights, blocks, out=by_row)
+        for products, shifted, target in groups:
+            for weights, blocks, by_row in products:
+                np.matmul(weights, blocks, out=by_row)
+            if sw == 1:
+                np.add.reduce(shifted, axis=0, out=target)  # kw first: 58 us where axis 2 took 74 (conv2)
         if sw == 1:
-            np.add.reduce(shifted, axis=0, out=target)  # kw first: 58 us where axis 2 took 74 (conv2)
             return
         dx.fill(0)
         by_row = out.reshape(hp, c, kw, ow, n).transpose(1, 0, 2, 3, 4)
@@ -403,30 +411,36 @@ class ConvOp(Op):
             dx[:, :, j:j + (ow - 1) * sw + 1:sw, :] += by_row[:, :, j]
 
     def _row_products(self, rows, weight, out, dx):
-        """For _input_grad_by_rows: the unpadded rows of `rows` as [OH, F, OW, n], the products
-        as (weights, blocks, by_row) operand triples, and for stride 1 the shifted view of `out`
-        whose sum over kw is dx (and dx as its target)."""
+        """For _input_grad_by_rows: the unpadded rows of `rows` as [OH, F, OW, n], and per group of
+        `len(out)` input rows the products as (weights, blocks, by_row) operand triples into `out`,
+        with, for stride 1, the shifted view of `out` whose sum over kw is those rows of dx (and
+        the rows of dx as its target)."""
         f, (kh, kw), (oh, ow) = self.filters, self.kernel, self.out_hw
-        hp, n = dx.shape[1], dx.shape[3]
+        hp, n, size = dx.shape[1], dx.shape[3], len(out)
         by_row = out[:, :, :ow * n]
         r0, r1, r2 = rows.strides
         blocks = np.ndarray((hp, kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
-        # Rows KH-1 .. OH-1 meet all KH output rows: one batched product. The 2(KH-1) edge rows
-        # meet fewer; multiplying their zero padding too would cost 29% more for LeNet's conv2.
-        inner = range(kh - 1, oh)
-        products = [(weight, blocks[inner.start:inner.stop], by_row[inner.start:inner.stop])] if len(inner) else []
-        for ih in (ih for ih in range(hp) if ih not in inner):
-            first, last = max(0, kh - 1 - ih), min(kh - 1, oh + kh - 2 - ih)
-            products.append((weight[:, first * f:(last + 1) * f], rows[ih + first:ih + last + 1].reshape(-1, ow * n),
-                             by_row[ih]))
-        dy_rows = rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n)
-        if self.stride[1] != 1:
-            return dy_rows, products, None, None
-        c, wp = self.channels, dx.shape[2]
-        p0, p1, _ = out.strides
-        shifted = np.ndarray((kw, c, hp, wp * n), dx.dtype, buffer=out,
-                             strides=(p1 - n * dx.itemsize, kw * p1, p0, dx.itemsize))
-        return dy_rows, products, shifted, dx.reshape(c, hp, wp * n)
+        groups = []
+        for start in range(0, hp, size):
+            stop = min(hp, start + size)
+            # Rows KH-1 .. OH-1 meet all KH output rows: one batched product. The 2(KH-1) edge rows
+            # meet fewer; multiplying their zero padding too would cost 29% more for LeNet's conv2.
+            inner = range(max(kh - 1, start), min(oh, stop))
+            products = [(weight, blocks[inner.start:inner.stop], by_row[inner.start - start:inner.stop - start])
+                        ] if len(inner) else []
+            for ih in (ih for ih in range(start, stop) if ih not in inner):
+                first, last = max(0, kh - 1 - ih), min(kh - 1, oh + kh - 2 - ih)
+                products.append((weight[:, first * f:(last + 1) * f],
+                                 rows[ih + first:ih + last + 1].reshape(-1, ow * n), by_row[ih - start]))
+            shifted = target = None
+            if self.stride[1] == 1:
+                c, wp = self.channels, dx.shape[2]
+                p0, p1, _ = out.strides
+                shifted = np.ndarray((kw, c, stop - start, wp * n), dx.dtype, buffer=out,
+                                     strides=(p1 - n * dx.itemsize, kw * p1, p0, dx.itemsize))
+                target = dx.reshape(c, hp, wp * n)[:, start:stop]
+            groups.append((products, shifted, target))
+        return rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n), groups
 
     def _input_grad_by_columns(self, dy, dx, scratch, n):
         """dx += col2im(W.T @ dy): any stride and dilation."""
