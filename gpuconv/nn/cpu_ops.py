@@ -376,14 +376,14 @@ class ConvOp(Op):
 
     def _input_grad_by_rows(self, dy, dx, scratch, n):
         """dx = conv_transpose(dy) for stride 1 along H, dilation 1, without col2im. Along H it
-        is the row trick again: with dy as [rows, F, OW*n], zero-padded by KH-1 rows at both ends,
-        input row ih gets Wt[C*KW, KH*F] @ (rows ih .. ih+KH-1 of the padded dy), one contiguous
-        block, neighbours overlapping. That leaves [Hp, C, KW, OW, n], to sum over kw into dx
-        (col2im would add KH*KW times more)."""
+        is the row trick again: with dy as [OH, F, OW*n], input row ih meets output rows
+        ih-KH+1 .. ih, one contiguous block of dy, neighbours overlapping: ih gets
+        Wt[C*KW, KH*F] @ that block (fewer rows at the edges). That leaves [Hp, C, KW, OW, n], to
+        sum over kw into dx (col2im would add KH*KW times more)."""
         f, c, (kh, kw), (oh, ow) = self.filters, self.channels, self.kernel, self.out_hw
         hp, wp, sw = dx.shape[1], dx.shape[2], self.stride[1]
-        rows = buffer(scratch, (self.index, "dy_rows"), (oh + 2 * (kh - 1), f, ow * n), zero=True)
-        # Wt[(c, kw), (j, f)] = W[f, c, KH-1-j, kw]: block j of rows ih.. is output row
+        rows = buffer(scratch, (self.index, "dy_rows"), (oh, f, ow * n), zero=True)
+        # Wt[(c, kw), (j, f)] = W[f, c, KH-1-j, kw]: block j of input row ih's rows is output row
         # ih + j - (KH-1), which meets kernel row KH-1-j
         weight = buffer(scratch, (self.index, "dx_weight"), (c * kw, kh * f))
         np.copyto(weight.reshape(c, kw, kh, f), self.layer.weight.data[:, :, ::-1, :].transpose(1, 3, 2, 0))
@@ -411,27 +411,28 @@ class ConvOp(Op):
             dx[:, :, j:j + (ow - 1) * sw + 1:sw, :] += by_row[:, :, j]
 
     def _row_products(self, rows, weight, out, dx):
-        """For _input_grad_by_rows: the unpadded rows of `rows` as [OH, F, OW, n], and per group of
+        """For _input_grad_by_rows: `rows` as [OH, F, OW, n], and per group of
         `len(out)` input rows the products as (weights, blocks, by_row) operand triples into `out`,
         with, for stride 1, the shifted view of `out` whose sum over kw is those rows of dx (and
         the rows of dx as its target)."""
         f, (kh, kw), (oh, ow) = self.filters, self.kernel, self.out_hw
         hp, n, size = dx.shape[1], dx.shape[3], len(out)
         by_row = out[:, :, :ow * n]
-        r0, r1, r2 = rows.strides
-        blocks = np.ndarray((hp, kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
+        r0, r1, r2 = rows.strides  # blocks[ih - (KH-1)]: output rows ih-KH+1 .. ih, for inner rows ih
+        blocks = np.ndarray((max(0, oh - kh + 1), kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
         groups = []
         for start in range(0, hp, size):
             stop = min(hp, start + size)
             # Rows KH-1 .. OH-1 meet all KH output rows: one batched product. The 2(KH-1) edge rows
-            # meet fewer; multiplying their zero padding too would cost 29% more for LeNet's conv2.
+            # meet fewer (zero rows around dy to give them full blocks cost 29% more for LeNet's conv2).
             inner = range(max(kh - 1, start), min(oh, stop))
-            products = [(weight, blocks[inner.start:inner.stop], by_row[inner.start - start:inner.stop - start])
-                        ] if len(inner) else []
+            products = [(weight, blocks[inner.start - (kh - 1):inner.stop - (kh - 1)],
+                         by_row[inner.start - start:inner.stop - start])] if len(inner) else []
             for ih in (ih for ih in range(start, stop) if ih not in inner):
                 first, last = max(0, kh - 1 - ih), min(kh - 1, oh + kh - 2 - ih)
                 products.append((weight[:, first * f:(last + 1) * f],
-                                 rows[ih + first:ih + last + 1].reshape(-1, ow * n), by_row[ih - start]))
+                                 rows[ih + first - (kh - 1):ih + last - (kh - 2)].reshape(-1, ow * n),
+                                 by_row[ih - start]))
             shifted = target = None
             if self.stride[1] == 1:
                 c, wp = self.channels, dx.shape[2]
@@ -440,7 +441,7 @@ class ConvOp(Op):
                                      strides=(p1 - n * dx.itemsize, kw * p1, p0, dx.itemsize))
                 target = dx.reshape(c, hp, wp * n)[:, start:stop]
             groups.append((products, shifted, target))
-        return rows[kh - 1:kh - 1 + oh].reshape(oh, f, ow, n), groups
+        return rows.reshape(oh, f, ow, n), groups
 
     def _input_grad_by_columns(self, dy, dx, scratch, n):
         """dx += col2im(W.T @ dy): any stride and dilation."""
