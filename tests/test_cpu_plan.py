@@ -152,6 +152,23 @@ def test_spatial_output_is_nchw(tail, rng, threads):
     assert planned(model, x)
 
 
+@pytest.mark.parametrize("tail", [[], [nn.Flatten()], [nn.Flatten(), nn.Dropout(0.0)]],
+                         ids=["pool", "flatten", "flatten-identity"])
+@pytest.mark.parametrize("batch", [1, 50])
+def test_output_gradient_is_never_written(tail, batch, rng):
+    """Ops may reuse an output gradient the plan made in place; the caller's is only read (with
+    one image, its batch-innermost view is contiguous like the plan's own)."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2), *tail)
+    x = rng.standard_normal((batch, 1, 12, 12)).astype(np.float32)
+    y = model(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    kept = dy.copy()
+    model.backward(dy, need_dx=True)
+    np.testing.assert_array_equal(dy, kept)
+    assert planned(model, x)
+
+
 def test_dense_only_model(rng, threads):
     model = nn.Sequential(nn.Linear(10, 8, rng=rng), nn.ReLU(), nn.Linear(8, 4, rng=rng))
     x = rng.standard_normal((12, 10)).astype(np.float32)

@@ -82,6 +82,7 @@ def route_to_first_max(dy, targets, equal, remaining):
 
 class Op:
     needs_own_output = False  # does backward read this op's output? (then nothing may overwrite it)
+    owns_dy = False  # is the output gradient a plan buffer that nothing reads after this backward? (else the caller's)
 
     def setup(self, shape):
         """Per-image input shape -> per-image output shape; raises Unsupported."""
@@ -316,8 +317,9 @@ class ConvOp(Op):
             # Each pooled gradient goes to its window's first maximum (and nowhere where the
             # ReLU was off), routed on the 4x smaller pooled arrays with few calls (the GIL).
             count = self.pool[0] * self.pool[1]
-            if self.relu:
-                dy = np.multiply(dy, saved["mask"], out=buffer(scratch, (key, "dmask"), dy.shape))
+            if self.relu:  # in place where the gradient is the plan's own: one buffer fewer
+                dmask = dy if self.owns_dy and dy.flags.c_contiguous else buffer(scratch, (key, "dmask"), dy.shape)
+                dy = np.multiply(dy, saved["mask"], out=dmask)
             if layer.bias is not None:  # every window's gradient lands on exactly one tap
                 grads.add(layer.bias, np.add.reduce(dy.reshape(f, -1), axis=1))
             equal = self._equal_taps(chunk, saved) if count > 1 else None
@@ -329,7 +331,7 @@ class ConvOp(Op):
             targets, flags = kept_views(chunk.store, (key, "route views"), lambda dfull, equal: (
                 [self._by_tap(dfull)[:, tap] for tap in range(count)],
                 [] if equal is None else [equal[:, tap] for tap in range(count - 1)]), dfull, equal)
-            # what the taps leave goes into dmask (nothing reads it again), else into a buffer of its own
+            # what the taps leave goes into dmask (nothing reads it after), else into a buffer of its own
             remaining = dy if self.relu else buffer(scratch, (key, "remaining"), dy.shape)
             route_to_first_max(dy, targets, flags, remaining)
             dy = dfull

@@ -131,6 +131,10 @@ def _compile(layers, input_shape):
         if isinstance(op, (ConvOp, PoolOp)) and len(shape) != 3:
             raise Unsupported("spatial op on a flat input")
         shape = op.setup(shape)
+    produced = False  # every op but Flatten and Identity returns a gradient buffer of its own
+    for op in reversed(ops):
+        op.owns_dy = produced
+        produced = produced or not isinstance(op, (FlattenOp, IdentityOp))
     return ops, shape
 
 
