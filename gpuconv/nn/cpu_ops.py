@@ -604,9 +604,10 @@ class LinearOp(Op):
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
         x, layer = chunk.saved[self.index], self.layer
-        grads.add_later(layer.weight, lambda: np.matmul(dy, x.T))
+        # deferred in every thread: see "Threads" in cpu_plan.py
+        grads.add_later(layer.weight, lambda: np.matmul(dy, x.T), always=True)
         if layer.bias is not None:
-            grads.add_later(layer.bias, lambda: np.add.reduce(dy, axis=1))
+            grads.add_later(layer.bias, lambda: np.add.reduce(dy, axis=1), always=True)
         if not need_dx:
             return None
         dx = buffer(scratch, (self.index, "dx"), x.shape)

@@ -37,7 +37,10 @@ Why it is faster than the layers (figures: the commit messages of this file):
   (_Grads.add_later), which puts one thread's short calls (the dense layers, the pooling routes)
   beside the other's long GEMMs. A step at batch 128, blocks alternating in one process: 1.5-1.7% faster by the
   per-block medians in two runs of 40 blocks (23 and 24 faster), 2-3.5% for an earlier variant
-  that only swapped each op's dW and dx, which this beat in 4 of 5 runs.
+  that only swapped each op's dW and dx, which this beat in 4 of 5 runs. The dense layers' weight
+  gradients wait in every thread: both threads start the backward with the dense layers, whose
+  calls take microseconds, so the fewer of them there, the less each thread waits for the GIL
+  (their dW, db, dx took 10-100 us each in a two-thread step). 1-3% faster in four such runs.
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
@@ -142,11 +145,12 @@ class _Grads:
     """Per-thread parameter gradients: the first contribution is kept (a fresh array from a
     matmul or a sum), later ones are added to it.
 
-    add_later(param, compute) adds compute() now, or, when `deferring`, at flush(), which the
-    plan calls after each chunk's backward: the weight gradients then run after all the input
-    gradients, first layer first (see "Threads"). The buffers they read are the chunk's and the
-    thread's own, untouched until the next chunk, and every parameter still gets the same
-    contributions in the same order, so the numbers are the same bits."""
+    add_later(param, compute) adds compute() now, or, when `deferring` (or for every thread,
+    `always`), at flush(), which the plan calls after each chunk's backward: the weight
+    gradients then run after all the input gradients, first layer first (see "Threads"). The
+    buffers they read are the chunk's and the thread's own, untouched until the next chunk, and
+    every parameter still gets the same contributions in the same order, so the numbers are the
+    same bits."""
 
     def __init__(self, deferring=False):
         self.arrays, self.deferring, self.deferred = {}, deferring, []
@@ -158,8 +162,8 @@ class _Grads:
         else:
             self.arrays[key] = [param, value]
 
-    def add_later(self, param, compute):
-        if self.deferring:
+    def add_later(self, param, compute, always=False):
+        if self.deferring or always:
             self.deferred.append((param, compute))
         else:
             self.add(param, compute())
