@@ -250,7 +250,8 @@ class ConvOp(Op):
             np.matmul(matrices, dy_t, out=partial)
             # Sum the row products first, over partial's contiguous leading axes, then pick the taps
             # out of that one small matrix: NumPy's reduce over the strided taps of every row took
-            # 110 us for LeNet's conv2 at 64 images, these two calls 10 (the same sums, in the same order).
+            # 110 us for LeNet's conv2 at 64 images, these two calls 10 (unbanded, the same sums in
+            # the same order; banded, the pooling rows are now summed before the taps).
             summed = buffer(scratch, (self.index, "summed"), partial.shape[-2:])
             np.add.reduce(partial.reshape((-1,) + summed.shape), axis=0, out=summed)
             taps = kept_views(scratch, (self.index, "summed taps"), self._taps_of_sum, summed)
@@ -394,7 +395,8 @@ class ConvOp(Op):
         # shifted right by kw columns, so the sum over kw is one reduce over [KW, C, Hp, Wp*n] that
         # writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
         # The products take KW times dx's memory, so they go a group of input rows at a time
-        # through one buffer of about DX_GROUP_BYTES, which the reduce then reads back from L2.
+        # through one buffer of about DX_GROUP_BYTES, which the reduce reads back while it is
+        # still in the core's cache (L2 is 512 KB here).
         width = (wp if sw == 1 else ow) * n
         group = hp if sw != 1 else max(1, min(hp, DX_GROUP_BYTES // (c * kw * width * dx.itemsize)))
         out = buffer(scratch, (self.index, "dx_rows"), (group, c * kw, width), zero=True)
