@@ -231,8 +231,9 @@ def test_small_chunks_within_a_thread(max_chunk, rng, monkeypatch):
 
 
 def test_backward_order_changes_no_number(rng, monkeypatch):
-    """Every other thread computes the weight gradients after all the input gradients. Either
-    order must give the same bits: run one thread both ways."""
+    """Every other thread computes the conv weight gradients after all the input gradients (the
+    dense layers' wait in every thread). Either order must give the same bits: run one thread
+    both ways."""
     monkeypatch.setattr(blas, "get_num_threads", lambda: 1)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(4, 5, 3, dilation=2, rng=rng), nn.Tanh(),  # im2col path

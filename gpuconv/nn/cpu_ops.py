@@ -144,6 +144,7 @@ class ConvOp(Op):
         if min(self.pooled_hw) < 1:
             raise Unsupported("empty pool output")
         self.positions = self.pool + self.pooled_hw  # tap-major (a, b, PH, PW)
+        self.window_taps = self.pool[0] * self.pool[1]  # positions per pooling window
         return (self.filters,) + self.pooled_hw
 
     def params(self):
@@ -274,7 +275,7 @@ class ConvOp(Op):
 
     def _by_tap(self, y):
         """The fused conv output [F, A, B, PH, PW, n] as [F, A*B, PH, PW, n]: one block per tap."""
-        return y.reshape((self.filters, self.pool[0] * self.pool[1]) + self.pooled_hw + y.shape[-1:])
+        return y.reshape((self.filters, self.window_taps) + self.pooled_hw + y.shape[-1:])
 
     def forward(self, chunk, x, scratch):
         n, c, (h, w) = chunk.n, self.channels, self.in_hw
@@ -295,9 +296,9 @@ class ConvOp(Op):
         peak = buffer(chunk.store, (key, "peak"), (f,) + self.pooled_hw + (n,))
         np.maximum.reduce(taps, axis=1, out=peak)  # propagates NaN, like the reference
         chunk.saved[key].update(peak=peak)
-        if self.layer.training and taps.shape[1] > 1:
+        if self.layer.training and self.window_taps > 1:
             self._equal_taps(chunk, chunk.saved[key])  # now, while y is still in the caches
-        if taps.shape[1] > 1 and "equal" not in chunk.saved[key]:
+        if self.window_taps > 1 and "equal" not in chunk.saved[key]:
             out = buffer(chunk.store, (key, "out"), peak.shape)  # a backward may want the maxima for its flags
         else:
             out = peak  # nothing reads the maxima again: one array fewer in the caches
@@ -317,21 +318,20 @@ class ConvOp(Op):
         if self.pool is not None:
             # Each pooled gradient goes to its window's first maximum (and nowhere where the
             # ReLU was off), routed on the 4x smaller pooled arrays with few calls (the GIL).
-            count = self.pool[0] * self.pool[1]
             if self.relu:  # in place where the gradient is the plan's own: one buffer fewer
                 dmask = dy if self.owns_dy and dy.flags.c_contiguous else buffer(scratch, (key, "dmask"), dy.shape)
                 dy = np.multiply(dy, saved["mask"], out=dmask)
             if layer.bias is not None:  # every window's gradient lands on exactly one tap
                 grads.add(layer.bias, np.add.reduce(dy.reshape(f, -1), axis=1))
-            equal = self._equal_taps(chunk, saved) if count > 1 else None
+            equal = self._equal_taps(chunk, saved) if self.window_taps > 1 else None
             # The routed gradient overwrites y, which nothing reads after `equal`: one array of
             # y's size (1.2 MB for LeNet's conv1 at 64 images) less in the caches. A step at 64
             # images on one thread: 1.6-3.8% faster in four interleaved runs, 1.5-2.1% for two
             # threads at batch 128 in three.
             dfull = saved["y"]
             targets, flags = kept_views(chunk.store, (key, "route views"), lambda dfull, equal: (
-                [self._by_tap(dfull)[:, tap] for tap in range(count)],
-                [] if equal is None else [equal[:, tap] for tap in range(count - 1)]), dfull, equal)
+                [self._by_tap(dfull)[:, tap] for tap in range(self.window_taps)],
+                [] if equal is None else [equal[:, tap] for tap in range(self.window_taps - 1)]), dfull, equal)
             # what the taps leave goes into dmask (nothing reads it after), else into a buffer of its own
             remaining = dy if self.relu else buffer(scratch, (key, "remaining"), dy.shape)
             route_to_first_max(dy, targets, flags, remaining)
@@ -356,7 +356,7 @@ class ConvOp(Op):
         else by the first backward, before it overwrites y) and kept for further backwards."""
         if "equal" not in saved:
             y, peak = saved["y"], saved["peak"]
-            flags = buffer(chunk.store, (self.index, "equal"), (self.filters, self.pool[0] * self.pool[1] - 1) +
+            flags = buffer(chunk.store, (self.index, "equal"), (self.filters, self.window_taps - 1) +
                            peak.shape[1:], dtype=bool)
             first_taps, peaks = kept_views(chunk.store, (self.index, "equal views"),
                                            lambda y, peak: (self._by_tap(y)[:, :-1], peak[:, None]), y, peak)
@@ -405,7 +405,7 @@ class ConvOp(Op):
         for products, shifted, target in groups:
             for weights, blocks, by_row in products:
                 np.matmul(weights, blocks, out=by_row)
-            if sw == 1:
+            if shifted is not None:
                 np.add.reduce(shifted, axis=0, out=target)  # kw first: 58 us where axis 2 took 74 (conv2)
         if sw == 1:
             return
@@ -424,6 +424,7 @@ class ConvOp(Op):
         by_row = out[:, :, :ow * n]
         r0, r1, r2 = rows.strides  # blocks[ih - (KH-1)]: output rows ih-KH+1 .. ih, for inner rows ih
         blocks = np.ndarray((max(0, oh - kh + 1), kh * f, ow * n), rows.dtype, buffer=rows, strides=(r0, r1, r2))
+        c, wp, (p0, p1, _) = self.channels, dx.shape[2], out.strides
         groups = []
         for start in range(0, hp, size):
             stop = min(hp, start + size)
@@ -439,8 +440,6 @@ class ConvOp(Op):
                                  by_row[ih - start]))
             shifted = target = None
             if self.stride[1] == 1:
-                c, wp = self.channels, dx.shape[2]
-                p0, p1, _ = out.strides
                 shifted = np.ndarray((kw, c, stop - start, wp * n), dx.dtype, buffer=out,
                                      strides=(p1 - n * dx.itemsize, kw * p1, p0, dx.itemsize))
                 target = dx.reshape(c, hp, wp * n)[:, start:stop]
