@@ -60,6 +60,7 @@ import numpy as np
 from .. import blas
 from ..backend import emulation_enabled
 from ..errors import DTypeError, ShapeError
+from . import cpu_procs
 from . import layers as L
 from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, IdentityOp, LinearOp, PoolOp,
                       Unsupported)
@@ -68,6 +69,7 @@ enabled = True          # process-wide switch; Sequential.use_fast_cpu(False) sw
 MIN_CHUNK = 24          # fewer images than this per thread is not worth a thread (measured: 32 -> 1 thread)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
 MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many images
+processes = True        # run the parts after the first in forked worker processes (see "Processes")
 
 _plans = weakref.WeakKeyDictionary()  # model -> its _Plan (kept off the model: no state in vars())
 _workers = []           # _Worker threads for the parallel regions (created on first use)
@@ -278,6 +280,8 @@ class _Plan:
         self.batch = None
         self.layout_key = None
         self.scratch = []        # per thread: buffers its ops reuse chunk after chunk
+        self.version = 0         # counts compiles and layouts: worker processes forked before are stale
+        self.workers = None      # cpu_procs.Workers running parts 1.. of this layout, if any
 
     def prepare(self, model, x):
         """Compile if the model or input shape changed; False if the plan cannot run this model."""
@@ -290,6 +294,7 @@ class _Plan:
                 self.ops = None
             self.layout_key = None
             self.parts, self.scratch = [], []
+            self.version += 1
         if self.ops is None:
             return False
         for op in self.ops:
@@ -319,28 +324,29 @@ class _Plan:
         del self.scratch[threads:]
         self.deferring = [thread % 2 == 1 for thread in range(threads)]
         self.batch, self.threads, self.layout_key = batch, threads, (batch, threads, MAX_CHUNK)
+        self.version += 1
         blas.warm_up()
 
     def forward(self, x):
         batch = x.shape[0]
         self.layout(batch)
         self.input_shape = x.shape[1:]
-        spatial_in = x.ndim == 4
         out = np.empty((batch,) + tuple(self.out_shape), np.float32)
-
-        def run(thread):
-            scratch = self.scratch[thread]
-            for chunk in self.parts[thread]:
-                chunk.saved = {}
-                h = x[chunk.start:chunk.stop]
-                h = h.transpose(1, 2, 3, 0) if spatial_in else h.T
-                for op in self.ops:
-                    h = op.forward(chunk, h, scratch)
-                target = out[chunk.start:chunk.stop]
-                np.copyto(target.transpose(*range(1, target.ndim), 0), h)
-
-        self._in_threads(run)
+        self._in_threads("forward", x, out)
         return out
+
+    def run_forward(self, thread, x, out, base=0):
+        """Part `thread`'s chunks of a forward. x and out hold the rows from `base` on: the whole
+        batch here, only the part's own rows in a worker process (cpu_procs)."""
+        scratch = self.scratch[thread]
+        for chunk in self.parts[thread]:
+            chunk.saved = {}
+            h = x[chunk.start - base:chunk.stop - base]
+            h = h.transpose(1, 2, 3, 0) if h.ndim == 4 else h.T
+            for op in self.ops:
+                h = op.forward(chunk, h, scratch)
+            target = out[chunk.start - base:chunk.stop - base]
+            np.copyto(target.transpose(*range(1, target.ndim), 0), h)
 
     def backward(self, dy, need_dx):
         expected = (self.batch,) + tuple(self.out_shape)
@@ -350,25 +356,8 @@ class _Plan:
         if dy.shape != expected:
             raise ShapeError(f"dy: expected shape {expected} (the shape of the model's output), "
                              f"got {tuple(dy.shape)}")
-        dx = None
-
-        def run(thread):
-            grads, scratch = _Grads(deferring=self.deferring[thread]), self.scratch[thread]
-            for chunk in self.parts[thread]:
-                d = dy[chunk.start:chunk.stop]
-                d = d.transpose(*range(1, d.ndim), 0)
-                for position in range(len(self.ops) - 1, -1, -1):
-                    op = self.ops[position]
-                    d = op.backward(chunk, d, need_dx or position > 0, grads, scratch)
-                grads.flush()
-                if need_dx:
-                    target = dx[chunk.start:chunk.stop]
-                    np.copyto(target.transpose(*range(1, target.ndim), 0), d)
-            return grads
-
-        if need_dx:
-            dx = np.empty((self.batch,) + tuple(self.input_shape), np.float32)
-        results = self._in_threads(run)
+        dx = np.empty((self.batch,) + tuple(self.input_shape), np.float32) if need_dx else None
+        results = self._in_threads("backward", dy, dx, need_dx)
         total = results[0].arrays
         for other in results[1:]:
             for key, (param, value) in other.arrays.items():
@@ -378,11 +367,44 @@ class _Plan:
                 p.grad = total[id(p)][1] if id(p) in total else None
         return dx
 
-    def _in_threads(self, function):
+    def run_backward(self, thread, dy, dx, need_dx, base=0):
+        """Part `thread`'s chunks of a backward -> its _Grads; dy and dx hold the rows from
+        `base` on, as in run_forward."""
+        grads, scratch = _Grads(deferring=self.deferring[thread]), self.scratch[thread]
+        for chunk in self.parts[thread]:
+            d = dy[chunk.start - base:chunk.stop - base]
+            d = d.transpose(*range(1, d.ndim), 0)
+            for position in range(len(self.ops) - 1, -1, -1):
+                op = self.ops[position]
+                d = op.backward(chunk, d, need_dx or position > 0, grads, scratch)
+            grads.flush()
+            if need_dx:
+                target = dx[chunk.start - base:chunk.stop - base]
+                np.copyto(target.transpose(*range(1, target.ndim), 0), d)
+        return grads
+
+    def params(self):
+        """Every parameter the ops use, once each, in op order."""
+        found = {}
+        for op in self.ops:
+            for p in op.params():
+                found.setdefault(id(p), p)
+        return list(found.values())
+
+    def _in_threads(self, kind, *arrays):
+        """run_<kind>(thread, *arrays) for every part -> their results in part order. The parts
+        other than the first run in worker processes (cpu_procs) when `processes` is on and the
+        OS can fork, else in worker threads."""
+        function = getattr(self, "run_" + kind)
         if self.threads == 1:
-            return [function(0)]
+            return [function(0, *arrays)]
         with blas.num_threads(1), _switch_interval(SWITCH_INTERVAL):
-            return _run_parallel(function, list(range(self.threads)))
+            if processes and hasattr(os, "fork"):
+                with _region_lock:
+                    return cpu_procs.run_parallel(self, kind, arrays)
+            if self.workers is not None:
+                cpu_procs.stop(self)
+            return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
 
 
 def _plan_for(model, x):
