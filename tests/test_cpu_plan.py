@@ -1,7 +1,8 @@
 """The fast CPU path (gpuconv.nn.cpu_plan) against the layer-by-layer reference.
 
 Every test runs the same model twice, once by the plan and once by the layers
-(use_fast_cpu(False)), and compares logits, every p.grad and the input gradient.
+(use_fast_cpu(False)), and compares logits, every p.grad and the input gradient, with the
+batch's parts after the first run in worker threads and in worker processes (cpu_procs).
 """
 import numpy as np
 import pytest
@@ -58,7 +59,16 @@ def planned(model, x=None):
         model.use_fast_cpu(True)
         model(x)
     plan = cpu_plan._plans.get(model)
+    if plan is not None and plan.active:  # and the parts after the first ran where they should
+        assert (plan.workers is not None) == (cpu_plan.processes and plan.threads > 1)
     return plan is not None and plan.active
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["threads", "processes"])
+def processes(request, monkeypatch):
+    """Every test runs with the parts after the first in worker threads and in worker processes."""
+    monkeypatch.setattr(cpu_plan, "processes", request.param)
+    return request.param
 
 
 @pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
