@@ -201,3 +201,31 @@ def test_workers_end_with_the_interpreter():
     while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def test_workers_forked_by_a_thread_that_ended_are_replaced(rng, monkeypatch):
+    """On Linux a worker dies with the thread that forked it (PR_SET_PDEATHSIG); the next region
+    forks a new one instead of failing."""
+    import threading
+    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+    model = LeNet5(seed=5)
+    x, labels = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(step(model, x, labels)))
+    thread.start()
+    thread.join()
+    assert_same_steps(results, [step(model, x, labels)])
+
+
+def test_the_blas_thread_count_survives_process_regions(rng):
+    if not blas.available():
+        pytest.skip("NumPy's BLAS is not an OpenBLAS whose threads can be set")
+    model = LeNet5(seed=6)
+    x, labels = rng.random((64, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 64)
+    a = rng.random((300, 300), dtype=np.float32)
+    with blas.num_threads(2):
+        step(model, x, labels)
+        step(model, x, labels)
+        assert len(worker_pids(model)) == 1 and blas.get_num_threads() == 2
+        np.testing.assert_allclose(a @ a, a.astype(np.float64) @ a, rtol=1e-4)  # a threaded GEMM after the fork

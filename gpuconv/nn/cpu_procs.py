@@ -17,19 +17,25 @@ WAKE_TIMEOUT, in case a store-load reordering hid the flag from the parent.
 
 A worker is forked again when the plan recompiles or changes its layout, when a layer's
 `training` flag changes, after it raised, or when it has died. Workers are killed when their
-plan is garbage-collected and at interpreter exit, die with the parent (PR_SET_PDEATHSIG, and a
+plan is garbage-collected and at interpreter exit, die with the parent (PR_SET_PDEATHSIG when forked
+by the main thread, and a
 getppid() check while asleep), and never return into the parent's code. A process forked from
 the parent does not use the parent's workers: it forks its own.
+
+BLAS: the regions run with a 1-thread BLAS, set without restarting the OpenBLAS thread pool
+that the fork stopped (see one_blas_thread): a restarted pool spins ~0.1 s per fork.
 
 Ordering: the data a side writes before bumping its counter is visible to the other side once
 the counter is, on x86-64 (stores are not reordered with stores there). Weaker-ordered CPUs
 would need a fence this module does not have.
 """
+import contextlib
 import ctypes
 import mmap
 import os
 import select
 import signal
+import threading
 import time
 import weakref
 
@@ -102,11 +108,18 @@ class Workers:
         self.pids, self.wake_fds = [], []
         # Registered before forking: a failed fork still cleans up the workers already started.
         self._finalizer = weakref.finalize(plan, _stop, self.pids, self.wake_fds, self.owner)
-        for worker in range(count):
-            self._fork(plan, worker)
+        try:
+            for worker in range(count):
+                self._fork(plan, worker)
+        except BaseException:
+            self.stop()
+            raise
 
     def _fork(self, plan, worker):
         read_fd, write_fd = os.pipe()
+        # The kernel's parent-death signal comes when the forking *thread* ends: only the main
+        # thread ends with the process. Workers of other threads find out by getppid() asleep.
+        with_parent = threading.current_thread() is threading.main_thread()
         pid = os.fork()
         if pid == 0:  # the worker: never returns from here into the parent's code
             code = 70
@@ -114,7 +127,7 @@ class Workers:
                 os.close(write_fd)
                 for fd in self.wake_fds:
                     os.close(fd)
-                self._serve(plan, worker, read_fd)
+                self._serve(plan, worker, read_fd, with_parent)
                 code = 0
             finally:
                 os._exit(code)
@@ -126,13 +139,20 @@ class Workers:
     # ------------------------------------------------------------------------------------------
     # the worker's side
 
-    def _serve(self, plan, worker, wake_fd):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-        _die_with_parent()
+    def _serve(self, plan, worker, wake_fd, die_with_parent):
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        except ValueError:  # not the main thread (CPython makes the forking thread the main one)
+            pass
+        if die_with_parent:
+            _die_with_parent()
         parent = self.owner
         if os.getppid() != parent:
             return
-        blas.set_num_threads(1)
+        if blas.get_num_threads() != 1:
+            # Only then: OpenBLAS shut its thread pool down for the fork, and setting the count
+            # starts it again, with helper threads that spin ~0.1 s for work that never comes.
+            blas.set_num_threads(1)
         params = plan.params()
         for p, view in zip(params, self.param_views):
             p.data = view
@@ -244,6 +264,8 @@ class Workers:
             if spins % 64:
                 continue
             now = time.perf_counter()
+            if now - start > SPIN_SECONDS:
+                os.sched_yield()  # a long wait: let a worker that shares this CPU run
             if now - checked >= ALIVE_INTERVAL:
                 checked = now
                 pid, status = self.pids[worker], self._exit_status(worker)
@@ -253,8 +275,6 @@ class Workers:
                 if now - start > TIMEOUT:
                     raise WorkerError(f"part {worker + 1} of the batch: its worker process {pid} did not "
                                       f"answer within {TIMEOUT:g} s; it was stopped")
-            if now - start > SPIN_SECONDS:
-                os.sched_yield()  # let a worker sharing this core run
 
     def stop(self):
         """Kill and reap the workers (once)."""
@@ -271,7 +291,9 @@ def _next_command(control, seen, wake_fd, parent):
     spins = 0
     while control[COMMAND] == seen:
         spins += 1
-        if spins % 64 or time.perf_counter() < until:
+        if spins % 64:
+            continue
+        if time.perf_counter() < until:
             continue
         control[SLEEPING] = 1
         poller = select.poll()
@@ -283,6 +305,52 @@ def _next_command(control, seen, wake_fd, parent):
                 os._exit(0)
         control[SLEEPING] = 0
     return int(control[COMMAND])
+
+
+_pool_state = None
+
+
+def _openblas_pool_state():
+    """(blas_cpu_number, blas_server_avail) of NumPy's OpenBLAS as ctypes ints, or None."""
+    global _pool_state
+    if _pool_state is None:
+        _pool_state = ()
+        for path in blas._loaded_openblas_paths():
+            try:
+                library = ctypes.CDLL(path)
+                _pool_state = (ctypes.c_int.in_dll(library, "blas_cpu_number"),
+                               ctypes.c_int.in_dll(library, "blas_server_avail"))
+                break
+            except (OSError, ValueError):
+                continue
+    return _pool_state or None
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """blas.num_threads(1), except that where OpenBLAS's thread pool is down (its fork handler
+    stops it in the parent at every fork) the count is written without starting the pool again:
+    a restarted pool's helper threads spin ~0.1 s for work that never comes, and slowed the
+    first 10-20 steps after each fork 1.5-2x. A pool that is down starts at the next threaded
+    BLAS call, as after any fork."""
+    state = _openblas_pool_state() if blas.available() else None
+    if state is None:
+        with blas.num_threads(1):
+            yield
+        return
+    count, avail = state
+    previous = count.value
+    if avail.value:
+        blas.set_num_threads(1)
+    else:
+        count.value = 1
+    try:
+        yield
+    finally:
+        if avail.value:
+            blas.set_num_threads(previous)
+        else:
+            count.value = previous
 
 
 def _die_with_parent():
@@ -336,7 +404,11 @@ def run_parallel(plan, kind, arrays):
     -> results in part order. Every part has finished (or its worker was stopped) before this
     returns or raises. The caller holds cpu_plan's region lock and a 1-thread BLAS."""
     workers = _workers_for(plan)
-    workers.post(plan, kind, arrays)
+    try:
+        workers.post(plan, kind, arrays)
+    except BaseException:  # interrupted with some workers started: their state is unknown
+        workers.stop()
+        raise
     results, error = [], None
     try:
         results.append(getattr(plan, "run_" + kind)(0, *arrays))
