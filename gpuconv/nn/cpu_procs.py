@@ -17,10 +17,10 @@ WAKE_TIMEOUT, in case a store-load reordering hid the flag from the parent.
 
 A worker is forked again when the plan recompiles or changes its layout, when a layer's
 `training` flag changes, after it raised, or when it has died. Workers are killed when their
-plan is garbage-collected and at interpreter exit, die with the parent (PR_SET_PDEATHSIG when forked
-by the main thread, and a
-getppid() check while asleep), and never return into the parent's code. A process forked from
-the parent does not use the parent's workers: it forks its own.
+plan is garbage-collected and at interpreter exit, die with the parent (PR_SET_PDEATHSIG when
+forked by the main thread, and a getppid() check while asleep), and never return into the
+parent's code. A process forked from the parent does not use the parent's workers: it forks its
+own.
 
 BLAS: the regions run with a 1-thread BLAS, set without restarting the OpenBLAS thread pool
 that the fork stopped (see one_blas_thread): a restarted pool spins ~0.1 s per fork.
