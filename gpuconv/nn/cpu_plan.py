@@ -44,10 +44,11 @@ Why it is faster than the layers (figures: the commit messages of this file):
 * Processes. With `processes` on (the default, where os.fork exists), the parts after the first
   run in forked worker processes instead of threads (cpu_procs.py): the same split, the same ops,
   the gradients summed in the same order, so the same bits, without two interpreters' worth of
-  Python sharing one GIL. LeNet-5 steps, blocks of 20 alternating in one process, three runs
-  each (per-block median ratio processes/threads): batch 64 0.83-0.85, batch 128 0.89-0.93,
-  batch 256 0.93-0.98. A worker is forked at the first parallel region after a compile or a
-  layout change, or a change of a layer's `training` flag (a few milliseconds).
+  Python sharing one GIL. LeNet-5 SGD steps, 36 blocks of 20 alternating in one process, three
+  runs each (per-block median ratio processes/threads, blocks faster): batch 64 0.78-0.81
+  (35-36/36), batch 128 0.90-0.92 (28-34/36), batch 256 0.95-1.00 (20-30/36). A worker is
+  forked at the first parallel region after a compile, a layout change or a change of a
+  layer's `training` flag: that step took ~15 ms longer (batch 120/128).
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
