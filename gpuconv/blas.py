@@ -115,3 +115,51 @@ def warm_up():
     _warmed_up = True
     a = np.ones((512, 512), dtype=np.float32)
     np.matmul(a, a)
+
+
+_pool_state = None
+
+
+def _openblas_pool_state():
+    """(blas_cpu_number, blas_server_avail) of NumPy's OpenBLAS as ctypes ints, or None. These are
+    OpenBLAS internals (exported globals, seen in scipy-openblas 0.3.31): where they are missing,
+    one_thread() is plain num_threads(1)."""
+    global _pool_state
+    if _pool_state is None:
+        _pool_state = ()
+        for path in _loaded_openblas_paths():
+            try:
+                library = ctypes.CDLL(path)
+                _pool_state = (ctypes.c_int.in_dll(library, "blas_cpu_number"),
+                               ctypes.c_int.in_dll(library, "blas_server_avail"))
+                break
+            except (OSError, ValueError):
+                continue
+    return _pool_state or None
+
+
+@contextlib.contextmanager
+def one_thread():
+    """blas.num_threads(1), except that where OpenBLAS's thread pool is down (its fork handler
+    stops it in the parent at every fork) the count is written without starting the pool again:
+    a restarted pool's helper threads spin ~0.1 s for work that never comes, and slowed the
+    first 10-20 steps after each fork 1.5-2x. A pool that is down starts at the next threaded
+    BLAS call, as after any fork."""
+    state = _openblas_pool_state() if available() else None
+    if state is None:
+        with num_threads(1):
+            yield
+        return
+    count, avail = state
+    previous = count.value
+    if avail.value:
+        set_num_threads(1)
+    else:
+        count.value = 1
+    try:
+        yield
+    finally:
+        if avail.value:
+            set_num_threads(previous)
+        else:
+            count.value = previous

@@ -12,7 +12,7 @@ from gpuconv import functional as F
 from gpuconv import optim
 from gpuconv.errors import DTypeError, ShapeError
 from gpuconv.models import LeNet5
-from gpuconv.nn import cpu_plan
+from gpuconv.nn import cpu_plan, cpu_procs
 
 LENETS = [("relu", "max"), ("tanh", "avg")]
 
@@ -60,7 +60,7 @@ def planned(model, x=None):
         model(x)
     plan = cpu_plan._plans.get(model)
     if plan is not None and plan.active:  # and the parts after the first ran where they should
-        assert (plan.workers is not None) == (cpu_plan.processes and plan.threads > 1)
+        assert (plan.workers is not None) == (cpu_plan.processes and cpu_procs.supported() and plan.threads > 1)
     return plan is not None and plan.active
 
 
@@ -378,3 +378,15 @@ def test_worker_never_returns_a_result_left_by_an_abandoned_wait():
     time.sleep(0.05)
     worker.submit(lambda part: part, 2)
     assert worker.result() == 2
+
+
+def test_worker_threads_where_processes_are_not_supported(rng, monkeypatch):
+    """Off Linux x86-64 (cpu_procs.supported() False) the plan runs worker threads, processes on or not."""
+    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(blas, "available", lambda: True)
+    monkeypatch.setattr(cpu_plan, "processes", True)
+    monkeypatch.setattr(cpu_procs, "supported", lambda: False)
+    model = LeNet5(seed=5)
+    x, labels = mnist_like(rng, 60)
+    assert_same_run(model, x, labels, need_dx=True)
+    assert planned(model, x) and cpu_plan._plans[model].workers is None

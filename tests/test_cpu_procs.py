@@ -16,7 +16,7 @@ from gpuconv.errors import WorkerError
 from gpuconv.models import LeNet5
 from gpuconv.nn import cpu_ops, cpu_plan, cpu_procs
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need os.fork")
+pytestmark = pytest.mark.skipif(not cpu_procs.supported(), reason="worker processes run on Linux x86-64 only")
 
 
 @pytest.fixture(params=[2, 3], ids=["2parts", "3parts"])

@@ -41,7 +41,7 @@ Why it is faster than the layers (figures: the commit messages of this file):
   gradients wait in every thread: both threads start the backward with the dense layers, whose
   calls take microseconds, so the fewer of them there, the less each thread waits for the GIL
   (their dW, db, dx took 10-100 us each in a two-thread step). 1-3% faster in four such runs.
-* Processes. With `processes` on (the default, where os.fork exists), the parts after the first
+* Processes. With `processes` on (the default; Linux on x86-64 only), the parts after the first
   run in forked worker processes instead of threads (cpu_procs.py): the same split, the same ops,
   the gradients summed in the same order, so the same bits, without two interpreters' worth of
   Python sharing one GIL. LeNet-5 SGD steps, 36 blocks of 20 alternating in one process, three
@@ -402,13 +402,13 @@ class _Plan:
 
     def _in_threads(self, kind, *arrays):
         """run_<kind>(thread, *arrays) for every part -> their results in part order. The parts
-        other than the first run in worker processes (cpu_procs) when `processes` is on and the
-        OS can fork, else in worker threads."""
+        other than the first run in worker processes (cpu_procs) when `processes` is on and
+        cpu_procs.supported(), else in worker threads."""
         function = getattr(self, "run_" + kind)
         if self.threads == 1:
             return [function(0, *arrays)]
-        if processes and hasattr(os, "fork"):
-            with _region_lock, cpu_procs.one_blas_thread():
+        if processes and cpu_procs.supported():
+            with _region_lock, blas.one_thread():
                 return cpu_procs.run_parallel(self, kind, arrays)
         with blas.num_threads(1), _switch_interval(SWITCH_INTERVAL):
             if self.workers is not None:

@@ -23,16 +23,18 @@ parent's code. A process forked from the parent does not use the parent's worker
 own.
 
 BLAS: the regions run with a 1-thread BLAS, set without restarting the OpenBLAS thread pool
-that the fork stopped (see one_blas_thread): a restarted pool spins ~0.1 s per fork.
+that the fork stopped (see gpuconv.blas.one_thread): a restarted pool spins ~0.1 s per fork.
 
 Ordering: the data a side writes before bumping its counter is visible to the other side once
 the counter is, on x86-64 (stores are not reordered with stores there). Weaker-ordered CPUs
-would need a fence this module does not have.
+would need a fence this module does not have, so supported() is Linux on x86-64 only (fork is
+also unsafe on macOS once its system frameworks have started threads); elsewhere the plan runs
+worker threads.
 """
-import contextlib
 import ctypes
 import mmap
 import os
+import platform
 import select
 import signal
 import threading
@@ -56,6 +58,12 @@ DONE, FAILED, SLEEPING, ERROR_LENGTH = 8, 9, 10, 11  # written by the worker
 CONTROL_WORDS = 16
 KINDS = {"forward": 1, "backward": 2}
 ALIGN = 64
+
+
+def supported():
+    """Linux on x86-64, where fork is safe here and stores are seen in order (see above)."""
+    return (hasattr(os, "fork") and os.uname().sysname == "Linux"
+            and platform.machine().lower() in ("x86_64", "amd64"))
 
 
 class Received:
@@ -305,52 +313,6 @@ def _next_command(control, seen, wake_fd, parent):
                 os._exit(0)
         control[SLEEPING] = 0
     return int(control[COMMAND])
-
-
-_pool_state = None
-
-
-def _openblas_pool_state():
-    """(blas_cpu_number, blas_server_avail) of NumPy's OpenBLAS as ctypes ints, or None."""
-    global _pool_state
-    if _pool_state is None:
-        _pool_state = ()
-        for path in blas._loaded_openblas_paths():
-            try:
-                library = ctypes.CDLL(path)
-                _pool_state = (ctypes.c_int.in_dll(library, "blas_cpu_number"),
-                               ctypes.c_int.in_dll(library, "blas_server_avail"))
-                break
-            except (OSError, ValueError):
-                continue
-    return _pool_state or None
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-    """blas.num_threads(1), except that where OpenBLAS's thread pool is down (its fork handler
-    stops it in the parent at every fork) the count is written without starting the pool again:
-    a restarted pool's helper threads spin ~0.1 s for work that never comes, and slowed the
-    first 10-20 steps after each fork 1.5-2x. A pool that is down starts at the next threaded
-    BLAS call, as after any fork."""
-    state = _openblas_pool_state() if blas.available() else None
-    if state is None:
-        with blas.num_threads(1):
-            yield
-        return
-    count, avail = state
-    previous = count.value
-    if avail.value:
-        blas.set_num_threads(1)
-    else:
-        count.value = 1
-    try:
-        yield
-    finally:
-        if avail.value:
-            blas.set_num_threads(previous)
-        else:
-            count.value = previous
 
 
 def _die_with_parent():
