@@ -4,7 +4,10 @@ Each framework runs in a fresh subprocess (so one's allocator cannot hide the ot
 import, build the model, optimizer and a random batch, then read the process's peak resident
 set (ru_maxrss) as the baseline; run the training steps; report the peak's growth. For gpuconv,
 tracemalloc also gives the peak of the NumPy arrays alone (NumPy reports its allocations to it;
-PyTorch does not, so it has only the RSS figure).
+PyTorch does not, so it has only the RSS figure). Where the CPU plan runs part of the batch in
+worker processes (gpuconv/nn/cpu_procs.py), their private memory after the steps (Private_Clean +
+Private_Dirty of /proc/PID/smaps_rollup: the pages they allocated or copied on write) is added;
+the mapping they share with the caller is in the caller's RSS already. tracemalloc sees the caller only.
 
     python examples/peak_memory.py --batch 256
     python examples/peak_memory.py --torch-python /path/to/venv-with-torch/bin/python
@@ -24,6 +27,16 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def private_mib(pid):
+    """Memory only process `pid` holds (Linux), MiB."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])  # kB
+    return total / 1024
+
+
 def child_gpuconv(batch, steps, fast):
     import tracemalloc
 
@@ -33,6 +46,7 @@ def child_gpuconv(batch, steps, fast):
     from gpuconv import functional as F
     from gpuconv import optim
     from gpuconv.models import LeNet5
+    from gpuconv.nn import cpu_plan
 
     model = LeNet5().use_fast_cpu(fast)
     optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -48,7 +62,13 @@ def child_gpuconv(batch, steps, fast):
         optimizer.step()
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return dict(rss_growth_mib=peak_rss_mib() - baseline, numpy_peak_mib=traced_peak / 2 ** 20)
+    caller = peak_rss_mib() - baseline
+    plan = cpu_plan._plans.get(model)
+    workers = plan.workers if plan is not None else None
+    pids = [pid for pid in (workers.pids if workers is not None else []) if pid is not None]
+    in_workers = sum(private_mib(pid) for pid in pids)
+    return dict(rss_growth_mib=caller + in_workers, workers_mib=in_workers, worker_processes=len(pids),
+                numpy_peak_mib=traced_peak / 2 ** 20)
 
 
 def child_torch(batch, steps):
@@ -67,7 +87,7 @@ def child_torch(batch, steps):
         optimizer.zero_grad()
         loss_fn(model(x), labels).backward()
         optimizer.step()
-    return dict(rss_growth_mib=peak_rss_mib() - baseline, numpy_peak_mib=None)
+    return dict(rss_growth_mib=peak_rss_mib() - baseline, workers_mib=0.0, worker_processes=0, numpy_peak_mib=None)
 
 
 def run_child(python, name, batch, steps):
@@ -96,7 +116,7 @@ def main(argv=None):
         return 0
     print(f"peak memory of a LeNet-5 training step, batch {args.batch}, {args.steps} steps, "
           f"each framework in a fresh process")
-    print(f"{'framework':<22}{'peak RSS growth':>18}{'NumPy peak (tracemalloc)':>28}")
+    print(f"{'framework':<22}{'peak RSS growth':>18}{'in worker processes':>22}{'NumPy peak (tracemalloc)':>28}")
     for name, label, python in (("plan", "gpuconv (CPU plan)", sys.executable),
                                 ("layers", "gpuconv (layers)", sys.executable),
                                 ("torch", "PyTorch", args.torch_python)):
@@ -105,7 +125,9 @@ def main(argv=None):
             print(f"{label:<22}  not measured: {error}")
             continue
         traced = "" if result["numpy_peak_mib"] is None else f"{result['numpy_peak_mib']:.1f} MiB"
-        print(f"{label:<22}{result['rss_growth_mib']:>14.1f} MiB{traced:>28}")
+        workers = (f"{result['workers_mib']:.1f} MiB ({result['worker_processes']})"
+                   if result["worker_processes"] else "-")
+        print(f"{label:<22}{result['rss_growth_mib']:>14.1f} MiB{workers:>22}{traced:>28}")
     return 0
 
 
