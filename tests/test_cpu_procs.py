@@ -27,6 +27,13 @@ def parts(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def two_parts(monkeypatch):
+    """Two parts (one worker) whatever this machine has."""
+    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+
+
 def step(model, x, labels, optimizer=None):
     logits = model(x)
     _, dlogits = F.softmax_cross_entropy(logits, labels)
@@ -74,9 +81,7 @@ def test_processes_give_the_thread_plans_bits(batch, parts, rng, monkeypatch):
     assert_same_steps(runs[False], runs[True])
 
 
-def test_a_workers_exception_reaches_the_caller(rng, monkeypatch):
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+def test_a_workers_exception_reaches_the_caller(rng, monkeypatch, two_parts):
     parent = os.getpid()
     backward = cpu_ops.LinearOp.backward
 
@@ -98,9 +103,7 @@ def test_a_workers_exception_reaches_the_caller(rng, monkeypatch):
     assert_same_steps([fixed], [step(LeNet5(seed=1), x, labels)])
 
 
-def test_a_worker_that_dies_is_reported_and_replaced(rng, monkeypatch):
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+def test_a_worker_that_dies_is_reported_and_replaced(rng, monkeypatch, two_parts):
     parent = os.getpid()
     forward = cpu_ops.LinearOp.forward
 
@@ -139,9 +142,7 @@ def test_no_worker_outlives_its_model_or_layout(rng, parts):
     assert all(gone(pid) for pid in third)
 
 
-def test_workers_sleep_when_idle_and_wake_up(rng, monkeypatch):
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+def test_workers_sleep_when_idle_and_wake_up(rng, two_parts):
     model = LeNet5(seed=3)
     x, labels = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8)
     first = step(model, x, labels)
@@ -156,9 +157,7 @@ def test_workers_sleep_when_idle_and_wake_up(rng, monkeypatch):
     assert_same_steps([first], [again])
 
 
-def test_a_forked_process_forks_its_own_workers(rng, monkeypatch):
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+def test_a_forked_process_forks_its_own_workers(rng, two_parts):
     model = LeNet5(seed=3)
     x, labels = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8)
     expected = step(model, x, labels)
@@ -203,12 +202,10 @@ def test_workers_end_with_the_interpreter():
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
 
 
-def test_workers_forked_by_a_thread_that_ended_are_replaced(rng, monkeypatch):
+def test_workers_forked_by_a_thread_that_ended_are_replaced(rng, two_parts):
     """On Linux a worker dies with the thread that forked it (PR_SET_PDEATHSIG); the next region
     forks a new one instead of failing."""
     import threading
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
     model = LeNet5(seed=5)
     x, labels = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8)
     results = []
