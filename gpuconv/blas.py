@@ -25,6 +25,7 @@ _SYMBOLS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_thread
 
 _lock = threading.Lock()
 _functions = None  # (get, set) once looked up; (None, None) if there is no OpenBLAS to control
+_library = None    # the OpenBLAS they come from (ctypes.CDLL)
 _warmed_up = False
 
 
@@ -39,7 +40,7 @@ def _loaded_openblas_paths():
 
 
 def _lookup():
-    global _functions
+    global _functions, _library
     if _functions is not None:
         return _functions
     found = (None, None)
@@ -53,7 +54,7 @@ def _lookup():
                 getter, setter = getattr(library, get_name), getattr(library, set_name)
                 getter.restype, getter.argtypes = ctypes.c_int, []
                 setter.restype, setter.argtypes = None, [ctypes.c_int]
-                found = (getter, setter)
+                found, _library = (getter, setter), library
                 break
         if found[0] is not None:
             break
@@ -127,14 +128,12 @@ def _openblas_pool_state():
     global _pool_state
     if _pool_state is None:
         _pool_state = ()
-        for path in _loaded_openblas_paths():
+        if _lookup()[0] is not None:  # the same library whose thread count _lookup() sets
             try:
-                library = ctypes.CDLL(path)
-                _pool_state = (ctypes.c_int.in_dll(library, "blas_cpu_number"),
-                               ctypes.c_int.in_dll(library, "blas_server_avail"))
-                break
-            except (OSError, ValueError):
-                continue
+                _pool_state = (ctypes.c_int.in_dll(_library, "blas_cpu_number"),
+                               ctypes.c_int.in_dll(_library, "blas_server_avail"))
+            except ValueError:
+                pass
     return _pool_state or None
 
 
@@ -145,7 +144,7 @@ def one_thread():
     a restarted pool's helper threads spin ~0.1 s for work that never comes, and slowed the
     first 10-20 steps after each fork 1.5-2x. A pool that is down starts at the next threaded
     BLAS call, as after any fork."""
-    state = _openblas_pool_state() if available() else None
+    state = _openblas_pool_state()
     if state is None:
         with num_threads(1):
             yield

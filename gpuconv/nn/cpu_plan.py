@@ -306,11 +306,7 @@ class _Plan:
             self.version += 1
         if self.ops is None:
             return False
-        for op in self.ops:
-            for p in op.params():
-                if not isinstance(p.data, np.ndarray) or p.data.dtype != np.float32:
-                    return False
-        return True
+        return all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
 
     def layout(self, batch):
         """Split the batch over threads (one per BLAS thread while each gets MIN_CHUNK images),
@@ -341,7 +337,7 @@ class _Plan:
         self.layout(batch)
         self.input_shape = x.shape[1:]
         out = np.empty((batch,) + tuple(self.out_shape), np.float32)
-        self._in_threads("forward", x, out)
+        self._in_parts("forward", x, out)
         return out
 
     def run_forward(self, thread, x, out, base=0):
@@ -366,14 +362,13 @@ class _Plan:
             raise ShapeError(f"dy: expected shape {expected} (the shape of the model's output), "
                              f"got {tuple(dy.shape)}")
         dx = np.empty((self.batch,) + tuple(self.input_shape), np.float32) if need_dx else None
-        results = self._in_threads("backward", dy, dx, need_dx)
+        results = self._in_parts("backward", dy, dx, need_dx)
         total = results[0].arrays
         for other in results[1:]:
             for key, (param, value) in other.arrays.items():
                 total[key][1] += value
-        for op in self.ops:
-            for p in op.params():
-                p.grad = total[id(p)][1] if id(p) in total else None
+        for p in self.params():
+            p.grad = total[id(p)][1] if id(p) in total else None
         return dx
 
     def run_backward(self, thread, dy, dx, need_dx, base=0):
@@ -400,7 +395,7 @@ class _Plan:
                 found.setdefault(id(p), p)
         return list(found.values())
 
-    def _in_threads(self, kind, *arrays):
+    def _in_parts(self, kind, *arrays):
         """run_<kind>(thread, *arrays) for every part -> their results in part order. The parts
         other than the first run in worker processes (cpu_procs) when `processes` is on and
         cpu_procs.supported(), else in worker threads."""

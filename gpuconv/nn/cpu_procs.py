@@ -60,10 +60,13 @@ KINDS = {"forward": 1, "backward": 2}
 ALIGN = 64
 
 
+_SUPPORTED = (hasattr(os, "fork") and os.uname().sysname == "Linux"
+              and platform.machine().lower() in ("x86_64", "amd64"))
+
+
 def supported():
     """Linux on x86-64, where fork is safe here and stores are seen in order (see above)."""
-    return (hasattr(os, "fork") and os.uname().sysname == "Linux"
-            and platform.machine().lower() in ("x86_64", "amd64"))
+    return _SUPPORTED
 
 
 class Received:
