@@ -43,7 +43,7 @@ def child_gpuconv(batch, steps, fast):
     import numpy as np
 
     sys.path.insert(0, ROOT)
-    from gpuconv import functional as F
+    from gpuconv import ops as F
     from gpuconv import optim
     from gpuconv.models import LeNet5
     from gpuconv.nn import cpu_plan

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 import gpuconv
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv import optim
 from gpuconv.data import MNIST, DataLoader
 from gpuconv.data.loader import to_float_batch

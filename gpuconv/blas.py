@@ -2,9 +2,9 @@
 
 Why: OpenBLAS splits even a small GEMM over all its threads, and on a busy 2-core machine a
 threaded (128x120)@(120x400) product waits 1-9 ms for the other core where one thread needs
-0.16 ms. The CPU plan (gpuconv.nn.cpu_plan) therefore runs its own threads, one per core, each
+0.16 ms. The CPU executor (gpuconv.nn.cpu_plan) therefore runs its own threads, one per core, each
 over part of the batch with a single-threaded BLAS, and asks for that here for the length of a
-step. threadpoolctl would do the same; these few lines avoid a runtime dependency.
+parallel region, restoring the previous count exactly afterwards. threadpoolctl would do the same; these few lines avoid a runtime dependency.
 
 Only OpenBLAS (what NumPy's wheels ship, as scipy-openblas) is controlled. Anything else (MKL,
 Accelerate) reports `available() == False`, and callers then leave the BLAS alone.
@@ -116,49 +116,3 @@ def warm_up():
     _warmed_up = True
     a = np.ones((512, 512), dtype=np.float32)
     np.matmul(a, a)
-
-
-_pool_state = None
-
-
-def _openblas_pool_state():
-    """(blas_cpu_number, blas_server_avail) of NumPy's OpenBLAS as ctypes ints, or None. These are
-    OpenBLAS internals (exported globals, seen in scipy-openblas 0.3.31): where they are missing,
-    one_thread() is plain num_threads(1)."""
-    global _pool_state
-    if _pool_state is None:
-        _pool_state = ()
-        if _lookup()[0] is not None:  # the same library whose thread count _lookup() sets
-            try:
-                _pool_state = (ctypes.c_int.in_dll(_library, "blas_cpu_number"),
-                               ctypes.c_int.in_dll(_library, "blas_server_avail"))
-            except ValueError:
-                pass
-    return _pool_state or None
-
-
-@contextlib.contextmanager
-def one_thread():
-    """blas.num_threads(1), except that where OpenBLAS's thread pool is down (its fork handler
-    stops it in the parent at every fork) the count is written without starting the pool again:
-    a restarted pool's helper threads spin ~0.1 s for work that never comes, and slowed the
-    first 10-20 steps after each fork 1.5-2x. A pool that is down starts at the next threaded
-    BLAS call, as after any fork."""
-    state = _openblas_pool_state()
-    if state is None:
-        with num_threads(1):
-            yield
-        return
-    count, avail = state
-    previous = count.value
-    if avail.value:
-        set_num_threads(1)
-    else:
-        count.value = 1
-    try:
-        yield
-    finally:
-        if avail.value:
-            set_num_threads(previous)
-        else:
-            count.value = previous

@@ -58,6 +58,3 @@ class MissingExtraError(GpuconvError, ImportError):
     """An optional dependency group (a pip "extra", e.g. `plot` for matplotlib) is not installed."""
 
 
-class WorkerError(GpuconvError, RuntimeError):
-    """A worker process running part of a batch raised, died or stopped answering; the message
-    names the part and carries the worker's own error."""

@@ -5,16 +5,19 @@ seed, history), and the order of every epoch depends only on (seed, epoch), so -
 to exactly the weights an uninterrupted run reaches.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from . import functional as F
+from . import ops as F
 from . import optim
 from .backend import get_array_module, parse_device, to_device
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
@@ -43,8 +46,9 @@ def predict_logits(model, images, batch_size=1000):
     was_training = model.training
     model.eval()
     try:
-        chunks = [to_device(model(to_device(images[start:start + batch_size], model.device)), "cpu")
-                  for start in range(0, len(images), batch_size)]
+        with no_grad():
+            chunks = [to_device(model(to_device(images[start:start + batch_size], model.device)).data, "cpu")
+                      for start in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
     return np.concatenate(chunks)
@@ -62,11 +66,30 @@ def first_non_finite_layer(model, x):
     xp = get_array_module(x)
     if not bool(xp.isfinite(x).all()):
         return "input"
-    for name, layer in model.named_children():
-        x = layer(x)
-        if not bool(xp.isfinite(x).all()):
-            return name
+    with no_grad():
+        for name, layer in model.named_children():
+            x = layer(x).data
+            if not bool(xp.isfinite(x).all()):
+                return name
     return "loss"
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C inside the block is held until the block ends, then raised: an optimizer update is
+    never left half done (some parameters stepped, others not). Only in the main thread, where
+    Python delivers signals; the previous handler is restored exactly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class Trainer:
@@ -84,6 +107,7 @@ class Trainer:
             raise ArgumentError("resume: --resume needs --checkpoint PATH to resume from")
         self.device = parse_device(c["device"])
         self.model = LeNet5(activation=c["activation"], pool=c["pool"], seed=c["seed"]).to(self.device)
+        self.net = compile_model(self.model)  # the CPU executor where it applies, eager elsewhere
         self.optimizer = build_optimizer(c["optimizer"], self.model.parameters(), c["lr"], c["momentum"],
                                          c["weight_decay"])
         schedule = optim.SCHEDULES.get(c["schedule"], "missing")
@@ -98,6 +122,7 @@ class Trainer:
         self.test_images = to_float_batch(self.test_set.images)
         self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"])
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
+        self.progress = dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0)  # the epoch so far
         if c["resume"] and os.path.exists(c["checkpoint"]):
             self.restore(c["checkpoint"])
 
@@ -105,7 +130,7 @@ class Trainer:
     def meta(self):
         keys = ("seed", "batch_size", "activation", "pool", "optimizer", "schedule", "epochs")
         return dict(epoch=self.epoch, batch=self.batch, step=self.step, history=self.history,
-                    config={k: self.config[k] for k in keys})
+                    progress=self.progress, config={k: self.config[k] for k in keys})
 
     def save(self):
         if self.config["checkpoint"]:
@@ -125,6 +150,7 @@ class Trainer:
         self.optimizer.load_state_dict(optim_state)
         self.epoch, self.batch, self.step = meta["epoch"], meta["batch"], meta["step"]
         self.history = meta["history"]
+        self.progress = dict(dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0), **meta.get("progress", {}))
         if self.schedule is not None:
             self.schedule.epoch = self.epoch
             self.schedule.epoch -= 1
@@ -133,52 +159,60 @@ class Trainer:
 
     # ----- training -----
     def train_step(self, x, y):
-        logits = self.model(x)
-        loss, dlogits = self.loss_fn(logits, y)
-        if not math.isfinite(loss):
+        """One SGD step on a batch -> (loss as a float, logits array)."""
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        value = loss.item()
+        if not math.isfinite(value):
             layer = first_non_finite_layer(self.model, x)
-            raise NonFiniteError(f"loss became {loss} at step {self.step + 1} (epoch {self.epoch + 1}); "
+            raise NonFiniteError(f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); "
                                  f"the first non-finite output came from layer {layer!r}. The last good "
                                  "checkpoint is kept; lower --lr or check the input data")
-        self.model.backward(dlogits, need_dx=False)
+        self.optimizer.zero_grad()
+        loss.backward()
         self.optimizer.step()
-        return loss, logits
+        self.batch += 1
+        self.step += 1
+        return value, logits.data
 
     def fit(self):
         c = self.config
         test_accuracy = None
         while self.epoch < c["epochs"]:
-            started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+            progress = self.progress
+            started = time.perf_counter() - progress["seconds"]
             batches = self.loader.batches(self.epoch, start=self.batch)
             bar = tqdm(batches, total=len(self.loader) - self.batch, desc=f"epoch {self.epoch + 1}/{c['epochs']}",
                        leave=False, disable=None, unit="batch")
             for x, y in bar:
                 x, y = to_device(x, self.device), to_device(y, self.device)
-                loss, logits = self.train_step(x, y)
-                self.batch += 1
-                self.step += 1
-                seen += len(y)
-                loss_sum += loss * len(y)
-                correct += int((logits.argmax(axis=1) == y).sum())
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+                with sigint_deferred():  # Ctrl-C lands between steps: weights and counts agree
+                    loss, logits = self.train_step(x, y)
+                    progress["seen"] += len(y)
+                    progress["loss_sum"] += loss * len(y)
+                    progress["correct"] += int((logits.argmax(axis=1) == y).sum())
+                    progress["seconds"] = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{progress['correct'] / progress['seen']:.4f}",
+                                refresh=False)
                 if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0:
                     self.save()
             bar.close()
-            seconds = time.perf_counter() - started
-            test_accuracy = evaluate(self.model, self.test_images, self.test_set.labels)
-            record = dict(epoch=self.epoch + 1, train_loss=loss_sum / max(seen, 1),
-                          train_accuracy=correct / max(seen, 1), test_accuracy=test_accuracy,
+            seconds, seen = time.perf_counter() - started, progress["seen"]
+            test_accuracy = evaluate(self.net, self.test_images, self.test_set.labels)
+            record = dict(epoch=self.epoch + 1, train_loss=progress["loss_sum"] / max(seen, 1),
+                          train_accuracy=progress["correct"] / max(seen, 1), test_accuracy=test_accuracy,
                           seconds=seconds, images_per_s=seen / seconds if seconds else 0.0, lr=self.optimizer.lr)
             self.history.append(record)
             self.log(f"epoch {record['epoch']}/{c['epochs']}: train loss {record['train_loss']:.4f}, "
                      f"train accuracy {record['train_accuracy']:.4f}, test accuracy {test_accuracy:.4f}, "
                      f"{seconds:.1f} s, {record['images_per_s']:,.0f} images/s")
             self.epoch, self.batch = self.epoch + 1, 0
+            self.progress = dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0)
             if self.schedule is not None:
                 self.schedule.step()
             self.save()
         if test_accuracy is None:  # resumed a finished run
-            test_accuracy = evaluate(self.model, self.test_images, self.test_set.labels)
+            test_accuracy = evaluate(self.net, self.test_images, self.test_set.labels)
         return test_accuracy
 
 

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv.cuda import emulation
 
 

@@ -3,7 +3,7 @@ filters, one per pooling window's rows with a banded weight. Both against the la
 import numpy as np
 import pytest
 
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv import nn
 from gpuconv.nn import cpu_plan
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpuconv import blas, nn
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv import optim
 from gpuconv.errors import DTypeError, ShapeError
 from gpuconv.models import LeNet5

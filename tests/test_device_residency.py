@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv import nn, optim
-from gpuconv.functional import activation, conv, conv_cuda, linear, loss, pool, pool_cuda
+from gpuconv.ops import activation, conv, conv_cuda, linear, loss, pool, pool_cuda
 from gpuconv.models import LeNet5
 
 HOST_COPY = re.compile(r"\.get\(\)|asnumpy|to_device\(|np\.asarray\(|np\.array\(|\.tolist\(\)")

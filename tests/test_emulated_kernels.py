@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import gpuconv.functional as F
+import gpuconv.ops as F
 from gpuconv.cuda import compiler, emulate
 from gpuconv.cuda.emulate import ORDERS
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv.functional import conv, pool
+from gpuconv.ops import conv, pool
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +78,7 @@ def test_conv2d_same_padding_even_kernel(dtype, rng):
 
 
 def test_im2col_batch_chunks_match_one_chunk(monkeypatch, rng):
-    from gpuconv.functional import conv_cuda
+    from gpuconv.ops import conv_cuda
     x, weight, dy = _to_gpu(rng.standard_normal((5, 8, 6, 6)), rng.standard_normal((16, 8, 3, 3)),
                             rng.standard_normal((5, 16, 4, 4)))
     whole = conv.conv2d_backward(dy, x, weight, algo="im2col")

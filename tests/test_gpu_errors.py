@@ -4,10 +4,10 @@ raises CuPy's own exception types, exactly as a GPU launch would."""
 import numpy as np
 import pytest
 
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv.cuda import emulation
 from gpuconv.errors import GpuOutOfMemoryError, KernelError
-from gpuconv.functional import conv_cuda, pool_cuda
+from gpuconv.ops import conv_cuda, pool_cuda
 
 cupy = pytest.importorskip("cupy", reason="the cuda13 extra (CuPy) is part of the test install")
 

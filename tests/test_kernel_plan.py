@@ -1,6 +1,6 @@
 """The on-paper GPU plan records the real launchers' kernels and counts FLOPs like summary()."""
 from gpuconv.cuda import plan
-from gpuconv.functional import conv_cuda
+from gpuconv.ops import conv_cuda
 from gpuconv.models import LeNet5
 
 

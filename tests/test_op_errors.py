@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 import gpuconv
 from gpuconv import backend
-from gpuconv import functional as F
+from gpuconv import ops as F
 from gpuconv.errors import ArgumentError, DeviceMismatchError, DTypeError, GpuconvError, ShapeError
-from gpuconv.functional._args import conv_output_size
+from gpuconv.ops._args import conv_output_size
 
 
 @pytest.fixture(autouse=True)

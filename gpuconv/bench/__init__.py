@@ -9,7 +9,7 @@ import argparse
 import shlex
 import sys
 
-from ..functional.conv import ALGOS
+from ..ops.conv import ALGOS
 from ..show import require_matplotlib
 from .report import format_table, machine_line, plot_results, write_json
 from .runner import DEFINITIONS, SCHEMA, run

@@ -10,7 +10,7 @@ import inspect
 
 import numpy as np
 
-from .. import functional as F
+from .. import ops as F
 from .. import optim
 from ..backend import to_device
 from ..models import LeNet5

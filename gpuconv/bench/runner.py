@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..backend import cuda_status, parse_device, to_device
 from ..errors import ArgumentError, CudaUnavailableError
-from ..functional.conv import ALGOS
+from ..ops.conv import ALGOS
 from . import rows as rows_module
 from .machine import blas_threads, load_average, machine_info, set_blas_threads, torch_info
 from .rows import GpuconvRows, inference_spec, specs, step_spec

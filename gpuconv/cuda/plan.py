@@ -1,7 +1,7 @@
 """`python -m gpuconv kernel-plan`: LeNet-5's GPU work on paper, for machines without a GPU.
 
 For every conv and pool call of a LeNet-5 training step it runs the real launch code
-(functional/conv_cuda.py, pool_cuda.py) with a recorder in place of the kernel launch, so the table
+(ops/conv_cuda.py, pool_cuda.py) with a recorder in place of the kernel launch, so the table
 shows exactly the kernels, grids and blocks a GPU would get. Beside them: FLOPs, the bytes each call
 must move through DRAM at least, the kernels' registers and shared memory from NVRTC (check.py), and
 a roofline lower bound on time from an H100 SXM's datasheet figures. Paper, not measurement: the
@@ -12,8 +12,8 @@ import contextlib
 
 import numpy as np
 
-from ..functional import conv_cuda, pool_cuda
-from ..functional._args import conv_output_size
+from ..ops import conv_cuda, pool_cuda
+from ..ops._args import conv_output_size
 
 # NVIDIA H100 SXM datasheet: FP32 (non-tensor) and HBM3 bandwidth. A bound, not a measurement.
 PEAK_FLOPS = 67e12

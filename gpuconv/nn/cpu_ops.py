@@ -8,7 +8,7 @@ import operator
 
 import numpy as np
 
-from ..functional._args import conv_output_size
+from ..ops._args import conv_output_size
 from . import layers as L
 
 

@@ -1,11 +1,12 @@
-"""The fast CPU path: a Sequential run as one plan in the batch-innermost layout.
+"""The CPU executor: a chain of layers run as one plan in the batch-innermost layout.
 
-Sequential.forward/backward hand a float32 NumPy batch to `forward(model, x)` / `backward(model,
-dy, need_dx)` below. When every layer is one this module knows (Conv2d with groups=1, ReLU, Tanh,
-Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Linear, Dropout when
-it is the identity), the model runs here; otherwise `forward` returns None and the layers run one
-by one, which stays the reference. Gradients match that reference to float32 rounding.
-This module plans and runs (fusion, chunks, threads); the per-layer ops are in cpu_ops.py.
+gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
+of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
+Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Linear, Identity,
+Dropout when it is the identity), the whole chain runs here as one autograd Function; otherwise
+the model runs eagerly, op by op, which stays the reference. Gradients match that reference to
+float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
+ops are in cpu_ops.py. No layer or container knows this module exists.
 
 Why it is faster than the layers (figures: the commit messages of this file):
 
@@ -26,11 +27,12 @@ Why it is faster than the layers (figures: the commit messages of this file):
   the same number can the layers (first of the equal sums) and the plan (the larger raw value,
   as exact arithmetic would) route a gradient differently.
 * Threads. NumPy's elementwise work runs on one core and OpenBLAS's threaded small GEMMs stall
-  when the other core is busy. So the batch is split into one part per BLAS thread, each part runs
+  when the other core is busy. So the batch is split into parts, one for the caller and one per worker thread, each runs
   the whole network in its own Python thread (NumPy releases the GIL inside every large call)
   with a single-threaded BLAS (set process-wide for the length of the call, then restored), and
   the parts' parameter gradients are summed. Two joins per training step, none per layer. The
-  thread count is NumPy's BLAS thread count, so "2 threads" means the same as for the BLAS alone.
+  number of parts comes from the batch size and `workers` alone (never from the BLAS thread count,
+  which another thread may change), so the same batch always sums its gradients in the same order.
   Running the same ops in lockstep, the two threads would run their short NumPy calls (and the
   Python between them, which holds the GIL) at the same moments; so in the backward every other
   thread computes all the input gradients first and the weight gradients after
@@ -41,59 +43,93 @@ Why it is faster than the layers (figures: the commit messages of this file):
   gradients wait in every thread: both threads start the backward with the dense layers, whose
   calls take microseconds, so the fewer of them there, the less each thread waits for the GIL
   (their dW, db, dx took 10-100 us each in a two-thread step). 1-3% faster in four such runs.
-* Processes. With `processes` on (the default; Linux on x86-64 only), the parts after the first
-  run in forked worker processes instead of threads (cpu_procs.py): the same split, the same ops,
-  the gradients summed in the same order, so the same bits, without two interpreters' worth of
-  Python sharing one GIL. LeNet-5 SGD steps, 36 blocks of 20 alternating in one process, three
-  runs each (per-block median ratio processes/threads, blocks faster): batch 64 0.78-0.81
-  (35-36/36), batch 128 0.90-0.92 (28-34/36), batch 256 0.95-1.00 (20-30/36). A worker is
-  forked at the first parallel region after a compile, a layout change or a change of a
-  layer's `training` flag: that step took ~15 ms longer (batch 120/128).
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
 
-Non-finite logits (a NaN or Inf anywhere upstream reaches them) make `forward` run the layers
-instead, so the reference rules for NaN in max pooling apply and backward follows the same path.
-Switch the plan off with `model.use_fast_cpu(False)` or, for the process, `cpu_plan.enabled = False`;
-worker threads instead of processes with `cpu_plan.processes = False`.
+What it does to the process, and nothing else: `workers` daemon threads (created on first use,
+reused for every batch size and model, blocked on a lock while idle, never forked processes);
+for the length of each parallel region, the BLAS thread count set to 1 and Python's thread switch
+interval to 0.2 ms, both restored exactly afterwards (regions run one at a time, under one lock,
+so two threads training two models cannot interleave their settings). The number of workers is
+GPUCONV_CPU_WORKERS in the environment, or gpuconv.set_cpu_workers(n); 0 runs everything in the
+caller's thread; the default is one fewer than the CPUs this process may run on (at most 7).
 """
 import contextlib
 import os
 import sys
 import threading
-import weakref
 
 import numpy as np
 
 from .. import blas
-from ..backend import emulation_enabled
-from ..errors import DTypeError, ShapeError
-from . import cpu_procs
+from ..errors import ArgumentError, DTypeError, ShapeError
 from . import layers as L
 from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, IdentityOp, LinearOp, PoolOp,
                       Unsupported)
 
-enabled = True          # process-wide switch; Sequential.use_fast_cpu(False) switches one model off
 MIN_CHUNK = 24          # fewer images than this per thread is not worth a thread (measured: 32 -> 1 thread)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
 MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many images
-processes = True        # run the parts after the first in forked worker processes (see "Processes")
+MAX_WORKERS = 7
 
-_plans = weakref.WeakKeyDictionary()  # model -> its _Plan (kept off the model: no state in vars())
 _workers = []           # _Worker threads for the parallel regions (created on first use)
 _workers_pid = None
 _region_lock = threading.Lock()
+_worker_count = None    # set_cpu_workers(); None: GPUCONV_CPU_WORKERS or the default
+
+
+def _check_workers(value, source):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ArgumentError(f"{source}: expected a whole number of worker threads >= 0 (0 runs in the "
+                            f"caller's thread), got {value!r}")
+    return int(value)
+
+
+def set_cpu_workers(count):
+    """Worker threads the CPU executor uses beside the caller's (0: the caller alone). None goes
+    back to GPUCONV_CPU_WORKERS or the default. Takes effect at the next step."""
+    global _worker_count
+    _worker_count = None if count is None else _check_workers(count, "set_cpu_workers(count)")
+
+
+def get_cpu_workers():
+    """The worker threads a step uses besides the caller's."""
+    if _worker_count is not None:
+        return _worker_count
+    text = os.environ.get("GPUCONV_CPU_WORKERS", "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = text
+        return _check_workers(value, "GPUCONV_CPU_WORKERS")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(cpus - 1, MAX_WORKERS))
 
 
 # ----------------------------------------------------------------------------------------------
 # compiling a Sequential into ops
 
 
-def _signature(model, x):
+def chain(model):
+    """The layers a model runs in order: a Sequential (or a subclass that keeps its forward)
+    opened recursively; Unsupported for a model whose forward is its own Python."""
+    from .sequential import Sequential
+    if isinstance(model, Sequential) and type(model).forward is Sequential.forward:
+        return [layer for child in model for layer in chain(child)]
+    if type(model) in LOWERINGS:
+        return [model]
+    raise Unsupported(f"{type(model).__name__} (its forward is Python the executor cannot lower)")
+
+
+def _signature(layers, x):
     """What the compiled ops depend on; any change recompiles (cheap: a tuple per layer)."""
     parts = [x.shape[1:]]
-    for layer in model:
+    for layer in layers:
         kind = type(layer)
         if kind is L.Conv2d:
             parts.append((id(layer), kind, layer.stride, layer.padding, layer.dilation, layer.groups,
@@ -104,42 +140,84 @@ def _signature(model, x):
             parts.append((id(layer), kind, layer.kernel_size, layer.stride, layer.padding))
         elif kind is L.Dropout:
             parts.append((id(layer), kind, layer.training and layer.p > 0))
+        elif kind is L.Flatten:
+            parts.append((id(layer), kind, layer.start_dim, layer.end_dim))
         else:
             parts.append((id(layer), kind))
     return tuple(parts)
 
 
+# The registry: layer type -> lowering(layers, index, ops) -> how many layers it consumed. A
+# lowering appends ops, or raises Unsupported for a configuration it cannot run.
+LOWERINGS = {}
+
+
+def lowers(*kinds):
+    def register(function):
+        for kind in kinds:
+            LOWERINGS[kind] = function
+        return function
+    return register
+
+
+@lowers(L.Conv2d)
+def _lower_conv(layers, index, ops):
+    """Conv2d, fused with a following [ReLU ->] MaxPool2d(k, stride k) where there is one."""
+    relu = index + 1 < len(layers) and type(layers[index + 1]) is L.ReLU
+    pool_at = index + 1 + relu
+    pool = layers[pool_at] if pool_at < len(layers) else None
+    if type(pool) is L.MaxPool2d and pool.stride == pool.kernel_size and pool.padding == (0, 0):
+        ops.append(ConvOp(layers[index], index, pool=pool.kernel_size, relu=relu))
+        return pool_at + 1 - index
+    ops.append(ConvOp(layers[index], index))
+    return 1
+
+
+@lowers(L.MaxPool2d, L.AvgPool2d)
+def _lower_pool(layers, index, ops):
+    ops.append(PoolOp(layers[index], index))
+    return 1
+
+
+@lowers(L.ReLU, L.Tanh, L.Sigmoid)
+def _lower_activation(layers, index, ops):
+    # In place when nothing reads the previous output again (conv without pool, linear).
+    in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (ConvOp, LinearOp))
+    ops.append(ActivationOp(layers[index], index, in_place))
+    return 1
+
+
+@lowers(L.Flatten)
+def _lower_flatten(layers, index, ops):
+    if (layers[index].start_dim, layers[index].end_dim) != (1, -1):
+        raise Unsupported("Flatten other than start_dim=1, end_dim=-1")
+    ops.append(FlattenOp(index))
+    return 1
+
+
+@lowers(L.Linear)
+def _lower_linear(layers, index, ops):
+    ops.append(LinearOp(layers[index], index))
+    return 1
+
+
+@lowers(L.Identity, L.Dropout)
+def _lower_identity(layers, index, ops):
+    layer = layers[index]
+    if type(layer) is L.Dropout and layer.training and layer.p > 0:
+        raise Unsupported("Dropout in training (the eager path draws its masks)")
+    ops.append(IdentityOp(index))
+    return 1
+
+
 def _compile(layers, input_shape):
-    """Layers -> ops, fusing conv [-> ReLU] -> MaxPool2d(k, stride k). Raises Unsupported."""
+    """Layers -> ops through LOWERINGS, then each op set up for its input shape. Raises Unsupported."""
     ops, index = [], 0
     while index < len(layers):
-        layer, kind = layers[index], type(layers[index])
-        following = [type(l) for l in layers[index + 1:index + 3]]
-        if kind is L.Conv2d:
-            relu = following[:1] == [L.ReLU]
-            pool_at = index + 1 + relu
-            pool = layers[pool_at] if pool_at < len(layers) else None
-            if (type(pool) is L.MaxPool2d and pool.stride == pool.kernel_size
-                    and pool.padding == (0, 0)):
-                ops.append(ConvOp(layer, index, pool=pool.kernel_size, relu=relu))
-                index = pool_at + 1
-                continue
-            ops.append(ConvOp(layer, index))
-        elif kind in (L.MaxPool2d, L.AvgPool2d):
-            ops.append(PoolOp(layer, index))
-        elif kind in (L.ReLU, L.Tanh, L.Sigmoid):
-            # In place when nothing reads the previous output again (conv without pool, linear).
-            in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (ConvOp, LinearOp))
-            ops.append(ActivationOp(layer, index, in_place))
-        elif kind is L.Flatten:
-            ops.append(FlattenOp(index))
-        elif kind is L.Linear:
-            ops.append(LinearOp(layer, index))
-        elif kind is L.Dropout and not (layer.training and layer.p > 0):
-            ops.append(IdentityOp(index))
-        else:
-            raise Unsupported(f"layer {kind.__name__}")
-        index += 1
+        lowering = LOWERINGS.get(type(layers[index]))
+        if lowering is None:
+            raise Unsupported(f"layer {type(layers[index]).__name__}")
+        index += lowering(layers, index, ops)
     shape = tuple(input_shape)
     for op in ops:
         if isinstance(op, (ConvOp, PoolOp)) and len(shape) != 3:
@@ -232,31 +310,29 @@ class _Worker:
 
 def _run_parallel(function, parts):
     """function(part) for each part; the first in this thread, the others in worker threads.
-    One caller at a time (a second waits): the workers and the BLAS setting are process-wide."""
+    The caller holds _region_lock (one region at a time: the workers and the settings are
+    process-wide). Waits on locks: an idle or waiting thread takes no CPU."""
     global _workers, _workers_pid
-    if len(parts) == 1:
-        return [function(parts[0])]
-    with _region_lock:
-        if _workers_pid != os.getpid():  # a forked child inherits the objects, not the threads
-            _workers, _workers_pid = [], os.getpid()
-        while len(_workers) < len(parts) - 1:
-            _workers.append(_Worker())
-        workers = _workers[:len(parts) - 1]
-        for worker, part in zip(workers, parts[1:]):
-            worker.submit(function, part)
-        results, error = [], None
+    if _workers_pid != os.getpid():  # a forked child inherits the objects, not the threads
+        _workers, _workers_pid = [], os.getpid()
+    while len(_workers) < len(parts) - 1:
+        _workers.append(_Worker())
+    workers = _workers[:len(parts) - 1]
+    for worker, part in zip(workers, parts[1:]):
+        worker.submit(function, part)
+    results, error = [], None
+    try:
+        results.append(function(parts[0]))
+    except BaseException as caught:
+        error = caught
+    for worker in workers:  # wait for all before anything returns or raises
         try:
-            results.append(function(parts[0]))
+            results.append(worker.result())
         except BaseException as caught:
-            error = caught
-        for worker in workers:  # wait for all before anything returns or raises
-            try:
-                results.append(worker.result())
-            except BaseException as caught:
-                error = error or caught
-        if error is not None:
-            raise error
-        return results
+            error = error or caught
+    if error is not None:
+        raise error
+    return results
 
 
 @contextlib.contextmanager
@@ -279,39 +355,40 @@ def _switch_interval(seconds):
 
 
 class _Plan:
-    def __init__(self, model):
-        self.model = weakref.ref(model)
+    """One model's compiled chain, its layout over threads and chunks, and the buffers they reuse.
+    `forwards` counts forward runs: the backward of a forward is only valid while no other
+    forward has replaced the saved activations (see gpuconv/compiler.py)."""
+
+    def __init__(self):
         self.signature = None
         self.ops = None
         self.parts = []          # per thread: list of Chunk
-        self.active = False      # did the last forward run here (so backward must too)?
         self.threads = 1
         self.batch = None
         self.layout_key = None
         self.scratch = []        # per thread: buffers its ops reuse chunk after chunk
-        self.version = 0         # counts compiles and layouts: worker processes forked before are stale
-        self.workers = None      # cpu_procs.Workers running parts 1.. of this layout, if any
+        self.forwards = 0
+        self.lock = threading.RLock()  # one forward or backward of this plan at a time
 
-    def prepare(self, model, x):
-        """Compile if the model or input shape changed; False if the plan cannot run this model."""
-        signature = _signature(model, x)
+    def prepare(self, layers, x):
+        """Compile if the layers or input shape changed; False if the plan cannot run them."""
+        signature = _signature(layers, x)
         if signature != self.signature:
             self.signature = signature
             try:
-                self.ops, self.out_shape = _compile(list(model), x.shape[1:])
+                self.ops, self.out_shape = _compile(layers, x.shape[1:])
             except Unsupported:
                 self.ops = None
             self.layout_key = None
             self.parts, self.scratch = [], []
-            self.version += 1
         if self.ops is None:
             return False
         return all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
 
     def layout(self, batch):
-        """Split the batch over threads (one per BLAS thread while each gets MIN_CHUNK images),
+        """Split the batch over the caller and the workers (while each gets MIN_CHUNK images),
         and each thread's share into chunks of at most MAX_CHUNK images run one after another."""
-        threads = max(1, min(blas.get_num_threads() if blas.available() else 1, batch // MIN_CHUNK))
+        threads = max(1, min(get_cpu_workers() + 1, batch // MIN_CHUNK))
         if (batch, threads, MAX_CHUNK) == self.layout_key:
             return
         old = {chunk.n: chunk.store for part in self.parts for chunk in part}
@@ -329,7 +406,6 @@ class _Plan:
         del self.scratch[threads:]
         self.deferring = [thread % 2 == 1 for thread in range(threads)]
         self.batch, self.threads, self.layout_key = batch, threads, (batch, threads, MAX_CHUNK)
-        self.version += 1
         blas.warm_up()
 
     def forward(self, x):
@@ -337,23 +413,24 @@ class _Plan:
         self.layout(batch)
         self.input_shape = x.shape[1:]
         out = np.empty((batch,) + tuple(self.out_shape), np.float32)
+        self.forwards += 1
         self._in_parts("forward", x, out)
         return out
 
-    def run_forward(self, thread, x, out, base=0):
-        """Part `thread`'s chunks of a forward. x and out hold the rows from `base` on: the whole
-        batch here, only the part's own rows in a worker process (cpu_procs)."""
+    def run_forward(self, thread, x, out):
+        """Part `thread`'s chunks of a forward."""
         scratch = self.scratch[thread]
         for chunk in self.parts[thread]:
             chunk.saved = {}
-            h = x[chunk.start - base:chunk.stop - base]
+            h = x[chunk.start:chunk.stop]
             h = h.transpose(1, 2, 3, 0) if h.ndim == 4 else h.T
             for op in self.ops:
                 h = op.forward(chunk, h, scratch)
-            target = out[chunk.start - base:chunk.stop - base]
+            target = out[chunk.start:chunk.stop]
             np.copyto(target.transpose(*range(1, target.ndim), 0), h)
 
     def backward(self, dy, need_dx):
+        """-> (dx or None, [gradient or None for each of params()]) for the last forward."""
         expected = (self.batch,) + tuple(self.out_shape)
         if not isinstance(dy, np.ndarray) or dy.dtype != np.float32:
             raise DTypeError(f"dy: expected a float32 NumPy array like the model's output, got "
@@ -361,29 +438,27 @@ class _Plan:
         if dy.shape != expected:
             raise ShapeError(f"dy: expected shape {expected} (the shape of the model's output), "
                              f"got {tuple(dy.shape)}")
+        dy = np.ascontiguousarray(dy)
         dx = np.empty((self.batch,) + tuple(self.input_shape), np.float32) if need_dx else None
         results = self._in_parts("backward", dy, dx, need_dx)
         total = results[0].arrays
         for other in results[1:]:
             for key, (param, value) in other.arrays.items():
                 total[key][1] += value
-        for p in self.params():
-            p.grad = total[id(p)][1] if id(p) in total else None
-        return dx
+        return dx, [total[id(p)][1] if id(p) in total else None for p in self.params()]
 
-    def run_backward(self, thread, dy, dx, need_dx, base=0):
-        """Part `thread`'s chunks of a backward -> its _Grads; dy and dx hold the rows from
-        `base` on, as in run_forward."""
+    def run_backward(self, thread, dy, dx, need_dx):
+        """Part `thread`'s chunks of a backward -> its _Grads."""
         grads, scratch = _Grads(deferring=self.deferring[thread]), self.scratch[thread]
         for chunk in self.parts[thread]:
-            d = dy[chunk.start - base:chunk.stop - base]
+            d = dy[chunk.start:chunk.stop]
             d = d.transpose(*range(1, d.ndim), 0)
             for position in range(len(self.ops) - 1, -1, -1):
                 op = self.ops[position]
                 d = op.backward(chunk, d, need_dx or position > 0, grads, scratch)
             grads.flush()
             if need_dx:
-                target = dx[chunk.start - base:chunk.stop - base]
+                target = dx[chunk.start:chunk.stop]
                 np.copyto(target.transpose(*range(1, target.ndim), 0), d)
         return grads
 
@@ -396,55 +471,10 @@ class _Plan:
         return list(found.values())
 
     def _in_parts(self, kind, *arrays):
-        """run_<kind>(thread, *arrays) for every part -> their results in part order. The parts
-        other than the first run in worker processes (cpu_procs) when `processes` is on and
-        cpu_procs.supported(), else in worker threads."""
+        """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..
+        in worker threads, with a 1-thread BLAS and a short switch interval for the region."""
         function = getattr(self, "run_" + kind)
         if self.threads == 1:
             return [function(0, *arrays)]
-        if processes and cpu_procs.supported():
-            with _region_lock, blas.one_thread():
-                return cpu_procs.run_parallel(self, kind, arrays)
-        with blas.num_threads(1), _switch_interval(SWITCH_INTERVAL):
-            if self.workers is not None:
-                cpu_procs.stop(self)
+        with _region_lock, blas.num_threads(1), _switch_interval(SWITCH_INTERVAL):
             return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
-
-
-def _plan_for(model, x):
-    if not (enabled and getattr(model, "fast_cpu", False)):
-        return None
-    if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim not in (2, 4) or x.shape[0] == 0:
-        return None
-    if emulation_enabled():
-        return None
-    plan = _plans.get(model)
-    if plan is None:
-        plan = _plans[model] = _Plan(model)
-    if not plan.prepare(model, x):
-        return None
-    return plan
-
-
-def forward(model, x):
-    """The model's output for x by the plan, or None when the layers must run (and then they
-    will also run the backward)."""
-    plan = _plan_for(model, x)
-    previous = _plans.get(model)
-    if previous is not None:
-        previous.active = False
-    if plan is None:
-        return None
-    y = plan.forward(x)
-    if not np.isfinite(y).all():
-        return None  # let the layers recompute it: their NaN rules decide the gradients
-    plan.active = True
-    return y
-
-
-def backward(model, dy, need_dx):
-    """(True, dx or None) when the last forward ran by the plan, else (False, None)."""
-    plan = _plans.get(model)
-    if plan is None or not plan.active:
-        return False, None
-    return True, plan.backward(dy, need_dx)

@@ -1,9 +1,10 @@
-"""Layers: each keeps what its backward needs and calls one op of gpuconv.functional each way."""
+"""Layers: each holds its parameters and hyper-parameters and calls one Tensor op of
+gpuconv.functional in forward(); autograd records the op, so no layer has a backward of its own."""
 import numpy as np
 
 from .. import functional as F
 from ..errors import ArgumentError
-from ..functional._args import conv_output_size, pair
+from ..ops._args import conv_output_size, pair
 from .init import initialize
 from .module import Module, Parameter
 
@@ -30,23 +31,10 @@ class Conv2d(Module):
         shape = (out_channels, in_channels // groups) + self.kernel_size
         self.weight = Parameter(initialize(shape, init, rng, dtype), "weight")
         self.bias = Parameter(np.zeros(out_channels, dtype), "bias") if bias else None
-        self._x = None
-
-    def _args(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups, algo=self.algo)
 
     def forward(self, x):
-        self._x = x
-        return F.conv2d(x, self.weight.data, self.bias.data if self.bias else None, **self._args())
-
-    def backward(self, dy, need_dx=True):
-        dx, dw, db = F.conv2d_backward(dy, self._x, self.weight.data, need_dx=need_dx,
-                                       need_bias=self.bias is not None, **self._args())
-        self.weight.grad = dw
-        if self.bias is not None:
-            self.bias.grad = db
-        return dx
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups, self.algo)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
@@ -85,7 +73,6 @@ class _Pool2d(Module):
         self.kernel_size = pair(kernel_size, "kernel_size", minimum=1)
         self.stride = self.kernel_size if stride is None else pair(stride, "stride", minimum=1)
         self.padding = pair(padding, "padding", minimum=0)
-        self._x = None
 
     def output_shape(self, input_shape):
         n, c, h, w = input_shape
@@ -101,11 +88,7 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     def forward(self, x):
-        self._x = x
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
-
-    def backward(self, dy, need_dx=True):
-        return F.max_pool2d_backward(dy, self._x, self.kernel_size, self.stride, self.padding)
 
 
 class AvgPool2d(_Pool2d):
@@ -114,12 +97,7 @@ class AvgPool2d(_Pool2d):
         self.count_include_pad = count_include_pad
 
     def forward(self, x):
-        self._x = x
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.count_include_pad)
-
-    def backward(self, dy, need_dx=True):
-        return F.avg_pool2d_backward(dy, self._x, self.kernel_size, self.stride, self.padding,
-                                     self.count_include_pad)
 
 
 class LPPool2d(_Pool2d):
@@ -130,11 +108,7 @@ class LPPool2d(_Pool2d):
         self.norm_type = float(norm_type)
 
     def forward(self, x):
-        self._x = x
         return F.lp_pool2d(x, self.norm_type, self.kernel_size, self.stride)
-
-    def backward(self, dy, need_dx=True):
-        return F.lp_pool2d_backward(dy, self._x, self.norm_type, self.kernel_size, self.stride)
 
     def extra_repr(self):
         return f"norm_type={self.norm_type}, " + super().extra_repr()
@@ -150,18 +124,9 @@ class Linear(Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(initialize((out_features, in_features), init, rng, dtype), "weight")
         self.bias = Parameter(np.zeros(out_features, dtype), "bias") if bias else None
-        self._x = None
 
     def forward(self, x):
-        self._x = x
-        return F.linear(x, self.weight.data, self.bias.data if self.bias else None)
-
-    def backward(self, dy, need_dx=True):
-        dx, dw, db = F.linear_backward(dy, self._x, self.weight.data, need_dx=need_dx)
-        self.weight.grad = dw
-        if self.bias is not None:
-            self.bias.grad = db
-        return dx
+        return F.linear(x, self.weight, self.bias)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)
@@ -170,12 +135,12 @@ class Linear(Module):
         return self.out_features * (2 * self.in_features + (1 if self.bias is not None else 0))
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}" + \
+            ("" if self.bias is not None else ", bias=False")
 
 
 class _Elementwise(Module):
-    """Activations: the backward needs only the forward's output."""
-    _y = None
+    """Activations: shape in, shape out, one op per element."""
 
     def output_shape(self, input_shape):
         return tuple(input_shape)
@@ -186,29 +151,36 @@ class _Elementwise(Module):
 
 class ReLU(_Elementwise):
     def forward(self, x):
-        self._y = F.relu(x)
-        return self._y
+        return F.relu(x)
 
-    def backward(self, dy, need_dx=True):
-        return F.relu_backward(dy, self._y)
+
+class LeakyReLU(_Elementwise):
+    def __init__(self, negative_slope=0.01):
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        return F.leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
 
 
 class Tanh(_Elementwise):
     def forward(self, x):
-        self._y = F.tanh(x)
-        return self._y
-
-    def backward(self, dy, need_dx=True):
-        return F.tanh_backward(dy, self._y)
+        return F.tanh(x)
 
 
 class Sigmoid(_Elementwise):
     def forward(self, x):
-        self._y = F.sigmoid(x)
-        return self._y
+        return F.sigmoid(x)
 
-    def backward(self, dy, need_dx=True):
-        return F.sigmoid_backward(dy, self._y)
+
+class Identity(_Elementwise):
+    def forward(self, x):
+        return x
+
+    def flops(self, input_shape, output_shape):
+        return 0
 
 
 class Dropout(_Elementwise):
@@ -219,17 +191,9 @@ class Dropout(_Elementwise):
             raise ArgumentError(f"Dropout p: expected 0 <= p < 1, got {p!r}")
         self.p = p
         self.rng = np.random.default_rng(seed)
-        self._mask = None
 
     def forward(self, x):
-        if not self.training or self.p == 0.0:
-            self._mask = None
-            return x
-        y, self._mask = F.dropout(x, self.p, self.rng)
-        return y
-
-    def backward(self, dy, need_dx=True):
-        return dy if self._mask is None else F.dropout_backward(dy, self._mask, self.p)
+        return F.dropout(x, self.p, self.training, self.rng)
 
     def flops(self, input_shape, output_shape):
         return 0
@@ -240,14 +204,12 @@ class Dropout(_Elementwise):
 
 class Flatten(Module):
     """(N, C, H, W) -> (N, C*H*W): a free reshape, no copy."""
-    _shape = None
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        self.start_dim, self.end_dim = start_dim, end_dim
 
     def forward(self, x):
-        self._shape = x.shape
-        return x.reshape(x.shape[0], -1)
-
-    def backward(self, dy, need_dx=True):
-        return dy.reshape(self._shape)
+        return F.flatten(x, self.start_dim, self.end_dim)
 
     def output_shape(self, input_shape):
         return (input_shape[0], int(np.prod(input_shape[1:])))
@@ -256,13 +218,74 @@ class Flatten(Module):
         return 0
 
 
+class AdaptiveAvgPool2d(Module):
+    """Average pooling to a fixed output size whatever the input's; output_size=1 is the global
+    average pool that ends a ResNet."""
+
+    def __init__(self, output_size):
+        self.output_size = pair(output_size, "output_size", minimum=1)
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape[:2]) + self.output_size
+
+    def flops(self, input_shape, output_shape):
+        return int(np.prod(input_shape[1:]))
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+
+class BatchNorm2d(Module):
+    """Per-channel normalization of NCHW input, PyTorch's semantics: batch statistics in training
+    (and running averages updated with `momentum`; None = cumulative average), the running
+    statistics in eval(); then a learned scale (weight) and shift (bias) if affine."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype=np.float32):
+        if not isinstance(num_features, (int, np.integer)) or num_features < 1:
+            raise ArgumentError(f"BatchNorm2d num_features: expected a positive int, got {num_features!r}")
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self.weight = Parameter(np.ones(num_features, dtype), "weight") if affine else None
+        self.bias = Parameter(np.zeros(num_features, dtype), "bias") if affine else None
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, dtype))
+            self.register_buffer("running_var", np.ones(num_features, dtype))
+            self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def forward(self, x):
+        use_batch_stats = self.training or not self.track_running_stats
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked = self.num_batches_tracked + 1
+            if momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=use_batch_stats, momentum=momentum if self.training else None,
+                            eps=self.eps)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def flops(self, input_shape, output_shape):
+        return 2 * int(np.prod(output_shape[1:]))
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+
 class CrossEntropyLoss(Module):
-    """Softmax + negative log-likelihood, mean over the batch. backward() gives dL/dlogits."""
-    _dlogits = None
+    """Softmax + negative log-likelihood of (N, C) logits against (N,) class indices."""
 
-    def forward(self, logits, labels):
-        loss, self._dlogits = F.softmax_cross_entropy(logits, labels)
-        return loss
+    def __init__(self, reduction="mean", label_smoothing=0.0):
+        self.reduction, self.label_smoothing = reduction, label_smoothing
 
-    def backward(self, dy=1.0, need_dx=True):
-        return self._dlogits if dy == 1.0 else self._dlogits * dy
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target, self.reduction, self.label_smoothing)

@@ -1,39 +1,51 @@
 """Module and Parameter: the containers that layers, models and optimizers share.
 
-A Module is explicit about both directions: `forward(x)` keeps what its backward needs, and
-`backward(dy)` fills each Parameter's `.grad` and returns the gradient of its input. There is no
-tape: a CNN is a chain, and a chain reads best as forward in order, backward in reverse.
+A Module defines `forward` only; autograd (gpuconv.autograd) records the ops it calls, so any
+forward (residual adds, a layer used twice, branches in Python) gets its backward for free.
+Parameters, buffers and child modules are found by looking at the attributes, so a subclass's
+`__init__` need not call `super().__init__()`; state_dict() keys follow PyTorch's
+(`layer1.0.bn1.running_var`), so a PyTorch state_dict converted to NumPy loads into the same tree.
 """
 from collections import OrderedDict
 
 import numpy as np
 
+from ..autograd import Tensor
 from ..backend import device_of, get_array_module, parse_device, to_device
 from ..errors import CheckpointError, DeviceMismatchError
 
 
-class Parameter:
-    """A trainable array and its gradient. `.data` is replaced, never resized, by `.to()`."""
+class Parameter(Tensor):
+    """A trainable Tensor: requires grad; `.data` is replaced, never resized, by `Module.to()`."""
 
-    def __init__(self, data, name=None):
-        self.data = data
-        self.grad = None
+    def __init__(self, data, name=None, requires_grad=True):
+        super().__init__(data.data if isinstance(data, Tensor) else data, requires_grad=requires_grad)
         self.name = name
 
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def size(self):
-        return int(self.data.size)
-
     def __repr__(self):
-        return f"Parameter(name={self.name!r}, shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
+        return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
 
 
 class Module:
     training = True
+
+    def __getattr__(self, name):  # only reached when normal lookup fails: the buffers
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in buffers:
+            return buffers[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in buffers:
+            buffers[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def register_buffer(self, name, array):
+        """State that is saved and moved with the module but not trained (BatchNorm's running
+        statistics): an array, or None."""
+        self.__dict__.setdefault("_buffers", OrderedDict())[name] = array
 
     # ----- structure -----
     def named_children(self):
@@ -41,20 +53,39 @@ class Module:
             if isinstance(value, Module):
                 yield name, value
 
-    def named_parameters(self, prefix=""):
+    def children(self):
+        return [child for _, child in self.named_children()]
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(prefix + name if not prefix else f"{prefix}.{name}")
+
+    def modules(self):
+        return [module for _, module in self.named_modules()]
+
+    def _own_parameters(self):
         for name, value in vars(self).items():
             if isinstance(value, Parameter):
-                yield prefix + name, value
-        for name, child in self.named_children():
-            yield from child.named_parameters(prefix + name + ".")
+                yield name, value
+
+    def named_parameters(self, prefix=""):
+        """(name, Parameter) over the tree; a Parameter shared by two layers appears once."""
+        seen = set()
+        for module_name, module in self.named_modules():
+            for name, p in module._own_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield prefix + (f"{module_name}.{name}" if module_name else name), p
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
-    def modules(self):
-        yield self
-        for _, child in self.named_children():
-            yield from child.modules()
+    def named_buffers(self):
+        for module_name, module in self.named_modules():
+            for name, array in module.__dict__.get("_buffers", {}).items():
+                if array is not None:
+                    yield (f"{module_name}.{name}" if module_name else name), module, name
 
     def num_parameters(self):
         return sum(p.size for p in self.parameters())
@@ -63,11 +94,8 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def forward(self, x):
-        raise NotImplementedError(f"{type(self).__name__}.forward")
-
-    def backward(self, dy):
-        raise NotImplementedError(f"{type(self).__name__}.backward")
+    def forward(self, *args):
+        raise NotImplementedError(f"{type(self).__name__}.forward: a Module subclass defines forward()")
 
     def zero_grad(self):
         for p in self.parameters():
@@ -83,12 +111,14 @@ class Module:
 
     # ----- devices -----
     def to(self, device):
-        """Move every parameter (and gradient) to `device` in place; returns self, like PyTorch."""
+        """Move every parameter, gradient and buffer to `device` in place; returns self, like PyTorch."""
         device = parse_device(device)
         for p in self.parameters():
             p.data = to_device(p.data, device)
             if p.grad is not None:
                 p.grad = to_device(p.grad, device)
+        for _, module, name in list(self.named_buffers()):
+            module._buffers[name] = to_device(module._buffers[name], device)
         return self
 
     @property
@@ -102,7 +132,7 @@ class Module:
 
     def check_input_device(self, x):
         """Fail early, naming both devices, when the input is not where the model is."""
-        model_device, input_device = self.device, device_of(x)
+        model_device, input_device = self.device, device_of(x.data if isinstance(x, Tensor) else x)
         if model_device != input_device:
             raise DeviceMismatchError(
                 f"input is on {input_device} but {type(self).__name__} is on {model_device}; "
@@ -110,28 +140,53 @@ class Module:
                 f"or the model with model.to('{input_device}')")
 
     # ----- weights -----
+    def _state_items(self):
+        """(key, getter, setter-target) in PyTorch's order: per module its parameters, then its
+        buffers, then its children."""
+        items = []
+        for module_name, module in self.named_modules():
+            prefix = module_name + "." if module_name else ""
+            for name, p in module._own_parameters():
+                items.append((prefix + name, p, None))
+            for name, array in module.__dict__.get("_buffers", {}).items():
+                if array is not None:
+                    items.append((prefix + name, module, name))
+        return items
+
     def state_dict(self):
-        """name -> NumPy array copy (host memory), in a stable order."""
-        return OrderedDict((name, np.array(to_device(p.data, "cpu"), copy=True))
-                           for name, p in self.named_parameters())
+        """name -> NumPy array copy (host memory) of every parameter and buffer, in a stable order."""
+        out = OrderedDict()
+        for key, owner, buffer_name in self._state_items():
+            array = owner.data if buffer_name is None else owner._buffers[buffer_name]
+            out[key] = np.array(to_device(array, "cpu"), copy=True)
+        return out
 
     def load_state_dict(self, state, strict=True):
-        params = dict(self.named_parameters())
-        missing = [n for n in params if n not in state]
-        unexpected = [n for n in state if n not in params]
+        items = self._state_items()
+        keys = [key for key, _, _ in items]
+        missing = [k for k in keys if k not in state]
+        unexpected = [k for k in state if k not in set(keys)]
         if strict and (missing or unexpected):
             raise CheckpointError(
                 f"state_dict does not fit {type(self).__name__}: missing keys {missing}, "
                 f"unexpected keys {unexpected}; was it saved from another model?")
-        for name, p in params.items():
-            if name not in state:
+        for key, owner, buffer_name in items:
+            if key not in state:
                 continue
-            value = state[name]
-            if tuple(value.shape) != tuple(p.data.shape):
-                raise CheckpointError(f"parameter {name!r}: the model expects shape "
-                                      f"{tuple(p.data.shape)}, the state_dict has {tuple(value.shape)}")
-            xp = get_array_module(p.data)
-            p.data = xp.asarray(value, dtype=p.data.dtype).copy()
+            value = state[key]
+            current = owner.data if buffer_name is None else owner._buffers[buffer_name]
+            if not hasattr(value, "shape") or tuple(value.shape) != tuple(current.shape):
+                raise CheckpointError(f"{key!r}: the model expects shape {tuple(current.shape)}, the "
+                                      f"state_dict has {tuple(getattr(value, 'shape', ()))}")
+            if current.dtype.kind == "f" and getattr(value, "dtype", np.dtype("O")).kind != "f":
+                raise CheckpointError(f"{key!r}: expected floating-point values, the state_dict has "
+                                      f"{getattr(value, 'dtype', type(value).__name__)}")
+            array = get_array_module(current).asarray(to_device(value, device_of(current)),
+                                                      dtype=current.dtype).copy()
+            if buffer_name is None:
+                owner.data = array
+            else:
+                owner._buffers[buffer_name] = array
         return self
 
     def extra_repr(self):

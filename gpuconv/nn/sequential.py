@@ -1,22 +1,22 @@
-"""Sequential: layers in a chain, forward in order and backward in reverse, plus summary()."""
-from . import cpu_plan
+"""Containers: Sequential (a chain, run in order) and ModuleList (modules a forward indexes)."""
 from .module import Module
 
 
-class Sequential(Module):
-    # float32 NumPy batches run through gpuconv.nn.cpu_plan (same results, ~4x faster on LeNet-5)
-    # when it supports every layer; use_fast_cpu(False) keeps this model on the layers.
-    fast_cpu = True
+class ModuleList(Module):
+    """A list of modules whose parameters the parent sees (children named "0", "1", ...), for a
+    forward that loops over blocks. A plain Python list would hide them from parameters()."""
 
-    def __init__(self, *layers):
+    def __init__(self, modules=()):
         self._names = []
-        for index, layer in enumerate(layers):
-            self.add(str(index), layer)
+        for module in modules:
+            self.append(module)
 
-    def add(self, name, layer):
-        if not isinstance(layer, Module):
-            raise TypeError(f"Sequential: layer {name!r} must be a gpuconv.nn.Module, got {type(layer).__name__}")
-        setattr(self, name, layer)
+    def append(self, module):
+        name = str(len(self._names))
+        if not isinstance(module, Module):
+            raise TypeError(f"{type(self).__name__}: entry {name} must be a gpuconv.nn.Module, got "
+                            f"{type(module).__name__}")
+        setattr(self, name, module)
         self._names.append(name)
         return self
 
@@ -25,40 +25,35 @@ class Sequential(Module):
             yield name, getattr(self, name)
 
     def __iter__(self):
-        return (layer for _, layer in self.named_children())
+        return (module for _, module in self.named_children())
 
     def __len__(self):
         return len(self._names)
 
     def __getitem__(self, index):
+        if isinstance(index, slice):
+            return type(self)(list(self)[index])
         return getattr(self, self._names[index])
 
-    def use_fast_cpu(self, enabled=True):
-        self.fast_cpu = bool(enabled)
+
+class Sequential(ModuleList):
+    """Layers in a chain: forward(x) runs them in order."""
+
+    def __init__(self, *layers):
+        super().__init__(layers)
+
+    def add(self, name, layer):
+        """Append `layer` under `name` (its state_dict prefix)."""
+        if not isinstance(layer, Module):
+            raise TypeError(f"Sequential: layer {name!r} must be a gpuconv.nn.Module, got {type(layer).__name__}")
+        setattr(self, name, layer)
+        self._names.append(name)
         return self
 
     def forward(self, x):
-        # None unless the fast CPU path applies; it does only for a NumPy x and NumPy parameters,
-        # so the device check (a walk over every parameter, ~0.1 ms a step) is needed only when
-        # it declines
-        y = cpu_plan.forward(self, x)
-        if y is not None:
-            return y
-        self.check_input_device(x)
         for layer in self:
             x = layer(x)
         return x
-
-    def backward(self, dy, need_dx=True):
-        """Back through the chain. The first layer is told whether anyone wants its input gradient:
-        a network's first conv never does, and skipping it saves a whole col2im."""
-        planned, dx = cpu_plan.backward(self, dy, need_dx)  # the plan ran the last forward
-        if planned:
-            return dx
-        layers = list(self)
-        for index in range(len(layers) - 1, -1, -1):
-            dy = layers[index].backward(dy, need_dx=need_dx or index > 0)
-        return dy
 
     def layer_table(self, input_shape):
         """Per layer: (name, layer, output shape, parameter count, FLOPs per image). Shapes come

@@ -5,7 +5,7 @@ import contextlib
 
 import numpy as np
 
-import gpuconv.functional as F
+import gpuconv.ops as F
 from gpuconv.cuda import compiler
 from gpuconv.cuda.emulate import ORDERS, emulation
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from gpuconv import backend
-from gpuconv.functional import conv2d, conv2d_backward
-from gpuconv.functional._args import conv_output_size
+from gpuconv.ops import conv2d, conv2d_backward
+from gpuconv.ops._args import conv_output_size
 from gpuconv.gradcheck import gradcheck
 
 
@@ -220,9 +220,9 @@ class _FakeLaunchers:
 @pytest.fixture
 def fake_conv_cuda(monkeypatch):
     import sys
-    import gpuconv.functional as functional
+    import gpuconv.ops as functional
     fake = _FakeLaunchers()
-    monkeypatch.setitem(sys.modules, "gpuconv.functional.conv_cuda", fake)
+    monkeypatch.setitem(sys.modules, "gpuconv.ops.conv_cuda", fake)
     monkeypatch.setattr(functional, "conv_cuda", fake, raising=False)
     backend._emulation_override.append(True)  # uses_cuda_kernels(x) is now True for NumPy x
     yield fake

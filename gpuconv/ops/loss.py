@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..backend import get_array_module
-from ..errors import DTypeError, ShapeError
+from ..errors import ArgumentError, DTypeError, ShapeError
 from ._args import check_float_array, same_device
 
 
@@ -62,3 +62,47 @@ def softmax_cross_entropy(logits, labels):
     probs[rows, labels] -= 1
     probs *= 1.0 / n
     return loss, probs
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
+    """-> (loss, probs): per-sample -sum_k q_k log softmax(logits)_k with q the one-hot label
+    mixed with the uniform distribution by label_smoothing, reduced by `reduction` ("mean",
+    "sum" or "none"); `probs` (the softmax) is what cross_entropy_backward needs."""
+    check_float_array(logits, "logits", 2)
+    n, num_classes = logits.shape
+    if reduction not in REDUCTIONS:
+        raise ArgumentError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ArgumentError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+    if num_classes == 0:
+        raise ShapeError(f"logits: expected at least one class, got shape {tuple(logits.shape)}")
+    check_labels(labels, n, num_classes) if n else None
+    xp = same_device(logits, labels)
+    logp = log_softmax(logits)
+    picked = logp[xp.arange(n), labels]
+    per_sample = -picked if label_smoothing == 0 else \
+        -(1 - label_smoothing) * picked - label_smoothing * logp.mean(axis=1)
+    if reduction == "none":
+        loss = per_sample
+    else:
+        loss = per_sample.sum(dtype=np.float64).astype(logits.dtype)  # float64 sum: a large batch loses nothing
+        if reduction == "mean":
+            loss = loss / logits.dtype.type(max(n, 1)) if n else loss * logits.dtype.type(float("nan"))
+    return loss, xp.exp(logp)
+
+
+def cross_entropy_backward(dloss, probs, labels, reduction="mean", label_smoothing=0.0):
+    """dlogits = (probs - q) * dloss, with the reduction's 1/N for "mean"."""
+    xp = get_array_module(probs)
+    n, num_classes = probs.shape
+    dlogits = probs.copy()
+    if label_smoothing:
+        dlogits -= probs.dtype.type(label_smoothing / num_classes)
+    dlogits[xp.arange(n), labels] -= probs.dtype.type(1 - label_smoothing)
+    if reduction == "none":
+        return dlogits * dloss[:, None]
+    scale = dloss / probs.dtype.type(n) if reduction == "mean" else dloss
+    return dlogits * scale

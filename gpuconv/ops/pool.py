@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ..backend import uses_cuda_kernels
+from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ArgumentError, ShapeError
 from ._args import check_float_array, check_same_dtype, conv_output_size, pair, same_device
 from .conv import _tap_range
@@ -237,4 +237,40 @@ def pool2d_backward_numpy(mode, dy, x, kernel, stride, padding, norm_type=0.0, c
     if mode == "lp":
         with np.errstate(divide="ignore", invalid="ignore"):
             dx *= np.power(x, norm_type - 1.0)
+    return dx
+
+
+def _adaptive_bounds(size, out):
+    """PyTorch's adaptive windows: cell i covers [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """Average over adaptive windows so the output is output_size (an int or a pair); output 1 is
+    the global average pool of ResNets."""
+    check_float_array(x, "x", 4)
+    oh, ow = pair(output_size, "output_size", minimum=1)
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    if (oh, ow) == (1, 1):
+        return x.mean(axis=(2, 3), keepdims=True)
+    y = xp.empty((n, c, oh, ow), x.dtype)
+    for i, (top, bottom) in enumerate(_adaptive_bounds(h, oh)):
+        for j, (left, right) in enumerate(_adaptive_bounds(w, ow)):
+            y[:, :, i, j] = x[:, :, top:bottom, left:right].mean(axis=(2, 3))
+    return y
+
+
+def adaptive_avg_pool2d_backward(dy, x_shape, output_size):
+    """Each window's gradient spread evenly over its pixels (windows may overlap: they add)."""
+    oh, ow = pair(output_size, "output_size", minimum=1)
+    xp = get_array_module(dy)
+    n, c, h, w = x_shape
+    if (oh, ow) == (1, 1):
+        return xp.broadcast_to(dy / dy.dtype.type(h * w), tuple(x_shape)).copy()
+    dx = xp.zeros(tuple(x_shape), dy.dtype)
+    for i, (top, bottom) in enumerate(_adaptive_bounds(h, oh)):
+        for j, (left, right) in enumerate(_adaptive_bounds(w, ow)):
+            area = dy.dtype.type((bottom - top) * (right - left))
+            dx[:, :, top:bottom, left:right] += (dy[:, :, i, j] / area)[:, :, None, None]
     return dx

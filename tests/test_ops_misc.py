@@ -3,7 +3,7 @@ dtype preservation and layout handling."""
 import numpy as np
 import pytest
 
-from gpuconv.functional import (dropout, dropout_backward, linear, linear_backward, log_softmax,
+from gpuconv.ops import (dropout, dropout_backward, linear, linear_backward, log_softmax,
                                 relu, relu_backward, sigmoid, sigmoid_backward, softmax,
                                 softmax_cross_entropy, tanh, tanh_backward)
 from gpuconv.gradcheck import gradcheck

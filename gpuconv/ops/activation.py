@@ -119,3 +119,16 @@ def dropout_backward(dy, mask, p):
     grad = get_array_module(dy).multiply(dy, mask)
     grad *= 1.0 / (1.0 - p)
     return grad
+
+
+def leaky_relu(x, negative_slope=0.01):
+    """x where x > 0, else negative_slope * x."""
+    x = _prepare(x)
+    xp = get_array_module(x)
+    return xp.where(x > 0, x, x * x.dtype.type(negative_slope))
+
+
+def leaky_relu_backward(dy, x, negative_slope=0.01):
+    """dy where x > 0, else negative_slope * dy."""
+    xp, dy, x = _prepare_pair(dy, x, "x")
+    return xp.where(x > 0, dy, dy * dy.dtype.type(negative_slope))

@@ -1,0 +1,487 @@
+"""The tape: Tensor, Function, backward() and no_grad(), define-by-run like DeZero, Chainer, PyTorch.
+
+A Tensor wraps one NumPy or CuPy array (`.data`). Calling a Function on Tensors runs its
+`forward` on their arrays and, when some input requires grad and grad mode is on, records one
+node: the function object itself, holding what its backward needs and the nodes of its inputs.
+`loss.backward()` walks the nodes in decreasing generation order (a heap), so a tensor used
+twice has both gradients summed before its own node runs; each node's `backward` returns one
+gradient per input, and a leaf that requires grad (a Parameter) adds it into `.grad`.
+
+What a node keeps: its saved arrays and, per input, the input's node (intermediate tensors) or
+the input itself (leaves). An activation is therefore alive only while some node saved it for
+its backward, and `backward()` frees each node's saved arrays once used (retain_graph=False),
+so the memory of a step falls as its backward proceeds.
+
+The ops themselves are plain array functions in gpuconv.ops (conv2d / conv2d_backward, ...): a
+Function here or in gpuconv.functional is a thin record around one such pair.
+"""
+import heapq
+import itertools
+import threading
+
+import numpy as np
+
+from .backend import device_of, get_array_module, parse_device, to_device
+from .errors import ArgumentError, DTypeError, ShapeError
+
+_mode = threading.local()  # grad mode is per thread, as in PyTorch
+
+
+def is_grad_enabled():
+    return getattr(_mode, "enabled", True)
+
+
+class _GradMode:
+    """Base of no_grad / enable_grad: a context manager and a decorator."""
+    value = True
+
+    def __enter__(self):
+        self._previous = is_grad_enabled()
+        _mode.enabled = self.value
+
+    def __exit__(self, *exc):
+        _mode.enabled = self._previous
+        return False
+
+    def __call__(self, function):
+        def wrapper(*args, **kwargs):
+            with type(self)():
+                return function(*args, **kwargs)
+        wrapper.__name__, wrapper.__doc__ = function.__name__, function.__doc__
+        return wrapper
+
+
+class no_grad(_GradMode):
+    """`with gpuconv.no_grad():` records no graph and keeps nothing for backward (inference)."""
+    value = False
+
+
+class enable_grad(_GradMode):
+    value = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor
+
+
+def _as_array(value, like=None):
+    """A Python scalar or array -> an array; scalars take `like`'s dtype and device so that
+    `x * 2.0` stays float32 and on the GPU."""
+    if isinstance(value, Tensor):
+        return value.data
+    if like is not None and np.isscalar(value):
+        return get_array_module(like).asarray(value, dtype=like.dtype)
+    return value
+
+
+class Tensor:
+    """An array with a gradient. `.data` is the NumPy or CuPy array; `.grad` is an array of the same
+    shape and device (or None) that backward() adds into; `.requires_grad` says whether it should."""
+
+    __array_priority__ = 1000  # numpy_array + tensor calls Tensor.__radd__, not numpy's add
+
+    def __init__(self, data, requires_grad=False, creator=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not hasattr(data, "dtype") or not hasattr(data, "shape"):
+            data = np.asarray(data)
+        if requires_grad and data.dtype.kind != "f":
+            raise DTypeError(f"requires_grad: only floating-point tensors can require grad, got {data.dtype}")
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.creator = creator  # the Function that made it, None for a leaf
+
+    # ----- what it is -----
+    shape = property(lambda self: tuple(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: int(self.data.size))
+    is_leaf = property(lambda self: self.creator is None)
+
+    @property
+    def device(self):
+        return parse_device(device_of(self.data))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __bool__(self):
+        return bool(self.data)  # one element only, as NumPy and PyTorch
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"tensor({self.numpy()!r}{grad}, device='{device_of(self.data)}')".replace("\n", "\n       ")
+
+    def item(self):
+        """The value of a one-element tensor as a Python number (a sync on the GPU)."""
+        if self.data.size != 1:
+            raise ShapeError(f"item(): expected a tensor with one element, got shape {self.shape}")
+        return self.data.reshape(-1)[0].item()
+
+    def numpy(self):
+        """The data as a NumPy array (copied to the host from a GPU; the same array on the CPU)."""
+        return to_device(self.data, "cpu")
+
+    def detach(self):
+        """The same data, outside the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """This tensor on `device` (itself if already there). A leaf keeps requires_grad."""
+        data = to_device(self.data, device)
+        if data is self.data:
+            return self
+        return Tensor(data, requires_grad=self.requires_grad) if self.is_leaf else _Copy(device)(self)
+
+    def argmax(self, dim=None):
+        return Tensor(self.data.argmax(axis=dim))
+
+    # ----- the tape -----
+    def backward(self, grad=None, retain_graph=False):
+        """Gradients of this tensor with respect to every leaf that requires grad, added into
+        their `.grad`. `grad` defaults to 1 for a one-element tensor (a loss)."""
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require grad (no input of the ops "
+                               "that made it requires grad, or it was computed under gpuconv.no_grad())")
+        if grad is None:
+            if self.data.size != 1:
+                raise ShapeError(f"backward(): grad can be omitted only for a one-element tensor "
+                                 f"(a loss), this one has shape {self.shape}; pass grad=")
+            grad = get_array_module(self.data).ones_like(self.data)
+        else:
+            grad = _as_array(grad)
+            if tuple(grad.shape) != self.shape:
+                raise ShapeError(f"backward(): grad must have the tensor's shape {self.shape}, got {tuple(grad.shape)}")
+        if self.creator is None:
+            _accumulate(self, grad)
+            return
+        _run_backward(self.creator, grad, retain_graph)
+
+    # ----- arithmetic (broadcasting as NumPy) -----
+    def __add__(self, other): return Add()(self, _as_array(other, self.data))
+    def __radd__(self, other): return Add()(_as_array(other, self.data), self)
+    def __sub__(self, other): return Sub()(self, _as_array(other, self.data))
+    def __rsub__(self, other): return Sub()(_as_array(other, self.data), self)
+    def __mul__(self, other): return Mul()(self, _as_array(other, self.data))
+    def __rmul__(self, other): return Mul()(_as_array(other, self.data), self)
+    def __truediv__(self, other): return Div()(self, _as_array(other, self.data))
+    def __rtruediv__(self, other): return Div()(_as_array(other, self.data), self)
+    def __neg__(self): return Neg()(self)
+    def __matmul__(self, other): return MatMul()(self, other)
+    def __rmatmul__(self, other): return MatMul()(other, self)
+    def __pow__(self, exponent): return Pow(exponent)(self)
+    def __getitem__(self, index): return GetItem(index)(self)
+
+    def sum(self, dim=None, keepdim=False): return Sum(dim, keepdim)(self)
+    def mean(self, dim=None, keepdim=False): return Mean(dim, keepdim)(self)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return Reshape(shape)(self)
+
+    view = reshape
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        """Merge dims start_dim..end_dim into one: x.flatten(1) turns (N, C, H, W) into (N, C*H*W)."""
+        shape = self.shape
+        start, end = start_dim % max(len(shape), 1), end_dim % max(len(shape), 1)
+        merged = int(np.prod(shape[start:end + 1]))
+        return self.reshape(shape[:start] + (merged,) + shape[end + 1:])
+
+
+def tensor(data, requires_grad=False, dtype=None, device=None):
+    """A new leaf Tensor holding a copy of `data` (a list, a NumPy or CuPy array)."""
+    data = data.data if isinstance(data, Tensor) else data
+    xp = get_array_module(data) if hasattr(data, "dtype") else np
+    array = xp.array(data, dtype=dtype, copy=True)
+    if device is not None:
+        array = to_device(array, device)
+    return Tensor(array, requires_grad=requires_grad)
+
+
+def as_tensor(value):
+    """A Tensor as it is; an array wrapped (no copy, no grad)."""
+    return value if isinstance(value, Tensor) else Tensor(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Function and the backward walk
+
+_order = itertools.count()  # ties in generation are broken by recording order, newest first
+
+
+class Function:
+    """One op on the tape. Subclasses define
+
+        forward(*arrays) -> array           the op on plain arrays
+        backward(grad_output) -> grads      one array (or None) per input
+
+    and may keep arrays on `self` for backward. `self.needs_input_grad[i]` tells forward and
+    backward whether input i needs a gradient (a first conv's input does not, so its backward
+    skips the whole data gradient)."""
+
+    def __call__(self, *inputs):
+        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        self.needs_input_grad = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        record = is_grad_enabled() and any(self.needs_input_grad)
+        if not record:
+            self.needs_input_grad = (False,) * len(inputs)
+        output = self.forward(*arrays)
+        if not record:
+            return Tensor(output)
+        # per input: (leaf tensor, None) or (None, its creator) or (None, None) for a constant
+        self.inputs = [(x if x.creator is None else None, x.creator) if needs else (None, None)
+                       for x, needs in zip(inputs, self.needs_input_grad)]
+        self.generation = max((creator.generation + 1 for _, creator in self.inputs if creator is not None),
+                              default=0)
+        self.order = next(_order)
+        self.freed = False
+        return Tensor(output, requires_grad=True, creator=self)
+
+    def forward(self, *arrays):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def release(self):
+        """Drop what backward needed (called after this node's backward unless retain_graph)."""
+        for name in list(vars(self)):
+            if name not in ("inputs", "generation", "order", "needs_input_grad", "freed"):
+                delattr(self, name)
+        self.freed = True
+
+
+def _accumulate(leaf, grad):
+    """leaf.grad += grad, PyTorch's accumulation; the first gradient is copied, so the leaf owns
+    its .grad and the in-place adds that follow touch nothing else."""
+    if not leaf.requires_grad:
+        return
+    if grad.shape != leaf.data.shape:
+        raise ShapeError(f"gradient of shape {tuple(grad.shape)} for a tensor of shape {leaf.shape}")
+    if grad.dtype != leaf.data.dtype:
+        grad = grad.astype(leaf.data.dtype)
+    if leaf.grad is None:
+        leaf.grad = grad.copy()
+    else:
+        leaf.grad += grad
+
+
+def _run_backward(root, grad, retain_graph):
+    pending = {root: grad}  # node -> the sum of its output's gradients so far
+    heap = [(-root.generation, -root.order, root)]
+    queued = {root}
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        grad_output = pending.pop(node)
+        if node.freed:
+            raise RuntimeError(f"backward() through {type(node).__name__} a second time: its saved arrays "
+                               "were freed by the first backward; pass retain_graph=True to the first call")
+        grads = node.backward(grad_output)
+        if not isinstance(grads, tuple):
+            grads = (grads,)
+        if len(grads) != len(node.inputs):
+            raise RuntimeError(f"{type(node).__name__}.backward returned {len(grads)} gradients for "
+                               f"{len(node.inputs)} inputs")
+        for (leaf, creator), g in zip(node.inputs, grads):
+            if g is None:
+                continue
+            if leaf is not None:
+                _accumulate(leaf, g)
+            elif creator is not None:
+                if creator in pending:
+                    pending[creator] = pending[creator] + g
+                else:
+                    pending[creator] = g
+                if creator not in queued:
+                    queued.add(creator)
+                    heapq.heappush(heap, (-creator.generation, -creator.order, creator))
+        if not retain_graph:
+            node.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# arithmetic and shape Functions (what a CNN's forward writes between its layers)
+
+
+def sum_to(array, shape):
+    """Sum a broadcast gradient back to `shape` (NumPy's broadcasting rules, reversed)."""
+    if tuple(array.shape) == tuple(shape):
+        return array
+    lead = array.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, size in enumerate(shape) if size == 1 and array.shape[i + lead] != 1)
+    out = array.sum(axis=axes, keepdims=True)
+    return out.reshape(shape) if lead else out
+
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a + b
+
+    def backward(self, g):
+        return sum_to(g, self.shapes[0]), sum_to(g, self.shapes[1])
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a - b
+
+    def backward(self, g):
+        return sum_to(g, self.shapes[0]), (-sum_to(g, self.shapes[1]) if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a = a if self.needs_input_grad[1] else None  # each gradient needs the other factor
+        self.b = b if self.needs_input_grad[0] else None
+        self.shapes = (a.shape, b.shape)
+        return a * b
+
+    def backward(self, g):
+        ga = sum_to(g * self.b, self.shapes[0]) if self.needs_input_grad[0] else None
+        gb = sum_to(g * self.a, self.shapes[1]) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        ga = sum_to(g / self.b, self.a.shape) if self.needs_input_grad[0] else None
+        gb = sum_to(-g * self.a / (self.b * self.b), self.b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return -g
+
+
+class Pow(Function):
+    def __init__(self, exponent):
+        if not np.isscalar(exponent):
+            raise ArgumentError(f"exponent: expected a number, got {type(exponent).__name__}")
+        self.exponent = exponent
+
+    def forward(self, a):
+        self.a = a
+        return a ** self.exponent
+
+    def backward(self, g):
+        return g * self.exponent * self.a ** (self.exponent - 1)
+
+
+class MatMul(Function):
+    def forward(self, a, b):
+        if a.ndim != 2 or b.ndim != 2:
+            raise ShapeError(f"@: gpuconv multiplies 2-D tensors, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        return (g @ self.b.T if self.needs_input_grad[0] else None,
+                self.a.T @ g if self.needs_input_grad[1] else None)
+
+
+def _axes(dim, ndim):
+    if dim is None:
+        return None
+    return tuple(d % ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+
+
+class Sum(Function):
+    def __init__(self, dim=None, keepdim=False):
+        self.dim, self.keepdim = dim, keepdim
+
+    def forward(self, a):
+        self.shape, self.axes = a.shape, _axes(self.dim, a.ndim)
+        return a.sum(axis=self.axes, keepdims=self.keepdim)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        if not self.keepdim and self.axes is not None:
+            g = xp.expand_dims(g, self.axes)
+        return xp.broadcast_to(g, self.shape)
+
+
+class Mean(Sum):
+    def forward(self, a):
+        y = super().forward(a)
+        self.count = a.size // max(y.size, 1) if a.size else 1
+        return y / y.dtype.type(self.count) if hasattr(y, "dtype") else y / self.count
+
+    def backward(self, g):
+        return super().backward(g / g.dtype.type(self.count))
+
+
+class Reshape(Function):
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, a):
+        self.input_shape = a.shape
+        return a.reshape(self.shape)
+
+    def backward(self, g):
+        return g.reshape(self.input_shape)
+
+
+class GetItem(Function):
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, a):
+        self.input_shape, self.dtype = a.shape, a.dtype
+        return a[self.index]
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        dx = xp.zeros(self.input_shape, self.dtype)
+        xp.add.at(dx, self.index, g)  # repeated indices add, as the gradient of a gather must
+        return dx
+
+
+class Cat(Function):
+    def __init__(self, dim):
+        self.dim = dim
+
+    def forward(self, *arrays):
+        self.sizes = [a.shape[self.dim] for a in arrays]
+        return get_array_module(*arrays).concatenate(arrays, axis=self.dim)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        edges = np.cumsum(self.sizes)[:-1].tolist()
+        pieces = xp.split(g, edges, axis=self.dim)
+        return tuple(p if needs else None for p, needs in zip(pieces, self.needs_input_grad))
+
+
+class _Copy(Function):
+    """A device copy that gradients flow back through."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def forward(self, a):
+        self.source = device_of(a)
+        return to_device(a, self.device)
+
+    def backward(self, g):
+        return to_device(g, self.source)
+
+
+def cat(tensors, dim=0):
+    """Concatenate tensors along `dim` (channels: dim=1), as torch.cat."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ArgumentError("cat: expected a non-empty list of tensors, got an empty one")
+    ndim = tensors[0].ndim if hasattr(tensors[0], "ndim") else np.ndim(tensors[0])
+    return Cat(dim % ndim)(*tensors)

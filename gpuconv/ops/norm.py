@@ -1,0 +1,69 @@
+"""Batch normalization over (N, H, W) per channel of NCHW arrays (Ioffe & Szegedy 2015), PyTorch's
+semantics: training normalizes by the batch's mean and biased variance; eval by running
+statistics. Array-module code only, so it runs on NumPy and, on the GPU, as CuPy's own reductions
+and elementwise kernels.
+"""
+from ..backend import get_array_module
+from ..errors import ShapeError
+from ._args import check_float_array, same_device
+
+_AXES = (0, 2, 3)  # everything but the channel
+
+
+def _per_channel(v):
+    return v.reshape(1, -1, 1, 1)
+
+
+def _check(x, weight, bias):
+    check_float_array(x, "x", 4)
+    channels = x.shape[1]
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None:
+            same_device(x, v)
+            if tuple(v.shape) != (channels,):
+                raise ShapeError(f"{name}: expected shape ({channels},), one value per channel of x "
+                                 f"{tuple(x.shape)}, got {tuple(v.shape)}")
+
+
+def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
+    """-> (y, mean, invstd). With mean/var None (training) they are the batch's statistics over
+    N, H, W (biased variance); else the given running statistics are used. y = (x - mean) * invstd
+    * weight + bias; weight/bias None mean 1 and 0."""
+    _check(x, weight, bias)
+    xp = get_array_module(x)
+    if mean is None:
+        if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            raise ShapeError(f"x: batch norm in training needs more than one value per channel, got "
+                             f"shape {tuple(x.shape)}; use a larger batch or model.eval()")
+        mean = x.mean(axis=_AXES)
+        var = x.var(axis=_AXES)
+    invstd = 1 / xp.sqrt(var.astype(x.dtype) + x.dtype.type(eps))
+    mean = mean.astype(x.dtype)
+    scale = invstd if weight is None else invstd * weight
+    y = (x - _per_channel(mean)) * _per_channel(scale)
+    if bias is not None:
+        y += _per_channel(bias)
+    return y, mean, invstd
+
+
+def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=True):
+    """Gradients of batch_norm2d -> (dx or None, dweight, dbias). training=True differentiates
+    through the batch statistics too; training=False treats mean and invstd as constants."""
+    xp = get_array_module(x)
+    check_float_array(dy, "dy", 4)
+    if dy.shape != x.shape:
+        raise ShapeError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    xhat = (x - _per_channel(mean)) * _per_channel(invstd)
+    dbias = dy.sum(axis=_AXES)
+    dweight = (dy * xhat).sum(axis=_AXES)
+    if not need_dx:
+        return None, dweight, dbias
+    scale = invstd if weight is None else invstd * weight
+    if not training:
+        return dy * _per_channel(scale), dweight, dbias
+    count = x.dtype.type(x.shape[0] * x.shape[2] * x.shape[3])
+    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), the three terms of d/dx through mean and var
+    dx = dy - _per_channel(dbias / count)
+    dx -= xhat * _per_channel(dweight / count)
+    dx *= _per_channel(scale)
+    return dx, dweight, dbias
