@@ -64,11 +64,11 @@ class enable_grad(_GradMode):
 # Tensor
 
 
-def _as_array(value, like=None):
-    """A Python scalar or array -> an array; scalars take `like`'s dtype and device so that
-    `x * 2.0` stays float32 and on the GPU."""
+def _operand(value, like):
+    """The other operand of an arithmetic op: a Tensor or an array as it is; a Python scalar as an
+    array of `like`'s dtype and device, so that `x * 2.0` stays float32 and on the GPU."""
     if isinstance(value, Tensor):
-        return value.data
+        return value
     if like is not None and np.isscalar(value):
         return get_array_module(like).asarray(value, dtype=like.dtype)
     return value
@@ -150,7 +150,7 @@ class Tensor:
                                  f"(a loss), this one has shape {self.shape}; pass grad=")
             grad = get_array_module(self.data).ones_like(self.data)
         else:
-            grad = _as_array(grad)
+            grad = grad.data if isinstance(grad, Tensor) else grad
             if tuple(grad.shape) != self.shape:
                 raise ShapeError(f"backward(): grad must have the tensor's shape {self.shape}, got {tuple(grad.shape)}")
         if self.creator is None:
@@ -159,14 +159,14 @@ class Tensor:
         _run_backward(self.creator, grad, retain_graph)
 
     # ----- arithmetic (broadcasting as NumPy) -----
-    def __add__(self, other): return Add()(self, _as_array(other, self.data))
-    def __radd__(self, other): return Add()(_as_array(other, self.data), self)
-    def __sub__(self, other): return Sub()(self, _as_array(other, self.data))
-    def __rsub__(self, other): return Sub()(_as_array(other, self.data), self)
-    def __mul__(self, other): return Mul()(self, _as_array(other, self.data))
-    def __rmul__(self, other): return Mul()(_as_array(other, self.data), self)
-    def __truediv__(self, other): return Div()(self, _as_array(other, self.data))
-    def __rtruediv__(self, other): return Div()(_as_array(other, self.data), self)
+    def __add__(self, other): return Add()(self, _operand(other, self.data))
+    def __radd__(self, other): return Add()(_operand(other, self.data), self)
+    def __sub__(self, other): return Sub()(self, _operand(other, self.data))
+    def __rsub__(self, other): return Sub()(_operand(other, self.data), self)
+    def __mul__(self, other): return Mul()(self, _operand(other, self.data))
+    def __rmul__(self, other): return Mul()(_operand(other, self.data), self)
+    def __truediv__(self, other): return Div()(self, _operand(other, self.data))
+    def __rtruediv__(self, other): return Div()(_operand(other, self.data), self)
     def __neg__(self): return Neg()(self)
     def __matmul__(self, other): return MatMul()(self, other)
     def __rmatmul__(self, other): return MatMul()(other, self)

@@ -107,8 +107,10 @@ class CompiledModel:
         self.module.to(device)
         return self
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["module"], name)
+    def __getattr__(self, name):  # reached only for names the wrapper lacks: the model's
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
 
     def __repr__(self):
         return f"compile({self.module!r})"

@@ -2,9 +2,9 @@
 differences of its forward.
 
     from gpuconv.gradcheck import gradcheck
-    gradcheck(lambda x, w: F.conv2d(x, w, stride=2),
+    gradcheck(lambda x, w: ops.conv2d(x, w, stride=2),
               [x, w],
-              lambda dy, x, w: F.conv2d_backward(dy, x, w, stride=2, need_bias=False)[:2])
+              lambda dy, x, w: ops.conv2d_backward(dy, x, w, stride=2, need_bias=False)[:2])
 
 Check in float64 (inputs are cast to it): float32 central differences are too noisy to tell a
 small bug from rounding. Tiny shapes are enough; the cost is two forward calls per input element.

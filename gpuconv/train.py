@@ -17,9 +17,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import ops as F
+from . import functional as F
 from . import optim
+from .autograd import no_grad
 from .backend import get_array_module, parse_device, to_device
+from .compiler import compile as compile_model
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .data import MNIST, DataLoader
 from .data.loader import to_float_batch
@@ -116,7 +118,6 @@ class Trainer:
         self.schedule = None if schedule is None else (
             schedule(self.optimizer, T_max=c["epochs"]) if schedule is optim.CosineAnnealingLR
             else schedule(self.optimizer, step_size=max(1, c["epochs"] // 3)))
-        self.loss_fn = F.softmax_cross_entropy
         self.train_set = MNIST("train", data_dir=c["data_dir"], limit=c["limit_train"])
         self.test_set = MNIST("test", data_dir=c["data_dir"], limit=c["limit_test"])
         self.test_images = to_float_batch(self.test_set.images)

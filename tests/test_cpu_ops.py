@@ -1,19 +1,21 @@
 """ConvOp's two row-path products (gpuconv.nn.cpu_ops): one GEMM per output row, or, with few
-filters, one per pooling window's rows with a banded weight. Both against the layers."""
+filters, one per pooling window's rows with a banded weight. Both against the eager model."""
 import numpy as np
 import pytest
 
-from gpuconv import ops as F
+import gpuconv
+from gpuconv import functional as F
 from gpuconv import nn
-from gpuconv.nn import cpu_plan
+from gpuconv.compiler import PlanFunction
 
 
-def gradients(model, x, labels, fast):
-    model.use_fast_cpu(fast)
-    logits = model(x)
-    _, dlogits = F.softmax_cross_entropy(logits, labels)
-    dx = model.backward(dlogits, need_dx=True)
-    return [logits, dx] + [p.grad.copy() for p in model.parameters()]
+def gradients(network, model, x, labels):
+    """Logits, input gradient and every p.grad of one step of `network` (compiled or eager)."""
+    model.zero_grad()
+    inputs = gpuconv.tensor(x, requires_grad=True)
+    logits = network(inputs)
+    F.cross_entropy(logits, labels).backward()
+    return isinstance(logits.creator, PlanFunction), [logits.data, inputs.grad] + [p.grad.copy() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("filters,banded", [(3, True), (9, False)])
@@ -32,9 +34,13 @@ def test_fused_conv_products_match_the_layers(filters, banded, conv, pool, rng):
     width = model.layer_table(x.shape)[-1][2][1]
     model.add("fc", nn.Linear(width, 3, rng=rng))
     labels = rng.integers(0, 3, 5)
-    fast = gradients(model, x, labels, True)
-    assert cpu_plan._plans[model].active and cpu_plan._plans[model].ops[0].banded == banded
-    slow = gradients(model, x, labels, False)
+    compiled = gpuconv.compile(model)
+    planned, fast = gradients(compiled, model, x, labels)
+    assert planned and compiled._plan.ops[0].banded == banded
+    planned, slow = gradients(model, model, x, labels)
+    assert not planned
+    assert len(fast) == len(slow) == 2 + len(model.parameters())
     for actual, expected in zip(fast, slow):
+        assert actual.shape == expected.shape
         scale = float(np.abs(expected).max()) or 1.0
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)

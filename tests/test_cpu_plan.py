@@ -1,20 +1,44 @@
-"""The fast CPU path (gpuconv.nn.cpu_plan) against the layer-by-layer reference.
+"""The CPU executor (gpuconv.compile -> gpuconv.nn.cpu_plan) against the eager reference.
 
-Every test runs the same model twice, once by the plan and once by the layers
-(use_fast_cpu(False)), and compares logits, every p.grad and the input gradient, with the
-batch's parts after the first run in worker threads and in worker processes (cpu_procs).
+Every test runs the same model twice, once compiled (the plan, recorded on the tape as one
+PlanFunction) and once eagerly (the uncompiled model, op by op), and compares logits, every p.grad
+and the input gradient, with the batch's parts after the first in 0, 1 or 2 worker threads.
 """
+import os
+import sys
+import time
+
 import numpy as np
 import pytest
 
-from gpuconv import blas, nn
-from gpuconv import ops as F
-from gpuconv import optim
-from gpuconv.errors import DTypeError, ShapeError
+import gpuconv
+from gpuconv import blas, nn, ops, optim
+from gpuconv import functional as F
+from gpuconv.compiler import CompiledModel, PlanFunction
+from gpuconv.errors import ArgumentError, DTypeError, ShapeError
 from gpuconv.models import LeNet5
-from gpuconv.nn import cpu_plan, cpu_procs
+from gpuconv.nn import cpu_plan
 
 LENETS = [("relu", "max"), ("tanh", "avg")]
+
+_nets = {}  # id(model) -> (model, its CompiledModel), for one test
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Each test compiles its models afresh and leaves the worker count as it found it."""
+    _nets.clear()
+    yield
+    _nets.clear()
+    gpuconv.set_cpu_workers(None)
+
+
+def net(model):
+    """The model's CompiledModel, one per model for the whole test: its plan is reused (and
+    recompiled or laid out again) from step to step as in a training loop."""
+    if id(model) not in _nets:
+        _nets[id(model)] = (model, gpuconv.compile(model))
+    return _nets[id(model)][1]
 
 
 def mnist_like(rng, batch):
@@ -24,12 +48,30 @@ def mnist_like(rng, batch):
     return x, rng.integers(0, 10, batch)
 
 
+class Run:
+    """One forward and backward: logits, {name: p.grad}, the input gradient (or None), and the
+    node that made the logits (a PlanFunction when the plan ran)."""
+
+    def __init__(self, logits, grads, dx, node):
+        self.logits, self.grads, self.dx, self.node = logits, grads, dx, node
+
+    @property
+    def planned(self):
+        return isinstance(self.node, PlanFunction)
+
+    def __iter__(self):
+        return iter((self.logits, self.grads, self.dx))
+
+
 def run(model, x, labels, fast, need_dx=False):
-    model.use_fast_cpu(fast)
-    logits = model(x)
-    _, dlogits = F.softmax_cross_entropy(logits, labels)
-    dx = model.backward(dlogits, need_dx=need_dx)
-    return logits, {name: p.grad.copy() for name, p in model.named_parameters()}, dx
+    """A training step's forward and backward: compiled (fast) or eager. The input is a Tensor that
+    requires grad only when need_dx, so without it no input gradient is asked of anything."""
+    model.zero_grad()
+    inputs = gpuconv.tensor(x, requires_grad=True) if need_dx else x
+    logits = (net(model) if fast else model)(inputs)
+    F.cross_entropy(logits, labels).backward()
+    grads = {name: p.grad.copy() for name, p in model.named_parameters()}
+    return Run(logits.data, grads, inputs.grad if need_dx else None, logits.creator)
 
 
 def assert_close(actual, expected, rtol=1e-5):
@@ -41,43 +83,43 @@ def assert_close(actual, expected, rtol=1e-5):
 def assert_same_run(model, x, labels, need_dx=False):
     fast = run(model, x, labels, True, need_dx)
     slow = run(model, x, labels, False, need_dx)
-    assert_close(fast[0], slow[0])
-    assert fast[1].keys() == slow[1].keys()
-    for name in slow[1]:
-        assert fast[1][name].shape == slow[1][name].shape and fast[1][name].dtype == np.float32, name
-        assert_close(fast[1][name], slow[1][name])
+    assert not slow.planned  # an uncompiled model never enters the executor
+    assert_close(fast.logits, slow.logits)
+    assert fast.grads.keys() == slow.grads.keys()
+    for name in slow.grads:
+        assert fast.grads[name].shape == slow.grads[name].shape and fast.grads[name].dtype == np.float32, name
+        assert_close(fast.grads[name], slow.grads[name])
     if need_dx:
-        assert_close(fast[2], slow[2])
+        assert fast.dx.shape == x.shape and fast.dx.dtype == np.float32
+        assert_close(fast.dx, slow.dx)
     else:
-        assert fast[2] is None and slow[2] is None
+        assert fast.dx is None and slow.dx is None
+    if fast.planned:  # the plan was asked for an input gradient exactly when one was needed
+        assert fast.node.needs_input_grad[0] == need_dx
     return fast
 
 
-def planned(model, x=None):
-    """Did the last forward (or one on x by the plan, if given) run by the plan?"""
-    if x is not None:
-        model.use_fast_cpu(True)
-        model(x)
-    plan = cpu_plan._plans.get(model)
-    if plan is not None and plan.active:  # and the parts after the first ran where they should
-        assert (plan.workers is not None) == (cpu_plan.processes and cpu_procs.supported() and plan.threads > 1)
-    return plan is not None and plan.active
-
-
-@pytest.fixture(autouse=True, params=[False, True], ids=["threads", "processes"])
-def processes(request, monkeypatch):
-    """Every test runs with the parts after the first in worker threads and in worker processes."""
-    monkeypatch.setattr(cpu_plan, "processes", request.param)
-    return request.param
+def planned(model, x):
+    """Does the compiled model run x by the plan? If it does, check how it splits the batch: one
+    part per thread, the caller's and set_cpu_workers()'s, while each gets MIN_CHUNK images."""
+    compiled = net(model)
+    if not compiled.uses_executor(x):
+        return False
+    with gpuconv.no_grad():
+        compiled(x)
+    plan = compiled._plan
+    expected = max(1, min(gpuconv.get_cpu_workers() + 1, len(x) // cpu_plan.MIN_CHUNK))
+    assert plan.threads == len(plan.parts) == expected
+    assert sum(chunk.n for part in plan.parts for chunk in part) == len(x)
+    return True
 
 
 @pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def threads(request, monkeypatch):
-    """The plan splits the batch over BLAS-thread-many Python threads; test 1, 2 and 3 parts
-    whatever this machine has."""
-    monkeypatch.setattr(blas, "get_num_threads", lambda: request.param)
-    monkeypatch.setattr(blas, "available", lambda: True)
+    """The plan splits the batch over the caller's thread and set_cpu_workers() worker threads;
+    test 1, 2 and 3 parts whatever this machine has."""
     monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+    gpuconv.set_cpu_workers(request.param - 1)
     return request.param
 
 
@@ -86,8 +128,8 @@ def threads(request, monkeypatch):
 def test_lenet_matches_the_layers(activation, pool, batch, threads, rng):
     model = LeNet5(activation, pool, seed=batch)
     x, labels = mnist_like(rng, batch)
-    assert_same_run(model, x, labels, need_dx=batch == 7)
-    assert planned(model, x)
+    fast = assert_same_run(model, x, labels, need_dx=batch == 7)
+    assert fast.planned and planned(model, x)
 
 
 @pytest.mark.parametrize("activation,pool", LENETS)
@@ -96,17 +138,18 @@ def test_lenet_against_float64_reference(activation, pool, rng):
     model = LeNet5(activation, pool, seed=1)
     reference = LeNet5(activation, pool, dtype=np.float64).load_state_dict(model.state_dict())
     x, labels = mnist_like(rng, 64)
-    _, exact, exact_dx = run(reference, x.astype(np.float64), labels, True, need_dx=True)
-    assert not planned(reference)  # float64 always runs the layers
-    _, fast, fast_dx = run(model, x, labels, True, need_dx=True)
-    _, slow, _ = run(model, x, labels, False)
-    for name in exact:
-        scale = np.abs(exact[name]).max()
-        fast_error = np.abs(fast[name] - exact[name]).max() / scale
-        slow_error = np.abs(slow[name] - exact[name]).max() / scale
+    exact = run(reference, x.astype(np.float64), labels, True, need_dx=True)
+    assert not exact.planned and not planned(reference, x.astype(np.float64))  # float64 runs eagerly
+    fast = run(model, x, labels, True, need_dx=True)
+    slow = run(model, x, labels, False)
+    assert fast.planned and not slow.planned
+    for name in exact.grads:
+        scale = np.abs(exact.grads[name]).max()
+        fast_error = np.abs(fast.grads[name] - exact.grads[name]).max() / scale
+        slow_error = np.abs(slow.grads[name] - exact.grads[name]).max() / scale
         assert fast_error < 1e-5, name
         assert fast_error < 4 * slow_error + 1e-6, name
-    assert np.abs(fast_dx - exact_dx).max() / np.abs(exact_dx).max() < 1e-5
+    assert np.abs(fast.dx - exact.dx).max() / np.abs(exact.dx).max() < 1e-5
 
 
 def test_other_layer_settings_match(rng, threads):
@@ -120,8 +163,8 @@ def test_other_layer_settings_match(rng, threads):
     model.eval()
     x = rng.standard_normal((9, 3, 23, 21)).astype(np.float32)
     x[:, :, :4] = 0  # ties in every pool
-    assert_same_run(model, x, rng.integers(0, 3, 9), need_dx=True)
-    assert planned(model, x)
+    fast = assert_same_run(model, x, rng.integers(0, 3, 9), need_dx=True)
+    assert fast.planned and planned(model, x)
 
 
 @pytest.mark.parametrize("head", [
@@ -138,8 +181,8 @@ def test_single_channel_convs_match(head, rng, threads):
     x[:, :, :3] = 0
     width = model.layer_table(x.shape)[-1][2][1]
     model.add("fc", nn.Linear(width, 3, rng=rng))
-    assert_same_run(model, x, rng.integers(0, 3, 6), need_dx=True)
-    assert planned(model, x)
+    fast = assert_same_run(model, x, rng.integers(0, 3, 6), need_dx=True)
+    assert fast.planned and planned(model, x)
 
 
 @pytest.mark.parametrize("tail", [[], [nn.ReLU(), nn.MaxPool2d(2)], [nn.AvgPool2d(2)]],
@@ -149,16 +192,19 @@ def test_spatial_output_is_nchw(tail, rng, threads):
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng), *tail)
     x = rng.standard_normal((5, 2, 8, 8)).astype(np.float32)
     dy = None
-    results = []
+    results, nodes = [], []
     for fast in (True, False):
-        model.use_fast_cpu(fast)
-        y = model(x)
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = (net(model) if fast else model)(inputs)
         dy = rng.standard_normal(y.shape).astype(np.float32) if dy is None else dy
-        dx = model.backward(dy, need_dx=True)
-        results.append((y, dx, model[0].weight.grad.copy(), model[0].bias.grad.copy()))
+        y.backward(dy)
+        results.append((y.data, inputs.grad, model[0].weight.grad.copy(), model[0].bias.grad.copy()))
+        nodes.append(y.creator)
     for fast_value, slow_value in zip(*results):
         assert fast_value.shape == slow_value.shape
         assert_close(fast_value, slow_value)
+    assert isinstance(nodes[0], PlanFunction) and not isinstance(nodes[1], PlanFunction)
     assert planned(model, x)
 
 
@@ -171,10 +217,11 @@ def test_output_gradient_is_never_written(tail, batch, rng):
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2), *tail)
     x = rng.standard_normal((batch, 1, 12, 12)).astype(np.float32)
-    y = model(x)
+    y = net(model)(gpuconv.tensor(x, requires_grad=True))
+    assert isinstance(y.creator, PlanFunction)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     kept = dy.copy()
-    model.backward(dy, need_dx=True)
+    y.backward(dy)
     np.testing.assert_array_equal(dy, kept)
     assert planned(model, x)
 
@@ -182,8 +229,19 @@ def test_output_gradient_is_never_written(tail, batch, rng):
 def test_dense_only_model(rng, threads):
     model = nn.Sequential(nn.Linear(10, 8, rng=rng), nn.ReLU(), nn.Linear(8, 4, rng=rng))
     x = rng.standard_normal((12, 10)).astype(np.float32)
-    assert_same_run(model, x, rng.integers(0, 4, 12), need_dx=True)
-    assert planned(model, x)
+    fast = assert_same_run(model, x, rng.integers(0, 4, 12), need_dx=True)
+    assert fast.planned and planned(model, x)
+
+
+def test_a_layer_used_twice_gets_both_gradients(rng, threads):
+    """A Linear applied twice in one chain: one parameter, two contributions, summed once."""
+    shared = nn.Linear(8, 8, rng=rng)
+    model = nn.Sequential(nn.Linear(6, 8, rng=rng), nn.Tanh(), shared, nn.Tanh(), shared, nn.ReLU(),
+                          nn.Linear(8, 4, rng=rng))
+    x = rng.standard_normal((12, 6)).astype(np.float32)
+    fast = assert_same_run(model, x, rng.integers(0, 4, 12), need_dx=True)
+    assert fast.planned and planned(model, x)
+    assert len(net(model)._plan.params()) == len(model.parameters()) == 6
 
 
 @pytest.mark.parametrize("make", [
@@ -197,37 +255,50 @@ def test_dense_only_model(rng, threads):
                               nn.Linear(2 * 28 * 28, 3, rng=rng)),
 ], ids=["lppool", "overlapping-pool", "dropout-training", "asymmetric-same"])
 def test_unsupported_layers_fall_back_to_the_layers(make, rng):
+    """The compiled model runs these eagerly: the same ops, so the same bits as the uncompiled one."""
     model = make(rng)
     x, labels = mnist_like(rng, 4)
     labels %= 3
-    _, grads, _ = run(model, x, labels, True)
-    assert not planned(model)
-    assert model[0]._x is x  # the layers ran, forward and backward
-    assert all(grads[name].shape == p.shape for name, p in model.named_parameters())
+    runs = []
+    for fast in (True, False):
+        for layer in model:  # the same dropout masks in both runs
+            if isinstance(layer, nn.Dropout):
+                layer.rng = np.random.default_rng(7)
+        runs.append(run(model, x, labels, fast))
+    compiled, eager = runs
+    assert not compiled.planned and not planned(model, x)
+    assert isinstance(compiled.node, F.LinearFunction)  # the layers ran, forward and backward
+    np.testing.assert_array_equal(compiled.logits, eager.logits)
+    for name, p in model.named_parameters():
+        assert compiled.grads[name].shape == p.shape
+        np.testing.assert_array_equal(compiled.grads[name], eager.grads[name])
 
 
-def test_switches_off(rng):
+def test_only_compiled_models_enter_the_executor(rng, monkeypatch):
+    """The uncompiled model always runs eagerly, even after its compiled wrapper ran the plan; the
+    wrapper runs eagerly what the plan cannot take (float64, integer input, kernel emulation)."""
     model = LeNet5()
     x, labels = mnist_like(rng, 4)
-    model.use_fast_cpu(False)
-    model(x)
-    assert not planned(model)
-    model.use_fast_cpu(True)
-    model(x)
-    assert planned(model)
-    cpu_plan.enabled = False
-    try:
-        model(x)
-        assert not planned(model) and model.conv1._x is x
-    finally:
-        cpu_plan.enabled = True
+    assert not run(model, x, labels, False).planned
+    compiled = net(model)
+    assert isinstance(compiled, CompiledModel) and gpuconv.compile(compiled) is compiled
+    assert compiled.parameters() == model.parameters() and compiled.module is model
+    assert run(model, x, labels, True).planned
+    forwards = compiled._plan.forwards
+    assert not run(model, x, labels, False).planned
+    assert compiled._plan.forwards == forwards  # the eager run did not touch the plan
+    assert not compiled.uses_executor(x.astype(np.float64))
+    assert not compiled.uses_executor(x.astype(np.int64))
+    assert compiled.uses_executor(gpuconv.tensor(x))
+    monkeypatch.setenv("GPUCONV_EMULATE", "1")
+    assert not compiled.uses_executor(x)
 
 
 def test_changing_batch_sizes_reuses_and_reallocates(rng, threads):
     model = LeNet5(seed=2)
     for batch in (32, 7, 32, 33, 1, 32):
         x, labels = mnist_like(rng, batch)
-        assert_same_run(model, x, labels)
+        assert assert_same_run(model, x, labels).planned
 
 
 @pytest.mark.parametrize("max_chunk", [3, 5])
@@ -237,14 +308,15 @@ def test_small_chunks_within_a_thread(max_chunk, rng, monkeypatch):
     model = LeNet5(seed=3)
     for batch in (17, 4):
         x, labels = mnist_like(rng, batch)
-        assert_same_run(model, x, labels, need_dx=True)
+        assert assert_same_run(model, x, labels, need_dx=True).planned
+        assert all(chunk.n <= max_chunk for part in net(model)._plan.parts for chunk in part)
 
 
-def test_backward_order_changes_no_number(rng, monkeypatch):
+def test_backward_order_changes_no_number(rng):
     """Every other thread computes the conv weight gradients after all the input gradients (the
     dense layers' wait in every thread). Either order must give the same bits: run one thread
     both ways."""
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 1)
+    gpuconv.set_cpu_workers(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(4, 5, 3, dilation=2, rng=rng), nn.Tanh(),  # im2col path
                           nn.Conv2d(5, 6, 3, stride=2, rng=rng),  # rows path, stride 2
@@ -253,8 +325,10 @@ def test_backward_order_changes_no_number(rng, monkeypatch):
     runs = []
     for deferring in (False, True):
         run(model, x, labels, True)
-        cpu_plan._plans[model].deferring = [deferring]
+        assert net(model)._plan.threads == 1
+        net(model)._plan.deferring = [deferring]
         runs.append(run(model, x, labels, True, need_dx=True))
+        assert runs[-1].planned
     (logits, grads, dx), (logits2, grads2, dx2) = runs
     np.testing.assert_array_equal(logits, logits2)
     np.testing.assert_array_equal(dx, dx2)
@@ -268,13 +342,31 @@ def test_gradients_are_new_arrays_every_step(rng):
     model = LeNet5()
     x1, y1 = mnist_like(rng, 16)
     x2, y2 = mnist_like(rng, 16)
-    _, first, _ = run(model, x1, y1, True)
+    first = run(model, x1, y1, True)
+    assert first.planned
     kept = {name: p.grad for name, p in model.named_parameters()}
-    run(model, x2, y2, True)
+    run(model, x2, y2, True)  # zero_grad() first
     for name, p in model.named_parameters():
         assert p.grad is not kept[name]
         assert p.grad.flags.c_contiguous and p.grad.shape == p.data.shape, name
-        np.testing.assert_array_equal(kept[name], first[name])  # step 2 did not write into step 1's
+        np.testing.assert_array_equal(kept[name], first.grads[name])  # step 2 did not write into step 1's
+
+
+def test_gradients_accumulate_until_zero_grad(rng):
+    """Two backwards without zero_grad() add into p.grad, as the eager model's do."""
+    model = LeNet5()
+    x1, y1 = mnist_like(rng, 16)
+    x2, y2 = mnist_like(rng, 16)
+    first, second = run(model, x1, y1, True), run(model, x2, y2, True)
+    for fast in (True, False):
+        model.zero_grad()
+        for x, y in ((x1, y1), (x2, y2)):
+            F.cross_entropy((net(model) if fast else model)(x), y).backward()
+        for name, p in model.named_parameters():
+            if fast:  # the same two plan gradients, added once
+                np.testing.assert_array_equal(p.grad, first.grads[name] + second.grads[name])
+            else:
+                assert_close(p.grad, first.grads[name] + second.grads[name])
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -287,28 +379,56 @@ def test_backward_twice_after_one_forward(rng, mode):
         conv.bias.data[:] = rng.uniform(-0.5, 0.5, conv.bias.data.shape)
     getattr(model, mode)()
     x, labels = mnist_like(rng, 8)
-    logits = model(x)
-    _, dlogits = F.softmax_cross_entropy(logits, labels)
-    first = model.backward(dlogits, need_dx=True)
+    inputs = gpuconv.tensor(x, requires_grad=True)
+    model.zero_grad()
+    logits = net(model)(inputs)
+    assert isinstance(logits.creator, PlanFunction)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward(retain_graph=True)
+    first = inputs.grad.copy()
     grads = {name: p.grad.copy() for name, p in model.named_parameters()}
-    second = model.backward(dlogits, need_dx=True)
-    np.testing.assert_array_equal(first, second)
+    model.zero_grad()
+    inputs.grad = None
+    loss.backward()
+    np.testing.assert_array_equal(first, inputs.grad)
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(p.grad, grads[name])
-    _, reference, reference_dx = run(model, x, labels, False, need_dx=True)
-    assert_close(first, reference_dx)
+    reference = run(model, x, labels, False, need_dx=True)
+    assert_close(first, reference.dx)
     for name in grads:
-        assert_close(grads[name], reference[name])
+        assert_close(grads[name], reference.grads[name])
+
+
+@pytest.mark.parametrize("other_batch", [8, 5])
+def test_backward_after_another_forward_is_that_forwards(rng, other_batch):
+    """A second forward replaces the plan's saved activations; the first forward's backward then
+    recomputes them and still gives the first batch's gradients (same batch size or another)."""
+    model = LeNet5(seed=4)
+    x, labels = mnist_like(rng, 8)
+    other, _ = mnist_like(rng, other_batch)
+    expected = run(model, x, labels, True, need_dx=True)
+    inputs = gpuconv.tensor(x, requires_grad=True)
+    model.zero_grad()
+    loss = F.cross_entropy(net(model)(inputs), labels)
+    net(model)(other)  # no backward for this one
+    loss.backward()
+    np.testing.assert_array_equal(inputs.grad, expected.dx)
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(p.grad, expected.grads[name])
 
 
 def test_sgd_training_follows_the_layers(rng):
-    fast, slow = LeNet5(seed=5), LeNet5(seed=5).use_fast_cpu(False)
+    model, slow = LeNet5(seed=5), LeNet5(seed=5)
+    fast = gpuconv.compile(model)
     optimizers = [optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (fast, slow)]
     for _ in range(5):
         x, labels = mnist_like(rng, 32)
-        for model, optimizer in zip((fast, slow), optimizers):
-            _, dlogits = F.softmax_cross_entropy(model(x), labels)
-            model.backward(dlogits, need_dx=False)
+        for network, optimizer in zip((fast, slow), optimizers):
+            logits = network(x)
+            assert isinstance(logits.creator, PlanFunction) == (network is fast)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
             optimizer.step()
     for (name, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
         assert_close(a, b, rtol=1e-4)
@@ -318,21 +438,26 @@ def test_non_finite_input_runs_the_layers(rng):
     model = LeNet5()
     x, labels = mnist_like(rng, 4)
     x[1, 0, 10, 10] = np.nan
-    logits = model(x)
-    assert not planned(model) and np.isnan(logits[1]).all()
-    _, dlogits = F.softmax_cross_entropy(np.nan_to_num(logits), labels)
-    model.backward(dlogits, need_dx=False)  # the layers' backward, which holds their NaN rules
+    assert net(model).uses_executor(x)  # the plan would take it, and hands NaN logits back
+    logits = net(model)(x)
+    assert not isinstance(logits.creator, PlanFunction) and np.isnan(logits.data[1]).all()
+    _, dlogits = ops.softmax_cross_entropy(np.nan_to_num(logits.data), labels)
+    logits.backward(dlogits)  # the layers' backward, which holds their NaN rules
     assert model.conv1.weight.grad.shape == (6, 1, 5, 5)
 
 
 def test_bad_output_gradient_is_rejected(rng):
     model = LeNet5()
     x, _ = mnist_like(rng, 4)
-    model(x)
-    with pytest.raises(ShapeError, match="dy"):
-        model.backward(np.ones((3, 10), np.float32))
+    logits = net(model)(x)
+    assert isinstance(logits.creator, PlanFunction)
+    with pytest.raises(ShapeError, match="grad"):
+        logits.backward(np.ones((3, 10), np.float32))
     with pytest.raises(DTypeError, match="dy"):
-        model.backward(np.ones((4, 10), np.float64))
+        logits.backward(np.ones((4, 10), np.float64))
+    plan = net(model)._plan  # the plan's own check, below the tape's
+    with pytest.raises(ShapeError, match="dy"):
+        plan.backward(np.ones((3, 10), np.float32), need_dx=False)
 
 
 def test_blas_thread_control_restores_the_count():
@@ -342,6 +467,48 @@ def test_blas_thread_control_restores_the_count():
     with blas.num_threads(1):
         assert blas.get_num_threads() == 1
     assert blas.get_num_threads() == before
+
+
+def test_worker_count_comes_from_set_cpu_workers_not_the_blas(rng, monkeypatch):
+    """The parts are the caller's thread and get_cpu_workers() workers (set_cpu_workers(n), else
+    GPUCONV_CPU_WORKERS, else one fewer than the CPUs, at most MAX_WORKERS), never the BLAS's
+    thread count, which another thread may change."""
+    monkeypatch.setattr(blas, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+    monkeypatch.delenv("GPUCONV_CPU_WORKERS", raising=False)
+    model = LeNet5()
+    x, labels = mnist_like(rng, 12)
+    for workers, threads in ((0, 1), (2, 3), (9, 6)):  # 12 images: at most 6 parts of MIN_CHUNK
+        gpuconv.set_cpu_workers(workers)
+        assert gpuconv.get_cpu_workers() == workers
+        assert run(model, x, labels, True).planned
+        assert net(model)._plan.threads == threads and planned(model, x)
+    gpuconv.set_cpu_workers(None)
+    monkeypatch.setenv("GPUCONV_CPU_WORKERS", "1")
+    assert gpuconv.get_cpu_workers() == 1
+    assert run(model, x, labels, True).planned and net(model)._plan.threads == 2
+    gpuconv.set_cpu_workers(0)  # the setting wins over the environment
+    assert gpuconv.get_cpu_workers() == 0
+    gpuconv.set_cpu_workers(None)
+    monkeypatch.delenv("GPUCONV_CPU_WORKERS")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    assert gpuconv.get_cpu_workers() == max(0, min(cpus - 1, cpu_plan.MAX_WORKERS))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_bad_worker_counts_are_rejected(bad):
+    with pytest.raises(ArgumentError, match="set_cpu_workers"):
+        gpuconv.set_cpu_workers(bad)
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.5", "two"])
+def test_bad_worker_counts_in_the_environment_are_rejected(bad, monkeypatch):
+    monkeypatch.setenv("GPUCONV_CPU_WORKERS", bad)
+    with pytest.raises(ArgumentError, match="GPUCONV_CPU_WORKERS"):
+        gpuconv.get_cpu_workers()
 
 
 @pytest.mark.parametrize("failing", [0, 1, 2])
@@ -356,37 +523,28 @@ def test_parallel_region_raises_a_part_error_after_every_part_ran(failing):
             raise ValueError(f"part {part}")
         return part * 10
 
-    with pytest.raises(ValueError, match=f"part {failing}"):
-        cpu_plan._run_parallel(work, [0, 1, 2])
+    with cpu_plan._region_lock:  # the caller holds the region lock, as _Plan._in_parts does
+        with pytest.raises(ValueError, match=f"part {failing}"):
+            cpu_plan._run_parallel(work, [0, 1, 2])
     assert sorted(ran) == [0, 1, 2]
-    assert cpu_plan._run_parallel(lambda part: part * 10, [0, 1, 2]) == [0, 10, 20]
+    with cpu_plan._region_lock:
+        assert cpu_plan._run_parallel(lambda part: part * 10, [0, 1, 2]) == [0, 10, 20]
 
 
-def test_switch_interval_is_restored(rng):
-    import sys
-    before = sys.getswitchinterval()
+def test_switch_interval_and_blas_threads_are_restored(rng):
+    before, blas_before = sys.getswitchinterval(), blas.get_num_threads()
+    gpuconv.set_cpu_workers(1)
     model = LeNet5()
     x, labels = mnist_like(rng, 64)
-    run(model, x, labels, True)
+    assert run(model, x, labels, True).planned
+    assert net(model)._plan.threads == 2  # a parallel region ran, forward and backward
     assert sys.getswitchinterval() == before
+    assert blas.get_num_threads() == blas_before
 
 
 def test_worker_never_returns_a_result_left_by_an_abandoned_wait():
-    import time
     worker = cpu_plan._Worker()
     worker.submit(lambda part: part, 1)  # its result is never collected (an interrupted wait)
     time.sleep(0.05)
     worker.submit(lambda part: part, 2)
     assert worker.result() == 2
-
-
-def test_worker_threads_where_processes_are_not_supported(rng, monkeypatch):
-    """Off Linux x86-64 (cpu_procs.supported() False) the plan runs worker threads, processes on or not."""
-    monkeypatch.setattr(blas, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(blas, "available", lambda: True)
-    monkeypatch.setattr(cpu_plan, "processes", True)
-    monkeypatch.setattr(cpu_procs, "supported", lambda: False)
-    model = LeNet5(seed=5)
-    x, labels = mnist_like(rng, 60)
-    assert_same_run(model, x, labels, need_dx=True)
-    assert planned(model, x) and cpu_plan._plans[model].workers is None

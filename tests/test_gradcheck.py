@@ -66,3 +66,27 @@ def test_gradcheck_rejects_wrong_shape_or_count():
 def test_gradcheck_treats_nan_gradient_as_failure():
     with pytest.raises(AssertionError):
         gradcheck(lambda x: x * 3, [np.ones(2)], lambda dy, x: (np.full(2, np.nan),))
+
+
+def test_gradcheck_passes_an_array_level_op_pair():
+    """The documented use: an op's forward/backward pair of gpuconv.ops against central differences."""
+    from gpuconv import ops
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3))
+    gradcheck(lambda x, w: ops.conv2d(x, w, stride=2), [x, w],
+              lambda dy, x, w: ops.conv2d_backward(dy, x, w, stride=2, need_bias=False)[:2])
+
+
+def test_gradcheck_passes_the_tape_of_a_tensor_op():
+    """Gradients the tape computes (x.grad after backward(dy)) check against the op's forward."""
+    import gpuconv
+    from gpuconv import functional as F
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 1, 4, 4)), rng.standard_normal((2, 1, 2, 2))
+
+    def tape(dy, x, w):
+        tx, tw = gpuconv.tensor(x, requires_grad=True), gpuconv.tensor(w, requires_grad=True)
+        F.relu(F.conv2d(tx, tw, padding=1)).backward(dy)
+        return tx.grad, tw.grad
+
+    gradcheck(lambda x, w: F.relu(F.conv2d(x, w, padding=1)).data, [x + 0.01, w], tape)

@@ -50,13 +50,15 @@ def test_summary_shapes_match_a_real_forward_pass(rng):
 
 # ----- gradients of every layer, float64 central differences -----
 def module_gradcheck(module, x, rng, rtol=1e-5, atol=1e-7):
-    y = module(x)
+    inputs = gpuconv.tensor(x, requires_grad=True)
+    y = module(inputs)
     dy = rng.standard_normal(y.shape)
-    dx = module.backward(dy)
+    y.backward(dy)
+    dx = inputs.grad
     analytic = {name: p.grad.copy() for name, p in module.named_parameters()}
 
     def loss_for_input(value):
-        return module(value)
+        return module(value).data
 
     assert_allclose_grad("input", dx, numerical_grad(loss_for_input, x, dy=dy), rtol, atol)
     for name, p in module.named_parameters():
@@ -64,7 +66,7 @@ def module_gradcheck(module, x, rng, rtol=1e-5, atol=1e-7):
 
         def loss_for_param(value, p=p):
             p.data = value
-            out = module(x)
+            out = module(x).data
             p.data = original
             return out
 
@@ -97,28 +99,44 @@ def test_layer_gradients_match_central_differences(make, shape, rng):
 
 def test_lenet5_end_to_end_gradients_float64(rng):
     model = LeNet5(activation="tanh", pool="avg", dtype=np.float64)
-    x = rng.random((2, 1, 28, 28))
+    x = gpuconv.tensor(rng.random((2, 1, 28, 28)), requires_grad=True)
     y = model(x)
     dy = rng.standard_normal(y.shape)
-    model.backward(dy, need_dx=True)
+    y.backward(dy)
+    assert x.grad.shape == x.shape and x.grad.dtype == np.float64
     for name in ("conv1.weight", "conv2.bias", "fc1.weight"):
         p = dict(model.named_parameters())[name]
         index = (0,) * p.data.ndim
         original = p.data[index]
         eps = 1e-6
         p.data[index] = original + eps
-        plus = float((model(x) * dy).sum())
+        plus = float((model(x).data * dy).sum())
         p.data[index] = original - eps
-        minus = float((model(x) * dy).sum())
+        minus = float((model(x).data * dy).sum())
         p.data[index] = original
         assert p.grad[index] == pytest.approx((plus - minus) / (2 * eps), rel=1e-5, abs=1e-8), name
 
 
-def test_first_layer_skips_its_input_gradient(rng):
+def test_first_layer_skips_its_input_gradient(rng, monkeypatch):
+    """An input that does not require grad gets none, and the first conv's backward is not asked
+    for its data gradient at all; one that requires grad gets it."""
+    asked = []
+    conv2d_backward = gpuconv.ops.conv2d_backward
+
+    def spy(dy, x, w, **kwargs):
+        asked.append(kwargs["need_dx"])
+        return conv2d_backward(dy, x, w, **kwargs)
+
+    monkeypatch.setattr(gpuconv.ops, "conv2d_backward", spy)
     model = LeNet5()
-    y = model(rng.random((2, 1, 28, 28), dtype=np.float32))
-    assert model.backward(np.ones_like(y), need_dx=False) is None
-    assert model.backward(np.ones_like(y), need_dx=True).shape == (2, 1, 28, 28)
+    image = rng.random((2, 1, 28, 28), dtype=np.float32)
+    for requires_grad in (False, True):
+        asked.clear()
+        x = gpuconv.tensor(image, requires_grad=requires_grad)
+        y = model(x)
+        y.backward(np.ones_like(y.data))
+        assert asked == [True, requires_grad]  # conv2 first, then conv1
+        assert (x.grad is None) if not requires_grad else (x.grad.shape == (2, 1, 28, 28))
 
 
 # ----- state, modes, devices -----
@@ -150,10 +168,10 @@ def test_load_state_dict_names_missing_and_mismatched_parameters():
 def test_train_eval_switch_dropout():
     model = nn.Sequential(nn.Dropout(0.5, seed=1))
     x = np.ones((4, 100), np.float32)
-    assert not np.array_equal(model(x), x)
+    assert not np.array_equal(model(x).data, x)
     model.eval()
     assert not model[0].training
-    np.testing.assert_array_equal(model(x), x)
+    np.testing.assert_array_equal(model(x).data, x)
 
 
 def test_to_cpu_is_a_no_op_and_cuda_says_why_it_is_unavailable():

@@ -92,3 +92,32 @@ def test_state_dict_round_trip_continues_identically():
     np.testing.assert_array_equal(a.data, b.data)
     with pytest.raises(CheckpointError, match="steps"):
         optim.Adam([b]).load_state_dict({"lr": 0.1, "initial_lr": 0.1})
+
+
+def test_zero_grad_clears_and_step_skips_parameters_without_a_gradient():
+    """Gradients accumulate in p.grad until zero_grad() sets them to None; step() then leaves a
+    parameter with no gradient alone (as torch.optim does)."""
+    p, q = make_param(), make_param()
+    opt = optim.SGD([p, q], lr=0.1, momentum=0.9)
+    q.grad = None
+    opt.step()
+    np.testing.assert_allclose(p.data, [1 - 0.05, -2 - 0.025])
+    np.testing.assert_array_equal(q.data, [1.0, -2.0])
+    assert opt.state["velocity"][1] is None
+    opt.zero_grad()
+    assert p.grad is None and q.grad is None
+
+
+def test_a_step_from_backward_follows_the_formula():
+    """The training step of the tape: loss.backward() fills p.grad, step() uses it."""
+    p = Parameter(np.array([1.0, -2.0]))
+    opt = optim.SGD([p], lr=0.1)
+    loss = (p ** 2).sum()  # d/dp = 2p
+    opt.zero_grad()
+    loss.backward()
+    np.testing.assert_allclose(p.grad, [2.0, -4.0])
+    opt.step()
+    np.testing.assert_allclose(p.data, [1.0 - 0.2, -2.0 + 0.4])
+    (p ** 2).sum().backward()
+    (p ** 2).sum().backward()  # without zero_grad the two gradients add up
+    np.testing.assert_allclose(p.grad, [2.0 + 4 * 0.8, -4.0 - 4 * 1.6])

