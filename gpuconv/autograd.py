@@ -459,7 +459,7 @@ class Cat(Function):
 
     def backward(self, g):
         xp = get_array_module(g)
-        edges = np.cumsum(self.sizes)[:-1].tolist()
+        edges = list(itertools.accumulate(self.sizes))[:-1]
         pieces = xp.split(g, edges, axis=self.dim)
         return tuple(p if needs else None for p, needs in zip(pieces, self.needs_input_grad))
 

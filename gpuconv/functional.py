@@ -5,6 +5,7 @@ what the pair's backward needs (a pool keeps its input, ReLU its output), the ba
 pair and returns one gradient per input. Inputs may be Tensors or plain arrays (constants).
 """
 from . import ops
+from .backend import get_array_module
 from .autograd import Function, Tensor, as_tensor, cat, no_grad  # noqa: F401  (re-exported)
 from .errors import ArgumentError
 
@@ -197,13 +198,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 def update_running_stats(running_mean, running_var, mean, invstd, eps, momentum, x_shape):
     """running = (1 - momentum) * running + momentum * batch, in place; the variance blended in is
     the unbiased one, as PyTorch does."""
+    xp = get_array_module(running_mean)
+    momentum = xp.asarray(momentum, dtype=running_mean.dtype)  # a number, or a device scalar
     count = x_shape[0] * x_shape[2] * x_shape[3]
     var = 1 / (invstd * invstd) - running_var.dtype.type(eps)
-    unbiased = var * (count / max(count - 1, 1))
-    running_mean *= running_mean.dtype.type(1 - momentum)
-    running_mean += running_mean.dtype.type(momentum) * mean.astype(running_mean.dtype)
-    running_var *= running_var.dtype.type(1 - momentum)
-    running_var += running_var.dtype.type(momentum) * unbiased.astype(running_var.dtype)
+    unbiased = var * running_var.dtype.type(count / max(count - 1, 1))
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean.astype(running_mean.dtype)
+    running_var *= 1 - momentum
+    running_var += momentum * unbiased.astype(running_var.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

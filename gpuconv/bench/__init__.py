@@ -59,8 +59,9 @@ def build_parser():
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="side of the float32 GEMM that measures each device's peak (default 2048; 0 skips)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for NumPy's BLAS and PyTorch alike (default: NumPy's BLAS as "
-                             "it is, PyTorch set to match)")
+                        help="CPU threads for NumPy's BLAS, PyTorch and gpuconv's CPU executor alike "
+                             "(default: NumPy's BLAS as it is, PyTorch and the executor set to match; "
+                             "overrides GPUCONV_CPU_WORKERS for the run)")
     parser.add_argument("--compare-torch", action="store_true",
                         help="time the same ops and LeNet-5 step in PyTorch, same device and thread count")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine to PATH")

@@ -2,6 +2,10 @@
 
 `specs(batch)` describes each row once (name, what it computes, FLOPs) for both frameworks;
 `GpuconvRows` builds the gpuconv callables on one device, and torch_rows.py builds PyTorch's.
+The op rows time the array-level pairs of gpuconv.ops (conv2d / conv2d_backward, ...), the code
+each autograd Function calls; the training step and inference rows time the model as
+`python -m gpuconv train` runs it: through gpuconv.compile (the CPU executor on float32 NumPy
+batches, eager autograd on the GPU), loss.backward() and an SGD step.
 FLOPs count a multiply-add as 2. Pooling, ReLU and the loss are memory-bound: their FLOPs (one per
 window tap or element) are given so every row has a rate, but their share of the GEMM peak is
 small by nature.
@@ -10,9 +14,10 @@ import inspect
 
 import numpy as np
 
-from .. import ops as F
-from .. import optim
-from ..backend import to_device
+from .. import functional, ops, optim
+from ..autograd import no_grad
+from ..backend import get_array_module, to_device
+from ..compiler import compile as compile_model
 from ..models import LeNet5
 
 # LeNet-5 at 28x28: (layer, input shape without the batch, output shape without the batch).
@@ -28,7 +33,7 @@ NUM_PARAMETERS = 61706
 def backward_data_is_separate():
     """True when conv2d_backward can skip the filter gradient (need_dw=False), so the
     backward-data row times dx alone; otherwise it times dx, dw and db together."""
-    return "need_dw" in inspect.signature(F.conv2d_backward).parameters
+    return "need_dw" in inspect.signature(ops.conv2d_backward).parameters
 
 
 def _conv_flops(n, cin, cout, k, hw_out, **_):
@@ -98,13 +103,13 @@ def step_flops(batch):
 
 def step_spec(batch):
     return dict(name="train_step", layer="model", op="train_step", kind="step",
-                text="forward + loss + backward + SGD momentum 0.9 update", flops=step_flops(batch),
+                text="compiled model: forward + loss + zero_grad + backward + SGD momentum 0.9 update", flops=step_flops(batch),
                 uses_algo=True, in_training=True)
 
 
 def inference_spec(batch):
     return dict(name="inference", layer="model", op="inference", kind="inference",
-                text="forward to the logits", flops=forward_flops(batch), uses_algo=True,
+                text="compiled model, no_grad: forward to the logits", flops=forward_flops(batch), uses_algo=True,
                 in_training=False)
 
 
@@ -121,21 +126,24 @@ class GpuconvRows:
     def __init__(self, device, batch, seed=0):
         self.device, self.batch = device, batch
         self.model = LeNet5(seed=seed).to(device)
+        self.net = compile_model(self.model)  # as the trainer runs it (gpuconv.train.Trainer.net)
         self.optimizer = optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         images, labels = random_batch(batch, seed)
         self.x, self.labels = to_device(images, device), to_device(labels, device)
         rng = np.random.default_rng(seed + 1)
         self.inputs, self.outputs, self.grads = {}, {}, {}
         h = self.x
-        for name, layer in self.model.named_children():
-            self.inputs[name] = h
-            h = layer(h)
-            self.outputs[name] = h
-            dy = (rng.standard_normal(h.shape) * 0.01).astype(np.float32)
-            self.grads[name] = to_device(dy, device)
+        with no_grad():  # the op rows' inputs: each layer's real input, as an array
+            for name, layer in self.model.named_children():
+                self.inputs[name] = h
+                h = layer(h).data
+                self.outputs[name] = h
+                dy = (rng.standard_normal(h.shape) * 0.01).astype(np.float32)
+                self.grads[name] = to_device(dy, device)
         self.logits = h
 
     def op(self, name, algo):
+        """The gpuconv.ops array call(s) one op row times: what the op's autograd Function runs."""
         layer_name, op = name.split(".")
         layer = getattr(self.model, layer_name, None)
         x, dy = self.inputs.get(layer_name), self.grads.get(layer_name)
@@ -143,26 +151,33 @@ class GpuconvRows:
             w, b = layer.weight.data, layer.bias.data
             pad = CONVS[layer_name]["pad"]
             if op == "forward":
-                return lambda: F.conv2d(x, w, b, padding=pad, algo=algo)
+                return lambda: ops.conv2d(x, w, b, padding=pad, algo=algo)
             if op == "backward_filter":
-                return lambda: F.conv2d_backward(dy, x, w, padding=pad, algo=algo, need_dx=False)
+                return lambda: ops.conv2d_backward(dy, x, w, padding=pad, algo=algo, need_dx=False)
             extra = dict(need_dw=False, need_bias=False) if backward_data_is_separate() else {}
-            return lambda: F.conv2d_backward(dy, x, w, padding=pad, algo=algo, need_dx=True, **extra)
+            return lambda: ops.conv2d_backward(dy, x, w, padding=pad, algo=algo, need_dx=True, **extra)
         if layer_name in ACTS:
             y = self.outputs[layer_name]
-            return (lambda: F.relu(x)) if op == "forward" else (lambda: F.relu_backward(dy, y))
+            return (lambda: ops.relu(x)) if op == "forward" else (lambda: ops.relu_backward(dy, y))
         if layer_name in POOLS:
             k = POOLS[layer_name]["k"]
             if op == "forward":
-                return lambda: F.max_pool2d(x, k)
-            return lambda: F.max_pool2d_backward(dy, x, k)
+                return lambda: ops.max_pool2d(x, k)
+            return lambda: ops.max_pool2d_backward(dy, x, k)
         if layer_name in LINEARS:
             w, b = layer.weight.data, layer.bias.data
             if op == "forward":
-                return lambda: F.linear(x, w, b)
-            return lambda: F.linear_backward(dy, x, w, need_dx=True)
+                return lambda: ops.linear(x, w, b)
+            return lambda: ops.linear_backward(dy, x, w, need_dx=True)
         if layer_name == "loss":
-            return lambda: F.softmax_cross_entropy(self.logits, self.labels)
+            logits, labels = self.logits, self.labels
+            one = get_array_module(logits).ones((), logits.dtype)  # d(loss)/d(loss), as backward() seeds it
+
+            def loss_and_grad():
+                loss, probs = ops.cross_entropy(logits, labels)
+                dlogits = ops.cross_entropy_backward(one, probs, labels)
+                return float(loss), dlogits  # float(): the trainer reads the loss with loss.item()
+            return loss_and_grad
         raise KeyError(name)
 
     def set_algo(self, algo):
@@ -170,20 +185,24 @@ class GpuconvRows:
             getattr(self.model, name).algo = algo
 
     def step(self, algo):
-        model, optimizer, x, labels = self.model, self.optimizer, self.x, self.labels
+        """One training step as gpuconv.train.Trainer.train_step runs it."""
+        net, optimizer, x, labels = self.net, self.optimizer, self.x, self.labels
 
         def train_step():
             self.set_algo(algo)  # the model is shared by every algo's rows
-            logits = model(x)
-            _, dlogits = F.softmax_cross_entropy(logits, labels)
-            model.backward(dlogits, need_dx=False)
+            loss = functional.cross_entropy(net(x), labels)
+            value = loss.item()
+            optimizer.zero_grad()
+            loss.backward()
             optimizer.step()
+            return value
         return train_step
 
     def inference(self, algo):
-        x = self.x
+        net, x = self.net, self.x
 
         def infer():
             self.set_algo(algo)
-            return self.model(x)
+            with no_grad():
+                return net(x)
         return infer

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..backend import cuda_status, parse_device, to_device
 from ..errors import ArgumentError, CudaUnavailableError
+from ..nn import cpu_plan
 from ..ops.conv import ALGOS
 from . import rows as rows_module
 from .machine import blas_threads, load_average, machine_info, set_blas_threads, torch_info
@@ -31,6 +32,9 @@ DEFINITIONS = {
     "images_per_s": "batch_size / median time (train_step and inference rows)",
     "speedup_vs_cpu": "the CPU's median for the same row and batch / this row's median",
     "speed_ratio_vs_torch": "PyTorch median / gpuconv median, same device, same run: > 1 means gpuconv is faster",
+    "cpu threads": "`settings.threads` for NumPy's BLAS, for PyTorch and for the CPU executor that runs "
+                   "gpuconv's train_step and inference rows (the caller's thread + `settings.cpu_workers` "
+                   "worker threads), so both frameworks use the same cores",
     "cpu timing": "time.perf_counter around each call",
     "gpu timing": "CUDA events (cupyx.profiler.benchmark for gpuconv, torch.cuda.Event for PyTorch)",
 }
@@ -163,6 +167,18 @@ def _callable(env, spec, algo):
     return env.op(spec["name"], op_algo)
 
 
+@contextlib.contextmanager
+def _executor_threads(threads):
+    """The CPU executor (gpuconv.compile) on `threads` threads, the caller's and threads - 1
+    workers, for the run; the setting as it was (an explicit count or None) comes back after."""
+    previous = cpu_plan._worker_count
+    cpu_plan.set_cpu_workers(threads - 1)
+    try:
+        yield
+    finally:
+        cpu_plan.set_cpu_workers(previous)
+
+
 def _set_threads(threads, machine):
     """Pin NumPy's BLAS to `threads` (None leaves it); returns the count both frameworks use."""
     if threads is None:
@@ -182,8 +198,8 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
         threads=None, progress=None, seed=0, command=None, rounds=2):
     """Measure and return the results as a JSON-ready dict (see DEFINITIONS and report.py).
 
-    threads: CPU threads for NumPy's BLAS and PyTorch alike (None: NumPy's BLAS as it is, and
-    PyTorch set to match). progress: True/False for the tqdm bar on stderr, None to show it only
+    threads: CPU threads for NumPy's BLAS, PyTorch and the CPU executor alike (None: NumPy's BLAS
+    as it is, and PyTorch and the executor set to match; the executor's setting is restored after). progress: True/False for the tqdm bar on stderr, None to show it only
     on a terminal. On the CPU every conv algo is the same im2col + BLAS code, so CPU rows have
     algo 'numpy'; `algos` picks the CUDA kernels. rounds: the whole plan runs this many times,
     gpuconv first then PyTorch first in turn, and each row's calls are pooled over the rounds.
@@ -198,9 +214,10 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
     original_threads = machine["blas_threads"]
     threads = _set_threads(threads, machine)
     try:
-        return _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
-                            algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command,
-                            rounds)
+        with _executor_threads(threads):
+            return _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
+                                algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command,
+                                rounds)
     finally:
         if threads != original_threads:
             set_blas_threads(original_threads)  # the caller's process gets its BLAS back as it was
@@ -277,7 +294,8 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
                                                                     if not s["available"]],
                               batch_sizes=batch_sizes, inference_batch_sizes=inference_batch_sizes,
                               algos=algos, ops=bool(ops), repeat=repeat, warmup=warmup,
-                              compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads, rounds=rounds,
+                              compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads,
+                              cpu_workers=cpu_plan.get_cpu_workers(), rounds=rounds,
                               seed=seed, backward_data_is_separate=rows_module.backward_data_is_separate()),
                 devices=device_status, torch=torch_section, definitions=DEFINITIONS,
                 rows=results_rows, failures=failures)

@@ -5,7 +5,8 @@ pool 2, conv 6->16 5x5, ReLU, max pool 2, 400-120-84-10), float32, SGD with mome
 call the same ATen functions autograd calls (convolution_backward, max_pool2d_with_indices_backward,
 threshold_backward), so each row times PyTorch's own kernel for that op. One difference is by
 design: PyTorch's max-pool backward reads the argmax indices its forward saved, gpuconv's
-recomputes them.
+recomputes them. The step zeroes the gradients first (set_to_none, as gpuconv's zero_grad), and
+the gpuconv step runs the compiled model (gpuconv.compile), as its trainer does.
 """
 import numpy as np
 
@@ -101,7 +102,7 @@ class TorchRows:
                 leaf = logits.detach().requires_grad_()
                 loss = torch.nn.functional.cross_entropy(leaf, labels)
                 (grad,) = torch.autograd.grad(loss, leaf)
-                return loss.item(), grad  # .item(): gpuconv's loss also comes back as a Python float
+                return loss.item(), grad  # .item(): gpuconv's loss row also reads the loss as a Python float
             return loss_and_grad
         raise KeyError(name)
 
@@ -113,7 +114,7 @@ class TorchRows:
             loss = torch.nn.functional.cross_entropy(model(x), labels)
             loss.backward()
             optimizer.step()
-            return loss.item()  # as gpuconv's step, which gets the loss back as a Python float
+            return loss.item()  # as gpuconv's step (and its trainer), which reads loss.item()
         return train_step
 
     def inference(self, algo=None):

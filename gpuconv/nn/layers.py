@@ -265,8 +265,8 @@ class BatchNorm2d(Module):
         momentum = self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked = self.num_batches_tracked + 1
-            if momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+            if momentum is None:  # cumulative moving average; a device scalar, so no host sync
+                momentum = 1.0 / self.num_batches_tracked
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             training=use_batch_stats, momentum=momentum if self.training else None,
                             eps=self.eps)
