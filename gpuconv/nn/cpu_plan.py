@@ -268,16 +268,14 @@ class _Grads:
 
 
 class _Worker:
-    """A persistent thread running one call at a time, handed over and back by two plain locks.
-    (A ThreadPoolExecutor's submit and result go through Condition objects: more Python, with
-    the GIL held, at the start and end of every parallel region: measured 2% of a LeNet-5 step.)
-    Calls are numbered, so a result left behind by an interrupted wait is never taken for the
-    next call's."""
+    """A persistent thread running one call at a time, handed over by a lock and back by a
+    semaphore. (A ThreadPoolExecutor's submit and result go through Condition objects: more
+    Python, with the GIL held, at the start and end of every parallel region: measured 2% of a
+    LeNet-5 step.) Calls are numbered, so a result is never taken for another call's."""
 
     def __init__(self):
-        self.go, self.done = threading.Lock(), threading.Lock()
+        self.go, self.done = threading.Lock(), threading.Semaphore(0)
         self.go.acquire()
-        self.done.acquire()
         self.ticket, self.call, self.outcome = 0, None, None
         threading.Thread(target=self._loop, name="gpuconv-cpu", daemon=True).start()
 
@@ -296,13 +294,25 @@ class _Worker:
         self.call = (self.ticket, function, argument)
         self.go.release()
 
+    def _finished(self):
+        return self.outcome is not None and self.outcome[0] == self.ticket
+
     def result(self):
-        while True:
-            self.done.acquire()
-            ticket, ok, value = self.outcome
-            if ticket == self.ticket:
+        """The call's return value (or its exception raised). Waits for the worker to finish even
+        when Ctrl-C arrives meanwhile, then raises the KeyboardInterrupt: a worker left running
+        would go on writing into buffers the next step uses."""
+        interrupt = None
+        while True:  # one acquire per call; more only after a stale release or an interrupt
+            try:
+                self.done.acquire()
+            except BaseException as caught:  # a signal handler's exception; the wait goes on
+                interrupt = interrupt or caught
+            if self._finished():
                 break
+        ticket, ok, value = self.outcome
         self.outcome = None
+        if interrupt is not None:
+            raise interrupt
         if not ok:
             raise value
         return value
@@ -351,7 +361,8 @@ def _switch_interval(seconds):
     try:
         yield
     finally:
-        sys.setswitchinterval(previous)
+        # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
+        sys.setswitchinterval((round(previous * 1e6) + 0.5) * 1e-6)
 
 
 class _Plan:
@@ -472,9 +483,12 @@ class _Plan:
 
     def _in_parts(self, kind, *arrays):
         """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..
-        in worker threads, with a 1-thread BLAS and a short switch interval for the region."""
+        in worker threads, with a 1-thread BLAS (and a short switch interval) for the region."""
         function = getattr(self, "run_" + kind)
-        if self.threads == 1:
-            return [function(0, *arrays)]
-        with _region_lock, blas.num_threads(1), _switch_interval(SWITCH_INTERVAL):
-            return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
+        # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
+        # thread counts at some shapes), under the lock that keeps other regions' settings out.
+        with _region_lock, blas.num_threads(1):
+            if self.threads == 1:
+                return [function(0, *arrays)]
+            with _switch_interval(SWITCH_INTERVAL):
+                return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
