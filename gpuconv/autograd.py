@@ -237,6 +237,7 @@ class Function:
                               default=0)
         self.order = next(_order)
         self.freed = False
+        self.dtype = output.dtype  # gradients reaching this node are cast to it (float64 * float32 input)
         return Tensor(output, requires_grad=True, creator=self)
 
     def forward(self, *arrays):
@@ -248,7 +249,7 @@ class Function:
     def release(self):
         """Drop what backward needed (called after this node's backward unless retain_graph)."""
         for name in list(vars(self)):
-            if name not in ("inputs", "generation", "order", "needs_input_grad", "freed"):
+            if name not in ("inputs", "generation", "order", "needs_input_grad", "freed", "dtype"):
                 delattr(self, name)
         self.freed = True
 
@@ -290,6 +291,8 @@ def _run_backward(root, grad, retain_graph):
             if leaf is not None:
                 _accumulate(leaf, g)
             elif creator is not None:
+                if g.dtype != creator.dtype:
+                    g = g.astype(creator.dtype)
                 if creator in pending:
                     pending[creator] = pending[creator] + g
                 else:

@@ -170,7 +170,7 @@ class BatchNorm2dFunction(Function):
 
     def forward(self, x, running_mean, running_var, weight=None, bias=None):
         stats = (None, None) if self.training else (running_mean, running_var)
-        y, self.mean, self.invstd = ops.batch_norm2d(x, weight, bias, *stats, eps=self.eps)
+        y, self.mean, self.var, self.invstd = ops.batch_norm2d(x, weight, bias, *stats, eps=self.eps)
         self.x, self.weight, self.affine = x, weight, weight is not None
         return y
 
@@ -184,24 +184,23 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     """torch.nn.functional.batch_norm for NCHW input. In training the batch's statistics normalize
     x and, when running_mean/var are arrays, are blended into them in place (momentum; None means
     a cumulative average is the caller's to do); in eval the running statistics normalize."""
+    running_mean, running_var = (v.data if isinstance(v, Tensor) else v for v in (running_mean, running_var))
     if not training and (running_mean is None or running_var is None):
         raise ArgumentError("batch_norm: eval mode needs running_mean and running_var")
     function = BatchNorm2dFunction(training, eps)
     inputs = (x, running_mean, running_var) + (() if weight is None else (weight, bias))
     y = function(*inputs)
     if training and running_mean is not None and momentum is not None:
-        update_running_stats(running_mean, running_var, function.mean, function.invstd, eps, momentum,
-                             as_tensor(x).shape)
+        update_running_stats(running_mean, running_var, function.mean, function.var, momentum, as_tensor(x).shape)
     return y
 
 
-def update_running_stats(running_mean, running_var, mean, invstd, eps, momentum, x_shape):
+def update_running_stats(running_mean, running_var, mean, var, momentum, x_shape):
     """running = (1 - momentum) * running + momentum * batch, in place; the variance blended in is
     the unbiased one, as PyTorch does."""
     xp = get_array_module(running_mean)
     momentum = xp.asarray(momentum, dtype=running_mean.dtype)  # a number, or a device scalar
     count = x_shape[0] * x_shape[2] * x_shape[3]
-    var = 1 / (invstd * invstd) - running_var.dtype.type(eps)
     unbiased = var * running_var.dtype.type(count / max(count - 1, 1))
     running_mean *= 1 - momentum
     running_mean += momentum * mean.astype(running_mean.dtype)

@@ -223,7 +223,7 @@ class Head(nn.Module):
             self.pool, self.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(4 * c, classes, rng=rng, dtype=F64)
         else:
             self.pool, self.fc = None, None  # a Linear on the flattened map, built lazily by size
-        self.rng, self.c, self.classes = rng, c, classes
+        self.rng, self.classes = rng, classes
 
     def forward(self, x):
         if self.pool is not None:
@@ -292,8 +292,9 @@ def test_random_model_graph_gradcheck(seed):
 
 def test_random_graphs_cover_every_block():
     """The seeds above exercise every block kind at least once (else the list of seeds must grow)."""
-    seen = {type(b) for seed in SEEDS for b in RandomNet(seed).blocks}
-    assert seen == set(BLOCKS)
+    nets = [RandomNet(seed) for seed in SEEDS]
+    assert {type(b) for net in nets for b in net.blocks} == set(BLOCKS)
+    assert {net.head.kind for net in nets} == {"gap", "adaptive2", "flatten"}
 
 
 def test_model_gradcheck_through_cross_entropy():
@@ -676,13 +677,16 @@ def test_state_dict_round_trip_with_batchnorm_buffers():
     for key, value in fresh.state_dict().items():
         np.testing.assert_array_equal(value, state[key], err_msg=key)
 
-    # the saved dict is a copy: training the original further changes neither it nor the clone
+    # no aliasing: the saved dict is a copy and loading copies it again, so training either model
+    # (in-place updates of weights and running statistics) changes neither the dict nor the other
     snapshot = {k: v.copy() for k, v in state.items()}
     _train_steps(model, 1, seed=2)
     fresh_state = fresh.state_dict()
+    _train_steps(fresh, 1, seed=3)
     for key in snapshot:
         np.testing.assert_array_equal(state[key], snapshot[key], err_msg=key)
         np.testing.assert_array_equal(fresh_state[key], snapshot[key], err_msg=key)
+    assert not np.allclose(fresh.state_dict()["layer1.0.bn1.running_mean"], snapshot["layer1.0.bn1.running_mean"])
 
 
 def test_load_state_dict_rejects_missing_and_misshapen_keys():
@@ -721,6 +725,17 @@ def test_batchnorm_running_stats_follow_pytorch(momentum):
     if momentum is None:  # a cumulative average: exactly the mean of the batches' statistics
         np.testing.assert_allclose(layer.running_mean, np.mean([x.mean(axis=(0, 2, 3)) for x in batches], axis=0),
                                    rtol=1e-12)
+
+
+def test_batchnorm_float32_running_var_of_a_constant_channel_is_zero():
+    x = np.random.default_rng(19).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    x[:, 0] = 0.0                    # a dead channel (all ReLU outputs zero)
+    x[:, 1] *= np.float32(1e-4)      # a nearly constant one
+    layer = nn.BatchNorm2d(3, momentum=1.0)  # running stats = this batch's
+    layer(gpuconv.tensor(x))
+    exact = x.astype(np.float64).var(axis=(0, 2, 3), ddof=1)
+    assert layer.running_var[0] >= 0
+    np.testing.assert_allclose(layer.running_var, exact, rtol=1e-5, atol=0)
 
 
 def test_batchnorm_train_uses_batch_stats_and_eval_uses_running_stats():
@@ -843,3 +858,28 @@ def test_module_with_only_forward_trains_on_a_tiny_task():
     with gpuconv.no_grad():
         accuracy = (model(gpuconv.tensor(x)).data.argmax(axis=1) == labels).mean()
     assert accuracy == 1.0
+
+
+def test_sequential_slice_keeps_layers_and_names():
+    seq = nn.Sequential().add("conv", nn.Conv2d(1, 2, 3)).add("act", nn.ReLU()).add("pool", nn.MaxPool2d(2))
+    part = seq[:2]
+    assert isinstance(part, nn.Sequential) and [n for n, _ in part.named_children()] == ["conv", "act"]
+    assert part.conv is seq.conv and list(part.state_dict()) == ["conv.weight", "conv.bias"]
+
+
+def test_functional_batch_norm_updates_tensor_running_stats():
+    x = np.random.default_rng(5).standard_normal((4, 2, 3, 3))
+    rm, rv = gpuconv.tensor(np.zeros(2)), gpuconv.tensor(np.ones(2))
+    F.batch_norm(x, rm, rv, training=True, momentum=0.5)
+    np.testing.assert_allclose(rm.data, 0.5 * x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(rv.data, 0.5 + 0.5 * x.var(axis=(0, 2, 3), ddof=1), rtol=1e-12)
+
+
+def test_a_float64_factor_sends_a_float32_gradient_back_into_a_float32_conv():
+    conv = nn.Conv2d(1, 2, 3)
+    x = np.random.default_rng(6).standard_normal((2, 1, 5, 5)).astype(np.float32)
+    (conv(x) * np.ones((1, 2, 1, 1))).sum().backward()   # the product is float64
+    assert conv.weight.grad.dtype == np.float32
+    expected = np.array([[x[:, 0, i:i + 3, j:j + 3].sum() for j in range(3)] for i in range(3)])
+    for o in range(2):
+        np.testing.assert_allclose(conv.weight.grad[o, 0], expected, rtol=1e-5)

@@ -50,6 +50,14 @@ class Sequential(ModuleList):
         self._names.append(name)
         return self
 
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a Sequential of those layers, under their names
+            part = Sequential()
+            for name in self._names[index]:
+                part.add(name, getattr(self, name))
+            return part
+        return getattr(self, self._names[index])
+
     def forward(self, x):
         for layer in self:
             x = layer(x)

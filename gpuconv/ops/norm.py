@@ -26,7 +26,7 @@ def _check(x, weight, bias):
 
 
 def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
-    """-> (y, mean, invstd). With mean/var None (training) they are the batch's statistics over
+    """-> (y, mean, var, invstd). With mean/var None (training) they are the batch's statistics over
     N, H, W (biased variance); else the given running statistics are used. y = (x - mean) * invstd
     * weight + bias; weight/bias None mean 1 and 0."""
     _check(x, weight, bias)
@@ -43,7 +43,7 @@ def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
     y = (x - _per_channel(mean)) * _per_channel(scale)
     if bias is not None:
         y += _per_channel(bias)
-    return y, mean, invstd
+    return y, mean, var, invstd
 
 
 def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=True):
