@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from .autograd import no_grad
 from .backend import parse_device, to_device
 from .checkpoint import load_checkpoint
 from .data import MNIST
@@ -125,10 +126,11 @@ def feature_maps(model, image):
     x = to_device(to_float_batch(image[None]), model.device)
     wanted = {after: conv for conv, after in FEATURE_LAYERS.items()}
     maps = {}
-    for name, layer in model.named_children():
-        x = layer(x)
-        if name in wanted:
-            maps[wanted[name]] = to_device(x, "cpu")[0]
+    with no_grad():
+        for name, layer in model.named_children():
+            x = layer(x).data
+            if name in wanted:
+                maps[wanted[name]] = to_device(x, "cpu")[0]
     return maps, softmax(to_device(x, "cpu").astype(np.float64))[0]
 
 

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import bench
+from gpuconv import bench, optim
+from gpuconv import functional as F
 from gpuconv.__main__ import main as gpuconv_main
 from gpuconv.bench import rows as bench_rows
 from gpuconv.bench.runner import _plan
 from gpuconv.bench.timing import merge, summarize, time_cpu
 from gpuconv.errors import ArgumentError, CudaUnavailableError
 from gpuconv.models import LeNet5
+from gpuconv.nn import cpu_plan
 
 TINY = ["--batch-sizes", "8", "--repeat", "2", "--warmup", "1", "--peak-size", "64", "--no-progress"]
 TIMING_KEYS = ("first_s", "median_s", "min_s", "max_s")
@@ -181,6 +183,44 @@ def test_flop_counts_match_the_model_summary():
     assert bench_rows.step_flops(1) > 2.5 * bench_rows.forward_flops(1)
 
 
+def test_step_inference_and_loss_rows_run_what_training_runs():
+    """The train_step row is the trainer's step (gpuconv.compile's CPU executor, loss.backward(),
+    SGD) with an eager autograd step's result; the loss row is the pair F.cross_entropy calls."""
+    rows = bench_rows.GpuconvRows(gpuconv.parse_device("cpu"), 8)
+    assert rows.net.uses_executor(rows.x)
+    reference = LeNet5(seed=0)
+    reference_optimizer = optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
+    loss = F.cross_entropy(reference(rows.x), rows.labels)
+    reference_optimizer.zero_grad()
+    loss.backward()
+    reference_optimizer.step()
+    assert rows.step("auto")() == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q in zip(rows.model.named_parameters(), reference.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-7, err_msg=name)
+    logits = rows.inference("auto")()
+    assert not logits.requires_grad and logits.shape == (8, 10)
+    value, dlogits = rows.op("loss.forward_backward", "auto")()
+    leaf = gpuconv.tensor(rows.logits, requires_grad=True)
+    loss = F.cross_entropy(leaf, rows.labels)
+    loss.backward()
+    assert isinstance(value, float) and value == pytest.approx(loss.item(), rel=1e-6)
+    np.testing.assert_allclose(dlogits, leaf.grad, rtol=1e-6)
+
+
+def test_eager_rows_run_the_uncompiled_model(monkeypatch):
+    rows = bench_rows.GpuconvRows(gpuconv.parse_device("cpu"), 8, compiled=False)
+    assert rows.net is rows.model
+    compiled = []
+    monkeypatch.setattr(bench_rows, "compile_model", lambda model: compiled.append(model) or model)
+    results = bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, rounds=1,
+                        progress=False, compiled=False)
+    assert not compiled and results["settings"]["compiled"] is False
+    assert all(positive_finite(r["gpuconv"]["median_s"]) for r in results["rows"])
+    assert "eagerly op by op (--eager)" in bench.format_table(results)
+    bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, rounds=1, progress=False)
+    assert len(compiled) == 1  # the default compiles, as the trainer does
+
+
 def test_time_cpu_reports_first_call_apart():
     calls = []
     figures = time_cpu(lambda: calls.append(1), repeat=3, warmup=2)
@@ -212,9 +252,28 @@ def test_threads_sets_numpy_blas_for_the_run_and_restores_it():
     results = bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, threads=1,
                         progress=False)
     assert results["settings"]["threads"] == 1 and results["machine"]["blas_threads"] == 1
+    assert results["settings"]["cpu_workers"] == 0  # the CPU executor on the same one thread
     assert blas_threads()[0] == before
     with pytest.raises(ArgumentError):
         bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, threads=0)
+
+
+def test_the_executor_runs_on_the_runs_threads_and_is_restored(monkeypatch):
+    monkeypatch.setattr(cpu_plan, "_worker_count", None)
+    monkeypatch.setenv("GPUCONV_CPU_WORKERS", "5")
+    seen = []
+    for row in ("step", "inference"):
+        monkeypatch.setattr(bench_rows.GpuconvRows, row,
+                            lambda self, algo: lambda: seen.append(cpu_plan.get_cpu_workers()))
+    results = bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, rounds=1,
+                        progress=False)
+    threads = results["settings"]["threads"]
+    assert seen and set(seen) == {threads - 1} and results["settings"]["cpu_workers"] == threads - 1
+    assert "executor on " + ("1 thread" if threads == 1 else f"{threads} threads") in bench.format_table(results)
+    assert cpu_plan._worker_count is None and cpu_plan.get_cpu_workers() == 5  # as it was
+    cpu_plan.set_cpu_workers(3)
+    bench.run(devices=["cpu"], batch_sizes=[4], repeat=1, warmup=0, peak_size=0, rounds=1, progress=False)
+    assert cpu_plan._worker_count == 3
 
 
 def test_rounds_alternate_which_library_goes_first_and_pool_every_call():

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gpuconv import ops as F
+from gpuconv import ops
 from gpuconv.cuda import emulation
 
 
@@ -13,10 +13,10 @@ def test_each_gradient_can_be_skipped_and_the_rest_is_unchanged(algo):
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3))
     dy = rng.standard_normal((2, 4, 4, 3))
-    reference = F.conv2d_backward(dy, x, w)
+    reference = ops.conv2d_backward(dy, x, w)
     for need_dx, need_dw, need_bias in itertools.product([True, False], repeat=3):
         with emulation():
-            got = F.conv2d_backward(dy, x, w, algo=algo, need_dx=need_dx, need_dw=need_dw, need_bias=need_bias)
+            got = ops.conv2d_backward(dy, x, w, algo=algo, need_dx=need_dx, need_dw=need_dw, need_bias=need_bias)
         for wanted, value, expected in zip((need_dx, need_dw, need_bias), got, reference):
             if wanted:
                 np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)

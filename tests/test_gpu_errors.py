@@ -4,7 +4,7 @@ raises CuPy's own exception types, exactly as a GPU launch would."""
 import numpy as np
 import pytest
 
-from gpuconv import ops as F
+from gpuconv import ops
 from gpuconv.cuda import emulation
 from gpuconv.errors import GpuOutOfMemoryError, KernelError
 from gpuconv.ops import conv_cuda, pool_cuda
@@ -21,9 +21,9 @@ def failing_kernel(error):
 
 
 @pytest.mark.parametrize("module, call, op", [
-    (conv_cuda, lambda: F.conv2d(np.ones((2, 1, 8, 8), np.float32), np.ones((4, 1, 3, 3), np.float32), algo="direct"),
+    (conv_cuda, lambda: ops.conv2d(np.ones((2, 1, 8, 8), np.float32), np.ones((4, 1, 3, 3), np.float32), algo="direct"),
      r"conv2d.*x=\(2, 1, 8, 8\), weight=\(4, 1, 3, 3\)"),
-    (pool_cuda, lambda: F.max_pool2d(np.ones((2, 3, 8, 8), np.float32), 2), r"max_pool2d.*\(2, 3, 8, 8\)"),
+    (pool_cuda, lambda: ops.max_pool2d(np.ones((2, 3, 8, 8), np.float32), 2), r"max_pool2d.*\(2, 3, 8, 8\)"),
 ])
 def test_out_of_memory_names_the_op_and_the_shapes_and_suggests_a_smaller_batch(monkeypatch, module, call, op):
     monkeypatch.setattr(module, "get_kernel", failing_kernel(cupy.cuda.memory.OutOfMemoryError(1 << 40, 0)))
@@ -36,4 +36,4 @@ def test_cuda_runtime_error_becomes_a_kernel_error_naming_the_op(monkeypatch):
     monkeypatch.setattr(conv_cuda, "get_kernel", failing_kernel(CUDARuntimeError(700)))
     x, w = np.ones((1, 2, 6, 6), np.float32), np.ones((3, 2, 3, 3), np.float32)
     with emulation(), pytest.raises(KernelError, match=r"conv2d.*failed on the GPU.*x=\(1, 2, 6, 6\)"):
-        F.conv2d(x, w, algo="direct")
+        ops.conv2d(x, w, algo="direct")

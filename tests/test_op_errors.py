@@ -1,4 +1,4 @@
-"""Bad input to the functional ops raises gpuconv's error types with messages that name the
+"""Bad input to the array-level ops (gpuconv.ops) raises gpuconv's error types with messages that name the
 argument; property tests: random valid arguments never raise and give the documented shape,
 random invalid ones always raise the documented type."""
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import gpuconv
 from gpuconv import backend
-from gpuconv import ops as F
+from gpuconv import ops
 from gpuconv.errors import ArgumentError, DeviceMismatchError, DTypeError, GpuconvError, ShapeError
 from gpuconv.ops._args import conv_output_size
 
@@ -61,7 +61,7 @@ def test_conv2d_errors(kwargs, error, message):
     args = dict(x=X, w=W, b=arr(6))
     args.update(kwargs)
     with pytest.raises(error, match=message):
-        F.conv2d(**args)
+        ops.conv2d(**args)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [k for k in CONV_ERRORS if "b" not in k[0]])
@@ -70,7 +70,7 @@ def test_conv2d_backward_errors_match_forward(kwargs, error, message):
     args.update(kwargs)
     dy = arr(2, 6, 6, 6)
     with pytest.raises(error, match=message):
-        F.conv2d_backward(dy, **args)
+        ops.conv2d_backward(dy, **args)
 
 
 @pytest.mark.parametrize("dy, error", [
@@ -79,13 +79,13 @@ def test_conv2d_backward_errors_match_forward(kwargs, error, message):
 ])
 def test_conv2d_backward_checks_dy(dy, error):
     with pytest.raises(error, match="dy"):
-        F.conv2d_backward(dy, X, W)
+        ops.conv2d_backward(dy, X, W)
 
 
 POOLS = {
-    "max": lambda x, **kw: F.max_pool2d(x, **kw),
-    "avg": lambda x, **kw: F.avg_pool2d(x, **kw),
-    "lp": lambda x, **kw: F.lp_pool2d(x, 2, **kw),
+    "max": lambda x, **kw: ops.max_pool2d(x, **kw),
+    "avg": lambda x, **kw: ops.avg_pool2d(x, **kw),
+    "lp": lambda x, **kw: ops.lp_pool2d(x, 2, **kw),
 }
 
 POOL_ERRORS = [
@@ -114,10 +114,10 @@ def test_pool_errors(mode, kwargs, error, message):
 
 
 @pytest.mark.parametrize("backward, error", [
-    (lambda: F.max_pool2d_backward(arr(2, 4, 3, 4), X, 2), ShapeError),
-    (lambda: F.avg_pool2d_backward(arr(2, 4, 4, 4, dtype=np.float64), X, 2), DTypeError),
-    (lambda: F.lp_pool2d_backward(arr(2, 4, 4), X, 2, 2), ShapeError),
-    (lambda: F.max_pool2d_backward(arr(2, 4, 4, 4), X, 2, padding=3), ArgumentError),
+    (lambda: ops.max_pool2d_backward(arr(2, 4, 3, 4), X, 2), ShapeError),
+    (lambda: ops.avg_pool2d_backward(arr(2, 4, 4, 4, dtype=np.float64), X, 2), DTypeError),
+    (lambda: ops.lp_pool2d_backward(arr(2, 4, 4), X, 2, 2), ShapeError),
+    (lambda: ops.max_pool2d_backward(arr(2, 4, 4, 4), X, 2, padding=3), ArgumentError),
 ])
 def test_pool_backward_errors(backward, error):
     with pytest.raises(error):
@@ -127,33 +127,33 @@ def test_pool_backward_errors(backward, error):
 @pytest.mark.parametrize("norm_type", [0, -1, float("inf"), float("nan"), "2", True, None])
 def test_lp_pool_norm_type(norm_type):
     with pytest.raises(ArgumentError, match="norm_type"):
-        F.lp_pool2d(X, norm_type, 2)
+        ops.lp_pool2d(X, norm_type, 2)
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_avg_pool_count_include_pad_must_be_bool(value):
     with pytest.raises(ArgumentError, match="count_include_pad"):
-        F.avg_pool2d(X, 2, count_include_pad=value)
+        ops.avg_pool2d(X, 2, count_include_pad=value)
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda: F.linear(arr(3, 5), arr(4, 6)), ShapeError, "6 features per sample"),
-    (lambda: F.linear(arr(3), arr(4, 3)), ShapeError, "x: expected a 2-D"),
-    (lambda: F.linear(arr(3, 6), arr(4, 6), arr(3)), ShapeError, "bias"),
-    (lambda: F.linear(arr(3, 6, dtype=np.int8), arr(4, 6)), DTypeError, "astype"),
-    (lambda: F.linear(arr(3, 6), arr(4, 6, dtype=np.float64)), DTypeError, "one dtype"),
-    (lambda: F.linear_backward(arr(3, 5), arr(3, 6), arr(4, 6)), ShapeError, "dy"),
-    (lambda: F.relu(arr(3, dtype=np.int64)), DTypeError, "astype"),
-    (lambda: F.relu_backward(arr(3), arr(4)), ShapeError, "dy"),
-    (lambda: F.tanh_backward(arr(3), arr(3, dtype=np.float64)), DTypeError, "one dtype"),
-    (lambda: F.sigmoid(np.ones(3, np.float16)), DTypeError, "astype"),
-    (lambda: F.dropout(arr(3), 1.0), ArgumentError, r"p: expected a drop probability in \[0, 1\)"),
-    (lambda: F.dropout(arr(3), -0.1), ArgumentError, "p: expected"),
-    (lambda: F.dropout(arr(3), "0.5"), ArgumentError, "p: expected"),
-    (lambda: F.dropout(arr(3), 0.5, rng=42), ArgumentError, "default_rng"),
-    (lambda: F.dropout(arr(3), 0.5, mask=np.ones(3)), DTypeError, "mask"),
-    (lambda: F.dropout(arr(3), 0.5, mask=np.ones(4, bool)), ShapeError, "mask"),
-    (lambda: F.dropout_backward(arr(3), np.ones(3, bool), 1.5), ArgumentError, "p: expected"),
+    (lambda: ops.linear(arr(3, 5), arr(4, 6)), ShapeError, "6 features per sample"),
+    (lambda: ops.linear(arr(3), arr(4, 3)), ShapeError, "x: expected a 2-D"),
+    (lambda: ops.linear(arr(3, 6), arr(4, 6), arr(3)), ShapeError, "bias"),
+    (lambda: ops.linear(arr(3, 6, dtype=np.int8), arr(4, 6)), DTypeError, "astype"),
+    (lambda: ops.linear(arr(3, 6), arr(4, 6, dtype=np.float64)), DTypeError, "one dtype"),
+    (lambda: ops.linear_backward(arr(3, 5), arr(3, 6), arr(4, 6)), ShapeError, "dy"),
+    (lambda: ops.relu(arr(3, dtype=np.int64)), DTypeError, "astype"),
+    (lambda: ops.relu_backward(arr(3), arr(4)), ShapeError, "dy"),
+    (lambda: ops.tanh_backward(arr(3), arr(3, dtype=np.float64)), DTypeError, "one dtype"),
+    (lambda: ops.sigmoid(np.ones(3, np.float16)), DTypeError, "astype"),
+    (lambda: ops.dropout(arr(3), 1.0), ArgumentError, r"p: expected a drop probability in \[0, 1\)"),
+    (lambda: ops.dropout(arr(3), -0.1), ArgumentError, "p: expected"),
+    (lambda: ops.dropout(arr(3), "0.5"), ArgumentError, "p: expected"),
+    (lambda: ops.dropout(arr(3), 0.5, rng=42), ArgumentError, "default_rng"),
+    (lambda: ops.dropout(arr(3), 0.5, mask=np.ones(3)), DTypeError, "mask"),
+    (lambda: ops.dropout(arr(3), 0.5, mask=np.ones(4, bool)), ShapeError, "mask"),
+    (lambda: ops.dropout_backward(arr(3), np.ones(3, bool), 1.5), ArgumentError, "p: expected"),
 ])
 def test_misc_op_errors(call, error, message):
     with pytest.raises(error, match=message):
@@ -171,21 +171,21 @@ def test_misc_op_errors(call, error, message):
 ])
 def test_label_errors(labels, error, message):
     with pytest.raises(error, match=message):
-        F.softmax_cross_entropy(arr(3, 4), labels)
+        ops.softmax_cross_entropy(arr(3, 4), labels)
 
 
 @pytest.mark.parametrize("logits, error", [
     (arr(3, 4, 1), ShapeError), (arr(0, 4), ShapeError), (arr(3, 4, dtype=np.int32), DTypeError)])
 def test_logit_errors(logits, error):
     with pytest.raises(error, match="logits"):
-        F.softmax_cross_entropy(logits, np.zeros(len(logits), np.int64))
+        ops.softmax_cross_entropy(logits, np.zeros(len(logits), np.int64))
 
 
 def test_errors_are_also_builtin_types():
     with pytest.raises(ValueError):
-        F.conv2d(X, W, stride=0)
+        ops.conv2d(X, W, stride=0)
     with pytest.raises(TypeError):
-        F.conv2d(X.astype(np.int32), W)
+        ops.conv2d(X.astype(np.int32), W)
 
 
 @pytest.mark.gpu
@@ -193,9 +193,9 @@ def test_errors_are_also_builtin_types():
 def test_mixing_numpy_and_cupy_raises_device_mismatch():
     import cupy
     with pytest.raises(DeviceMismatchError):
-        F.conv2d(X, cupy.asarray(W))
+        ops.conv2d(X, cupy.asarray(W))
     with pytest.raises(DeviceMismatchError):
-        F.linear(arr(3, 6), cupy.ones((4, 6), np.float32))
+        ops.linear(arr(3, 6), cupy.ones((4, 6), np.float32))
 
 
 # -- property tests ------------------------------------------------------------------------------
@@ -233,14 +233,14 @@ def make_conv(cfg):
 @given(conv_configs())
 def test_valid_conv_never_raises_and_has_the_formula_shape(cfg):
     x, w, b, args = make_conv(cfg)
-    y = F.conv2d(x, w, b, **args)
+    y = ops.conv2d(x, w, b, **args)
     if cfg["padding"] == "same":
         out = tuple(cfg["size"])
     else:
         out = tuple(conv_output_size(s, k, st_, p, d) for s, k, st_, p, d
                     in zip(cfg["size"], cfg["kernel"], cfg["stride"], cfg["padding"], cfg["dilation"]))
     assert y.shape == (cfg["n"], cfg["o"]) + out and y.dtype == cfg["dtype"] and y.flags.c_contiguous
-    dx, dw, db = F.conv2d_backward(y, x, w, **args)
+    dx, dw, db = ops.conv2d_backward(y, x, w, **args)
     assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (cfg["o"],)
     assert dx.dtype == dw.dtype == db.dtype == cfg["dtype"]
 
@@ -270,10 +270,10 @@ def test_invalid_conv_always_raises_the_documented_type(cfg, flaw, value):
     if cfg.get("bad_dtype"):
         x = x.astype(np.int32)
     with pytest.raises(error):
-        F.conv2d(x, w, b, **args)
+        ops.conv2d(x, w, b, **args)
     dy = np.ones((1, 1, 1, 1), w.dtype)
     with pytest.raises(GpuconvError):
-        F.conv2d_backward(dy, x, w, **args)
+        ops.conv2d_backward(dy, x, w, **args)
 
 
 @st.composite
@@ -290,11 +290,11 @@ def pool_configs(draw):
 def run_pool(cfg, x, dy=None):
     k, s, p, mode = cfg["kernel"], cfg["stride"], cfg["padding"], cfg["mode"]
     if mode == "max":
-        return F.max_pool2d(x, k, s, p) if dy is None else F.max_pool2d_backward(dy, x, k, s, p)
+        return ops.max_pool2d(x, k, s, p) if dy is None else ops.max_pool2d_backward(dy, x, k, s, p)
     if mode == "avg":
         c = cfg["count_include_pad"]
-        return F.avg_pool2d(x, k, s, p, c) if dy is None else F.avg_pool2d_backward(dy, x, k, s, p, c)
-    return F.lp_pool2d(x, 2, k, s) if dy is None else F.lp_pool2d_backward(dy, x, 2, k, s)
+        return ops.avg_pool2d(x, k, s, p, c) if dy is None else ops.avg_pool2d_backward(dy, x, k, s, p, c)
+    return ops.lp_pool2d(x, 2, k, s) if dy is None else ops.lp_pool2d_backward(dy, x, 2, k, s)
 
 
 @PROPERTY

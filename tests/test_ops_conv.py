@@ -220,10 +220,10 @@ class _FakeLaunchers:
 @pytest.fixture
 def fake_conv_cuda(monkeypatch):
     import sys
-    import gpuconv.ops as functional
+    import gpuconv.ops as ops_package
     fake = _FakeLaunchers()
     monkeypatch.setitem(sys.modules, "gpuconv.ops.conv_cuda", fake)
-    monkeypatch.setattr(functional, "conv_cuda", fake, raising=False)
+    monkeypatch.setattr(ops_package, "conv_cuda", fake, raising=False)
     backend._emulation_override.append(True)  # uses_cuda_kernels(x) is now True for NumPy x
     yield fake
     backend._emulation_override.pop()

@@ -3,10 +3,10 @@ dtype preservation and layout handling."""
 import numpy as np
 import pytest
 
-from gpuconv.ops import (dropout, dropout_backward, linear, linear_backward, log_softmax,
-                                relu, relu_backward, sigmoid, sigmoid_backward, softmax,
-                                softmax_cross_entropy, tanh, tanh_backward)
 from gpuconv.gradcheck import gradcheck
+from gpuconv.ops import (cross_entropy, cross_entropy_backward, dropout, dropout_backward, linear,
+                         linear_backward, log_softmax, relu, relu_backward, sigmoid, sigmoid_backward,
+                         softmax, softmax_cross_entropy, tanh, tanh_backward)
 
 DTYPES = [np.float32, np.float64]
 
@@ -179,6 +179,31 @@ def test_cross_entropy_gradcheck():
     gradcheck(lambda z: softmax_cross_entropy(z, labels)[0], [logits], [dlogits], dy=np.float64(1.0))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_cross_entropy_pair_gradcheck(reduction, label_smoothing):
+    """The pair F.cross_entropy's autograd Function calls (and the training step with it)."""
+    rng = np.random.default_rng(2)
+    logits, labels = rng.standard_normal((5, 4)), rng.integers(0, 4, 5)
+    forward = lambda z: cross_entropy(z, labels, reduction, label_smoothing)[0]  # noqa: E731
+    dloss = rng.standard_normal(5) if reduction == "none" else np.float64(rng.standard_normal())
+    _, probs = cross_entropy(logits, labels, reduction, label_smoothing)
+    dlogits = cross_entropy_backward(dloss, probs, labels, reduction, label_smoothing)
+    gradcheck(forward, [logits], [dlogits], dy=dloss)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_pair_matches_softmax_cross_entropy(dtype):
+    rng = np.random.default_rng(3)
+    logits, labels = rng.standard_normal((6, 10)).astype(dtype), rng.integers(0, 10, 6)
+    loss, probs = cross_entropy(logits, labels)
+    dlogits = cross_entropy_backward(np.ones((), dtype), probs, labels)
+    expected_loss, expected_dlogits = softmax_cross_entropy(logits, labels)
+    assert loss.dtype == dlogits.dtype == dtype and loss.shape == ()
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-6)
+    np.testing.assert_allclose(dlogits, expected_dlogits, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_is_stable_for_huge_logits(dtype):
     logits = np.array([[1000.0, 0.0, -1000.0], [-5e4, 5e4, 0.0]], dtype)
@@ -212,6 +237,10 @@ def test_elementwise_ops_linear_and_loss_run_on_cupy_and_match_numpy():
         np.testing.assert_allclose(got.get(), want, rtol=1e-5)
     loss, dlogits = softmax_cross_entropy(gx, glabels)
     assert loss == pytest.approx(softmax_cross_entropy(x, labels)[0], rel=1e-5)
+    loss, probs = cross_entropy(gx, glabels)
+    grad = cross_entropy_backward(cupy.ones((), np.float32), probs, glabels)
+    assert isinstance(loss, cupy.ndarray) and isinstance(grad, cupy.ndarray)
+    np.testing.assert_allclose(grad.get(), dlogits.get(), rtol=1e-5, atol=1e-7)
     y, mask = dropout(gx, 0.5, np.random.default_rng(0))
     assert isinstance(y, cupy.ndarray) and isinstance(mask, cupy.ndarray)
     assert isinstance(dropout_backward(gx, mask, 0.5), cupy.ndarray)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from gpuconv import backend
-from gpuconv.ops import (avg_pool2d, avg_pool2d_backward, lp_pool2d, lp_pool2d_backward,
-                                max_pool2d, max_pool2d_backward)
 from gpuconv.gradcheck import gradcheck
+from gpuconv.ops import (avg_pool2d, avg_pool2d_backward, lp_pool2d, lp_pool2d_backward, max_pool2d,
+                         max_pool2d_backward)
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +212,7 @@ def test_empty_batch_gives_empty_output(mode):
 
 def test_dispatch_hands_pool_cuda_normalised_arguments(monkeypatch):
     import sys
-    import gpuconv.ops as functional
+    import gpuconv.ops as ops_package
     calls = []
 
     class FakePoolCuda:
@@ -227,7 +227,7 @@ def test_dispatch_hands_pool_cuda_normalised_arguments(monkeypatch):
             return "backward"
 
     monkeypatch.setitem(sys.modules, "gpuconv.ops.pool_cuda", FakePoolCuda)
-    monkeypatch.setattr(functional, "pool_cuda", FakePoolCuda, raising=False)
+    monkeypatch.setattr(ops_package, "pool_cuda", FakePoolCuda, raising=False)
     x = np.ones((1, 1, 6, 6), np.float32)
     backend._emulation_override.append(True)
     try:

@@ -62,6 +62,10 @@ def build_parser():
                         help="CPU threads for NumPy's BLAS, PyTorch and gpuconv's CPU executor alike "
                              "(default: NumPy's BLAS as it is, PyTorch and the executor set to match; "
                              "overrides GPUCONV_CPU_WORKERS for the run)")
+    parser.add_argument("--eager", action="store_true",
+                        help="run gpuconv's train_step and inference rows on the uncompiled model, eagerly op "
+                             "by op (the reference path), instead of gpuconv.compile(model) as "
+                             "`python -m gpuconv train` does")
     parser.add_argument("--compare-torch", action="store_true",
                         help="time the same ops and LeNet-5 step in PyTorch, same device and thread count")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine to PATH")
@@ -79,7 +83,7 @@ def main(argv=None):
                   inference_batch_sizes=args.inference_batch_sizes, ops=args.ops, algos=args.algos,
                   repeat=args.repeat, warmup=args.warmup, rounds=args.rounds, compare_torch=args.compare_torch,
                   peak_size=args.peak_size, threads=args.threads, progress=False if args.no_progress else None,
-                  command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv))
+                  compiled=not args.eager, command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv))
     print(format_table(results))
     if args.json:
         write_json(results, args.json)

@@ -103,10 +103,17 @@ def format_table(results):
                 "the first call (kernel compilation on a GPU), never in the median.",
             "GFLOP/s counts a multiply-add as 2; %peak = share of the float32 GEMM peak above"
             + ("; vs cpu = CPU median / this median." if several else ".")]
-    if s.get("cpu_workers") is not None and any(r["device"] == "cpu" and r["kind"] != "op" for r in results["rows"]):
-        out.append("train_step and inference run the model as `python -m gpuconv train` does, through "
-                   f"gpuconv.compile: on the CPU its executor on {_threads(s['cpu_workers'] + 1)} "
-                   f"(the caller's and {s['cpu_workers']} worker{'' if s['cpu_workers'] == 1 else 's'}).")
+    if any(r["kind"] != "op" for r in results["rows"]) and "compiled" in s:
+        if not s["compiled"]:
+            out.append("train_step and inference run the uncompiled model, eagerly op by op (--eager).")
+        elif any(r["device"] == "cpu" and r["kind"] != "op" for r in results["rows"]):
+            workers = s["cpu_workers"]
+            out.append("train_step and inference run the model as `python -m gpuconv train` does, through "
+                       f"gpuconv.compile: on the CPU its executor on {_threads(workers + 1)} "
+                       f"(the caller's and {workers} worker{'' if workers == 1 else 's'}).")
+        else:
+            out.append("train_step and inference run the model as `python -m gpuconv train` does, through "
+                       "gpuconv.compile (which runs a GPU batch eagerly).")
     if any(r["op"] == "backward_data" for r in results["rows"]):
         detail = ("dx alone" if s["backward_data_is_separate"] else
                   "dx with dw and db (conv2d_backward has no way to skip dw)")

@@ -5,7 +5,8 @@
 The op rows time the array-level pairs of gpuconv.ops (conv2d / conv2d_backward, ...), the code
 each autograd Function calls; the training step and inference rows time the model as
 `python -m gpuconv train` runs it: through gpuconv.compile (the CPU executor on float32 NumPy
-batches, eager autograd on the GPU), loss.backward() and an SGD step.
+batches, eager autograd on the GPU), loss.backward() and an SGD step; with compiled=False
+(`bench --eager`) the uncompiled model runs eagerly, op by op, everywhere: the reference path.
 FLOPs count a multiply-add as 2. Pooling, ReLU and the loss are memory-bound: their FLOPs (one per
 window tap or element) are given so every row has a rate, but their share of the GEMM peak is
 small by nature.
@@ -103,13 +104,13 @@ def step_flops(batch):
 
 def step_spec(batch):
     return dict(name="train_step", layer="model", op="train_step", kind="step",
-                text="compiled model: forward + loss + zero_grad + backward + SGD momentum 0.9 update", flops=step_flops(batch),
+                text="forward + loss + zero_grad + backward + SGD momentum 0.9 update", flops=step_flops(batch),
                 uses_algo=True, in_training=True)
 
 
 def inference_spec(batch):
     return dict(name="inference", layer="model", op="inference", kind="inference",
-                text="compiled model, no_grad: forward to the logits", flops=forward_flops(batch), uses_algo=True,
+                text="forward to the logits (no_grad)", flops=forward_flops(batch), uses_algo=True,
                 in_training=False)
 
 
@@ -123,10 +124,11 @@ def random_batch(batch, seed):
 class GpuconvRows:
     """Callables for every row on one device at one batch size, over real LeNet-5 activations."""
 
-    def __init__(self, device, batch, seed=0):
+    def __init__(self, device, batch, seed=0, compiled=True):
         self.device, self.batch = device, batch
         self.model = LeNet5(seed=seed).to(device)
-        self.net = compile_model(self.model)  # as the trainer runs it (gpuconv.train.Trainer.net)
+        # compiled: as the trainer runs it (gpuconv.train.Trainer.net); else eager, op by op
+        self.net = compile_model(self.model) if compiled else self.model
         self.optimizer = optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         images, labels = random_batch(batch, seed)
         self.x, self.labels = to_device(images, device), to_device(labels, device)

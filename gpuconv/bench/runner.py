@@ -195,7 +195,7 @@ def _set_threads(threads, machine):
 
 def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_sizes=None, ops=False,
         algos=("direct", "im2col"), repeat=10, warmup=2, compare_torch=False, peak_size=2048,
-        threads=None, progress=None, seed=0, command=None, rounds=2):
+        threads=None, progress=None, seed=0, command=None, rounds=2, compiled=True):
     """Measure and return the results as a JSON-ready dict (see DEFINITIONS and report.py).
 
     threads: CPU threads for NumPy's BLAS, PyTorch and the CPU executor alike (None: NumPy's BLAS
@@ -203,6 +203,8 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
     on a terminal. On the CPU every conv algo is the same im2col + BLAS code, so CPU rows have
     algo 'numpy'; `algos` picks the CUDA kernels. rounds: the whole plan runs this many times,
     gpuconv first then PyTorch first in turn, and each row's calls are pooled over the rounds.
+    compiled: gpuconv's train_step and inference rows run gpuconv.compile(model), as
+    `python -m gpuconv train` does (True), or the model itself, eagerly op by op (False).
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ArgumentError(f"rounds: expected an int >= 1, got {rounds!r}")
@@ -217,14 +219,14 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
         with _executor_threads(threads):
             return _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
                                 algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command,
-                                rounds)
+                                rounds, bool(compiled))
     finally:
         if threads != original_threads:
             set_blas_threads(original_threads)  # the caller's process gets its BLAS back as it was
 
 
 def _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes, algos, ops,
-                 repeat, warmup, compare_torch, peak_size, progress, seed, command, rounds):
+                 repeat, warmup, compare_torch, peak_size, progress, seed, command, rounds, compiled):
     torch, torch_reason = torch_info() if compare_torch else (None, "not requested (--compare-torch)")
     torch_section = dict(requested=bool(compare_torch), available=torch is not None, reason=torch_reason)
     if torch is not None:
@@ -255,7 +257,7 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
             key = (str(device), batch, round_index)
             if key not in envs:
                 envs.clear()  # one device and batch at a time: frees the previous activations
-                envs[key] = {"gpuconv": GpuconvRows(device, batch, seed)}
+                envs[key] = {"gpuconv": GpuconvRows(device, batch, seed, compiled)}
                 if torch is not None:
                     envs[key]["torch"] = TorchRows(torch, device, batch, seed)
             what = f"{device} batch {batch} {spec['name']} [{algo or framework}]"
@@ -295,7 +297,7 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
                               batch_sizes=batch_sizes, inference_batch_sizes=inference_batch_sizes,
                               algos=algos, ops=bool(ops), repeat=repeat, warmup=warmup,
                               compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads,
-                              cpu_workers=cpu_plan.get_cpu_workers(), rounds=rounds,
+                              cpu_workers=cpu_plan.get_cpu_workers(), compiled=compiled, rounds=rounds,
                               seed=seed, backward_data_is_separate=rows_module.backward_data_is_separate()),
                 devices=device_status, torch=torch_section, definitions=DEFINITIONS,
                 rows=results_rows, failures=failures)

@@ -5,7 +5,7 @@ import contextlib
 
 import numpy as np
 
-import gpuconv.ops as F
+from gpuconv import ops
 from gpuconv.cuda import compiler
 from gpuconv.cuda.emulate import ORDERS, emulation
 
@@ -85,7 +85,7 @@ def conv_inputs(case, dtype, seed=0):
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
-    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    y = ops.conv2d(x, w, b, stride, padding, dilation, groups)
     dy = rng.standard_normal(y.shape).astype(dtype)
     return x, w, b, dy
 
@@ -94,8 +94,8 @@ def conv_outputs(case, dtype, algo="auto", seed=0):
     """{"y", "dx", "dw", "db"} of one conv case through whatever path is active."""
     _, _, stride, padding, dilation, groups = case
     x, w, b, dy = conv_inputs(case, dtype, seed)
-    y = F.conv2d(x, w, b, stride, padding, dilation, groups, algo=algo)
-    dx, dw, db = F.conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo=algo)
+    y = ops.conv2d(x, w, b, stride, padding, dilation, groups, algo=algo)
+    dx, dw, db = ops.conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo=algo)
     return {"y": y, "dx": dx, "dw": dw, "db": db}
 
 
@@ -112,19 +112,19 @@ def pool_inputs(case, dtype, seed=0):
 def pool_forward(case, x):
     mode, _, kernel, stride, padding, extra = case
     if mode == "max":
-        return F.max_pool2d(x, kernel, stride, padding)
+        return ops.max_pool2d(x, kernel, stride, padding)
     if mode == "avg":
-        return F.avg_pool2d(x, kernel, stride, padding, count_include_pad=extra)
-    return F.lp_pool2d(x, extra, kernel, stride)
+        return ops.avg_pool2d(x, kernel, stride, padding, count_include_pad=extra)
+    return ops.lp_pool2d(x, extra, kernel, stride)
 
 
 def pool_backward(case, dy, x):
     mode, _, kernel, stride, padding, extra = case
     if mode == "max":
-        return F.max_pool2d_backward(dy, x, kernel, stride, padding)
+        return ops.max_pool2d_backward(dy, x, kernel, stride, padding)
     if mode == "avg":
-        return F.avg_pool2d_backward(dy, x, kernel, stride, padding, count_include_pad=extra)
-    return F.lp_pool2d_backward(dy, x, extra, kernel, stride)
+        return ops.avg_pool2d_backward(dy, x, kernel, stride, padding, count_include_pad=extra)
+    return ops.lp_pool2d_backward(dy, x, extra, kernel, stride)
 
 
 def pool_outputs(case, dtype, seed=0, x=None):
