@@ -58,3 +58,8 @@ class MissingExtraError(GpuconvError, ImportError):
     """An optional dependency group (a pip "extra", e.g. `plot` for matplotlib) is not installed."""
 
 
+
+
+class WorkerError(GpuconvError, RuntimeError):
+    """A CPU executor worker process raised (its error's type and message are in the text) or died;
+    the next step starts a new one."""

@@ -24,9 +24,11 @@ LENETS = [("relu", "max"), ("tanh", "avg")]
 _nets = {}  # id(model) -> (model, its CompiledModel), for one test
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    """Each test compiles its models afresh and leaves the worker count as it found it."""
+@pytest.fixture(autouse=True, params=["processes", "threads"])
+def fresh_state(request, monkeypatch):
+    """Each test runs with worker processes and with worker threads (the parts after the
+    first), compiles its models afresh and leaves the worker count as it found it."""
+    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
     _nets.clear()
     yield
     _nets.clear()
@@ -548,3 +550,25 @@ def test_worker_never_returns_a_result_left_by_an_abandoned_wait():
     time.sleep(0.05)
     worker.submit(lambda part: part, 2)
     assert worker.result() == 2
+
+
+def test_processes_and_threads_give_the_same_bits(monkeypatch):
+    """The parts a worker process runs are the same chunks and ops as a thread's, summed in the
+    same order: several SGD steps at varying batch sizes end on the same weights."""
+    gpuconv.set_cpu_workers(1)
+    weights = {}
+    for kind in (True, False):
+        monkeypatch.setattr(cpu_plan, "processes", kind)
+        model = LeNet5(seed=4)
+        compiled = gpuconv.compile(model)
+        opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        rng = np.random.default_rng(7)
+        for batch in (128, 96, 61, 128):
+            x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+            loss = F.cross_entropy(compiled(x), rng.integers(0, 10, batch))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        weights[kind] = model.state_dict()
+    for name in weights[True]:
+        assert np.array_equal(weights[True][name], weights[False][name]), name

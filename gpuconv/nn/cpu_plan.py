@@ -47,13 +47,14 @@ Why it is faster than the layers (figures: the commit messages of this file):
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
 
-What it does to the process, and nothing else: `workers` daemon threads (created on first use,
-reused for every batch size and model, blocked on a lock while idle, never forked processes);
-for the length of each parallel region, the BLAS thread count set to 1 and Python's thread switch
-interval to 0.2 ms, both restored exactly afterwards (regions run one at a time, under one lock,
-so two threads training two models cannot interleave their settings). The number of workers is
-GPUCONV_CPU_WORKERS in the environment, or gpuconv.set_cpu_workers(n); 0 runs everything in the
-caller's thread; the default is one fewer than the CPUs this process may run on (at most 7).
+What it does to the process (the README lists it for users): parts 1.. of a split batch run in
+worker processes (cpu_workers.py: fresh interpreters, never a fork of the caller) where
+cpu_workers.supported() and `processes` is on, else in `workers` daemon threads; for the length of
+each parallel region the BLAS thread count is 1 (and, with threads, Python's switch interval 0.2
+ms), both restored exactly afterwards; regions run one at a time, under one lock. The number of
+workers is GPUCONV_CPU_WORKERS in the environment, or gpuconv.set_cpu_workers(n); 0 runs
+everything in the caller's thread; the default is one fewer than the CPUs this process may run on
+(at most 7).
 """
 import contextlib
 import os
@@ -64,6 +65,7 @@ import numpy as np
 
 from .. import blas
 from ..errors import ArgumentError, DTypeError, ShapeError
+from . import cpu_workers
 from . import layers as L
 from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, IdentityOp, LinearOp, PoolOp,
                       Unsupported)
@@ -72,6 +74,7 @@ MIN_CHUNK = 24          # fewer images than this per thread is not worth a threa
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
 MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many images
 MAX_WORKERS = 7
+processes = True        # parts 1.. in worker processes where cpu_workers.supported(), else threads
 
 _workers = []           # _Worker threads for the parallel regions (created on first use)
 _workers_pid = None
@@ -379,13 +382,18 @@ class _Plan:
         self.layout_key = None
         self.scratch = []        # per thread: buffers its ops reuse chunk after chunk
         self.forwards = 0
+        self.compiles = 0        # worker processes keep one compiled copy per (plan, compile)
+        self.layers = None
+        self._params = None
+        self.training = True
         self.lock = threading.RLock()  # one forward or backward of this plan at a time
 
     def prepare(self, layers, x):
         """Compile if the layers or input shape changed; False if the plan cannot run them."""
         signature = _signature(layers, x)
         if signature != self.signature:
-            self.signature = signature
+            self.signature, self.layers, self._params = signature, list(layers), None
+            self.compiles += 1
             try:
                 self.ops, self.out_shape = _compile(layers, x.shape[1:])
             except Unsupported:
@@ -425,6 +433,7 @@ class _Plan:
         self.input_shape = x.shape[1:]
         out = np.empty((batch,) + tuple(self.out_shape), np.float32)
         self.forwards += 1
+        self.training = any(layer.training for layer in self.layers)
         self._in_parts("forward", x, out)
         return out
 
@@ -474,12 +483,14 @@ class _Plan:
         return grads
 
     def params(self):
-        """Every parameter the ops use, once each, in op order."""
-        found = {}
-        for op in self.ops:
-            for p in op.params():
-                found.setdefault(id(p), p)
-        return list(found.values())
+        """Every parameter the ops use, once each, in op order (found once per compile)."""
+        if self._params is None:
+            found = {}
+            for op in self.ops:
+                for p in op.params():
+                    found.setdefault(id(p), p)
+            self._params = list(found.values())
+        return self._params
 
     def _in_parts(self, kind, *arrays):
         """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..
@@ -490,5 +501,7 @@ class _Plan:
         with _region_lock, blas.num_threads(1):
             if self.threads == 1:
                 return [function(0, *arrays)]
+            if processes and cpu_workers.supported():
+                return cpu_workers.run_parallel(self, kind, arrays)
             with _switch_interval(SWITCH_INTERVAL):
                 return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))

@@ -1,0 +1,462 @@
+"""Worker processes for the CPU executor's parts after the first, started safely.
+
+Why processes: two Python threads in one interpreter slow each other down (the GIL around every
+short NumPy call); two processes do not. How, without the hazards of forking the user's program:
+
+* A worker is a fresh interpreter started by subprocess (fork + exec in C, safe in a threaded
+  process), with close_fds: it holds one socket end and nothing else of the caller's. It is
+  started at the first parallel region and reused for every batch size and model; it exits when
+  its socket closes (the caller's process ended, or the pool was closed).
+* The layers are described to it as JSON (types and hyper-parameters, no pickle); it builds the
+  same layers and compiles the same plan. Parameters, its rows of x / out / dy / dx and its
+  gradients live in a memfd arena both processes map; the caller copies the parameters and the
+  rows in before each region and reads the results after.
+* Commands and replies are small JSON messages on a SOCK_SEQPACKET socket pair. A side that
+  waits polls for SPIN_SECONDS (a wake-up from a blocking recv costs ~0.1 ms on a VM, twice a
+  region), then blocks in recv: an idle worker, or a caller waiting for a slow one, takes no
+  CPU, and nothing times out a worker that is still working.
+* A worker's exception comes back as WorkerError naming its type and message; a worker that dies
+  gives WorkerError naming how; Ctrl-C while waiting kills the worker (it would go on writing
+  into the arena). The next region starts a new one. The worker ignores SIGINT: the terminal's
+  Ctrl-C is for the caller.
+
+The part a worker runs is the same chunks and ops as in a thread, and its gradients are summed in
+the same order, so processes and threads give the same bits.
+"""
+import json
+import math
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+
+import numpy as np
+
+from ..errors import WorkerError
+from . import layers as L
+from .module import Parameter
+
+ALIGN = 64
+MESSAGE_BYTES = 1 << 20
+SPIN_SECONDS = 0.002  # both sides poll this long before blocking: the next message usually comes sooner
+
+
+def supported():
+    """Linux with memfd_create and fd passing (send_fds)."""
+    return sys.platform.startswith("linux") and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+# ----------------------------------------------------------------------------------------------
+# describing layers (JSON both ways, never pickle)
+
+_KINDS = {cls.__name__: cls for cls in (L.Conv2d, L.Linear, L.MaxPool2d, L.AvgPool2d, L.ReLU, L.Tanh, L.Sigmoid,
+                                        L.Flatten, L.Identity, L.Dropout)}
+
+
+def describe(layer):
+    kind = type(layer)
+    spec = {"kind": kind.__name__, "training": layer.training}
+    if kind is L.Conv2d:
+        o, c, kh, kw = layer.weight.data.shape
+        spec.update(shape=[o, c * layer.groups, kh, kw], stride=layer.stride, dilation=layer.dilation,
+                    groups=layer.groups, bias=layer.bias is not None,
+                    padding=layer.padding if layer.padding == "same" else list(layer.padding))
+    elif kind is L.Linear:
+        spec.update(shape=list(layer.weight.data.shape), bias=layer.bias is not None)
+    elif kind in (L.MaxPool2d, L.AvgPool2d):
+        spec.update(kernel=layer.kernel_size, stride=layer.stride, padding=layer.padding)
+    elif kind is L.Flatten:
+        spec.update(start=layer.start_dim, end=layer.end_dim)
+    elif kind is L.Dropout:
+        spec.update(p=layer.p)
+    return spec
+
+
+def build(spec):
+    kind = _KINDS[spec["kind"]]
+    if kind is L.Conv2d:
+        o, c, kh, kw = spec["shape"]
+        padding = spec["padding"] if spec["padding"] == "same" else tuple(spec["padding"])
+        layer = L.Conv2d(c, o, (kh, kw), tuple(spec["stride"]), padding, tuple(spec["dilation"]), spec["groups"],
+                         spec["bias"])
+    elif kind is L.Linear:
+        o, i = spec["shape"]
+        layer = L.Linear(i, o, spec["bias"])
+    elif kind in (L.MaxPool2d, L.AvgPool2d):
+        layer = kind(tuple(spec["kernel"]), tuple(spec["stride"]), tuple(spec["padding"]))
+    elif kind is L.Flatten:
+        layer = L.Flatten(spec["start"], spec["end"])
+    elif kind is L.Dropout:
+        layer = L.Dropout(spec["p"])
+    else:
+        layer = kind()
+    layer.training = spec["training"]
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------
+# the shared arena
+
+
+def arena_layout(param_shapes, rows, in_shape, out_shape):
+    """name -> (dtype, shape, offset) and the total size; the same on both sides."""
+    layout, size = {}, 0
+
+    def take(name, dtype, shape):
+        nonlocal size
+        layout[name] = (dtype, tuple(shape), size)
+        size += -(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+
+    take("present", np.int64, (max(len(param_shapes), 1),))
+    for index, shape in enumerate(param_shapes):
+        take(f"param{index}", np.float32, shape)
+        take(f"grad{index}", np.float32, shape)
+    for name, shape in (("x", in_shape), ("out", out_shape), ("dy", out_shape), ("dx", in_shape)):
+        take(name, np.float32, (rows,) + tuple(shape))
+    return layout, max(size, ALIGN)
+
+
+def arena_views(buffer, layout):
+    return {name: np.ndarray(shape, dtype, buffer=buffer, offset=offset) for name, (dtype, shape, offset) in layout.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the caller's side
+
+
+def _receive(sock, recv):
+    """recv(flags): polled without blocking for SPIN_SECONDS, then blocking."""
+    deadline = time.perf_counter() + SPIN_SECONDS
+    while time.perf_counter() < deadline:
+        try:
+            return recv(socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pass
+    return recv(0)
+
+
+class _Process:
+    """One worker process and the caller's end of its socket."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = ("import sys; from gpuconv.nn import cpu_workers; cpu_workers.serve(int(sys.argv[1]))")
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", GPUCONV_CPU_WORKERS="0",
+                   PYTHONPATH=os.pathsep.join([package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())],
+                                            pass_fds=[theirs.fileno()], close_fds=True, env=env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.socket = ours
+        self.arenas = {}  # plan key -> (mapping, views, capacity rows, fd)
+
+    def send(self, message, fds=()):
+        data = json.dumps(message).encode()
+        if fds:
+            socket.send_fds(self.socket, [data], list(fds))
+        else:
+            self.socket.send(data)
+
+    def receive(self, part):
+        """The reply; WorkerError if the process died. Ctrl-C (or any exception) while waiting
+        kills the worker, which would otherwise go on writing into the arena."""
+        try:
+            data = _receive(self.socket, lambda flags: self.socket.recv(MESSAGE_BYTES, flags))
+        except OSError:  # the connection reset under us: the worker is gone
+            data = b""
+        except BaseException:
+            self.close(kill=True)
+            raise
+        if not data:
+            how = _how(self.close(kill=True))
+            raise WorkerError(f"part {part} of the batch: CPU worker process {self.process.pid} died ({how}); "
+                              "the next step starts a new worker")
+        if data == b"ok":
+            return
+        reply = json.loads(data)
+        raise WorkerError(f"part {part} of the batch (CPU worker process {self.process.pid}) raised "
+                          f"{reply['error']}")
+
+    def close(self, kill=False):
+        """Stop the process (closing the socket ends it; kill=True first sends SIGKILL); its
+        exit status."""
+        if kill and self.process.poll() is None:
+            self.process.kill()
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+        for mapping, _, _, fd in self.arenas.values():
+            mapping.close()
+            os.close(fd)
+        self.arenas.clear()
+        try:
+            return self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def _how(status):
+    return f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
+
+
+class _Pool:
+    def __init__(self):
+        self.processes, self.pid = [], os.getpid()
+        self.ended = {}  # pid -> how a worker found dead ended
+
+    def get(self, count):
+        if self.pid != os.getpid():  # a forked child: the processes are the parent's
+            self.processes, self.pid = [], os.getpid()
+        alive = []
+        for p in self.processes:
+            if p.process.poll() is None and p.socket.fileno() >= 0:
+                alive.append(p)
+            else:
+                self.ended[p.process.pid] = _how(p.close())
+        self.processes = alive
+        while len(self.processes) < count:
+            self.processes.append(_Process())
+        return self.processes[:count]
+
+    def drop(self, process):
+        if process in self.processes:
+            self.processes.remove(process)
+
+    def close(self):
+        for process in self.processes:
+            process.close()
+        self.processes = []
+
+
+_pool = _Pool()
+_keys = weakref.WeakKeyDictionary()  # plan -> its number in the workers
+_next_key = [0]
+_forgotten = []   # numbers of plans garbage-collected since: their arenas are freed at the next region
+MAX_PLANS = 8     # arenas a worker keeps; the least recently set up is dropped first
+
+
+def close():
+    """Stop every worker process (they are started again when needed)."""
+    _pool.close()
+
+
+def _forget(process, key):
+    mapping, _, _, fd = process.arenas.pop(key)
+    mapping.close()
+    os.close(fd)
+    process.socket.send(f"D {key}".encode())
+    process.receive(0)
+
+
+def _tidy(process):
+    """Free the arenas of plans that are gone, and all but the MAX_PLANS newest."""
+    for number in list(_forgotten):
+        for key in [k for k in process.arenas if k.split(".")[0] == number]:
+            _forget(process, key)
+    while len(process.arenas) > MAX_PLANS:
+        _forget(process, next(iter(process.arenas)))
+
+
+def _ensure_setup(process, plan, key, part, rows):
+    entry = process.arenas.get(key)
+    if entry is not None and entry[2] >= rows:
+        return entry[1]
+    capacity = max(rows, entry[2] * 2 if entry else rows)
+    params = plan.params()
+    layout, size = arena_layout([p.data.shape for p in params], capacity, plan.input_shape, plan.out_shape)
+    fd = os.memfd_create("gpuconv-cpu", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    index_of = {id(p): i for i, p in enumerate(params)}
+    specs = []
+    for layer in plan.layers:  # a parameter shared by layers (or a layer used twice) stays one
+        spec = describe(layer)
+        if isinstance(layer, (L.Conv2d, L.Linear)):
+            spec["params"] = [index_of[id(layer.weight)], None if layer.bias is None else index_of[id(layer.bias)]]
+        specs.append(spec)
+    try:
+        process.send({"op": "setup", "key": key, "layers": specs,
+                      "in_shape": list(plan.input_shape), "capacity": capacity, "part": part,
+                      "param_shapes": [list(p.data.shape) for p in params], "size": size}, [fd])
+        process.receive(part)
+    except BaseException:
+        mapping.close()
+        os.close(fd)
+        raise
+    if entry is not None:  # only now: the worker has let go of the old arena
+        entry[0].close()
+        os.close(entry[3])
+    views = arena_views(mapping, layout)
+    process.arenas[key] = (mapping, views, capacity, fd)
+    return views
+
+
+class Received:
+    """A worker's parameter gradients shaped like cpu_plan._Grads: arrays[id(p)] = [p, view]."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+
+def _number(plan):
+    if plan not in _keys:
+        _next_key[0] += 1
+        number = _keys[plan] = str(_next_key[0])
+        weakref.finalize(plan, _forgotten.append, number)  # no I/O from the garbage collector
+    return _keys[plan]
+
+
+def run_parallel(plan, kind, arrays):
+    """run_<kind> for part 0 in this thread and parts 1.. in worker processes -> results in part
+    order, as cpu_plan._run_parallel gives them. The caller holds the region lock. Any failure
+    ends the workers of the region (their state is unknown); the next region starts new ones."""
+    key = f"{_number(plan)}.{plan.compiles}"
+    processes = _pool.get(len(plan.parts) - 1)
+    pids = [process.process.pid for process in processes]
+    if kind == "backward" and pids != getattr(plan, "worker_pids", pids):
+        gone = ", ".join(f"{pid} ({_pool.ended.get(pid, 'ended')})" for pid in plan.worker_pids if pid not in pids)
+        raise WorkerError(f"CPU worker process {gone} died between this batch's forward and its backward; "
+                          "run the forward again (the next one starts a new worker)")
+    params = plan.params()
+    touched, started = [], []
+    try:
+        for index, process in enumerate(processes, start=1):
+            touched.append(process)
+            _tidy(process)
+            start, stop = plan.parts[index][0].start, plan.parts[index][-1].stop
+            views = _ensure_setup(process, plan, key, index, stop - start)
+            for p, target in zip(params, (views[f"param{i}"] for i in range(len(params)))):
+                np.copyto(target, p.data)
+            rows = stop - start
+            if kind == "forward":
+                np.copyto(views["x"][:rows], arrays[0][start:stop])
+                process.socket.send(f"F {key} {rows} {int(plan.training)}".encode())
+            else:
+                np.copyto(views["dy"][:rows], arrays[0][start:stop])
+                process.socket.send(f"B {key} {rows} {int(bool(arrays[2]))}".encode())
+            started.append((index, process, views, start, stop))
+        error, results = None, []
+        try:
+            results.append(getattr(plan, "run_" + kind)(0, *arrays))
+        except BaseException as caught:
+            error = caught
+        for index, process, views, start, stop in started:
+            try:
+                process.receive(index)
+            except BaseException as caught:
+                error = error or caught
+                continue
+            rows = stop - start
+            if kind == "forward":
+                np.copyto(arrays[1][start:stop], views["out"][:rows])
+            else:
+                if arrays[2]:
+                    np.copyto(arrays[1][start:stop], views["dx"][:rows])
+                present = views["present"]
+                results.append(Received({id(p): [p, views[f"grad{i}"]] for i, p in enumerate(params) if present[i]}))
+        if error is not None:
+            raise error
+        if kind == "forward":
+            plan.worker_pids = pids
+        return results
+    except BaseException:
+        for process in touched:
+            _pool.drop(process)
+            process.close(kill=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker's side
+
+
+def serve(fd):
+    """The worker's loop: setup / forward / backward commands until the socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the caller
+    from . import cpu_plan
+    sock = socket.socket(fileno=fd)
+    states = {}
+    while True:
+        try:
+            data, fds, _, _ = _receive(sock, lambda flags: socket.recv_fds(sock, MESSAGE_BYTES, 4, flags))
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            if data[:1] in (b"F", b"B"):  # the hot commands: "F key rows training", "B key rows need_dx"
+                op, key, rows, flag = data.decode().split()
+                _run(states[key], op, int(rows), flag == "1")
+            elif data[:1] == b"D":  # "D key": the caller freed that arena
+                state = states.pop(data.decode().split()[1], None)
+                if state is not None:
+                    state["views"].clear()
+                    del state
+            else:
+                message = json.loads(data)
+                for fd in fds[1:]:
+                    os.close(fd)
+                states.pop(message["key"], None)
+                states[message["key"]] = _setup(cpu_plan, message, fds[0])
+            sock.send(b"ok")
+        except BaseException as error:
+            text = f"{type(error).__name__}: {error}"[:4000]
+            sock.send(json.dumps({"ok": False, "error": text}).encode())
+
+
+def _setup(cpu_plan, message, fd):
+    in_shape, capacity = tuple(message["in_shape"]), message["capacity"]
+    param_shapes = [tuple(shape) for shape in message["param_shapes"]]
+    # the output shape first, from layers with placeholder parameters, to lay the arena out
+    layers = [build(spec) for spec in message["layers"]]
+    probe = cpu_plan._Plan()
+    probe.prepare(layers, np.empty((1,) + in_shape, np.float32))
+    layout, size = arena_layout(param_shapes, capacity, in_shape, probe.out_shape)
+    mapping = mmap.mmap(fd, size)
+    os.close(fd)
+    views = arena_views(mapping, layout)
+    # the parameters are views of the arena (the caller fills them), one object per caller's one
+    params = [Parameter(views[f"param{index}"]) for index in range(len(param_shapes))]
+    for layer, spec in zip(layers, message["layers"]):
+        if "params" in spec:
+            layer.weight = params[spec["params"][0]]
+            layer.bias = None if spec["params"][1] is None else params[spec["params"][1]]
+    plan = cpu_plan._Plan()
+    plan.prepare(layers, np.empty((1,) + in_shape, np.float32))
+    plan.input_shape = in_shape
+    return dict(plan=plan, layers=layers, views=views, mapping=mapping, part=message["part"], params=params,
+                training=None)
+
+
+def _run(state, op, rows, flag):
+    plan, views = state["plan"], state["views"]
+    plan.layout(rows)
+    plan.deferring = [state["part"] % 2 == 1]  # as the thread running this part would
+    if op == "F":
+        if state["training"] != flag:
+            for layer in state["layers"]:
+                layer.training = flag
+            state["training"] = flag
+        plan.run_forward(0, views["x"][:rows], views["out"][:rows])
+        return
+    grads = plan.run_backward(0, views["dy"][:rows], views["dx"][:rows], flag)
+    present = views["present"]
+    for index, p in enumerate(state["params"]):
+        entry = grads.arrays.get(id(p))
+        present[index] = entry is not None
+        if entry is not None:
+            np.copyto(views[f"grad{index}"], entry[1])
+
