@@ -85,6 +85,41 @@ def test_resume_after_ctrl_c_mid_epoch_equals_uninterrupted_training(tmp_path, m
     monkeypatch.setattr(train.Trainer, "train_step", real_step)
     assert train.main(args + ["--resume"]) == 0
     assert_same_weights(weights(full), weights(interrupted))
+    # the resumed epoch reports loss and accuracy over the whole epoch, as the uninterrupted run did
+    full_history, resumed_history = load_checkpoint(full)[2]["history"], load_checkpoint(interrupted)[2]["history"]
+    for key in ("train_loss", "train_accuracy", "test_accuracy"):
+        assert resumed_history[1][key] == pytest.approx(full_history[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_ctrl_c_during_a_step_lands_after_it():
+    """SIGINT delivered inside the deferred block (here: in the middle of an optimizer update)
+    is raised when the block ends, after every parameter has stepped; the handler is restored."""
+    from gpuconv import functional as F, optim
+    model = LeNet5(seed=1)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    F.cross_entropy(model(x), np.arange(8) % 10).backward()
+    before = {name: p.data.copy() for name, p in model.named_parameters()}
+    handler = signal.getsignal(signal.SIGINT)
+    real_update, updated = optim.SGD.update, []
+
+    def update_with_ctrl_c(self, index, p):
+        if index == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is handled here, mid-update
+        real_update(self, index, p)
+        updated.append(index)
+
+    optim.SGD.update = update_with_ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with train.sigint_deferred():
+                opt.step()
+    finally:
+        optim.SGD.update = real_update
+    assert updated == list(range(len(opt.params)))  # all of them, none skipped
+    assert all(not np.array_equal(before[name], p.data) for name, p in model.named_parameters())
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_resume_refuses_a_checkpoint_from_another_configuration(tmp_path):
