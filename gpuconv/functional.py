@@ -6,7 +6,7 @@ pair and returns one gradient per input. Inputs may be Tensors or plain arrays (
 """
 from . import ops
 from .backend import get_array_module
-from .autograd import Function, Tensor, as_tensor, cat, no_grad  # noqa: F401  (re-exported)
+from .autograd import Function, Tensor, as_tensor, cat  # noqa: F401  (cat is re-exported)
 from .errors import ArgumentError
 
 

@@ -49,7 +49,6 @@ def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
 def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=True):
     """Gradients of batch_norm2d -> (dx or None, dweight, dbias). training=True differentiates
     through the batch statistics too; training=False treats mean and invstd as constants."""
-    xp = get_array_module(x)
     check_float_array(dy, "dy", 4)
     if dy.shape != x.shape:
         raise ShapeError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
