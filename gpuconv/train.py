@@ -17,6 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from . import distributed
 from . import functional as F
 from . import optim
 from .autograd import no_grad
@@ -32,6 +33,7 @@ DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
                 activation="relu", pool="max")
+DEFAULTS.update(distributed=False)  # --distributed: gpuconv/distributed.py, issue 19
 
 
 def build_optimizer(name, params, lr, momentum, weight_decay):
@@ -56,10 +58,16 @@ def predict_logits(model, images, batch_size=1000):
     return np.concatenate(chunks)
 
 
-def evaluate(model, images, labels, batch_size=1000):
-    """Accuracy of `model` on (images, labels) NumPy arrays."""
+def evaluate(model, images, labels, batch_size=1000, group=None):
+    """Accuracy of `model` on (images, labels) NumPy arrays. With a distributed `group`, each rank
+    scores its contiguous share and the counts are summed (every rank gets the same number)."""
     if len(labels) == 0:
         return 0.0
+    if group is not None and group.world_size > 1:
+        n, r, w = len(labels), group.rank, group.world_size
+        part = slice(r * n // w, (r + 1) * n // w)
+        correct = int((predict_logits(model, images[part], batch_size).argmax(axis=1) == labels[part]).sum())
+        return float(group.sum_host([correct], "evaluation")[0]) / n
     return float((predict_logits(model, images, batch_size).argmax(axis=1) == labels).mean())
 
 
@@ -107,7 +115,12 @@ class Trainer:
             raise ArgumentError(f"batch_size: expected an int >= 1, got {c['batch_size']!r}")
         if c["resume"] and not c["checkpoint"]:
             raise ArgumentError("resume: --resume needs --checkpoint PATH to resume from")
-        self.device = parse_device(c["device"])
+        self.dist = None  # --distributed: the ProcessGroup; printing and checkpoints on rank 0 alone
+        if c["distributed"]:
+            self.dist = distributed.init(device=c["device"])
+            distributed.fit_cpu(self.dist)
+            self.log = log if self.dist.rank == 0 else (lambda *args, **kwargs: None)
+        self.device = self.dist.device if self.dist else parse_device(c["device"])
         self.model = LeNet5(activation=c["activation"], pool=c["pool"], seed=c["seed"]).to(self.device)
         self.net = compile_model(self.model)  # the CPU executor where it applies, eager elsewhere
         self.optimizer = build_optimizer(c["optimizer"], self.model.parameters(), c["lr"], c["momentum"],
@@ -121,21 +134,31 @@ class Trainer:
         self.train_set = MNIST("train", data_dir=c["data_dir"], limit=c["limit_train"])
         self.test_set = MNIST("test", data_dir=c["data_dir"], limit=c["limit_test"])
         self.test_images = to_float_batch(self.test_set.images)
-        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"])
+        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"],
+                                 **(dict(rank=self.dist.rank, world_size=self.dist.world_size) if self.dist else {}))
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
         self.progress = dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0)  # the epoch so far
         if c["resume"] and os.path.exists(c["checkpoint"]):
             self.restore(c["checkpoint"])
+        if self.dist:  # rank 0's weights everywhere; optimizer.step() averages the gradients first
+            self.net = distributed.DistributedDataParallel(self.net, self.optimizer, process_group=self.dist)
 
     # ----- checkpoints -----
     def meta(self):
         keys = ("seed", "batch_size", "activation", "pool", "optimizer", "schedule", "epochs")
         return dict(epoch=self.epoch, batch=self.batch, step=self.step, history=self.history,
-                    progress=self.progress, config={k: self.config[k] for k in keys})
+                    progress=self.progress, config={k: self.config[k] for k in keys},
+                    world_size=self.dist.world_size if self.dist else 1)
 
     def save(self):
         if self.config["checkpoint"]:
-            save_checkpoint(self.config["checkpoint"], self.model, self.optimizer, self.meta())
+            meta = self.meta()
+            if self.dist:  # every rank takes part; rank 0 writes
+                self.net.sync_buffers()
+                meta["progress"] = self.global_progress(self.progress)
+                if self.dist.rank != 0:
+                    return
+            save_checkpoint(self.config["checkpoint"], self.model, self.optimizer, meta)
             history_path = os.path.splitext(self.config["checkpoint"])[0] + ".history.json"
             text = json.dumps(self.history, indent=1).encode()
             atomic_write(history_path, lambda f: f.write(text))
@@ -152,6 +175,11 @@ class Trainer:
         self.epoch, self.batch, self.step = meta["epoch"], meta["batch"], meta["step"]
         self.history = meta["history"]
         self.progress = dict(dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0), **meta.get("progress", {}))
+        world_size = self.dist.world_size if self.dist else 1
+        self.batch = distributed.resume_batch(meta.get("world_size", 1), self.batch, self.config["batch_size"],
+                                              world_size)
+        if self.dist and self.dist.rank != 0:  # the saved counts are all ranks'; rank 0 carries them
+            self.progress.update(seen=0, loss_sum=0.0, correct=0)
         if self.schedule is not None:
             self.schedule.epoch = self.epoch
             self.schedule.epoch -= 1
@@ -198,8 +226,10 @@ class Trainer:
                 if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0:
                     self.save()
             bar.close()
-            seconds, seen = time.perf_counter() - started, progress["seen"]
-            test_accuracy = evaluate(self.net, self.test_images, self.test_set.labels)
+            seconds = time.perf_counter() - started
+            progress = self.global_progress(progress) if self.dist else progress
+            seen = progress["seen"]
+            test_accuracy = self.evaluate()
             record = dict(epoch=self.epoch + 1, train_loss=progress["loss_sum"] / max(seen, 1),
                           train_accuracy=progress["correct"] / max(seen, 1), test_accuracy=test_accuracy,
                           seconds=seconds, images_per_s=seen / seconds if seconds else 0.0, lr=self.optimizer.lr)
@@ -213,8 +243,20 @@ class Trainer:
                 self.schedule.step()
             self.save()
         if test_accuracy is None:  # resumed a finished run
-            test_accuracy = evaluate(self.net, self.test_images, self.test_set.labels)
+            test_accuracy = self.evaluate()
         return test_accuracy
+
+    # ----- --distributed -----
+    def evaluate(self):
+        if self.dist:
+            self.net.sync_buffers()  # rank 0's BatchNorm running statistics on every rank
+        return evaluate(self.net, self.test_images, self.test_set.labels, group=self.dist)
+
+    def global_progress(self, progress):
+        """The epoch's counts summed over the ranks (time: this rank's)."""
+        seen, loss_sum, correct = self.dist.sum_host([progress["seen"], progress["loss_sum"], progress["correct"]],
+                                                     "progress")
+        return dict(progress, seen=int(seen), loss_sum=float(loss_sum), correct=int(correct))
 
 
 def build_parser():
@@ -236,21 +278,32 @@ def build_parser():
     p.add_argument("--checkpoint", default=None, help="write a checkpoint (.npz) here after every epoch")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write one every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of `mpiexec -n N` (--batch-size is per rank)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = {k: v for k, v in vars(args).items()}
+    if config.get("distributed"):
+        with distributed.guard():  # an error on one rank stops every rank, naming it
+            return _main(config)
+    return _main(config)
+
+
+def _main(config):
     trainer = Trainer(config)
     trainer.log(f"training LeNet-5 ({trainer.model.num_parameters():,} parameters) on {trainer.device}, "
                 f"{len(trainer.train_set):,} training and {len(trainer.test_set):,} test images")
     try:
         accuracy = trainer.fit()
     except KeyboardInterrupt:
-        trainer.save()
-        where = f"; checkpoint written to {trainer.config['checkpoint']}" if trainer.config["checkpoint"] else ""
+        if trainer.dist is None:  # ranks interrupted at different steps must not meet in a collective
+            trainer.save()
+        where = f"; checkpoint written to {trainer.config['checkpoint']}" if trainer.config["checkpoint"] and trainer.dist is None else ""
         print(f"interrupted at epoch {trainer.epoch + 1}, batch {trainer.batch}{where}", file=sys.stderr)
         return 130
-    print(f"test accuracy: {accuracy:.4f}")
+    if trainer.dist is None or trainer.dist.rank == 0:
+        print(f"test accuracy: {accuracy:.4f}")
     return 0

@@ -55,22 +55,32 @@ class DataLoader:
 
     Each `for` over the loader plays the current epoch and then advances `epoch`; call
     `set_epoch(e)` to choose the epoch (e.g. when resuming). Datasets with `get_batch(indices)` or
-    `.images`/`.labels` are batched by fancy indexing; any other dataset by calling getitem per sample."""
+    `.images`/`.labels` are batched by fancy indexing; any other dataset by calling getitem per sample.
 
-    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0):
+    Sharding (data-parallel training, gpuconv.distributed): with `world_size` N > 1, batch b of the
+    epoch is the global batch order[b*N*B:(b+1)*N*B] and rank r takes its elements r, r+N, r+2N, ...;
+    the N ranks' batches are disjoint and together are exactly the batch one process at batch N*B
+    sees. A last global batch with fewer than N samples is dropped (every rank must get a sample)."""
+
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, rank=0, world_size=1):
         self.dataset = dataset
         self.batch_size = _check_int(batch_size, "batch_size", 1)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = _check_int(seed, "seed", 0)
         self.epoch = 0
+        self.world_size = _check_int(world_size, "world_size", 1)
+        self.rank = _check_int(rank, "rank", 0)
+        if self.rank >= self.world_size:
+            raise ArgumentError(f"rank: expected 0 <= rank < world_size={self.world_size}, got {rank!r}")
 
     def set_epoch(self, epoch):
         self.epoch = _check_int(epoch, "epoch", 0)
 
     def __len__(self):
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, step = len(self.dataset), self.batch_size * self.world_size
+        full, tail = divmod(n, step)
+        return full + (1 if tail >= self.world_size and not self.drop_last else 0)
 
     def order(self, epoch):
         """The sample indices of `epoch`, in the order they are served (depends only on seed and epoch)."""
@@ -93,9 +103,9 @@ class DataLoader:
 
     def batches(self, epoch, start=0):
         """Yield the batches of `epoch` from batch number `start` on (for an exact mid-epoch resume)."""
-        order = self.order(epoch)
+        order, step = self.order(epoch), self.batch_size * self.world_size
         for b in range(_check_int(start, "start", 0), len(self)):
-            yield self._fetch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            yield self._fetch(order[b * step:(b + 1) * step][self.rank::self.world_size])
 
     def __iter__(self):
         epoch = self.epoch

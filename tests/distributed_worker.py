@@ -1,0 +1,97 @@
+"""One rank of the scenarios tests/test_distributed.py launches with `mpiexec -n 2`.
+
+    python tests/distributed_worker.py SCENARIO [BACKEND]
+
+equal:  N ranks at per-rank batch B for a few steps of SGD (Nesterov momentum, weight decay) and of
+        Adam end with the weights one process reaches at batch N*B (computed on rank 0 beside the
+        run), every rank holds the same weights, and sharded evaluation equals the whole one.
+raise, die, hang: rank 1 raises, SIGKILLs itself, or sleeps at its third step; the others must stop.
+"""
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import gpuconv.distributed as dist
+from gpuconv import compile as compile_model
+from gpuconv import functional as F
+from gpuconv import optim, set_cpu_workers
+from gpuconv.data import ArrayDataset, DataLoader
+from gpuconv.models import LeNet5
+from gpuconv.train import evaluate
+
+B, SAMPLES = 8, 64
+
+
+def data():
+    rng = np.random.default_rng(123)
+    return ArrayDataset(rng.integers(0, 256, (SAMPLES, 28, 28), dtype=np.uint8), rng.integers(0, 10, SAMPLES))
+
+
+def make_optimizer(kind, model):
+    if kind == "sgd":
+        return optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+
+
+def train(net, optimizer, loader, scenario=None, rank=0):
+    for step, (x, y) in enumerate(loader.batches(0)):
+        if scenario and rank == 1 and step == 2:
+            if scenario == "raise":
+                raise ValueError("boom at step 3")
+            if scenario == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if scenario == "hang":
+                time.sleep(600)
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def main():
+    scenario = sys.argv[1]
+    backend = sys.argv[2] if len(sys.argv) > 2 else "mpi"
+    set_cpu_workers(0)
+    group = dist.init(backend=backend, device="cpu")
+    rank, size = group.rank, group.world_size
+    dataset = data()
+    if scenario != "equal":
+        model = LeNet5(seed=0)
+        optimizer = make_optimizer("sgd", model)
+        net = dist.DistributedDataParallel(compile_model(model), optimizer)
+        train(net, optimizer, DataLoader(dataset, B, shuffle=True, seed=1, rank=rank, world_size=size),
+              scenario, rank)
+        print(f"rank {rank}: finished without noticing", flush=True)
+        return
+    worst = {}
+    for kind in ("sgd", "adam"):
+        model = LeNet5(seed=rank)  # rank 1 starts elsewhere: the broadcast must fix that
+        optimizer = make_optimizer(kind, model)
+        net = dist.DistributedDataParallel(compile_model(model), optimizer)
+        train(net, optimizer, DataLoader(dataset, B, shuffle=True, seed=1, rank=rank, world_size=size))
+        flat = np.concatenate([p.data.ravel() for p in model.parameters()]).astype(np.float64)
+        spread = group.sum_host(flat) / size - flat  # zero when every rank holds the same weights
+        assert np.abs(spread).max() == 0, f"{kind}: the ranks' weights differ by {np.abs(spread).max()}"
+        images, labels = dataset.get_batch(np.arange(SAMPLES))
+        shard = evaluate(net, images, labels, batch_size=16, group=group)
+        assert shard == evaluate(model, images, labels, batch_size=16), "sharded evaluation differs"
+        if rank == 0:
+            reference = LeNet5(seed=0)
+            ref_optimizer = make_optimizer(kind, reference)
+            train(compile_model(reference), ref_optimizer, DataLoader(dataset, B * size, shuffle=True, seed=1))
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                np.testing.assert_allclose(p.data, q.data, rtol=2e-5, atol=2e-6, err_msg=f"{kind} {name}")
+                worst[kind] = max(worst.get(kind, 0.0), float(np.abs(p.data - q.data).max()))
+    if backend == "nccl-standin":
+        calls = group.transport.backend.calls
+        assert ("all_reduce", "float32", 61706 + 1) in calls, calls[:5]
+        assert any(c[0] == "broadcast" for c in calls)
+    if rank == 0:
+        print(f"EQUAL {size} ranks, {backend}: largest difference from one process {worst}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
