@@ -235,12 +235,16 @@ class ProcessGroup:
         self._pending_sends = [r for r in self._pending_sends if not r.Test()]
 
     def _serve(self, pongs=None, acks=None):
+        """Handle what arrived on the side channel. While this rank is stopping (`acks` given), a
+        failure notice from another rank counts as its acknowledgement: it is stopping too."""
         MPI = _mpi()
         status = MPI.Status()
         while self._side.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
             source, tag = status.Get_source(), status.Get_tag()
             text = self._side.recv(source=source, tag=tag)
-            if tag == _FAIL:
+            if tag == _FAIL and acks is not None:
+                acks.add(source)
+            elif tag == _FAIL:
                 raise PeerFailedError(source, f"rank {source} failed: {text}")
             if tag == _PING:
                 self._send(source, _PONG, self.activity)
@@ -287,10 +291,7 @@ class ProcessGroup:
                 self._send(r, _FAIL, text)
         acks, end = set(), time.monotonic() + min(10.0, self.timeout)
         while time.monotonic() < end and (len(acks) < len(others) or self._pending_sends):
-            try:
-                self._serve(acks=acks)
-            except PeerFailedError:
-                pass  # another rank failed too; this one is stopping anyway
+            self._serve(acks=acks)
             self._pending_sends = [r for r in self._pending_sends if not r.Test()]
             time.sleep(MAX_PAUSE)
         sys.stdout.flush()

@@ -6,6 +6,7 @@ equal:  N ranks at per-rank batch B for a few steps of SGD (Nesterov momentum, w
         Adam end with the weights one process reaches at batch N*B (computed on rank 0 beside the
         run), every rank holds the same weights, and sharded evaluation equals the whole one.
 raise, die, hang: rank 1 raises, SIGKILLs itself, or sleeps at its third step; the others must stop.
+raise-all: every rank raises at its third step (as a NaN loss would make them): all stop at once.
 """
 import os
 import signal
@@ -39,6 +40,8 @@ def make_optimizer(kind, model):
 def train(net, optimizer, loader, scenario=None, rank=0, device="cpu"):
     for step, (x, y) in enumerate(loader.batches(0)):
         x, y = to_device(x, device), to_device(y, device)
+        if scenario == "raise-all" and step == 2:
+            raise ValueError(f"rank {rank} booms at step 3")
         if scenario and rank == 1 and step == 2:
             if scenario == "raise":
                 raise ValueError("boom at step 3")

@@ -79,6 +79,14 @@ def test_a_rank_that_raises_stops_the_others_naming_it():
 
 
 @needs_mpi
+def test_ranks_that_fail_together_stop_without_waiting_for_each_other():
+    code, output, seconds = mpirun(2, [WORKER, "raise-all"])
+    assert code != 0, output
+    assert "rank 0 booms" in output and "rank 1 booms" in output, output
+    assert seconds < 9  # each takes the other's notice as its acknowledgement (no 10 s wait)
+
+
+@needs_mpi
 def test_a_rank_that_dies_ends_the_job_naming_it():
     code, output, seconds = mpirun(2, [WORKER, "die"])
     assert code != 0, output
