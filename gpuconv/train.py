@@ -120,6 +120,8 @@ class Trainer:
             self.dist = distributed.init(device=c["device"])
             distributed.fit_cpu(self.dist)
             self.log = log if self.dist.rank == 0 else (lambda *args, **kwargs: None)
+            self.log(f"distributed: {self.dist.world_size} ranks over {self.dist.backend}, batch {c['batch_size']} "
+                     f"per rank ({c['batch_size'] * self.dist.world_size} a step)")
         self.device = self.dist.device if self.dist else parse_device(c["device"])
         self.model = LeNet5(activation=c["activation"], pool=c["pool"], seed=c["seed"]).to(self.device)
         self.net = compile_model(self.model)  # the CPU executor where it applies, eager elsewhere
@@ -134,8 +136,8 @@ class Trainer:
         self.train_set = MNIST("train", data_dir=c["data_dir"], limit=c["limit_train"])
         self.test_set = MNIST("test", data_dir=c["data_dir"], limit=c["limit_test"])
         self.test_images = to_float_batch(self.test_set.images)
-        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"],
-                                 **(dict(rank=self.dist.rank, world_size=self.dist.world_size) if self.dist else {}))
+        shard = dict(rank=self.dist.rank, world_size=self.dist.world_size) if self.dist else {}
+        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"], **shard)
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
         self.progress = dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0)  # the epoch so far
         if c["resume"] and os.path.exists(c["checkpoint"]):
@@ -299,9 +301,10 @@ def _main(config):
     try:
         accuracy = trainer.fit()
     except KeyboardInterrupt:
-        if trainer.dist is None:  # ranks interrupted at different steps must not meet in a collective
+        saved = trainer.config["checkpoint"] and trainer.dist is None  # ranks stopped at different steps
+        if saved:                                                          # must not meet in a collective
             trainer.save()
-        where = f"; checkpoint written to {trainer.config['checkpoint']}" if trainer.config["checkpoint"] and trainer.dist is None else ""
+        where = f"; checkpoint written to {trainer.config['checkpoint']}" if saved else ""
         print(f"interrupted at epoch {trainer.epoch + 1}, batch {trainer.batch}{where}", file=sys.stderr)
         return 130
     if trainer.dist is None or trainer.dist.rank == 0:
