@@ -18,7 +18,7 @@ import numpy as np
 import gpuconv.distributed as dist
 from gpuconv import compile as compile_model
 from gpuconv import functional as F
-from gpuconv import optim, set_cpu_workers, to_device
+from gpuconv import get_cpu_workers, optim, set_cpu_workers, to_device
 from gpuconv.data import ArrayDataset, DataLoader
 from gpuconv.models import LeNet5
 from gpuconv.train import evaluate
@@ -71,6 +71,10 @@ def main():
               scenario, rank)
         print(f"rank {rank}: finished without noticing", flush=True)
         return
+    os.environ.pop("GPUCONV_CPU_WORKERS", None)  # what train --distributed does to the executor:
+    workers = dist.fit_cpu(group)                # its share of the cores, one less for the caller
+    assert get_cpu_workers() == workers == dist.cpu_share(group)[0], (get_cpu_workers(), workers)
+    set_cpu_workers(0)
     worst = {}
     for kind in ("sgd", "adam"):
         model = LeNet5(seed=rank).to(device)  # rank 1 starts elsewhere: the broadcast must fix that
