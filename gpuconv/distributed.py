@@ -135,16 +135,23 @@ def init(backend="auto", device="auto", timeout=None):
         dev = parse_device(f"cuda:{index}")
     else:
         dev = parse_device(name if name != "auto" else "cpu")
-    if backend == "nccl" and dev.kind == "cpu" and emulation_enabled():
-        backend = "nccl-standin"
+    _group = ProcessGroup(world, rank, size, local_rank, local_size, dev, resolve_backend(backend, dev),
+                          float(timeout))
+    _install_excepthook()
+    return _group
+
+
+def resolve_backend(backend, device):
+    """The backend init() uses on `device` when asked for `backend` (see init)."""
+    device = parse_device(device)
+    if backend == "nccl" and device.kind == "cpu" and emulation_enabled():
+        return "nccl-standin"
     if backend == "auto":
-        backend = "nccl" if dev.kind == "cuda" and _nccl_available() else "mpi"
+        return "nccl" if device.kind == "cuda" and _nccl_available() else "mpi"
     if backend == "nccl" and not _nccl_available():
         raise DistributedError("backend 'nccl': CuPy's NCCL is not available (cupy.cuda.nccl.available is "
                                "False); install NCCL (pip install nvidia-nccl-cu13, or -cu12) or use backend='mpi'")
-    _group = ProcessGroup(world, rank, size, local_rank, local_size, dev, backend, float(timeout))
-    _install_excepthook()
-    return _group
+    return backend
 
 
 def _nccl_available():

@@ -237,6 +237,17 @@ def test_nccl_standin_checks_devices_sizes_ops_and_roots():
         _standin().broadcast(np.zeros(4, np.float32), root=2)
 
 
+def test_backend_choice_nccl_under_emulation_is_the_standin(monkeypatch):
+    monkeypatch.setenv("GPUCONV_EMULATE", "1")
+    assert dist.resolve_backend("nccl", "cpu") == "nccl-standin"
+    assert dist.resolve_backend("auto", "cpu") == "mpi"
+    assert dist.resolve_backend("mpi", "cpu") == "mpi"
+    monkeypatch.setenv("GPUCONV_EMULATE", "0")
+    if not dist._nccl_available():
+        with pytest.raises(dist.DistributedError, match="NCCL is not available"):
+            dist.resolve_backend("nccl", "cpu")
+
+
 def test_cpu_share_gives_each_rank_its_cores():
     cores = os.cpu_count()
     workers, threads = dist.cpu_share(types.SimpleNamespace(local_size=cores))
