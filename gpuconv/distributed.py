@@ -135,8 +135,12 @@ def init(backend="auto", device="auto", timeout=None):
         dev = parse_device(f"cuda:{index}")
     else:
         dev = parse_device(name if name != "auto" else "cpu")
-    _group = ProcessGroup(world, rank, size, local_rank, local_size, dev, resolve_backend(backend, dev),
-                          float(timeout))
+    backend = resolve_backend(backend, dev)
+    if backend == "nccl" and local_size > cupy.cuda.runtime.getDeviceCount():
+        raise DistributedError(f"backend 'nccl': {local_size} ranks on this machine but "
+                               f"{cupy.cuda.runtime.getDeviceCount()} GPU(s); NCCL takes one GPU per rank "
+                               "(start fewer ranks, or use backend='mpi')")
+    _group = ProcessGroup(world, rank, size, local_rank, local_size, dev, backend, float(timeout))
     _install_excepthook()
     return _group
 
@@ -144,8 +148,11 @@ def init(backend="auto", device="auto", timeout=None):
 def resolve_backend(backend, device):
     """The backend init() uses on `device` when asked for `backend` (see init)."""
     device = parse_device(device)
-    if backend == "nccl" and device.kind == "cpu" and emulation_enabled():
-        return "nccl-standin"
+    if backend == "nccl" and device.kind == "cpu":
+        if emulation_enabled():
+            return "nccl-standin"
+        raise DistributedError("backend 'nccl' needs GPUs (device='cuda'); on CPUs use backend='mpi', or "
+                               "GPUCONV_EMULATE=1 for NCCL's code path through the checking stand-in")
     if backend == "auto":
         return "nccl" if device.kind == "cuda" and _nccl_available() else "mpi"
     if backend == "nccl" and not _nccl_available():
