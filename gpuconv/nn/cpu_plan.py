@@ -233,6 +233,25 @@ def _compile(layers, input_shape):
     return ops, shape
 
 
+CALLER_EXTRA = 0.05     # the caller's part is this much larger than a worker's (see _split)
+
+
+def _split(batch, threads):
+    """Row bounds of the parts: the caller's (part 0) up to CALLER_EXTRA larger than each worker's.
+
+    A worker starts its part after the hand-over and runs it a few percent slower (its rows and
+    the parameters arrive from the caller's core), so with equal shares the caller would finish
+    first and wait. The extra rows never add a chunk to the caller's part. Depends on the batch
+    size and the number of parts alone, so a batch always sums its gradients in the same order."""
+    if threads == 1:
+        return [0, batch]
+    equal = batch // threads
+    extra = min(round(equal * CALLER_EXTRA), -(-equal // MAX_CHUNK) * MAX_CHUNK - equal)
+    first = equal + extra
+    rest = batch - first
+    return [0] + [first + rest * t // (threads - 1) for t in range(threads)]
+
+
 class _Grads:
     """Per-thread parameter gradients: the first contribution is kept (a fresh array from a
     matmul or a sum), later ones are added to it.
@@ -411,7 +430,7 @@ class _Plan:
         if (batch, threads, MAX_CHUNK) == self.layout_key:
             return
         old = {chunk.n: chunk.store for part in self.parts for chunk in part}
-        bounds = [batch * t // threads for t in range(threads + 1)]
+        bounds = _split(batch, threads)
         self.parts = []
         for start, stop in zip(bounds, bounds[1:]):
             count = -(-(stop - start) // MAX_CHUNK)
