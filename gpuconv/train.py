@@ -27,6 +27,7 @@ from .data import MNIST, DataLoader
 from .data.loader import to_float_batch
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .models import LeNet5
+from .cli import HelpFormatter
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
@@ -218,7 +219,8 @@ class Trainer:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.")
+    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
