@@ -51,7 +51,7 @@ def predict_logits(model, images, batch_size=1000):
     try:
         with no_grad():
             chunks = [to_device(model(to_device(images[start:start + batch_size], model.device)).data, "cpu")
-                      for start in range(0, len(images), batch_size)]
+                      for start in range(0, max(len(images), 1), batch_size)]  # empty in, (0, classes) out
     finally:
         model.train(was_training)
     return np.concatenate(chunks)

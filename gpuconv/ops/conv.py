@@ -73,6 +73,12 @@ def _check_conv_args(x, w, b, stride, padding, dilation, groups, algo):
                          f"shape {tuple(w.shape)} and x shape {tuple(x.shape)}")
     if kh < 1 or kw < 1:
         raise ShapeError(f"weight: expected a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    if c < 1 or out_c < 1:
+        # Only the batch may be empty (N = 0 gives an empty result); a conv without input or output
+        # channels is a mistake in the model, as for nn.Conv2d, which refuses 0 channels.
+        raise ShapeError(f"{'x' if c < 1 else 'weight'}: expected at least one "
+                         f"{'input' if c < 1 else 'output'} channel, got x shape {tuple(x.shape)} and weight "
+                         f"shape {tuple(w.shape)}")
     if b is not None and b.shape[0] != out_c:
         raise ShapeError(f"bias: expected shape ({out_c},) to match weight.shape[0], got {tuple(b.shape)}")
     padding, explicit = _resolve_padding(padding, (kh, kw), stride, dilation)
