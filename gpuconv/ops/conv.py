@@ -159,7 +159,7 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
 # output pixel (oh, ow) is column oh * row_len + ow. In general row_len = OW and P = OH*OW.
 # For stride 1 they sit on "wide rows" instead: row_len = the padded input width, so every kernel
 # tap is one contiguous run of the flattened input, x_flat[off : off + P], and im2col/col2im move
-# long contiguous runs instead of rows of OW elements (2-3x faster). The wide layout adds
+# long contiguous runs instead of rows of OW elements (several times faster). The wide layout adds
 # row_len - OW junk columns per row: they are cropped from y, and dy is zero there, so they add
 # nothing to dw or dx.
 
