@@ -1,5 +1,6 @@
-"""`python -m gpuconv COMMAND`: train, bench, show, check-kernels, summary."""
+"""`python -m gpuconv COMMAND`: train, bench, show, check-kernels, kernel-plan, summary."""
 import importlib
+import os
 import sys
 
 from .errors import GpuconvError
@@ -13,19 +14,31 @@ COMMANDS = {
     "summary": ("gpuconv.summary_cli", "print LeNet-5's layers, parameter counts and FLOPs"),
 }
 
+# The exit status of a command whose reader went away (`... | head -1`): 128 + SIGPIPE, what a
+# shell reports for a program the signal ended, which is how a C program would have ended.
+BROKEN_PIPE_STATUS = 141
+
 
 def usage():
-    lines = ["usage: python -m gpuconv COMMAND [options]", "", "commands:"]
+    lines = ["usage: python -m gpuconv COMMAND [options]", "       python -m gpuconv --version", "",
+             "commands:"]
     lines += [f"  {name:<15}{text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "python -m gpuconv COMMAND --help for each command's options"]
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def version_line():
+    from . import __version__, version_source
+    return f"gpuconv {__version__} ({version_source()})"
+
+
+def run(argv):
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"gpuconv: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
@@ -37,6 +50,22 @@ def main(argv=None):
         # Our own errors already say what went wrong and how to fix it: no traceback.
         print(f"gpuconv {command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader of our stdout is gone (`| head -1`): that ends the command, quietly. As the
+        # Python docs on SIGPIPE advise, point stdout at /dev/null so that the interpreter's final
+        # flush of what is still buffered cannot raise a second BrokenPipeError at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
 
 
 if __name__ == "__main__":

@@ -219,7 +219,10 @@ class Function:
 
     and may keep arrays on `self` for backward. `self.needs_input_grad[i]` tells forward and
     backward whether input i needs a gradient (a first conv's input does not, so its backward
-    skips the whole data gradient)."""
+    skips the whole data gradient). A subclass whose backward returns a new array per input, held
+    by nothing else, sets `fresh_grads = True`: a leaf then keeps it as its .grad without a copy."""
+
+    fresh_grads = False
 
     def __call__(self, *inputs):
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
@@ -254,9 +257,10 @@ class Function:
         self.freed = True
 
 
-def _accumulate(leaf, grad):
-    """leaf.grad += grad, PyTorch's accumulation; the first gradient is copied, so the leaf owns
-    its .grad and the in-place adds that follow touch nothing else."""
+def _accumulate(leaf, grad, fresh=False):
+    """leaf.grad += grad, PyTorch's accumulation; the first gradient is copied (unless `fresh`: an
+    array no one else holds), so the leaf owns its .grad and the in-place adds that follow touch
+    nothing else."""
     if not leaf.requires_grad:
         return
     if grad.shape != leaf.data.shape:
@@ -264,7 +268,7 @@ def _accumulate(leaf, grad):
     if grad.dtype != leaf.data.dtype:
         grad = grad.astype(leaf.data.dtype)
     if leaf.grad is None:
-        leaf.grad = grad.copy()
+        leaf.grad = grad if fresh else grad.copy()
     else:
         leaf.grad += grad
 
@@ -289,7 +293,7 @@ def _run_backward(root, grad, retain_graph):
             if g is None:
                 continue
             if leaf is not None:
-                _accumulate(leaf, g)
+                _accumulate(leaf, g, node.fresh_grads)
             elif creator is not None:
                 if g.dtype != creator.dtype:
                     g = g.astype(creator.dtype)

@@ -1,8 +1,8 @@
 """Run-time control of NumPy's BLAS threads, through ctypes and no extra dependency.
 
-Why: OpenBLAS splits even a small GEMM over all its threads, and on a busy 2-core machine a
-threaded (128x120)@(120x400) product waits 1-9 ms for the other core where one thread needs
-0.16 ms. The CPU executor (gpuconv.nn.cpu_plan) therefore runs its own threads, one per core, each
+Why: OpenBLAS splits even a small GEMM over all its threads, and on a busy machine a threaded
+small product waits for the other cores many times longer than one thread needs to compute it
+alone (figures in docs/performance.md, "Figures from the code's comments"). The CPU executor (gpuconv.nn.cpu_plan) therefore runs its own threads, one per core, each
 over part of the batch with a single-threaded BLAS, and asks for that here for the length of a
 parallel region, restoring the previous count exactly afterwards. threadpoolctl would do the same; these few lines avoid a runtime dependency.
 
@@ -107,9 +107,9 @@ def num_threads(count):
 
 
 def warm_up():
-    """One 512^3 SGEMM, once per process. A fresh OpenBLAS ran skinny one-thread GEMMs about
-    twice as slowly until it had done one this large (its buffers and thread state are then
-    set up); ~3 ms once, not repeated."""
+    """One 512^3 SGEMM, once per process. A fresh OpenBLAS ran skinny one-thread GEMMs much
+    slower until it had done one this large (its buffers and thread state are then set up); the
+    cost is paid once, not repeated."""
     global _warmed_up
     if _warmed_up:
         return

@@ -31,6 +31,8 @@ class PlanFunction(Function):
     own forward from the input it kept (the parameters are the same arrays), then runs the
     backward: the gradients are those of this forward, never of another."""
 
+    fresh_grads = True  # the plan returns every gradient as a new array (cpu_plan._Plan.backward)
+
     def __init__(self, plan):
         self.plan = plan
 

@@ -55,20 +55,55 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state):
-        try:
-            self.lr, self.initial_lr = float(state["lr"]), float(state["initial_lr"])
-            self.steps = int(state["steps"])
-        except KeyError as exc:
-            raise CheckpointError(f"optimizer state: missing key {exc.args[0]!r}; "
-                                  f"was it saved by {type(self).__name__}?") from None
-        for name in self.state_names:
-            for index, p in enumerate(self.params):
-                key = f"{name}.{index}"
-                if key in state:
-                    if tuple(state[key].shape) != tuple(p.data.shape):
-                        raise CheckpointError(f"optimizer state {key!r}: expected shape {tuple(p.data.shape)}, "
-                                              f"got {tuple(state[key].shape)}")
-                    self.state[name][index] = get_array_module(p.data).asarray(state[key], dtype=p.data.dtype)
+        """Restore what state_dict() gave. Every entry is checked before any is used, so a state
+        from another optimizer, another model or a hand-made file raises CheckpointError naming
+        the entry, what was expected and what was given, and leaves this optimizer unchanged."""
+        name = type(self).__name__
+
+        def scalar(key, integer):
+            if key not in state:
+                raise CheckpointError(f"optimizer state: missing key {key!r}; was it saved by {name}?")
+            value = state[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = np.asarray(value)  # a Python number, as a hand-written state dict holds
+            kind = getattr(getattr(value, "dtype", None), "kind", None)
+            if getattr(value, "shape", None) != () or kind not in ("iu" if integer else "iuf"):
+                given = (f"dtype {value.dtype}, shape {tuple(value.shape)}" if hasattr(value, "dtype")
+                         else repr(value))
+                raise CheckpointError(f"optimizer state {key!r}: expected a single "
+                                      f"{'int' if integer else 'number'}, got {given}")
+            return value.item()
+
+        lr, initial_lr, steps = scalar("lr", False), scalar("initial_lr", False), scalar("steps", True)
+        # lr may have reached 0: a cosine schedule ends there; the initial one never does
+        for key, value, bound in (("lr", lr, 0), ("initial_lr", initial_lr, None)):
+            if not (math.isfinite(value) and (value >= 0 if bound == 0 else value > 0)):
+                raise CheckpointError(f"optimizer state {key!r}: expected a finite number "
+                                      f"{'>= 0' if bound == 0 else '> 0'}, got {value!r}")
+        if steps < 0:
+            raise CheckpointError(f"optimizer state 'steps': expected an int >= 0, got {steps}")
+        expected = {f"{s}.{i}": p for s in self.state_names for i, p in enumerate(self.params)}
+        unexpected = sorted(set(state) - set(expected) - {"lr", "initial_lr", "steps"})
+        if unexpected:
+            raise CheckpointError(f"optimizer state: unexpected keys {unexpected[:6]}; {name} with "
+                                  f"{len(self.params)} parameters keeps {', '.join(self.state_names) or 'no state'}"
+                                  " per parameter; was it saved by another optimizer or model?")
+        for key, p in expected.items():
+            if key not in state:
+                continue
+            value = state[key]
+            if tuple(value.shape) != tuple(p.data.shape):
+                raise CheckpointError(f"optimizer state {key!r}: expected shape {tuple(p.data.shape)}, "
+                                      f"got {tuple(value.shape)}")
+            if value.dtype.kind != "f":  # an int array would be cast silently: a hand-made file
+                raise CheckpointError(f"optimizer state {key!r}: expected floating-point values, got dtype "
+                                      f"{value.dtype}")
+        self.lr, self.initial_lr, self.steps = float(lr), float(initial_lr), int(steps)
+        for key, p in expected.items():
+            if key in state:
+                state_name, index = key.rsplit(".", 1)
+                self.state[state_name][int(index)] = get_array_module(p.data).asarray(
+                    state[key], dtype=p.data.dtype)
         return self
 
 

@@ -27,6 +27,7 @@ from .data.loader import to_float_batch
 from .errors import ArgumentError, CheckpointError, MissingExtraError
 from .models import LeNet5
 from .train import predict_logits
+from .cli import HelpFormatter
 
 DPI = 100
 # (width, height) in inches; at DPI these give the pixel sizes in PICTURES.
@@ -293,7 +294,7 @@ def render_all(checkpoint, out_dir, image_index=0, data_dir=None, limit_test=Non
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m gpuconv show",
+    p = argparse.ArgumentParser(prog="python -m gpuconv show", formatter_class=HelpFormatter,
                                 description="Draw conv1 filters, feature maps, training curves and a "
                                             "confusion matrix from a checkpoint, as PNG files (needs "
                                             "pip install 'gpuconv[plot]').")

@@ -2,10 +2,11 @@
 import argparse
 
 from .models import LeNet5
+from .cli import HelpFormatter
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpuconv summary")
+    p = argparse.ArgumentParser(prog="python -m gpuconv summary", formatter_class=HelpFormatter)
     p.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
     p.add_argument("--pool", default="max", choices=["max", "avg"])
     args = p.parse_args(argv)

@@ -23,11 +23,12 @@ from . import optim
 from .autograd import no_grad
 from .backend import get_array_module, parse_device, to_device
 from .compiler import compile as compile_model
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, check_resume, load_checkpoint, save_checkpoint
 from .data import MNIST, DataLoader
 from .data.loader import to_float_batch
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .models import LeNet5
+from .cli import HelpFormatter
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
@@ -52,7 +53,7 @@ def predict_logits(model, images, batch_size=1000):
     try:
         with no_grad():
             chunks = [to_device(model(to_device(images[start:start + batch_size], model.device)).data, "cpu")
-                      for start in range(0, len(images), batch_size)]
+                      for start in range(0, max(len(images), 1), batch_size)]  # empty in, (0, classes) out
     finally:
         model.train(was_training)
     return np.concatenate(chunks)
@@ -166,14 +167,18 @@ class Trainer:
             atomic_write(history_path, lambda f: f.write(text))
 
     def restore(self, path):
-        model_state, optim_state, meta = load_checkpoint(path)
+        model_state, optim_state, meta = load_checkpoint(path)  # types and ranges of every field
         saved = meta.get("config", {})
         for key in ("seed", "batch_size", "activation", "pool", "optimizer"):
             if key in saved and saved[key] != self.config[key]:
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
                                       f"this run asks for {key}={self.config[key]!r}; pass the same value")
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optim_state)
+        check_resume(meta, len(self.loader), self.config["batch_size"], f"checkpoint {path!r}")
+        try:  # the shapes and kinds of the arrays against this model and optimizer
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optim_state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint {path!r}: {exc}") from None
         self.epoch, self.batch, self.step = meta["epoch"], meta["batch"], meta["step"]
         self.history = meta["history"]
         self.progress = dict(dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0), **meta.get("progress", {}))
@@ -262,7 +267,8 @@ class Trainer:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.")
+    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])

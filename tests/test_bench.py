@@ -286,3 +286,15 @@ def test_rounds_alternate_which_library_goes_first_and_pool_every_call():
     assert pooled["repeat"] == 4 and pooled["median_s"] == 2.5 and pooled["first_s"] == 9.0
     with pytest.raises(ArgumentError, match="rounds"):
         bench.run(devices=["cpu"], rounds=0)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_table_says_op_rows_run_layer_by_layer_and_the_step_is_compiled(compiled):
+    results = bench.run(devices=["cpu"], batch_sizes=[2], ops=True, repeat=1, warmup=0, peak_size=0, rounds=1,
+                        progress=False, compiled=compiled)
+    table = bench.format_table(results)
+    assert "op rows run layer by layer (eager" in table
+    assert ("train_step is the compiled step" in table) == compiled
+    without_ops = bench.format_table(bench.run(devices=["cpu"], batch_sizes=[2], repeat=1, warmup=0, peak_size=0,
+                                               rounds=1, progress=False, compiled=compiled))
+    assert "op rows" not in without_ops

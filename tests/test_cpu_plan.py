@@ -340,10 +340,13 @@ def test_backward_order_changes_no_number(rng):
     assert_same_run(model, x, labels, need_dx=True)
 
 
-def test_gradients_are_new_arrays_every_step(rng):
+@pytest.mark.parametrize("batch", [16, 64])  # one part; two parts when a worker is there
+def test_gradients_are_new_arrays_every_step(rng, batch):
+    """p.grad takes the plan's gradient without a copy (PlanFunction.fresh_grads): each must be
+    an array of its own, which no later step writes into."""
     model = LeNet5()
-    x1, y1 = mnist_like(rng, 16)
-    x2, y2 = mnist_like(rng, 16)
+    x1, y1 = mnist_like(rng, batch)
+    x2, y2 = mnist_like(rng, batch)
     first = run(model, x1, y1, True)
     assert first.planned
     kept = {name: p.grad for name, p in model.named_parameters()}
@@ -352,6 +355,8 @@ def test_gradients_are_new_arrays_every_step(rng):
         assert p.grad is not kept[name]
         assert p.grad.flags.c_contiguous and p.grad.shape == p.data.shape, name
         np.testing.assert_array_equal(kept[name], first.grads[name])  # step 2 did not write into step 1's
+    grads = [p.grad for p in model.parameters()]
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(grads) for b in grads[i + 1:])
 
 
 def test_gradients_accumulate_until_zero_grad(rng):

@@ -13,6 +13,7 @@ from ..ops.conv import ALGOS
 from ..show import require_matplotlib
 from .report import format_table, machine_line, plot_results, write_json
 from .runner import DEFINITIONS, SCHEMA, run
+from ..cli import HelpFormatter
 
 __all__ = ["run", "format_table", "write_json", "plot_results", "machine_line", "main", "SCHEMA",
            "DEFINITIONS"]
@@ -34,7 +35,7 @@ def _name_list(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m gpuconv bench",
+        prog="python -m gpuconv bench", formatter_class=HelpFormatter,
         description="Time LeNet-5's ops, training step and inference on each device, optionally beside "
                     "PyTorch. Medians over --repeat calls after --warmup calls; the first call (which "
                     "compiles the kernels on a GPU) is reported apart.")

@@ -103,6 +103,15 @@ def format_table(results):
                 "the first call (kernel compilation on a GPU), never in the median.",
             "GFLOP/s counts a multiply-add as 2; %peak = share of the float32 GEMM peak above"
             + ("; vs cpu = CPU median / this median." if several else ".")]
+    has_ops, has_steps = (any(r["kind"] == k for r in results["rows"]) for k in ("op", "step"))
+    if has_ops and has_steps:
+        # A reader adds up the op rows and compares them with train_step: say why they differ.
+        if s.get("compiled", True):
+            out.append("op rows run layer by layer (eager: one array-level op alone per call); train_step is "
+                       "the compiled step (gpuconv.compile), so the op rows do not add up to it.")
+        else:
+            out.append("op rows run layer by layer (eager: one array-level op alone per call); train_step "
+                       "runs the same ops eagerly plus autograd, the loss and the SGD update.")
     if any(r["kind"] != "op" for r in results["rows"]) and "compiled" in s:
         if not s["compiled"]:
             out.append("train_step and inference run the uncompiled model, eagerly op by op (--eager).")

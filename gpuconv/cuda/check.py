@@ -6,6 +6,7 @@ import sys
 
 from ..errors import KernelError
 from .compiler import ARCHS, KERNELS, compile_offline, template_instances
+from ..cli import HelpFormatter
 
 COLUMNS = ("kernel", "dtype", "arch", "registers", "shared_bytes", "spill_bytes", "local_bytes", "status")
 _DTYPES = {"float": "float32", "double": "float64"}
@@ -82,7 +83,7 @@ def format_table(rows, markdown=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="gpuconv check-kernels",
+        prog="python -m gpuconv check-kernels", formatter_class=HelpFormatter,
         description="Compile every CUDA kernel instance for every target architecture with NVRTC "
                     "(no GPU needed) and report registers, shared memory, spills and local memory. "
                     "Exits 1 on any compile error, warning, spill or local-memory use.")

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..ops import conv_cuda, pool_cuda
 from ..ops._args import conv_output_size
+from ..cli import HelpFormatter
 
 # NVIDIA H100 SXM datasheet: FP32 (non-tensor) and HBM3 bandwidth. A bound, not a measurement.
 PEAK_FLOPS = 67e12
@@ -134,7 +135,8 @@ def format_plan(rows, resources, markdown=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m gpuconv kernel-plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gpuconv kernel-plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)

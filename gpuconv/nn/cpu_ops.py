@@ -47,8 +47,7 @@ def kept_views(store, key, make, *bases):
     """make(*bases), built once and kept in store[key] while the same base arrays come back.
     The buffers are reused step after step, and so are the views over them. Building one costs
     microseconds of Python, and Python between NumPy calls costs a two-thread step more than its
-    own time: 5 us more in each of a thread's 31 buffer() calls made a step at batch 128 8% slower,
-    2.6 times the time added (commit cf2dd86)."""
+    own time (measured: docs/performance.md, "Figures from the code's comments")."""
     entry = store.get(key)
     if entry is None or not all(map(operator.is_, entry[0], bases)):
         entry = store[key] = (bases, make(*bases))
@@ -130,10 +129,9 @@ class ConvOp(Op):
         self.row_path = self.dilation == (1, 1)
         # Few filters make the per-row GEMMs too thin for OpenBLAS's kernels. Then one GEMM per
         # pooling row does all A*B taps of its windows with a banded weight (see _row_weight): it
-        # reads R about A*B times less for (band area)/(KH*KW) times the FLOPs (1.44 for LeNet).
-        # Single-threaded, n=64, fused ReLU + pool, forward / backward against per-row GEMMs:
-        # F=6: C=1 5x5 pool 2 -16% / -29%, 3x3 pool 2 -2% / -33%, 3x3 pool 3 +11% / -20%,
-        # C=3 3x3 -10% / -26%; F=8: C=1 -4% / -6% but C=6 0% / +13%; F=16: +5% / -5%, C=6 +5% / +14%.
+        # reads R about A*B times less for (band area)/(KH*KW) times the FLOPs. It paid off below
+        # 8 filters and stopped paying at 8 and above (the measured grid is in docs/performance.md,
+        # "Figures from the code's comments"): hence the threshold.
         self.banded = self.row_path and self.pool is not None and self.filters < 8
         self.block = self.pool if self.banded else (1, 1)  # output rows, columns per GEMM row block
         self.band = tuple((r - 1) * s + k for r, s, k in zip(self.block, self.stride, self.kernel))
@@ -244,15 +242,15 @@ class ConvOp(Op):
         """dW = dy @ columns(x).T, in the weight's shape; dy [F, *positions, n]."""
         shape = self.layer.weight.data.shape
         if self.row_path:
-            # M @ dy.T per output row or pooling row: OpenBLAS runs this orientation 10-15% faster
+            # M @ dy.T per output row or pooling row: OpenBLAS runs this orientation faster
             dy_t = kept_views(scratch, (self.index, "dy by row"),
                               lambda dy: self._by_output_row(dy, n).transpose(0, 1, 2, 4, 3), dy)
             partial = buffer(scratch, (self.index, "partial"), matrices.shape[:-1] + dy_t.shape[-1:])
             np.matmul(matrices, dy_t, out=partial)
             # Sum the row products first, over partial's contiguous leading axes, then pick the taps
-            # out of that one small matrix: NumPy's reduce over the strided taps of every row took
-            # 110 us for LeNet's conv2 at 64 images, these two calls 10 (unbanded, the same sums in
-            # the same order; banded, the pooling rows are now summed before the taps).
+            # out of that one small matrix: NumPy's reduce over the strided taps of every row was
+            # an order of magnitude slower (unbanded, the same sums in the same order; banded, the
+            # pooling rows are now summed before the taps).
             summed = buffer(scratch, (self.index, "summed"), partial.shape[-2:])
             np.add.reduce(partial.reshape((-1,) + summed.shape), axis=0, out=summed)
             taps = kept_views(scratch, (self.index, "summed taps"), self._taps_of_sum, summed)
@@ -325,9 +323,7 @@ class ConvOp(Op):
                 grads.add(layer.bias, np.add.reduce(dy.reshape(f, -1), axis=1))
             equal = self._equal_taps(chunk, saved) if self.window_taps > 1 else None
             # The routed gradient overwrites y, which nothing reads after `equal`: one array of
-            # y's size (1.2 MB for LeNet's conv1 at 64 images) less in the caches. A step at 64
-            # images on one thread: 1.6-3.8% faster in four interleaved runs, 1.5-2.1% for two
-            # threads at batch 128 in three.
+            # y's size less in the caches, which made a step measurably faster.
             dfull = saved["y"]
             targets, flags = kept_views(chunk.store, (key, "route views"), lambda dfull, equal: (
                 [self._by_tap(dfull)[:, tap] for tap in range(self.window_taps)],
@@ -393,10 +389,10 @@ class ConvOp(Op):
         # With stride 1, each product row (c, kw) is written into a row of Wp*n floats whose last
         # (KW-1)*n stay zero. Read back with the row stride shortened by n, row (c, kw) then appears
         # shifted right by kw columns, so the sum over kw is one reduce over [KW, C, Hp, Wp*n] that
-        # writes dx: 0.07 ms where KW slice-adds into a zeroed dx took 0.17 (conv2).
+        # writes dx, in less than half the time of KW slice-adds into a zeroed dx.
         # The products take KW times dx's memory, so they go a group of input rows at a time
         # through one buffer of about DX_GROUP_BYTES, which the reduce reads back while it is
-        # still in the core's cache (L2 is 512 KB here).
+        # still in the core's cache (an L2 of about that size).
         width = (wp if sw == 1 else ow) * n
         group = hp if sw != 1 else max(1, min(hp, DX_GROUP_BYTES // (c * kw * width * dx.itemsize)))
         out = buffer(scratch, (self.index, "dx_rows"), (group, c * kw, width), zero=True)
@@ -406,7 +402,7 @@ class ConvOp(Op):
             for weights, blocks, by_row in products:
                 np.matmul(weights, blocks, out=by_row)
             if shifted is not None:
-                np.add.reduce(shifted, axis=0, out=target)  # kw first: 58 us where axis 2 took 74 (conv2)
+                np.add.reduce(shifted, axis=0, out=target)  # kw first: faster than reducing axis 2
         if sw == 1:
             return
         dx.fill(0)
@@ -429,7 +425,7 @@ class ConvOp(Op):
         for start in range(0, hp, size):
             stop = min(hp, start + size)
             # Rows KH-1 .. OH-1 meet all KH output rows: one batched product. The 2(KH-1) edge rows
-            # meet fewer (zero rows around dy to give them full blocks cost 29% more for LeNet's conv2).
+            # meet fewer (zero rows around dy to give them full blocks was slower: more products).
             inner = range(max(kh - 1, start), min(oh, stop))
             products = [(weight, blocks[inner.start - (kh - 1):inner.stop - (kh - 1)],
                          by_row[inner.start - start:inner.stop - start])] if len(inner) else []

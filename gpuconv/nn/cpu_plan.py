@@ -8,7 +8,7 @@ the model runs eagerly, op by op, which stays the reference. Gradients match tha
 float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
 ops are in cpu_ops.py. No layer or container knows this module exists.
 
-Why it is faster than the layers (figures: the commit messages of this file):
+Why it is faster than the layers (the measurements: docs/performance.md):
 
 * Layout. Activations live as [C, H, W, n] (n, the images of a chunk, innermost); dense ones as
   [features, n]. A conv's product W @ columns is then already the next layer's input, Flatten is
@@ -26,23 +26,21 @@ Why it is faster than the layers (figures: the commit messages of this file):
   output, before the bias; only where the float32 bias add rounds two different raw values to
   the same number can the layers (first of the equal sums) and the plan (the larger raw value,
   as exact arithmetic would) route a gradient differently.
-* Threads. NumPy's elementwise work runs on one core and OpenBLAS's threaded small GEMMs stall
-  when the other core is busy. So the batch is split into parts, one for the caller and one per worker thread, each runs
-  the whole network in its own Python thread (NumPy releases the GIL inside every large call)
-  with a single-threaded BLAS (set process-wide for the length of the call, then restored), and
-  the parts' parameter gradients are summed. Two joins per training step, none per layer. The
-  number of parts comes from the batch size and `workers` alone (never from the BLAS thread count,
-  which another thread may change), so the same batch always sums its gradients in the same order.
-  Running the same ops in lockstep, the two threads would run their short NumPy calls (and the
-  Python between them, which holds the GIL) at the same moments; so in the backward every other
-  thread computes all the input gradients first and the weight gradients after
+* Parts. NumPy's elementwise work runs on one core and OpenBLAS's threaded small GEMMs stall
+  when the other core is busy. So the batch is split into parts, one for the caller and one per
+  worker (a process where cpu_workers.supported(), else a thread); each runs the whole network on
+  its rows with a single-threaded BLAS, and the parts' parameter gradients are summed. Two
+  hand-overs per training step, none per layer. The split comes from the batch size and the
+  number of workers alone (never from the BLAS thread count, which another thread may change, nor
+  from timings), so the same batch always sums its gradients in the same order.
+  With worker threads, running the same ops in lockstep, the two threads would run their short
+  NumPy calls (and the Python between them, which holds the GIL) at the same moments; so in the
+  backward every other part computes all the input gradients first and the weight gradients after
   (_Grads.add_later), which puts one thread's short calls (the dense layers, the pooling routes)
-  beside the other's long GEMMs. A step at batch 128, blocks alternating in one process: 1.5-1.7% faster by the
-  per-block medians in two runs of 40 blocks (23 and 24 faster), 2-3.5% for an earlier variant
-  that only swapped each op's dW and dx, which this beat in 4 of 5 runs. The dense layers' weight
-  gradients wait in every thread: both threads start the backward with the dense layers, whose
-  calls take microseconds, so the fewer of them there, the less each thread waits for the GIL
-  (their dW, db, dx took 10-100 us each in a two-thread step). 1-3% faster in four such runs.
+  beside the other's long GEMMs; this measured faster than lockstep and than swapping only each
+  op's dW and dx. The dense layers' weight gradients wait in every thread: both threads start the
+  backward with the dense layers, whose calls take microseconds, so the fewer of them there, the
+  less each thread waits for the GIL. Processes run the same order, so both give the same bits.
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
@@ -70,7 +68,7 @@ from . import layers as L
 from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, IdentityOp, LinearOp, PoolOp,
                       Unsupported)
 
-MIN_CHUNK = 24          # fewer images than this per thread is not worth a thread (measured: 32 -> 1 thread)
+MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
 MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many images
 MAX_WORKERS = 7
@@ -233,6 +231,25 @@ def _compile(layers, input_shape):
     return ops, shape
 
 
+CALLER_EXTRA = 0.05     # the caller's part is this much larger than a worker's (see _split)
+
+
+def _split(batch, threads):
+    """Row bounds of the parts: the caller's (part 0) up to CALLER_EXTRA larger than each worker's.
+
+    A worker starts its part after the hand-over and runs it a few percent slower (its rows and
+    the parameters arrive from the caller's core), so with equal shares the caller would finish
+    first and wait. The extra rows never add a chunk to the caller's part. Depends on the batch
+    size and the number of parts alone, so a batch always sums its gradients in the same order."""
+    if threads == 1:
+        return [0, batch]
+    equal = batch // threads
+    extra = min(round(equal * CALLER_EXTRA), -(-equal // MAX_CHUNK) * MAX_CHUNK - equal)
+    first = equal + extra
+    rest = batch - first
+    return [0] + [first + rest * t // (threads - 1) for t in range(threads)]
+
+
 class _Grads:
     """Per-thread parameter gradients: the first contribution is kept (a fresh array from a
     matmul or a sum), later ones are added to it.
@@ -273,8 +290,8 @@ class _Grads:
 class _Worker:
     """A persistent thread running one call at a time, handed over by a lock and back by a
     semaphore. (A ThreadPoolExecutor's submit and result go through Condition objects: more
-    Python, with the GIL held, at the start and end of every parallel region: measured 2% of a
-    LeNet-5 step.) Calls are numbered, so a result is never taken for another call's."""
+    Python, with the GIL held, at the start and end of every parallel region: a measurable share
+    of a step.) Calls are numbered, so a result is never taken for another call's."""
 
     def __init__(self):
         self.go, self.done = threading.Lock(), threading.Semaphore(0)
@@ -355,10 +372,8 @@ def _switch_interval(seconds):
     A thread whose NumPy call has finished waits for the GIL while the other thread holds it; the
     holder lets go at its next large NumPy call, but one short call after another (the dense
     layers, the pooling bookkeeping) can retake it before the sleeping waiter wakes up (a wake-up
-    costs ~50 us on a VM). The waiter only forces a hand-over after the switch interval (5 ms by
-    default); 0.2 ms bounds that. A small effect on a noisy 2-core VM (LeNet-5, blocks of steps
-    alternating 5 ms / 0.2 ms in one process): median step -2% to -8% in six runs at batch 64,
-    128 and 256, the 10th percentile within +-5%."""
+    is slow on a VM). The waiter only forces a hand-over after the switch interval (5 ms by
+    default); 0.2 ms bounds that. A small measured gain (docs/performance.md)."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
     try:
@@ -411,7 +426,7 @@ class _Plan:
         if (batch, threads, MAX_CHUNK) == self.layout_key:
             return
         old = {chunk.n: chunk.store for part in self.parts for chunk in part}
-        bounds = [batch * t // threads for t in range(threads + 1)]
+        bounds = _split(batch, threads)
         self.parts = []
         for start, stop in zip(bounds, bounds[1:]):
             count = -(-(stop - start) // MAX_CHUNK)

@@ -12,8 +12,8 @@ short NumPy call); two processes do not. How, without the hazards of forking the
   gradients live in a memfd arena both processes map; the caller copies the parameters and the
   rows in before each region and reads the results after.
 * Commands and replies are small JSON messages on a SOCK_SEQPACKET socket pair. A side that
-  waits polls for SPIN_SECONDS (a wake-up from a blocking recv costs ~0.1 ms on a VM, twice a
-  region), then blocks in recv: an idle worker, or a caller waiting for a slow one, takes no
+  waits polls for SPIN_SECONDS (a wake-up from a blocking recv is slow on a VM and would come
+  twice a region), then blocks in recv: an idle worker, or a caller waiting for a slow one, takes no
   CPU, and nothing times out a worker that is still working.
 * A worker's exception comes back as WorkerError naming its type and message; a worker that dies
   gives WorkerError naming how; Ctrl-C while waiting kills the worker (it would go on writing

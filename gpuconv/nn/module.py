@@ -170,7 +170,7 @@ class Module:
             raise CheckpointError(
                 f"state_dict does not fit {type(self).__name__}: missing keys {missing}, "
                 f"unexpected keys {unexpected}; was it saved from another model?")
-        for key, owner, buffer_name in items:
+        for key, owner, buffer_name in items:  # every entry checked before any is loaded
             if key not in state:
                 continue
             value = state[key]
@@ -178,9 +178,18 @@ class Module:
             if not hasattr(value, "shape") or tuple(value.shape) != tuple(current.shape):
                 raise CheckpointError(f"{key!r}: the model expects shape {tuple(current.shape)}, the "
                                       f"state_dict has {tuple(getattr(value, 'shape', ()))}")
-            if current.dtype.kind == "f" and getattr(value, "dtype", np.dtype("O")).kind != "f":
-                raise CheckpointError(f"{key!r}: expected floating-point values, the state_dict has "
+            kind = getattr(value, "dtype", np.dtype("O")).kind
+            # floats into floats (float64 -> float32 is a rounding), ints into ints (a counter);
+            # an int array where weights belong would be cast silently: refused
+            if (current.dtype.kind == "f" and kind != "f") or (current.dtype.kind in "iu" and kind not in "iu"):
+                raise CheckpointError(f"{key!r}: expected {'floating-point' if current.dtype.kind == 'f' else 'integer'}"
+                                      f" values ({current.dtype}), the state_dict has "
                                       f"{getattr(value, 'dtype', type(value).__name__)}")
+        for key, owner, buffer_name in items:
+            if key not in state:
+                continue
+            value = state[key]
+            current = owner.data if buffer_name is None else owner._buffers[buffer_name]
             array = get_array_module(current).asarray(to_device(value, device_of(current)),
                                                       dtype=current.dtype).copy()
             if buffer_name is None:

@@ -39,7 +39,13 @@ def check_float_array(x, name, ndim=None):
                          f"convert with {name}.astype(numpy.float32)")
     if ndim is not None and x.ndim != ndim:
         layout = {4: " (N, C, H, W)", 2: " (N, features)"}.get(ndim, "")
-        raise ShapeError(f"{name}: expected a {ndim}-D array{layout}, got shape {tuple(x.shape)}")
+        hint = ""
+        if name == "x" and x.ndim == ndim - 1 and ndim in (2, 4):
+            # One image (C, H, W) or one feature vector: PyTorch's conv and pool layers would take
+            # it unbatched, gpuconv's do not (a single image through LeNet-5 would then meet
+            # Flatten's batch axis wrongly), so the message says how to make it a batch of one.
+            hint = "; a single sample needs a batch dimension: x[None] (and take [0] of the result)"
+        raise ShapeError(f"{name}: expected a {ndim}-D array{layout}, got shape {tuple(x.shape)}{hint}")
 
 
 def check_same_dtype(**arrays):

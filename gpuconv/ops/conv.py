@@ -73,6 +73,12 @@ def _check_conv_args(x, w, b, stride, padding, dilation, groups, algo):
                          f"shape {tuple(w.shape)} and x shape {tuple(x.shape)}")
     if kh < 1 or kw < 1:
         raise ShapeError(f"weight: expected a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    if c < 1 or out_c < 1:
+        # Only the batch may be empty (N = 0 gives an empty result); a conv without input or output
+        # channels is a mistake in the model, as for nn.Conv2d, which refuses 0 channels.
+        raise ShapeError(f"{'x' if c < 1 else 'weight'}: expected at least one "
+                         f"{'input' if c < 1 else 'output'} channel, got x shape {tuple(x.shape)} and weight "
+                         f"shape {tuple(w.shape)}")
     if b is not None and b.shape[0] != out_c:
         raise ShapeError(f"bias: expected shape ({out_c},) to match weight.shape[0], got {tuple(b.shape)}")
     padding, explicit = _resolve_padding(padding, (kh, kw), stride, dilation)
@@ -153,7 +159,7 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
 # output pixel (oh, ow) is column oh * row_len + ow. In general row_len = OW and P = OH*OW.
 # For stride 1 they sit on "wide rows" instead: row_len = the padded input width, so every kernel
 # tap is one contiguous run of the flattened input, x_flat[off : off + P], and im2col/col2im move
-# long contiguous runs instead of rows of OW elements (2-3x faster). The wide layout adds
+# long contiguous runs instead of rows of OW elements (several times faster). The wide layout adds
 # row_len - OW junk columns per row: they are cropped from y, and dy is zero there, so they add
 # nothing to dw or dx.
 
