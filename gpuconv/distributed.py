@@ -53,7 +53,7 @@ import zlib
 import numpy as np
 
 from .backend import cuda_status, device_of, emulation_enabled, is_cupy_array, parse_device
-from .errors import DeviceMismatchError, DTypeError, GpuconvError, MissingExtraError
+from .errors import CheckpointError, DeviceMismatchError, DTypeError, GpuconvError, MissingExtraError
 
 DEFAULT_TIMEOUT = 120.0   # seconds a collective may wait for the other ranks
 BUCKET_BYTES = 1 << 20    # gradients per all-reduce (PyTorch's DDP uses 25 MiB; our models are small)
@@ -629,6 +629,14 @@ def fit_cpu(group):
     return workers
 
 
+def saved_world_size(meta, path):
+    """The number of ranks a checkpoint's run had (meta.world_size; 1 before --distributed existed)."""
+    value = meta.get("world_size", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"checkpoint {path!r}: meta.world_size: expected an int >= 1, got {value!r}")
+    return value
+
+
 def resume_batch(saved_world_size, batch, batch_size, world_size):
     """The batch to resume an epoch at when the checkpoint was written at another world size:
     the samples done so far must be a whole number of the new global batches."""
@@ -636,7 +644,6 @@ def resume_batch(saved_world_size, batch, batch_size, world_size):
         return batch
     done = batch * batch_size * saved_world_size
     if done % (batch_size * world_size):
-        from .errors import CheckpointError
         raise CheckpointError(
             f"--resume: the checkpoint stopped {done} samples into an epoch with {saved_world_size} rank(s); "
             f"{world_size} rank(s) at --batch-size {batch_size} cannot start there (not a whole number of "

@@ -173,7 +173,10 @@ class Trainer:
             if key in saved and saved[key] != self.config[key]:
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
                                       f"this run asks for {key}={self.config[key]!r}; pass the same value")
-        check_resume(meta, len(self.loader), self.config["batch_size"], f"checkpoint {path!r}")
+        ranks, saved_ranks = self.dist.world_size if self.dist else 1, distributed.saved_world_size(meta, path)
+        per_epoch = len(self.loader) if ranks == saved_ranks else len(
+            DataLoader(self.train_set, self.config["batch_size"], world_size=saved_ranks))  # its steps, its batch
+        check_resume(meta, per_epoch, self.config["batch_size"] * saved_ranks, f"checkpoint {path!r}")
         try:  # the shapes and kinds of the arrays against this model and optimizer
             self.model.load_state_dict(model_state)
             self.optimizer.load_state_dict(optim_state)
@@ -182,9 +185,9 @@ class Trainer:
         self.epoch, self.batch, self.step = meta["epoch"], meta["batch"], meta["step"]
         self.history = meta["history"]
         self.progress = dict(dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0), **meta.get("progress", {}))
-        world_size = self.dist.world_size if self.dist else 1
-        self.batch = distributed.resume_batch(meta.get("world_size", 1), self.batch, self.config["batch_size"],
-                                              world_size)
+        if ranks != saved_ranks:  # the position in this run's global batches
+            self.batch = distributed.resume_batch(saved_ranks, self.batch, self.config["batch_size"], ranks)
+            self.step = self.epoch * len(self.loader) + self.batch
         if self.dist and self.dist.rank != 0:  # the saved counts are all ranks'; rank 0 carries them
             self.progress.update(seen=0, loss_sum=0.0, correct=0)
         if self.schedule is not None:

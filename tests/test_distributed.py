@@ -6,6 +6,7 @@ and Open MPI's mpiexec). The checks of the loader's sharding, of the resume arit
 NCCL stand-in need no MPI and always run.
 """
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -154,6 +155,18 @@ def test_train_distributed_checkpoint_and_resume_with_the_same_or_another_world_
     assert "resumed from a.npz: epoch 2, batch 0" in output and output.strip().splitlines()[-1].startswith(
         "test accuracy: "), output
     assert [r["epoch"] for r in load_checkpoint(tmp_path / "a.npz")[2]["history"]] == [1, 2]
+
+    # another world size mid-epoch: 2 of 6 steps of 2 x 32 done are 4 of 12 steps of 32
+    with np.load(tmp_path / "b.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta.update(batch=2, step=8, progress=dict(seen=128, loss_sum=200.0, correct=40, seconds=1.0))
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "mid.npz", **arrays)
+    code, output, _ = run([sys.executable] + TRAIN + ["--epochs", "2", "--checkpoint", "mid.npz", "--resume"],
+                          timeout=60, cwd=tmp_path)
+    assert code == 0 and "resumed from mid.npz: epoch 2, batch 4" in output, output
+    assert load_checkpoint(tmp_path / "mid.npz")[2]["step"] == 24  # 2 epochs of 12 steps at one rank
 
     # the same world size: 1 + 1 epochs equal 2 epochs in one go
     code, output, _ = mpirun(2, TRAIN + ["--distributed", "--epochs", "2", "--checkpoint", "b.npz", "--resume"],
