@@ -79,6 +79,7 @@ class Tensor:
     shape and device (or None) that backward() adds into; `.requires_grad` says whether it should."""
 
     __array_priority__ = 1000  # numpy_array + tensor calls Tensor.__radd__, not numpy's add
+    _grad_hooks = ()           # register_post_accumulate_grad_hook(); none by default
 
     def __init__(self, data, requires_grad=False, creator=None):
         if isinstance(data, Tensor):
@@ -157,6 +158,16 @@ class Tensor:
             _accumulate(self, grad)
             return
         _run_backward(self.creator, grad, retain_graph)
+
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call hook(tensor) each time backward() has added a gradient into this leaf's .grad
+        (PyTorch's name; gpuconv.distributed starts a bucket's all-reduce from it). Returns a
+        handle whose remove() takes the hook off."""
+        if self.creator is not None:
+            raise RuntimeError("register_post_accumulate_grad_hook: only a leaf tensor (a Parameter) "
+                               "accumulates a .grad")
+        self._grad_hooks = self._grad_hooks + (hook,)
+        return _HookHandle(self, hook)
 
     # ----- arithmetic (broadcasting as NumPy) -----
     def __add__(self, other): return Add()(self, _operand(other, self.data))
@@ -271,6 +282,16 @@ def _accumulate(leaf, grad, fresh=False):
         leaf.grad = grad if fresh else grad.copy()
     else:
         leaf.grad += grad
+    for hook in leaf._grad_hooks:
+        hook(leaf)
+
+
+class _HookHandle:
+    def __init__(self, tensor, hook):
+        self.tensor, self.hook = tensor, hook
+
+    def remove(self):
+        self.tensor._grad_hooks = tuple(h for h in self.tensor._grad_hooks if h is not self.hook)
 
 
 def _run_backward(root, grad, retain_graph):

@@ -11,19 +11,22 @@
         optimizer.zero_grad(); loss.backward()
         optimizer.step()                         # gradients averaged across ranks first
 
-What is communicated. At start, rank 0's parameters and buffers are broadcast. At every optimizer
+What is communicated. At start, rank 0's parameters and buffers are broadcast. For every optimizer
 step the gradients are summed by all-reduce in buckets (flat arrays of about `bucket_bytes`, last
 layers first) and divided by the number of samples all ranks saw, so the update is the one a single
 process takes on the union of the ranks' batches: N ranks at batch B equal one process at batch N*B
-to float32 round-off (tests/test_distributed.py checks it with SGD + momentum and with Adam).
+to float32 round-off (tests/test_distributed.py checks it with SGD + momentum and with Adam, with
+buckets started during backward, and with gradients accumulated over two backward passes).
 
-Overlap. The buckets are reduced after backward, just before the update, all of them started
-before any is waited for; they do not overlap the backward itself. On the CPU the executor hands
-every gradient of a chain over at once (one tape node), and MPI without a progress thread moves a
-non-blocking collective only while the caller is inside MPI, so overlap would buy nothing there; on
-a GPU (NCCL) launching each bucket from a hook on the tape's leaf accumulation would, and is left
-until it can be measured on GPUs. Gradient accumulation over several backward passes needs
-nothing special: the reduction runs once, at the step.
+Overlap. A forward through the wrapper notes how many gradients each parameter will receive; a
+hook on the tape's leaf accumulation (Tensor.register_post_accumulate_grad_hook) counts them as
+backward delivers them, and a bucket whose parameters are complete starts its all-reduce at once
+(on GPUs on a stream of its own, beside the backward's remaining kernels), buckets in the same
+order on every rank; the optimizer's step waits for them. Where gradients arrive all at once (the
+CPU executor's plan is one tape node) every bucket starts at the end of backward, and MPI without
+a progress thread moves a non-blocking collective only inside MPI calls, so on CPUs the overlap is
+nominal. Gradient accumulation over several backward passes is correct as it is: a gradient that
+reaches a bucket already started makes the step reduce every bucket again from .grad.
 
 BatchNorm. Batch statistics are per rank (each normalises by its own B samples, as PyTorch's DDP
 without SyncBatchNorm); running statistics drift apart per rank during an epoch and are replaced by
@@ -383,27 +386,38 @@ class _MPITransport:
 
 
 class _NCCLTransport:
-    """cupyx.distributed's NCCLBackend (or NCCLStandIn): collectives enqueued on the current CUDA
-    stream; completion is an event recorded after them, polled like an MPI request."""
+    """cupyx.distributed's NCCLBackend (or NCCLStandIn). An all-reduce runs on a stream of its own
+    that first waits for what the current stream did so far (the bucket's packing), so the
+    backward's kernels that follow run beside it; completion is an event after it, polled like an
+    MPI request. A broadcast stays on the current stream."""
 
     def __init__(self, group, backend):
         self.group, self.backend = group, backend
-
-    def _after(self, array):
-        if not is_cupy_array(array):
-            return lambda: True  # the stand-in finished it already
-        import cupy
-        event = cupy.cuda.Event(disable_timing=True)
-        event.record(cupy.cuda.get_current_stream())
-        return lambda: event.done
+        self.stream = None
 
     def start_all_reduce(self, array, label):
-        self.backend.all_reduce(array, array, "sum")
-        return self._after(array)
+        if not is_cupy_array(array):
+            self.backend.all_reduce(array, array, "sum")  # the stand-in: done when it returns
+            return lambda: True
+        import cupy
+        if self.stream is None:
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        packed = cupy.cuda.Event(disable_timing=True)
+        packed.record()  # on the current stream
+        self.stream.wait_event(packed)
+        self.backend.all_reduce(array, array, "sum", self.stream)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(self.stream)
+        return lambda: done.done
 
     def start_broadcast(self, array, root, label):
         self.backend.broadcast(array, root)
-        return self._after(array)
+        if not is_cupy_array(array):
+            return lambda: True
+        import cupy
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record()
+        return lambda: done.done
 
 
 NCCL_DTYPES = "bBiIlLqQefdFD"  # cupyx.distributed's table of dtypes NCCL can carry
@@ -474,19 +488,41 @@ class DistributedDataParallel:
     At construction the ranks check that they hold the same parameter names, shapes and dtypes,
     and rank 0's parameters and buffers are broadcast. `sync_gradients()` sums every p.grad across
     ranks in buckets and divides by the samples all ranks' forwards saw since the last sync (the
-    batch sizes may differ between ranks); with `optimizer` given, its step() calls it first.
-    Forwards are counted only where grad mode is on (evaluation does not count)."""
+    batch sizes may differ between ranks); with `optimizer` given, its step() calls it first
+    (unless sync_gradients() ran since the last forward). Forwards count only in grad mode.
 
-    def __init__(self, model, optimizer=None, bucket_bytes=BUCKET_BYTES, process_group=None):
+    Overlap (`overlap=True`): a forward notes how many gradients each parameter will receive (its
+    uses in the recorded graph); a hook on the tape's leaf accumulation counts them as backward
+    delivers them, and a bucket whose parameters are all complete starts its all-reduce at once,
+    buckets always in the same order on every rank. A gradient that reaches a bucket already
+    started (gradients accumulated over several backward passes before one step) makes the step
+    wait for what was started and reduce every bucket again from .grad, so the result is always
+    that of reducing .grad at the step. `early` counts the buckets started during backward."""
+
+    def __init__(self, model, optimizer=None, bucket_bytes=BUCKET_BYTES, process_group=None, overlap=True):
         self.module = model
         self.group = process_group or group()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._samples = 0
         self._check_same_model()
         self.broadcast_state()
         self.buckets = self._make_buckets(bucket_bytes)
+        self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket.params}
+        self.overlap = overlap
+        self.early = self.restarts = 0
+        self._synced = False
+        self._reset()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params] \
+            if overlap else []
         if optimizer is not None:
             self.attach(optimizer)
+
+    def _reset(self):
+        self._samples = 0      # images this rank's forwards saw since the last sync
+        self._expected = {}    # id(param) -> gradients the forwards' graphs will bring it
+        self._arrived = {}     # id(param) -> gradients backward brought so far
+        self._waits = [None] * len(self.buckets)  # per bucket: wait() once its all-reduce started
+        self._next = 0         # buckets start in order: the next one
+        self._stale = False    # a started bucket's parameter received another gradient
 
     def _check_same_model(self):
         text = ";".join(f"{name}:{tuple(p.shape)}:{p.dtype}" for name, p in self.module.named_parameters())
@@ -526,35 +562,86 @@ class DistributedDataParallel:
             buckets.append(current)
         return [_Bucket(b, extra=1 if i == 0 else 0) for i, b in enumerate(buckets)]
 
+    # ----- forward and backward -----
     def __call__(self, x):
-        from .autograd import is_grad_enabled
+        from .autograd import Tensor, is_grad_enabled
+        out = self.module(x)
         if is_grad_enabled():
             self._samples += len(x)
-        return self.module(x)
+            self._synced = False
+            if self.overlap and isinstance(out, Tensor) and out.creator is not None:
+                self._count_uses(out.creator)
+        return out
 
     forward = __call__
 
+    def _count_uses(self, root):
+        """Add each parameter's uses in the graph below `root` to the gradients it awaits."""
+        seen, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for leaf, creator in node.inputs:
+                if leaf is not None and id(leaf) in self._bucket_of:
+                    self._expected[id(leaf)] = self._expected.get(id(leaf), 0) + 1
+                elif creator is not None:
+                    stack.append(creator)
+
+    def _on_gradient(self, p):
+        """The tape added a gradient into p.grad."""
+        if not self._expected:
+            return  # no forward through this wrapper: everything is reduced at the step
+        if self._waits[self._bucket_of[id(p)]] is not None:
+            self._stale = True  # its bucket left with an older p.grad
+            return
+        self._arrived[id(p)] = self._arrived.get(id(p), 0) + 1
+        while self._next < len(self.buckets) and self._complete(self._next):
+            self._start(self._next)
+            self.early += 1
+
+    def _complete(self, index):
+        return all(self._arrived.get(id(p), 0) >= self._expected.get(id(p), 0) for p in self.buckets[index].params)
+
+    def _start(self, index):
+        bucket = self.buckets[index]
+        bucket.pack(self._samples or 1)
+        self._waits[index] = self.group.all_reduce_start(bucket.buffer, "all-reduce of gradients")
+        self._next = index + 1
+
+    # ----- the step -----
     def sync_gradients(self, samples=None):
         """Average the gradients across ranks, each rank's weighted by its samples (`samples`, or
-        the count its forwards saw since the last sync; 1 when it saw none)."""
-        samples = samples if samples is not None else (self._samples or 1)
-        self._samples = 0
-        waits = []
-        for bucket in self.buckets:
-            bucket.pack(samples)
-            waits.append(self.group.all_reduce_start(bucket.buffer, "all-reduce of gradients"))
-        for wait in waits:
+        the count its forwards saw since the last sync; 1 when it saw none). Buckets started
+        during backward are waited for; the rest start now."""
+        if samples is not None and samples != self._samples:
+            self._stale = self._stale or self._next > 0  # started with another weight
+            self._samples = samples
+        if self._stale:
+            for wait in self._waits:
+                if wait is not None:
+                    wait()  # every rank started them: finish them, then reduce .grad afresh
+            self._waits, self._next = [None] * len(self.buckets), 0
+            self.restarts += 1
+        while self._next < len(self.buckets):
+            self._start(self._next)
+        for wait in self._waits:
             wait()
         total = self.buckets[0].buffer[-1]
         for bucket in self.buckets:
             bucket.unpack(total)
+        self._reset()
+        self._synced = True
 
     def attach(self, optimizer):
-        """Make `optimizer.step()` average the gradients first."""
+        """Make `optimizer.step()` average the gradients first (unless they were since the last
+        forward)."""
         step = optimizer.step
 
         def synced_step(*args, **kwargs):
-            self.sync_gradients()
+            if not self._synced:
+                self.sync_gradients()
             return step(*args, **kwargs)
 
         optimizer.step = synced_step

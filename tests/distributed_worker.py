@@ -4,7 +4,9 @@
 
 equal:  N ranks at per-rank batch B for a few steps of SGD (Nesterov momentum, weight decay) and of
         Adam end with the weights one process reaches at batch N*B (computed on rank 0 beside the
-        run), every rank holds the same weights, and sharded evaluation equals the whole one.
+        run), every rank holds the same weights, and sharded evaluation equals the whole one; also
+        eager (not compiled) with small buckets, which start during backward, and with gradients
+        accumulated over two backward passes per step.
 raise, die, hang: rank 1 raises, SIGKILLs itself, or sleeps at its third step; the others must stop.
 raise-all: every rank raises at its third step (as a NaN loss would make them): all stop at once.
 """
@@ -37,9 +39,16 @@ def make_optimizer(kind, model):
     return optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
 
 
-def train(net, optimizer, loader, scenario=None, rank=0, device="cpu"):
+def train(net, optimizer, loader, scenario=None, rank=0, device="cpu", micro=1):
     for step, (x, y) in enumerate(loader.batches(0)):
         x, y = to_device(x, device), to_device(y, device)
+        if micro > 1:  # gradients accumulated over `micro` backward passes, then one step
+            optimizer.zero_grad()
+            for part in range(micro):
+                rows = slice(part * len(y) // micro, (part + 1) * len(y) // micro)
+                (F.cross_entropy(net(x[rows]), y[rows]) * (1.0 / micro)).backward()
+            optimizer.step()
+            continue
         if scenario == "raise-all" and step == 2:
             raise ValueError(f"rank {rank} booms at step 3")
         if scenario and rank == 1 and step == 2:
@@ -76,15 +85,26 @@ def main():
     assert get_cpu_workers() == workers == dist.cpu_share(group)[0], (get_cpu_workers(), workers)
     set_cpu_workers(0)
     worst = {}
-    for kind in ("sgd", "adam"):
+    # (name, optimizer, compiled, bucket bytes, backward passes per step)
+    for name, kind, compiled, bucket_bytes, micro in [("sgd", "sgd", True, dist.BUCKET_BYTES, 1),
+                                                      ("adam", "adam", True, dist.BUCKET_BYTES, 1),
+                                                      ("sgd-eager-buckets", "sgd", False, 32 << 10, 1),
+                                                      ("sgd-accumulated", "sgd", False, 32 << 10, 2)]:
         model = LeNet5(seed=rank).to(device)  # rank 1 starts elsewhere: the broadcast must fix that
         optimizer = make_optimizer(kind, model)
-        net = dist.DistributedDataParallel(compile_model(model), optimizer)
+        net = dist.DistributedDataParallel(compile_model(model) if compiled else model, optimizer,
+                                           bucket_bytes=bucket_bytes)
         train(net, optimizer, DataLoader(dataset, B, shuffle=True, seed=1, rank=rank, world_size=size),
-              device=device)
+              device=device, micro=micro)
+        steps = SAMPLES // (B * size)
+        if name == "sgd-eager-buckets":  # eager backward: buckets left while later layers' ran
+            assert len(net.buckets) > 2 and net.early == steps * len(net.buckets) and net.restarts == 0, \
+                (len(net.buckets), net.early, net.restarts)
+        if name == "sgd-accumulated":  # the second backward reached started buckets: reduced again
+            assert net.restarts == steps, (net.restarts, steps)
         flat = np.concatenate([p.numpy().ravel() for p in model.parameters()]).astype(np.float64)
         spread = group.sum_host(flat) / size - flat  # zero when every rank holds the same weights
-        assert np.abs(spread).max() == 0, f"{kind}: the ranks' weights differ by {np.abs(spread).max()}"
+        assert np.abs(spread).max() == 0, f"{name}: the ranks' weights differ by {np.abs(spread).max()}"
         images, labels = dataset.get_batch(np.arange(SAMPLES))
         shard = evaluate(net, images, labels, batch_size=16, group=group)
         assert shard == evaluate(model, images, labels, batch_size=16), "sharded evaluation differs"
@@ -93,9 +113,9 @@ def main():
             ref_optimizer = make_optimizer(kind, reference)
             train(compile_model(reference), ref_optimizer, DataLoader(dataset, B * size, shuffle=True, seed=1),
                   device=device)
-            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-                np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=2e-5, atol=2e-6, err_msg=f"{kind} {name}")
-                worst[kind] = max(worst.get(kind, 0.0), float(np.abs(p.numpy() - q.numpy()).max()))
+            for (key, p), q in zip(model.named_parameters(), reference.parameters()):
+                np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=2e-5, atol=2e-6, err_msg=f"{name} {key}")
+                worst[name] = max(worst.get(name, 0.0), float(np.abs(p.numpy() - q.numpy()).max()))
     if backend == "nccl-standin":
         calls = group.transport.backend.calls
         assert ("all_reduce", "float32", 61706 + 1) in calls, calls[:5]

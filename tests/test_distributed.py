@@ -260,6 +260,20 @@ def test_backend_choice_nccl_under_emulation_is_the_standin(monkeypatch):
         dist.resolve_backend("nccl", "cpu")
 
 
+def test_post_accumulate_grad_hook_runs_after_each_gradient_added_and_can_be_removed():
+    from gpuconv import Tensor
+    w = Tensor(np.ones(3, np.float32), requires_grad=True)
+    seen = []
+    handle = w.register_post_accumulate_grad_hook(lambda t: seen.append(t.grad.copy()))
+    ((w * 2.0).sum() + (w * 3.0).sum()).backward()  # two uses: two gradients, the hook after each
+    assert len(seen) == 2 and float(seen[0][0]) in (2.0, 3.0) and float(seen[1][0]) == 5.0
+    handle.remove()
+    (w * 1.0).sum().backward()
+    assert len(seen) == 2
+    with pytest.raises(RuntimeError, match="only a leaf"):
+        (w * 1.0).register_post_accumulate_grad_hook(print)
+
+
 def test_cpu_share_gives_each_rank_its_cores():
     cores = os.cpu_count()
     workers, threads = dist.cpu_share(types.SimpleNamespace(local_size=cores))
