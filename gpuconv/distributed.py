@@ -26,7 +26,8 @@ order on every rank; the optimizer's step waits for them. Where gradients arrive
 CPU executor's plan is one tape node) every bucket starts at the end of backward, and MPI without
 a progress thread moves a non-blocking collective only inside MPI calls, so on CPUs the overlap is
 nominal. Gradient accumulation over several backward passes is correct as it is: a gradient that
-reaches a bucket already started makes the step reduce every bucket again from .grad.
+reaches a bucket already started makes the step reduce every bucket again from .grad; run all but
+the last micro-batch under `no_sync()` to send each bucket once.
 
 BatchNorm. Batch statistics are per rank (each normalises by its own B samples, as PyTorch's DDP
 without SyncBatchNorm); running statistics drift apart per rank during an epoch and are replaced by
@@ -509,7 +510,7 @@ class DistributedDataParallel:
         self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket.params}
         self.overlap = overlap
         self.early = self.restarts = 0
-        self._synced = False
+        self._synced = self._paused = False
         self._reset()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params] \
             if overlap else []
@@ -597,6 +598,8 @@ class DistributedDataParallel:
             self._stale = True  # its bucket left with an older p.grad
             return
         self._arrived[id(p)] = self._arrived.get(id(p), 0) + 1
+        if self._paused:
+            return
         while self._next < len(self.buckets) and self._complete(self._next):
             self._start(self._next)
             self.early += 1
@@ -609,6 +612,16 @@ class DistributedDataParallel:
         bucket.pack(self._samples or 1)
         self._waits[index] = self.group.all_reduce_start(bucket.buffer, "all-reduce of gradients")
         self._next = index + 1
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside start no bucket (PyTorch's name): for all but the last of the
+        micro-batches a step accumulates, so that only the last one's backward communicates."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     # ----- the step -----
     def sync_gradients(self, samples=None):

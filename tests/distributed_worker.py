@@ -6,10 +6,11 @@ equal:  N ranks at per-rank batch B for a few steps of SGD (Nesterov momentum, w
         Adam end with the weights one process reaches at batch N*B (computed on rank 0 beside the
         run), every rank holds the same weights, and sharded evaluation equals the whole one; also
         eager (not compiled) with small buckets, which start during backward, and with gradients
-        accumulated over two backward passes per step.
+        accumulated over two backward passes per step (the first under no_sync() or not).
 raise, die, hang: rank 1 raises, SIGKILLs itself, or sleeps at its third step; the others must stop.
 raise-all: every rank raises at its third step (as a NaN loss would make them): all stop at once.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -39,14 +40,16 @@ def make_optimizer(kind, model):
     return optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
 
 
-def train(net, optimizer, loader, scenario=None, rank=0, device="cpu", micro=1):
+def train(net, optimizer, loader, scenario=None, rank=0, device="cpu", micro=1, no_sync=False):
     for step, (x, y) in enumerate(loader.batches(0)):
         x, y = to_device(x, device), to_device(y, device)
         if micro > 1:  # gradients accumulated over `micro` backward passes, then one step
             optimizer.zero_grad()
             for part in range(micro):
                 rows = slice(part * len(y) // micro, (part + 1) * len(y) // micro)
-                (F.cross_entropy(net(x[rows]), y[rows]) * (1.0 / micro)).backward()
+                quiet = no_sync and part < micro - 1
+                with net.no_sync() if quiet else contextlib.nullcontext():
+                    (F.cross_entropy(net(x[rows]), y[rows]) * (1.0 / micro)).backward()
             optimizer.step()
             continue
         if scenario == "raise-all" and step == 2:
@@ -89,19 +92,22 @@ def main():
     for name, kind, compiled, bucket_bytes, micro in [("sgd", "sgd", True, dist.BUCKET_BYTES, 1),
                                                       ("adam", "adam", True, dist.BUCKET_BYTES, 1),
                                                       ("sgd-eager-buckets", "sgd", False, 32 << 10, 1),
-                                                      ("sgd-accumulated", "sgd", False, 32 << 10, 2)]:
+                                                      ("sgd-accumulated", "sgd", False, 32 << 10, 2),
+                                                      ("sgd-no-sync", "sgd", False, 32 << 10, 2)]:
         model = LeNet5(seed=rank).to(device)  # rank 1 starts elsewhere: the broadcast must fix that
         optimizer = make_optimizer(kind, model)
         net = dist.DistributedDataParallel(compile_model(model) if compiled else model, optimizer,
                                            bucket_bytes=bucket_bytes)
         train(net, optimizer, DataLoader(dataset, B, shuffle=True, seed=1, rank=rank, world_size=size),
-              device=device, micro=micro)
+              device=device, micro=micro, no_sync=name == "sgd-no-sync")
         steps = SAMPLES // (B * size)
         if name == "sgd-eager-buckets":  # eager backward: buckets left while later layers' ran
             assert len(net.buckets) > 2 and net.early == steps * len(net.buckets) and net.restarts == 0, \
                 (len(net.buckets), net.early, net.restarts)
         if name == "sgd-accumulated":  # the second backward reached started buckets: reduced again
             assert net.restarts == steps, (net.restarts, steps)
+        if name == "sgd-no-sync":  # the first backward under no_sync(): each bucket sent once, early
+            assert net.restarts == 0 and net.early == steps * len(net.buckets), (net.restarts, net.early)
         flat = np.concatenate([p.numpy().ravel() for p in model.parameters()]).astype(np.float64)
         spread = group.sum_host(flat) / size - flat  # zero when every rank holds the same weights
         assert np.abs(spread).max() == 0, f"{name}: the ranks' weights differ by {np.abs(spread).max()}"
