@@ -230,6 +230,15 @@ class ProcessGroup:
     def barrier(self):
         self.sum_host([0.0], "barrier")
 
+    def check_same(self, text, what):
+        """DistributedError on every rank unless all ranks pass the same `text` (compared by a
+        16-bit hash, through sums that stay exact in float64 up to ~1400 ranks)."""
+        h = float(zlib.crc32(str(text).encode()) % (1 << 16))
+        total, squares = self.sum_host([h, h * h], f"check of {what}")
+        if total * total != self.world_size * squares:  # equal only when every rank's h is equal
+            raise DistributedError(f"rank {self.rank}: the ranks disagree on {what}; every rank must be "
+                                   "started with the same settings and data")
+
     # ----- waiting, failure notices, pings -----
     def wait(self, done, label):
         """Poll `done()` until it is true: between polls the side channel is served (a failure
@@ -527,11 +536,7 @@ class DistributedDataParallel:
 
     def _check_same_model(self):
         text = ";".join(f"{name}:{tuple(p.shape)}:{p.dtype}" for name, p in self.module.named_parameters())
-        h = float(zlib.crc32(text.encode()) % (1 << 16))  # small: the sums below stay exact in float64
-        total, squares = self.group.sum_host([h, h * h], "model check")
-        if total * total != self.group.world_size * squares:  # equal only when every rank's h is equal
-            raise DistributedError(f"rank {self.group.rank}: the ranks hold different models (parameter "
-                                   "names, shapes or dtypes differ); every rank must build the same model")
+        self.group.check_same(text, "the model (parameter names, shapes and dtypes)")
 
     def broadcast_state(self, root=0):
         """Every parameter and buffer from rank `root`."""

@@ -144,6 +144,9 @@ class Trainer:
         if c["resume"] and os.path.exists(c["checkpoint"]):
             self.restore(c["checkpoint"])
         if self.dist:  # rank 0's weights everywhere; optimizer.step() averages the gradients first
+            same = [c[k] for k in ("epochs", "batch_size", "seed", "lr", "optimizer", "schedule", "checkpoint_every")]
+            self.dist.check_same(same + [len(self.train_set), len(self.test_set), self.epoch, self.batch],
+                                 "the settings, the data sizes or the resumed position")
             self.net = distributed.DistributedDataParallel(self.net, self.optimizer, process_group=self.dist)
 
     # ----- checkpoints -----

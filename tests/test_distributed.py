@@ -183,6 +183,16 @@ def test_train_distributed_checkpoint_and_resume_with_the_same_or_another_world_
     assert straight[2]["history"][0]["train_accuracy"] == resumed[2]["history"][0]["train_accuracy"]
 
 
+@needs_mpi
+def test_ranks_started_with_different_settings_refuse_to_train(tmp_path):
+    _mnist_or_skip()
+    args = [sys.executable] + TRAIN + ["--distributed", "--epochs", "1"]
+    command = [_mpiexec(), "--oversubscribe", "-n", "1", *args, ":", "-n", "1", *args, "--limit-train", "320"]
+    code, output, seconds = run(command, timeout=60, cwd=tmp_path)
+    assert code != 0 and "the ranks disagree on the settings, the data sizes" in output, output
+    assert "test accuracy" not in output and seconds < 30
+
+
 # ----------------------------------------------------------------------------------------------
 # no MPI needed
 
