@@ -142,7 +142,7 @@ def test_gradients_are_bit_identical_run_to_run(algo, rng):
 
 
 def test_kernels_compile_through_rawmodule_for_this_gpu():
-    from gpuconv.cuda import compiler
+    from gpuconv.cuda import runtime as compiler
     for source, kernels in compiler.KERNELS.items():
         for name in kernels:
             for dtype in ("float32", "float64"):

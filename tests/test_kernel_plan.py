@@ -1,5 +1,5 @@
 """The on-paper GPU plan records the real launchers' kernels and counts FLOPs like summary()."""
-from gpuconv.cuda import plan
+from gpuconv.cuda.tools import plan
 from gpuconv.ops import conv_cuda
 from gpuconv.models import LeNet5
 
