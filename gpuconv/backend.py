@@ -45,6 +45,11 @@ def is_cupy_array(x):
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
+def is_device_array(x):
+    """True for an array on a GPU: a CuPy array, or an emulated device's array under emulation."""
+    return is_cupy_array(x) or hasattr(x, "device_id")
+
+
 def _emulated_devices():
     """gpuconv.cuda.emulated_devices when emulated CUDA devices are switched on, else None."""
     import sys
@@ -63,7 +68,11 @@ def get_array_module(*arrays):
             raise DeviceMismatchError(
                 "arrays on different devices were passed to one op: " + ", ".join(devices)
                 + "; move them to one device first, e.g. model.to('cpu') and gpuconv.to_device(x, 'cpu')")
-    return _cupy_or_none() if any(on_gpu) else np
+    if any(on_gpu):
+        return _cupy_or_none()
+    if present and hasattr(present[0], "device_id"):  # an emulated device's array
+        return _emulated_devices().array_module
+    return np
 
 
 class Device:
@@ -106,11 +115,17 @@ def parse_device(device):
         index_text = name[5:] if name.startswith("cuda:") else "0"
         if not index_text.isdigit():
             raise ArgumentError(f"device: expected 'cuda:N' with N a GPU index, got {device!r}")
+        index = int(index_text)
+        emulated = _emulated_devices()
+        if emulated is not None:  # kernel emulation with pretend GPUs (gpuconv.cuda.emulation(devices=N))
+            if index >= emulated.count():
+                raise CudaUnavailableError(f"device {device!r}: emulation has {emulated.count()} CUDA "
+                                           f"device(s), indices 0..{emulated.count() - 1}")
+            return Device("cuda", index)
         cupy, reason = cuda_status()
         if reason:
             raise CudaUnavailableError(f"device {device!r} was asked for but CUDA is unavailable: {reason}. "
                                        "Use device='cpu' to train on the CPU.")
-        index = int(index_text)
         count = cupy.cuda.runtime.getDeviceCount()
         if index >= count:
             raise CudaUnavailableError(f"device {device!r}: this machine has {count} CUDA device(s), "

@@ -239,3 +239,35 @@ def allocate(shape, dtype, zero=False, what="buffer"):
         meter.peak = max(meter.peak, meter.live)
         weakref.finalize(array, meter._free, array.nbytes)
     return array
+
+
+# Creation functions: CuPy's allocate on the current device, and asarray-like ones return a device
+# array. NumPy's asarray family dispatches only on like=, so an emulated device's array would come
+# back as a plain host array; this module-like object puts the result on the current device.
+_CREATION = ("asarray", "ascontiguousarray", "asfortranarray", "array", "copy", "empty", "zeros", "ones",
+             "full", "arange", "eye", "identity", "linspace", "empty_like", "zeros_like", "ones_like",
+             "full_like", "frombuffer", "fromiter")
+
+
+class _ArrayModule:
+    """What get_array_module returns for an emulated device's arrays: NumPy, with CuPy's rule that
+    new arrays live on the current device."""
+
+    __name__ = "numpy"  # the launch code takes its NumPy (emulation) branches
+
+    def __getattr__(self, name):
+        attribute = getattr(np, name)
+        if name not in _CREATION:
+            return attribute
+
+        def create(*args, **kwargs):
+            operands = [a for a in _flatten(list(args)) if isinstance(a, DeviceArray)]
+            _check_current(operands, f"numpy.{name}")
+            result = attribute(*_unwrap(args), **_unwrap(kwargs))
+            if isinstance(result, np.ndarray) and not isinstance(result, DeviceArray):
+                return _wrap(result, name)
+            return result
+        return create
+
+
+array_module = _ArrayModule()

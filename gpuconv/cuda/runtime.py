@@ -265,7 +265,10 @@ def device_errors(op_name, shapes):
     try:
         yield
     except Exception as exc:
-        raise translate_error(exc, op_name, shapes) from exc
+        translated = translate_error(exc, op_name, shapes)
+        if translated is exc:
+            raise
+        raise translated from exc
 
 
 def translate_error(exc, op_name, shapes):
