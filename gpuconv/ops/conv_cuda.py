@@ -232,6 +232,7 @@ def _backward_im2col(xp, dy, x, w, g, need_dx, need_dw, shapes):
         dy_chunk = empty(xp, (g.groups, g.Kg, n * g.P), dy.dtype, "dy chunk")
         dy_chunk.reshape(g.K, n, g.P)[...] = dy[start:stop].reshape(n, g.K, g.P).transpose(1, 0, 2)
         col = empty(xp, (g.C * g.KH * g.KW, n, g.P), x.dtype, "columns")
+        columns = dcol = None
         if need_dw:
             columns = _columns(xp, x[start:stop], g, shapes, col)
             for group in range(g.groups):  # dw[g] (+)= dy[g] @ col[g].T, chunks in order: deterministic
@@ -247,5 +248,5 @@ def _backward_im2col(xp, dy, x, w, g, need_dx, need_dw, shapes):
             grid = (_cdiv(g.H * g.W, threads), min(n * g.C, MAX_GRID_YZ), 1)
             launch(kernel, grid, (threads, 1, 1), (dcol, dx[start:stop]) + _im2col_scalars(g, n),
                    op_name="conv2d_backward col2im", shapes=shapes)
-        del col, dy_chunk  # free before the next chunk allocates its own
+        col = columns = dcol = dy_chunk = None  # every view dropped: freed before the next chunk allocates
     return dx, dw.reshape(w.shape) if need_dw else None
