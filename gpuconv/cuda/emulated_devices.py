@@ -142,8 +142,31 @@ class DeviceArray(np.ndarray):
         return EmulatedDevice(self.device_id)
 
     def get(self):
-        """A host (plain NumPy) copy, like cupy.ndarray.get()."""
+        """A host (plain NumPy) copy, like cupy.ndarray.get(): recorded as a read back to the host."""
+        record("read", self.nbytes, "get", self.device_id)
         return np.array(self.view(np.ndarray), copy=True)
+
+    # Each of these waits for the GPU and copies a value to the host: recorded, so a test can count
+    # the blocking reads a training step makes.
+    def item(self, *args):
+        record("read", self.itemsize, "item", self.device_id)
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        record("read", self.nbytes, "tolist", self.device_id)
+        return self.view(np.ndarray).tolist()
+
+    def __float__(self):
+        record("read", self.itemsize, "float", self.device_id)
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        record("read", self.itemsize, "int", self.device_id)
+        return int(self.view(np.ndarray))
+
+    def __bool__(self):
+        record("read", self.itemsize, "bool", self.device_id)
+        return bool(self.view(np.ndarray))
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _check_current(inputs + (out or ()), f"numpy.{ufunc.__name__}")
