@@ -23,6 +23,7 @@ from .autograd import no_grad
 from .backend import device_scope, get_array_module, is_device_array, parse_device, to_device
 from .compiler import compile as compile_model
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .cuda.runtime import device_errors
 from .data import MNIST, DataLoader
 from .data.loader import to_float_batch
 from .errors import ArgumentError, CheckpointError, NonFiniteError
@@ -262,8 +263,10 @@ class Trainer:
                        leave=False, disable=None, unit="batch")
             on_host, x = self.device.kind == "cpu", None
             for x, y in bar:
-                # Ctrl-C lands between steps (weights and counts agree); the model's GPU is current
-                with sigint_deferred(), device_scope(self.device):
+                # Ctrl-C lands between steps (weights and counts agree); the model's GPU is current;
+                # out of memory anywhere in the step (the optimizer's too) names the step and the batch
+                with sigint_deferred(), device_scope(self.device), \
+                        device_errors("training step", {"x": x.shape}):
                     loss, logits = self.train_step(x, y)
                     self.accumulate(loss, logits, y)
                     progress["seconds"] = time.perf_counter() - started

@@ -118,3 +118,18 @@ def test_dropout_draws_its_mask_with_the_devices_generator(monkeypatch):
     monkeypatch.setattr(activation, "device_id_of", lambda x: 0)
     y, mask = activation.dropout(np.ones((2, 3), np.float32), 0.5, host_rng)
     assert first.calls == 1 and mask.all() and np.allclose(y, 2.0)
+
+
+@needs_mnist
+def test_out_of_memory_in_the_optimizer_names_the_training_step(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    from gpuconv import optim
+    from gpuconv.errors import GpuOutOfMemoryError
+
+    def no_memory(self, index, p):
+        raise cupy.cuda.memory.OutOfMemoryError(1 << 30, 0)
+    monkeypatch.setattr(optim.SGD, "update", no_memory)
+    with emulation(devices=1):
+        trainer = train.Trainer(dict(SMALL, device="cuda:0"), log=lambda *_: None)
+        with pytest.raises(GpuOutOfMemoryError, match=r"training step.*x=\(16, 1, 28, 28\).*smaller batch"):
+            trainer.fit()
