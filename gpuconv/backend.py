@@ -108,7 +108,10 @@ def parse_device(device):
         raise ArgumentError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     name = device.strip().lower()
     if name == "auto":
-        return Device("cuda", 0) if cuda_available() else Device("cpu")
+        if not cuda_available():
+            return Device("cpu")
+        _check_cuda_libraries()  # a GPU without cuBLAS fails here, naming the wheel, not at the first GEMM
+        return Device("cuda", 0)
     if name == "cpu":
         return Device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
