@@ -191,31 +191,34 @@ class Trainer:
         with device_scope(y):
             correct = (logits.argmax(axis=1) == y).sum()
             if self.pending is None:
-                self.pending = [loss.astype("float64") * n, correct]
+                self.pending = [loss.astype("float64") * n, correct, self.step]
             else:
                 self.pending[0] = self.pending[0] + loss.astype("float64") * n
                 self.pending[1] = self.pending[1] + correct
         self.progress["seen"] += n
 
     def read_progress(self, x=None):
-        """Fold the device sums into `progress` (one blocking read) and refuse a non-finite loss."""
+        """Fold the device sums into `progress` (one blocking read) and refuse a non-finite loss,
+        before anything (a checkpoint, the epoch's record) is made of them. `x`, the last batch,
+        lets the error name the first layer that gives a non-finite output."""
         if self.pending is None:
             return
-        loss_sum, correct = self.pending
+        loss_sum, correct, first_step = self.pending
         self.pending = None
         loss_sum = float(loss_sum)
+        self.check_finite(loss_sum, x, self.step, first_step)
         self.progress["correct"] += int(correct)
         self.progress["loss_sum"] += loss_sum
-        if x is not None:
-            self.check_finite(loss_sum, x, self.step)  # the step range since the last read
 
-    def check_finite(self, value, x, step):
+    def check_finite(self, value, x, step, first_step=None):
         value = float(value)
-        if not math.isfinite(value):
-            layer = first_non_finite_layer(self.model, x)
-            raise NonFiniteError(f"loss became {value} at step {step} (epoch {self.epoch + 1}); "
-                                 f"the first non-finite output came from layer {layer!r}. The last good "
-                                 "checkpoint is kept; lower --lr or check the input data")
+        if math.isfinite(value):
+            return
+        layer = repr(first_non_finite_layer(self.model, x)) if x is not None else "unknown here"
+        where = f"at step {step}" if first_step in (None, step) else f"between steps {first_step} and {step}"
+        raise NonFiniteError(f"loss became {value} {where} (epoch {self.epoch + 1}); the first non-finite "
+                             f"output came from layer {layer}. The last good checkpoint is kept; lower --lr "
+                             "or check the input data")
 
     # ----- data on the device -----
     def _dataset_on_device(self):

@@ -133,3 +133,16 @@ def test_out_of_memory_in_the_optimizer_names_the_training_step(monkeypatch):
         trainer = train.Trainer(dict(SMALL, device="cuda:0"), log=lambda *_: None)
         with pytest.raises(GpuOutOfMemoryError, match=r"training step.*x=\(16, 1, 28, 28\).*smaller batch"):
             trainer.fit()
+
+
+@needs_mnist
+def test_a_non_finite_loss_on_the_device_is_refused_before_a_checkpoint_keeps_it(tmp_path):
+    from gpuconv.checkpoint import load_checkpoint
+    from gpuconv.errors import NonFiniteError
+    path = tmp_path / "ck.npz"
+    with emulation(devices=1):
+        trainer = train.Trainer(dict(SMALL, device="cuda:0", lr=1e4, momentum=0.0, schedule="none",
+                                     checkpoint=str(path), checkpoint_every=1), log=lambda *_: None)
+        with pytest.raises(NonFiniteError, match=r"loss became nan at step \d+"):
+            trainer.fit()
+    assert all(np.isfinite(v).all() for v in load_checkpoint(path)[0].values())
