@@ -1,4 +1,4 @@
-"""`python -m gpuconv COMMAND`: train, bench, show, check-kernels, kernel-plan, summary."""
+"""`python -m gpuconv COMMAND`: train, bench, show, check-kernels, kernel-plan, gpu-check, summary."""
 import importlib
 import os
 import sys
@@ -9,8 +9,10 @@ COMMANDS = {
     "train": ("gpuconv.train", "train LeNet-5 on MNIST"),
     "bench": ("gpuconv.bench", "time every op and the training step on each device (and PyTorch)"),
     "show": ("gpuconv.show", "draw filters, feature maps, training curves and a confusion matrix"),
-    "check-kernels": ("gpuconv.cuda.check", "compile every CUDA kernel with NVRTC for every arch"),
-    "kernel-plan": ("gpuconv.cuda.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),
+    "check-kernels": ("gpuconv.cuda.tools.check", "compile every CUDA kernel with NVRTC for every arch"),
+    "kernel-plan": ("gpuconv.cuda.tools.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),
+    "gpu-check": ("gpuconv.cuda.tools.gpu_check", "on a GPU: the likeliest failures first, then tests, bench "
+                  "and one LeNet-5 epoch, in one table"),
     "summary": ("gpuconv.summary_cli", "print LeNet-5's layers, parameter counts and FLOPs"),
 }
 

@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from .backend import device_of, get_array_module, parse_device, to_device
+from .backend import device_of, device_scope, get_array_module, is_device_array, parse_device, to_device
 from .errors import ArgumentError, DTypeError, ShapeError
 
 _mode = threading.local()  # grad mode is per thread, as in PyTorch
@@ -145,6 +145,16 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require grad (no input of the ops "
                                "that made it requires grad, or it was computed under gpuconv.no_grad())")
+        if is_device_array(self.data):
+            # The backward allocates where the loss lives: make that GPU current (cuda:N for any N),
+            # and name the backward in an out-of-memory error.
+            from .cuda.runtime import device_errors
+            with device_scope(self.data), device_errors("backward", {"loss": self.shape}):
+                self._backward(grad, retain_graph)
+        else:
+            self._backward(grad, retain_graph)
+
+    def _backward(self, grad, retain_graph):
         if grad is None:
             if self.data.size != 1:
                 raise ShapeError(f"backward(): grad can be omitted only for a one-element tensor "
@@ -241,7 +251,11 @@ class Function:
         record = is_grad_enabled() and any(self.needs_input_grad)
         if not record:
             self.needs_input_grad = (False,) * len(inputs)
-        output = self.forward(*arrays)
+        if arrays and is_device_array(arrays[0]):
+            with device_scope(arrays[0]):  # CuPy allocates and launches on the current GPU: the data's
+                output = self.forward(*arrays)
+        else:
+            output = self.forward(*arrays)
         if not record:
             return Tensor(output)
         # per input: (leaf tensor, None) or (None, its creator) or (None, None) for a constant

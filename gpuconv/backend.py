@@ -3,6 +3,7 @@
 CuPy is optional. It imports fine on a machine with no GPU (CI, laptops), so "installed" is not
 "usable": `cuda_status()` asks `cupy.is_available()` and remembers why CUDA is out of reach.
 """
+import contextlib
 import functools
 import os
 
@@ -44,15 +45,34 @@ def is_cupy_array(x):
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
+def is_device_array(x):
+    """True for an array on a GPU: a CuPy array, or an emulated device's array under emulation."""
+    return is_cupy_array(x) or hasattr(x, "device_id")
+
+
+def _emulated_devices():
+    """gpuconv.cuda.emulated_devices when emulated CUDA devices are switched on, else None."""
+    import sys
+    module = sys.modules.get("gpuconv.cuda.emulated_devices")
+    return module if module is not None and module.count() else None
+
+
 def get_array_module(*arrays):
-    """numpy or cupy, DeZero-style. Raises DeviceMismatchError if the arrays live on both."""
-    on_gpu = [is_cupy_array(a) for a in arrays if a is not None]
-    if any(on_gpu) and not all(on_gpu):
-        raise DeviceMismatchError(
-            "arrays on different devices were passed to one op: "
-            + ", ".join(device_of(a) for a in arrays if a is not None)
-            + "; move them to one device first, e.g. model.to('cpu') and gpuconv.to_device(x, 'cpu')")
-    return _cupy_or_none() if any(on_gpu) else np
+    """numpy or cupy, DeZero-style. Raises DeviceMismatchError if the arrays live on different
+    devices: the CPU and a GPU, or two GPUs (cuda:0 and cuda:1 are compared by device id)."""
+    present = [a for a in arrays if a is not None]
+    on_gpu = [is_cupy_array(a) for a in present]
+    if len(present) > 1 and (any(on_gpu) or _emulated_devices() is not None):
+        devices = [device_of(a) for a in present]
+        if len(set(devices)) > 1:
+            raise DeviceMismatchError(
+                "arrays on different devices were passed to one op: " + ", ".join(devices)
+                + "; move them to one device first, e.g. model.to('cpu') and gpuconv.to_device(x, 'cpu')")
+    if any(on_gpu):
+        return _cupy_or_none()
+    if present and hasattr(present[0], "device_id"):  # an emulated device's array
+        return _emulated_devices().array_module
+    return np
 
 
 class Device:
@@ -74,7 +94,9 @@ class Device:
 
     @property
     def xp(self):
-        return np if self.kind == "cpu" else cuda_status()[0]
+        if self.kind == "cpu" or _emulated_devices() is not None:
+            return np
+        return cuda_status()[0]
 
 
 def parse_device(device):
@@ -86,42 +108,91 @@ def parse_device(device):
         raise ArgumentError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
     name = device.strip().lower()
     if name == "auto":
-        return Device("cuda", 0) if cuda_available() else Device("cpu")
+        if not cuda_available():
+            return Device("cpu")
+        _check_cuda_libraries()  # a GPU without cuBLAS fails here, naming the wheel, not at the first GEMM
+        return Device("cuda", 0)
     if name == "cpu":
         return Device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         index_text = name[5:] if name.startswith("cuda:") else "0"
         if not index_text.isdigit():
             raise ArgumentError(f"device: expected 'cuda:N' with N a GPU index, got {device!r}")
+        index = int(index_text)
+        emulated = _emulated_devices()
+        if emulated is not None:  # kernel emulation with pretend GPUs (gpuconv.cuda.emulation(devices=N))
+            if index >= emulated.count():
+                raise CudaUnavailableError(f"device {device!r}: emulation has {emulated.count()} CUDA "
+                                           f"device(s), indices 0..{emulated.count() - 1}")
+            return Device("cuda", index)
         cupy, reason = cuda_status()
         if reason:
             raise CudaUnavailableError(f"device {device!r} was asked for but CUDA is unavailable: {reason}. "
                                        "Use device='cpu' to train on the CPU.")
-        index = int(index_text)
         count = cupy.cuda.runtime.getDeviceCount()
         if index >= count:
             raise CudaUnavailableError(f"device {device!r}: this machine has {count} CUDA device(s), "
                                        f"indices 0..{count - 1}")
+        _check_cuda_libraries()
         return Device("cuda", index)
     raise ArgumentError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _check_cuda_libraries():
+    """Fail, naming the wheel, when a CUDA library the GPU path loads is missing (once a process)."""
+    from .cuda.runtime import check_libraries
+    check_libraries()
+
+
 def device_of(array):
+    """'cpu' or 'cuda:N' with N the id of the GPU the array lives on."""
     if is_cupy_array(array):
         return f"cuda:{array.device.id}"
-    return "cpu"
+    device_id = getattr(array, "device_id", None)  # an emulated device's array
+    return "cpu" if device_id is None else f"cuda:{device_id}"
 
 
 def to_device(array, device):
-    """Copy `array` to `device` (no copy when it is already there)."""
+    """Copy `array` to `device` (no copy when it is already there; a copy from another GPU)."""
     device = parse_device(device)
     if array is None:
         return None
     if device.kind == "cpu":
-        return array.get() if is_cupy_array(array) else np.asarray(array)
+        if is_cupy_array(array) or hasattr(array, "device_id"):
+            return array.get()
+        return np.asarray(array)
+    emulated = _emulated_devices()
+    if emulated is not None:
+        return emulated.to_device(array, device.index)
     cupy = device.xp
     with cupy.cuda.Device(device.index):
+        if is_cupy_array(array) and array.device.id != device.index:
+            return array.copy()  # cupy.asarray would return the array on its old device unchanged
         return cupy.asarray(array)
+
+
+_NO_DEVICE = contextlib.nullcontext()
+
+
+def device_scope(where):
+    """A context manager that makes the GPU of `where` (an array, a Tensor, a Device or a device
+    string) current, so that CuPy allocates and launches there: `cupy.cuda.Device(N)` on a GPU, its
+    emulated stand-in under emulation, nothing for the CPU."""
+    data = where.data if hasattr(where, "requires_grad") else where  # a Tensor's array
+    if is_cupy_array(data):
+        return _cupy_or_none().cuda.Device(data.device.id)
+    if hasattr(data, "device_id"):
+        from .cuda.emulated_devices import EmulatedDevice
+        return EmulatedDevice(data.device_id)
+    if isinstance(where, (Device, str)):
+        device = parse_device(where)
+        if device.kind == "cuda":
+            if _emulated_devices() is not None:
+                from .cuda.emulated_devices import EmulatedDevice
+                return EmulatedDevice(device.index)
+            return device.xp.cuda.Device(device.index)
+    return _NO_DEVICE
 
 
 def uses_cuda_kernels(x):

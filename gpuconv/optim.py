@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, to_device
+from .backend import device_of, device_scope, get_array_module, to_device
 from .errors import ArgumentError, CheckpointError
 
 
@@ -39,7 +39,8 @@ class Optimizer:
         self.steps += 1
         for index, p in enumerate(self.params):
             if p.grad is not None:
-                self.update(index, p)
+                with device_scope(p.data):  # state and temporaries on the parameter's GPU
+                    self.update(index, p)
 
     def _state(self, name, index, like):
         if self.state[name][index] is None or self.state[name][index].shape != like.shape:
@@ -102,8 +103,9 @@ class Optimizer:
         for key, p in expected.items():
             if key in state:
                 state_name, index = key.rsplit(".", 1)
-                self.state[state_name][int(index)] = get_array_module(p.data).asarray(
-                    state[key], dtype=p.data.dtype)
+                with device_scope(p.data):  # beside the parameter, whichever GPU is current
+                    self.state[state_name][int(index)] = get_array_module(p.data).asarray(
+                        to_device(state[key], device_of(p.data)), dtype=p.data.dtype)
         return self
 
 

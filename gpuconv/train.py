@@ -21,12 +21,14 @@ from . import distributed
 from . import functional as F
 from . import optim
 from .autograd import no_grad
-from .backend import get_array_module, parse_device, to_device
+from .backend import device_scope, get_array_module, is_device_array, parse_device, to_device
 from .compiler import compile as compile_model
 from .checkpoint import atomic_write, check_resume, load_checkpoint, save_checkpoint
+from .cuda.runtime import device_errors
 from .data import MNIST, DataLoader
 from .data.loader import to_float_batch
 from .errors import ArgumentError, CheckpointError, NonFiniteError
+from .ops.loss import check_labels
 from .models import LeNet5
 from .cli import HelpFormatter
 
@@ -35,6 +37,11 @@ DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
                 activation="relu", pool="max")
 DEFAULTS.update(distributed=False)  # --distributed: gpuconv/distributed.py, issue 19
+
+
+# On a GPU the loss and the correct count stay on the device and are read back (one blocking sync)
+# every LOG_EVERY steps and at the end of an epoch, not after every step.
+LOG_EVERY = 50
 
 
 def build_optimizer(name, params, lr, momentum, weight_decay):
@@ -139,6 +146,9 @@ class Trainer:
         self.test_images = to_float_batch(self.test_set.images)
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size) if self.dist else {}
         self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"], **shard)
+        self.num_classes = _num_classes(self.model)
+        self.device_data = self._dataset_on_device()
+        self.pending = None  # (loss sum, correct count) of steps not yet read back from the GPU
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
         self.progress = dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0)  # the epoch so far
         if c["resume"] and os.path.exists(c["checkpoint"]):
@@ -151,6 +161,7 @@ class Trainer:
 
     # ----- checkpoints -----
     def meta(self):
+        self.read_progress()
         keys = ("seed", "batch_size", "activation", "pool", "optimizer", "schedule", "epochs")
         return dict(epoch=self.epoch, batch=self.batch, step=self.step, history=self.history,
                     progress=self.progress, config={k: self.config[k] for k in keys},
@@ -201,21 +212,89 @@ class Trainer:
 
     # ----- training -----
     def train_step(self, x, y):
-        """One SGD step on a batch -> (loss as a float, logits array)."""
+        """One SGD step on a batch -> (loss, logits array). The loss is a 0-d array on the batch's
+        device: nothing here reads a GPU value back (the caller reads sums once per LOG_EVERY steps).
+        On the CPU the loss is checked before the update, which costs nothing there."""
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        value = loss.item()
-        if not math.isfinite(value):
-            layer = first_non_finite_layer(self.model, x)
-            raise NonFiniteError(f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); "
-                                 f"the first non-finite output came from layer {layer!r}. The last good "
-                                 "checkpoint is kept; lower --lr or check the input data")
+        if not is_device_array(loss.data):
+            self.check_finite(loss.data, x, self.step + 1)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         self.batch += 1
         self.step += 1
-        return value, logits.data
+        return loss.data, logits.data
+
+    def accumulate(self, loss, logits, y):
+        """Add a step's loss and correct count to the epoch's: on the GPU as device sums, no sync."""
+        n = len(y)
+        with device_scope(y):
+            correct = (logits.argmax(axis=1) == y).sum()
+            if self.pending is None:
+                self.pending = [loss.astype("float64") * n, correct, self.step]
+            else:
+                self.pending[0] = self.pending[0] + loss.astype("float64") * n
+                self.pending[1] = self.pending[1] + correct
+        self.progress["seen"] += n
+
+    def read_progress(self, x=None):
+        """Fold the device sums into `progress` (one blocking read) and refuse a non-finite loss,
+        before anything (a checkpoint, the epoch's record) is made of them. `x`, the last batch,
+        lets the error name the first layer that gives a non-finite output."""
+        if self.pending is None:
+            return
+        loss_sum, correct, first_step = self.pending
+        self.pending = None
+        loss_sum = float(loss_sum)
+        self.check_finite(loss_sum, x, self.step, first_step)
+        self.progress["correct"] += int(correct)
+        self.progress["loss_sum"] += loss_sum
+
+    def check_finite(self, value, x, step, first_step=None):
+        value = float(value)
+        if math.isfinite(value):
+            return
+        layer = repr(first_non_finite_layer(self.model, x)) if x is not None else "unknown here"
+        where = f"at step {step}" if first_step in (None, step) else f"between steps {first_step} and {step}"
+        raise NonFiniteError(f"loss became {value} {where} (epoch {self.epoch + 1}); the first non-finite "
+                             f"output came from layer {layer}. The last good checkpoint is kept; lower --lr "
+                             "or check the input data")
+
+    # ----- data on the device -----
+    def _dataset_on_device(self):
+        """The training images (uint8, as stored) and labels moved to the GPU once, or None on the
+        CPU or for a dataset without uint8 .images and .labels. Labels are range-checked here, on
+        the host, before the copy: the loss then never reads them back."""
+        images, labels = getattr(self.train_set, "images", None), getattr(self.train_set, "labels", None)
+        if self.device.kind == "cpu" or images is None or labels is None or np.asarray(images).dtype != np.uint8:
+            return None
+        labels = np.asarray(labels).astype(np.int64)
+        check_labels(labels, len(labels), self.num_classes)
+        with device_scope(self.device):
+            return to_device(np.ascontiguousarray(images), self.device), to_device(labels, self.device)
+
+    def batches(self, epoch, start=0):
+        """(x, y) on the model's device for every batch of `epoch` from `start`, in the loader's
+        order. With the dataset on the GPU, a batch is gathered and normalised there (the same
+        arithmetic as data.loader.to_float_batch); otherwise the loader's batch is checked and copied."""
+        if self.device_data is None:
+            for x, y in self.loader.batches(epoch, start=start):
+                if self.device.kind != "cpu":
+                    check_labels(y, len(y), self.num_classes)  # on the host, before the copy
+                yield to_device(x, self.device), to_device(y, self.device)
+            return
+        images, labels = self.device_data
+        size, rank, ranks = self.loader.batch_size, self.loader.rank, self.loader.world_size
+        with device_scope(self.device):
+            xp = get_array_module(images)
+            order = to_device(self.loader.order(epoch), self.device)  # one small copy an epoch
+        for b in range(start, len(self.loader)):
+            with device_scope(self.device):  # not held across the yield: the step nests its own scopes
+                index = order[b * size * ranks:(b + 1) * size * ranks][rank::ranks]  # this rank's share
+                x = images[index].astype(xp.float32) / xp.float32(255)
+                batch = (x[:, None] if x.ndim == 3 else x), labels[index]
+            yield batch
 
     def fit(self):
         c = self.config
@@ -223,22 +302,26 @@ class Trainer:
         while self.epoch < c["epochs"]:
             progress = self.progress
             started = time.perf_counter() - progress["seconds"]
-            batches = self.loader.batches(self.epoch, start=self.batch)
+            batches = self.batches(self.epoch, start=self.batch)
             bar = tqdm(batches, total=len(self.loader) - self.batch, desc=f"epoch {self.epoch + 1}/{c['epochs']}",
                        leave=False, disable=None, unit="batch")
+            on_host, x = self.device.kind == "cpu", None
             for x, y in bar:
-                x, y = to_device(x, self.device), to_device(y, self.device)
-                with sigint_deferred():  # Ctrl-C lands between steps: weights and counts agree
+                # Ctrl-C lands between steps (weights and counts agree); the model's GPU is current;
+                # out of memory anywhere in the step (the optimizer's too) names the step and the batch
+                with sigint_deferred(), device_scope(self.device), \
+                        device_errors("training step", {"x": x.shape}):
                     loss, logits = self.train_step(x, y)
-                    progress["seen"] += len(y)
-                    progress["loss_sum"] += loss * len(y)
-                    progress["correct"] += int((logits.argmax(axis=1) == y).sum())
+                    self.accumulate(loss, logits, y)
                     progress["seconds"] = time.perf_counter() - started
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{progress['correct'] / progress['seen']:.4f}",
-                                refresh=False)
+                if on_host or self.step % LOG_EVERY == 0:  # a GPU is read back once per LOG_EVERY steps
+                    self.read_progress(x)
+                    bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.4f}",
+                                    acc=f"{progress['correct'] / progress['seen']:.4f}", refresh=False)
                 if c["checkpoint_every"] and self.step % c["checkpoint_every"] == 0:
                     self.save()
             bar.close()
+            self.read_progress(x)
             seconds = time.perf_counter() - started
             progress = self.global_progress(progress) if self.dist else progress
             seen = progress["seen"]
@@ -270,6 +353,14 @@ class Trainer:
         seen, loss_sum, correct = self.dist.sum_host([progress["seen"], progress["loss_sum"], progress["correct"]],
                                                      "progress")
         return dict(progress, seen=int(seen), loss_sum=float(loss_sum), correct=int(correct))
+
+
+def _num_classes(model):
+    """Logits per sample: the model's num_classes, else its last Linear layer's out_features."""
+    if hasattr(model, "num_classes"):
+        return int(model.num_classes)
+    linears = [m for m in model.modules() if hasattr(m, "out_features")]
+    return int(linears[-1].out_features) if linears else 10
 
 
 def build_parser():

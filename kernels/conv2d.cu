@@ -1,7 +1,7 @@
 // CUDA features used (the kernel emulator supports exactly these): #define (constants) __global__ __device__ __forceinline__ template<typename T> __restrict__ __shared__ (fixed-size 1-D and 2-D arrays) __syncthreads blockIdx threadIdx blockDim gridDim (.x .y .z)
 //
 // 2-D convolution, NCHW, weights (K, C/groups, KH, KW), PyTorch semantics (cross-correlation).
-// Two algorithms, chosen per shape by gpuconv/functional/conv_cuda.py:
+// Two algorithms, chosen per shape by gpuconv/ops/conv_cuda.py:
 //   direct  implicit GEMM tiled through shared memory (forward, backward-data), plus block-per-element
 //           reductions for the filter and bias gradients;
 //   im2col  im2col / col2im below around cuBLAS GEMMs issued from Python.
@@ -13,12 +13,14 @@
 // each thread PIXELS_PER_THREAD pixels of one channel; the reduction walks TILE_R rows at a time.
 // No __launch_bounds__ anywhere: with NVRTC 13 it makes ptxas trade registers for occupancy and
 // spill (check-kernels fails on spills); the launcher always uses the block sizes below.
+// These #defines are the one source of the tile sizes: gpuconv/ops/conv_cuda.py reads them from this
+// file (cuda.runtime.source_constant) to size its grids and blocks.
 #define TILE_P 64
 #define TILE_K 16
 #define TILE_R 16
 #define TILE_THREADS 256
 #define PIXELS_PER_THREAD 4
-// Threads per block of the deterministic reductions (power of two, matches the launcher).
+// Threads per block of the deterministic reductions (power of two; the launcher reads it from here).
 #define REDUCE_THREADS 256
 
 // Sum of one value per thread; a fixed tree so the rounding is the same on every run.

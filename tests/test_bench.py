@@ -99,10 +99,14 @@ def test_table_names_rows_devices_and_definitions():
     table = bench.format_table(results)
     assert "train_step" in table and "inference" in table and "median ms" in table
     assert "torch ms" not in table  # not requested
-    steps = [(r["kind"], r["batch_size"]) for r in results["rows"]]
-    assert steps == [("step", 4), ("inference", 6)]
+    by_device = {}
+    for row in results["rows"]:
+        by_device.setdefault(row["device"].split(":")[0], []).append((row["kind"], row["batch_size"]))
+    # the same rows on every device that ran: cuda's too where a GPU exists
+    assert by_device.pop("cpu") == [("step", 4), ("inference", 6)]
+    assert by_device == ({"cuda": [("step", 4), ("inference", 6)]} if gpuconv.cuda_available() else {})
     assert results["devices"]["cpu"]["peak"] is None
-    assert results["rows"][0]["gpuconv"]["peak_share"] is None
+    assert all(r["gpuconv"]["peak_share"] is None for r in results["rows"])
     if not gpuconv.cuda_available():
         assert "cuda: unavailable, skipped: " + gpuconv.backend.cuda_status()[1] in table
 

@@ -1,10 +1,13 @@
 """A training step on "cuda" keeps activations on the GPU.
 
 Without a GPU this is shown on the source: no function a step runs may copy an array to the host
-(`.get()`, `cupy.asnumpy`, `to_device(..., "cpu")`, `numpy.asarray` of an activation). A step is
-the model's forward (the compiled model, which runs a CuPy batch eagerly), the autograd tape
-(gpuconv.autograd, the Functions of gpuconv.functional), the array ops of gpuconv.ops they call,
-loss.item() and the optimizer. With a GPU, the gpu-marked test runs the step and checks that every
+(`.get()`, `cupy.asnumpy`, `to_device(..., "cpu")`, `numpy.asarray` of an activation), nor read a
+device value back with `int(`, `float(`, `bool(` or `.item()`, each a blocking sync that stalls the
+GPU's queue. A step is the Trainer's step and its accumulation of loss and correct count, the
+model's forward (the compiled model, which runs a CuPy batch eagerly), the autograd tape
+(gpuconv.autograd, the Functions of gpuconv.functional), the array ops of gpuconv.ops they call and
+the optimizer. (tests/test_gpu_training_emulated.py shows the same at run time: an emulated GPU
+records every read back, and a step makes none.) With a GPU, the gpu-marked test runs the step and checks that every
 array the tape saved for the backward, every gradient and every parameter is a CuPy array.
 """
 import inspect
@@ -14,14 +17,14 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import autograd, compiler, functional, nn, optim
+from gpuconv import autograd, compiler, functional, nn, optim, train
 from gpuconv.models import LeNet5
 from gpuconv.ops import activation, conv, conv_cuda, linear, loss, norm, pool, pool_cuda
 
 HOST_COPY = re.compile(r"\.get\(\)|asnumpy|to_device\(|np\.asarray\(|np\.array\(|\.tolist\(\)")
 
-# What a step calls on a Tensor (not numpy() / to(), which copy on purpose).
-TENSOR_METHODS = ("backward", "item", "reshape", "flatten", "sum", "mean", "__add__", "__radd__", "__sub__",
+# What a step calls on a Tensor (not numpy() / to() / item(), which copy or read on purpose).
+TENSOR_METHODS = ("backward", "_backward", "reshape", "flatten", "sum", "mean", "__add__", "__radd__", "__sub__",
                   "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__", "__matmul__",
                   "__pow__", "__getitem__")
 
@@ -40,7 +43,8 @@ def _function_methods(module, skip=()):
 
 
 def step_functions():
-    functions = [nn.Module.__call__, nn.Sequential.forward, compiler.CompiledModel.__call__,
+    functions = [train.Trainer.train_step, train.Trainer.accumulate,
+                 nn.Module.__call__, nn.Sequential.forward, compiler.CompiledModel.__call__,
                  compiler.CompiledModel._plan_for, optim.Optimizer.zero_grad, optim.Optimizer.step,
                  optim.SGD.update, optim.Adam.update]
     for layer in (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.ReLU,
@@ -82,6 +86,53 @@ def test_no_host_copy_in_the_training_step(function):
     # The NumPy-only helpers (names ending in _numpy) run on the CPU path alone and are excluded.
     copies = [line.strip() for line in source.splitlines() if HOST_COPY.search(line)]
     assert not copies, f"{function.__qualname__} copies to the host: {copies}"
+
+
+HOST_READ = re.compile(r"\bint\(|\bfloat\(|\bbool\(|\.item\(\)")
+
+# int(/float(/bool( of values that are host values by construction (arguments, shapes, Python
+# numbers), each reviewed: (function, the expression). Anything else must say on its line why the
+# value is on the host (a `# host:` comment), or it is a blocking read of a device value.
+HOST_VALUES = {
+    ("Tensor.flatten", "int(np.prod(shape"),          # a shape
+    ("_check_conv_args", "int(groups)"),              # an argument
+    ("_check_count_include_pad", "bool(count_include_pad)"),
+    ("_check_norm_type", "float(norm_type)"),
+    ("_check_p", "float(p)"),
+    ("_device_generator", "int(rng.integers("),       # the host Generator seeds a device one, once
+    ("cross_entropy", 'float("nan")'),                # a constant
+    ("_backward_im2col", "beta=float(index > 0)"),    # a loop counter
+    ("_sizes", "int(s) for s in x_shape"),            # a shape
+    ("_mode_scalars", "bool(count_include_pad)"),     # an argument
+}
+
+
+def host_reads(function):
+    """Lines of `function` that may read a device value back, neither reviewed nor marked `# host:`."""
+    name = function.__qualname__.split(".")[-1] if "." not in function.__qualname__ else function.__qualname__
+    lines = []
+    for line in inspect.getsource(function).splitlines():
+        code = line.split("#")[0]
+        if not HOST_READ.search(code) or "# host:" in line:
+            continue
+        if any(qualname in (function.__qualname__, name) and expression in code for qualname, expression in HOST_VALUES):
+            continue
+        lines.append(line.strip())
+    return lines
+
+
+@pytest.mark.parametrize("function", step_functions(), ids=lambda f: f.__qualname__)
+def test_no_blocking_read_of_a_device_value_in_the_training_step(function):
+    reads = host_reads(function)
+    assert not reads, f"{function.__qualname__} reads a device value back to the host (a sync): {reads}"
+
+
+def test_the_scan_would_see_a_blocking_read():
+    def sync_per_step(loss, logits, labels):
+        low = int(labels.min())
+        positive = bool((logits > 0).any())
+        return float(loss) + low + positive + loss.item()
+    assert len(host_reads(sync_per_step)) == 3
 
 
 def test_the_scan_would_see_a_host_copy():

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gpuconv import ops
-from gpuconv.cuda import compiler, emulate
+from gpuconv.cuda import emulate
+from gpuconv.cuda import runtime as compiler
 from gpuconv.cuda.emulate import ORDERS
 
 CASES_FILE = Path(__file__).parent / "emulator_kernels" / "emulation_cases.py"
@@ -190,7 +191,7 @@ def test_lenet5_training_step_matches_numpy(dtype, pool):
 
 
 def real_modules():
-    """The EmulatedModules the launchers use, built exactly as compiler.load_module builds them."""
+    """The EmulatedModules the launchers use, built exactly as runtime.load_module builds them."""
     with emulate.emulation():
         return [compiler.load_module(name, compiler.template_instances(compiler.KERNELS[name]))
                 for name in ("conv2d.cu", "pool2d.cu")]

@@ -685,7 +685,9 @@ RAISE_IN_FORWARD = PROCESS_SETUP + r'''
 
 RAISE_IN_SETUP = PROCESS_SETUP + r'''
     limit_memory(old, 2 << 20)
-    x1, y1 = batch(rng, 2048)  # its part: 1024 images: a larger arena, which it cannot map (ENOMEM)
+    # its part: 8192 images: an arena of ~52 MB, which it cannot map (ENOMEM) even after freeing
+    # the old arena and the plan's buffers (the worker drops them before mapping the new one)
+    x1, y1 = batch(rng, 16384)
     out = {"old": old}
     out["caught"], out["partial"] = attempt(lambda: F.cross_entropy(net(x1), y1).backward())
     lift_memory_limit(old)  # from here on the worker could go on, were it kept

@@ -142,7 +142,7 @@ def test_gradients_are_bit_identical_run_to_run(algo, rng):
 
 
 def test_kernels_compile_through_rawmodule_for_this_gpu():
-    from gpuconv.cuda import compiler
+    from gpuconv.cuda import runtime as compiler
     for source, kernels in compiler.KERNELS.items():
         for name in kernels:
             for dtype in ("float32", "float64"):
@@ -160,3 +160,39 @@ def test_out_of_memory_names_the_op_and_suggests_a_smaller_batch(monkeypatch):
     monkeypatch.setattr(cupy, "empty", no_memory)
     with pytest.raises(GpuOutOfMemoryError, match=r"conv2d.*x=\(2, 1, 8, 8\).*smaller batch"):
         conv.conv2d(x, weight, algo="direct")
+
+
+def test_a_training_step_on_the_last_gpu_stays_there():
+    """cuda:N for the highest N this machine has (cuda:0 on a one-GPU machine): parameters,
+    gradients, optimizer state and the loss live on that device, and the step matches the CPU."""
+    import cupy
+    from gpuconv import functional as F, optim
+    from gpuconv.models import LeNet5
+    device = f"cuda:{cupy.cuda.runtime.getDeviceCount() - 1}"
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 16)
+    results = {}
+    for where in ("cpu", device):
+        model = LeNet5(seed=0).to(where)
+        opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss = F.cross_entropy(model(gpuconv.to_device(x, where)), gpuconv.to_device(y, where))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        results[where] = (loss, model, opt)
+    loss, model, opt = results[device]
+    assert gpuconv.backend.device_of(loss.data) == device
+    assert {gpuconv.backend.device_of(p.data) for p in model.parameters()} == {device}
+    assert {gpuconv.backend.device_of(v) for v in opt.state["velocity"] if v is not None} == {device}
+    assert loss.item() == pytest.approx(results["cpu"][0].item(), rel=1e-4)
+    for (name, a), b in zip(results["cpu"][1].state_dict().items(), model.state_dict().values()):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_kernels_are_cached_across_launches():
+    from gpuconv.cuda import runtime
+    x, w = _to_gpu(np.ones((2, 1, 8, 8), np.float32), np.ones((4, 1, 3, 3), np.float32))
+    conv.conv2d(x, w, algo="direct")
+    kernel = runtime.get_kernel("conv2d.cu", "conv2d_forward_direct", np.float32)
+    conv.conv2d(x, w, algo="direct")
+    assert runtime.get_kernel("conv2d.cu", "conv2d_forward_direct", np.float32) is kernel

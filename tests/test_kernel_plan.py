@@ -1,5 +1,5 @@
 """The on-paper GPU plan records the real launchers' kernels and counts FLOPs like summary()."""
-from gpuconv.cuda import plan
+from gpuconv.cuda.tools import plan
 from gpuconv.ops import conv_cuda
 from gpuconv.models import LeNet5
 
@@ -30,3 +30,33 @@ def test_format_plan_names_every_kernel_with_its_resources():
     resources = {("conv2d_forward_direct", "sm_90"): {"registers": 40, "shared_bytes": 5184}}
     text = plan.format_plan(rows, resources, markdown=True)
     assert "conv2d_forward_direct" in text and "5184" in text and text.startswith("| call")
+
+
+def test_check_kernels_without_cupy_says_so_once(monkeypatch, capsys):
+    import sys
+    from gpuconv.cuda.tools import check
+    monkeypatch.setitem(sys.modules, "cupy.cuda.compiler", None)  # as if CuPy were not installed
+    assert check.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "needs CuPy" in err and "gpuconv[kernel-check]" in err
+
+
+def test_kernel_plan_without_cupy_explains_the_missing_resources(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy.cuda.compiler", None)
+    assert plan.main(["--batch-size", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "registers and shared memory are left out" in err
+    assert "None" not in out and "conv2d_forward_direct" in out
+
+
+def test_tile_sizes_have_one_source_the_kernel_file():
+    from gpuconv.cuda import runtime
+    constants = runtime.source_constants("conv2d.cu")
+    assert (conv_cuda.TILE_P, conv_cuda.TILE_K, conv_cuda.REDUCE_THREADS) == (
+        constants["TILE_P"], constants["TILE_K"], constants["REDUCE_THREADS"])
+    assert conv_cuda.TILE_BLOCK[0] * conv_cuda.TILE_BLOCK[1] == constants["TILE_THREADS"]
+    import inspect
+    source = inspect.getsource(conv_cuda)
+    assert "TILE_P = 64" not in source and "must match" not in source.lower()

@@ -4,18 +4,19 @@ import pytest
 
 pytest.importorskip("cupy")
 
-from gpuconv.cuda import check, compiler  # noqa: E402
+from gpuconv.cuda import runtime  # noqa: E402
+from gpuconv.cuda.tools import check, offline  # noqa: E402
 from gpuconv.errors import KernelError  # noqa: E402
 
-BUILDS = [(source, arch) for source in compiler.KERNELS for arch in compiler.ARCHS]
+BUILDS = [(source, arch) for source in runtime.KERNELS for arch in offline.ARCHS]
 
 
 @pytest.fixture(scope="module")
 def builds():
     """(source, arch) -> OfflineResult, each compiled once (compile_offline caches per process, so
     the check-kernels test below reuses these)."""
-    return {(source, arch): compiler.compile_offline(source, arch,
-                                                     compiler.template_instances(compiler.KERNELS[source]))
+    return {(source, arch): offline.compile_offline(source, arch,
+                                                     runtime.template_instances(runtime.KERNELS[source]))
             for source, arch in BUILDS}
 
 
@@ -24,7 +25,7 @@ def test_every_instance_builds_without_spills_or_local_memory(builds, source, ar
     result = builds[(source, arch)]
     assert result.cubin.startswith(b"\x7fELF"), "NVRTC should emit a cubin (SASS) for a real sm_ arch"
     assert f"-arch=sm_{arch}" in result.log or result.kernels, result.log
-    expected = compiler.template_instances(compiler.KERNELS[source])
+    expected = runtime.template_instances(runtime.KERNELS[source])
     assert [k.name_expression for k in result.kernels] == list(expected)
     for kernel in result.kernels:
         assert kernel.spills == 0, f"{kernel.name_expression} spills on sm_{arch}"
@@ -49,7 +50,7 @@ def test_check_kernels_main_passes_and_prints_the_table(builds, capsys):
 
 def test_kernel_rows_are_data_for_the_readme(builds):
     rows = check.kernel_rows(archs=("86",), sources=["pool2d.cu"])
-    assert len(rows) == 2 * len(compiler.KERNELS["pool2d.cu"])
+    assert len(rows) == 2 * len(runtime.KERNELS["pool2d.cu"])
     assert {row["dtype"] for row in rows} == {"float32", "float64"}
     assert all(row["status"] == "ok" and row["arch"] == "sm_86" for row in rows)
     table = check.format_table(rows, markdown=True)
@@ -58,10 +59,10 @@ def test_kernel_rows_are_data_for_the_readme(builds):
 
 def test_warnings_are_errors(monkeypatch):
     sources = {"warns.cu": "template<typename T> __global__ void k(T* y) { int unused = 3; y[0] = T(1); }\n"}
-    monkeypatch.setattr(compiler, "read_source", sources.__getitem__)
+    monkeypatch.setattr(offline, "read_source", sources.__getitem__)
     with pytest.raises(KernelError, match="unused"):
-        compiler.compile_offline("warns.cu", "80", ("k<float>",))
-    assert compiler.compile_offline("warns.cu", "80", ("k<float>",), strict=False).kernels
+        offline.compile_offline("warns.cu", "80", ("k<float>",))
+    assert offline.compile_offline("warns.cu", "80", ("k<float>",), strict=False).kernels
 
 
 def test_local_memory_is_an_error(monkeypatch):
@@ -70,10 +71,10 @@ def test_local_memory_is_an_error(monkeypatch):
             "  T a[512]; for (int j = 0; j < 512; ++j) a[j] = y[j];\n"
             "  a[i] += T(1); T s = T(0); for (int j = 0; j < 512; ++j) s += a[j] * a[511 - j];\n"
             "  y[0] = s; }\n")
-    monkeypatch.setattr(compiler, "read_source", {"local.cu": code}.__getitem__)
+    monkeypatch.setattr(offline, "read_source", {"local.cu": code}.__getitem__)
     with pytest.raises(KernelError, match="[Ll]ocal memory|stack frame"):
-        compiler.compile_offline("local.cu", "80", ("k<float>",))
-    lenient = compiler.compile_offline("local.cu", "80", ("k<float>",), strict=False)
+        offline.compile_offline("local.cu", "80", ("k<float>",))
+    lenient = offline.compile_offline("local.cu", "80", ("k<float>",), strict=False)
     assert lenient.kernels[0].uses_local_memory
 
 
@@ -81,7 +82,7 @@ def test_offline_compile_restores_cupys_internals():
     import cupy.cuda.compiler as cupy_compiler
     before = (cupy_compiler._get_arch_for_options_for_nvrtc, cupy_compiler.function,
               cupy_compiler._kernel_cache_backend)
-    compiler.compile_offline.__wrapped__("pool2d.cu", "75", ("max_pool2d_forward<float>",))
+    offline.compile_offline.__wrapped__("pool2d.cu", "75", ("max_pool2d_forward<float>",))
     after = (cupy_compiler._get_arch_for_options_for_nvrtc, cupy_compiler.function,
              cupy_compiler._kernel_cache_backend)
     assert all(a is b for a, b in zip(before, after))
@@ -91,21 +92,21 @@ def test_moved_private_api_is_a_loud_error(monkeypatch):
     import cupy.cuda.compiler as cupy_compiler
     monkeypatch.delattr(cupy_compiler, "_compile_module_with_cache")
     with pytest.raises(KernelError, match="_compile_module_with_cache.*cupy-cuda13x==14.2.0"):
-        compiler.compile_offline.__wrapped__("pool2d.cu", "75", ("max_pool2d_forward<float>",))
+        offline.compile_offline.__wrapped__("pool2d.cu", "75", ("max_pool2d_forward<float>",))
 
 
 def test_loader_finds_the_checkouts_kernels():
-    directory = compiler.kernel_dir()
+    directory = runtime.kernel_dir()
     assert directory.joinpath("conv2d.cu").is_file() and directory.joinpath("pool2d.cu").is_file()
-    for source, kernels in compiler.KERNELS.items():
-        text = compiler.read_source(source)
+    for source, kernels in runtime.KERNELS.items():
+        text = runtime.read_source(source)
         assert text.startswith("// CUDA features used")
         for name in kernels:
             assert f" {name}(" in text, f"{name} is listed in KERNELS but not defined in {source}"
 
 
 def test_instance_names():
-    assert compiler.instance_name("im2col", "float32") == "im2col<float>"
-    assert compiler.instance_name("im2col", "float64") == "im2col<double>"
+    assert runtime.instance_name("im2col", "float32") == "im2col<float>"
+    assert runtime.instance_name("im2col", "float64") == "im2col<double>"
     with pytest.raises(KernelError, match="float16"):
-        compiler.instance_name("im2col", "float16")
+        runtime.instance_name("im2col", "float16")

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuconv.cuda import compiler, emulate
+from gpuconv.cuda import emulate
+from gpuconv.cuda import runtime as compiler
 
 CASES_FILE = Path(__file__).parent / "emulator_kernels" / "emulation_cases.py"
 _spec = importlib.util.spec_from_file_location("emulation_cases", CASES_FILE)

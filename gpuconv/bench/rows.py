@@ -193,11 +193,10 @@ class GpuconvRows:
         def train_step():
             self.set_algo(algo)  # the model is shared by every algo's rows
             loss = functional.cross_entropy(net(x), labels)
-            value = loss.item()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            return value
+            return loss.data  # not read back: the trainer reads its loss sums once per LOG_EVERY steps
         return train_step
 
     def inference(self, algo):

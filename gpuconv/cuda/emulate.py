@@ -85,9 +85,11 @@ def current_settings():
 
 
 @contextlib.contextmanager
-def emulation(enabled=True, *, order=None, mode=None, seed=None):
+def emulation(enabled=True, *, order=None, mode=None, seed=None, devices=None):
     """Run gpuconv's CUDA kernels through the CPU emulator inside the block (enabled=False switches
-    it off); optionally choose the thread order, the mode and the random-order seed."""
+    it off); optionally choose the thread order, the mode and the random-order seed. devices=N also
+    pretends to have N CUDA devices, so 'cuda:0'..'cuda:N-1' can be used and every allocation and
+    launch records which one was current (see gpuconv.cuda.emulated_devices)."""
     if order is not None and order not in ORDERS:
         raise KernelError(f"emulation order: expected one of {ORDERS}, got {order!r}")
     if mode is not None and mode not in MODES:
@@ -95,7 +97,12 @@ def emulation(enabled=True, *, order=None, mode=None, seed=None):
     backend._emulation_override.append(bool(enabled))
     _settings_stack.append({"order": order, "mode": mode, "seed": seed})
     try:
-        yield
+        if devices:
+            from . import emulated_devices
+            with emulated_devices.enabled(devices):
+                yield
+        else:
+            yield
     finally:
         _settings_stack.pop()
         backend._emulation_override.pop()

@@ -11,7 +11,8 @@ short NumPy call); two processes do not. How, without the hazards of forking the
   same layers and compiles the same plan. Parameters, its rows of x / out / dy / dx and its
   gradients live in a memfd arena both processes map; the caller copies the parameters and the
   rows in before each region and reads the results after.
-* Commands and replies are small JSON messages on a SOCK_SEQPACKET socket pair. A side that
+* Commands and replies are a few bytes on a SOCK_SEQPACKET socket pair; a setup's description
+  (JSON) comes in a memfd of its own. A side that
   waits polls for SPIN_SECONDS (a wake-up from a blocking recv is slow on a VM and would come
   twice a region), then blocks in recv: an idle worker, or a caller waiting for a slow one, takes no
   CPU, and nothing times out a worker that is still working.
@@ -41,7 +42,11 @@ from . import layers as L
 from .module import Parameter
 
 ALIGN = 64
-MESSAGE_BYTES = 1 << 20
+# Every message is a few bytes ("F 3.1 64 1", "ok") or an error text of at most ERROR_CHARS; a
+# setup's description travels in a memfd. recv allocates its whole buffer on every call, the
+# polls included, so it is kept small (a worker near its memory limit must still hear commands).
+MESSAGE_BYTES = 8192
+ERROR_CHARS = 1200  # JSON may write a character as 6 (\uXXXX): the reply stays within MESSAGE_BYTES
 SPIN_SECONDS = 0.002  # both sides poll this long before blocking: the next message usually comes sooner
 
 
@@ -156,13 +161,6 @@ class _Process:
             theirs.close()
         self.socket = ours
         self.arenas = {}  # plan key -> (mapping, views, capacity rows, fd)
-
-    def send(self, message, fds=()):
-        data = json.dumps(message).encode()
-        if fds:
-            socket.send_fds(self.socket, [data], list(fds))
-        else:
-            self.socket.send(data)
 
     def receive(self, part):
         """The reply; WorkerError if the process died. Ctrl-C (or any exception) while waiting
@@ -287,10 +285,16 @@ def _ensure_setup(process, plan, key, part, rows):
         if isinstance(layer, (L.Conv2d, L.Linear)):
             spec["params"] = [index_of[id(layer.weight)], None if layer.bias is None else index_of[id(layer.bias)]]
         specs.append(spec)
+    description = json.dumps({"layers": specs, "in_shape": list(plan.input_shape), "capacity": capacity,
+                              "part": part, "param_shapes": [list(p.data.shape) for p in params],
+                              "size": size}).encode()
     try:
-        process.send({"op": "setup", "key": key, "layers": specs,
-                      "in_shape": list(plan.input_shape), "capacity": capacity, "part": part,
-                      "param_shapes": [list(p.data.shape) for p in params], "size": size}, [fd])
+        spec_fd = os.memfd_create("gpuconv-cpu-setup", os.MFD_CLOEXEC)
+        try:
+            os.write(spec_fd, description)
+            socket.send_fds(process.socket, [f"S {key} {len(description)}".encode()], [fd, spec_fd])
+        finally:
+            os.close(spec_fd)
         process.receive(part)
     except BaseException:
         mapping.close()
@@ -405,15 +409,24 @@ def serve(fd):
                 if state is not None:
                     state["views"].clear()
                     del state
-            else:
-                message = json.loads(data)
-                for fd in fds[1:]:
-                    os.close(fd)
-                states.pop(message["key"], None)
-                states[message["key"]] = _setup(cpu_plan, message, fds[0])
+            else:  # "S key bytes" with the arena's memfd and the description's
+                _, key, length = data.decode().split()
+                arena_fd, spec_fd = fds
+                fds = []  # closed here, whatever happens (the mapping keeps a descriptor of its own)
+                try:
+                    states.pop(key, None)
+                    states[key] = _setup(cpu_plan, json.loads(os.pread(spec_fd, int(length), 0)), arena_fd)
+                finally:
+                    os.close(arena_fd)
+                    os.close(spec_fd)
             sock.send(b"ok")
         except BaseException as error:
-            text = f"{type(error).__name__}: {error}"[:4000]
+            for fd in fds:  # whatever the failed command left open
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            text = f"{type(error).__name__}: {error}"[:ERROR_CHARS]
             sock.send(json.dumps({"ok": False, "error": text}).encode())
 
 
@@ -426,7 +439,6 @@ def _setup(cpu_plan, message, fd):
     probe.prepare(layers, np.empty((1,) + in_shape, np.float32))
     layout, size = arena_layout(param_shapes, capacity, in_shape, probe.out_shape)
     mapping = mmap.mmap(fd, size)
-    os.close(fd)
     views = arena_views(mapping, layout)
     # the parameters are views of the arena (the caller fills them), one object per caller's one
     params = [Parameter(views[f"param{index}"]) for index in range(len(param_shapes))]

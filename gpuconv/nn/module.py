@@ -11,7 +11,8 @@ from collections import OrderedDict
 import numpy as np
 
 from ..autograd import Tensor
-from ..backend import device_of, get_array_module, parse_device, to_device
+from ..backend import device_of, device_scope, get_array_module, is_device_array, parse_device, to_device
+from ..cuda.runtime import device_errors
 from ..errors import CheckpointError, DeviceMismatchError
 
 
@@ -92,6 +93,12 @@ class Module:
 
     # ----- running -----
     def __call__(self, *args, **kwargs):
+        x = args[0].data if args and isinstance(args[0], Tensor) else (args[0] if args else None)
+        if is_device_array(x):
+            # The input's GPU is made current for the whole forward, so every array CuPy allocates
+            # lands there (cuda:N for any N), and out-of-memory errors name this layer.
+            with device_scope(x), device_errors(type(self).__name__, {"x": x.shape}):
+                return self.forward(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
     def forward(self, *args):
@@ -190,8 +197,9 @@ class Module:
                 continue
             value = state[key]
             current = owner.data if buffer_name is None else owner._buffers[buffer_name]
-            array = get_array_module(current).asarray(to_device(value, device_of(current)),
-                                                      dtype=current.dtype).copy()
+            with device_scope(current):  # the copy is made on the current device: make it current's
+                array = get_array_module(current).asarray(to_device(value, device_of(current)),
+                                                          dtype=current.dtype).copy()
             if buffer_name is None:
                 owner.data = array
             else:

@@ -81,25 +81,57 @@ def dropout(x, p, rng=None, mask=None):
     """Inverted dropout -> (y, mask): y = x * mask / (1 - p), mask True where x is kept.
 
     rng: a numpy.random.Generator (or cupy.random.Generator) that draws the mask; None draws from
-    a fresh unseeded one. Pass `mask` instead to replay a mask. Each element is kept with
+    a fresh unseeded one. On a GPU the mask is drawn there, by a CuPy generator seeded once from a
+    NumPy `rng`. Pass `mask` instead to replay a mask. Each element is kept with
     probability 1 - p, and the scaling keeps the expected value of y equal to x.
     """
     p = _check_p(p)
     x = _prepare(x)
     xp = get_array_module(x)
     if mask is None:
-        if rng is None:
-            rng = np.random.default_rng()
-        if not hasattr(rng, "random"):
+        if rng is not None and not hasattr(rng, "random"):
             raise ArgumentError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}; "
                                 "create one with numpy.random.default_rng(seed)")
-        mask = xp.asarray(rng.random(x.shape, dtype=np.float32) >= p)
+        if xp.__name__ == "cupy":
+            # Drawn on the GPU: a host mask would be drawn and copied every step.
+            generator = rng if type(rng).__module__.startswith("cupy") else \
+                _device_generator(xp, rng, device_id_of(x))
+            mask = generator.random(x.shape, dtype=np.float32) >= p
+        else:
+            rng = np.random.default_rng() if rng is None else rng
+            mask = xp.asarray(rng.random(x.shape, dtype=np.float32) >= p)
     else:
         _check_mask(mask, x.shape)
         same_device(x, mask)
     y = xp.multiply(x, mask)
     y *= 1.0 / (1.0 - p)
     return y, mask
+
+
+# id(host Generator) -> (that Generator, {device id: CuPy Generator}). NumPy Generators take no weak
+# references; holding the Generator keeps its id from being reused. One entry per Dropout layer.
+_device_generators = {}
+_unseeded_generators = {}  # device id -> CuPy Generator, for rng=None
+
+
+def device_id_of(x):
+    return x.device.id
+
+
+def _device_generator(xp, rng, device_id):
+    """The CuPy generator that stands for the host Generator `rng` on GPU `device_id`: seeded once
+    from `rng`, so a seeded layer (nn.Dropout(seed=...)) gives a reproducible sequence of masks on
+    each device, and then kept, so no state is set up per call."""
+    if rng is None:
+        generator = _unseeded_generators.get(device_id)
+        if generator is None:
+            generator = _unseeded_generators[device_id] = xp.random.default_rng()
+        return generator
+    per_device = _device_generators.setdefault(id(rng), (rng, {}))[1]
+    generator = per_device.get(device_id)
+    if generator is None:
+        generator = per_device[device_id] = xp.random.default_rng(int(rng.integers(2 ** 63)))
+    return generator
 
 
 def _check_mask(mask, shape):

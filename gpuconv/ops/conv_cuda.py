@@ -1,15 +1,18 @@
 """GPU launch code for conv2d: kernels/conv2d.cu plus cuBLAS GEMMs through xp.matmul.
 
 Called by conv.py with validated arguments (stride, padding, dilation are int pairs; padding is
-symmetric). Arrays stay on their device: allocations use the arrays' own module (CuPy on a GPU, NumPy
-under kernel emulation), so no activation is ever copied to the host.
+symmetric). Arrays stay on their device: each launcher makes the input's GPU current (device_scope) and
+allocates there (runtime.empty: CuPy on a GPU, the emulator's metered buffers under emulation), so
+no activation is ever copied to the host and cuda:N works for any N.
 
 Two algorithms:
   direct  implicit GEMM tiled through shared memory; no workspace. Filter and bias gradients are
           block-per-element reductions in a fixed order.
-  im2col  im2col -> one cuBLAS GEMM per group over the whole batch chunk -> (col2im for dx). Needs a
-          column buffer of C*KH*KW*N*OH*OW elements, so the batch is processed in chunks that keep it
-          under COLUMN_BUDGET_BYTES.
+  im2col  im2col -> one 2-D cuBLAS GEMM per group over the whole batch chunk -> (col2im for dx).
+          Transposes are GEMM flags, never copies (CuPy's 3-D matmul would make its operands
+          contiguous, copying the whole column buffer). Needs a column buffer of C*KH*KW*N*OH*OW
+          elements plus one of K*N*OH*OW, so the batch is processed in chunks that keep every
+          chunk-sized buffer together under COLUMN_BUDGET_BYTES.
 "auto" uses im2col when the GEMM is big enough for cuBLAS to win: the reduction length
 C/groups*KH*KW >= 64 and K/groups >= 16 output channels per group (LeNet's conv2: 150 and 16).
 Otherwise (few input channels like LeNet's conv1, depthwise convolutions) direct avoids the column
@@ -18,17 +21,18 @@ Both are deterministic: no atomics, every sum in a fixed order.
 """
 import numpy as np
 
-from ..backend import get_array_module
-from ..cuda.compiler import device_errors, get_kernel, launch
+from ..backend import device_scope, get_array_module
+from ..cuda.runtime import device_errors, empty, gemm, get_kernel, launch, source_constant, zeros
 from ..errors import ArgumentError, ShapeError
 
 SOURCE = "conv2d.cu"
 
-# Must match the tile constants in kernels/conv2d.cu.
-TILE_P = 64
-TILE_K = 16
-TILE_BLOCK = (16, 16, 1)
-REDUCE_THREADS = 256
+# The tile constants have one source, the #defines of kernels/conv2d.cu.
+TILE_P = source_constant(SOURCE, "TILE_P")
+TILE_K = source_constant(SOURCE, "TILE_K")
+_TILE_SIDE = int(round(source_constant(SOURCE, "TILE_THREADS") ** 0.5))
+TILE_BLOCK = (_TILE_SIDE, _TILE_SIDE, 1)
+REDUCE_THREADS = source_constant(SOURCE, "REDUCE_THREADS")
 ELEMENTWISE_THREADS = 256
 MAX_GRID_YZ = 65535
 
@@ -55,11 +59,11 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
     geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
     shapes = {"x": x.shape, "weight": w.shape}
     algo = choose_algo(x.shape, w.shape, groups) if algo == "auto" else algo
-    with device_errors("conv2d", shapes):
+    with device_scope(x), device_errors("conv2d", shapes):
         x = xp.ascontiguousarray(x)
         w = xp.ascontiguousarray(w)
         if geometry.empty:
-            y = xp.zeros(geometry.y_shape, dtype=x.dtype)
+            y = zeros(xp, geometry.y_shape, x.dtype, "y")
             return y if b is None else y + b.reshape(1, -1, 1, 1)
         if algo == "direct":
             return _forward_direct(xp, x, w, b, geometry, shapes)
@@ -71,14 +75,14 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, 
     geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
     shapes = {"dy": dy.shape, "x": x.shape, "weight": w.shape}
     algo = choose_algo(x.shape, w.shape, groups) if algo == "auto" else algo
-    with device_errors("conv2d_backward", shapes):
+    with device_scope(x), device_errors("conv2d_backward", shapes):
         dy = xp.ascontiguousarray(dy)
         x = xp.ascontiguousarray(x)
         w = xp.ascontiguousarray(w)
         if geometry.empty:
-            dx = xp.zeros(x.shape, dtype=x.dtype) if need_dx else None
-            db = xp.zeros(w.shape[0], dtype=x.dtype) if need_bias else None
-            return dx, xp.zeros(w.shape, dtype=x.dtype) if need_dw else None, db
+            dx = zeros(xp, x.shape, x.dtype, "dx") if need_dx else None
+            db = zeros(xp, (w.shape[0],), x.dtype, "db") if need_bias else None
+            return dx, zeros(xp, w.shape, x.dtype, "dw") if need_dw else None, db
         db = _bias_gradient(xp, dy, geometry, shapes) if need_bias else None
         if not (need_dx or need_dw):
             return None, None, db
@@ -139,8 +143,8 @@ def _threads_for(count):
 
 
 def _forward_direct(xp, x, w, b, g, shapes):
-    y = xp.empty(g.y_shape, dtype=x.dtype)
-    bias = b if b is not None else xp.zeros(1, dtype=x.dtype)
+    y = empty(xp, g.y_shape, x.dtype, "y")
+    bias = b if b is not None else zeros(xp, (1,), x.dtype, "no bias")
     kernel = get_kernel(SOURCE, "conv2d_forward_direct", x.dtype)
     grid = (_cdiv(g.P, TILE_P), _cdiv(g.Kg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
     launch(kernel, grid, TILE_BLOCK,
@@ -152,14 +156,14 @@ def _forward_direct(xp, x, w, b, g, shapes):
 def _backward_direct(xp, dy, x, w, g, need_dx, need_dw, shapes):
     dx = None
     if need_dx:
-        dx = xp.empty(x.shape, dtype=x.dtype)
+        dx = empty(xp, x.shape, x.dtype, "dx")
         kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", x.dtype)
         grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
         launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
                op_name="conv2d_backward data (direct)", shapes=shapes)
     if not need_dw:
         return dx, None
-    dw = xp.empty(w.shape, dtype=w.dtype)
+    dw = empty(xp, w.shape, w.dtype, "dw")
     kernel = get_kernel(SOURCE, "conv2d_backward_filter_direct", x.dtype)
     launch(kernel, (w.size, 1, 1), (REDUCE_THREADS, 1, 1), (dy, x, dw) + g.scalars(),
            op_name="conv2d_backward filter (direct)", shapes=shapes)
@@ -167,7 +171,7 @@ def _backward_direct(xp, dy, x, w, g, need_dx, need_dw, shapes):
 
 
 def _bias_gradient(xp, dy, g, shapes):
-    db = xp.empty(g.K, dtype=dy.dtype)
+    db = empty(xp, (g.K,), dy.dtype, "db")
     kernel = get_kernel(SOURCE, "conv2d_backward_bias", dy.dtype)
     launch(kernel, (g.K, 1, 1), (REDUCE_THREADS, 1, 1),
            (dy, db, np.int32(g.N), np.int32(g.K), np.int32(g.P)),
@@ -176,18 +180,20 @@ def _bias_gradient(xp, dy, g, shapes):
 
 
 def _batch_chunks(g, itemsize):
-    """(start, stop) batch ranges whose column buffer stays under COLUMN_BUDGET_BYTES (and under the
-    kernels' 32-bit line count)."""
-    per_sample = g.C * g.KH * g.KW * g.P
+    """(start, stop) batch ranges whose chunk-sized buffers together (the columns, C*KH*KW*OH*OW per
+    sample, and the channel-major output or gradient, K*OH*OW per sample) stay under
+    COLUMN_BUDGET_BYTES, and under the kernels' 32-bit line count."""
+    per_sample = (g.C * g.KH * g.KW + g.K) * g.P
     chunk = max(1, min(COLUMN_BUDGET_BYTES // max(1, per_sample * itemsize),
                        INT32_MAX // max(1, g.C * g.KH * g.KW)))
     return [(start, min(start + chunk, g.N)) for start in range(0, g.N, chunk)]
 
 
-def _columns(xp, x, g, shapes):
-    """(groups, C/groups*KH*KW, n*OH*OW) columns of a batch chunk x (im2col)."""
+def _columns(xp, x, g, shapes, col=None):
+    """(groups, C/groups*KH*KW, n*OH*OW) columns of a batch chunk x (im2col), into `col` if given."""
     n = x.shape[0]
-    col = xp.empty((g.C * g.KH * g.KW, n, g.P), dtype=x.dtype)
+    if col is None:
+        col = empty(xp, (g.C * g.KH * g.KW, n, g.P), x.dtype, "columns")
     kernel = get_kernel(SOURCE, "im2col", x.dtype)
     grid = (_cdiv(g.P, _threads_for(g.P)), min(g.C * g.KH * g.KW * n, MAX_GRID_YZ), 1)
     launch(kernel, grid, (_threads_for(g.P), 1, 1), (x, col) + _im2col_scalars(g, n),
@@ -201,39 +207,46 @@ def _im2col_scalars(g, n):
 
 
 def _forward_im2col(xp, x, w, b, g, shapes):
-    y = xp.empty(g.y_shape, dtype=x.dtype)
+    y = empty(xp, g.y_shape, x.dtype, "y")
     w_groups = w.reshape(g.groups, g.Kg, g.R)
     for start, stop in _batch_chunks(g, x.itemsize):
         n = stop - start
         col = _columns(xp, x[start:stop], g, shapes)
-        y_chunk = xp.matmul(w_groups, col)  # (groups, Kg, n*P): channel-major, batch inside
+        y_chunk = empty(xp, (g.groups, g.Kg, n * g.P), x.dtype, "y chunk")  # channel-major, batch inside
+        for group in range(g.groups):
+            gemm(xp, w_groups[group], col[group], y_chunk[group], op_name="conv2d im2col GEMM", shapes=shapes)
         y[start:stop] = y_chunk.reshape(g.K, n, g.OH, g.OW).transpose(1, 0, 2, 3)
+        del col, y_chunk  # free before the next chunk allocates its own
     if b is not None:
         y += b.reshape(1, g.K, 1, 1)
     return y
 
 
 def _backward_im2col(xp, dy, x, w, g, need_dx, need_dw, shapes):
-    w_groups_t = w.reshape(g.groups, g.Kg, g.R).transpose(0, 2, 1)
-    dx = xp.empty(x.shape, dtype=x.dtype) if need_dx else None
-    dw = None
-    chunks = _batch_chunks(g, x.itemsize)
-    for start, stop in chunks:
+    w_groups = w.reshape(g.groups, g.Kg, g.R)
+    dx = empty(xp, x.shape, x.dtype, "dx") if need_dx else None
+    dw = empty(xp, (g.groups, g.Kg, g.R), w.dtype, "dw") if need_dw else None
+    for index, (start, stop) in enumerate(_batch_chunks(g, x.itemsize)):
         n = stop - start
-        col = _columns(xp, x[start:stop], g, shapes) if need_dw else None  # only dw reads it
-        dy_chunk = xp.ascontiguousarray(dy[start:stop].reshape(n, g.K, g.P).transpose(1, 0, 2))
-        dy_chunk = dy_chunk.reshape(g.groups, g.Kg, n * g.P)
+        # dy of the chunk, channel-major (K, n*OH*OW): the GEMMs' layout; one explicit, budgeted copy
+        dy_chunk = empty(xp, (g.groups, g.Kg, n * g.P), dy.dtype, "dy chunk")
+        dy_chunk.reshape(g.K, n, g.P)[...] = dy[start:stop].reshape(n, g.K, g.P).transpose(1, 0, 2)
+        col = empty(xp, (g.C * g.KH * g.KW, n, g.P), x.dtype, "columns")
+        columns = dcol = None
         if need_dw:
-            dw_chunk = xp.matmul(dy_chunk, col.transpose(0, 2, 1))  # (groups, Kg, R)
-            dw = dw_chunk if dw is None else dw + dw_chunk  # chunks in order: deterministic
+            columns = _columns(xp, x[start:stop], g, shapes, col)
+            for group in range(g.groups):  # dw[g] (+)= dy[g] @ col[g].T, chunks in order: deterministic
+                gemm(xp, dy_chunk[group], columns[group], dw[group], transb=True, beta=float(index > 0),
+                     op_name="conv2d_backward filter GEMM", shapes=shapes)
         if need_dx:
-            dcol = xp.matmul(w_groups_t, dy_chunk)  # (groups, R, n*P)
-            dx_chunk = dx if len(chunks) == 1 else xp.empty((n,) + x.shape[1:], dtype=x.dtype)
+            dcol = col.reshape(g.groups, g.R, n * g.P)  # the columns are read: reuse their buffer
+            for group in range(g.groups):  # dcol[g] = w[g].T @ dy[g]
+                gemm(xp, w_groups[group], dy_chunk[group], dcol[group], transa=True,
+                     op_name="conv2d_backward data GEMM", shapes=shapes)
             kernel = get_kernel(SOURCE, "col2im", x.dtype)
             threads = _threads_for(g.H * g.W)
             grid = (_cdiv(g.H * g.W, threads), min(n * g.C, MAX_GRID_YZ), 1)
-            launch(kernel, grid, (threads, 1, 1), (dcol, dx_chunk) + _im2col_scalars(g, n),
+            launch(kernel, grid, (threads, 1, 1), (dcol, dx[start:stop]) + _im2col_scalars(g, n),
                    op_name="conv2d_backward col2im", shapes=shapes)
-            if dx_chunk is not dx:
-                dx[start:stop] = dx_chunk
+        col = columns = dcol = dy_chunk = None  # every view dropped: freed before the next chunk allocates
     return dx, dw.reshape(w.shape) if need_dw else None

@@ -1,7 +1,7 @@
 """Softmax, log-softmax and the softmax cross-entropy loss, fused so the gradient is one subtraction."""
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, is_device_array
 from ..errors import ArgumentError, DTypeError, ShapeError
 from ._args import check_float_array, same_device
 
@@ -24,7 +24,12 @@ def softmax(x, axis=1):
 
 
 def check_labels(labels, n, num_classes):
-    """labels: integer array of shape (n,) with every value in [0, num_classes)."""
+    """labels: integer array of shape (n,) with every value in [0, num_classes).
+
+    The value range is checked for host (NumPy) labels only: reading a GPU array's minimum back
+    would block every training step. Check labels before they are copied to the GPU (the Trainer
+    checks the whole training set once); on the GPU an out-of-range label gives a NaN loss
+    (see _indexable_labels), which the Trainer reports."""
     if not hasattr(labels, "dtype") or not hasattr(labels, "shape"):
         raise DTypeError(f"labels: expected an integer array of class indices, got {type(labels).__name__}")
     if labels.dtype.kind not in "iu":
@@ -33,15 +38,28 @@ def check_labels(labels, n, num_classes):
     if labels.shape != (n,):
         raise ShapeError(f"labels: expected shape ({n},), one class index per sample, got "
                          f"{tuple(labels.shape)}; pass class indices, not one-hot rows")
-    low, high = int(labels.min()), int(labels.max())
+    if is_device_array(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())  # host: NumPy labels only (returned above otherwise)
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ShapeError(f"labels: expected class indices in [0, {num_classes - 1}] for "
                          f"{num_classes} logits per sample, got {bad}")
 
 
+def _indexable_labels(xp, labels, num_classes):
+    """(labels safe to index with, mask of out-of-range labels or None). Device labels are not
+    range-checked on the host (a blocking read); an out-of-range one indexes class 0 instead of
+    memory past the row, and its sample's loss and gradient become NaN, so it cannot train silently."""
+    if not is_device_array(labels):
+        return labels, None
+    invalid = (labels < 0) | (labels >= num_classes)
+    return xp.where(invalid, 0, labels), invalid
+
+
 def softmax_cross_entropy(logits, labels):
-    """Mean over the batch of -log softmax(logits)[label] -> (loss as a Python float, dlogits).
+    """Mean over the batch of -log softmax(logits)[label] -> (loss, dlogits); the loss is a Python
+    float for NumPy input and a 0-d array on the GPU (no blocking read) for device input.
 
     logits: (N, C) float32/float64, N >= 1; labels: (N,) integer class indices.
     dlogits = (softmax(logits) - onehot(labels)) / N, the gradient of the mean loss.
@@ -52,15 +70,23 @@ def softmax_cross_entropy(logits, labels):
         raise ShapeError(f"logits: expected at least one sample and one class, got shape {tuple(logits.shape)}")
     check_labels(labels, n, num_classes)
     xp = same_device(logits, labels)
+    labels, invalid = _indexable_labels(xp, labels, num_classes)
     rows = xp.arange(n)
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = xp.exp(shifted)
     total = probs.sum(axis=1)
     # -log p[label] = log(sum exp) - shifted[label]; summed in float64 so a large batch loses nothing
-    loss = float((xp.log(total) - shifted[rows, labels]).sum(dtype=np.float64)) / n
+    per_sample = xp.log(total) - shifted[rows, labels]
+    if invalid is not None:
+        per_sample = xp.where(invalid, logits.dtype.type(np.nan), per_sample)
+    loss = per_sample.sum(dtype=np.float64) / n
+    if not is_device_array(loss):
+        loss = float(loss)  # host: a NumPy scalar (device values returned above as 0-d arrays)
     probs /= total[:, None]
     probs[rows, labels] -= 1
     probs *= 1.0 / n
+    if invalid is not None:
+        probs[invalid] = np.nan
     return loss, probs
 
 
@@ -81,10 +107,13 @@ def cross_entropy(logits, labels, reduction="mean", label_smoothing=0.0):
         raise ShapeError(f"logits: expected at least one class, got shape {tuple(logits.shape)}")
     check_labels(labels, n, num_classes) if n else None
     xp = same_device(logits, labels)
+    labels, invalid = _indexable_labels(xp, labels, num_classes)
     logp = log_softmax(logits)
     picked = logp[xp.arange(n), labels]
     per_sample = -picked if label_smoothing == 0 else \
         -(1 - label_smoothing) * picked - label_smoothing * logp.mean(axis=1)
+    if invalid is not None:
+        per_sample = xp.where(invalid, logits.dtype.type(np.nan), per_sample)
     if reduction == "none":
         loss = per_sample
     else:
@@ -98,10 +127,13 @@ def cross_entropy_backward(dloss, probs, labels, reduction="mean", label_smoothi
     """dlogits = (probs - q) * dloss, with the reduction's 1/N for "mean"."""
     xp = get_array_module(probs)
     n, num_classes = probs.shape
+    labels, invalid = _indexable_labels(xp, labels, num_classes)
     dlogits = probs.copy()
     if label_smoothing:
         dlogits -= probs.dtype.type(label_smoothing / num_classes)
     dlogits[xp.arange(n), labels] -= probs.dtype.type(1 - label_smoothing)
+    if invalid is not None:
+        dlogits[invalid] = np.nan
     if reduction == "none":
         return dlogits * dloss[:, None]
     scale = dloss / probs.dtype.type(n) if reduction == "mean" else dloss

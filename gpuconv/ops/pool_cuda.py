@@ -7,8 +7,8 @@ gather over the windows covering their input pixel, so overlapping windows are d
 """
 import numpy as np
 
-from ..backend import get_array_module
-from ..cuda.compiler import device_errors, get_kernel, launch
+from ..backend import device_scope, get_array_module
+from ..cuda.runtime import device_errors, empty, get_kernel, launch
 from ..errors import ArgumentError, ShapeError
 
 SOURCE = "pool2d.cu"
@@ -60,9 +60,9 @@ def pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pa
     xp = get_array_module(x)
     planes, h, w, oh, ow = _sizes(x.shape, kernel, stride, padding)
     shapes = {"x": x.shape}
-    with device_errors(f"{mode}_pool2d", shapes):
+    with device_scope(x), device_errors(f"{mode}_pool2d", shapes):
         x = xp.ascontiguousarray(x)
-        y = xp.empty(x.shape[:2] + (oh, ow), dtype=x.dtype)
+        y = empty(xp, x.shape[:2] + (oh, ow), x.dtype, "y")
         if y.size == 0:
             return y
         grid, block = _launch_shape(oh * ow, planes)
@@ -78,10 +78,10 @@ def pool2d_backward(mode, dy, x, kernel, stride, padding, norm_type, count_inclu
     xp = get_array_module(dy, x)
     planes, h, w, oh, ow = _sizes(x.shape, kernel, stride, padding)
     shapes = {"dy": dy.shape, "x": x.shape}
-    with device_errors(f"{mode}_pool2d_backward", shapes):
+    with device_scope(x), device_errors(f"{mode}_pool2d_backward", shapes):
         dy = xp.ascontiguousarray(dy)
         x = xp.ascontiguousarray(x)
-        dx = xp.empty(x.shape, dtype=x.dtype)
+        dx = empty(xp, x.shape, x.dtype, "dx")
         if dx.size == 0:
             return dx
         if mode == "max":

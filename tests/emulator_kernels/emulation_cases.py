@@ -6,7 +6,7 @@ import contextlib
 import numpy as np
 
 from gpuconv import ops
-from gpuconv.cuda import compiler
+from gpuconv.cuda import runtime as compiler
 from gpuconv.cuda.emulate import ORDERS, emulation
 
 # x shape, weight shape, stride, padding, dilation, groups. Partial tiles everywhere: P not a
@@ -69,14 +69,17 @@ def kernel_sources(sources):
         return sources[name] if name in sources else real_read(name)
 
     compiler.read_source = read
-    saved_modules = dict(compiler._modules)
+    saved_modules, saved_kernels = dict(compiler._modules), dict(compiler._kernels)
     compiler._modules.clear()
+    compiler._kernels.clear()  # kernels are cached apart from their modules: drop both
     try:
         yield
     finally:
         compiler.read_source = real_read
         compiler._modules.clear()
+        compiler._kernels.clear()
         compiler._modules.update(saved_modules)
+        compiler._kernels.update(saved_kernels)
 
 
 def conv_inputs(case, dtype, seed=0):

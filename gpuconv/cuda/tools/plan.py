@@ -9,12 +9,14 @@ bound says how fast a call could be, never how fast it is.
 """
 import argparse
 import contextlib
+import sys
 
 import numpy as np
 
-from ..ops import conv_cuda, pool_cuda
-from ..ops._args import conv_output_size
-from ..cli import HelpFormatter
+from ...cli import HelpFormatter
+from ...errors import KernelError
+from ...ops import conv_cuda, pool_cuda
+from ...ops._args import conv_output_size
 
 # NVIDIA H100 SXM datasheet: FP32 (non-tensor) and HBM3 bandwidth. A bound, not a measurement.
 PEAK_FLOPS = 67e12
@@ -120,7 +122,8 @@ def format_plan(rows, resources, markdown=False):
             regs = "/".join(str(resources.get((launch["kernel"], arch), {}).get("registers", "?"))
                             for arch in ("sm_80", "sm_90"))
             smem = resources.get((launch["kernel"], "sm_90"), {}).get("shared_bytes", "?")
-            described.append(f"{launch['kernel']} {blocks}x{threads} [{regs}, {smem}]")
+            resource_text = f" [{regs}, {smem}]" if resources else ""  # none without CuPy's NVRTC
+            described.append(f"{launch['kernel']} {blocks}x{threads}{resource_text}")
         if row["algo"] == "im2col":
             described.append("+ cuBLAS GEMM")
         lines.append([row["call"], row["algo"], f"{row['flops'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.2f}",
@@ -141,7 +144,12 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     from .check import kernel_rows
-    resources = {(r["kernel"], r["arch"]): r for r in kernel_rows(archs=("80", "90")) if r["dtype"] == "float32"}
+    try:
+        resources = {(r["kernel"], r["arch"]): r for r in kernel_rows(archs=("80", "90"))
+                     if r["dtype"] == "float32"}
+    except KernelError as exc:  # no CuPy/NVRTC: the plan itself needs neither, only the resources do
+        print(f"kernel-plan: registers and shared memory are left out: {exc}", file=sys.stderr)
+        resources = {}
     print(f"LeNet-5 conv and pool calls at batch {args.batch_size}, float32. FLOPs count a multiply-add as 2; "
           "MB moved is the least DRAM traffic (inputs read once, outputs written once, plus the im2col "
           f"matrix written and read); bound = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes / "

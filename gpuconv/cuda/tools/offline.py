@@ -1,30 +1,21 @@
-"""Finding, compiling and launching the raw CUDA kernels in kernels/*.cu.
+"""Development tooling: compile kernels/*.cu offline, exactly as the runtime's RawModule would, on a
+machine without a GPU.
 
-At run time a source is compiled by cupy.RawModule (NVRTC) once per process; CuPy's on-disk kernel
-cache makes later processes skip the compile. With kernel emulation on (GPUCONV_EMULATE=1 or
-gpuconv.cuda.emulation()), the same source is handed to gpuconv.cuda.emulate.EmulatedModule, which
-runs it on NumPy arrays on the CPU.
-
-compile_offline() reproduces RawModule's NVRTC compile on a machine without a GPU, adding warning
-options and ptxas statistics, so CI can prove every kernel builds for every target architecture
-without spilling. It goes through CuPy's private compile path (pinned: see PINNED_VERSIONS).
+compile_offline() reproduces RawModule's NVRTC compile, adding warning options and ptxas statistics,
+so CI can prove every kernel builds for every target architecture without spilling. It goes through
+CuPy's private compile path (pinned: see PINNED_VERSIONS). Nothing here runs in a training step.
 """
 import contextlib
 import dataclasses
 import functools
-import importlib.resources
 import io
 import re
 import threading
 import types
 from pathlib import Path
 
-from ..backend import emulation_enabled
-from ..errors import GpuOutOfMemoryError, KernelError
-
-# What RawModule compiles with at run time. Warnings are not errors here: an architecture the offline
-# check never saw must still run, just maybe slower.
-OPTIONS = ("-std=c++17",)
+from ...errors import KernelError
+from ..runtime import OPTIONS, read_source
 
 # The offline check adds these: every NVRTC warning is an error, and ptxas refuses spills and local
 # memory (each -Xptxas option on its own: NVRTC takes one ptxas flag per option) and prints its
@@ -40,136 +31,10 @@ CHECK_OPTIONS = OPTIONS + (
 # Turing through Blackwell (consumer); NVRTC 13.5 supports all of them.
 ARCHS = ("75", "80", "86", "89", "90", "100", "120")
 
-PINNED_VERSIONS = "cupy-cuda13x==14.2.0 and nvidia-cuda-nvrtc==13.5.37 (the 'cuda13' extra)"
-
-DTYPE_NAMES = {"float32": "float", "float64": "double"}
-
-# Every kernel template in each source; each is instantiated for float and double.
-KERNELS = {
-    "conv2d.cu": ("conv2d_forward_direct", "conv2d_backward_data_direct", "conv2d_backward_filter_direct",
-                  "conv2d_backward_bias", "im2col", "col2im"),
-    "pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
-                  "lp_pool2d_forward", "lp_pool2d_backward"),
-}
+PINNED_VERSIONS = ("cupy-cuda13x==14.2.0 and nvidia-cuda-nvrtc==13.5.37 (the 'kernel-check' extra: "
+                   "pip install 'gpuconv[kernel-check]')")
 
 
-def kernel_dir():
-    """The folder holding the .cu sources: inside the installed package (gpuconv/kernels), else the
-    checkout's top-level kernels/."""
-    try:
-        installed = importlib.resources.files("gpuconv.kernels")
-        if installed.joinpath("conv2d.cu").is_file():
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    import gpuconv
-    checkout = Path(gpuconv.__file__).resolve().parent.parent / "kernels"
-    if (checkout / "conv2d.cu").is_file():
-        return checkout
-    raise KernelError("cannot find gpuconv's CUDA sources: neither the installed package "
-                      f"gpuconv/kernels nor the checkout folder {checkout} holds conv2d.cu; "
-                      "reinstall gpuconv (pip install --force-reinstall gpuconv)")
-
-
-@functools.lru_cache(maxsize=None)
-def read_source(source_name):
-    """The text of kernels/<source_name>."""
-    path = kernel_dir().joinpath(source_name)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KernelError(f"kernel source {source_name!r} not found in {kernel_dir()}") from None
-
-
-def template_instances(kernel_names, dtypes=("float32", "float64")):
-    """['conv2d_forward_direct<float>', ...]: every kernel for every dtype, in a stable order."""
-    return tuple(f"{name}<{DTYPE_NAMES[str(dtype)]}>" for name in kernel_names for dtype in dtypes)
-
-
-def instance_name(kernel_name, dtype):
-    """The name expression of `kernel_name` instantiated for a NumPy dtype."""
-    try:
-        return f"{kernel_name}<{DTYPE_NAMES[str(dtype)]}>"
-    except KeyError:
-        raise KernelError(f"{kernel_name}: no CUDA instance for dtype {dtype}; "
-                          "gpuconv's kernels are built for float32 and float64") from None
-
-
-_modules = {}
-_modules_lock = threading.Lock()
-
-
-def load_module(source_name, name_expressions):
-    """A compiled module for kernels/<source_name> with `.get_function(name_expression)`.
-
-    Cached per (source, instances, emulation) for the life of the process, so each source is compiled
-    once; RawModule compiles lazily on the first get_function and CuPy keeps the cubin on disk."""
-    emulated = emulation_enabled()
-    key = (source_name, tuple(name_expressions), emulated)
-    with _modules_lock:
-        module = _modules.get(key)
-        if module is None:
-            code = read_source(source_name)
-            if emulated:
-                from .emulate import EmulatedModule
-                module = EmulatedModule(code=code, options=OPTIONS, name_expressions=list(name_expressions),
-                                        filename=source_name)  # sanitizer reports name conv2d.cu:LINE
-            else:
-                import cupy
-                module = cupy.RawModule(code=code, options=OPTIONS, name_expressions=list(name_expressions))
-            _modules[key] = module
-    return module
-
-
-def get_kernel(source_name, kernel_name, dtype):
-    """The `kernel_name` instance for `dtype` from the module holding every kernel of the source."""
-    module = load_module(source_name, template_instances(KERNELS[source_name]))
-    name = instance_name(kernel_name, dtype)
-    try:
-        return module.get_function(name)
-    except Exception as exc:
-        if _is_compile_error(exc):
-            raise KernelError(f"compiling kernels/{source_name} failed ({name}): {exc}") from exc
-        raise
-
-
-def _is_compile_error(exc):
-    return type(exc).__name__ in ("CompileException", "JitifyException", "NVRTCError")
-
-
-def _describe(shapes):
-    return ", ".join(f"{name}={tuple(shape)}" for name, shape in shapes.items())
-
-
-@contextlib.contextmanager
-def device_errors(op_name, shapes):
-    """Turn CuPy's out-of-memory and CUDA errors raised inside an op into gpuconv's, naming the op and
-    the shapes. Wraps allocations and cuBLAS calls as well as kernel launches. Matched by name so
-    that this module never imports CuPy."""
-    try:
-        yield
-    except Exception as exc:
-        kind = type(exc).__name__
-        from_cupy = type(exc).__module__.startswith(("cupy", "cupy_backends"))
-        if from_cupy and kind == "OutOfMemoryError":
-            raise GpuOutOfMemoryError(
-                f"{op_name}: the GPU ran out of memory with {_describe(shapes)} ({exc}); "
-                "use a smaller batch size") from exc
-        if from_cupy and kind in ("CUDADriverError", "CUDARuntimeError", "CUBLASError"):
-            raise KernelError(f"{op_name} failed on the GPU with {_describe(shapes)}: {exc}") from exc
-        if from_cupy and _is_compile_error(exc):
-            raise KernelError(f"{op_name}: compiling its CUDA kernel failed: {exc}") from exc
-        raise
-
-
-def launch(kernel, grid, block, args, shared_mem=0, op_name="kernel", shapes=None):
-    """kernel(grid, block, args) with errors translated (see device_errors)."""
-    with device_errors(op_name, shapes or {}):
-        kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Offline compile (no GPU needed)
 
 @dataclasses.dataclass
 class KernelResources:

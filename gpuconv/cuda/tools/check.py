@@ -4,9 +4,10 @@ error, warning, register spill or local-memory use."""
 import argparse
 import sys
 
-from ..errors import KernelError
-from .compiler import ARCHS, KERNELS, compile_offline, template_instances
-from ..cli import HelpFormatter
+from ...errors import KernelError
+from ...cli import HelpFormatter
+from ..runtime import KERNELS, template_instances
+from .offline import ARCHS, _private_cupy, compile_offline
 
 COLUMNS = ("kernel", "dtype", "arch", "registers", "shared_bytes", "spill_bytes", "local_bytes", "status")
 _DTYPES = {"float": "float32", "double": "float64"}
@@ -38,6 +39,7 @@ def kernel_rows(archs=ARCHS, sources=None):
     """One dict per (kernel instance, arch) with the keys in COLUMNS plus 'source'; status is 'ok' or
     what went wrong. A source that fails the strict compile is compiled again without the warning
     options, so its rows still show the resource usage that made it fail."""
+    _private_cupy()  # CuPy missing or moved: one KernelError here, not one per kernel build
     rows = []
     for source in sources or KERNELS:
         names = template_instances(KERNELS[source])

@@ -1,0 +1,296 @@
+"""Emulated CUDA devices for kernel emulation: which GPU is current, and where every array lives.
+
+CuPy allocates every new array, and launches every kernel, on the *current* device
+(`cupy.cuda.Device(i)` as a context manager makes device i current); an operand that lives on another
+device is an illegal-address fault or an error. A machine without two GPUs cannot show that gpuconv
+makes the right device current, so emulation mode can pretend to have several:
+
+    with gpuconv.cuda.emulation(devices=2):
+        model.to("cuda:1")                     # parse_device accepts cuda:0 and cuda:1
+        with emulated_devices.recording() as events:
+            ... a training step ...
+        assert {e.device for e in events} == {1}
+
+`EmulatedDevice` stands in for `cupy.cuda.Device`. Arrays on an emulated device are `DeviceArray`s
+(NumPy arrays that remember their device id, as a CuPy array does). Every NumPy function or ufunc
+applied to them checks, as CuPy would, that each operand lives on the current device, computes on
+the CPU, and returns its result on the current device, recording an allocation; gpuconv's launch
+code records each kernel launch and each buffer it allocates (`allocate`), with its size, so a test
+can also measure a launcher's peak memory.
+"""
+import collections
+import contextlib
+import threading
+import weakref
+
+import numpy as np
+
+from ..errors import DeviceMismatchError
+
+Event = collections.namedtuple("Event", "kind device nbytes what")
+
+_state = threading.local()
+_count = 0          # emulated devices; 0 = emulated devices are off
+_recorders = []     # lists that receive every Event while recording() is active
+
+
+def count():
+    """How many emulated CUDA devices exist (0 when the feature is off)."""
+    return _count
+
+
+@contextlib.contextmanager
+def enabled(devices):
+    """Pretend to have `devices` CUDA devices inside the block (device 0 current)."""
+    global _count
+    saved = _count
+    _count = int(devices)
+    try:
+        yield
+    finally:
+        _count = saved
+
+
+def _stack():
+    if not hasattr(_state, "stack"):
+        _state.stack = [0]
+    return _state.stack
+
+
+def current_id():
+    return _stack()[-1]
+
+
+class EmulatedDevice:
+    """A stand-in for cupy.cuda.Device: `with EmulatedDevice(1):` makes device 1 current."""
+
+    def __init__(self, device=None):
+        self.id = current_id() if device is None else int(device)
+        if not 0 <= self.id < max(_count, 1):
+            raise DeviceMismatchError(f"emulated CUDA device {self.id} does not exist; "
+                                      f"emulation was started with devices={_count}")
+
+    def __enter__(self):
+        _stack().append(self.id)
+        return self
+
+    def __exit__(self, *exc):
+        _stack().pop()
+
+    def use(self):
+        _stack()[-1] = self.id
+
+    def synchronize(self):
+        """Kernels run synchronously under emulation: nothing to wait for."""
+
+    def __repr__(self):
+        return f"<EmulatedDevice {self.id}>"
+
+
+def record(kind, nbytes=0, what="", device=None):
+    if _recorders:
+        event = Event(kind, current_id() if device is None else device, int(nbytes), what)
+        for events in _recorders:
+            events.append(event)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect every allocation and launch made inside the block as a list of Events."""
+    events = []
+    _recorders.append(events)
+    try:
+        yield events
+    finally:
+        _recorders.remove(events)
+
+
+class MemoryMeter:
+    """Live and peak bytes of the buffers gpuconv's launch code allocates (allocate()), like a
+    device's memory pool would see them."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+
+_meters = []
+
+
+@contextlib.contextmanager
+def metering():
+    """Measure the launch code's buffers inside the block: yields a MemoryMeter (live, peak)."""
+    meter = MemoryMeter()
+    _meters.append(meter)
+    try:
+        yield meter
+    finally:
+        _meters.remove(meter)
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array that lives on emulated CUDA device `device_id`."""
+
+    def __array_finalize__(self, obj):
+        # Views, copies and method results keep the device of the array they came from.
+        self.device_id = getattr(obj, "device_id", current_id())
+
+    @property
+    def device(self):
+        return EmulatedDevice(self.device_id)
+
+    def get(self):
+        """A host (plain NumPy) copy, like cupy.ndarray.get(): recorded as a read back to the host."""
+        record("read", self.nbytes, "get", self.device_id)
+        return np.array(self.view(np.ndarray), copy=True)
+
+    # Each of these waits for the GPU and copies a value to the host: recorded, so a test can count
+    # the blocking reads a training step makes.
+    def item(self, *args):
+        record("read", self.itemsize, "item", self.device_id)
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        record("read", self.nbytes, "tolist", self.device_id)
+        return self.view(np.ndarray).tolist()
+
+    def __float__(self):
+        record("read", self.itemsize, "float", self.device_id)
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        record("read", self.itemsize, "int", self.device_id)
+        return int(self.view(np.ndarray))
+
+    def __bool__(self):
+        record("read", self.itemsize, "bool", self.device_id)
+        return bool(self.view(np.ndarray))
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _check_current(inputs + (out or ()), f"numpy.{ufunc.__name__}")
+        plain = [_plain(value) for value in inputs]
+        if out is not None:
+            kwargs["out"] = tuple(_plain(value) for value in out)
+        result = getattr(ufunc, method)(*plain, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result, ufunc.__name__)
+
+    def __array_function__(self, func, types, args, kwargs):
+        operands = [value for value in _flatten(args) + _flatten(list(kwargs.values()))
+                    if isinstance(value, np.ndarray)]
+        _check_current(operands, f"numpy.{func.__name__}")
+        result = func(*_unwrap(args), **_unwrap(kwargs))
+        if "out" in kwargs and kwargs["out"] is not None:
+            return kwargs["out"]
+        return _wrap(result, func.__name__)
+
+
+def _flatten(values):
+    flat = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            flat += _flatten(value)
+        else:
+            flat.append(value)
+    return flat
+
+
+def _plain(value):
+    return value.view(np.ndarray) if isinstance(value, DeviceArray) else value
+
+
+def _unwrap(value):
+    if isinstance(value, DeviceArray):
+        return value.view(np.ndarray)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _wrap(result, what):
+    if isinstance(result, tuple):
+        return tuple(_wrap(r, what) for r in result)
+    if isinstance(result, list):
+        return [_wrap(r, what) for r in result]
+    if isinstance(result, (np.ndarray, np.generic)) and not isinstance(result, DeviceArray):
+        array = np.asarray(result)
+        record("alloc", array.nbytes, what)
+        wrapped = array.view(DeviceArray)
+        wrapped.device_id = current_id()
+        return wrapped
+    return result
+
+
+def _check_current(operands, what):
+    """CuPy runs an op on the current device; an operand on another device cannot be read there."""
+    current = current_id()
+    for value in operands:
+        if isinstance(value, DeviceArray) and value.device_id != current:
+            raise DeviceMismatchError(
+                f"{what}: an operand lives on cuda:{value.device_id} but cuda:{current} is the current "
+                "device; on a GPU this reads another device's memory (an illegal address). Make the "
+                "data's device current: `with gpuconv.backend.device_scope(x):`")
+
+
+def to_device(array, index):
+    """A copy of `array` on emulated device `index` (the array itself if it is already there)."""
+    if isinstance(array, DeviceArray) and array.device_id == index:
+        return array
+    with EmulatedDevice(index):
+        host = np.array(_plain(np.asarray(array)), copy=True)
+        record("alloc", host.nbytes, "to_device")
+        moved = host.view(DeviceArray)
+        moved.device_id = index
+        return moved
+
+
+def allocate(shape, dtype, zero=False, what="buffer"):
+    """A new buffer on the current emulated device, recorded and metered (gpuconv's launch code
+    allocates through here under emulation)."""
+    array = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+    record("alloc", array.nbytes, what)
+    if _count:
+        array = array.view(DeviceArray)
+        array.device_id = current_id()
+    for meter in _meters:
+        meter.live += array.nbytes
+        meter.peak = max(meter.peak, meter.live)
+        weakref.finalize(array, meter._free, array.nbytes)
+    return array
+
+
+# Creation functions: CuPy's allocate on the current device, and asarray-like ones return a device
+# array. NumPy's asarray family dispatches only on like=, so an emulated device's array would come
+# back as a plain host array; this module-like object puts the result on the current device.
+_CREATION = ("asarray", "ascontiguousarray", "asfortranarray", "array", "copy", "empty", "zeros", "ones",
+             "full", "arange", "eye", "identity", "linspace", "empty_like", "zeros_like", "ones_like",
+             "full_like", "frombuffer", "fromiter")
+
+
+class _ArrayModule:
+    """What get_array_module returns for an emulated device's arrays: NumPy, with CuPy's rule that
+    new arrays live on the current device."""
+
+    __name__ = "numpy"  # the launch code takes its NumPy (emulation) branches
+
+    def __getattr__(self, name):
+        attribute = getattr(np, name)
+        if name not in _CREATION:
+            return attribute
+
+        def create(*args, **kwargs):
+            operands = [a for a in _flatten(list(args)) if isinstance(a, DeviceArray)]
+            _check_current(operands, f"numpy.{name}")
+            result = attribute(*_unwrap(args), **_unwrap(kwargs))
+            if isinstance(result, np.ndarray) and not isinstance(result, DeviceArray):
+                return _wrap(result, name)
+            return result
+        return create
+
+
+array_module = _ArrayModule()
