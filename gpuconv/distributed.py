@@ -56,7 +56,8 @@ import zlib
 
 import numpy as np
 
-from .backend import cuda_status, device_of, emulation_enabled, is_cupy_array, parse_device
+from .backend import (_emulated_devices, cuda_status, device_of, device_scope, emulation_enabled,
+                      get_array_module, is_cupy_array, parse_device)
 from .errors import CheckpointError, DeviceMismatchError, DTypeError, GpuconvError, MissingExtraError
 
 DEFAULT_TIMEOUT = 120.0   # seconds a collective may wait for the other ranks
@@ -130,20 +131,24 @@ def init(backend="auto", device="auto", timeout=None):
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
 
-    name = str(device).strip().lower()
-    if name.startswith("cuda") or (name == "auto" and cuda_status()[1] == ""):
-        cupy = cuda_status()[0]
+    name, emulated = str(device).strip().lower(), _emulated_devices()
+    gpus = 0
+    if name.startswith("cuda") or (name == "auto" and (emulated is not None or cuda_status()[1] == "")):
         parse_device("cuda")  # CudaUnavailableError, with the reason, when there is no GPU
-        index = local_rank % cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(index).use()
-        dev = parse_device(f"cuda:{index}")
+        if emulated is not None:  # gpuconv.cuda.emulation(devices=N): pretend GPUs
+            gpus = emulated.count()
+            emulated.EmulatedDevice(local_rank % gpus).use()
+        else:
+            cupy = cuda_status()[0]
+            gpus = cupy.cuda.runtime.getDeviceCount()
+            cupy.cuda.Device(local_rank % gpus).use()
+        dev = parse_device(f"cuda:{local_rank % gpus}")
     else:
         dev = parse_device(name if name != "auto" else "cpu")
     backend = resolve_backend(backend, dev)
-    if backend == "nccl" and local_size > cupy.cuda.runtime.getDeviceCount():
-        raise DistributedError(f"backend 'nccl': {local_size} ranks on this machine but "
-                               f"{cupy.cuda.runtime.getDeviceCount()} GPU(s); NCCL takes one GPU per rank "
-                               "(start fewer ranks, or use backend='mpi')")
+    if backend in ("nccl", "nccl-standin") and dev.kind == "cuda" and local_size > gpus:
+        raise DistributedError(f"backend 'nccl': {local_size} ranks on this machine but {gpus} GPU(s); NCCL "
+                               "takes one GPU per rank (start fewer ranks, or use backend='mpi')")
     _group = ProcessGroup(world, rank, size, local_rank, local_size, dev, backend, float(timeout))
     _install_excepthook()
     return _group
@@ -152,6 +157,8 @@ def init(backend="auto", device="auto", timeout=None):
 def resolve_backend(backend, device):
     """The backend init() uses on `device` when asked for `backend` (see init)."""
     device = parse_device(device)
+    if backend in ("auto", "nccl") and device.kind == "cuda" and _emulated_devices() is not None:
+        return "nccl-standin"  # emulated GPUs: NCCL's code path, its arguments checked
     if backend == "nccl" and device.kind == "cpu":
         if emulation_enabled():
             return "nccl-standin"
@@ -485,13 +492,6 @@ class NCCLStandIn:
 # the model wrapper
 
 
-def _xp(array):
-    if is_cupy_array(array):
-        import cupy
-        return cupy
-    return np
-
-
 class DistributedDataParallel:
     """`model` (a Module or gpuconv.compile(model)) on every rank, kept in step.
 
@@ -549,7 +549,8 @@ class DistributedDataParallel:
         for _, module, name in list(self.module.named_buffers()):
             array = module._buffers[name]
             if not array.flags.c_contiguous:
-                array = module._buffers[name] = _xp(array).ascontiguousarray(array)
+                with device_scope(array):
+                    array = module._buffers[name] = get_array_module(array).ascontiguousarray(array)
             self.group.broadcast(array, root, "broadcast of buffers")
 
     def _make_buckets(self, bucket_bytes):
@@ -683,29 +684,31 @@ class _Bucket:
         self.params = params
         first = params[0].data
         total = sum(p.size for p in params)
-        with (_xp(first).cuda.Device(first.device.id) if is_cupy_array(first) else contextlib.nullcontext()):
-            self.buffer = _xp(first).zeros(total + extra, dtype=first.dtype)
+        with device_scope(first):  # on the parameters' GPU (or emulated GPU), or the host
+            self.buffer = get_array_module(first).zeros(total + extra, dtype=first.dtype)
         self.extra = extra
 
     def pack(self, samples):
         buffer, offset = self.buffer, 0
         scale = buffer.dtype.type(samples)
-        for p in self.params:
-            part = buffer[offset:offset + p.size]
-            if p.grad is None:
-                part[...] = 0
-            else:
-                _xp(part).multiply(p.grad.reshape(-1), scale, out=part)
-            offset += p.size
-        if self.extra:
-            buffer[-1] = samples
+        with device_scope(buffer):
+            for p in self.params:
+                part = buffer[offset:offset + p.size]
+                if p.grad is None:
+                    part[...] = 0
+                else:
+                    get_array_module(part).multiply(p.grad.reshape(-1), scale, out=part)
+                offset += p.size
+            if self.extra:
+                buffer[-1] = samples
 
     def unpack(self, total):
         buffer, offset = self.buffer, 0
-        for p in self.params:
-            grad = buffer[offset:offset + p.size].reshape(p.shape) / total
-            p.grad = grad.astype(p.dtype, copy=False)
-            offset += p.size
+        with device_scope(buffer):
+            for p in self.params:
+                grad = buffer[offset:offset + p.size].reshape(p.shape) / total
+                p.grad = grad.astype(p.dtype, copy=False)
+                offset += p.size
 
 
 # ----------------------------------------------------------------------------------------------

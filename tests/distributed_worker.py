@@ -9,6 +9,8 @@ equal:  N ranks at per-rank batch B for a few steps of SGD (Nesterov momentum, w
         accumulated over two backward passes per step (the first under no_sync() or not).
 raise, die, hang: rank 1 raises, SIGKILLs itself, or sleeps at its third step; the others must stop.
 raise-all: every rank raises at its third step (as a NaN loss would make them): all stop at once.
+train-emulated ARGS...: `python -m gpuconv train ARGS` under kernel emulation with 2 pretend GPUs
+        (gpuconv.cuda.emulation(devices=2)): rank r on cuda:r, NCCL's code path through the stand-in.
 """
 import contextlib
 import os
@@ -69,6 +71,14 @@ def train(net, optimizer, loader, scenario=None, rank=0, device="cpu", micro=1, 
 
 def main():
     scenario = sys.argv[1]
+    if scenario == "train-emulated":
+        from gpuconv.cuda import emulation
+        from gpuconv.train import main as train_main
+        with emulation(devices=2):
+            code = train_main(sys.argv[2:])
+            if dist.is_initialized():
+                print(f"RANK {dist.get_rank()} ON {dist.group().device} OVER {dist.group().backend}", flush=True)
+            return code
     backend = sys.argv[2] if len(sys.argv) > 2 else "mpi"
     set_cpu_workers(0)
     group = dist.init(backend=backend, device="cuda" if backend == "nccl" else "cpu")
@@ -131,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

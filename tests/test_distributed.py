@@ -184,6 +184,27 @@ def test_train_distributed_checkpoint_and_resume_with_the_same_or_another_world_
 
 
 @needs_mpi
+def test_train_on_two_emulated_gpus_goes_through_the_nccl_standin_and_equals_one_gpu_at_2b(tmp_path):
+    """The GPU path without a GPU: kernel emulation with two pretend GPUs, rank r on cuda:r, batches
+    gathered on the device, gradients through NCCL's code path (the stand-in checks every call's
+    device and dtype), against one process at twice the batch on one pretend GPU."""
+    _mnist_or_skip()
+    small = ["--limit-train", "128", "--limit-test", "64", "--epochs", "1"]
+    code, output, _ = mpirun(2, [WORKER, "train-emulated", "--distributed", "--device", "cuda", "--batch-size", "16",
+                                 "--checkpoint", "two.npz"] + small, cwd=tmp_path)
+    assert code == 0, output
+    assert "RANK 0 ON cuda:0 OVER nccl-standin" in output and "RANK 1 ON cuda:1 OVER nccl-standin" in output, output
+    assert output.count("test accuracy: ") == 1
+    code, output, _ = run([sys.executable, WORKER, "train-emulated", "--device", "cuda:0", "--batch-size", "32",
+                           "--checkpoint", "one.npz"] + small, timeout=60, cwd=tmp_path)
+    assert code == 0, output
+    two, one = load_checkpoint(tmp_path / "two.npz"), load_checkpoint(tmp_path / "one.npz")
+    for key in one[0]:
+        np.testing.assert_allclose(two[0][key], one[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert two[2]["history"][0]["test_accuracy"] == one[2]["history"][0]["test_accuracy"]
+
+
+@needs_mpi
 def test_ranks_started_with_different_settings_refuse_to_train(tmp_path):
     _mnist_or_skip()
     args = [sys.executable] + TRAIN + ["--distributed", "--epochs", "1"]
