@@ -5,12 +5,12 @@ import sys
 from .errors import GpuconvError
 
 COMMANDS = {
-    "train": ("gpuconv.train", "train LeNet-5 on MNIST"),
+    "train": ("gpuconv.train", "train a model (LeNet-5, SimpleCNN, ResNet-20, ...) on MNIST, Fashion-MNIST or CIFAR-10"),
     "bench": ("gpuconv.bench", "time every op and the training step on each device (and PyTorch)"),
     "show": ("gpuconv.show", "draw filters, feature maps, training curves and a confusion matrix"),
     "check-kernels": ("gpuconv.cuda.check", "compile every CUDA kernel with NVRTC for every arch"),
     "kernel-plan": ("gpuconv.cuda.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),
-    "summary": ("gpuconv.summary_cli", "print LeNet-5's layers, parameter counts and FLOPs"),
+    "summary": ("gpuconv.summary_cli", "print a model's layers, parameter counts and FLOPs"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Training LeNet-5 on MNIST: the loop behind `python -m gpuconv train` and examples/train_lenet.py.
+"""Training a model of the zoo (LeNet-5, SimpleCNN, ResNet-20, ...) on MNIST, Fashion-MNIST or CIFAR-10:
+the loop behind `python -m gpuconv train` and examples/train_lenet.py.
 
 Everything that decides the result is in the checkpoint (weights, optimizer state, epoch, batch,
 seed, history), and the order of every epoch depends only on (seed, epoch), so --resume continues
@@ -23,15 +24,38 @@ from .autograd import no_grad
 from .backend import get_array_module, parse_device, to_device
 from .compiler import compile as compile_model
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .data import MNIST, DataLoader
+from .data import DataLoader
 from .data.loader import to_float_batch
+from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
-from .models import LeNet5
+from .models import MODEL_TITLES, MODELS, build_model
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
-                activation="relu", pool="max")
+                activation="relu", pool="max", dataset="mnist", model="lenet5", augment=None,
+                label_smoothing=0.0)
+# What a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("seed", "batch_size", "activation", "pool", "optimizer", "dataset", "model", "augment",
+               "label_smoothing")
+
+
+def default_checkpoint(model, dataset):
+    """Where `train` writes its checkpoint when --checkpoint is not given."""
+    return os.path.join("runs", f"{model}-{dataset}.npz")
+
+
+def build_data(config):
+    """(train set, test set, float32 test images ready for the model, training-batch transform)."""
+    info = dataset_info(config["dataset"])
+    train_set = info.cls("train", data_dir=config["data_dir"], limit=config["limit_train"])
+    test_set = info.cls("test", data_dir=config["data_dir"], limit=config["limit_test"])
+    test_images = to_float_batch(test_set.images)
+    eval_transform = info.eval_transform()
+    if eval_transform is not None:
+        test_images = eval_transform(test_images)
+    augment = info.augment if config["augment"] is None else bool(config["augment"])
+    return train_set, test_set, test_images, info.train_transform(augment)
 
 
 def build_optimizer(name, params, lr, momentum, weight_decay):
@@ -108,7 +132,13 @@ class Trainer:
         if c["resume"] and not c["checkpoint"]:
             raise ArgumentError("resume: --resume needs --checkpoint PATH to resume from")
         self.device = parse_device(c["device"])
-        self.model = LeNet5(activation=c["activation"], pool=c["pool"], seed=c["seed"]).to(self.device)
+        info = dataset_info(c["dataset"])
+        if c["augment"] is None:
+            c["augment"] = info.augment
+        if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
+            raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
+        self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,
+                                 seed=c["seed"], activation=c["activation"], pool=c["pool"]).to(self.device)
         self.net = compile_model(self.model)  # the CPU executor where it applies, eager elsewhere
         self.optimizer = build_optimizer(c["optimizer"], self.model.parameters(), c["lr"], c["momentum"],
                                          c["weight_decay"])
@@ -118,10 +148,9 @@ class Trainer:
         self.schedule = None if schedule is None else (
             schedule(self.optimizer, T_max=c["epochs"]) if schedule is optim.CosineAnnealingLR
             else schedule(self.optimizer, step_size=max(1, c["epochs"] // 3)))
-        self.train_set = MNIST("train", data_dir=c["data_dir"], limit=c["limit_train"])
-        self.test_set = MNIST("test", data_dir=c["data_dir"], limit=c["limit_test"])
-        self.test_images = to_float_batch(self.test_set.images)
-        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"])
+        self.train_set, self.test_set, self.test_images, self.transform = build_data(c)
+        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"],
+                                 transform=self.transform, device=self.device)
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
         self.progress = dict(seen=0, loss_sum=0.0, correct=0, seconds=0.0)  # the epoch so far
         if c["resume"] and os.path.exists(c["checkpoint"]):
@@ -129,7 +158,7 @@ class Trainer:
 
     # ----- checkpoints -----
     def meta(self):
-        keys = ("seed", "batch_size", "activation", "pool", "optimizer", "schedule", "epochs")
+        keys = RESUME_KEYS + ("schedule", "epochs")
         return dict(epoch=self.epoch, batch=self.batch, step=self.step, history=self.history,
                     progress=self.progress, config={k: self.config[k] for k in keys})
 
@@ -143,7 +172,8 @@ class Trainer:
     def restore(self, path):
         model_state, optim_state, meta = load_checkpoint(path)
         saved = meta.get("config", {})
-        for key in ("seed", "batch_size", "activation", "pool", "optimizer"):
+        saved = dict(dict(dataset="mnist", model="lenet5"), **saved)  # checkpoints from before the zoo
+        for key in RESUME_KEYS:
             if key in saved and saved[key] != self.config[key]:
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
                                       f"this run asks for {key}={self.config[key]!r}; pass the same value")
@@ -162,7 +192,7 @@ class Trainer:
     def train_step(self, x, y):
         """One SGD step on a batch -> (loss as a float, logits array)."""
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config["label_smoothing"])
         value = loss.item()
         if not math.isfinite(value):
             layer = first_non_finite_layer(self.model, x)
@@ -218,7 +248,16 @@ class Trainer:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.")
+    p = argparse.ArgumentParser(prog="python -m gpuconv train",
+                                description="Train a model of the zoo on MNIST, Fashion-MNIST or CIFAR-10 "
+                                            "(default: LeNet-5 on MNIST).")
+    p.add_argument("--dataset", choices=list(DATASETS), default=DEFAULTS["dataset"])
+    p.add_argument("--model", choices=list(MODELS), default=DEFAULTS["model"])
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop (padding 2 for 28x28, 4 for 32x32) and, except on MNIST, horizontal "
+                        "flip of every training batch (default: on for fashion-mnist and cifar10, off for mnist)")
+    p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
+                   help="cross-entropy against (1 - e) one-hot + e / classes (default 0)")
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -230,21 +269,33 @@ def build_parser():
     p.add_argument("--activation", choices=["relu", "tanh", "sigmoid"], default=DEFAULTS["activation"])
     p.add_argument("--pool", choices=["max", "avg"], default=DEFAULTS["pool"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--data-dir", default=None, help="folder with the four MNIST files (.gz or raw)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset is (MNIST / Fashion-MNIST: the four IDX files, .gz or raw; CIFAR-10: "
+                        "the binary .bin files, their cifar-10-batches-bin folder or cifar-10-binary.tar.gz); "
+                        "when given, the only place looked at")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--checkpoint", default=None, help="write a checkpoint (.npz) here after every epoch")
+    p.add_argument("--checkpoint", default=None,
+                   help="write a checkpoint (.npz) here after every epoch (default: runs/MODEL-DATASET.npz)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write one every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = {k: v for k, v in vars(args).items()}
+    if config["checkpoint"] is None:
+        config["checkpoint"] = default_checkpoint(config["model"], config["dataset"])
     trainer = Trainer(config)
-    trainer.log(f"training LeNet-5 ({trainer.model.num_parameters():,} parameters) on {trainer.device}, "
-                f"{len(trainer.train_set):,} training and {len(trainer.test_set):,} test images")
+    info = dataset_info(trainer.config["dataset"])
+    of = "" if info.name == "mnist" else f" of {info.title}"
+    trainer.log(f"training {MODEL_TITLES[trainer.config['model']]} ({trainer.model.num_parameters():,} parameters) "
+                f"on {trainer.device}, {len(trainer.train_set):,} training and {len(trainer.test_set):,} test "
+                f"images{of}")
+    if trainer.transform is not None:
+        trainer.log(f"training batches: {trainer.transform}")
+    trainer.log(f"checkpoint: {trainer.config['checkpoint']} (after every epoch; --resume continues from it)")
     try:
         accuracy = trainer.fit()
     except KeyboardInterrupt:

