@@ -34,10 +34,10 @@ DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
                 activation="relu", pool="max", dataset="mnist", model="lenet5", augment=None,
-                label_smoothing=0.0)
+                crop_padding=None, label_smoothing=0.0)
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("seed", "batch_size", "activation", "pool", "optimizer", "dataset", "model", "augment",
-               "label_smoothing")
+               "crop_padding", "label_smoothing")
 
 
 def default_checkpoint(model, dataset):
@@ -55,7 +55,7 @@ def build_data(config):
     if eval_transform is not None:
         test_images = eval_transform(test_images)
     augment = info.augment if config["augment"] is None else bool(config["augment"])
-    return train_set, test_set, test_images, info.train_transform(augment)
+    return train_set, test_set, test_images, info.train_transform(augment, config["crop_padding"])
 
 
 def build_optimizer(name, params, lr, momentum, weight_decay):
@@ -135,6 +135,10 @@ class Trainer:
         info = dataset_info(c["dataset"])
         if c["augment"] is None:
             c["augment"] = info.augment
+        if c["crop_padding"] is None:
+            c["crop_padding"] = info.crop_padding
+        if isinstance(c["crop_padding"], bool) or not isinstance(c["crop_padding"], int) or c["crop_padding"] < 0:
+            raise ArgumentError(f"crop_padding: expected an int >= 0, got {c['crop_padding']!r}")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
             raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
         self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,
@@ -256,6 +260,9 @@ def build_parser():
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (padding 2 for 28x28, 4 for 32x32) and, except on MNIST, horizontal "
                         "flip of every training batch (default: on for fashion-mnist and cifar10, off for mnist)")
+    p.add_argument("--crop-padding", type=int, default=None,
+                   help="with --augment: the zero padding of the random crop, 0 for no crop (flip only); "
+                        "default 2 for 28x28 images, 4 for 32x32")
     p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
                    help="cross-entropy against (1 - e) one-hot + e / classes (default 0)")
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")

@@ -47,10 +47,12 @@ def test_default_checkpoint_under_runs_and_show_finds_the_newest(cifar_tarball, 
     args = ["--dataset", "cifar10", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
             "--limit-train", "32", "--limit-test", "16", "--data-dir", str(cifar_tarball)]
     assert train.main(args + ["--model", "resnet8", "--no-augment"]) == 0
-    assert train.main(args + ["--model", "simplecnn", "--label-smoothing", "0.1"]) == 0
+    assert train.main(args + ["--model", "simplecnn", "--label-smoothing", "0.1", "--crop-padding", "0"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint: runs/resnet8-cifar10.npz" in out and "checkpoint: runs/simplecnn-cifar10.npz" in out
-    assert "training batches" in out  # the normalisation, also without augmentation
+    assert "training batches: Compose([Normalize(" in out  # the normalisation, also without augmentation
+    assert "training batches: Compose([RandomHorizontalFlip(p=0.5), Normalize(" in out  # flip only
+    assert load_checkpoint(tmp_path / "runs" / "simplecnn-cifar10.npz")[2]["config"]["crop_padding"] == 0
     assert (tmp_path / "runs" / "resnet8-cifar10.npz").is_file()
     assert load_checkpoint(tmp_path / "runs" / "resnet8-cifar10.npz")[2]["config"]["augment"] is False
 

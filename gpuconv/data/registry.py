@@ -32,11 +32,14 @@ class DatasetInfo:
         """What every image goes through before the model, in training and evaluation alike."""
         return None if self.mean is None else Normalize(self.mean, self.std)
 
-    def train_transform(self, augment):
-        """The training batches' transform: (crop, flip if they suit the data, then) normalisation."""
+    def train_transform(self, augment, crop_padding=None):
+        """The training batches' transform: (crop, flip if they suit the data, then) normalisation.
+        crop_padding: None for this dataset's default, 0 for no crop."""
         steps = []
+        crop_padding = self.crop_padding if crop_padding is None else crop_padding
         if augment:
-            steps.append(RandomCrop(self.image_size, self.crop_padding))
+            if crop_padding:
+                steps.append(RandomCrop(self.image_size, crop_padding))
             if self.flip:
                 steps.append(RandomHorizontalFlip())
         if self.mean is not None:
