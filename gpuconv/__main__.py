@@ -6,14 +6,14 @@ import sys
 from .errors import GpuconvError
 
 COMMANDS = {
-    "train": ("gpuconv.train", "train LeNet-5 on MNIST"),
+    "train": ("gpuconv.train", "train a model (LeNet-5, SimpleCNN, ResNet-20, ...) on MNIST, Fashion-MNIST or CIFAR-10"),
     "bench": ("gpuconv.bench", "time every op and the training step on each device (and PyTorch)"),
     "show": ("gpuconv.show", "draw filters, feature maps, training curves and a confusion matrix"),
     "check-kernels": ("gpuconv.cuda.tools.check", "compile every CUDA kernel with NVRTC for every arch"),
     "kernel-plan": ("gpuconv.cuda.tools.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),
     "gpu-check": ("gpuconv.cuda.tools.gpu_check", "on a GPU: the likeliest failures first, then tests, bench "
                   "and one LeNet-5 epoch, in one table"),
-    "summary": ("gpuconv.summary_cli", "print LeNet-5's layers, parameter counts and FLOPs"),
+    "summary": ("gpuconv.summary_cli", "print a model's layers, parameter counts and FLOPs"),
 }
 
 # The exit status of a command whose reader went away (`... | head -1`): 128 + SIGPIPE, what a

@@ -145,8 +145,8 @@ HISTORY_FIELDS = {  # field of an epoch record -> (checker, keyword bounds)
     "images_per_s": (_number, dict(minimum=0)),
     "lr": (_number, dict(minimum=0)),
 }
-CONFIG_TEXT = ("activation", "pool", "optimizer", "schedule")
-CONFIG_INTS = {"seed": 0, "batch_size": 1, "epochs": 1}  # field -> minimum
+CONFIG_TEXT = ("activation", "pool", "optimizer", "schedule", "dataset", "model")
+CONFIG_INTS = {"seed": 0, "batch_size": 1, "epochs": 1, "crop_padding": 0}  # field -> minimum
 
 
 def check_meta(meta, where="checkpoint"):
@@ -189,6 +189,11 @@ def check_meta(meta, where="checkpoint"):
         for field, minimum in CONFIG_INTS.items():
             if field in config:
                 _int(where, f"meta.config.{field}", config[field], minimum=minimum)
+        if "augment" in config and not isinstance(config["augment"], bool):
+            _fail(where, "meta.config.augment", "true or false", config["augment"])
+        smoothing = config.get("label_smoothing", 0.0)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            _fail(where, "meta.config.label_smoothing", "a number in [0, 1)", smoothing)
 
 
 def check_arrays(state, prefix, where="checkpoint"):

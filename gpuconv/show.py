@@ -1,10 +1,14 @@
-"""See what a trained LeNet-5 learned: `python -m gpuconv show --checkpoint PATH`.
+"""See what a trained model learned: `python -m gpuconv show [--checkpoint PATH]`.
 
-Four PNG pictures from one checkpoint:
-  filters.png           every conv1 filter as a grey tile, on one shared scale
-  feature_maps.png      one test digit, its predicted class, and the conv1 and conv2 feature maps
+Any checkpoint `train` writes (LeNet-5, SimpleCNN, the ResNets; MNIST, Fashion-MNIST, CIFAR-10): the
+model and the dataset are rebuilt from the checkpoint's config. Without --checkpoint, the newest
+.npz under runs/ (where `train` writes by default) is drawn. Four PNG pictures from one checkpoint:
+  filters.png           every filter of the first conv as a tile (grey, or RGB for colour input), on
+                        one shared scale
+  feature_maps.png      one test image, its predicted class, and the feature maps of two layers
   training_curves.png   loss and accuracy per epoch, as `train` recorded them
-  confusion_matrix.png  true class against predicted class over the test set, with counts
+  confusion_matrix.png  true class against predicted class over the test set, with counts and the
+                        dataset's class names
 
 A checkpoint holds NumPy arrays only, so one trained on either device draws anywhere; the model runs
 on the CPU unless --device says otherwise. matplotlib is optional (`pip install 'gpuconv[plot]'`) and
@@ -13,6 +17,7 @@ with the Agg canvas at a fixed size and dpi (never bbox_inches="tight"), so ever
 pixel size.
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -22,10 +27,10 @@ import numpy as np
 from .autograd import no_grad
 from .backend import parse_device, to_device
 from .checkpoint import load_checkpoint
-from .data import MNIST
 from .data.loader import to_float_batch
+from .data.registry import dataset_info
 from .errors import ArgumentError, CheckpointError, MissingExtraError
-from .models import LeNet5
+from .models import MODEL_TITLES, build_model
 from .train import predict_logits
 from .cli import HelpFormatter
 
@@ -39,8 +44,11 @@ FIGURE_SIZES = {
 }
 PICTURES = {name: f"{name}.png" for name in FIGURE_SIZES}
 CLASS_NAMES = [str(digit) for digit in range(10)]
-# Feature maps are taken after each conv's activation: what the next layer actually sees.
+# Feature maps are taken after each conv's activation: what the next layer actually sees. A model
+# of the zoo names its own (`feature_layers`: title -> child); this is LeNet-5's.
 FEATURE_LAYERS = {"conv1": "act1", "conv2": "act2"}
+MAX_MAPS = (16, 32)  # at most this many maps of the first and second layer are drawn
+RUNS = "runs"
 
 
 def pixel_size(name):
@@ -77,14 +85,32 @@ def save_figure(figure, path):
 
 
 # ----- model and data -----
+def newest_checkpoint(folder=RUNS):
+    """The most recently written .npz under `folder` (where `train` writes by default)."""
+    found = [path for path in glob.glob(os.path.join(glob.escape(folder), "**", "*.npz"), recursive=True)
+             if os.path.isfile(path)]
+    if not found:
+        raise CheckpointError(f"no checkpoint given and none under {os.path.abspath(folder)}; train one first "
+                              "with python -m gpuconv train (it writes runs/MODEL-DATASET.npz), or pass "
+                              "--checkpoint PATH")
+    return max(found, key=os.path.getmtime)
+
+
+def checkpoint_config(meta):
+    """The checkpoint's training config, with the defaults of checkpoints written before the zoo."""
+    return dict(dict(dataset="mnist", model="lenet5", activation="relu", pool="max"), **meta.get("config", {}))
+
+
 def load_model(checkpoint, device="cpu"):
-    """Rebuild LeNet-5 as the checkpoint's config describes it, load its weights -> (model, meta)."""
+    """Rebuild the model as the checkpoint's config describes it, load its weights -> (model, meta)."""
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint!r}: no such file; train one first with "
                               "python -m gpuconv train --checkpoint PATH")
     state, _, meta = load_checkpoint(checkpoint)
-    config = meta.get("config", {})
-    model = LeNet5(activation=config.get("activation", "relu"), pool=config.get("pool", "max"))
+    config = checkpoint_config(meta)
+    info = dataset_info(config["dataset"])
+    model = build_model(config["model"], info.in_channels, len(info.cls.classes), info.image_size,
+                        activation=config["activation"], pool=config["pool"])
     model.load_state_dict(state)
     model.eval()
     return model.to(parse_device(device)), meta
@@ -114,18 +140,25 @@ def softmax(logits):
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def predict(model, images, batch_size=1000):
-    """Class probabilities (N, 10) as NumPy for uint8 (N, 28, 28) images, on the model's device."""
+def _model_input(images, transform):
+    x = to_float_batch(images)
+    return x if transform is None else transform(x)
+
+
+def predict(model, images, batch_size=1000, transform=None):
+    """Class probabilities (N, classes) as NumPy for uint8 images ((N, 28, 28) or (N, C, H, W)), on
+    the model's device; `transform` is the dataset's normalisation (DatasetInfo.eval_transform())."""
     if len(images) == 0:
         return np.zeros((0, 10))
-    return softmax(predict_logits(model, to_float_batch(images), batch_size).astype(np.float64))
+    return softmax(predict_logits(model, _model_input(images, transform), batch_size).astype(np.float64))
 
 
-def feature_maps(model, image):
-    """Run one uint8 (28, 28) image through the model layer by layer -> (maps, probabilities):
-    maps[name] is the (C, H, W) NumPy output of the activation after each conv in FEATURE_LAYERS."""
-    x = to_device(to_float_batch(image[None]), model.device)
-    wanted = {after: conv for conv, after in FEATURE_LAYERS.items()}
+def feature_maps(model, image, transform=None):
+    """Run one uint8 image ((28, 28) or (C, H, W)) through the model child by child -> (maps,
+    probabilities): maps[title] is the (C, H, W) NumPy output of the child the model's
+    `feature_layers` names for that title (LeNet-5: the activations after conv1 and conv2)."""
+    x = to_device(_model_input(image[None], transform), model.device)
+    wanted = {after: conv for conv, after in getattr(model, "feature_layers", FEATURE_LAYERS).items()}
     maps = {}
     with no_grad():
         for name, layer in model.named_children():
@@ -152,45 +185,78 @@ def _tile(axes, image, vmin, vmax, title=None):
     return shown
 
 
+def _show_image(axes, image):
+    """A uint8 image (H, W) in grey or (3, H, W) in colour."""
+    if image.ndim == 3 and image.shape[0] == 3:
+        axes.imshow(np.transpose(image, (1, 2, 0)), interpolation="nearest")
+        axes.set_xticks([])
+        axes.set_yticks([])
+    else:
+        _tile(axes, image.reshape(image.shape[-2:]), 0, 255)
+
+
 def plot_filters(model, path):
-    """Every conv1 filter (6 of 1x5x5) as a grey tile, all on one scale centred on zero."""
-    weights = to_device(model.conv1.weight.data, "cpu")[:, 0]
+    """Every filter of the first conv (conv1) as a tile, all on one scale centred on zero: grey
+    for one input channel, colour (each channel mapped from [-limit, limit] to [0, 1]) for three."""
+    weights = to_device(model.conv1.weight.data, "cpu")
+    count, channels = weights.shape[:2]
     limit = float(np.abs(weights).max()) or 1.0
+    columns = min(count, 16)
+    rows = -(-count // columns)
     figure = new_figure("filters")
-    grid = figure.add_gridspec(1, len(weights) + 1, width_ratios=[1] * len(weights) + [0.08],
-                               left=0.02, right=0.93, top=0.72, bottom=0.06, wspace=0.15)
+    grid = figure.add_gridspec(rows, columns + 1, width_ratios=[1] * columns + [0.08],
+                               left=0.02, right=0.93, top=0.72 if rows == 1 else 0.82, bottom=0.06,
+                               wspace=0.15, hspace=0.15)
+    shown = None
     for index, kernel in enumerate(weights):
-        shown = _tile(figure.add_subplot(grid[0, index]), kernel, -limit, limit, f"filter {index}")
-    figure.colorbar(shown, cax=figure.add_subplot(grid[0, -1])).ax.tick_params(labelsize=8)
-    figure.suptitle(f"conv1 weights: {len(weights)} filters of {weights.shape[1]}x{weights.shape[2]} "
-                    "(black = negative, white = positive)", fontsize=11)
+        axes = figure.add_subplot(grid[index // columns, index % columns])
+        title = f"filter {index}" if count <= 8 else None
+        if channels == 3:
+            _tile(axes, np.transpose((kernel + limit) / (2 * limit), (1, 2, 0)), 0, 1, title)
+        else:
+            shown = _tile(axes, kernel[0], -limit, limit, title)
+    if shown is not None:
+        figure.colorbar(shown, cax=figure.add_subplot(grid[:, -1])).ax.tick_params(labelsize=8)
+    kind = f"{channels}x" if channels not in (1, 3) else ""
+    colours = "black = negative, white = positive" if channels != 3 else "RGB, grey = 0"
+    if channels not in (1, 3):
+        kind += "(first input channel) "
+    figure.suptitle(f"conv1 weights: {count} filters of {kind}{weights.shape[2]}x{weights.shape[3]} "
+                    f"({colours})", fontsize=11)
     return save_figure(figure, path)
 
 
-def plot_feature_maps(model, image, label, path, activation="relu"):
-    """The digit, its predicted class and probability, and the conv1 and conv2 feature maps."""
-    maps, probabilities = feature_maps(model, image)
+def plot_feature_maps(model, image, label, path, activation="relu", class_names=CLASS_NAMES,
+                      transform=None, title="LeNet-5"):
+    """The image, its predicted class and probability, and the feature maps of the two layers the
+    model names (LeNet-5: conv1 and conv2 after the activation; at most MAX_MAPS of each)."""
+    maps, probabilities = feature_maps(model, image, transform)
     predicted = int(probabilities.argmax())
+    class_names = list(class_names)
     figure = new_figure("feature_maps")
     outer = figure.add_gridspec(1, 2, width_ratios=[1, 4.2], left=0.03, right=0.97, top=0.87,
-                                bottom=0.06, wspace=0.12)
+                                bottom=0.06 if max(map(len, class_names)) <= 2 else 0.16, wspace=0.12)
     left = outer[0, 0].subgridspec(2, 1, height_ratios=[1.3, 1], hspace=0.45)
     digit = figure.add_subplot(left[0])
-    _tile(digit, image, 0, 255)
+    _show_image(digit, image)
     verdict = "right" if predicted == label else "wrong"
-    digit.set_title(f"true {label}, predicted {predicted}\n"
-                    f"p = {probabilities[predicted]:.3f} ({verdict})", fontsize=10)
+    digit.set_title(f"true {class_names[label]}, predicted {class_names[predicted]}\n"
+                    f"p = {probabilities[predicted]:.3f} ({verdict})", fontsize=10 if len(class_names[label]) < 8 else 8)
     bars = figure.add_subplot(left[1])
     colours = ["tab:green" if c == predicted else "tab:grey" for c in range(len(probabilities))]
     bars.bar(range(len(probabilities)), probabilities, color=colours)
-    bars.set_xticks(range(len(probabilities)), CLASS_NAMES, fontsize=8)
+    long_names = max(map(len, class_names)) > 2
+    bars.set_xticks(range(len(probabilities)), class_names, fontsize=6 if long_names else 8,
+                    rotation=90 if long_names else 0)
     bars.set_ylim(0, 1)
     bars.tick_params(axis="y", labelsize=8)
     bars.set_title("class probabilities", fontsize=9)
 
     right = outer[0, 1].subgridspec(2, 1, height_ratios=[1.15, 1.85], hspace=0.3)
-    for row, (conv, columns) in enumerate((("conv1", 6), ("conv2", 8))):
-        stack = maps[conv]
+    for row, (conv, stack) in enumerate(list(maps.items())[:2]):
+        total = len(stack)
+        stack = stack[:MAX_MAPS[row]]
+        columns = len(stack) if len(stack) <= 8 else (8 if len(stack) <= 16 else 16)
         rows = -(-len(stack) // columns)
         grid = right[row].subgridspec(rows, columns + 1, width_ratios=[1] * columns + [0.08],
                                       wspace=0.08, hspace=0.12)
@@ -205,9 +271,10 @@ def plot_feature_maps(model, image, label, path, activation="relu"):
         header.set_xticks([])
         header.set_yticks([])
         header.patch.set_alpha(0)
-        header.set_title(f"{conv} after {activation}: {len(stack)} maps of {stack.shape[1]}x{stack.shape[2]} "
+        shown_count = f"{len(stack)} maps" if len(stack) == total else f"the first {len(stack)} of {total} maps"
+        header.set_title(f"{conv} after {activation}: {shown_count} of {stack.shape[1]}x{stack.shape[2]} "
                          "(one shared scale)", fontsize=10)
-    figure.suptitle("What LeNet-5 sees in one test digit", fontsize=12)
+    figure.suptitle(f"What {title} sees in one test image", fontsize=12)
     return save_figure(figure, path)
 
 
@@ -245,8 +312,8 @@ def plot_training_curves(history, path):
     return save_figure(figure, path)
 
 
-def plot_confusion_matrix(counts, path):
-    """counts[true, predicted] with the count in every non-empty cell."""
+def plot_confusion_matrix(counts, path, class_names=CLASS_NAMES):
+    """counts[true, predicted] with the count in every non-empty cell, rows and columns named."""
     figure = new_figure("confusion_matrix")
     axes = figure.add_axes([0.12, 0.1, 0.7, 0.78])
     colorbar_axes = figure.add_axes([0.85, 0.1, 0.03, 0.78])
@@ -258,8 +325,11 @@ def plot_confusion_matrix(counts, path):
             if counts[true, predicted]:
                 axes.text(predicted, true, str(counts[true, predicted]), ha="center", va="center", fontsize=8,
                           color="white" if counts[true, predicted] > threshold else "black")
-    axes.set_xticks(range(counts.shape[1]), CLASS_NAMES[:counts.shape[1]])
-    axes.set_yticks(range(counts.shape[0]), CLASS_NAMES[:counts.shape[0]])
+    class_names = list(class_names)
+    long_names = max(map(len, class_names)) > 2
+    axes.set_xticks(range(counts.shape[1]), class_names[:counts.shape[1]], fontsize=7 if long_names else None,
+                    rotation=45 if long_names else 0, ha="right" if long_names else "center")
+    axes.set_yticks(range(counts.shape[0]), class_names[:counts.shape[0]], fontsize=7 if long_names else None)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     total, correct = int(counts.sum()), int(np.trace(counts))
@@ -272,21 +342,27 @@ def render_all(checkpoint, out_dir, image_index=0, data_dir=None, limit_test=Non
     """Draw all four pictures from `checkpoint` into `out_dir` -> {picture name: path}."""
     require_matplotlib()  # fail before any slow work
     model, meta = load_model(checkpoint, device)
-    test_set = MNIST("test", data_dir=data_dir, limit=limit_test)
+    config = checkpoint_config(meta)
+    info = dataset_info(config["dataset"])
+    test_set = info.cls("test", data_dir=data_dir, limit=limit_test)
     image_index = check_image_index(image_index, len(test_set))
-    activation = meta.get("config", {}).get("activation", "relu")
+    activation = config["activation"] if config["model"] == "lenet5" else "relu"
+    transform = info.eval_transform()
     paths = {name: os.path.join(out_dir, filename) for name, filename in PICTURES.items()}
+    log(f"{checkpoint}: {MODEL_TITLES[config['model']]} on {info.title}")
 
     plot_filters(model, paths["filters"])
     plot_feature_maps(model, test_set.images[image_index], int(test_set.labels[image_index]),
-                      paths["feature_maps"], activation)
+                      paths["feature_maps"], activation, test_set.classes, transform,
+                      MODEL_TITLES[config["model"]])
     history = load_history(checkpoint, meta)
     if not history:
         log(f"warning: {checkpoint!r} has no training history (nor a .history.json beside it); "
             "the training-curves picture says so")
     plot_training_curves(history, paths["training_curves"])
-    predicted = predict(model, test_set.images).argmax(axis=1)
-    plot_confusion_matrix(confusion_matrix(test_set.labels, predicted), paths["confusion_matrix"])
+    predicted = predict(model, test_set.images, transform=transform).argmax(axis=1)
+    plot_confusion_matrix(confusion_matrix(test_set.labels, predicted, len(test_set.classes)),
+                          paths["confusion_matrix"], test_set.classes)
     for name, path in paths.items():
         width, height = pixel_size(name)
         log(f"wrote {path} ({width}x{height} px)")
@@ -298,11 +374,14 @@ def build_parser():
                                 description="Draw conv1 filters, feature maps, training curves and a "
                                             "confusion matrix from a checkpoint, as PNG files (needs "
                                             "pip install 'gpuconv[plot]').")
-    p.add_argument("--checkpoint", required=True, help="a .npz written by python -m gpuconv train --checkpoint")
+    p.add_argument("--checkpoint", default=None,
+                   help="a .npz written by python -m gpuconv train (default: the newest under runs/)")
     p.add_argument("--image-index", type=int, default=0, help="which test image to show feature maps for")
     p.add_argument("--out", default="pictures", help="folder for the PNG files (created if missing)")
     p.add_argument("--device", default="cpu", help="where to run the model: cpu (default), cuda, cuda:N, auto")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: found automatically)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the checkpoint's dataset is (default: found automatically; when given, the only "
+                        "place looked at)")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     return p
 
@@ -311,7 +390,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.limit_test is not None and args.limit_test < 1:
         raise ArgumentError(f"--limit-test: expected an int >= 1, got {args.limit_test}")
-    render_all(args.checkpoint, args.out, image_index=args.image_index, data_dir=args.data_dir,
+    checkpoint = args.checkpoint if args.checkpoint is not None else newest_checkpoint()
+    render_all(checkpoint, args.out, image_index=args.image_index, data_dir=args.data_dir,
                limit_test=args.limit_test, device=args.device)
     return 0
 

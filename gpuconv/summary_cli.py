@@ -1,14 +1,25 @@
-"""`python -m gpuconv summary`: LeNet-5's layers, output shapes, parameters and FLOPs."""
+"""`python -m gpuconv summary`: a model's layers, output shapes, parameters and FLOPs.
+
+    python -m gpuconv summary                                   # LeNet-5 on MNIST's 1x28x28
+    python -m gpuconv summary --model resnet20 --dataset cifar10   # ResNet-20 on 3x32x32, one row per block
+"""
 import argparse
 
-from .models import LeNet5
+from .data.registry import DATASETS, dataset_info
+from .models import MODELS, build_model
 from .cli import HelpFormatter
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gpuconv summary", formatter_class=HelpFormatter)
-    p.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
-    p.add_argument("--pool", default="max", choices=["max", "avg"])
+    p.add_argument("--model", choices=list(MODELS), default="lenet5")
+    p.add_argument("--dataset", choices=list(DATASETS), default="mnist",
+                   help="sets the input shape and the number of classes (no data is read)")
+    p.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"], help="LeNet-5 only")
+    p.add_argument("--pool", default="max", choices=["max", "avg"], help="LeNet-5 only")
     args = p.parse_args(argv)
-    LeNet5(activation=args.activation, pool=args.pool).summary((1, 1, 28, 28))
+    info = dataset_info(args.dataset)
+    model = build_model(args.model, info.in_channels, len(info.cls.classes), info.image_size,
+                        activation=args.activation, pool=args.pool)
+    model.summary((1, info.in_channels, info.image_size, info.image_size))
     return 0

@@ -1,4 +1,5 @@
-"""Training LeNet-5 on MNIST: the loop behind `python -m gpuconv train` and examples/train_lenet.py.
+"""Training a model of the zoo (LeNet-5, SimpleCNN, ResNet-20, ...) on MNIST, Fashion-MNIST or CIFAR-10:
+the loop behind `python -m gpuconv train` and examples/train_lenet.py.
 
 Everything that decides the result is in the checkpoint (weights, optimizer state, epoch, batch,
 seed, history), and the order of every epoch depends only on (seed, epoch), so --resume continues
@@ -25,23 +26,45 @@ from .backend import device_scope, get_array_module, is_device_array, parse_devi
 from .compiler import compile as compile_model
 from .checkpoint import atomic_write, check_resume, load_checkpoint, save_checkpoint
 from .cuda.runtime import device_errors
-from .data import MNIST, DataLoader
+from .data import DataLoader
 from .data.loader import to_float_batch
+from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .ops.loss import check_labels
-from .models import LeNet5
+from .models import MODEL_TITLES, MODELS, build_model
 from .cli import HelpFormatter
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
-                activation="relu", pool="max")
+                activation="relu", pool="max", dataset="mnist", model="lenet5", augment=None,
+                crop_padding=None, label_smoothing=0.0)
 DEFAULTS.update(distributed=False)  # --distributed: gpuconv/distributed.py, issue 19
-
+# What a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("seed", "batch_size", "activation", "pool", "optimizer", "dataset", "model", "augment",
+               "crop_padding", "label_smoothing")
 
 # On a GPU the loss and the correct count stay on the device and are read back (one blocking sync)
 # every LOG_EVERY steps and at the end of an epoch, not after every step.
 LOG_EVERY = 50
+
+
+def default_checkpoint(model, dataset):
+    """Where `train` writes its checkpoint when --checkpoint is not given."""
+    return os.path.join("runs", f"{model}-{dataset}.npz")
+
+
+def build_data(config):
+    """(train set, test set, float32 test images ready for the model, training-batch transform)."""
+    info = dataset_info(config["dataset"])
+    train_set = info.cls("train", data_dir=config["data_dir"], limit=config["limit_train"])
+    test_set = info.cls("test", data_dir=config["data_dir"], limit=config["limit_test"])
+    test_images = to_float_batch(test_set.images)
+    eval_transform = info.eval_transform()
+    if eval_transform is not None:
+        test_images = eval_transform(test_images)
+    augment = info.augment if config["augment"] is None else bool(config["augment"])
+    return train_set, test_set, test_images, info.train_transform(augment, config["crop_padding"])
 
 
 def build_optimizer(name, params, lr, momentum, weight_decay):
@@ -131,7 +154,17 @@ class Trainer:
             self.log(f"distributed: {self.dist.world_size} ranks over {self.dist.backend}, batch {c['batch_size']} "
                      f"per rank ({c['batch_size'] * self.dist.world_size} a step)")
         self.device = self.dist.device if self.dist else parse_device(c["device"])
-        self.model = LeNet5(activation=c["activation"], pool=c["pool"], seed=c["seed"]).to(self.device)
+        info = dataset_info(c["dataset"])
+        if c["augment"] is None:
+            c["augment"] = info.augment
+        if c["crop_padding"] is None:
+            c["crop_padding"] = info.crop_padding
+        if isinstance(c["crop_padding"], bool) or not isinstance(c["crop_padding"], int) or c["crop_padding"] < 0:
+            raise ArgumentError(f"crop_padding: expected an int >= 0, got {c['crop_padding']!r}")
+        if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
+            raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
+        self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,
+                                 seed=c["seed"], activation=c["activation"], pool=c["pool"]).to(self.device)
         self.net = compile_model(self.model)  # the CPU executor where it applies, eager elsewhere
         self.optimizer = build_optimizer(c["optimizer"], self.model.parameters(), c["lr"], c["momentum"],
                                          c["weight_decay"])
@@ -141,11 +174,11 @@ class Trainer:
         self.schedule = None if schedule is None else (
             schedule(self.optimizer, T_max=c["epochs"]) if schedule is optim.CosineAnnealingLR
             else schedule(self.optimizer, step_size=max(1, c["epochs"] // 3)))
-        self.train_set = MNIST("train", data_dir=c["data_dir"], limit=c["limit_train"])
-        self.test_set = MNIST("test", data_dir=c["data_dir"], limit=c["limit_test"])
-        self.test_images = to_float_batch(self.test_set.images)
+        self.train_set, self.test_set, self.test_images, self.transform = build_data(c)
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size) if self.dist else {}
-        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"], **shard)
+        # host batches are augmented where they are made; GPU-resident ones in batches()
+        self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"],
+                                 transform=self.transform, **shard)
         self.num_classes = _num_classes(self.model)
         self.device_data = self._dataset_on_device()
         self.pending = None  # (loss sum, correct count) of steps not yet read back from the GPU
@@ -162,7 +195,7 @@ class Trainer:
     # ----- checkpoints -----
     def meta(self):
         self.read_progress()
-        keys = ("seed", "batch_size", "activation", "pool", "optimizer", "schedule", "epochs")
+        keys = RESUME_KEYS + ("schedule", "epochs")
         return dict(epoch=self.epoch, batch=self.batch, step=self.step, history=self.history,
                     progress=self.progress, config={k: self.config[k] for k in keys},
                     world_size=self.dist.world_size if self.dist else 1)
@@ -183,7 +216,8 @@ class Trainer:
     def restore(self, path):
         model_state, optim_state, meta = load_checkpoint(path)  # types and ranges of every field
         saved = meta.get("config", {})
-        for key in ("seed", "batch_size", "activation", "pool", "optimizer"):
+        saved = dict(dict(dataset="mnist", model="lenet5"), **saved)  # checkpoints from before the zoo
+        for key in RESUME_KEYS:
             if key in saved and saved[key] != self.config[key]:
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
                                       f"this run asks for {key}={self.config[key]!r}; pass the same value")
@@ -216,7 +250,7 @@ class Trainer:
         device: nothing here reads a GPU value back (the caller reads sums once per LOG_EVERY steps).
         On the CPU the loss is checked before the update, which costs nothing there."""
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config["label_smoothing"])
         if not is_device_array(loss.data):
             self.check_finite(loss.data, x, self.step + 1)
         self.optimizer.zero_grad()
@@ -293,7 +327,10 @@ class Trainer:
             with device_scope(self.device):  # not held across the yield: the step nests its own scopes
                 index = order[b * size * ranks:(b + 1) * size * ranks][rank::ranks]  # this rank's share
                 x = images[index].astype(xp.float32) / xp.float32(255)
-                batch = (x[:, None] if x.ndim == 3 else x), labels[index]
+                x = x[:, None] if x.ndim == 3 else x
+                if self.transform is not None:  # augmented on the GPU, drawn as the loader draws
+                    x = self.transform(x, self.loader.batch_rng(epoch, b))
+                batch = x, labels[index]
             yield batch
 
     def fit(self):
@@ -364,8 +401,19 @@ def _num_classes(model):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m gpuconv train", description="Train LeNet-5 on MNIST.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m gpuconv train",
+                                description="Train a model of the zoo on MNIST, Fashion-MNIST or CIFAR-10 "
+                                            "(default: LeNet-5 on MNIST).", formatter_class=HelpFormatter)
+    p.add_argument("--dataset", choices=list(DATASETS), default=DEFAULTS["dataset"])
+    p.add_argument("--model", choices=list(MODELS), default=DEFAULTS["model"])
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop (padding 2 for 28x28, 4 for 32x32) and, except on MNIST, horizontal "
+                        "flip of every training batch (default: on for fashion-mnist and cifar10, off for mnist)")
+    p.add_argument("--crop-padding", type=int, default=None,
+                   help="with --augment: the zero padding of the random crop, 0 for no crop (flip only); "
+                        "default 2 for 28x28 images, 4 for 32x32")
+    p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
+                   help="cross-entropy against (1 - e) one-hot + e / classes (default 0)")
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -377,12 +425,16 @@ def build_parser():
     p.add_argument("--activation", choices=["relu", "tanh", "sigmoid"], default=DEFAULTS["activation"])
     p.add_argument("--pool", choices=["max", "avg"], default=DEFAULTS["pool"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--data-dir", default=None, help="folder with the four MNIST files (.gz or raw)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset is (MNIST / Fashion-MNIST: the four IDX files, .gz or raw; CIFAR-10: "
+                        "the binary .bin files, their cifar-10-batches-bin folder or cifar-10-binary.tar.gz); "
+                        "when given, the only place looked at")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--checkpoint", default=None, help="write a checkpoint (.npz) here after every epoch")
+    p.add_argument("--checkpoint", default=None,
+                   help="write a checkpoint (.npz) here after every epoch (default: runs/MODEL-DATASET.npz)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write one every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the ranks of `mpiexec -n N` (--batch-size is per rank)")
     return p
@@ -391,6 +443,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = {k: v for k, v in vars(args).items()}
+    if config["checkpoint"] is None:
+        config["checkpoint"] = default_checkpoint(config["model"], config["dataset"])
     if config.get("distributed"):
         with distributed.guard():  # an error on one rank stops every rank, naming it
             return _main(config)
@@ -399,8 +453,14 @@ def main(argv=None):
 
 def _main(config):
     trainer = Trainer(config)
-    trainer.log(f"training LeNet-5 ({trainer.model.num_parameters():,} parameters) on {trainer.device}, "
-                f"{len(trainer.train_set):,} training and {len(trainer.test_set):,} test images")
+    info = dataset_info(trainer.config["dataset"])
+    of = "" if info.name == "mnist" else f" of {info.title}"
+    trainer.log(f"training {MODEL_TITLES[trainer.config['model']]} ({trainer.model.num_parameters():,} parameters) "
+                f"on {trainer.device}, {len(trainer.train_set):,} training and {len(trainer.test_set):,} test "
+                f"images{of}")
+    if trainer.transform is not None:
+        trainer.log(f"training batches: {trainer.transform}")
+    trainer.log(f"checkpoint: {trainer.config['checkpoint']} (after every epoch; --resume continues from it)")
     try:
         accuracy = trainer.fit()
     except KeyboardInterrupt:

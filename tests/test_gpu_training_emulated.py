@@ -146,3 +146,18 @@ def test_a_non_finite_loss_on_the_device_is_refused_before_a_checkpoint_keeps_it
         with pytest.raises(NonFiniteError, match=r"loss became nan at step \d+"):
             trainer.fit()
     assert all(np.isfinite(v).all() for v in load_checkpoint(path)[0].values())
+
+
+@needs_mnist
+def test_an_augmented_epoch_on_the_device_matches_the_cpu_run():
+    """With the dataset on the GPU, batches are augmented there (train.Trainer.batches), with the
+    random choices the host loader draws: the same epoch as on the CPU."""
+    config = dict(SMALL, augment=True, crop_padding=2)
+    cpu = train.Trainer(dict(config, device="cpu"), log=lambda *_: None)
+    cpu.fit()
+    with emulation(devices=2):
+        gpu = train.Trainer(dict(config), log=lambda *_: None)
+        assert gpu.device_data is not None and gpu.transform is not None
+        gpu.fit()
+    for key in ("train_loss", "train_accuracy", "test_accuracy"):
+        assert gpu.history[0][key] == pytest.approx(cpu.history[0][key], rel=1e-4, abs=1e-6), key

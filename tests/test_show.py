@@ -160,3 +160,42 @@ def test_renders_on_the_gpu(checkpoint, data_dir, tmp_path):
     assert gpuconv.cuda_available()
     assert show.main(show_args(checkpoint, data_dir, tmp_path, "--device", "cuda")) == 0
     assert (tmp_path / "feature_maps.png").exists()
+
+
+# ---------------------------------------------------------------- the zoo's checkpoints
+
+from gpuconv.models import ResNet, SimpleCNN  # noqa: E402
+
+
+@pytest.mark.parametrize("model, config, image_shape, keys", [
+    (SimpleCNN(seed=1), dict(dataset="fashion-mnist", model="simplecnn"), (28, 28),
+     {"block1": (32, 14, 14), "block2": (64, 7, 7)}),
+    (ResNet(8, in_channels=3, seed=1), dict(dataset="cifar10", model="resnet8"), (3, 32, 32),
+     {"conv1": (16, 32, 32), "layer1": (16, 32, 32)}),
+])
+def test_zoo_checkpoints_rebuild_and_give_feature_maps(tmp_path, model, config, image_shape, keys):
+    path = tmp_path / "zoo.npz"
+    save_checkpoint(path, model, meta=dict(config=config))
+    loaded, _ = show.load_model(str(path))
+    assert type(loaded) is type(model)
+    for (name, expected), (_, got) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    image = np.random.default_rng(0).integers(0, 256, image_shape, dtype=np.uint8)
+    maps, probabilities = show.feature_maps(loaded, image)
+    assert {k: v.shape for k, v in maps.items()} == keys and probabilities.shape == (10,)
+
+
+def test_zoo_pictures_with_class_names_and_colour_filters(tmp_path):
+    from matplotlib.image import imread
+
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+    resnet = ResNet(8, in_channels=3).eval()
+    paths = [show.plot_filters(resnet, str(tmp_path / "filters.png")),
+             show.plot_feature_maps(SimpleCNN().eval(), np.zeros((28, 28), np.uint8), 9,
+                                    str(tmp_path / "feature_maps.png"), class_names=classes, title="SimpleCNN"),
+             show.plot_feature_maps(resnet, np.zeros((3, 32, 32), np.uint8), 2,
+                                    str(tmp_path / "feature_maps_rgb.png"), class_names=classes),
+             show.plot_confusion_matrix(show.confusion_matrix([0, 9], [0, 8]), str(tmp_path / "cm.png"), classes)]
+    for path, name in zip(paths, ["filters", "feature_maps", "feature_maps", "confusion_matrix"]):
+        assert imread(path).shape[:2] == show.pixel_size(name)[::-1]

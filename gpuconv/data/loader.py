@@ -1,9 +1,14 @@
 """Mini-batches from a dataset, as NumPy arrays: x float32 (N, C, H, W), y int64 (N,).
 
 The order of epoch e depends only on (seed, e), so resuming training at epoch e (even mid-epoch, via
-`batches(epoch, start)`) replays exactly the batches an uninterrupted run would have seen.
+`batches(epoch, start)`) replays exactly the batches an uninterrupted run would have seen. A
+`transform` (gpuconv.data.transforms) is applied to each batch where it lives (after the move to
+`device`, if one is given) with the generator `batch_rng(epoch, b)`, which depends only on
+(seed, epoch, batch index): augmented batches replay exactly too.
 """
 import numpy as np
+
+from ..backend import to_device
 
 from ..errors import ArgumentError, ShapeError
 
@@ -62,8 +67,10 @@ class DataLoader:
     the N ranks' batches are disjoint and together are exactly the batch one process at batch N*B
     sees. A last global batch with fewer than N samples is dropped (every rank must get a sample)."""
 
-    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, rank=0, world_size=1):
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, transform=None,
+                 device=None, rank=0, world_size=1):
         self.dataset = dataset
+        self.transform, self.device = transform, device
         self.batch_size = _check_int(batch_size, "batch_size", 1)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -101,11 +108,21 @@ class DataLoader:
             y = np.array([s[1] for s in samples])
         return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
 
+    def batch_rng(self, epoch, index):
+        """The random generator of batch `index` of `epoch` for the transform: seeded by
+        (seed, epoch, index) only."""
+        return np.random.default_rng([self.seed, epoch, index])
+
     def batches(self, epoch, start=0):
         """Yield the batches of `epoch` from batch number `start` on (for an exact mid-epoch resume)."""
         order, step = self.order(epoch), self.batch_size * self.world_size
         for b in range(_check_int(start, "start", 0), len(self)):
-            yield self._fetch(order[b * step:(b + 1) * step][self.rank::self.world_size])
+            x, y = self._fetch(order[b * step:(b + 1) * step][self.rank::self.world_size])
+            if self.device is not None:
+                x, y = to_device(x, self.device), to_device(y, self.device)
+            if self.transform is not None:
+                x = self.transform(x, self.batch_rng(epoch, b))
+            yield x, y
 
     def __iter__(self):
         epoch = self.epoch

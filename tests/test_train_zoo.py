@@ -1,0 +1,114 @@
+"""`train` beyond LeNet-5 on MNIST, on generated data (no real CIFAR-10 exists on these machines):
+ResNet-20 on CIFAR-10 binary files, the default checkpoint under runs/, show on it, an exact resume
+with augmentation on, and the loud failure of a --data-dir that is wrong."""
+import numpy as np
+import pytest
+
+from gpuconv import __main__ as cli
+from gpuconv import train
+from gpuconv.checkpoint import load_checkpoint
+from gpuconv.data import cifar
+from gpuconv.errors import CheckpointError
+
+
+@pytest.fixture
+def cifar_tarball(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _, tarball = cifar.write_fake(tmp_path / "gen", train_per_batch=12, test=16)
+    monkeypatch.setattr(cifar, "TARBALL_MD5", cifar.md5_of(tarball))
+    cifar._tarballs.clear()
+    return tarball
+
+
+def test_resnet20_on_cifar10_smoke_run_from_the_command_line(cifar_tarball, tmp_path, capsys):
+    checkpoint = tmp_path / "r20.npz"
+    code = train.main(["--dataset", "cifar10", "--model", "resnet20", "--device", "cpu", "--epochs", "1",
+                       "--batch-size", "16", "--limit-train", "48", "--limit-test", "16",
+                       "--data-dir", str(cifar_tarball), "--checkpoint", str(checkpoint)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert out[0] == ("training ResNet-20 (269,722 parameters) on cpu, 48 training and 16 test images of "
+                      "CIFAR-10")
+    assert "RandomCrop(size=(32, 32), padding=4), RandomHorizontalFlip(p=0.5), Normalize(" in out[1]
+    assert out[-2].startswith("epoch 1/1: train loss")
+    assert out[-1].startswith("test accuracy: 0.") and len(out[-1]) == len("test accuracy: 0.XXXX")
+    state, _, meta = load_checkpoint(checkpoint)
+    assert meta["config"]["dataset"] == "cifar10" and meta["config"]["model"] == "resnet20"
+    assert meta["config"]["augment"] is True and state["layer3.2.bn2.running_var"].shape == (64,)
+    # resuming it as another model or dataset is refused, naming the setting
+    with pytest.raises(CheckpointError, match="model='resnet20'.*model='resnet8'"):
+        train.Trainer(dict(dataset="cifar10", model="resnet8", device="cpu", data_dir=str(cifar_tarball), batch_size=16,
+                           checkpoint=str(checkpoint), resume=True), log=lambda *_: None)
+
+
+def test_default_checkpoint_under_runs_and_show_finds_the_newest(cifar_tarball, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="show needs the plot extra")
+    monkeypatch.chdir(tmp_path)
+    args = ["--dataset", "cifar10", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
+            "--limit-train", "32", "--limit-test", "16", "--data-dir", str(cifar_tarball)]
+    assert train.main(args + ["--model", "resnet8", "--no-augment"]) == 0
+    assert train.main(args + ["--model", "simplecnn", "--label-smoothing", "0.1", "--crop-padding", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint: runs/resnet8-cifar10.npz" in out and "checkpoint: runs/simplecnn-cifar10.npz" in out
+    assert "training batches: Compose([Normalize(" in out  # the normalisation, also without augmentation
+    assert "training batches: Compose([RandomHorizontalFlip(p=0.5), Normalize(" in out  # flip only
+    assert load_checkpoint(tmp_path / "runs" / "simplecnn-cifar10.npz")[2]["config"]["crop_padding"] == 0
+    assert (tmp_path / "runs" / "resnet8-cifar10.npz").is_file()
+    assert load_checkpoint(tmp_path / "runs" / "resnet8-cifar10.npz")[2]["config"]["augment"] is False
+
+    assert cli.main(["show", "--data-dir", str(cifar_tarball), "--out", "pictures"]) == 0
+    out = capsys.readouterr().out
+    assert "simplecnn-cifar10.npz: SimpleCNN on CIFAR-10" in out  # the newest
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == [
+        "confusion_matrix.png", "feature_maps.png", "filters.png", "training_curves.png"]
+    assert cli.main(["show", "--checkpoint", "runs/resnet8-cifar10.npz", "--data-dir", str(cifar_tarball),
+                     "--out", "r8"]) == 0
+
+
+def test_show_without_any_checkpoint_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["show"]) == 1
+    err = capsys.readouterr().err
+    assert "CheckpointError: no checkpoint given and none under" in err and "python -m gpuconv train" in err
+
+
+def test_resume_with_augmentation_equals_uninterrupted_training(cifar_tarball, tmp_path, monkeypatch):
+    config = dict(dataset="cifar10", model="simplecnn", device="cpu", epochs=2, batch_size=8, limit_train=40,
+                  limit_test=8, data_dir=str(cifar_tarball), lr=0.02)
+    full = tmp_path / "full.npz"
+    train.Trainer(dict(config, checkpoint=str(full)), log=lambda *_: None).fit()
+
+    interrupted = tmp_path / "interrupted.npz"
+    real_step, calls = train.Trainer.train_step, []
+
+    def step_then_interrupt(self, x, y):
+        if len(calls) == 7:  # batch 2 of epoch 2 (5 batches an epoch)
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(train.Trainer, "train_step", step_then_interrupt)
+    trainer = train.Trainer(dict(config, checkpoint=str(interrupted)), log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    trainer.save()
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    train.Trainer(dict(config, checkpoint=str(interrupted), resume=True), log=lambda *_: None).fit()
+    a, b = load_checkpoint(full)[0], load_checkpoint(interrupted)[0]
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("problem", ["missing-folder", "empty-folder"])
+def test_wrong_data_dir_fails_loudly_on_the_command_line(tmp_path, capsys, problem):
+    folder = tmp_path / "data"
+    if problem == "empty-folder":
+        folder.mkdir()
+    for dataset in ("mnist", "fashion-mnist", "cifar10"):
+        code = cli.main(["train", "--dataset", dataset, "--data-dir", str(folder), "--limit-train", "8",
+                         "--checkpoint", str(tmp_path / "x.npz")])
+        err = capsys.readouterr().err
+        assert code == 1, dataset
+        assert "DataNotFoundError" in err and str(folder) in err and "data_dir that was given" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "x.npz").exists()
