@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from ..backend import emulation_enabled
-from ..errors import DeviceMismatchError, GpuOutOfMemoryError, KernelError, MissingExtraError
+from ..errors import GpuOutOfMemoryError, KernelError, MissingExtraError
 
 # What RawModule compiles with at run time. Warnings are not errors here: an architecture the offline
 # check never saw must still run, just maybe slower.

@@ -22,7 +22,6 @@ data was not available where this reader was written); they are checked for reco
 label range instead.
 """
 import hashlib
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DataError, DataNotFoundError
 from . import mnist
-from .loader import ArrayDataset
+from .loader import SplitDataset
 
 FOLDER = "cifar-10-batches-bin"
 TARBALL = "cifar-10-binary.tar.gz"
@@ -222,7 +221,7 @@ def load_split(split, data_dir=None, download=True, url=None, opener=None):
     return images, labels, classes
 
 
-class CIFAR10(ArrayDataset):
+class CIFAR10(SplitDataset):
     """One CIFAR-10 split: item i is (float32 image (3, 32, 32) in [0, 1], int64 label).
     `.images` uint8 (N, 3, 32, 32), `.labels` int64 (N,), `.classes` the ten class names."""
 
@@ -231,16 +230,7 @@ class CIFAR10(ArrayDataset):
 
     def __init__(self, split="train", data_dir=None, limit=None, download=True, url=None, opener=None):
         images, labels, self.classes = load_split(split, data_dir, download, url, opener)
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-                raise ArgumentError(f"limit must be a positive int or None, got {limit!r}")
-            images, labels = images[:limit], labels[:limit]
-        super().__init__(images, labels)
-        self.split = split
-        self.labels.flags.writeable = False
-
-    def __repr__(self):
-        return f"CIFAR10(split={self.split!r}, n={len(self)})"
+        super().__init__(split, images, labels, limit)
 
 
 def write_fake(folder, train_per_batch=10, test=10, seed=0, tarball=True):

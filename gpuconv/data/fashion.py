@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DataError, DataNotFoundError
 from . import mnist
-from .loader import ArrayDataset
+from .loader import SplitDataset
 
 FILES = mnist.FILES  # the same four names as MNIST
 
@@ -100,13 +100,7 @@ def load_split(split, data_dir=None, download=True, mirrors=None, opener=None):
     return images, labels
 
 
-def check_limit(limit):
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
-        raise ArgumentError(f"limit must be a positive int or None, got {limit!r}")
-    return limit
-
-
-class FashionMNIST(ArrayDataset):
+class FashionMNIST(SplitDataset):
     """One Fashion-MNIST split: item i is (float32 image (1, 28, 28) in [0, 1], int64 label).
     `.images` uint8 (N, 28, 28), `.labels` int64 (N,), `.classes` the ten class names."""
 
@@ -114,12 +108,4 @@ class FashionMNIST(ArrayDataset):
     mean, std = MEAN, STD
 
     def __init__(self, split="train", data_dir=None, limit=None, download=True, mirrors=None, opener=None):
-        images, labels = load_split(split, data_dir, download, mirrors, opener)
-        if check_limit(limit) is not None:
-            images, labels = images[:limit], labels[:limit]
-        super().__init__(images, labels)
-        self.split = split
-        self.labels.flags.writeable = False
-
-    def __repr__(self):
-        return f"FashionMNIST(split={self.split!r}, n={len(self)})"
+        super().__init__(split, *load_split(split, data_dir, download, mirrors, opener), limit)

@@ -49,6 +49,23 @@ class ArrayDataset:
         return to_float_batch(self.images[indices]), self.labels[indices]
 
 
+class SplitDataset(ArrayDataset):
+    """One split of a stored dataset (MNIST, FashionMNIST, CIFAR10): its first `limit` samples
+    (all of them for None), labels read-only."""
+
+    def __init__(self, split, images, labels, limit=None):
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+                raise ArgumentError(f"limit must be a positive int or None, got {limit!r}")
+            images, labels = images[:limit], labels[:limit]
+        super().__init__(images, labels)
+        self.split = split
+        self.labels.flags.writeable = False
+
+    def __repr__(self):
+        return f"{type(self).__name__}(split={self.split!r}, n={len(self)})"
+
+
 def _check_int(value, name, minimum):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DataError, DataNotFoundError
 from .idx import decompress_if_gzip, parse_idx
-from .loader import ArrayDataset
+from .loader import SplitDataset
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -233,7 +233,7 @@ def load_mnist(data_dir=None, download=True, mirrors=None, opener=None):
     return MnistArrays(*train, *test)
 
 
-class MNIST(ArrayDataset):
+class MNIST(SplitDataset):
     """One MNIST split as a dataset: item i is (float32 image (1, 28, 28) in [0, 1], int64 label).
 
     `.images` (uint8, (N, 28, 28)) and `.labels` (int64, (N,)) expose the whole split so DataLoader can
@@ -243,14 +243,4 @@ class MNIST(ArrayDataset):
     mean = std = None  # trained on [0, 1] pixels as they are (the LeNet-5 results were made so)
 
     def __init__(self, split="train", data_dir=None, limit=None, download=True, mirrors=None, opener=None):
-        images, labels = load_split(split, data_dir, download, mirrors, opener)
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-                raise ArgumentError(f"limit must be a positive int or None, got {limit!r}")
-            images, labels = images[:limit], labels[:limit]
-        super().__init__(images, labels)
-        self.split = split
-        self.labels.flags.writeable = False
-
-    def __repr__(self):
-        return f"MNIST(split={self.split!r}, n={len(self)})"
+        super().__init__(split, *load_split(split, data_dir, download, mirrors, opener), limit)
