@@ -17,7 +17,7 @@ from gpuconv import functional as F
 from gpuconv.compiler import CompiledModel, PlanFunction
 from gpuconv.errors import ArgumentError, DTypeError, ShapeError
 from gpuconv.models import LeNet5
-from gpuconv.nn import cpu_plan
+from gpuconv.nn import cpu_plan, cpu_workers
 
 LENETS = [("relu", "max"), ("tanh", "avg")]
 
@@ -577,3 +577,28 @@ def test_processes_and_threads_give_the_same_bits(monkeypatch):
         weights[kind] = model.state_dict()
     for name in weights[True]:
         assert np.array_equal(weights[True][name], weights[False][name]), name
+
+
+@pytest.mark.skipif(not cpu_workers.supported(), reason="no worker processes on this platform")
+def test_a_worker_error_of_any_text_reaches_the_caller_whole(monkeypatch):
+    """A worker's error message with characters JSON escapes at length (outside the BMP) still
+    fits one reply: the caller raises WorkerError with it, and the channel keeps working."""
+    import json
+    import socket
+    from gpuconv.errors import WorkerError
+    process = cpu_workers._Process()
+    try:
+        description = json.dumps({"layers": [{"kind": "\U0001F600" * 2000}], "in_shape": [4], "capacity": 1,
+                                  "part": 1, "param_shapes": [], "size": 4096}).encode()
+        arena, spec = os.memfd_create("arena"), os.memfd_create("spec")
+        os.ftruncate(arena, 4096)
+        os.write(spec, description)
+        socket.send_fds(process.socket, [f"S 9.0 {len(description)}".encode()], [arena, spec])
+        os.close(arena), os.close(spec)
+        with pytest.raises(WorkerError, match="raised KeyError: '\U0001F600"):
+            process.receive(1)
+        process.socket.send(b"F no-such-key 1 0")
+        with pytest.raises(WorkerError, match="raised KeyError: 'no-such-key'"):
+            process.receive(1)
+    finally:
+        process.close(kill=True)

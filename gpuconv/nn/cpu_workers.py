@@ -46,7 +46,7 @@ ALIGN = 64
 # setup's description travels in a memfd. recv allocates its whole buffer on every call, the
 # polls included, so it is kept small (a worker near its memory limit must still hear commands).
 MESSAGE_BYTES = 8192
-ERROR_CHARS = 1200  # JSON may write a character as 6 (\uXXXX): the reply stays within MESSAGE_BYTES
+ERROR_CHARS = 1200  # as UTF-8 JSON a character takes at most 6 bytes: the reply fits MESSAGE_BYTES
 SPIN_SECONDS = 0.002  # both sides poll this long before blocking: the next message usually comes sooner
 
 
@@ -178,9 +178,11 @@ class _Process:
                               "the next step starts a new worker")
         if data == b"ok":
             return
-        reply = json.loads(data)
-        raise WorkerError(f"part {part} of the batch (CPU worker process {self.process.pid}) raised "
-                          f"{reply['error']}")
+        try:
+            error = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError):  # never expected; the worker's words are lost, not the error
+            error = f"an error whose reply could not be read: {data[:200]!r}"
+        raise WorkerError(f"part {part} of the batch (CPU worker process {self.process.pid}) raised {error}")
 
     def close(self, kill=False):
         """Stop the process (closing the socket ends it; kill=True first sends SIGKILL); its
@@ -427,7 +429,7 @@ def serve(fd):
                 except OSError:
                     pass
             text = f"{type(error).__name__}: {error}"[:ERROR_CHARS]
-            sock.send(json.dumps({"ok": False, "error": text}).encode())
+            sock.send(json.dumps({"ok": False, "error": text}, ensure_ascii=False).encode())
 
 
 def _setup(cpu_plan, message, fd):
