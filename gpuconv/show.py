@@ -234,8 +234,9 @@ def plot_feature_maps(model, image, label, path, activation="relu", class_names=
     predicted = int(probabilities.argmax())
     class_names = list(class_names)
     figure = new_figure("feature_maps")
-    outer = figure.add_gridspec(1, 2, width_ratios=[1, 4.2], left=0.03, right=0.97, top=0.87,
-                                bottom=0.06 if max(map(len, class_names)) <= 2 else 0.16, wspace=0.12)
+    long_names = max(map(len, class_names)) > 2
+    outer = figure.add_gridspec(1, 2, width_ratios=[1, 4.2], left=0.05 if long_names else 0.03, right=0.97,
+                                top=0.87, bottom=0.16 if long_names else 0.06, wspace=0.12)
     left = outer[0, 0].subgridspec(2, 1, height_ratios=[1.3, 1], hspace=0.45)
     digit = figure.add_subplot(left[0])
     _show_image(digit, image)
@@ -245,7 +246,6 @@ def plot_feature_maps(model, image, label, path, activation="relu", class_names=
     bars = figure.add_subplot(left[1])
     colours = ["tab:green" if c == predicted else "tab:grey" for c in range(len(probabilities))]
     bars.bar(range(len(probabilities)), probabilities, color=colours)
-    long_names = max(map(len, class_names)) > 2
     bars.set_xticks(range(len(probabilities)), class_names, fontsize=6 if long_names else 8,
                     rotation=90 if long_names else 0)
     bars.set_ylim(0, 1)
@@ -315,7 +315,9 @@ def plot_training_curves(history, path):
 def plot_confusion_matrix(counts, path, class_names=CLASS_NAMES):
     """counts[true, predicted] with the count in every non-empty cell, rows and columns named."""
     figure = new_figure("confusion_matrix")
-    axes = figure.add_axes([0.12, 0.1, 0.7, 0.78])
+    class_names = list(class_names)
+    long_names = max(map(len, class_names)) > 2
+    axes = figure.add_axes([0.19, 0.16, 0.63, 0.72] if long_names else [0.12, 0.1, 0.7, 0.78])
     colorbar_axes = figure.add_axes([0.85, 0.1, 0.03, 0.78])
     shown = axes.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
     figure.colorbar(shown, cax=colorbar_axes).ax.tick_params(labelsize=8)
@@ -325,8 +327,6 @@ def plot_confusion_matrix(counts, path, class_names=CLASS_NAMES):
             if counts[true, predicted]:
                 axes.text(predicted, true, str(counts[true, predicted]), ha="center", va="center", fontsize=8,
                           color="white" if counts[true, predicted] > threshold else "black")
-    class_names = list(class_names)
-    long_names = max(map(len, class_names)) > 2
     axes.set_xticks(range(counts.shape[1]), class_names[:counts.shape[1]], fontsize=7 if long_names else None,
                     rotation=45 if long_names else 0, ha="right" if long_names else "center")
     axes.set_yticks(range(counts.shape[0]), class_names[:counts.shape[0]], fontsize=7 if long_names else None)
