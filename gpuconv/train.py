@@ -179,7 +179,7 @@ class Trainer:
         # host batches are augmented where they are made; GPU-resident ones in batches()
         self.loader = DataLoader(self.train_set, batch_size=c["batch_size"], shuffle=True, seed=c["seed"],
                                  transform=self.transform, **shard)
-        self.num_classes = _num_classes(self.model)
+        self.num_classes = len(info.cls.classes)  # the model was built with this many outputs
         self.device_data = self._dataset_on_device()
         self.pending = None  # (loss sum, correct count) of steps not yet read back from the GPU
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
@@ -390,14 +390,6 @@ class Trainer:
         seen, loss_sum, correct = self.dist.sum_host([progress["seen"], progress["loss_sum"], progress["correct"]],
                                                      "progress")
         return dict(progress, seen=int(seen), loss_sum=float(loss_sum), correct=int(correct))
-
-
-def _num_classes(model):
-    """Logits per sample: the model's num_classes, else its last Linear layer's out_features."""
-    if hasattr(model, "num_classes"):
-        return int(model.num_classes)
-    linears = [m for m in model.modules() if hasattr(m, "out_features")]
-    return int(linears[-1].out_features) if linears else 10
 
 
 def build_parser():
