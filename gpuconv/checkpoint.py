@@ -191,6 +191,9 @@ def check_meta(meta, where="checkpoint"):
                 _int(where, f"meta.config.{field}", config[field], minimum=minimum)
         if "augment" in config and not isinstance(config["augment"], bool):
             _fail(where, "meta.config.augment", "true or false", config["augment"])
+        erasing = config.get("random_erasing", 0.0)
+        if isinstance(erasing, bool) or not isinstance(erasing, (int, float)) or not 0 <= erasing <= 1:
+            _fail(where, "meta.config.random_erasing", "a probability in [0, 1]", erasing)
         smoothing = config.get("label_smoothing", 0.0)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
             _fail(where, "meta.config.label_smoothing", "a number in [0, 1)", smoothing)

@@ -38,11 +38,11 @@ DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
                 activation="relu", pool="max", dataset="mnist", model="lenet5", augment=None,
-                crop_padding=None, label_smoothing=0.0)
+                crop_padding=None, random_erasing=None, label_smoothing=0.0)
 DEFAULTS.update(distributed=False)  # --distributed: gpuconv/distributed.py, issue 19
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("seed", "batch_size", "activation", "pool", "optimizer", "dataset", "model", "augment",
-               "crop_padding", "label_smoothing")
+               "crop_padding", "random_erasing", "label_smoothing")
 
 # On a GPU the loss and the correct count stay on the device and are read back (one blocking sync)
 # every LOG_EVERY steps and at the end of an epoch, not after every step.
@@ -64,7 +64,8 @@ def build_data(config):
     if eval_transform is not None:
         test_images = eval_transform(test_images)
     augment = info.augment if config["augment"] is None else bool(config["augment"])
-    return train_set, test_set, test_images, info.train_transform(augment, config["crop_padding"])
+    return train_set, test_set, test_images, info.train_transform(augment, config["crop_padding"],
+                                                                  config["random_erasing"])
 
 
 def build_optimizer(name, params, lr, momentum, weight_decay):
@@ -159,6 +160,11 @@ class Trainer:
             c["augment"] = info.augment
         if c["crop_padding"] is None:
             c["crop_padding"] = info.crop_padding
+        if c["random_erasing"] is None:
+            c["random_erasing"] = info.random_erasing
+        if (isinstance(c["random_erasing"], bool) or not isinstance(c["random_erasing"], (int, float))
+                or not 0.0 <= c["random_erasing"] <= 1.0):
+            raise ArgumentError(f"random_erasing: expected a probability in [0, 1], got {c['random_erasing']!r}")
         if isinstance(c["crop_padding"], bool) or not isinstance(c["crop_padding"], int) or c["crop_padding"] < 0:
             raise ArgumentError(f"crop_padding: expected an int >= 0, got {c['crop_padding']!r}")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
@@ -404,6 +410,10 @@ def build_parser():
     p.add_argument("--crop-padding", type=int, default=None,
                    help="with --augment: the zero padding of the random crop, 0 for no crop (flip only); "
                         "default 2 for 28x28 images, 4 for 32x32")
+    p.add_argument("--random-erasing", type=float, default=None, metavar="P",
+                   help="with --augment: erase one random rectangle of each training image with probability P "
+                        "(Zhong et al. 2017; default: " + ", ".join(
+                            f"{info.random_erasing:g} for {name}" for name, info in DATASETS.items()) + ")")
     p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
                    help="cross-entropy against (1 - e) one-hot + e / classes (default 0)")
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")

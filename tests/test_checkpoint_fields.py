@@ -107,6 +107,8 @@ META_CASES = [
     (dict(config__batch_size=0), "meta.config.batch_size", "an int >= 1"),
     (dict(config__seed=-1), "meta.config.seed", "an int >= 0"),
     (dict(config__epochs="ten"), "meta.config.epochs", "an int >= 1"),
+    (dict(config__random_erasing=1.5), "meta.config.random_erasing", "a probability in [0, 1]"),
+    (dict(config__label_smoothing=True), "meta.config.label_smoothing", "a number in [0, 1)"),
 ]
 
 

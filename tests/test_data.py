@@ -375,7 +375,7 @@ def test_array_dataset_validates():
 
 # ---------------------------------------------------------------- Fashion-MNIST
 
-from gpuconv.data import CIFAR10, FashionMNIST, Compose, Normalize, RandomCrop, RandomHorizontalFlip  # noqa: E402
+from gpuconv.data import CIFAR10, FashionMNIST, Compose, Normalize, RandomCrop, RandomErasing, RandomHorizontalFlip  # noqa: E402
 from gpuconv.data import cifar, fashion  # noqa: E402
 from gpuconv.data.registry import DATASETS  # noqa: E402
 from gpuconv.errors import ShapeError  # noqa: E402
@@ -585,6 +585,29 @@ def test_horizontal_flip_matches_a_per_image_reference():
     np.testing.assert_array_equal(RandomHorizontalFlip(1.0)(x, np.random.default_rng(0)), x[..., ::-1])
 
 
+def test_random_erasing_matches_a_per_image_reference():
+    x = batch(n=200, c=3, h=12, w=9)
+    erase = RandomErasing(p=0.6, value=-1.5)
+    out = erase(x, np.random.default_rng(4))
+    top, left, h, w = erase.boxes(200, 12, 9, np.random.default_rng(4))
+    erased = h > 0
+    assert 80 < erased.sum() < 160 and (w[erased] > 0).all() and (w[~erased] == 0).all()
+    assert (h < 12).all() and (w < 9).all() and (top + h <= 12).all() and (left + w <= 9).all()
+    area = h * w / (12 * 9)
+    assert area[erased].min() >= 0.01 and area[erased].max() <= 0.45  # scale (0.02, 0.33) after rounding
+    for i in range(200):
+        expected = x[i].copy()
+        expected[:, top[i]:top[i] + h[i], left[i]:left[i] + w[i]] = -1.5  # every channel, one rectangle
+        np.testing.assert_array_equal(out[i], expected)
+    np.testing.assert_array_equal(RandomErasing(0.0)(x, np.random.default_rng(0)), x)
+    assert out.dtype == np.float32 and out.shape == x.shape
+
+
+def test_random_erasing_leaves_an_image_whole_when_no_draw_fits():
+    x = batch(n=20, h=2, w=2)  # a box must be smaller than the image on both sides: impossible at scale 0.9
+    np.testing.assert_array_equal(RandomErasing(1.0, scale=(0.9, 1.0))(x, np.random.default_rng(0)), x)
+
+
 def test_normalize_per_channel_and_compose_is_seeded():
     x = batch(c=3)
     out = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))(x)
@@ -605,6 +628,14 @@ def test_transform_arguments_are_checked():
         Normalize(0.5, 0.0)
     with pytest.raises(ShapeError, match="does not fit"):
         RandomCrop(9)(batch(), np.random.default_rng(0))
+    with pytest.raises(ArgumentError, match="RandomErasing p"):
+        RandomErasing(-0.1)
+    with pytest.raises(ArgumentError, match="RandomErasing scale"):
+        RandomErasing(scale=(0.5, 0.2))
+    with pytest.raises(ArgumentError, match="RandomErasing ratio"):
+        RandomErasing(ratio=(0, 1))
+    with pytest.raises(ArgumentError, match="RandomErasing value"):
+        RandomErasing(value=float("nan"))
     with pytest.raises(ShapeError, match="N, C, H, W"):
         RandomHorizontalFlip()(np.zeros((3, 4)), np.random.default_rng(0))
 

@@ -8,7 +8,7 @@ from gpuconv import __main__ as cli
 from gpuconv import train
 from gpuconv.checkpoint import load_checkpoint
 from gpuconv.data import cifar
-from gpuconv.errors import CheckpointError
+from gpuconv.errors import ArgumentError, CheckpointError
 
 
 @pytest.fixture
@@ -35,7 +35,14 @@ def test_resnet20_on_cifar10_smoke_run_from_the_command_line(cifar_tarball, tmp_
     state, _, meta = load_checkpoint(checkpoint)
     assert meta["config"]["dataset"] == "cifar10" and meta["config"]["model"] == "resnet20"
     assert meta["config"]["augment"] is True and state["layer3.2.bn2.running_var"].shape == (64,)
-    # resuming it as another model or dataset is refused, naming the setting
+    # resuming it as another model, dataset or augmentation is refused, naming the setting
+    with pytest.raises(CheckpointError, match="random_erasing=0.0.*random_erasing=0.5"):
+        train.Trainer(dict(dataset="cifar10", model="resnet20", device="cpu", data_dir=str(cifar_tarball),
+                           batch_size=16, checkpoint=str(checkpoint), resume=True, random_erasing=0.5),
+                      log=lambda *_: None)
+    with pytest.raises(ArgumentError, match=r"random_erasing: expected a probability in \[0, 1\], got 1.5"):
+        train.Trainer(dict(dataset="cifar10", model="resnet20", device="cpu", data_dir=str(cifar_tarball),
+                           random_erasing=1.5), log=lambda *_: None)
     with pytest.raises(CheckpointError, match="model='resnet20'.*model='resnet8'"):
         train.Trainer(dict(dataset="cifar10", model="resnet8", device="cpu", data_dir=str(cifar_tarball), batch_size=16,
                            checkpoint=str(checkpoint), resume=True), log=lambda *_: None)
@@ -47,12 +54,16 @@ def test_default_checkpoint_under_runs_and_show_finds_the_newest(cifar_tarball, 
     args = ["--dataset", "cifar10", "--device", "cpu", "--epochs", "1", "--batch-size", "16",
             "--limit-train", "32", "--limit-test", "16", "--data-dir", str(cifar_tarball)]
     assert train.main(args + ["--model", "resnet8", "--no-augment"]) == 0
-    assert train.main(args + ["--model", "simplecnn", "--label-smoothing", "0.1", "--crop-padding", "0"]) == 0
+    assert train.main(args + ["--model", "simplecnn", "--label-smoothing", "0.1", "--crop-padding", "0",
+                              "--random-erasing", "0.3"]) == 0
     out = capsys.readouterr().out
+    assert "RandomHorizontalFlip(p=0.5), Normalize(mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616)), " \
+           "RandomErasing(p=0.3, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0)])" in out
     assert "checkpoint: runs/resnet8-cifar10.npz" in out and "checkpoint: runs/simplecnn-cifar10.npz" in out
     assert "training batches: Compose([Normalize(" in out  # the normalisation, also without augmentation
     assert "training batches: Compose([RandomHorizontalFlip(p=0.5), Normalize(" in out  # flip only
-    assert load_checkpoint(tmp_path / "runs" / "simplecnn-cifar10.npz")[2]["config"]["crop_padding"] == 0
+    saved = load_checkpoint(tmp_path / "runs" / "simplecnn-cifar10.npz")[2]["config"]
+    assert saved["crop_padding"] == 0 and saved["random_erasing"] == 0.3
     assert (tmp_path / "runs" / "resnet8-cifar10.npz").is_file()
     assert load_checkpoint(tmp_path / "runs" / "resnet8-cifar10.npz")[2]["config"]["augment"] is False
 
@@ -74,7 +85,7 @@ def test_show_without_any_checkpoint_says_how_to_make_one(tmp_path, monkeypatch,
 
 def test_resume_with_augmentation_equals_uninterrupted_training(cifar_tarball, tmp_path, monkeypatch):
     config = dict(dataset="cifar10", model="simplecnn", device="cpu", epochs=2, batch_size=8, limit_train=40,
-                  limit_test=8, data_dir=str(cifar_tarball), lr=0.02)
+                  limit_test=8, data_dir=str(cifar_tarball), lr=0.02, random_erasing=0.5)
     full = tmp_path / "full.npz"
     train.Trainer(dict(config, checkpoint=str(full)), log=lambda *_: None).fit()
 

@@ -5,7 +5,8 @@ from .fashion import FashionMNIST
 from .idx import read_idx, write_idx
 from .loader import ArrayDataset, DataLoader
 from .mnist import MNIST, MnistArrays, load_mnist
-from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
+from .transforms import Compose, Normalize, RandomCrop, RandomErasing, RandomHorizontalFlip
 
 __all__ = ["read_idx", "write_idx", "ArrayDataset", "DataLoader", "MNIST", "MnistArrays", "load_mnist",
-           "FashionMNIST", "CIFAR10", "Compose", "Normalize", "RandomCrop", "RandomHorizontalFlip"]
+           "FashionMNIST", "CIFAR10", "Compose", "Normalize", "RandomCrop", "RandomErasing",
+           "RandomHorizontalFlip"]

@@ -5,7 +5,7 @@ import dataclasses
 from .cifar import CIFAR10
 from .fashion import FashionMNIST
 from .mnist import MNIST
-from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
+from .transforms import Compose, Normalize, RandomCrop, RandomErasing, RandomHorizontalFlip
 from ..errors import ArgumentError
 
 
@@ -19,6 +19,7 @@ class DatasetInfo:
     augment: bool        # --augment's default for this dataset
     crop_padding: int    # RandomCrop(image_size, crop_padding) when augmenting
     flip: bool           # RandomHorizontalFlip when augmenting (not for digits: a mirrored 2 is no 2)
+    random_erasing: float = 0.0  # --random-erasing's default: RandomErasing(p) after Normalize when augmenting
 
     @property
     def mean(self):
@@ -32,11 +33,13 @@ class DatasetInfo:
         """What every image goes through before the model, in training and evaluation alike."""
         return None if self.mean is None else Normalize(self.mean, self.std)
 
-    def train_transform(self, augment, crop_padding=None):
-        """The training batches' transform: (crop, flip if they suit the data, then) normalisation.
-        crop_padding: None for this dataset's default, 0 for no crop."""
+    def train_transform(self, augment, crop_padding=None, random_erasing=None):
+        """The training batches' transform: (crop, flip if they suit the data, then) normalisation
+        (then random erasing, whose value 0 is then the mean). crop_padding and random_erasing: None
+        for this dataset's default, 0 for none."""
         steps = []
         crop_padding = self.crop_padding if crop_padding is None else crop_padding
+        random_erasing = self.random_erasing if random_erasing is None else random_erasing
         if augment:
             if crop_padding:
                 steps.append(RandomCrop(self.image_size, crop_padding))
@@ -44,6 +47,8 @@ class DatasetInfo:
                 steps.append(RandomHorizontalFlip())
         if self.mean is not None:
             steps.append(Normalize(self.mean, self.std))
+        if augment and random_erasing:
+            steps.append(RandomErasing(random_erasing))
         return Compose(steps) if steps else None
 
 
