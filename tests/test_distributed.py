@@ -239,6 +239,19 @@ def test_sharded_loader_ranks_are_disjoint_and_make_up_the_one_process_batches(n
             sorted(single[step][0][:, 0, 0, 0].tolist())
 
 
+def test_sharded_ranks_draw_independent_augmentations():
+    # the same images on both ranks: with the same draws they would come out flipped alike
+    from gpuconv.data import RandomHorizontalFlip
+    images = np.broadcast_to(np.arange(8, dtype=np.float32), (256, 1, 2, 8)).copy()
+    data = ArrayDataset(images, np.zeros(256, np.int64))
+    ranks = [next(DataLoader(data, 64, seed=1, rank=r, world_size=2, transform=RandomHorizontalFlip()).batches(0))[0]
+             for r in range(2)]
+    flipped = [x[:, 0, 0, 0] == 7 for x in ranks]
+    assert 10 < flipped[0].sum() < 54 and not np.array_equal(flipped[0], flipped[1])
+    again = next(DataLoader(data, 64, seed=1, rank=1, world_size=2, transform=RandomHorizontalFlip()).batches(0))[0]
+    np.testing.assert_array_equal(again, ranks[1])  # still a function of (seed, epoch, batch, rank) only
+
+
 def test_sharded_loader_rejects_a_rank_outside_the_world():
     with pytest.raises(ValueError, match="rank"):
         DataLoader(_dataset(8), 2, rank=2, world_size=2)

@@ -4,7 +4,7 @@ The order of epoch e depends only on (seed, e), so resuming training at epoch e 
 `batches(epoch, start)`) replays exactly the batches an uninterrupted run would have seen. A
 `transform` (gpuconv.data.transforms) is applied to each batch where it lives (after the move to
 `device`, if one is given) with the generator `batch_rng(epoch, b)`, which depends only on
-(seed, epoch, batch index): augmented batches replay exactly too.
+(seed, epoch, batch index) and, when sharded, the rank: augmented batches replay exactly too.
 """
 import numpy as np
 
@@ -127,8 +127,10 @@ class DataLoader:
 
     def batch_rng(self, epoch, index):
         """The random generator of batch `index` of `epoch` for the transform: seeded by
-        (seed, epoch, index) only."""
-        return np.random.default_rng([self.seed, epoch, index])
+        (seed, epoch, index) only, and by the rank when sharded, so that the ranks' images get
+        independent crops and flips rather than the same draws."""
+        key = [self.seed, epoch, index] + ([self.rank] if self.world_size > 1 else [])
+        return np.random.default_rng(key)
 
     def batches(self, epoch, start=0):
         """Yield the batches of `epoch` from batch number `start` on (for an exact mid-epoch resume)."""
