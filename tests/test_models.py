@@ -32,7 +32,8 @@ def test_resnet_parameter_counts_match_the_paper():
         assert round(ResNet(depth).num_parameters() / 1e6, 2 if depth < 110 else 1) == millions
     assert resnet20().num_parameters() == 269_722
     assert LeNet5().num_parameters() == 61_706
-    assert SimpleCNN().num_parameters() == 421_738
+    assert SimpleCNN().num_parameters() == 241_770
+    assert SimpleCNN(widths=(32, 64)).num_parameters() == 421_738
 
 
 def test_resnet_structure_and_state_dict_names():
