@@ -137,32 +137,32 @@ def _commit(machine):
 
 
 def header(series):
-    """Markdown lines: the command, the dates, the commit, the machine and its BLAS."""
+    """Markdown lines: the command; the dates, commit and load; the machine, its BLAS and PyTorch."""
     machines = [r["machine"] for _, r in series]
     dates = [datetime.datetime.fromisoformat(m["date"]).astimezone(datetime.timezone.utc) for m in machines]
     commands = _distinct(run_command(r) for _, r in series)
     runs = f"{len(series)} run" + ("" if len(series) == 1 else "s")
-    lines = [f"{runs} of " + (" / ".join(f"`{c}`" for c in commands) if commands else "a command not recorded"),
-             f"({_span(dates)}; start times in the JSON),"]
+    lines = [f"{runs} of " + (" / ".join(f"`{c}`" for c in commands) if commands else "a command not recorded") + ","]
     commits = _distinct(_commit(m) for m in machines)
-    lines.append(f"commit {' / '.join(commits)}," if commits else "commit not recorded in the JSON,")
+    loads = [m[key][0] for m in machines for key in ("load_average_start", "load_average_end") if m.get(key)]
+    load = f"load average (1 min) {min(loads):.2f}-{max(loads):.2f}" if loads else "load average not recorded"
+    lines.append(f"{_span(dates)} (start times), "
+                 + (f"commit {' / '.join(commits)}" if commits else "commit not recorded in the JSON")
+                 + f", {load},")
     cpu = _one_or_all(f"{m.get('cpu_model', '?')} ({m.get('cpu_threads', '?')} CPUs)" for m in machines)
     blas = _one_or_all(f"{m.get('blas', '?')} ({_threads(m.get('blas_threads', '?'))})" for m in machines)
-    lines.append(f"on {cpu}, BLAS {blas}, NumPy {_one_or_all(m.get('numpy_version') for m in machines)},")
+    machine = [f"on {cpu}", f"BLAS {blas}", f"NumPy {_one_or_all(m.get('numpy_version') for m in machines)}"]
     gpus = _distinct(m.get("gpu_name") for m in machines)
     if gpus:
-        lines.append(f"GPU {' / '.join(gpus)} (CUDA runtime "
-                     f"{_one_or_all(m.get('cuda_runtime_version') for m in machines)}, CuPy "
-                     f"{_one_or_all(m.get('cupy_version') for m in machines)}),")
+        machine.append(f"GPU {' / '.join(gpus)} (CUDA runtime "
+                       f"{_one_or_all(m.get('cuda_runtime_version') for m in machines)}, CuPy "
+                       f"{_one_or_all(m.get('cupy_version') for m in machines)})")
     torch = [r.get("torch") or {} for _, r in series]
     if any(t.get("available") for t in torch):
         versions = _one_or_all(t.get("version") for t in torch if t.get("available"))
         threads = _one_or_all(_threads(t["threads"]) for t in torch if t.get("available") and t.get("threads"))
-        lines.append(f"PyTorch {versions} ({threads}),")
-    loads = [m[key][0] for m in machines for key in ("load_average_start", "load_average_end") if m.get(key)]
-    load = f"load average (1 min) {min(loads):.2f}-{max(loads):.2f} at the runs' starts and ends" if loads else \
-        "load average not recorded"
-    lines.append(f"{load}.")
+        machine.append(f"PyTorch {versions} ({threads})")
+    lines.append(", ".join(machine) + ".")
     return lines
 
 
