@@ -119,10 +119,8 @@ def _one_or_all(values, missing="not recorded"):
 def _span(dates):
     first, last = min(dates), max(dates)
     start = first.strftime("%Y-%m-%d %H:%M")
-    if first == last:
-        return f"{start} UTC"
     end = last.strftime("%H:%M" if first.date() == last.date() else "%Y-%m-%d %H:%M")
-    return f"{start}-{end} UTC"
+    return f"{start} UTC" if start.endswith(end) else f"{start}-{end} UTC"
 
 
 def _threads(n):
