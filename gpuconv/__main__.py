@@ -1,4 +1,4 @@
-"""`python -m gpuconv COMMAND`: train, bench, show, check-kernels, kernel-plan, gpu-check, summary."""
+"""`python -m gpuconv COMMAND`: train, bench, bench-report, show, check-kernels, kernel-plan, gpu-check, summary."""
 import importlib
 import os
 import sys
@@ -8,6 +8,7 @@ from .errors import GpuconvError
 COMMANDS = {
     "train": ("gpuconv.train", "train a model (LeNet-5, SimpleCNN, ResNet-20, ...) on MNIST, Fashion-MNIST or CIFAR-10"),
     "bench": ("gpuconv.bench", "time every op and the training step on each device (and PyTorch)"),
+    "bench-report": ("gpuconv.bench.series", "one Markdown table (medians, min-max) from a series of bench --json files"),
     "show": ("gpuconv.show", "draw filters, feature maps, training curves and a confusion matrix"),
     "check-kernels": ("gpuconv.cuda.tools.check", "compile every CUDA kernel with NVRTC for every arch"),
     "kernel-plan": ("gpuconv.cuda.tools.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),

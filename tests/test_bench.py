@@ -42,7 +42,7 @@ def test_cli_exit_code_and_schema(cli_run):
     assert results["command"].startswith("python -m gpuconv bench")
     for key in ("cpu_model", "cpu_threads", "blas", "blas_threads", "numpy_version", "date",
                 "cuda_available", "cupy_version", "gpu_name", "torch_version",
-                "load_average_start", "load_average_end"):
+                "load_average_start", "load_average_end", "git_commit", "git_dirty"):
         assert key in results["machine"], key
     assert results["machine"]["cpu_threads"] >= 1 and results["machine"]["blas_threads"] >= 1
     settings = results["settings"]

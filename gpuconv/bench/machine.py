@@ -6,6 +6,7 @@ Everything here is read without extra dependencies (no threadpoolctl): the CPU m
 import datetime
 import os
 import platform
+import subprocess
 
 import numpy as np
 
@@ -86,6 +87,25 @@ def gpu_info():
     return info
 
 
+def git_commit(root=None):
+    """(commit id, uncommitted changes?) of the checkout gpuconv is imported from (or `root`), or
+    (None, None) for an installed copy: a figure is only worth quoting with the code it measured."""
+    if root is None:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None, None  # not a checkout; never ask git about some enclosing repository
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    if commit.returncode or status.returncode:
+        return None, None
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
 def load_average():
     try:
         return list(os.getloadavg())
@@ -100,6 +120,7 @@ def machine_info():
                 numpy_version=np.__version__, python_version=platform.python_version(),
                 platform=platform.platform(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    info["git_commit"], info["git_dirty"] = git_commit()
     info.update(gpu_info())
     torch, _ = torch_info()
     info["torch_version"] = torch.__version__ if torch is not None else None

@@ -37,6 +37,8 @@ DEFINITIONS = {
                    "worker threads), so both frameworks use the same cores",
     "cpu timing": "time.perf_counter around each call",
     "gpu timing": "CUDA events (cupyx.profiler.benchmark for gpuconv, torch.cuda.Event for PyTorch)",
+    "git_commit, git_dirty": "the commit of the checkout gpuconv ran from, and whether tracked files differed "
+                             "from it (null for an installed copy)",
 }
 
 
