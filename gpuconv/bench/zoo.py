@@ -13,6 +13,8 @@ multiply-add counting 2) times the batch; a training step is counted as 3 forwar
 of a conv or linear layer is two products of the forward's size), an estimate for the GFLOP/s
 column only, which no ratio against PyTorch uses.
 """
+import functools
+
 import numpy as np
 
 from .. import functional, ops, optim
@@ -70,10 +72,14 @@ def build(model, dataset, seed=0):
     return build_model(model, channels, classes, size, seed=seed)
 
 
-def forward_flops(model, dataset, batch):
+@functools.lru_cache(maxsize=None)
+def _flops_per_image(model, dataset):
     channels, size, _ = input_shape(dataset)
-    summary = build(model, dataset).summary((1, channels, size, size), print_fn=None)
-    return int(summary["total_flops"]) * batch
+    return int(build(model, dataset).summary((1, channels, size, size), print_fn=None)["total_flops"])
+
+
+def forward_flops(model, dataset, batch):
+    return _flops_per_image(model, dataset) * batch
 
 
 def model_specs(model, dataset, batch, training=True, inference=True):
