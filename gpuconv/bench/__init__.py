@@ -41,9 +41,10 @@ def _name_list(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m gpuconv bench", formatter_class=HelpFormatter,
-        description="Time LeNet-5's ops, training step and inference on each device, optionally beside "
-                    "PyTorch. Medians over --repeat calls after --warmup calls; the first call (which "
-                    "compiles the kernels on a GPU) is reported apart.")
+        description="Time the training step and inference of LeNet-5 (or of the zoo's models, --model), "
+                    "LeNet-5's ops (--ops) and the conv ops at the shapes CNNs meet (--conv-ops) on each device, "
+                    "optionally beside PyTorch. Medians over --repeat calls after --warmup calls; the first call "
+                    "(which compiles the kernels on a GPU) is reported apart.")
     parser.add_argument("--devices", type=_name_list, default=["cpu", "cuda"],
                         help="comma-separated devices (default cpu,cuda; an unavailable one is skipped "
                              "with the reason, and if none can run the command exits 1)")
@@ -88,7 +89,8 @@ def build_parser():
                              "by op (the reference path), instead of gpuconv.compile(model) as "
                              "`python -m gpuconv train` does")
     parser.add_argument("--compare-torch", action="store_true",
-                        help="time the same ops and LeNet-5 step in PyTorch, same device and thread count")
+                        help="time the same rows in PyTorch (the same architectures, with gpuconv's weights), "
+                             "same device and thread count")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine to PATH")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs 'gpuconv[plot]')")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

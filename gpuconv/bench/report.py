@@ -41,7 +41,7 @@ def machine_line(results):
 
 
 def _blas_core(m):
-    """'core Haswell, forced by OPENBLAS_CORETYPE=Haswell, ' (runs from before the core was recorded: '')."""
+    """'core Haswell, set by OPENBLAS_CORETYPE=Haswell, ' ('' for a JSON from before the core was recorded)."""
     if "blas_core" not in m:
         return ""
     env = m.get("blas_environment") or {}
