@@ -15,6 +15,8 @@ steps as the timing rows do, and reports from /proc (Linux):
   optimizer's state, the activations and the workers cost.
 
 Summing each process's own peak is an upper bound where the peaks fall at different moments.
+PyTorch's child also builds the gpuconv model whose weights it copies (a model's parameters, about
+1 MB for ResNet-20), which its figure includes.
 """
 import json
 import os
