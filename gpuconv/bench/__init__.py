@@ -1,14 +1,19 @@
-"""`python -m gpuconv bench`: time every LeNet-5 op, the training step and inference on each
-device (and in PyTorch), from the command line or from Python:
+"""`python -m gpuconv bench`: time every LeNet-5 op, the training step and inference of the zoo's
+models and the conv ops at the shapes CNNs meet, on each device (and in PyTorch), from the command
+line or from Python:
 
     from gpuconv import bench
     results = bench.run(devices=["cpu", "cuda"], batch_sizes=[64, 128], compare_torch=True)
+    results = bench.run(devices=["cpu"], batch_sizes=[128], models=["resnet20"], conv_ops=True,
+                        memory=True, compare_torch=True)
     print(bench.format_table(results))
 """
 import argparse
 import shlex
 import sys
 
+from ..data.registry import DATASETS
+from ..models import MODELS
 from ..ops.conv import ALGOS
 from ..show import require_matplotlib
 from .report import format_table, machine_line, plot_results, write_json
@@ -36,9 +41,10 @@ def _name_list(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m gpuconv bench", formatter_class=HelpFormatter,
-        description="Time LeNet-5's ops, training step and inference on each device, optionally beside "
-                    "PyTorch. Medians over --repeat calls after --warmup calls; the first call (which "
-                    "compiles the kernels on a GPU) is reported apart.")
+        description="Time the training step and inference of LeNet-5 (or of the zoo's models, --model), "
+                    "LeNet-5's ops (--ops) and the conv ops at the shapes CNNs meet (--conv-ops) on each device, "
+                    "optionally beside PyTorch. Medians over --repeat calls after --warmup calls; the first call "
+                    "(which compiles the kernels on a GPU) is reported apart.")
     parser.add_argument("--devices", type=_name_list, default=["cpu", "cuda"],
                         help="comma-separated devices (default cpu,cuda; an unavailable one is skipped "
                              "with the reason, and if none can run the command exits 1)")
@@ -49,6 +55,21 @@ def build_parser():
     parser.add_argument("--ops", action="store_true",
                         help="also time every layer op (conv forward/backward-data/backward-filter, relu, "
                              "pool, linear, loss) at its real LeNet-5 shape")
+    parser.add_argument("--model", "--models", dest="models", type=_name_list, default=["lenet5"],
+                        help=f"comma-separated models whose training step and inference are timed, from "
+                             f"{', '.join(MODELS)}, or 'none' for op rows alone (default lenet5)")
+    parser.add_argument("--dataset", choices=list(DATASETS), default=None,
+                        help="the input shape (and classes) the models run on; no data is read (default: each "
+                             "model's own: mnist for lenet5, fashion-mnist for simplecnn, cifar10 for the ResNets)")
+    parser.add_argument("--conv-ops", action="store_true",
+                        help="also time the conv ops (forward, backward-data, backward-filter) at LeNet-5's and "
+                             "ResNet-20's conv shapes, at each training batch size; with --compare-torch the "
+                             "table gives the geometric mean of the ratios")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each model's training-step peak memory on the CPU, gpuconv (its "
+                             "executor's worker processes included) and PyTorch, each in a fresh process")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="training steps each --memory process runs (default 3)")
     parser.add_argument("--algos", type=_name_list, default=["direct", "im2col"],
                         help=f"CUDA conv algorithms to compare, from {', '.join(ALGOS)} (default "
                              "direct,im2col; the CPU has one)")
@@ -68,7 +89,8 @@ def build_parser():
                              "by op (the reference path), instead of gpuconv.compile(model) as "
                              "`python -m gpuconv train` does")
     parser.add_argument("--compare-torch", action="store_true",
-                        help="time the same ops and LeNet-5 step in PyTorch, same device and thread count")
+                        help="time the same rows in PyTorch (the same architectures, with gpuconv's weights), "
+                             "same device and thread count")
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine to PATH")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs 'gpuconv[plot]')")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -84,7 +106,9 @@ def main(argv=None):
                   inference_batch_sizes=args.inference_batch_sizes, ops=args.ops, algos=args.algos,
                   repeat=args.repeat, warmup=args.warmup, rounds=args.rounds, compare_torch=args.compare_torch,
                   peak_size=args.peak_size, threads=args.threads, progress=False if args.no_progress else None,
-                  compiled=not args.eager, command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv))
+                  compiled=not args.eager, command=shlex.join(["python", "-m", "gpuconv", "bench"] + argv),
+                  models=args.models, dataset=args.dataset, conv_ops=args.conv_ops, memory=args.memory,
+                  memory_steps=args.memory_steps)
     print(format_table(results))
     if args.json:
         write_json(results, args.json)

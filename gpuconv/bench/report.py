@@ -4,6 +4,7 @@ import math
 
 from ..checkpoint import atomic_write
 from ..show import require_matplotlib
+from .zoo import table_notes
 
 
 def _ms(seconds):
@@ -27,19 +28,34 @@ def _threads(n):
 def machine_line(results):
     m, t = results["machine"], results["torch"]
     parts = [m["date"], f"{m['cpu_model']} ({m['cpu_threads']} CPUs)",
-             f"BLAS {m['blas']} ({_threads(m['blas_threads'])})", f"numpy {m['numpy_version']}"]
+             f"BLAS {m['blas']} ({_blas_core(m)}{_threads(m['blas_threads'])})", f"numpy {m['numpy_version']}"]
     if m.get("gpu_name"):
         parts.append(f"GPU {m['gpu_name']} (CUDA runtime {m['cuda_runtime_version']}, driver "
                      f"{m['cuda_driver_version']}, CuPy {m['cupy_version']})")
     if t.get("available"):
-        parts.append(f"torch {t['version']} ({_threads(t['threads'])})")
+        parts.append(f"torch {t['version']} ({_torch_kernels(t)}{_threads(t['threads'])})")
     load = [m.get("load_average_start"), m.get("load_average_end")]
     if all(load):
         parts.append(f"load avg {load[0][0]:.2f} -> {load[1][0]:.2f}")
     return ", ".join(parts)
 
 
-COLUMNS = [("batch", 6, ">"), ("row", 26, "<"), ("algo", 7, "<"), ("median ms", 10, ">"),
+def _blas_core(m):
+    """'core Haswell, set by OPENBLAS_CORETYPE=Haswell, ' ('' for a JSON from before the core was recorded)."""
+    if "blas_core" not in m:
+        return ""
+    env = m.get("blas_environment") or {}
+    forced = [f"{k}={env[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if env.get(k)]
+    return f"core {m['blas_core']}" + (f", set by {' '.join(forced)}" if forced else "") + ", "
+
+
+def _torch_kernels(t):
+    if "blas_info" not in t:
+        return ""
+    return f"BLAS {t['blas_info']}, oneDNN {t['onednn_version']}, ATen {t['cpu_capability']}, "
+
+
+COLUMNS = [("batch", 6, ">"), ("row", 30, "<"), ("algo", 7, "<"), ("median ms", 10, ">"),
            ("min-max ms", 16, ">"), ("first ms", 9, ">"), ("GFLOP/s", 8, ">"), ("%peak", 6, ">"),
            ("images/s", 9, ">"), ("vs cpu", 7, ">")]
 TORCH_COLUMNS = [("torch ms", 9, ">"), ("torch/ours", 10, ">")]
@@ -80,7 +96,7 @@ def format_table(results):
             if previous_batch is not None and row["batch_size"] != previous_batch:
                 out.append("")
             previous_batch = row["batch_size"]
-            label = row["name"] + ("" if row["in_training"] or row["kind"] != "op" else " *")
+            label = row["name"] + ("" if row["in_training"] or row["kind"] not in ("op", "conv_op") else " *")
             g = row["gpuconv"]
             if g is None:
                 out.append(_line([row["batch_size"], label, row["algo"] or "-"], columns[:3])
@@ -127,7 +143,8 @@ def format_table(results):
         detail = ("dx alone" if s["backward_data_is_separate"] else
                   "dx with dw and db (conv2d_backward has no way to skip dw)")
         out.append(f"backward_data rows time {detail}; * = op never run in training "
-                   "(conv1's 1-channel input needs no gradient).")
+                   "(a first layer's input, the image, needs no gradient).")
+    out += table_notes(results)
     if with_torch:
         out.append("torch/ours = PyTorch median / gpuconv median, same device, same run: > 1 means gpuconv "
                    f"is faster. PyTorch {results['torch']['version']} on {_threads(results['torch']['threads'])}.")
@@ -177,7 +194,8 @@ def _series(rows, kinds):
     for r in rows:
         if r["kind"] not in kinds:
             continue
-        x = f"{'train' if r['kind'] == 'step' else 'infer'} {r['batch_size']}"
+        model = f"{r['model']} " if r.get("model") and "." in r["name"] else ""  # zoo rows beside LeNet-5's
+        x = f"{model}{'train' if r['kind'] == 'step' else 'infer'} {r['batch_size']}"
         series.setdefault(f"gpuconv {r['device']}" + (f" {r['algo']}" if r["device"] != "cpu" else ""), {})[x] = r["gpuconv"]
         if r["torch"]:
             series.setdefault(f"torch {r['device']}", {})[x] = r["torch"]
@@ -198,7 +216,8 @@ def _grouped_bars(ax, series, value):
 def _bars_throughput(ax, rows):
     _grouped_bars(ax, _series(rows, ("step", "inference")), lambda f: f["images_per_s"])
     ax.set_ylabel("images/s (median; higher is better)")
-    ax.set_title("LeNet-5 training step and inference", fontsize=10)
+    ax.set_title("training step and inference" if any("." in r["name"] for r in rows)
+                 else "LeNet-5 training step and inference", fontsize=10)
 
 
 def _bars_ops(ax, rows):

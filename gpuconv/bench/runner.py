@@ -16,11 +16,13 @@ from ..backend import cuda_status, parse_device, to_device
 from ..errors import ArgumentError, CudaUnavailableError
 from ..nn import cpu_plan
 from ..ops.conv import ALGOS
+from . import memory as memory_module
 from . import rows as rows_module
-from .machine import blas_threads, load_average, machine_info, set_blas_threads, torch_info
+from . import zoo
+from .machine import blas_threads, load_average, machine_info, set_blas_threads, torch_blas_info, torch_info
 from .rows import GpuconvRows, inference_spec, specs, step_spec
 from .timing import measure, merge
-from .torch_rows import TorchRows, torch_device
+from .torch_rows import TorchConvRows, TorchRows, TorchZooRows, torch_device
 
 SCHEMA = "gpuconv-bench/1"
 DEFINITIONS = {
@@ -39,6 +41,21 @@ DEFINITIONS = {
     "gpu timing": "CUDA events (cupyx.profiler.benchmark for gpuconv, torch.cuda.Event for PyTorch)",
     "git_commit, git_dirty": "the commit of the checkout gpuconv ran from, and whether tracked files differed "
                              "from it (null for an installed copy)",
+    "model rows": "<model>.train_step / <model>.inference: a zoo model (gpuconv.models.build_model) on the "
+                  "dataset's input shape, random data, SGD momentum 0.9; PyTorch runs the same architecture "
+                  "with gpuconv's weights copied in; inference in eval mode. LeNet-5 on MNIST keeps the names "
+                  "train_step / inference. FLOPs of a step: 3 forwards (an estimate)",
+    "executor": "True where gpuconv.compile ran the model in the CPU executor, False where it ran eagerly "
+                "op by op because the executor cannot lower the model (BatchNorm, residual blocks)",
+    "conv op rows": "c<in>-<out>k<kernel>s<stride>@<input side>.<op>: gpuconv.ops.conv2d / conv2d_backward "
+                    "against F.conv2d / aten.convolution_backward on the same arrays; backward_data is dx alone, "
+                    "backward_filter dw (and db where the layer has a bias)",
+    "conv_geomeans": "per device and batch: the geometric mean of speed_ratio_vs_torch over the conv op rows "
+                     "that training runs (a first layer's backward_data is left out), per op and over all",
+    "memory": "train_step rows with --memory: each framework's step measured in a fresh process "
+              "(gpuconv.bench.memory): peak_rss_bytes = the process's peak resident set plus each CPU "
+              "executor worker's peak less its shared arena pages; step_bytes = peak_rss_bytes - the "
+              "resident set after the imports",
 }
 
 
@@ -128,7 +145,20 @@ def _peak(device, size, repeat, warmup, framework, torch=None):
                 what=f"float32 {size}x{size} @ {size}x{size} matmul ({'torch' if framework == 'torch' else device.xp.__name__})")
 
 
-def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, with_torch, torch_first=False):
+def _model_specs(models, batch, training):
+    """The step (training=True) or inference specs of every model in the run, in order."""
+    out = []
+    for model, dataset in models:
+        if zoo.is_legacy(model, dataset):
+            spec = step_spec(batch) if training else inference_spec(batch)
+            out.append(dict(spec, model=model, dataset=dataset))
+        else:
+            out += zoo.model_specs(model, dataset, batch, training=training, inference=not training)
+    return out
+
+
+def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, with_torch, torch_first=False,
+          models=(zoo.LEGACY,), conv_ops=False):
     """Every measurement in order, as (framework, device, batch or None, spec or 'peak', algo).
 
     Per device and batch, all gpuconv rows come first, then all PyTorch rows (or the reverse with
@@ -148,9 +178,11 @@ def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, wit
             if batch in batch_sizes:
                 group += [(spec, algo) for spec in (specs(batch) if ops else [])
                           for algo in (device_algos if spec["uses_algo"] else [None])]
-                group += [(step_spec(batch), algo) for algo in device_algos]
+                group += [(spec, algo) for spec in (zoo.conv_specs(batch) if conv_ops else [])
+                          for algo in device_algos]
+                group += [(spec, algo) for spec in _model_specs(models, batch, True) for algo in device_algos]
             if batch in inference_batch_sizes:
-                group += [(inference_spec(batch), algo) for algo in device_algos]
+                group += [(spec, algo) for spec in _model_specs(models, batch, False) for algo in device_algos]
             ours = [("gpuconv", device, batch, spec, algo) for spec, algo in group]
             theirs = []
             if with_torch:  # PyTorch has no algo choice: one row serves every algo's row
@@ -158,6 +190,30 @@ def _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size, wit
                 theirs = [("torch", device, batch, spec, None) for spec in unique.values()]
             plan += theirs + ours if torch_first else ours + theirs
     return plan
+
+
+def _env(envs, framework, spec, device, batch, seed, compiled, torch):
+    """The rows object `spec` is timed with, built on first use for this device and batch."""
+    source = spec.get("source", ("lenet",))
+    key = (framework,) + tuple(source)
+    if key not in envs:
+        if source[0] == "lenet":
+            envs[key] = (TorchRows(torch, device, batch, seed) if framework == "torch"
+                         else GpuconvRows(device, batch, seed, compiled))
+        elif source[0] == "conv":
+            envs[key] = (TorchConvRows(torch, device, batch, seed) if framework == "torch"
+                         else zoo.ConvRows(device, batch, seed))
+        else:
+            _, model, dataset = source
+            envs[key] = (TorchZooRows(torch, device, model, dataset, batch, seed) if framework == "torch"
+                         else zoo.ZooRows(device, model, dataset, batch, seed, compiled))
+    return envs[key]
+
+
+def _uses_executor(env):
+    if isinstance(env, GpuconvRows):
+        return bool(env.net.uses_executor(env.x)) if env.net is not env.model else False
+    return env.uses_executor()
 
 
 def _callable(env, spec, algo):
@@ -197,7 +253,8 @@ def _set_threads(threads, machine):
 
 def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_sizes=None, ops=False,
         algos=("direct", "im2col"), repeat=10, warmup=2, compare_torch=False, peak_size=2048,
-        threads=None, progress=None, seed=0, command=None, rounds=2, compiled=True):
+        threads=None, progress=None, seed=0, command=None, rounds=2, compiled=True, models=("lenet5",),
+        dataset=None, conv_ops=False, memory=False, memory_steps=3):
     """Measure and return the results as a JSON-ready dict (see DEFINITIONS and report.py).
 
     threads: CPU threads for NumPy's BLAS, PyTorch and the CPU executor alike (None: NumPy's BLAS
@@ -207,11 +264,22 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
     gpuconv first then PyTorch first in turn, and each row's calls are pooled over the rounds.
     compiled: gpuconv's train_step and inference rows run gpuconv.compile(model), as
     `python -m gpuconv train` does (True), or the model itself, eagerly op by op (False).
+    models: zoo names (gpuconv.models.MODELS) whose training step and inference are timed, each
+    on `dataset`'s input shape or its own default (zoo.DEFAULT_DATASET); [] for none. conv_ops:
+    also time the conv ops at zoo.CONV_SHAPES. memory: also measure each model's training step's
+    peak memory, both frameworks, each in a fresh process (gpuconv.bench.memory; CPU only).
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ArgumentError(f"rounds: expected an int >= 1, got {rounds!r}")
     batch_sizes, inference_batch_sizes, algos = _check_settings(
         batch_sizes, inference_batch_sizes, algos, repeat, warmup, peak_size)
+    models = zoo.check_models(models, dataset)
+    if isinstance(memory_steps, bool) or not isinstance(memory_steps, int) or memory_steps < 1:
+        raise ArgumentError(f"memory_steps: expected an int >= 1, got {memory_steps!r}")
+    if memory and not models:
+        raise ArgumentError("memory: measures the models' training steps, but models is empty")
+    if not (models or ops or conv_ops):
+        raise ArgumentError("models: empty, and neither ops nor conv_ops asked for: nothing to measure")
     usable, device_status = _resolve_devices(devices)
     machine = machine_info()
     machine["load_average_start"] = load_average()
@@ -219,30 +287,36 @@ def run(devices=("cpu", "cuda"), batch_sizes=(64, 128, 256), inference_batch_siz
     threads = _set_threads(threads, machine)
     try:
         with _executor_threads(threads):
-            return _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
-                                algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command,
-                                rounds, bool(compiled))
+            results = _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes,
+                                   algos, ops, repeat, warmup, compare_torch, peak_size, progress, seed, command,
+                                   rounds, bool(compiled), models, bool(conv_ops))
+            if memory:
+                _measure_memory(results, models, batch_sizes, threads, memory_steps, seed, bool(compiled))
+            results["settings"].update(memory=bool(memory), memory_steps=memory_steps if memory else None)
+            return results
     finally:
         if threads != original_threads:
             set_blas_threads(original_threads)  # the caller's process gets its BLAS back as it was
 
 
 def _measure_all(usable, device_status, machine, threads, batch_sizes, inference_batch_sizes, algos, ops,
-                 repeat, warmup, compare_torch, peak_size, progress, seed, command, rounds, compiled):
+                 repeat, warmup, compare_torch, peak_size, progress, seed, command, rounds, compiled, models,
+                 conv_ops):
     torch, torch_reason = torch_info() if compare_torch else (None, "not requested (--compare-torch)")
     torch_section = dict(requested=bool(compare_torch), available=torch is not None, reason=torch_reason)
     if torch is not None:
         torch.set_num_threads(threads)  # core for core with NumPy's BLAS
         torch_section.update(version=torch.__version__, threads=torch.get_num_threads(),
-                             numpy_blas_threads=machine["blas_threads"])
+                             numpy_blas_threads=machine["blas_threads"], **torch_blas_info(torch))
     for device in usable:
         info = device_status[str(device)]
         info["name"] = machine["cpu_model"] if device.kind == "cpu" else machine.get("gpu_name")
         info["peak"] = info["torch_peak"] = None
     plan = [step + (round_index,) for round_index in range(rounds)
             for step in _plan(usable, batch_sizes, inference_batch_sizes, algos, ops, peak_size,
-                              torch is not None, torch_first=round_index % 2 == 1)]
-    timings, failures, envs = {}, [], {}
+                              torch is not None, torch_first=round_index % 2 == 1, models=models,
+                              conv_ops=conv_ops)]
+    timings, failures, envs, executor = {}, [], {}, {}
     bar = tqdm(plan, desc="gpuconv bench", unit="row", file=sys.stderr, leave=False,
                disable=(None if progress is None else not progress))
     for framework, device, batch, spec, algo, round_index in bar:
@@ -259,15 +333,15 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
             key = (str(device), batch, round_index)
             if key not in envs:
                 envs.clear()  # one device and batch at a time: frees the previous activations
-                envs[key] = {"gpuconv": GpuconvRows(device, batch, seed, compiled)}
-                if torch is not None:
-                    envs[key]["torch"] = TorchRows(torch, device, batch, seed)
+                envs[key] = {}
             what = f"{device} batch {batch} {spec['name']} [{algo or framework}]"
             row_key = (framework, str(device), batch, spec["name"], algo)
             entry = timings.setdefault(row_key, dict(spec=spec, device=device, timings=[], error=None))
             try:
-                entry["timings"].append(
-                    measure(_callable(envs[key][framework], spec, algo), device, repeat, warmup, framework))
+                env = _env(envs[key], framework, spec, device, batch, seed, compiled, torch)
+                if framework == "gpuconv" and spec["kind"] in ("step", "inference") and compiled:
+                    executor[row_key] = _uses_executor(env)
+                entry["timings"].append(measure(_callable(env, spec, algo), device, repeat, warmup, framework))
             except Exception as exc:  # one failing kernel must not lose every other row's numbers
                 if entry["error"] is None:
                     entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -286,6 +360,9 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
         row = dict(device=device, algo=algo, batch_size=batch,
                    **{k: entry["spec"][k] for k in ("name", "layer", "op", "kind", "text", "flops", "in_training")},
                    gpuconv=figures)
+        if "model" in entry["spec"]:
+            row.update(model=entry["spec"]["model"], dataset=entry["spec"]["dataset"])
+            row["executor"] = executor.get((framework, device, batch, name, algo)) if compiled else False
         if entry["error"]:
             row["error"] = entry["error"]
         results_rows.append(row)
@@ -293,6 +370,7 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
         row["torch"] = torch_figures.get((row["device"], row["batch_size"], row["name"]))
     _add_ratios(results_rows)
     machine["load_average_end"] = load_average()
+    models_section = [dict(model=m, dataset=d, title=zoo.MODEL_TITLES.get(m, m)) for m, d in models]
     return dict(schema=SCHEMA, command=command, machine=machine,
                 settings=dict(devices=[str(d) for d in usable] + [n for n, s in device_status.items()
                                                                     if not s["available"]],
@@ -300,9 +378,30 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
                               algos=algos, ops=bool(ops), repeat=repeat, warmup=warmup,
                               compare_torch=bool(compare_torch), peak_size=peak_size, threads=threads,
                               cpu_workers=cpu_plan.get_cpu_workers(), compiled=compiled, rounds=rounds,
-                              seed=seed, backward_data_is_separate=rows_module.backward_data_is_separate()),
+                              seed=seed, backward_data_is_separate=rows_module.backward_data_is_separate(),
+                              models=models_section, conv_ops=conv_ops),
                 devices=device_status, torch=torch_section, definitions=DEFINITIONS,
-                rows=results_rows, failures=failures)
+                rows=results_rows, failures=failures, conv_geomeans=zoo.conv_geomeans(results_rows))
+
+
+def _measure_memory(results, models, batch_sizes, threads, steps, seed, compiled):
+    """Each model's training step's peak memory at each batch size, gpuconv and (when the run
+    compares against it) PyTorch, each in a fresh process; on the train_step rows of the CPU."""
+    frameworks = ["gpuconv"] + (["torch"] if results["torch"].get("available") else [])
+    for row in results["rows"]:
+        if row["device"] != "cpu" or row["kind"] != "step" or "model" not in row:
+            continue
+        row["memory"] = {}
+        for framework in frameworks:
+            try:
+                row["memory"][framework] = memory_module.step_memory(
+                    framework, row["model"], row["dataset"], row["batch_size"], threads, steps, seed, compiled)
+            except Exception as exc:  # a failed child loses its own figure, not the run's
+                error = f"{type(exc).__name__}: {exc}"
+                row["memory"][framework] = dict(error=error)
+                results["failures"].append(f"cpu batch {row['batch_size']} {row['name']} memory [{framework}]: "
+                                           f"{error}")
+    results["machine"]["load_average_end"] = load_average()
 
 
 def _add_ratios(rows):

@@ -8,17 +8,27 @@ design: PyTorch's max-pool backward reads the argmax indices its forward saved, 
 recomputes them. The step zeroes the gradients first (set_to_none, as gpuconv's zero_grad), and
 the gpuconv step runs the compiled model (gpuconv.compile), as its trainer does.
 """
+from collections import OrderedDict
+
 import numpy as np
 
+from ..models import LeNet5, ResNet, SimpleCNN
+from . import zoo
 from .rows import ACTS, CONVS, LINEARS, POOLS, random_batch
 
 
-def build_lenet(torch):
+def build_lenet(torch, in_channels=1, image_size=28, num_classes=10, activation="relu", pool="max"):
+    """LeNet-5 as gpuconv.models.LeNet5 builds it, with the same child names (so the state_dict
+    keys are the same too)."""
     nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[activation]
+    pool_layer = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}[pool]
+    side = (image_size // 2 - 4) // 2
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(in_channels, 6, 5, padding=2)), ("act1", act()), ("pool1", pool_layer(2)),
+        ("conv2", nn.Conv2d(6, 16, 5)), ("act2", act()), ("pool2", pool_layer(2)), ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(16 * side * side, 120)), ("act3", act()), ("fc2", nn.Linear(120, 84)), ("act4", act()),
+        ("fc3", nn.Linear(84, num_classes))]))
 
 
 # gpuconv's child names -> index in the torch Sequential above
@@ -35,7 +45,7 @@ class TorchRows:
         self.torch, self.batch = torch, batch
         self.device = torch_device(device)
         torch.manual_seed(seed)
-        self.model = build_lenet(torch).to(self.device)
+        self.model = torch_model_like(torch, LeNet5(seed=seed)).to(self.device)  # gpuconv's weights
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         images, labels = random_batch(batch, seed)
         self.x = torch.from_numpy(images).to(self.device)
@@ -124,3 +134,206 @@ class TorchRows:
             with torch.inference_mode():
                 return model(x)
         return infer
+
+
+# ----------------------------------------------------------------------------------------------
+# the zoo's models in PyTorch
+
+_CLASSES = {}
+
+
+def _resnet_classes(torch):
+    """PyTorch versions of gpuconv.models' ShortcutA and BasicBlock (defined once torch is
+    imported: the bench never imports torch unless asked)."""
+    if "resnet" in _CLASSES:
+        return _CLASSES["resnet"]
+    nn, F = torch.nn, torch.nn.functional
+
+    class ShortcutA(nn.Module):
+        """Option A: every stride-th pixel, the extra channels zero, half before and half after."""
+
+        def __init__(self, in_channels, out_channels, stride):
+            super().__init__()
+            self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+        def forward(self, x):
+            extra = self.out_channels - self.in_channels
+            before = extra // 2
+            return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, before, extra - before))
+
+    class BasicBlock(nn.Module):
+        def __init__(self, in_channels, out_channels, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(out_channels)
+            self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(out_channels)
+            self.relu = nn.ReLU()
+            self.shortcut = (ShortcutA(in_channels, out_channels, stride)
+                             if stride != 1 or in_channels != out_channels else None)
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+    _CLASSES["resnet"] = ShortcutA, BasicBlock
+    return ShortcutA, BasicBlock
+
+
+def _torch_resnet(torch, model):
+    nn = torch.nn
+    _, BasicBlock = _resnet_classes(torch)
+    children = []
+    for name, layer in model.named_children():
+        kind = type(layer).__name__
+        if kind == "Conv2d":
+            o, c, k, _ = layer.weight.data.shape
+            children.append((name, nn.Conv2d(c, o, k, stride=layer.stride, padding=layer.padding,
+                                             bias=layer.bias is not None)))
+        elif kind == "BatchNorm2d":
+            children.append((name, nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)))
+        elif kind == "ReLU":
+            children.append((name, nn.ReLU()))
+        elif kind == "Sequential":  # a stage of BasicBlocks
+            children.append((name, nn.Sequential(OrderedDict(
+                (block_name, BasicBlock(block.conv1.in_channels, block.conv1.out_channels, block.conv1.stride[0]))
+                for block_name, block in layer.named_children()))))
+        elif kind == "AdaptiveAvgPool2d":
+            children.append((name, nn.AdaptiveAvgPool2d(1)))
+        elif kind == "Flatten":
+            children.append((name, nn.Flatten()))
+        elif kind == "Linear":
+            o, i = layer.weight.data.shape
+            children.append((name, nn.Linear(i, o)))
+        else:
+            raise TypeError(f"no PyTorch equivalent for ResNet child {name} ({kind})")
+    return nn.Sequential(OrderedDict(children))
+
+
+def _torch_simplecnn(torch, model):
+    nn = torch.nn
+    children = []
+    for name, layer in model.named_children():
+        kind = type(layer).__name__
+        if kind == "Conv2d":
+            o, c, k, _ = layer.weight.data.shape
+            children.append((name, nn.Conv2d(c, o, k, padding=layer.padding, bias=layer.bias is not None)))
+        elif kind == "BatchNorm2d":
+            children.append((name, nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)))
+        elif kind == "MaxPool2d":
+            children.append((name, nn.MaxPool2d(layer.kernel_size, layer.stride)))
+        elif kind == "ReLU":
+            children.append((name, nn.ReLU()))
+        elif kind == "Flatten":
+            children.append((name, nn.Flatten()))
+        elif kind == "Linear":
+            o, i = layer.weight.data.shape
+            children.append((name, nn.Linear(i, o)))
+        else:
+            raise TypeError(f"no PyTorch equivalent for SimpleCNN child {name} ({kind})")
+    return nn.Sequential(OrderedDict(children))
+
+
+def torch_model_like(torch, model):
+    """A PyTorch nn.Module of the same architecture as the gpuconv `model` (LeNet5, SimpleCNN or
+    ResNet), with the same child names, parameter count and shapes, and gpuconv's parameters and
+    buffers copied in, on the CPU. Raises AssertionError if the two differ anywhere."""
+    if isinstance(model, LeNet5):
+        fc1 = model.fc1.weight.data.shape[1]
+        side = int(round((fc1 // 16) ** 0.5))
+        image_size = next(s for s in range(12, 4096) if (s // 2 - 4) // 2 == side)
+        torch_model = build_lenet(torch, model.conv1.weight.data.shape[1], image_size,
+                                  model.fc3.weight.data.shape[0], model.activation, model.pool)
+    elif isinstance(model, ResNet):
+        torch_model = _torch_resnet(torch, model)
+    elif isinstance(model, SimpleCNN):
+        torch_model = _torch_simplecnn(torch, model)
+    else:
+        raise TypeError(f"no PyTorch equivalent for {type(model).__name__}")
+    copy_weights(torch, model, torch_model)
+    return torch_model
+
+
+def copy_weights(torch, model, torch_model):
+    ours, theirs = model.state_dict(), torch_model.state_dict()
+    assert list(ours) == list(theirs), f"state_dict keys differ: {list(ours)} vs {list(theirs)}"
+    ours_count = sum(int(p.data.size) for p in model.parameters())
+    theirs_count = sum(p.numel() for p in torch_model.parameters())
+    assert ours_count == theirs_count, f"parameter counts differ: gpuconv {ours_count}, PyTorch {theirs_count}"
+    state = OrderedDict()
+    for key, value in ours.items():
+        assert tuple(value.shape) == tuple(theirs[key].shape), \
+            f"{key}: gpuconv shape {value.shape}, PyTorch {tuple(theirs[key].shape)}"
+        state[key] = torch.from_numpy(np.ascontiguousarray(value)).to(theirs[key].dtype)
+    torch_model.load_state_dict(state)
+    return torch_model
+
+
+class TorchZooRows:
+    """PyTorch's step and inference for one zoo model, with the weights of gpuconv's (same seed)."""
+
+    def __init__(self, torch, device, model, dataset, batch, seed=0):
+        self.torch, self.batch = torch, batch
+        self.device = torch_device(device)
+        self.model = torch_model_like(torch, zoo.build(model, dataset, seed)).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        images, labels = zoo.random_batch(dataset, batch, seed)
+        self.x = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+
+    def step(self, algo=None):
+        torch, model, optimizer, x, labels = self.torch, self.model, self.optimizer, self.x, self.labels
+
+        def train_step():
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+        return train_step
+
+    def inference(self, algo=None):
+        torch, model, x = self.torch, self.model, self.x
+
+        def infer():
+            model.eval()
+            with torch.inference_mode():
+                return model(x)
+        return infer
+
+
+class TorchConvRows:
+    """The conv op rows in PyTorch: F.conv2d, and the ATen convolution_backward autograd calls
+    (dx alone; dw with db where the shape has a bias), on the same arrays as gpuconv's."""
+
+    def __init__(self, torch, device, batch, seed=0):
+        self.torch, self.batch, self.seed = torch, batch, seed
+        self.device = torch_device(device)
+        self.arrays = {}
+
+    def _arrays(self, label):
+        if label not in self.arrays:
+            self.arrays[label] = [None if a is None else self.torch.from_numpy(a).to(self.device)
+                                  for a in zoo.conv_arrays(label, self.batch, self.seed)]
+        return self.arrays[label]
+
+    def op(self, name, algo=None):
+        torch = self.torch
+        label, op = name.split(".")
+        c = zoo.conv_shapes()[label]
+        x, w, b, dy = self._arrays(label)
+        s, p = c["stride"], c["pad"]
+
+        def quiet(fn):
+            def run():
+                with torch.no_grad():
+                    return fn()
+            return run
+        if op == "forward":
+            return quiet(lambda: torch.nn.functional.conv2d(x, w, b, stride=s, padding=p))
+        mask = {"backward_data": [True, False, False], "backward_filter": [False, True, b is not None]}[op]
+        bias_sizes = [w.shape[0]] if b is not None else None
+        return quiet(lambda: torch.ops.aten.convolution_backward(dy, x, w, bias_sizes, [s, s], [p, p], [1, 1],
+                                                                 False, [0, 0], 1, mask))
