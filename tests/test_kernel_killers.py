@@ -35,10 +35,13 @@ def check_pool(case, dtype=F64, x=None):
 # conv: wide channel counts
 
 
-@pytest.mark.parametrize("case", [
-    ((1, 20, 5, 4), (3, 20, 3, 2), 1, 1, 1, 1),    # C/groups = 20 > TILE_K = 16
-    ((1, 36, 4, 5), (4, 18, 2, 2), 1, 0, 1, 2),    # per group 18 > 16, second group offset
-], ids=["C20", "groups2-Cg18"])
+CONV_WIDE = {
+    "C20": ((1, 20, 5, 4), (3, 20, 3, 2), 1, 1, 1, 1),          # C/groups = 20 > TILE_K = 16
+    "groups2-Cg18": ((1, 36, 4, 5), (4, 18, 2, 2), 1, 0, 1, 2),  # 18 per group, second group offset
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_WIDE.values()), ids=list(CONV_WIDE))
 def test_backward_data_reaches_the_second_channel_tile(case):
     # conv2d_backward_data_direct tiles input channels by TILE_K (grid.y, c0 = blockIdx.y * 16): only
     # more than 16 channels per group reach c0 > 0, where the weight tile must load channel c0 + ty.

@@ -26,8 +26,8 @@ tool runs unchanged on rewritten kernels:
   race             a store into memory turned into a read-modify-write `+=`, and a per-thread store
                    into shared memory sent to element 0 by every thread (`buffer[0] += v`)
 
-Not generated, because they are exact by construction: T(<integer literal>) to float (small integers
-are exact in float).
+Not generated: T(<integer literal>) to float (small integers are exact in float: equivalent by
+construction) and T* to float* (a double pointer into a float* does not compile: no slip anyone makes).
 
 The tests run on each mutant with a per-mutant timeout (a mutant that hangs is killed by the timeout,
 counted apart) and a total --budget. A mutant the emulator's g++ cannot build, and every survivor, is
@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import re
 import shutil
 import signal
@@ -432,8 +433,9 @@ class _Generator:
         if text == "if" and i + 1 < len(tokens) and tokens[i + 1].text == "(":
             self.guard(i + 1, self.source.matching(i + 1, "(", ")"), skip=self.skips(i))
         if text == "T" and not tokens[i - 1].template and not (i + 1 < len(tokens) and tokens[i + 1].template):
-            if not (tokens[i + 1].text == "(" and tokens[i + 2].kind == "number"
-                    and _int_literal(tokens[i + 2].text) is not None and tokens[i + 3].text == ")"):
+            exact_cast = (tokens[i + 1].text == "(" and tokens[i + 2].kind == "number"
+                          and _int_literal(tokens[i + 2].text) is not None and tokens[i + 3].text == ")")
+            if not exact_cast and tokens[i + 1].text != "*":
                 self.add("float-in-double", token.start, token.end, "float", i)
         if text in _FLOAT_TWINS and i + 1 < len(tokens) and tokens[i + 1].text == "(" and not member:
             self.add("float-in-double", token.start, token.end, _FLOAT_TWINS[text], i)
@@ -602,6 +604,7 @@ class Result:
     status: str
     seconds: float = 0.0
     detail: str = ""
+    carried: bool = False  # taken over from an earlier run (--resume)
 
 
 def default_test_command(tests=DEFAULT_TESTS):
@@ -640,9 +643,80 @@ def _failure_line(output):
     return tail[-1][:300] if tail else ""
 
 
+class _Server:
+    """A persistent worker process (serve()) and a thread that queues its output lines."""
+
+    RESTART_AFTER = 40  # mutants per worker: each leaves a loaded emulator library behind
+
+    def __init__(self, pytest_args, env, cwd):
+        command = [sys.executable, "-m", "gpuconv.cuda.tools.mutants", "--serve", "--", *pytest_args]
+        self.process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self.lines = queue.Queue()
+        self.served = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def run(self, index, folder, timeout):
+        """(code, output): code is pytest's exit status, None on a timeout, "crash" when the worker died
+        (the mutant crashed the process: the tests caught it too)."""
+        self.served += 1
+        output = []
+        try:
+            self.process.stdin.write(f"{index}\t{folder}\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return "crash", "the worker had already exited"
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                return None, "".join(output)
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.process.wait()
+                return "crash", "".join(output) + f"\nthe test process died (exit status {self.process.returncode})"
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])["code"], "".join(output)
+            output.append(line)
+
+    def alive(self):
+        return self.process.poll() is None and self.served < self.RESTART_AFTER
+
+    def kill(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the worker and any child it started
+        self.process.wait()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _changes_constants(mutant, text):
+    """Whether the mutant changes an integer #define: the launch code reads those at import, so such
+    a mutant needs a fresh process."""
+    from ..runtime import _INT_DEFINE
+    return _INT_DEFINE.findall(text) != _INT_DEFINE.findall(mutant.apply(text))
+
+
 class Runner:
-    """Runs mutants of the sources in `kernel_dir` against `test_command`, each in a subprocess on a
-    copy of the folder with the one file mutated."""
+    """Runs mutants of the sources in `kernel_dir` against `test_command` on a copy of the folder with
+    the one file mutated. A pytest command runs in `jobs` persistent worker processes (a mutant that
+    changes an integer #define, read by the launch code at import, gets a fresh one); any other
+    command runs in a subprocess per mutant."""
 
     def __init__(self, kernel_dir, test_command=None, jobs=2, budget=None, timeout=None, nvrtc=None,
                  cwd=ROOT, log=None):
@@ -682,6 +756,10 @@ class Runner:
             results = [None] * len(mutants)
             lock = threading.Lock()
             done = [0]
+            persistent = self.test_command[:3] == [sys.executable, "-m", "pytest"]
+            original = Path(work) / "original"
+            originals = {p.name: p.read_text(encoding="utf-8") for p in source_files(self.kernel_dir)}
+            local, servers = threading.local(), []
 
             def one(index):
                 mutant = mutants[index]
@@ -690,8 +768,22 @@ class Runner:
                     return
                 folder = self._copy(work, f"m{index}", mutant)
                 env = self._env(folder, cache)
-                code, output, seconds = _run_one(_worker_command(mutant.source, self.test_command, False),
-                                                 env, timeout, self.cwd)
+                if persistent and not _changes_constants(mutant, originals[mutant.source]):
+                    server = getattr(local, "server", None)
+                    if server is None or not server.alive():
+                        if server is not None:
+                            server.close()
+                        server = local.server = _Server(self.test_command[3:], self._env(original, cache), self.cwd)
+                        with lock:
+                            servers.append(server)
+                    begin = time.monotonic()
+                    code, output = server.run(index, folder, timeout)
+                    seconds = time.monotonic() - begin
+                    if code == "crash":
+                        code = -1
+                else:
+                    code, output, seconds = _run_one(_worker_command(mutant.source, self.test_command, False),
+                                                     env, timeout, self.cwd)
                 if self.nvrtc and code is not None and (code == 0 or EMULATOR_BUILD_FAILED in output):
                     nvrtc_code, nvrtc_output, nvrtc_seconds = _run_one(
                         _worker_command(mutant.source, None, True), env, timeout, self.cwd)
@@ -712,8 +804,12 @@ class Runner:
                     done[0] += 1
                     self.log(f"[{done[0]}/{len(mutants)}] {result.status:18s} {seconds:5.1f}s {mutant.id}")
 
-            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-                list(pool.map(one, range(len(mutants))))
+            try:
+                with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                    list(pool.map(one, range(len(mutants))))
+            finally:
+                for server in servers:
+                    server.close()
         return results, time.monotonic() - started, timeout
 
     def _baseline(self, work, cache, mutants):
@@ -746,6 +842,32 @@ def _nvrtc_available():
         return True
     except Exception:
         return False
+
+
+RESULT_MARK = "@@gpuconv-mutant-result@@ "
+
+
+def _reset_kernel_sources():
+    """Forget every source, constant, module and kernel read so far (the next mutant's folder is
+    read afresh)."""
+    from ..runtime import clear_kernel_cache, read_source, source_constants
+    read_source.cache_clear()
+    source_constants.cache_clear()
+    clear_kernel_cache()
+
+
+def serve(pytest_args):
+    """A persistent worker: reads `index<TAB>folder` lines from stdin, runs pytest in this process on
+    each folder (GPUCONV_KERNEL_DIR), prints RESULT_MARK + {"index", "code"} after each. Python's
+    start and pytest's imports are paid once per worker instead of once per mutant."""
+    import pytest
+    for line in sys.stdin:
+        index, folder = line.rstrip("\n").split("\t")
+        os.environ["GPUCONV_KERNEL_DIR"] = folder
+        _reset_kernel_sources()
+        code = int(pytest.main(list(pytest_args)))
+        print("\n" + RESULT_MARK + json.dumps({"index": int(index), "code": code}), flush=True)
+    return 0
 
 
 def worker(source, nvrtc, command):
@@ -794,6 +916,23 @@ def score(results, equivalents):
     }
 
 
+def carried_results(path, mutants):
+    """{id: Result} of the mutants a previous run (its --json output) killed, for the mutants that are
+    generated again unchanged. Adding tests never revives a killed mutant: its killing test still runs."""
+    try:
+        previous = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArgumentError(f"--resume: expected the --json output of an earlier run, could not read {path}: {exc}")
+    by_id = {m.id: m for m in mutants}
+    carried = {}
+    for entry in previous.get("mutants", []):
+        mutant = by_id.get(entry.get("id"))
+        if mutant is not None and entry.get("after") == mutant.after and entry.get("status", "").startswith("killed"):
+            carried[mutant.id] = Result(mutant, entry["status"], entry.get("seconds", 0.0),
+                                        entry.get("detail", ""), carried=True)
+    return carried
+
+
 def stale_equivalents(equivalents, mutants):
     """Reviewed entries whose id no longer names a generated mutant, or names a different change."""
     by_id = {m.id: m for m in mutants}
@@ -808,7 +947,9 @@ def stale_equivalents(equivalents, mutants):
 def format_report(results, summary, elapsed, stale=()):
     lines = []
     c = summary["counts"]
-    lines.append(f"mutants: {summary['total']} generated, {summary['run']} run in {elapsed:.0f} s")
+    carried = sum(r.carried for r in results)
+    lines.append(f"mutants: {summary['total']} generated, {summary['run']} run in {elapsed:.0f} s"
+                 + (f" ({carried} killed ones carried over from an earlier run)" if carried else ""))
     lines.append(f"killed {summary['killed']} (by the tests {c['killed']}, by the compiler {c['killed-by-compiler']}, "
                  f"by the timeout {c['killed-by-timeout']}), equivalent {c['equivalent']}, "
                  f"survived {c['survived']}, not run {c['not-run']}")
@@ -858,8 +999,9 @@ def to_json(results, summary, elapsed, argv, timeout, baseline, stale=()):
         **{k: summary[k] for k in ("total", "run", "killed", "counts", "score", "killed_fraction_of_all",
                                    "by_operator")},
         "stale_equivalents": list(stale),
-        "mutants": [{**r.mutant.summary(), "status": r.status, "seconds": round(r.seconds, 2), "detail": r.detail}
-                    for r in results],
+        "carried_over": sum(r.carried for r in results),
+        "mutants": [{**r.mutant.summary(), "status": r.status, "seconds": round(r.seconds, 2), "detail": r.detail,
+                     **({"carried_over": True} if r.carried else {})} for r in results],
     }
 
 
@@ -869,6 +1011,8 @@ def to_json(results, summary, elapsed, argv, timeout, baseline, stale=()):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--serve"]:
+        return serve(argv[argv.index("--") + 1:])
     if argv[:1] == ["--worker"]:
         separator = argv.index("--")
         options, command = argv[1:separator], argv[separator + 1:]
@@ -896,6 +1040,9 @@ def main(argv=None):
                         help="pytest paths run on each mutant (with " + " ".join(PYTEST_OPTIONS) + ")")
     parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS_FILE,
                         help="reviewed list of equivalent mutants (TOML)")
+    parser.add_argument("--resume", type=Path, metavar="FILE",
+                        help="a previous --json output: its killed mutants that are still generated unchanged "
+                             "keep their result (added tests cannot revive them), the rest run")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE ('-': stdout)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -923,8 +1070,13 @@ def main(argv=None):
     to_stderr = lambda message: print(message, file=sys.stderr, flush=True)
     runner = Runner(folder, default_test_command(args.tests), jobs=args.jobs, budget=args.budget,
                     timeout=args.timeout, nvrtc=False if args.no_nvrtc else None, log=to_stderr)
-    to_stderr(f"{len(mutants)} mutants, {args.jobs} jobs, NVRTC {'on' if runner.nvrtc else 'off'}")
-    results, elapsed, timeout = runner.run(mutants)
+    carried = carried_results(args.resume, mutants) if args.resume else {}
+    to_run = [m for m in mutants if m.id not in carried]
+    to_stderr(f"{len(mutants)} mutants ({len(carried)} killed ones carried over from {args.resume}), "
+              f"{len(to_run)} to run, {args.jobs} jobs, NVRTC {'on' if runner.nvrtc else 'off'}")
+    ran, elapsed, timeout = runner.run(to_run)
+    by_id = {r.mutant.id: r for r in ran}
+    results = [carried.get(m.id) or by_id[m.id] for m in mutants]
     summary = score(results, equivalents)
     report = format_report(results, summary, elapsed, stale)
     if args.json:
