@@ -88,3 +88,45 @@ def test_lp_pool_backward_keeps_windows_with_a_negative_sum():
     y = cases.pool_forward(case, x)
     assert (y < 0).any() and (y > 0).any()
     check_pool(case, x=x)
+
+
+def test_lp_pool_backward_gives_zero_for_a_window_that_sums_to_zero():
+    # The backward's `out != 0` guard: only a window whose sum is exactly 0 takes it (every other LP
+    # test has positive input), and there the gradient is 0, not 0/0.
+    case = ("lp", (1, 2, 6, 6), 2, 2, 0, 2.0)
+    x = np.random.default_rng(5).random(case[1]) + 0.1
+    x[0, 0, 2:4, 2:4] = 0.0    # one whole window of zeros
+    x[0, 1, :2, :] = 0.0       # a row of windows of zeros
+    check_pool(case, x=x)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling: every axis's kernel, stride and padding on its own
+
+
+POOL_AXIS_CASES = [
+    (mode, shape, kernel, stride, padding, extra)
+    for mode, extra in (("max", None), ("avg", True), ("avg", False))
+    for shape, kernel, stride, padding in (
+        ((1, 2, 9, 7), (3, 2), 1, (1, 0)),      # H: larger kernel, padding only on H
+        ((1, 2, 7, 9), (2, 3), 1, (0, 1)),      # W: larger kernel, padding only on W
+        ((1, 2, 9, 8), 3, (2, 1), (1, 0)),      # H: stride and padding only on H
+        ((1, 2, 8, 9), 3, (1, 2), (0, 1)),      # W: stride and padding only on W
+    )
+] + [("lp", (1, 2, 9, 7), (3, 2), (2, 1), 0, 2.0), ("lp", (1, 2, 7, 9), (2, 3), (1, 2), 0, 2.0)]
+
+
+@pytest.mark.parametrize("case", POOL_AXIS_CASES, ids=lambda c: f"{c[0]}-k{c[2]}-s{c[3]}-p{c[4]}-{c[5]}")
+def test_pool_each_axis_kernel_stride_padding_alone(case):
+    # Equal values on both axes hide a slip that takes one axis's kernel/stride/padding for the
+    # other's; count_include_pad both ways reaches both branches of avg_divisor at a padded edge.
+    check_pool(case)
+
+
+def test_max_pool_float64_tells_apart_values_closer_than_float32_resolution():
+    # Values 1 + k * 1e-12: one float32 value, distinct doubles. A max pool that compares in float
+    # sees ties and picks the first; the double kernel must pick the true maximum.
+    rng = np.random.default_rng(6)
+    x = 1.0 + rng.permutation(2 * 3 * 7 * 8).reshape(2, 3, 7, 8) * 1e-12
+    check_pool(("max", x.shape, 3, 2, 1, None), x=x)
+
