@@ -818,16 +818,16 @@ class Runner:
         folder = self._copy(work, "original")
         sources = sorted({m.source for m in mutants}) or [source_files(self.kernel_dir)[0].name]
         start = time.monotonic()
-        for source in sources:
-            code, output, _ = _run_one(_worker_command(source, self.test_command, False),
-                                       self._env(folder, cache), None, self.cwd)
-            if code == 0 and self.nvrtc:
-                code, output, _ = _run_one(_worker_command(source, None, True), self._env(folder, cache),
-                                           None, self.cwd)
+        code, output, _ = _run_one(_worker_command(sources[0], self.test_command, False),
+                                   self._env(folder, cache), None, self.cwd)
+        self.baseline_seconds = time.monotonic() - start
+        for source in sources if code == 0 and self.nvrtc else ():
+            code, output, _ = _run_one(_worker_command(source, None, True), self._env(folder, cache), None, self.cwd)
             if code != 0:
-                raise ArgumentError(f"mutants: the tests fail on the UNMUTATED sources ({source}), so no mutant "
-                                    f"could survive; fix them first. Output:\n{output[-4000:]}")
-        self.baseline_seconds = (time.monotonic() - start) / len(sources)
+                break
+        if code != 0:
+            raise ArgumentError(f"mutants: the tests (or NVRTC) fail on the UNMUTATED sources, so no mutant "
+                                f"could survive; fix them first. Output:\n{output[-4000:]}")
         self.log(f"baseline: the tests pass on the unmutated sources ({self.baseline_seconds:.1f} s per run)")
 
 
