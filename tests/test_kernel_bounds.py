@@ -120,30 +120,6 @@ def test_pool_reads_and_writes_stay_inside_their_buffers(case):
     bad = cases.mismatches(got, expected, F64)
     assert not bad, f"pool {case}: {bad} differ from the NumPy path"
 
-
-# ---------------------------------------------------------------------------------------------
-# grids past one launch's limits: the grid-stride loops over grid.y / grid.z run a second time
-
-
-def test_conv_with_more_batch_groups_than_one_grid_holds():
-    # N*groups = 65538 > 65535 (the launcher's cap on grid.z of the direct kernels and on grid.y of
-    # im2col and col2im): only here do the kernels' grid-stride loops take a second step, where a
-    # slip in the stride or the loop bound would lose or repeat images.
-    case = ((32769, 2, 1, 3), (2, 1, 1, 2), 1, 0, 1, 2)
-    expected = cases.conv_outputs(case, F64)
-    for algo in ("direct", "im2col"):
-        bad = cases.mismatches(cases.emulated(cases.conv_outputs, case, F64, algo), expected, F64)
-        assert not bad, f"conv {case} {algo}: {bad} differ from the NumPy path"
-
-
-@pytest.mark.parametrize("mode, extra", [("max", None), ("avg", True), ("lp", 2.0)])
-def test_pool_with_more_planes_than_one_grid_holds(mode, extra):
-    # N*C = 65538 > 65535: the pool kernels' FOR_EACH_PLANE loop over grid.y takes a second step.
-    case = (mode, (32769, 2, 2, 3), 2, 1, 0, extra)
-    bad = cases.mismatches(cases.emulated(cases.pool_outputs, case, F64), cases.pool_outputs(case, F64), F64)
-    assert not bad, f"pool {case}: {bad} differ from the NumPy path"
-
-
 def test_conv_without_bias_reads_no_bias():
     # With has_bias = 0 the launcher passes a 1-element placeholder: reading b[channel] anyway is
     # out of range for every channel but the first.
@@ -178,3 +154,27 @@ def test_conv_shared_tiles_stay_in_bounds_under_asan():
     result = emulate.run_sanitized("asan", code, timeout=300)
     assert "AddressSanitizer" not in result.stderr, result.stderr[-4000:]
     assert result.returncode == 0 and "all matched" in result.stdout, result.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# grids past one launch's limits: the grid-stride loops over grid.y / grid.z run a second time
+# (last: the conv case emulates 65535 blocks of 256 threads, the slowest kernel test)
+
+
+@pytest.mark.parametrize("mode, extra", [("max", None), ("avg", True), ("lp", 2.0)])
+def test_pool_with_more_planes_than_one_grid_holds(mode, extra):
+    # N*C = 65538 > 65535: the pool kernels' FOR_EACH_PLANE loop over grid.y takes a second step.
+    case = (mode, (32769, 2, 2, 3), 2, 1, 0, extra)
+    bad = cases.mismatches(cases.emulated(cases.pool_outputs, case, F64), cases.pool_outputs(case, F64), F64)
+    assert not bad, f"pool {case}: {bad} differ from the NumPy path"
+
+
+def test_conv_with_more_batch_groups_than_one_grid_holds():
+    # N*groups = 65538 > 65535 (the launcher's cap on grid.z of the direct kernels and on grid.y of
+    # im2col and col2im): only here do the kernels' grid-stride loops take a second step, where a
+    # slip in the stride or the loop bound would lose or repeat images.
+    case = ((32769, 2, 1, 3), (2, 1, 1, 2), 1, 0, 1, 2)
+    expected = cases.conv_outputs(case, F64)
+    for algo in ("direct", "im2col"):
+        bad = cases.mismatches(cases.emulated(cases.conv_outputs, case, F64, algo), expected, F64)
+        assert not bad, f"conv {case} {algo}: {bad} differ from the NumPy path"
