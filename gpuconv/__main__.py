@@ -1,4 +1,5 @@
-"""`python -m gpuconv COMMAND`: train, bench, bench-report, show, check-kernels, kernel-plan, gpu-check, summary."""
+"""`python -m gpuconv COMMAND`: train, bench, bench-report, show, check-kernels, kernel-plan, gpu-check, mutants,
+summary."""
 import importlib
 import os
 import sys
@@ -14,6 +15,8 @@ COMMANDS = {
     "kernel-plan": ("gpuconv.cuda.tools.plan", "LeNet-5's CUDA launches, FLOPs, bytes and resources on paper"),
     "gpu-check": ("gpuconv.cuda.tools.gpu_check", "on a GPU: the likeliest failures first, then tests, bench "
                   "and one LeNet-5 epoch, in one table"),
+    "mutants": ("gpuconv.cuda.tools.mutants", "mutation testing of kernels/*.cu: plant slips, run the emulated "
+                "tests, print the score and every survivor"),
     "summary": ("gpuconv.summary_cli", "print a model's layers, parameter counts and FLOPs"),
 }
 

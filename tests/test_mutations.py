@@ -189,3 +189,41 @@ def test_mutations_fail_loudly_when_their_target_is_gone():
         mutate(CONV, "conv2d_forward_direct", "no such text", "x")
     with pytest.raises(AssertionError, match="no_such_kernel is not in the kernel source"):
         mutate(CONV, "no_such_kernel", "__syncthreads();", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17's planted bugs: each passed the whole suite once; each is now caught by a deterministic
+# test in test_kernel_killers.py (called here directly on the mutated source).
+
+KILLERS_FILE = Path(__file__).parent / "test_kernel_killers.py"
+_killers_spec = importlib.util.spec_from_file_location("kernel_killers", KILLERS_FILE)
+killers = importlib.util.module_from_spec(_killers_spec)
+_killers_spec.loader.exec_module(killers)
+
+PLANTED = {
+    # The weight tile of backward-data loads channel ty instead of c0 + ty: wrong once C/groups > 16.
+    "weight_tile_channel": ("conv2d.cu", lambda: mutate(
+        CONV, "conv2d_backward_data_direct", "const int c = c0 + ty;", "const int c = ty;", 0),
+        lambda: killers.test_backward_data_reaches_the_second_channel_tile(killers.CONV_WIDE["C20"])),
+    # The LP backward's exponent truncated to an integer: wrong for any non-integer norm_type.
+    "lp_integer_exponent": ("pool2d.cu", lambda: mutate(
+        POOL, "lp_pool2d_backward", "power(value / out, norm_type - T(1))",
+        "power(value / out, T(int(norm_type) - 1))", 0),
+        killers.test_lp_pool_with_a_non_integer_norm),
+    # The LP backward's guard `out != 0` made `out > 1e-30`: drops windows whose sum is negative.
+    "lp_positive_guard": ("pool2d.cu", lambda: mutate(
+        POOL, "lp_pool2d_backward", "out != T(0)", "out > T(1e-30)", 0),
+        killers.test_lp_pool_backward_keeps_windows_with_a_negative_sum),
+    # Backward-data drops the dilation on the H axis only.
+    "backward_data_dilation_h": ("conv2d.cu", lambda: mutate(
+        CONV, "conv2d_backward_data_direct", "kh * dil_h", "kh", 0),
+        lambda: killers.test_each_axis_stride_padding_dilation_alone("dilation-h")),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_issue_17_planted_bug_is_caught_by_its_deterministic_test(name):
+    source_name, make, killer = PLANTED[name]
+    with cases.kernel_sources({source_name: make()}):
+        with pytest.raises(AssertionError, match="differ from the NumPy path"):
+            killer()

@@ -14,7 +14,9 @@
 With kernel emulation on (GPUCONV_EMULATE=1 or gpuconv.cuda.emulation()), the same sources run in
 gpuconv.cuda.emulate.EmulatedModule on the CPU, buffers come from gpuconv.cuda.emulated_devices
 (recorded, metered, on an emulated device) and gemm checks cuBLAS's layout rules on NumPy arrays.
-Development tooling (offline compile check, kernel plan, gpu-check) lives in gpuconv.cuda.tools.
+Development tooling (offline compile check, kernel plan, gpu-check, mutants) lives in gpuconv.cuda.tools.
+Development hook: GPUCONV_KERNEL_DIR=<folder> reads the .cu sources found there instead of kernels/
+(the mutation tool runs its subprocesses on mutated copies this way); unset, it changes nothing.
 """
 import contextlib
 import functools
@@ -42,6 +44,12 @@ KERNELS = {
 }
 
 
+# Development hook: a folder whose .cu files replace kernels/*.cu (any source it lacks still comes
+# from the package). `python -m gpuconv mutants` runs the tests on a mutated copy this way, in a
+# subprocess, without touching the real files. Unset (the normal case), nothing changes.
+KERNEL_DIR_OVERRIDE = "GPUCONV_KERNEL_DIR"
+
+
 def kernel_dir():
     """The folder holding the .cu sources: inside the installed package (gpuconv/kernels), else the
     checkout's top-level kernels/."""
@@ -62,7 +70,16 @@ def kernel_dir():
 
 @functools.lru_cache(maxsize=None)
 def read_source(source_name):
-    """The text of kernels/<source_name>."""
+    """The text of kernels/<source_name> (of $GPUCONV_KERNEL_DIR/<source_name> when that development
+    override is set and holds the file)."""
+    override = os.environ.get(KERNEL_DIR_OVERRIDE)
+    if override:
+        candidate = Path(override) / source_name
+        if not Path(override).is_dir():
+            raise KernelError(f"{KERNEL_DIR_OVERRIDE}: expected a folder of .cu files, got {override!r} "
+                              "(unset it to use gpuconv's own kernels)")
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
     path = kernel_dir().joinpath(source_name)
     try:
         return path.read_text(encoding="utf-8")

@@ -1,0 +1,132 @@
+"""Deterministic emulated-kernel tests aimed at branches the broad tests in test_emulated_kernels.py
+do not reach, each found by `python -m gpuconv mutants` (a mutant of kernels/*.cu that the rest of
+the fixed-shape suite let through). Each test names the branch it reaches and why its shape does.
+float64 with the NumPy path as the reference: 1e-12 leaves no room for a slip to hide in rounding."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CASES_FILE = Path(__file__).parent / "emulator_kernels" / "emulation_cases.py"
+_spec = importlib.util.spec_from_file_location("emulation_cases", CASES_FILE)
+cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cases)
+
+F64 = np.float64
+
+
+def check_conv(case, algos=("direct", "im2col"), dtype=F64, seed=0):
+    expected = cases.conv_outputs(case, dtype, seed=seed)
+    for algo in algos:
+        got = cases.emulated(cases.conv_outputs, case, dtype, algo, seed=seed)
+        bad = cases.mismatches(got, expected, dtype)
+        assert not bad, f"conv {case} {algo}: {bad} differ from the NumPy path"
+
+
+def check_pool(case, dtype=F64, x=None):
+    expected = cases.pool_outputs(case, dtype, x=x)
+    got = cases.emulated(cases.pool_outputs, case, dtype, x=x)
+    bad = cases.mismatches(got, expected, dtype)
+    assert not bad, f"pool {case}: {bad} differ from the NumPy path"
+
+
+# ---------------------------------------------------------------------------------------------
+# conv: wide channel counts
+
+
+CONV_WIDE = {
+    "C20": ((1, 20, 5, 4), (3, 20, 3, 2), 1, 1, 1, 1),          # C/groups = 20 > TILE_K = 16
+    "groups2-Cg18": ((1, 36, 4, 5), (4, 18, 2, 2), 1, 0, 1, 2),  # 18 per group, second group offset
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_WIDE.values()), ids=list(CONV_WIDE))
+def test_backward_data_reaches_the_second_channel_tile(case):
+    # conv2d_backward_data_direct tiles input channels by TILE_K (grid.y, c0 = blockIdx.y * 16): only
+    # more than 16 channels per group reach c0 > 0, where the weight tile must load channel c0 + ty.
+    check_conv(case, algos=("direct",))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv: every axis's stride, padding and dilation on its own
+
+
+AXIS_CASES = {
+    "stride-h": ((2, 3, 9, 8), (4, 3, 3, 2), (2, 1), 0, 1, 1),
+    "stride-w": ((2, 3, 8, 9), (4, 3, 2, 3), (1, 2), 0, 1, 1),
+    "padding-h": ((2, 3, 7, 6), (4, 3, 3, 2), 1, (2, 0), 1, 1),
+    "padding-w": ((2, 3, 6, 7), (4, 3, 2, 3), 1, (0, 2), 1, 1),
+    "dilation-h": ((2, 3, 9, 7), (4, 3, 3, 2), 1, 0, (2, 1), 1),
+    "dilation-w": ((2, 3, 7, 9), (4, 3, 2, 3), 1, 0, (1, 2), 1),
+}
+
+
+@pytest.mark.parametrize("axis", list(AXIS_CASES))
+def test_each_axis_stride_padding_dilation_alone(axis):
+    # With the same value on both axes a slip that uses one axis's stride/padding/dilation for the
+    # other (or drops one, e.g. the H dilation of backward-data) still gives the right answer;
+    # the fixed cases had dilation only on W, so dropping dil_h was left to the random test.
+    check_conv(AXIS_CASES[axis])
+
+
+# ---------------------------------------------------------------------------------------------
+# LP pooling: non-integer norm, signed input
+
+
+def test_lp_pool_with_a_non_integer_norm():
+    # p = 1.5: an exponent truncated to an integer (p - 1 = 0.5 -> 0) changes every gradient.
+    check_pool(("lp", (2, 2, 7, 6), 3, 2, 0, 1.5))
+    check_pool(("lp", (1, 2, 5, 7), (2, 3), 1, 0, 2.5))
+
+
+def test_lp_pool_backward_keeps_windows_with_a_negative_sum():
+    # p = 1 on signed input: a window's sum (= y) can be negative, and its gradient (x/y)^0 * dy is
+    # still dy; the backward's guard must skip only y == 0, not every y <= 0.
+    case = ("lp", (2, 2, 6, 7), 2, 1, 0, 1.0)
+    x = np.random.default_rng(4).standard_normal(case[1])
+    y = cases.pool_forward(case, x)
+    assert (y < 0).any() and (y > 0).any()
+    check_pool(case, x=x)
+
+
+def test_lp_pool_backward_gives_zero_for_a_window_that_sums_to_zero():
+    # The backward's `out != 0` guard: only a window whose sum is exactly 0 takes it (every other LP
+    # test has positive input), and there the gradient is 0, not 0/0.
+    case = ("lp", (1, 2, 6, 6), 2, 2, 0, 2.0)
+    x = np.random.default_rng(5).random(case[1]) + 0.1
+    x[0, 0, 2:4, 2:4] = 0.0    # one whole window of zeros
+    x[0, 1, :2, :] = 0.0       # a row of windows of zeros
+    check_pool(case, x=x)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling: every axis's kernel, stride and padding on its own
+
+
+POOL_AXIS_CASES = [
+    (mode, shape, kernel, stride, padding, extra)
+    for mode, extra in (("max", None), ("avg", True), ("avg", False))
+    for shape, kernel, stride, padding in (
+        ((1, 2, 9, 7), (3, 2), 1, (1, 0)),      # H: larger kernel, padding only on H
+        ((1, 2, 7, 9), (2, 3), 1, (0, 1)),      # W: larger kernel, padding only on W
+        ((1, 2, 9, 8), 3, (2, 1), (1, 0)),      # H: stride and padding only on H
+        ((1, 2, 8, 9), 3, (1, 2), (0, 1)),      # W: stride and padding only on W
+    )
+] + [("lp", (1, 2, 9, 7), (3, 2), (2, 1), 0, 2.0), ("lp", (1, 2, 7, 9), (2, 3), (1, 2), 0, 2.0)]
+
+
+@pytest.mark.parametrize("case", POOL_AXIS_CASES, ids=lambda c: f"{c[0]}-k{c[2]}-s{c[3]}-p{c[4]}-{c[5]}")
+def test_pool_each_axis_kernel_stride_padding_alone(case):
+    # Equal values on both axes hide a slip that takes one axis's kernel/stride/padding for the
+    # other's; count_include_pad both ways reaches both branches of avg_divisor at a padded edge.
+    check_pool(case)
+
+
+def test_max_pool_float64_tells_apart_values_closer_than_float32_resolution():
+    # Values 1 + k * 1e-12: one float32 value, distinct doubles. A max pool that compares in float
+    # sees ties and picks the first; the double kernel must pick the true maximum.
+    rng = np.random.default_rng(6)
+    x = 1.0 + rng.permutation(2 * 3 * 7 * 8).reshape(2, 3, 7, 8) * 1e-12
+    check_pool(("max", x.shape, 3, 2, 1, None), x=x)
+
