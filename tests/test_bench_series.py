@@ -189,3 +189,13 @@ def test_git_commit_is_recorded_for_a_checkout_and_not_for_a_copy(tmp_path):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     commit, dirty = git_commit(str(ROOT))
     assert commit == head.stdout.strip() and isinstance(dirty, bool)
+
+
+def test_the_blas_core_and_a_forced_core_type_are_in_the_header(tmp_path):
+    forced = dict(blas_core="Haswell", blas_environment={"OPENBLAS_CORETYPE": "Haswell"})
+    _, out = run_cli(["bench-report", bench_file(tmp_path, "a.json", "2026-01-01T09:00:00+00:00",
+                                                 [("train_step", 64, 1.0, 2.0)], machine=forced)])
+    assert "BLAS openblas 1.0 (2 threads, core Haswell, OPENBLAS_CORETYPE=Haswell)" in out
+    _, out = run_cli(["bench-report", bench_file(tmp_path, "b.json", "2026-01-01T09:00:00+00:00",
+                                                 [("train_step", 64, 1.0, 2.0)])])
+    assert "BLAS openblas 1.0 (2 threads)," in out  # a file from before the core was recorded

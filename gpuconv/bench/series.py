@@ -148,7 +148,11 @@ def header(series):
                  + (f"commit {' / '.join(commits)}" if commits else "commit not recorded in the JSON")
                  + f", {load},")
     cpu = _one_or_all(f"{m.get('cpu_model', '?')} ({m.get('cpu_threads', '?')} CPUs)" for m in machines)
-    blas = _one_or_all(f"{m.get('blas', '?')} ({_threads(m.get('blas_threads', '?'))})" for m in machines)
+    blas = _one_or_all(f"{m.get('blas', '?')} ({_threads(m.get('blas_threads', '?'))}"
+                       + (f", core {m['blas_core']}" if m.get("blas_core") else "")  # files from before it: none
+                       + (f", OPENBLAS_CORETYPE={m['blas_environment']['OPENBLAS_CORETYPE']}"
+                          if (m.get("blas_environment") or {}).get("OPENBLAS_CORETYPE") else "") + ")"
+                       for m in machines)
     machine = [f"on {cpu}", f"BLAS {blas}", f"NumPy {_one_or_all(m.get('numpy_version') for m in machines)}"]
     gpus = _distinct(m.get("gpu_name") for m in machines)
     if gpus:
