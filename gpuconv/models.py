@@ -244,13 +244,15 @@ MODELS = ("lenet5", "simplecnn") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
 
 
 def build_model(name, in_channels=1, num_classes=10, image_size=28, seed=0, activation="relu", pool="max",
-                dtype=np.float32):
-    """The zoo by command-line name: lenet5, simplecnn, resnet8, resnet14, resnet20, ..., resnet110."""
+                dtype=np.float32, widths=None):
+    """The zoo by command-line name: lenet5, simplecnn, resnet8, resnet14, resnet20, ..., resnet110.
+    widths: SimpleCNN's block widths (None: its default), for a checkpoint of another shape."""
     if name == "lenet5":
         return LeNet5(activation=activation, pool=pool, num_classes=num_classes, seed=seed, dtype=dtype,
                       in_channels=in_channels, image_size=image_size)
     if name == "simplecnn":
-        return SimpleCNN(in_channels, num_classes, image_size, seed=seed, dtype=dtype)
+        return SimpleCNN(in_channels, num_classes, image_size, seed=seed, dtype=dtype,
+                         **({} if widths is None else dict(widths=widths)))
     if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in RESNET_DEPTHS:
         return ResNet(int(name[6:]), in_channels, num_classes, seed=seed, dtype=dtype)
     raise ArgumentError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")

@@ -101,6 +101,17 @@ def checkpoint_config(meta):
     return dict(dict(dataset="mnist", model="lenet5", activation="relu", pool="max"), **meta.get("config", {}))
 
 
+def simplecnn_widths(config, state):
+    """A SimpleCNN checkpoint's block widths, read from its conv weights (None for another model):
+    SimpleCNN's default went from two blocks to three, and a checkpoint of either should still draw."""
+    if config["model"] != "simplecnn":
+        return None
+    widths = []
+    while f"conv{len(widths) + 1}.weight" in state and len(widths) < 4:
+        widths.append(int(state[f"conv{len(widths) + 1}.weight"].shape[0]))
+    return tuple(widths) or None
+
+
 def load_model(checkpoint, device="cpu"):
     """Rebuild the model as the checkpoint's config describes it, load its weights -> (model, meta)."""
     if not os.path.exists(checkpoint):
@@ -110,7 +121,7 @@ def load_model(checkpoint, device="cpu"):
     config = checkpoint_config(meta)
     info = dataset_info(config["dataset"])
     model = build_model(config["model"], info.in_channels, len(info.cls.classes), info.image_size,
-                        activation=config["activation"], pool=config["pool"])
+                        activation=config["activation"], pool=config["pool"], widths=simplecnn_widths(config, state))
     model.load_state_dict(state)
     model.eval()
     return model.to(parse_device(device)), meta

@@ -160,11 +160,17 @@ class Trainer:
             c["augment"] = info.augment
         if c["crop_padding"] is None:
             c["crop_padding"] = info.crop_padding
+        erasing_given = c["random_erasing"] is not None
         if c["random_erasing"] is None:
             c["random_erasing"] = info.random_erasing
         if (isinstance(c["random_erasing"], bool) or not isinstance(c["random_erasing"], (int, float))
                 or not 0.0 <= c["random_erasing"] <= 1.0):
             raise ArgumentError(f"random_erasing: expected a probability in [0, 1], got {c['random_erasing']!r}")
+        if erasing_given and c["random_erasing"] and not c["augment"]:
+            # erasing is part of the augmentation: without it the setting would do nothing, yet be saved
+            default = "off" if not info.augment else "on"
+            raise ArgumentError(f"random_erasing: {c['random_erasing']!r} erases augmented batches only, and this run "
+                                f"does not augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
         if isinstance(c["crop_padding"], bool) or not isinstance(c["crop_padding"], int) or c["crop_padding"] < 0:
             raise ArgumentError(f"crop_padding: expected an int >= 0, got {c['crop_padding']!r}")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):

@@ -199,3 +199,62 @@ def test_the_blas_core_and_a_forced_core_type_are_in_the_header(tmp_path):
     _, out = run_cli(["bench-report", bench_file(tmp_path, "b.json", "2026-01-01T09:00:00+00:00",
                                                  [("train_step", 64, 1.0, 2.0)])])
     assert "BLAS openblas 1.0 (2 threads)," in out  # a file from before the core was recorded
+
+
+def _with(tmp_path, change):
+    """A valid one-row bench file, changed by change(results) -> the path."""
+    path = bench_file(tmp_path, "odd.json", "2026-01-01T10:00:00+00:00", [("train_step", 64, 1.0, 2.0)])
+    results = json.loads(Path(path).read_text())
+    change(results)
+    Path(path).write_text(json.dumps(results))  # NaN and Infinity written as JSON's extensions
+    return path
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda r: r["rows"][0].update(speed_ratio_vs_torch=float("nan")),
+     "rows[0]['speed_ratio_vs_torch'] should be a finite number > 0 or null, got nan"),
+    (lambda r: r["rows"][0]["gpuconv"].update(median_s=float("inf")),
+     "rows[0]['gpuconv']['median_s'] should be a finite time > 0, got inf"),
+    (lambda r: r["rows"][0]["torch"].update(median_s=10 ** 400), "rows[0]['torch']['median_s'] should be a finite"),
+    (lambda r: r["machine"].update(load_average_start="high"), "machine['load_average_start'] should be a list"),
+    (lambda r: r["machine"].update(load_average_end=1.5), "machine['load_average_end'] should be a list"),
+    (lambda r: r["machine"].update(git_commit=12345), "machine['git_commit'] should be a string"),
+    (lambda r: r["machine"].update(date="2026-01-01T10:00:00"), "should give its UTC offset"),
+    (lambda r: r.update(command=5), "the file['command'] should be the command line"),
+    (lambda r: r.update(command="python -m gpuconv bench 'unclosed"), "the file['command'] should be"),
+    (lambda r: r.update(torch=[1]), "the file['torch'] should be an object"),
+    (lambda r: r["rows"][0].update(device="cuda", algo=["im2col"]), "rows[0]['algo'] should be a string"),
+])
+def test_odd_values_are_errors_naming_the_field_not_tracebacks_or_nan_cells(tmp_path, capsys, change, what):
+    # Each of these used to print a table with 'nanx' or 'inf' in it, or to end in a TypeError,
+    # AttributeError, OverflowError or ValueError traceback.
+    path = _with(tmp_path, change)
+    with pytest.raises(DataError) as info:
+        load(path)
+    assert path in str(info.value) and what in str(info.value)
+    assert gpuconv_main(["bench-report", path]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path, capsys):
+    path = tmp_path / "latin1.json"
+    text = json.dumps({"schema": SCHEMA, "machine": {"cpu_model": "\u00c9PYC"}}, ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(str(path)) + ".*not UTF-8"):
+        load(str(path))
+    assert gpuconv_main(["bench-report", str(path)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_pipe_or_newline_in_a_row_name_stays_in_its_cell(tmp_path):
+    path = _with(tmp_path, lambda r: r["rows"][0].update(name="a | b\nc"))
+    _, out = run_cli(["bench-report", path])
+    assert table_rows(out) == ["| cpu | a \\| b c | 64 | 1.00 | 2.00 | 2.00x | 1/1 |"]
+
+
+def test_per_run_orders_by_the_instant_not_the_text_of_the_date(tmp_path):
+    # 10:00+05:00 is 05:00 UTC, before 06:00+00:00, though it sorts after it as text
+    files = [bench_file(tmp_path, "utc.json", "2026-01-01T06:00:00+00:00", [("train_step", 64, 1.0, 3.0)]),
+             bench_file(tmp_path, "east.json", "2026-01-01T10:00:00+05:00", [("train_step", 64, 1.0, 2.0)])]
+    _, out = run_cli(["bench-report", "--per-run"] + files)
+    assert "| cpu | training step | 64 | 2.00 | 3.00 |" in out

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -606,6 +607,39 @@ def test_random_erasing_matches_a_per_image_reference():
 def test_random_erasing_leaves_an_image_whole_when_no_draw_fits():
     x = batch(n=20, h=2, w=2)  # a box must be smaller than the image on both sides: impossible at scale 0.9
     np.testing.assert_array_equal(RandomErasing(1.0, scale=(0.9, 1.0))(x, np.random.default_rng(0)), x)
+
+
+def test_random_erasing_takes_numpy_scalars_and_refuses_what_it_cannot_draw():
+    # np.float32(0.5) and np.int64(1) were refused as "not a number in [0, 1]"
+    x = batch(n=50, h=8, w=8)
+    as_numpy = RandomErasing(np.float32(0.5), scale=(np.float64(0.02), np.float32(0.33)), value=np.float32(-1))
+    as_python = RandomErasing(0.5, scale=(0.02, float(np.float32(0.33))), value=-1.0)
+    np.testing.assert_array_equal(as_numpy(x, np.random.default_rng(1)), as_python(x, np.random.default_rng(1)))
+    assert RandomErasing(np.int64(1)).p == 1.0 and RandomHorizontalFlip(np.float32(0.25)).p == 0.25
+    with pytest.raises(ArgumentError, match="RandomErasing p"):
+        RandomErasing(np.bool_(True))
+    # an infinite ratio was an OverflowError from NumPy's uniform, not an ArgumentError
+    with pytest.raises(ArgumentError, match=r"RandomErasing ratio: .*got \(0.3, inf\)"):
+        RandomErasing(ratio=(0.3, float("inf")))
+    # a value float32 cannot hold erased with inf, with only an overflow warning
+    with pytest.raises(ArgumentError, match="RandomErasing value: 1e\\+300 is not finite in a float32 batch"):
+        RandomErasing(1.0, value=1e300)(x, np.random.default_rng(0))
+    assert RandomErasing(1.0, value=1e300)(x.astype(np.float64), np.random.default_rng(0)).max() == 1e300
+
+
+def test_random_erasing_with_extreme_ratios_leaves_images_whole_without_warnings():
+    # area * aspect overflowed to inf and was cast to int64 ("invalid value encountered in cast")
+    x = batch(n=40, h=8, w=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = RandomErasing(1.0, ratio=(1e-300, 1e300))(x, np.random.default_rng(0))
+        top, left, h, w = RandomErasing(1.0, ratio=(1e-300, 1e300)).boxes(40, 8, 8, np.random.default_rng(0))
+    assert ((h == 0) == (w == 0)).all() and (h < 8).all() and (w < 8).all() and (h >= 0).all()
+    assert ((top + h) <= 8).all() and ((left + w) <= 8).all()
+    for i in range(40):
+        expected = x[i].copy()
+        expected[:, top[i]:top[i] + h[i], left[i]:left[i] + w[i]] = 0.0
+        np.testing.assert_array_equal(out[i], expected)
 
 
 def test_normalize_per_channel_and_compose_is_seeded():

@@ -170,6 +170,10 @@ from gpuconv.models import ResNet, SimpleCNN  # noqa: E402
 @pytest.mark.parametrize("model, config, image_shape, keys", [
     (SimpleCNN(seed=1), dict(dataset="fashion-mnist", model="simplecnn"), (28, 28),
      {"block1": (32, 14, 14), "block2": (64, 7, 7)}),
+    # SimpleCNN had two blocks by default before it had three: such a checkpoint raised
+    # "state_dict does not fit SimpleCNN: missing keys ['conv3.weight', ...]; was it saved from another model?"
+    (SimpleCNN(widths=(32, 64), seed=1), dict(dataset="fashion-mnist", model="simplecnn"), (28, 28),
+     {"block1": (32, 14, 14), "block2": (64, 7, 7)}),
     (ResNet(8, in_channels=3, seed=1), dict(dataset="cifar10", model="resnet8"), (3, 32, 32),
      {"conv1": (16, 32, 32), "layer1": (16, 32, 32)}),
 ])

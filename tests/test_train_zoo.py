@@ -123,3 +123,15 @@ def test_wrong_data_dir_fails_loudly_on_the_command_line(tmp_path, capsys, probl
         assert "DataNotFoundError" in err and str(folder) in err and "data_dir that was given" in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("dataset, augment", [("mnist", None), ("cifar10", False)])
+def test_random_erasing_without_augmentation_is_refused_not_ignored(dataset, augment):
+    # it was accepted, saved in the checkpoint's config as 0.5, and no image was ever erased
+    with pytest.raises(ArgumentError, match=f"random_erasing: 0.5 erases augmented batches only.*{dataset}"
+                                            ".*add --augment"):
+        train.Trainer(dict(dataset=dataset, device="cpu", augment=augment, random_erasing=0.5,
+                           data_dir="/nonexistent"), log=lambda *_: None)
+    code = cli.main(["train", "--dataset", dataset, "--random-erasing", "0.5", "--data-dir", "/nonexistent"]
+                    + (["--no-augment"] if augment is False else []))
+    assert code == 1

@@ -11,6 +11,7 @@ from the JSON it came from.
 import argparse
 import datetime
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -45,9 +46,26 @@ def _figures(value, path, where):
     if value is None:
         return None
     median = _field(value, "median_s", (int, float), path, where)
-    if isinstance(median, bool) or not median > 0:
-        raise _malformed(path, f"{where}['median_s'] should be a time > 0, got {median!r}")
+    if not _positive(median):
+        raise _malformed(path, f"{where}['median_s'] should be a finite time > 0, got {median!r}")
     return value
+
+
+def _positive(value):
+    """A finite number > 0 (not a bool; JSON's NaN and Infinity, and an int too big for a float, are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
+
+
+def _optional(obj, key, check, expected, path, where):
+    """A field the report prints if present: absent or null is fine, anything else must pass check."""
+    value = obj.get(key)
+    if value is not None and not check(value):
+        raise _malformed(path, f"{where}[{key!r}] should be {expected} or null, got {value!r}")
 
 
 def load(path):
@@ -59,6 +77,8 @@ def load(path):
         raise DataNotFoundError(f"bench-report: no such file: {path}") from None
     except OSError as exc:
         raise DataNotFoundError(f"bench-report: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _malformed(path, f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         results = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -71,23 +91,44 @@ def load(path):
     machine = _field(results, "machine", dict, path, "the file")
     date = _field(machine, "date", str, path, "machine")
     try:
-        datetime.datetime.fromisoformat(date)
+        parsed = datetime.datetime.fromisoformat(date)
     except ValueError:
         raise _malformed(path, f"machine['date'] should be an ISO date and time, got {date!r}") from None
+    if parsed.utcoffset() is None:  # bench writes one; without it the time is in no known zone
+        raise _malformed(path, f"machine['date'] should give its UTC offset (as bench writes it), got {date!r}")
+    _optional(results, "command", _command_ok, "the command line as a string", path, "the file")
+    for key in ("load_average_start", "load_average_end"):
+        _optional(machine, key, lambda v: isinstance(v, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+            "a list of numbers", path, "machine")
+    _optional(machine, "git_commit", lambda v: isinstance(v, str), "a string", path, "machine")
+    _optional(results, "torch", lambda v: isinstance(v, dict), "an object", path, "the file")
     _field(results, "settings", dict, path, "the file")
     for index, row in enumerate(_field(results, "rows", list, path, "the file")):
         where = f"rows[{index}]"
         for key in ("device", "name"):
             _field(row, key, str, path, where)
+        _optional(row, "algo", lambda v: isinstance(v, str), "a string", path, where)
         batch = _field(row, "batch_size", int, path, where)
         if isinstance(batch, bool) or batch < 1:
             raise _malformed(path, f"{where}['batch_size'] should be an int >= 1, got {batch!r}")
         for key in ("gpuconv", "torch"):
             _figures(row.get(key), path, f"{where}[{key!r}]")
         ratio = row.get("speed_ratio_vs_torch")
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
-            raise _malformed(path, f"{where}['speed_ratio_vs_torch'] should be a number > 0 or null, got {ratio!r}")
+        if ratio is not None and not _positive(ratio):
+            raise _malformed(path, f"{where}['speed_ratio_vs_torch'] should be a finite number > 0 or null, "
+                                   f"got {ratio!r}")
     return results
+
+
+def _command_ok(command):
+    if not isinstance(command, str):
+        return False
+    try:
+        shlex.split(command)
+    except ValueError:  # an unclosed quote
+        return False
+    return True
 
 
 def run_command(results):
@@ -173,10 +214,19 @@ def _key(row):
     return row["device"], row.get("algo") if row["device"] != "cpu" else None, row["name"], row["batch_size"]
 
 
+def _cell(text):
+    # A '|' or a line break in a name from the file would end the cell or the row.
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def _label(key):
     device, algo, name, batch = key
     label = ROW_LABELS.get(name, name)
-    return f"{device}", label + (f" ({algo})" if algo else ""), batch
+    return _cell(device), _cell(label + (f" ({algo})" if algo else "")), batch
+
+
+def _start(results):
+    return datetime.datetime.fromisoformat(results["machine"]["date"]).astimezone(datetime.timezone.utc)
 
 
 def collect(series):
@@ -226,7 +276,7 @@ def format_series(series, per_run=False):
                  "highest of them." if n > 1 else "One run: each cell is that run's median.")
             + " PyTorch / gpuconv > 1 means gpuconv is faster; runs = runs in which gpuconv ran the row."]
     if per_run and n > 1:
-        order = sorted(range(n), key=lambda i: series[i][1]["machine"]["date"])
+        order = sorted(range(n), key=lambda i: _start(series[i][1]))  # instants, not strings: offsets differ
         out += ["", "PyTorch / gpuconv in each run, in the order the runs started:", "",
                 "| device | row | batch | " + " | ".join(str(i + 1) for i in range(n)) + " |",
                 "|---|---|---|" + "---:|" * n]

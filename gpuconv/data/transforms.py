@@ -10,6 +10,8 @@ The DataLoader hands batch b of epoch e the generator `np.random.default_rng([se
 what every image looks like depends only on (seed, epoch, batch index), like the order of the
 batches: a resumed run sees exactly the batches an uninterrupted one would.
 """
+import numbers
+
 import numpy as np
 
 from ..backend import get_array_module
@@ -20,6 +22,11 @@ def _check_batch(x, name):
     if getattr(x, "ndim", None) != 4:
         raise ShapeError(f"{name}: expected a batch of shape (N, C, H, W), got shape "
                          f"{tuple(getattr(x, 'shape', ()))}")
+
+
+def _real(value):
+    """A real number other than a bool: Python's, or a NumPy scalar (np.float32(0.5) is a probability too)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_rng(rng):
@@ -70,7 +77,7 @@ class RandomHorizontalFlip:
     """Mirror each image left-right with probability p."""
 
     def __init__(self, p=0.5):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        if not _real(p) or not 0.0 <= p <= 1.0:
             raise ArgumentError(f"RandomHorizontalFlip p: expected a number in [0, 1], got {p!r}")
         self.p = float(p)
 
@@ -101,16 +108,15 @@ class RandomErasing:
     ATTEMPTS = 10
 
     def __init__(self, p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        if not _real(p) or not 0.0 <= p <= 1.0:
             raise ArgumentError(f"RandomErasing p: expected a number in [0, 1], got {p!r}")
         for name, pair, low in (("scale", scale, 0.0), ("ratio", ratio, 0.0)):
-            ok = (isinstance(pair, (tuple, list)) and len(pair) == 2
-                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
-                  and low < pair[0] <= pair[1] and (name != "scale" or pair[1] <= 1.0))
+            ok = (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_real(v) for v in pair)
+                  and low < pair[0] <= pair[1] < np.inf and (name != "scale" or pair[1] <= 1.0))
             if not ok:
-                bound = "0 < low <= high <= 1" if name == "scale" else "0 < low <= high"
+                bound = "0 < low <= high <= 1" if name == "scale" else "0 < low <= high, finite"
                 raise ArgumentError(f"RandomErasing {name}: expected (low, high) with {bound}, got {pair!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        if not _real(value) or not np.isfinite(value):
             raise ArgumentError(f"RandomErasing value: expected a finite number, got {value!r}")
         self.p, self.scale, self.ratio, self.value = float(p), tuple(map(float, scale)), tuple(map(float, ratio)), float(value)
 
@@ -120,9 +126,10 @@ class RandomErasing:
         erase = rng.random(n) < self.p
         area = height * width * rng.uniform(*self.scale, size=(n, self.ATTEMPTS))
         aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1]), size=(n, self.ATTEMPTS)))
-        h = np.rint(np.sqrt(area * aspect)).astype(np.int64)
-        w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+        with np.errstate(over="ignore", under="ignore"):  # extreme ratios: inf or 0, which never fit
+            h, w = np.rint(np.sqrt(area * aspect)), np.rint(np.sqrt(area / aspect))
         fits = (h >= 1) & (w >= 1) & (h < height) & (w < width)
+        h, w = np.where(fits, h, 0).astype(np.int64), np.where(fits, w, 0).astype(np.int64)  # no cast of inf
         first = fits.argmax(axis=1)  # the first draw that fits (0 if none does: masked out below)
         rows = np.arange(n)
         keep = erase & fits[rows, first]
@@ -135,6 +142,9 @@ class RandomErasing:
         _check_batch(x, "RandomErasing")
         xp = get_array_module(x)
         n, _, height, width = x.shape
+        if xp.dtype(x.dtype).kind == "f" and abs(self.value) > float(np.finfo(x.dtype).max):
+            raise ArgumentError(f"RandomErasing value: {self.value!r} is not finite in a {x.dtype} batch "
+                                f"(largest {np.finfo(x.dtype).max})")  # it would erase with inf
         top, left, h, w = (xp.asarray(a)[:, None] for a in self.boxes(n, height, width, rng))
         rows, cols = xp.arange(height)[None, :], xp.arange(width)[None, :]
         inside = (((rows >= top) & (rows < top + h))[:, :, None]
