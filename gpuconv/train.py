@@ -228,7 +228,8 @@ class Trainer:
     def restore(self, path):
         model_state, optim_state, meta = load_checkpoint(path)  # types and ranges of every field
         saved = meta.get("config", {})
-        saved = dict(dict(dataset="mnist", model="lenet5"), **saved)  # checkpoints from before the zoo
+        # checkpoints from before the zoo, and from before --random-erasing (which then erased nothing)
+        saved = dict(dict(dataset="mnist", model="lenet5", random_erasing=0.0), **saved)
         for key in RESUME_KEYS:
             if key in saved and saved[key] != self.config[key]:
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
