@@ -40,6 +40,9 @@ needs_processes = pytest.mark.skipif(not cpu_workers.supported(), reason="no wor
 PRELUDE = r'''
 import faulthandler, hashlib, json, os, signal, sys, threading, time
 faulthandler.dump_traceback_later(float(os.environ["HOSTILE_HANG_S"]), exit=True)
+# Ctrl-C must be KeyboardInterrupt here even when pytest was started in the background, where the
+# shell hands every child SIGINT ignored and Python then installs no handler of its own
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import gpuconv
 from gpuconv.nn import cpu_plan, cpu_workers
