@@ -181,33 +181,39 @@ def _resnet_classes(torch):
     return ShortcutA, BasicBlock
 
 
+def _torch_layer(nn, layer):
+    """The PyTorch layer of the same kind and hyper-parameters as a gpuconv layer of the zoo's
+    chains, or None for a kind only one model has."""
+    kind = type(layer).__name__
+    if kind == "Conv2d":
+        o, c, k, _ = layer.weight.data.shape
+        return nn.Conv2d(c, o, k, stride=layer.stride, padding=layer.padding, bias=layer.bias is not None)
+    if kind == "BatchNorm2d":
+        return nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+    if kind == "MaxPool2d":
+        return nn.MaxPool2d(layer.kernel_size, layer.stride)
+    if kind == "AdaptiveAvgPool2d":
+        return nn.AdaptiveAvgPool2d(1)
+    if kind == "Linear":
+        o, i = layer.weight.data.shape
+        return nn.Linear(i, o)
+    return {"ReLU": nn.ReLU, "Flatten": nn.Flatten}.get(kind, lambda: None)()
+
+
 def _torch_resnet(torch, model):
     nn = torch.nn
     _, BasicBlock = _resnet_classes(torch)
     children = []
     for name, layer in model.named_children():
-        kind = type(layer).__name__
-        if kind == "Conv2d":
-            o, c, k, _ = layer.weight.data.shape
-            children.append((name, nn.Conv2d(c, o, k, stride=layer.stride, padding=layer.padding,
-                                             bias=layer.bias is not None)))
-        elif kind == "BatchNorm2d":
-            children.append((name, nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)))
-        elif kind == "ReLU":
-            children.append((name, nn.ReLU()))
-        elif kind == "Sequential":  # a stage of BasicBlocks
-            children.append((name, nn.Sequential(OrderedDict(
+        if type(layer).__name__ == "Sequential":  # a stage of BasicBlocks
+            twin = nn.Sequential(OrderedDict(
                 (block_name, BasicBlock(block.conv1.in_channels, block.conv1.out_channels, block.conv1.stride[0]))
-                for block_name, block in layer.named_children()))))
-        elif kind == "AdaptiveAvgPool2d":
-            children.append((name, nn.AdaptiveAvgPool2d(1)))
-        elif kind == "Flatten":
-            children.append((name, nn.Flatten()))
-        elif kind == "Linear":
-            o, i = layer.weight.data.shape
-            children.append((name, nn.Linear(i, o)))
+                for block_name, block in layer.named_children()))
         else:
-            raise TypeError(f"no PyTorch equivalent for ResNet child {name} ({kind})")
+            twin = _torch_layer(nn, layer)
+        if twin is None:
+            raise TypeError(f"no PyTorch equivalent for ResNet child {name} ({type(layer).__name__})")
+        children.append((name, twin))
     return nn.Sequential(OrderedDict(children))
 
 
@@ -215,23 +221,10 @@ def _torch_simplecnn(torch, model):
     nn = torch.nn
     children = []
     for name, layer in model.named_children():
-        kind = type(layer).__name__
-        if kind == "Conv2d":
-            o, c, k, _ = layer.weight.data.shape
-            children.append((name, nn.Conv2d(c, o, k, padding=layer.padding, bias=layer.bias is not None)))
-        elif kind == "BatchNorm2d":
-            children.append((name, nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)))
-        elif kind == "MaxPool2d":
-            children.append((name, nn.MaxPool2d(layer.kernel_size, layer.stride)))
-        elif kind == "ReLU":
-            children.append((name, nn.ReLU()))
-        elif kind == "Flatten":
-            children.append((name, nn.Flatten()))
-        elif kind == "Linear":
-            o, i = layer.weight.data.shape
-            children.append((name, nn.Linear(i, o)))
-        else:
-            raise TypeError(f"no PyTorch equivalent for SimpleCNN child {name} ({kind})")
+        twin = _torch_layer(nn, layer)
+        if twin is None:
+            raise TypeError(f"no PyTorch equivalent for SimpleCNN child {name} ({type(layer).__name__})")
+        children.append((name, twin))
     return nn.Sequential(OrderedDict(children))
 
 
