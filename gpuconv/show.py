@@ -132,10 +132,18 @@ def load_history(checkpoint, meta):
     if meta.get("history"):
         return list(meta["history"])
     path = os.path.splitext(checkpoint)[0] + ".history.json"
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return []
+    try:
         with open(path, encoding="utf-8") as f:
-            return list(json.load(f))
-    return []
+            history = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"training history {path}: expected the JSON list train writes beside the "
+                              f"checkpoint, could not read it ({type(e).__name__}: {e}); delete or fix the file") from e
+    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise CheckpointError(f"training history {path}: expected a JSON list of per-epoch records, "
+                              f"got {type(history).__name__}")
+    return history
 
 
 def check_image_index(image_index, count):

@@ -160,6 +160,7 @@ class Trainer:
             c["augment"] = info.augment
         if c["crop_padding"] is None:
             c["crop_padding"] = info.crop_padding
+        crop_given = c["crop_padding"] is not None
         erasing_given = c["random_erasing"] is not None
         if c["random_erasing"] is None:
             c["random_erasing"] = info.random_erasing
@@ -173,6 +174,11 @@ class Trainer:
                                 f"does not augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
         if isinstance(c["crop_padding"], bool) or not isinstance(c["crop_padding"], int) or c["crop_padding"] < 0:
             raise ArgumentError(f"crop_padding: expected an int >= 0, got {c['crop_padding']!r}")
+        if crop_given and c["crop_padding"] and not c["augment"]:
+            # the same rule as random_erasing: a crop asked for but never applied must not pass silently
+            default = "off" if not info.augment else "on"
+            raise ArgumentError(f"crop_padding: {c['crop_padding']!r} crops augmented batches only, and this run "
+                                f"does not augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
             raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
         self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,

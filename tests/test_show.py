@@ -117,6 +117,18 @@ def test_history_from_json_beside_the_checkpoint(tmp_path):
     assert show.load_history(str(path), {"history": records * 2}) == records * 2  # meta wins
 
 
+@pytest.mark.parametrize("text, expected", [('[{"epoch": 1', "could not read it.*JSONDecodeError"),
+                                             (b"\xff\xfe[", "could not read it.*UnicodeDecodeError"),
+                                             ('{"epoch": 1}', "expected a JSON list.*got dict"),
+                                             ('[1, 2]', "expected a JSON list of per-epoch records")])
+def test_a_damaged_history_file_is_a_clear_error_naming_it(tmp_path, text, expected):
+    path = tmp_path / "run.npz"
+    history = tmp_path / "run.history.json"
+    history.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CheckpointError, match=f"training history {history}: .*{expected}"):
+        show.load_history(str(path), {})
+
+
 def test_training_curves_without_history_still_drawn(tmp_path):
     from matplotlib.image import imread
 

@@ -8,7 +8,7 @@ from gpuconv import __main__ as cli
 from gpuconv import train
 from gpuconv.checkpoint import load_checkpoint
 from gpuconv.data import cifar
-from gpuconv.errors import ArgumentError, CheckpointError
+from gpuconv.errors import ArgumentError, CheckpointError, DataNotFoundError
 
 
 @pytest.fixture
@@ -123,6 +123,21 @@ def test_wrong_data_dir_fails_loudly_on_the_command_line(tmp_path, capsys, probl
         assert "DataNotFoundError" in err and str(folder) in err and "data_dir that was given" in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("dataset, augment", [("mnist", None), ("fashion-mnist", False)])
+def test_crop_padding_without_augmentation_is_refused_not_ignored(dataset, augment):
+    # it was accepted and saved in the checkpoint's config, and no batch was ever cropped
+    with pytest.raises(ArgumentError, match=f"crop_padding: 2 crops augmented batches only.*{dataset}.*add --augment"):
+        train.Trainer(dict(dataset=dataset, device="cpu", augment=augment, crop_padding=2,
+                           data_dir="/nonexistent"), log=lambda *_: None)
+    code = cli.main(["train", "--dataset", dataset, "--crop-padding", "2", "--data-dir", "/nonexistent"]
+                    + (["--no-augment"] if augment is False else []))
+    assert code == 1
+    # 0 asks for nothing, so it stays accepted without augmentation (it gets as far as the data)
+    with pytest.raises(DataNotFoundError):
+        train.Trainer(dict(dataset=dataset, device="cpu", augment=augment, crop_padding=0,
+                           data_dir="/nonexistent"), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("dataset, augment", [("mnist", None), ("cifar10", False)])
