@@ -9,6 +9,8 @@ LeNet-5 (LeCun et al. 1998), as PyTorch tutorials write it for 28x28 MNIST:
 conv(1->6, 5x5, pad 2) -> act -> pool 2 -> conv(6->16, 5x5) -> act -> pool 2 -> 400 -> 120 -> 84 -> 10.
 The 1998 flavour is activation="tanh", pool="avg"; the modern default is ReLU + max pooling.
 """
+import argparse
+
 import numpy as np
 
 from . import nn
@@ -241,6 +243,27 @@ def resnet(depth):
 resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110 = (resnet(d) for d in (8, 14, 20, 32, 44, 56, 110))
 RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 MODELS = ("lenet5", "simplecnn") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+
+
+def simplecnn_widths_of(state):
+    """A SimpleCNN state dict's block widths, read from its conv weights: checkpoints written before
+    the config recorded them (SimpleCNN's default went from two blocks to three) still load."""
+    widths = []
+    while f"conv{len(widths) + 1}.weight" in state and len(widths) < 4:
+        widths.append(int(state[f"conv{len(widths) + 1}.weight"].shape[0]))
+    return tuple(widths) or None
+
+
+def parse_widths(text):
+    """--widths "48,96,192" -> (48, 96, 192), for argparse: a clear error for anything else."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if not 1 <= len(widths) <= 4 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 to 4 positive ints separated by commas "
+                                         f"(e.g. 32,64,128), got {text!r}")
+    return widths
 
 
 def build_model(name, in_channels=1, num_classes=10, image_size=28, seed=0, activation="relu", pool="max",

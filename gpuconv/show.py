@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint
 from .data.loader import to_float_batch
 from .data.registry import dataset_info
 from .errors import ArgumentError, CheckpointError, MissingExtraError
-from .models import MODEL_TITLES, build_model
+from .models import MODEL_TITLES, build_model, simplecnn_widths_of
 from .train import predict_logits
 from .cli import HelpFormatter
 
@@ -102,14 +102,11 @@ def checkpoint_config(meta):
 
 
 def simplecnn_widths(config, state):
-    """A SimpleCNN checkpoint's block widths, read from its conv weights (None for another model):
-    SimpleCNN's default went from two blocks to three, and a checkpoint of either should still draw."""
+    """A SimpleCNN checkpoint's block widths (None for another model): from its config, or from its
+    conv weights for a checkpoint written before the config recorded them."""
     if config["model"] != "simplecnn":
         return None
-    widths = []
-    while f"conv{len(widths) + 1}.weight" in state and len(widths) < 4:
-        widths.append(int(state[f"conv{len(widths) + 1}.weight"].shape[0]))
-    return tuple(widths) or None
+    return tuple(config["widths"]) if config.get("widths") else simplecnn_widths_of(state)
 
 
 def load_model(checkpoint, device="cpu"):

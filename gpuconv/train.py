@@ -31,18 +31,18 @@ from .data.loader import to_float_batch
 from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .ops.loss import check_labels
-from .models import MODEL_TITLES, MODELS, build_model
+from .models import MODEL_TITLES, MODELS, build_model, parse_widths, simplecnn_widths_of
 from .cli import HelpFormatter
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
                 limit_test=None, checkpoint=None, resume=False, checkpoint_every=0,
                 activation="relu", pool="max", dataset="mnist", model="lenet5", augment=None,
-                crop_padding=None, random_erasing=None, label_smoothing=0.0)
+                crop_padding=None, random_erasing=None, label_smoothing=0.0, widths=None)
 DEFAULTS.update(distributed=False)  # --distributed: gpuconv/distributed.py, issue 19
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("seed", "batch_size", "activation", "pool", "optimizer", "dataset", "model", "augment",
-               "crop_padding", "random_erasing", "label_smoothing")
+               "crop_padding", "random_erasing", "label_smoothing", "widths")
 
 # On a GPU the loss and the correct count stay on the device and are read back (one blocking sync)
 # every LOG_EVERY steps and at the end of an epoch, not after every step.
@@ -158,9 +158,9 @@ class Trainer:
         info = dataset_info(c["dataset"])
         if c["augment"] is None:
             c["augment"] = info.augment
+        crop_given = c["crop_padding"] is not None
         if c["crop_padding"] is None:
             c["crop_padding"] = info.crop_padding
-        crop_given = c["crop_padding"] is not None
         erasing_given = c["random_erasing"] is not None
         if c["random_erasing"] is None:
             c["random_erasing"] = info.random_erasing
@@ -181,8 +181,14 @@ class Trainer:
                                 f"does not augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
             raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
+        if c["widths"] is not None and c["model"] != "simplecnn":
+            raise ArgumentError(f"widths: sets SimpleCNN's block widths (--model simplecnn), "
+                                f"and this run trains {c['model']}; drop --widths")
         self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,
-                                 seed=c["seed"], activation=c["activation"], pool=c["pool"]).to(self.device)
+                                 seed=c["seed"], activation=c["activation"], pool=c["pool"],
+                                 widths=None if c["widths"] is None else tuple(c["widths"])).to(self.device)
+        # kept as the model has them, so that the checkpoint says which SimpleCNN it holds
+        c["widths"] = list(self.model.widths) if c["model"] == "simplecnn" else None
         self.net = compile_model(self.model)  # the CPU executor where it applies, eager elsewhere
         self.optimizer = build_optimizer(c["optimizer"], self.model.parameters(), c["lr"], c["momentum"],
                                          c["weight_decay"])
@@ -236,6 +242,11 @@ class Trainer:
         saved = meta.get("config", {})
         # checkpoints from before the zoo, and from before --random-erasing (which then erased nothing)
         saved = dict(dict(dataset="mnist", model="lenet5", random_erasing=0.0), **saved)
+        if "widths" not in saved:  # from before the config recorded them: the weights tell
+            saved["widths"] = None
+            if saved["model"] == "simplecnn":
+                widths = simplecnn_widths_of(model_state)
+                saved["widths"] = None if widths is None else list(widths)
         for key in RESUME_KEYS:
             if key in saved and saved[key] != self.config[key]:
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
@@ -427,6 +438,8 @@ def build_parser():
                    help="with --augment: erase one random rectangle of each training image with probability P "
                         "(Zhong et al. 2017; default: " + ", ".join(
                             f"{info.random_erasing:g} for {name}" for name, info in DATASETS.items()) + ")")
+    p.add_argument("--widths", type=parse_widths, default=None, metavar="W1,W2,...",
+                   help="--model simplecnn only: the channels of its 1 to 4 conv blocks (default 32,64,128)")
     p.add_argument("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"],
                    help="cross-entropy against (1 - e) one-hot + e / classes (default 0)")
     p.add_argument("--device", default=DEFAULTS["device"], help="auto (cuda if available), cpu, cuda or cuda:N")

@@ -122,3 +122,12 @@ def test_summary_command_prints_resnet20_block_by_block(capsys):
     assert "(64, 8, 8)" in text and "269,722" in text and "input (1, 3, 32, 32)" in text
     assert summary_main([]) == 0
     assert "61,706" in capsys.readouterr().out  # the default is still LeNet-5 on 1x28x28
+
+
+def test_summary_command_takes_simplecnn_widths(capsys):
+    assert summary_main(["--model", "simplecnn", "--dataset", "fashion-mnist", "--widths", "48,96,192"]) == 0
+    text = capsys.readouterr().out
+    expected = SimpleCNN(1, 10, 28, widths=(48, 96, 192)).num_parameters()
+    assert f"{expected:,}" in text and "(192, 3, 3)" in text
+    with pytest.raises(ArgumentError, match="--widths: sets SimpleCNN's block widths, and --model is resnet8"):
+        summary_main(["--model", "resnet8", "--widths", "8"])

@@ -150,3 +150,48 @@ def test_random_erasing_without_augmentation_is_refused_not_ignored(dataset, aug
     code = cli.main(["train", "--dataset", dataset, "--random-erasing", "0.5", "--data-dir", "/nonexistent"]
                     + (["--no-augment"] if augment is False else []))
     assert code == 1
+
+
+def test_simplecnn_widths_from_the_command_line_are_saved_resumed_and_shown(cifar_tarball, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="show needs the plot extra")
+    checkpoint = tmp_path / "wide.npz"
+    args = ["--dataset", "cifar10", "--model", "simplecnn", "--device", "cpu", "--batch-size", "16",
+            "--limit-train", "32", "--limit-test", "16", "--data-dir", str(cifar_tarball), "--checkpoint", str(checkpoint)]
+    assert train.main(args + ["--epochs", "1", "--widths", "8,12"]) == 0
+    assert "training SimpleCNN (" in capsys.readouterr().out
+    state, _, meta = load_checkpoint(checkpoint)
+    assert meta["config"]["widths"] == [8, 12] and state["conv2.weight"].shape == (12, 8, 3, 3)
+    assert "conv3.weight" not in state
+    # resuming asks for the same widths, named in the error; given, the run continues
+    with pytest.raises(CheckpointError, match=r"widths=\[8, 12\].*widths=\[32, 64, 128\]"):
+        train.Trainer(dict(dataset="cifar10", model="simplecnn", device="cpu", data_dir=str(cifar_tarball),
+                           batch_size=16, checkpoint=str(checkpoint), resume=True), log=lambda *_: None)
+    assert train.main(args + ["--epochs", "2", "--widths", "8,12", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert cli.main(["show", "--checkpoint", str(checkpoint), "--data-dir", str(cifar_tarball),
+                     "--out", str(tmp_path / "pictures")]) == 0
+    # a checkpoint written before the config had widths: they are read from its weights
+    from gpuconv.checkpoint import save_checkpoint
+    from gpuconv.models import SimpleCNN
+    from gpuconv import optim
+    old = tmp_path / "old.npz"
+    model = SimpleCNN(3, 10, 32, widths=(8, 12))
+    meta = dict(meta, config={k: v for k, v in meta["config"].items() if k != "widths"})
+    save_checkpoint(old, model, optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), meta)
+    with pytest.raises(CheckpointError, match=r"widths=\[8, 12\].*widths=\[32, 64, 128\]"):
+        train.Trainer(dict(dataset="cifar10", model="simplecnn", device="cpu", data_dir=str(cifar_tarball),
+                           batch_size=16, checkpoint=str(old), resume=True), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "lenet5", "--widths", "8,12"], "widths: sets SimpleCNN's block widths"),
+    (["--model", "simplecnn", "--widths", "8,0"], "argument --widths: expected 1 to 4 positive ints"),
+    (["--model", "simplecnn", "--widths", "1,2,3,4,5"], "argument --widths: expected 1 to 4 positive ints"),
+    (["--model", "simplecnn", "--widths", "eight"], "argument --widths: expected 1 to 4 positive ints")])
+def test_bad_widths_are_refused_naming_the_option(argv, expected, capsys):
+    try:
+        code = cli.main(["train", "--data-dir", "/nonexistent", "--dataset", "cifar10"] + argv)
+    except SystemExit as exit:  # argparse's own usage error
+        code = exit.code
+    assert code in (1, 2)
+    assert expected in capsys.readouterr().err
