@@ -68,10 +68,11 @@ class SimpleCNN(nn.Sequential):
     The default, three blocks of widths (32, 64, 128) and hidden 128, was chosen for Fashion-MNIST on a
     held-out part of its training set over two blocks (32, 64): the third block at 7x7 costs little
     and leaves a 128 x 3 x 3 map for the first Linear instead of 64 x 7 x 7, fewer weights to overfit
-    (docs/performance.md, "Choosing the Fashion-MNIST recipe")."""
+    (docs/performance.md, "Choosing the Fashion-MNIST recipe"). dropout > 0 puts an nn.Dropout of that
+    p before the last Linear (no parameters: a checkpoint loads with or without it)."""
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28, widths=(32, 64, 128), hidden=128, seed=0,
-                 dtype=np.float32):
+                 dtype=np.float32, dropout=0.0):
         _check_positive_int(in_channels, "in_channels", "SimpleCNN")
         widths = tuple(_check_positive_int(w, "widths entry", "SimpleCNN") for w in widths)
         if not 1 <= len(widths) <= 4:
@@ -97,6 +98,9 @@ class SimpleCNN(nn.Sequential):
             self.add("fc1", nn.Linear(features, hidden, rng=rng, dtype=dtype))
             self.add(f"relu{len(widths) + 1}", nn.ReLU())
             features = hidden
+        if dropout:  # before the classifier, as in AlexNet and VGG; no parameters, nothing saved
+            self.add("drop", nn.Dropout(dropout, seed=seed))
+        self.fc_dropout = float(dropout)
         self.add("fc", nn.Linear(features, num_classes, init="glorot", rng=rng, dtype=dtype))
         self.feature_layers = {f"block{i}": f"relu{i}" for i in (1, 2) if i <= len(widths)}
 

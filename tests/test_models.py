@@ -131,3 +131,18 @@ def test_summary_command_takes_simplecnn_widths(capsys):
     assert f"{expected:,}" in text and "(192, 3, 3)" in text
     with pytest.raises(ArgumentError, match="--widths: sets SimpleCNN's block widths, and --model is resnet8"):
         summary_main(["--model", "resnet8", "--widths", "8"])
+
+
+def test_simplecnn_dropout_before_the_classifier_drops_in_training_only():
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    plain, dropped = SimpleCNN(seed=3), SimpleCNN(seed=3, dropout=0.5)
+    assert dropped.num_parameters() == plain.num_parameters()
+    assert list(dropped.state_dict()) == list(plain.state_dict())  # a checkpoint loads either way
+    names = [name for name, _ in dropped.named_children()]
+    assert names[-2:] == ["drop", "fc"] and "drop" not in [name for name, _ in plain.named_children()]
+    plain.eval(), dropped.eval()
+    np.testing.assert_array_equal(dropped(x).data, plain(x).data)  # eval: the identity
+    plain.train(), dropped.train()
+    assert not np.allclose(dropped(x).data, plain(x).data)
+    with pytest.raises(ArgumentError, match="Dropout p: expected 0 <= p < 1, got 1.0"):
+        SimpleCNN(dropout=1.0)

@@ -34,7 +34,7 @@ def build_data(config):
 
 def build_model(name, in_channels=1, num_classes=10, image_size=28, seed=0, **_):
     return M.SimpleCNN(in_channels, num_classes, image_size, widths=tuple(model_spec["widths"]),
-                       hidden=model_spec.get("hidden", 128), seed=seed)
+                       hidden=model_spec.get("hidden", 128), seed=seed, dropout=model_spec.get("dropout", 0.0))
 
 
 T.build_data = build_data  # the held-out split stands in for the test set
