@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpuconv import ops
+from gpuconv.cuda import emulation
+
 CASES_FILE = Path(__file__).parent / "emulator_kernels" / "emulation_cases.py"
 _spec = importlib.util.spec_from_file_location("emulation_cases", CASES_FILE)
 cases = importlib.util.module_from_spec(_spec)
@@ -45,6 +48,25 @@ CONV_WIDE = {
 def test_backward_data_reaches_the_second_channel_tile(case):
     # conv2d_backward_data_direct tiles input channels by TILE_K (grid.y, c0 = blockIdx.y * 16): only
     # more than 16 channels per group reach c0 > 0, where the weight tile must load channel c0 + ty.
+    check_conv(case, algos=("direct",))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv: a reduction whose last tile holds one row
+
+
+CONV_LAST_ROW = {
+    "R1": ((2, 1, 5, 6), (3, 1, 1, 1), 1, 0, 1, 1),              # R = 1: the only tile has one row
+    "R17": ((2, 17, 5, 6), (5, 17, 1, 1), 1, 0, 1, 1),           # R = 17 = TILE_R + 1
+    "R33-groups2": ((1, 22, 6, 5), (4, 11, 3, 1), 1, (1, 0), 1, 2),  # R = 11*3 = 33 per group
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_LAST_ROW.values()), ids=list(CONV_LAST_ROW))
+def test_forward_direct_reaches_a_last_tile_of_one_row(case):
+    # The forward walks its reduction (C/groups * KH * KW rows) TILE_R = 16 rows at a time: only
+    # R = 16k + 1 makes the last tile a single row, the one a loop bound off by one (r0 < R - 1)
+    # drops. The other fixed cases have R = 2, 9, 12, 25, 27, 150 in the forward.
     check_conv(case, algos=("direct",))
 
 
@@ -98,6 +120,48 @@ def test_lp_pool_backward_gives_zero_for_a_window_that_sums_to_zero():
     x[0, 0, 2:4, 2:4] = 0.0    # one whole window of zeros
     x[0, 1, :2, :] = 0.0       # a row of windows of zeros
     check_pool(case, x=x)
+
+
+def lp_pool_with_padding(x, dy, p, kernel, stride, padding):
+    """{"y", "dx"} of the LP kernels launched with padding, through pool_cuda's launcher (which passes
+    padding for every mode) on the emulated device."""
+    from gpuconv.ops import pool_cuda
+    with cases.nan_filled_empty(), emulation():
+        y = pool_cuda.pool2d_forward("lp", x, kernel, stride, padding, p, True)
+        dx = pool_cuda.pool2d_backward("lp", dy, x, kernel, stride, padding, p, True)
+    return {"y": np.array(y), "dx": np.array(dx)}
+
+
+LP_PADDED_CASES = {
+    # x shape, kernel, stride, padding (int pairs: what the launcher takes), norm_type, signed input
+    "pad-h": ((2, 2, 7, 6), (3, 2), (2, 1), (1, 0), 2.0, True),
+    "pad-w": ((2, 2, 6, 7), (2, 3), (1, 2), (0, 1), 2.0, True),
+    "pad-h-p1.5": ((1, 3, 6, 5), (3, 2), (1, 1), (1, 0), 1.5, False),
+    "pad-w-p1.5": ((1, 3, 5, 6), (2, 3), (1, 1), (0, 1), 1.5, False),
+}
+
+
+@pytest.mark.parametrize("name", list(LP_PADDED_CASES))
+def test_lp_pool_kernels_with_padding_on_one_axis(name):
+    # lp_pool2d has no padding (PyTorch's has none either), but the LP kernels take pad_h and pad_w
+    # like the max and average kernels and pool_cuda's launcher passes them for every mode: with
+    # padding 0 on both axes a slip that takes one axis's padding for the other, or starts a window
+    # at row/column -1, is invisible. Zero padding adds 0^p = 0 to a window's sum, so the reference
+    # is the public NumPy op on the zero-padded input (its gradient cropped back to x).
+    shape, kernel, stride, padding, p, signed = LP_PADDED_CASES[name]
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape)
+    if not signed:  # a non-integer power of a negative number has no real value
+        x = np.abs(x) + 0.1
+    ph, pw = padding
+    x_padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    y = ops.lp_pool2d(x_padded, p, kernel, stride)
+    dy = rng.standard_normal(y.shape)
+    dx = ops.lp_pool2d_backward(dy, x_padded, p, kernel, stride)[..., ph:ph + shape[2], pw:pw + shape[3]]
+    if signed:
+        assert (x < 0).any() and (x > 0).any()
+    bad = cases.mismatches(lp_pool_with_padding(x, dy, p, kernel, stride, padding), {"y": y, "dx": dx}, F64)
+    assert not bad, f"lp pool {name}: {bad} differ from the NumPy path on the zero-padded input"
 
 
 # ---------------------------------------------------------------------------------------------
