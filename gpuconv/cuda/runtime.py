@@ -348,13 +348,18 @@ def gemm(xp, a, b, out, transa=False, transb=False, beta=0.0, op_name="gemm", sh
             if emulation_enabled():
                 from . import emulated_devices
                 _check_emulated_arguments((a, b, out), op_name)
-                emulated_devices.record("launch", 0, "gemm")
+                emulated_devices.record("launch", a.nbytes + b.nbytes + out.nbytes * (2 if beta else 1), "gemm",
+                                        flops=2 * out.size * (a.shape[0] if transa else a.shape[1]))
+                # plain views: the GEMM is the one launch recorded, not NumPy's ops that emulate it
+                a, b, out_plain = (x.view(xp.ndarray) for x in (a, b, out))
+            else:
+                out_plain = out
             op_a, op_b = (a.T if transa else a), (b.T if transb else b)
             if beta:
-                out *= out.dtype.type(beta)
-                out += xp.matmul(op_a, op_b)
+                out_plain *= out.dtype.type(beta)
+                out_plain += xp.matmul(op_a, op_b)
             else:
-                xp.matmul(op_a, op_b, out=out)
+                xp.matmul(op_a, op_b, out=out_plain)
             return out
         from cupy import cublas
         cublas.gemm("T" if transa else "N", "T" if transb else "N", a, b, out=out, beta=beta)
