@@ -5,7 +5,7 @@ what the pair's backward needs (a pool keeps its input, ReLU its output), the ba
 pair and returns one gradient per input. Inputs may be Tensors or plain arrays (constants).
 """
 from . import ops
-from .backend import get_array_module
+from .backend import get_array_module, uses_cuda_kernels
 from .autograd import Function, Tensor, as_tensor, cat  # noqa: F401  (cat is re-exported)
 from .errors import ArgumentError
 
@@ -48,8 +48,32 @@ class _PoolFunction(Function):
         return self.backward_op(dy, self.x, *self.args)
 
 
+class _SavingPoolFunction(_PoolFunction):
+    """Max and Lp pooling on a GPU keep what their backward would otherwise recompute: the max
+    forward's argmax indices, the Lp forward's output. The CPU path keeps only x, as before."""
+
+    def __init__(self, forward, backward, saved_name, *args):
+        super().__init__(forward, backward, *args)
+        self.saved_name = saved_name
+
+    def forward(self, x):
+        self.x, self.saved = x, None
+        if not uses_cuda_kernels(x):
+            return self.forward_op(x, *self.args)
+        if self.saved_name == "indices":
+            y, self.saved = self.forward_op(x, *self.args, return_indices=True)
+        else:
+            y = self.saved = self.forward_op(x, *self.args)
+        return y
+
+    def backward(self, dy):
+        if self.saved is None:
+            return self.backward_op(dy, self.x, *self.args)
+        return self.backward_op(dy, self.x, *self.args, **{self.saved_name: self.saved})
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0):
-    return _PoolFunction(ops.max_pool2d, ops.max_pool2d_backward, kernel_size, stride, padding)(x)
+    return _SavingPoolFunction(ops.max_pool2d, ops.max_pool2d_backward, "indices", kernel_size, stride, padding)(x)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
@@ -59,8 +83,9 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
 
 def lp_pool2d(x, norm_type, kernel_size, stride=None):
     """(sum of x^p over each window)^(1/p); norm_type=2 is L2 pooling."""
-    return _PoolFunction(lambda x, *a: ops.lp_pool2d(x, norm_type, *a),
-                         lambda dy, x, *a: ops.lp_pool2d_backward(dy, x, norm_type, *a), kernel_size, stride)(x)
+    return _SavingPoolFunction(lambda x, *a: ops.lp_pool2d(x, norm_type, *a),
+                               lambda dy, x, *a, **saved: ops.lp_pool2d_backward(dy, x, norm_type, *a, **saved),
+                               "y", kernel_size, stride)(x)
 
 
 class AdaptiveAvgPool2dFunction(Function):

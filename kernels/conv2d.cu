@@ -7,7 +7,8 @@
 //   im2col  im2col / col2im below around cuBLAS GEMMs issued from Python.
 // Every reduction runs in a fixed order (no atomics), so results are bit-identical run to run.
 // Offsets into arrays are long long (N*C*H*W passes 2^31 for realistic batches); per-plane and
-// per-batch counts stay int so the inner loops need no 64-bit division.
+// per-batch counts stay int so the inner loops need no 64-bit division. Grid-stride loop counters
+// are long long: counter + stride overflows an int once the count passes 2^30, though it fits.
 
 // Implicit-GEMM tile: a block of 16x16 threads computes TILE_P output pixels x TILE_K output channels,
 // each thread PIXELS_PER_THREAD pixels of one channel; the reduction walks TILE_R rows at a time.
@@ -60,9 +61,9 @@ __global__ void conv2d_forward_direct(
     const int tid = ty * blockDim.x + tx;
     const int p0 = blockIdx.x * TILE_P;
     const int k0 = blockIdx.y * TILE_K;
-    for (int ng = blockIdx.z; ng < N * groups; ng += gridDim.z) {
-        const int n = ng / groups;
-        const int g = ng % groups;
+    for (long long ng = blockIdx.z; ng < (long long)N * groups; ng += gridDim.z) {
+        const int n = (int)(ng / groups);
+        const int g = (int)(ng % groups);
         const T* x_n = x + ((long long)n * C + (long long)g * Cg) * H * W;
         const T* w_g = w + (long long)g * Kg * R;
 
@@ -144,9 +145,9 @@ __global__ void conv2d_backward_data_direct(
     const int tid = ty * blockDim.x + tx;
     const int q0 = blockIdx.x * TILE_P;
     const int c0 = blockIdx.y * TILE_K;
-    for (int ng = blockIdx.z; ng < N * groups; ng += gridDim.z) {
-        const int n = ng / groups;
-        const int g = ng % groups;
+    for (long long ng = blockIdx.z; ng < (long long)N * groups; ng += gridDim.z) {
+        const int n = (int)(ng / groups);
+        const int g = (int)(ng % groups);
         const T* dy_n = dy + ((long long)n * K + (long long)g * Kg) * P;
         const T* w_g = w + (long long)g * Kg * Cg * taps;
 
@@ -230,7 +231,7 @@ __global__ void conv2d_backward_filter_direct(
     const int P = OH * OW;
     const int weight_count = K * Cg * taps;
 
-    for (int e = blockIdx.x; e < weight_count; e += gridDim.x) {
+    for (long long e = blockIdx.x; e < weight_count; e += gridDim.x) {
         const int k = e / (Cg * taps);
         const int c = (e / taps) % Cg;
         const int kh = (e % taps) / KW;
@@ -269,7 +270,7 @@ __global__ void conv2d_backward_bias(
 {
     __shared__ T partial[REDUCE_THREADS];
 
-    for (int k = blockIdx.x; k < K; k += gridDim.x) {
+    for (long long k = blockIdx.x; k < K; k += gridDim.x) {
         int n = threadIdx.x / P;
         int p = threadIdx.x % P;
         T sum = T(0);
@@ -299,16 +300,18 @@ __global__ void im2col(
     int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w)
 {
     const int P = OH * OW;
-    const int lines = C * KH * KW * N;
-    for (int line = blockIdx.y; line < lines; line += gridDim.y) {
-        const int n = line % N;
-        const int row = line / N;
+    const long long lines = (long long)C * KH * KW * N;
+    for (long long line = blockIdx.y; line < lines; line += gridDim.y) {
+        const int n = (int)(line % N);
+        const int row = (int)(line / N);
         const int kw = row % KW;
         const int kh = (row / KW) % KH;
         const int c = row / (KH * KW);
         const T* x_plane = x + ((long long)n * C + c) * H * W;
-        T* col_line = col + (long long)line * P;
-        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += blockDim.x * gridDim.x) {
+        T* col_line = col + line * P;
+        for (long long p_index = (long long)blockIdx.x * blockDim.x + threadIdx.x; p_index < P;
+             p_index += (long long)blockDim.x * gridDim.x) {
+            const int p = (int)p_index;
             const int ih = (p / OW) * stride_h - pad_h + kh * dil_h;
             const int iw = (p % OW) * stride_w - pad_w + kw * dil_w;
             T value = T(0);
@@ -330,12 +333,13 @@ __global__ void col2im(
     int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w)
 {
     const int P = OH * OW;
-    for (int plane = blockIdx.y; plane < N * C; plane += gridDim.y) {
-        const int n = plane / C;
-        const int c = plane % C;
-        T* dx_plane = dx + (long long)plane * H * W;
-        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < H * W;
-             pixel += blockDim.x * gridDim.x) {
+    for (long long plane = blockIdx.y; plane < (long long)N * C; plane += gridDim.y) {
+        const int n = (int)(plane / C);
+        const int c = (int)(plane % C);
+        T* dx_plane = dx + plane * H * W;
+        for (long long pixel_index = (long long)blockIdx.x * blockDim.x + threadIdx.x; pixel_index < H * W;
+             pixel_index += (long long)blockDim.x * gridDim.x) {
+            const int pixel = (int)pixel_index;
             const int ih = pixel / W;
             const int iw = pixel % W;
             T sum = T(0);

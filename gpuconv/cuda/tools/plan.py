@@ -86,14 +86,16 @@ def _pool_rows(name, batch, x_chw, kernel, stride, padding, itemsize):
     y_elems = batch * x_chw[0] * oh * ow
     args = ((kernel, kernel), (stride, stride), (padding, padding), 0.0, True)
     with recorded_launches() as forward:
-        pool_cuda.pool2d_forward("max", x, *args)
+        _, indices = pool_cuda.pool2d_forward("max", x, *args, return_indices=True)
     with recorded_launches() as backward:
-        pool_cuda.pool2d_backward("max", np.zeros((batch, x_chw[0], oh, ow), np.float32), x, *args)
+        pool_cuda.pool2d_backward("max", np.zeros((batch, x_chw[0], oh, ow), np.float32), x, *args,
+                                  saved=indices)
     compares = y_elems * kernel * kernel
+    # the forward writes y and the int32 argmax; the backward reads dy and the argmax, writes dx
     return [dict(call=f"{name} max forward", algo="-", launches=forward, flops=compares,
-                 bytes=(x.size + y_elems) * itemsize),
-            dict(call=f"{name} max backward", algo="-", launches=backward, flops=compares,
-                 bytes=(2 * x.size + y_elems) * itemsize)]
+                 bytes=(x.size + y_elems) * itemsize + y_elems * 4),
+            dict(call=f"{name} max backward", algo="-", launches=backward, flops=y_elems,
+                 bytes=(x.size + y_elems) * itemsize + y_elems * 4)]
 
 
 def lenet_plan(batch=128, itemsize=4):

@@ -1,0 +1,93 @@
+"""Issue 17 (performance on a GPU, shown without one): the step's kernels under emulation. Max
+pooling saves its argmax indices and the backward reads them; grid-stride loops count in 64 bits;
+filter and bias gradients are two-pass deterministic reductions; the optimizer is one fused launch
+over a flat parameter buffer; a step after the first allocates nothing and reads nothing back."""
+import re
+
+import numpy as np
+import pytest
+
+from gpuconv import functional as F
+from gpuconv import ops
+from gpuconv.autograd import Tensor
+from gpuconv.backend import to_device
+from gpuconv.cuda import emulated_devices, emulation
+from gpuconv.cuda import runtime
+from gpuconv.errors import ArgumentError
+
+
+def _launches(events):
+    return [e.what.split("<")[0] for e in events if e.kind == "launch"]
+
+
+def test_max_pool_backward_reads_the_saved_indices_not_x():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 2, 3)).astype(np.float32)
+    with emulation():
+        y, indices = ops.max_pool2d(x, 2, 2, return_indices=True)
+        assert indices.dtype == np.int32 and indices.shape == y.shape
+        planes = x.reshape(6, -1)
+        np.testing.assert_array_equal(np.take_along_axis(planes, indices.reshape(6, -1), 1).reshape(y.shape), y)
+        # indices that name every window's bottom-right pixel, and an x full of NaN: the gradient
+        # follows the indices, so the backward never looked at x
+        oh, ow = np.meshgrid(np.arange(2), np.arange(3), indexing="ij")
+        corner = np.broadcast_to(((2 * oh + 1) * 6 + 2 * ow + 1).astype(np.int32), y.shape).copy()
+        dx = ops.max_pool2d_backward(dy, np.full_like(x, np.nan), 2, 2, indices=corner)
+    expected = np.zeros_like(x)
+    expected[:, :, 1::2, 1::2] = dy
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_max_pool_indices_match_the_numpy_rule_with_ties_overlap_and_padding():
+    x = np.zeros((1, 2, 5, 5), np.float32)  # all ties: the first of each window wins
+    x[0, 1, 2, 2] = np.nan
+    expected = ops.max_pool2d(x, 3, 2, 1, return_indices=True)[1]
+    with emulation():
+        got = ops.max_pool2d(x, 3, 2, 1, return_indices=True)[1]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_max_pool_backward_on_the_device_is_one_launch_without_the_forward():
+    rng = np.random.default_rng(1)
+    with emulation(devices=1):
+        x = Tensor(to_device(rng.standard_normal((2, 3, 6, 6)).astype(np.float32), "cuda:0"), requires_grad=True)
+        y = F.max_pool2d(x, 2)
+        with emulated_devices.recording() as events:
+            y.sum().backward()
+    launches = [name for name in _launches(events) if "pool" in name]
+    assert launches == ["max_pool2d_backward"], launches
+
+
+def test_pool_refuses_an_output_plane_past_the_kernels_32_bit_range():
+    from gpuconv.ops import pool_cuda
+    # H*W fits an int, OH*OW (one more row and column with padding 1, kernel 2, stride 1) does not
+    with pytest.raises(ArgumentError, match=r"OH\*OW = 2147534622"):
+        pool_cuda._sizes((1, 1, 46340, 46341), (2, 2), (1, 1), (1, 1))
+    assert pool_cuda._sizes((1, 1, 46340, 46340), (2, 2), (2, 2), (0, 0))[3:] == (23170, 23170)
+
+
+_FOR = re.compile(r"for\s*\(\s*([A-Za-z_][\w ]*?)\s+(\w+)\s*=[^;]*;[^;]*;((?:[^()]|\([^()]*\))*)\)")
+
+
+def grid_stride_counters(source):
+    """(type, name) of every loop in a kernel source whose step involves gridDim, macros included."""
+    text = runtime.read_source(source) if source.endswith(".cu") else source
+    text = re.sub(r"//[^\n]*", "", text).replace("\\\n", " ")
+    return [(kind.strip(), name) for kind, name, step in _FOR.findall(text) if "gridDim" in step]
+
+
+@pytest.mark.parametrize("source", sorted(runtime.KERNELS))
+def test_every_grid_stride_loop_counts_in_64_bits(source):
+    """counter + gridDim*blockDim passes 2^31 once a count passes 2^30, although the count itself
+    fits an int: an int counter wraps negative and the loop runs on (or reads out of bounds)."""
+    counters = grid_stride_counters(source)
+    assert counters, f"{source}: no grid-stride loop found; the pattern no longer matches the source"
+    narrow = [c for c in counters if c[0] != "long long"]
+    assert not narrow, f"{source}: grid-stride loops with a 32-bit counter: {narrow}"
+
+
+def test_the_counter_check_sees_an_int_counter():
+    bad = ("for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += (int)blockDim.x * gridDim.x) {}\n"
+           "#define EACH(i) for (unsigned i = threadIdx.x; i < n; \\\n i += blockDim.x * gridDim.x)")
+    assert grid_stride_counters(bad) == [("int", "p"), ("unsigned", "i")]
