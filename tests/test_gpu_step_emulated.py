@@ -91,3 +91,43 @@ def test_the_counter_check_sees_an_int_counter():
     bad = ("for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += (int)blockDim.x * gridDim.x) {}\n"
            "#define EACH(i) for (unsigned i = threadIdx.x; i < n; \\\n i += blockDim.x * gridDim.x)")
     assert grid_stride_counters(bad) == [("int", "p"), ("unsigned", "i")]
+
+
+def _conv_gradients(x, w, dy, padding, algo, order="forward"):
+    with emulation(order=order, seed=3):
+        _, dw, db = ops.conv2d_backward(dy, x, w, padding=padding, algo=algo, need_dx=False)
+    return dw, db
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_filter_and_bias_gradients_are_two_pass_and_bit_identical_in_every_order(algo):
+    """LeNet's conv1 at batch 4: 3136 products per sum, split over several slices (pass 1 writes a
+    workspace of slices x (weights + biases), pass 2 adds each column in slice order); every run and
+    every thread order gives the same bits, and NumPy's values to float32 rounding."""
+    from gpuconv.ops import conv_cuda
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    w = rng.standard_normal((6, 1, 5, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 6, 28, 28)).astype(np.float32)
+    with emulation(devices=1), emulated_devices.recording() as events:
+        _conv_gradients(to_device(x, "cuda:0"), to_device(w, "cuda:0"), to_device(dy, "cuda:0"), 2, algo)
+    partial = [e for e in events if e.kind == "alloc" and "partial" in e.what]
+    slices = conv_cuda._slices(4 * 28 * 28, 6 * 2 if algo == "direct" else 6)
+    assert slices > 1 and len(partial) == 1
+    assert partial[0].nbytes == slices * ((6 * 25 + 6) if algo == "direct" else 6) * 4
+    names = _launches(events)
+    assert names.count("reduce_slices") == 1 and not any(n.startswith("atomic") for n in names)
+    runs = [_conv_gradients(x, w, dy, 2, algo, order) for order in ("forward", "reverse", "random", "random")]
+    for dw, db in runs[1:]:
+        assert dw.tobytes() == runs[0][0].tobytes() and db.tobytes() == runs[0][1].tobytes()
+    _, dw_ref, db_ref = ops.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                                            padding=2, need_dx=False)
+    np.testing.assert_allclose(runs[0][0], dw_ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(runs[0][1], db_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_slices_depend_on_the_shape_alone_and_stay_in_the_grid():
+    from gpuconv.ops import conv_cuda
+    assert conv_cuda._slices(100, 12) == 1  # fewer items than one block's threads
+    assert conv_cuda._slices(128 * 784, 12) == -(-conv_cuda.REDUCTION_BLOCKS // 12)
+    assert conv_cuda._slices(10**12, 1) <= 65535

@@ -6,8 +6,8 @@ allocates there (runtime.empty: CuPy on a GPU, the emulator's metered buffers un
 no activation is ever copied to the host and cuda:N works for any N.
 
 Two algorithms:
-  direct  implicit GEMM tiled through shared memory; no workspace. Filter and bias gradients are
-          block-per-element reductions in a fixed order.
+  direct  implicit GEMM tiled through shared memory. Filter and bias gradients are two-pass
+          reductions: partial sums per block into a small workspace, then one fixed-order sum each.
   im2col  im2col -> one 2-D cuBLAS GEMM per group over the whole batch chunk -> (col2im for dx).
           Transposes are GEMM flags, never copies (CuPy's 3-D matmul would make its operands
           contiguous, copying the whole column buffer). Needs a column buffer of C*KH*KW*N*OH*OW
@@ -33,6 +33,10 @@ TILE_K = source_constant(SOURCE, "TILE_K")
 _TILE_SIDE = int(round(source_constant(SOURCE, "TILE_THREADS") ** 0.5))
 TILE_BLOCK = (_TILE_SIDE, _TILE_SIDE, 1)
 REDUCE_THREADS = source_constant(SOURCE, "REDUCE_THREADS")
+FILTER_TAPS = source_constant(SOURCE, "FILTER_TAPS")
+# Pass 1 of the gradient reductions aims at this many blocks: a few per SM of a large GPU (132 on
+# an H100). A constant, not the GPU's SM count, so that the sums (and their bits) are device-independent.
+REDUCTION_BLOCKS = 512
 ELEMENTWISE_THREADS = 256
 MAX_GRID_YZ = 65535
 
@@ -83,13 +87,18 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, 
             dx = zeros(xp, x.shape, x.dtype, "dx") if need_dx else None
             db = zeros(xp, (w.shape[0],), x.dtype, "db") if need_bias else None
             return dx, zeros(xp, w.shape, x.dtype, "dw") if need_dw else None, db
+        if algo == "direct":
+            dx = _backward_data_direct(xp, dy, w, x.shape, geometry, shapes) if need_dx else None
+            dw, db = None, None
+            if need_dw:  # one reduction gives both
+                dw, db = _filter_and_bias_gradients(xp, dy, x, geometry, need_bias, shapes)
+            elif need_bias:
+                db = _bias_gradient(xp, dy, geometry, shapes)
+            return dx, dw, db
         db = _bias_gradient(xp, dy, geometry, shapes) if need_bias else None
         if not (need_dx or need_dw):
             return None, None, db
-        if algo == "direct":
-            dx, dw = _backward_direct(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
-        else:
-            dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
+        dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
     return dx, dw, db
 
 
@@ -153,29 +162,54 @@ def _forward_direct(xp, x, w, b, g, shapes):
     return y
 
 
-def _backward_direct(xp, dy, x, w, g, need_dx, need_dw, shapes):
-    dx = None
-    if need_dx:
-        dx = empty(xp, x.shape, x.dtype, "dx")
-        kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", x.dtype)
-        grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
-        launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
-               op_name="conv2d_backward data (direct)", shapes=shapes)
-    if not need_dw:
-        return dx, None
-    dw = empty(xp, w.shape, w.dtype, "dw")
-    kernel = get_kernel(SOURCE, "conv2d_backward_filter_direct", x.dtype)
-    launch(kernel, (w.size, 1, 1), (REDUCE_THREADS, 1, 1), (dy, x, dw) + g.scalars(),
+def _backward_data_direct(xp, dy, w, x_shape, g, shapes):
+    dx = empty(xp, x_shape, dy.dtype, "dx")
+    kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", dy.dtype)
+    grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
+    launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
+           op_name="conv2d_backward data (direct)", shapes=shapes)
+    return dx
+
+
+def _slices(items, blocks):
+    """How many ranges pass 1 of a gradient reduction splits the N*OH*OW items of each sum into:
+    enough for about REDUCTION_BLOCKS blocks in all, each thread at least one item. A function of
+    the shape alone, so the rounding (and the bits) are the same on every run and every GPU."""
+    by_blocks = _cdiv(REDUCTION_BLOCKS, max(1, blocks))
+    return int(max(1, min(by_blocks, _cdiv(items, REDUCE_THREADS), MAX_GRID_YZ)))
+
+
+def _filter_and_bias_gradients(xp, dy, x, g, need_bias, shapes):
+    """dw (and db) of the direct algorithm: conv2d_backward_filter_partial, then reduce_slices."""
+    pairs, tap_tiles = g.K * g.Cg, _cdiv(g.KH * g.KW, FILTER_TAPS)
+    slices = _slices(g.N * g.P, pairs * tap_tiles)
+    weights = g.K * g.R
+    count = weights + (g.K if need_bias else 0)
+    partial = empty(xp, (slices, count), x.dtype, "gradient partial sums")
+    launch(get_kernel(SOURCE, "conv2d_backward_filter_partial", x.dtype), (pairs, tap_tiles, slices),
+           (REDUCE_THREADS, 1, 1), (dy, x, partial) + g.scalars() + (np.int32(slices), np.int32(need_bias)),
            op_name="conv2d_backward filter (direct)", shapes=shapes)
-    return dx, dw
+    dw = empty(xp, (g.K, g.Cg, g.KH, g.KW), x.dtype, "dw")
+    db = empty(xp, (g.K,), x.dtype, "db") if need_bias else None
+    _reduce_slices(partial, dw, db if need_bias else dw, weights, count, slices, shapes)
+    return dw, db
+
+
+def _reduce_slices(partial, first, second, first_count, count, slices, shapes):
+    threads = _threads_for(count)
+    launch(get_kernel(SOURCE, "reduce_slices", partial.dtype), (_cdiv(count, threads), 1, 1), (threads, 1, 1),
+           (partial, first, second, np.int32(first_count), np.int32(count), np.int32(slices)),
+           op_name="conv2d_backward gradient sums", shapes=shapes)
 
 
 def _bias_gradient(xp, dy, g, shapes):
-    db = empty(xp, (g.K,), dy.dtype, "db")
-    kernel = get_kernel(SOURCE, "conv2d_backward_bias", dy.dtype)
-    launch(kernel, (g.K, 1, 1), (REDUCE_THREADS, 1, 1),
-           (dy, db, np.int32(g.N), np.int32(g.K), np.int32(g.P)),
+    slices = _slices(g.N * g.P, g.K)
+    partial = empty(xp, (slices, g.K), dy.dtype, "bias partial sums")
+    launch(get_kernel(SOURCE, "conv2d_backward_bias_partial", dy.dtype), (g.K, slices, 1), (REDUCE_THREADS, 1, 1),
+           (dy, partial, np.int32(g.N), np.int32(g.K), np.int32(g.P), np.int32(slices)),
            op_name="conv2d_backward bias", shapes=shapes)
+    db = empty(xp, (g.K,), dy.dtype, "db")
+    _reduce_slices(partial, db, db, g.K, g.K, slices, shapes)
     return db
 
 
