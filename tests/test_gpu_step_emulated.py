@@ -131,3 +131,98 @@ def test_slices_depend_on_the_shape_alone_and_stay_in_the_grid():
     assert conv_cuda._slices(100, 12) == 1  # fewer items than one block's threads
     assert conv_cuda._slices(128 * 784, 12) == -(-conv_cuda.REDUCTION_BLOCKS // 12)
     assert conv_cuda._slices(10**12, 1) <= 65535
+
+
+# ----- the fused optimizer over a flat parameter buffer -----
+
+def _model_and_grads(seed=0):
+    from gpuconv.models import LeNet5
+    model = LeNet5(seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in model.parameters()] for _ in range(3)]
+    return model, grads
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)),
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.5, weight_decay=1e-3)),
+    ("Adam", dict(lr=1e-3, weight_decay=1e-4)),
+])
+def test_the_fused_step_matches_the_numpy_optimizer(name, kwargs):
+    from gpuconv import optim
+    cpu_model, grads = _model_and_grads()
+    cpu = getattr(optim, name)(cpu_model.parameters(), **kwargs)
+    for step_grads in grads:
+        for p, g in zip(cpu_model.parameters(), step_grads):
+            p.grad = g.copy()
+        cpu.step()
+        cpu.lr *= 0.5  # a schedule between steps: the device reads the new lr
+    with emulation(devices=1):
+        gpu_model, _ = _model_and_grads()
+        gpu_model.to("cuda:0")
+        gpu = getattr(optim, name)(gpu_model.parameters(), **kwargs)
+        with emulated_devices.recording() as events:
+            for step_grads in grads:
+                for p, g in zip(gpu_model.parameters(), step_grads):
+                    p.grad = to_device(g, "cuda:0")
+                gpu.step()
+                gpu.lr *= 0.5
+        launches = _launches(events)
+        assert launches == [f"{name.lower()}_update"] * 3, launches
+        flat = gpu.flat.data
+        assert all(np.shares_memory(p.data, flat) for p in gpu_model.parameters())
+        state = gpu.state_dict()
+    for p_cpu, p_gpu in zip(cpu_model.parameters(), gpu_model.parameters()):
+        np.testing.assert_allclose(np.asarray(p_gpu.data), p_cpu.data, rtol=1e-6, atol=1e-7)
+    for key, value in cpu.state_dict().items():
+        np.testing.assert_allclose(state[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_the_flat_buffers_follow_a_replaced_parameter_and_a_missing_gradient_falls_back():
+    from gpuconv import optim
+    with emulation(devices=1):
+        model, grads = _model_and_grads()
+        model.to("cuda:0")
+        params = list(model.parameters())
+        opt = optim.SGD(params, lr=0.1, momentum=0.9)
+        for p, g in zip(params, grads[0]):
+            p.grad = to_device(g, "cuda:0")
+        opt.step()
+        first_flat = opt.flat
+        # load_state_dict replaces .data: the next step packs again, with the loaded values
+        state = {k: np.asarray(v) + 1 for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        for p, g in zip(params, grads[1]):
+            p.grad = to_device(g, "cuda:0")
+        expected = [np.asarray(p.data) - np.float32(0.1) * (0.9 * np.asarray(v) + g)
+                    for p, v, g in zip(params, first_flat.state_views["velocity"], grads[1])]
+        opt.step()
+        assert opt.flat is not first_flat
+        for p, want in zip(params, expected):
+            np.testing.assert_allclose(np.asarray(p.data), want, rtol=1e-6, atol=1e-6)
+        # a parameter without a gradient is skipped, as PyTorch does: the step goes parameter by parameter
+        before = np.asarray(params[0].data).copy()
+        for p, g in zip(params, grads[2]):
+            p.grad = to_device(g, "cuda:0")
+        params[0].grad = None
+        with emulated_devices.recording() as events:
+            opt.step()
+        assert "sgd_update" not in _launches(events)
+        np.testing.assert_array_equal(np.asarray(params[0].data), before)
+
+
+def test_backward_writes_gradients_into_the_flat_buffer():
+    from gpuconv import optim
+    from gpuconv.models import LeNet5
+    rng = np.random.default_rng(2)
+    with emulation(devices=1):
+        model = LeNet5(seed=0).to("cuda:0")
+        opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = to_device(rng.random((2, 1, 28, 28), dtype=np.float32), "cuda:0")
+        y = to_device(np.array([1, 2]), "cuda:0")
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert all(p.grad is view for p, view in zip(model.parameters(), opt.flat.grad_views))

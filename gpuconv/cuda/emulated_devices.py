@@ -150,6 +150,15 @@ class DeviceArray(np.ndarray):
         record("read", self.nbytes, "get", self.device_id)
         return np.array(self.view(np.ndarray), copy=True)
 
+    def set(self, host):
+        """Copy a host array into this one, like cupy.ndarray.set(): recorded as a write from the
+        host (it allocates nothing)."""
+        host = np.asarray(host)
+        if host.shape != self.shape:
+            raise ValueError(f"set: shape mismatch, {host.shape} into {self.shape}")
+        record("write", host.nbytes, "set", self.device_id)
+        self.view(np.ndarray)[...] = host
+
     # Each of these waits for the GPU and copies a value to the host: recorded, so a test can count
     # the blocking reads a training step makes.
     def item(self, *args):

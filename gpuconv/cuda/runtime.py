@@ -39,6 +39,7 @@ KERNELS = {
                   "conv2d_backward_bias_partial", "reduce_slices", "im2col", "col2im"),
     "pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
                   "lp_pool2d_forward", "lp_pool2d_backward"),
+    "optim.cu": ("sgd_update", "adam_update"),
 }
 
 
@@ -317,6 +318,15 @@ def empty(xp, shape, dtype, what="buffer"):
         from . import emulated_devices
         return emulated_devices.allocate(shape, dtype, what=what)
     return xp.empty(shape, dtype=dtype)
+
+
+def write_to_device(array, host):
+    """Copy the host array `host` into the existing device array `array` (same shape), allocating
+    nothing: cupy's ndarray.set, the emulated device's stand-in, or a plain copy for NumPy."""
+    if hasattr(array, "set"):
+        array.set(host)
+    else:
+        array[...] = host
 
 
 def zeros(xp, shape, dtype, what="buffer"):
