@@ -42,13 +42,15 @@ __device__ __forceinline__ T block_sum(T value, T* buffer)
     return buffer[0];
 }
 
-// y[n, g*Kg + k, p] = sum_r w[g*Kg + k, r] * x_col[n, g, r, p] + b, with x_col gathered on the fly.
+// y[n, g*Kg + k, p] = act(sum_r w[g*Kg + k, r] * x_col[n, g, r, p] + b), x_col gathered on the fly;
+// act is ReLU when relu != 0 (the epilogue of a conv followed by ReLU), else the identity.
 // grid: (ceil(OH*OW / TILE_P), ceil(Kg / TILE_K), min(N*groups, 65535)), block (16, 16).
 template<typename T>
 __global__ void conv2d_forward_direct(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
     int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups, int has_bias)
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups, int has_bias,
+    int relu)
 {
     __shared__ T x_tile[TILE_R][TILE_P];
     __shared__ T w_tile[TILE_R][TILE_K + 1];  // +1: the transposed store below hits distinct banks
@@ -116,7 +118,11 @@ __global__ void conv2d_forward_direct(
             for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
                 const int p = p0 + tx + j * 16;
                 if (p < P) {
-                    y_nk[p] = acc[j] + bias;
+                    T v = acc[j] + bias;
+                    if (relu && v < T(0)) {  // the fused ReLU epilogue; NaN stays NaN
+                        v = T(0);
+                    }
+                    y_nk[p] = v;
                 }
             }
         }
@@ -398,6 +404,32 @@ __global__ void im2col(
             }
             col_line[p] = value;
         }
+    }
+}
+
+// The im2col GEMM's channel-major output of a batch chunk, (K, n, OH*OW), into NCHW y (the chunk's
+// first sample at y), with the bias and, when relu != 0, ReLU: one pass instead of a transposing
+// copy, a bias add and an activation. Grid-stride over the chunk's n*K*OH*OW outputs.
+template<typename T>
+__global__ void im2col_output(
+    const T* __restrict__ src, const T* __restrict__ b, T* __restrict__ y, int n, int K, int P,
+    int has_bias, int relu)
+{
+    const long long count = (long long)n * K * P;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int p = (int)(i % P);
+        const long long sample_channel = i / P;
+        const int k = (int)(sample_channel % K);
+        const long long sample = sample_channel / K;
+        T v = src[((long long)k * n + sample) * P + p];
+        if (has_bias) {
+            v += b[k];
+        }
+        if (relu && v < T(0)) {
+            v = T(0);
+        }
+        y[i] = v;
     }
 }
 

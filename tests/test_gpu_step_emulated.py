@@ -226,3 +226,62 @@ def test_backward_writes_gradients_into_the_flat_buffer():
             F.cross_entropy(model(x), y).backward()
             opt.step()
         assert all(p.grad is view for p, view in zip(model.parameters(), opt.flat.grad_views))
+
+
+# ----- fused bias + ReLU epilogues -----
+
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_conv_with_a_relu_epilogue_matches_conv_then_relu_forward_and_backward(algo):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 4, 9, 9))
+    w = rng.standard_normal((16, 4, 5, 5))
+    b = rng.standard_normal(16)
+    dy = rng.standard_normal((3, 16, 5, 5))
+    x[0, 0, 0, :5] = np.nan  # NaN stays NaN through ReLU, as np.maximum does
+
+    def run(fused):
+        xt, wt, bt = (Tensor(a.copy(), requires_grad=True) for a in (x, w, b))
+        y = (F.conv2d(xt, wt, bt, algo=algo, activation="relu") if fused
+             else F.relu(F.conv2d(xt, wt, bt, algo=algo)))
+        y.backward(dy)
+        return [np.asarray(a) for a in (y.data, xt.grad, wt.grad, bt.grad)]
+
+    expected = run(False)
+    with emulation():
+        got = run(True)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def test_linear_with_a_relu_epilogue_matches_linear_then_relu():
+    rng = np.random.default_rng(5)
+    x, w, b = rng.standard_normal((6, 20)), rng.standard_normal((7, 20)), rng.standard_normal(7)
+    dy = rng.standard_normal((6, 7))
+
+    def run(fused):
+        xt, wt, bt = (Tensor(a.copy(), requires_grad=True) for a in (x, w, b))
+        y = F.linear(xt, wt, bt, activation="relu") if fused else F.relu(F.linear(xt, wt, bt))
+        y.backward(dy)
+        return [np.asarray(a) for a in (y.data, xt.grad, wt.grad, bt.grad)]
+
+    expected = run(False)
+    with emulation():
+        got = run(True)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ArgumentError, match="activation: expected None or 'relu', got 'tanh'"):
+        ops.linear(x, w, b, activation="tanh")
+
+
+def test_a_lenet_forward_on_the_device_runs_no_separate_relu_or_bias_add():
+    from gpuconv.models import LeNet5
+    images = np.random.default_rng(6).random((2, 1, 28, 28), dtype=np.float32)
+    with emulation(devices=1):
+        model = LeNet5(seed=0).to("cuda:0")
+        x = to_device(images, "cuda:0")
+        with emulated_devices.recording() as events:
+            y = model(x)
+    ops_run = [e.what for e in events if e.kind == "op"]
+    assert "maximum" not in ops_run and "add" not in ops_run, ops_run
+    assert _launches(events).count("bias_act") == 3  # fc1, fc2 (with ReLU) and fc3
+    np.testing.assert_allclose(np.asarray(y.data), LeNet5(seed=0)(images).data, rtol=1e-5, atol=1e-6)

@@ -36,10 +36,11 @@ DTYPE_NAMES = {"float32": "float", "float64": "double"}
 # Every kernel template in each source; each is instantiated for float and double.
 KERNELS = {
     "conv2d.cu": ("conv2d_forward_direct", "conv2d_backward_data_direct", "conv2d_backward_filter_partial",
-                  "conv2d_backward_bias_partial", "reduce_slices", "im2col", "col2im"),
+                  "conv2d_backward_bias_partial", "reduce_slices", "im2col", "im2col_output", "col2im"),
     "pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
                   "lp_pool2d_forward", "lp_pool2d_backward"),
     "optim.cu": ("sgd_update", "adam_update"),
+    "elementwise.cu": ("bias_act", "relu_backward"),
 }
 
 

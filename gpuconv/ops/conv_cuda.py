@@ -58,7 +58,8 @@ def choose_algo(x_shape, w_shape, groups):
     return "direct"
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo, relu=False):
+    """y, or relu(y) with relu=True: the ReLU (and the bias) fused into the kernel's epilogue."""
     xp = get_array_module(x, w, b)
     geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
     shapes = {"x": x.shape, "weight": w.shape}
@@ -68,10 +69,11 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
         w = xp.ascontiguousarray(w)
         if geometry.empty:
             y = zeros(xp, geometry.y_shape, x.dtype, "y")
-            return y if b is None else y + b.reshape(1, -1, 1, 1)
+            y = y if b is None else y + b.reshape(1, -1, 1, 1)
+            return xp.maximum(y, 0) if relu else y
         if algo == "direct":
-            return _forward_direct(xp, x, w, b, geometry, shapes)
-        return _forward_im2col(xp, x, w, b, geometry, shapes)
+            return _forward_direct(xp, x, w, b, geometry, shapes, relu)
+        return _forward_im2col(xp, x, w, b, geometry, shapes, relu)
 
 
 def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, need_bias, need_dw=True):
@@ -151,13 +153,13 @@ def _threads_for(count):
     return max(32, min(ELEMENTWISE_THREADS, _cdiv(count, 32) * 32))
 
 
-def _forward_direct(xp, x, w, b, g, shapes):
+def _forward_direct(xp, x, w, b, g, shapes, relu=False):
     y = empty(xp, g.y_shape, x.dtype, "y")
     bias = b if b is not None else zeros(xp, (1,), x.dtype, "no bias")
     kernel = get_kernel(SOURCE, "conv2d_forward_direct", x.dtype)
     grid = (_cdiv(g.P, TILE_P), _cdiv(g.Kg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
     launch(kernel, grid, TILE_BLOCK,
-           (x, w, xp.ascontiguousarray(bias), y) + g.scalars() + (np.int32(b is not None),),
+           (x, w, xp.ascontiguousarray(bias), y) + g.scalars() + (np.int32(b is not None), np.int32(relu)),
            op_name="conv2d (direct)", shapes=shapes)
     return y
 
@@ -240,19 +242,24 @@ def _im2col_scalars(g, n):
                                        g.sh, g.sw, g.ph, g.pw, g.dh, g.dw))
 
 
-def _forward_im2col(xp, x, w, b, g, shapes):
+def _forward_im2col(xp, x, w, b, g, shapes, relu=False):
     y = empty(xp, g.y_shape, x.dtype, "y")
     w_groups = w.reshape(g.groups, g.Kg, g.R)
+    bias = xp.ascontiguousarray(b) if b is not None else zeros(xp, (1,), x.dtype, "no bias")
+    output = get_kernel(SOURCE, "im2col_output", x.dtype)
     for start, stop in _batch_chunks(g, x.itemsize):
         n = stop - start
         col = _columns(xp, x[start:stop], g, shapes)
         y_chunk = empty(xp, (g.groups, g.Kg, n * g.P), x.dtype, "y chunk")  # channel-major, batch inside
         for group in range(g.groups):
             gemm(xp, w_groups[group], col[group], y_chunk[group], op_name="conv2d im2col GEMM", shapes=shapes)
-        y[start:stop] = y_chunk.reshape(g.K, n, g.OH, g.OW).transpose(1, 0, 2, 3)
+        # channel-major chunk -> NCHW, + bias, ReLU if asked: one pass
+        count = n * g.K * g.P
+        threads = _threads_for(count)
+        launch(output, (min(_cdiv(count, threads), 1 << 16), 1, 1), (threads, 1, 1),
+               (y_chunk, bias, y[start:stop], np.int32(n), np.int32(g.K), np.int32(g.P),
+                np.int32(b is not None), np.int32(relu)), op_name="conv2d im2col output", shapes=shapes)
         del col, y_chunk  # free before the next chunk allocates its own
-    if b is not None:
-        y += b.reshape(1, g.K, 1, 1)
     return y
 
 

@@ -161,6 +161,11 @@ KERNEL_FLOPS = {
     "conv2d_backward_filter_partial": lambda a: 2 * _conv_macs(a),
     "conv2d_backward_bias_partial": lambda a: a[0] * a[1] * a[2],
     "reduce_slices": lambda a: a[1] * a[2],
+    "im2col_output": lambda a: 2 * a[0] * a[1] * a[2],
+    "bias_act": lambda a: 2 * a[0],
+    "relu_backward": lambda a: a[0],
+    "sgd_update": lambda a: 6 * a[0],
+    "adam_update": lambda a: 12 * a[0],
     "col2im": lambda a: a[0] * a[1] * a[4] * a[5] * a[6] * a[7],
     "max_pool2d_forward": _pool_compares,
     "max_pool2d_backward": lambda a: a[0] * a[3] * a[4],
@@ -193,7 +198,10 @@ def step_launches(batch=128, optimizer="sgd", model="lenet5"):
     images = rng.random((batch, 1, 28, 28), dtype=np.float32)
     labels = np.arange(batch) % 10
     own = []
-    real = {m: m.launch for m in (conv_cuda, pool_cuda)}
+    from ...ops import elementwise_cuda
+    from .. import runtime
+    # every module that launches gpuconv's kernels (optim.py imports runtime.launch at the call)
+    real = {m: m.launch for m in (conv_cuda, pool_cuda, elementwise_cuda, runtime)}
 
     def recorder(module):
         def launch(kernel, grid, block, args, shared_mem=0, op_name="kernel", shapes=None):
@@ -237,10 +245,16 @@ def step_launches(batch=128, optimizer="sgd", model="lenet5"):
             rows.append(dict(what=what, kind=kind, flops=event.flops, bytes=event.nbytes))
     for row in rows:
         row["bound_us"] = max(row["flops"] / PEAK_FLOPS, row["bytes"] / PEAK_BYTES_PER_S) * 1e6
+    allocations = [e for e in events if e.kind == "alloc"]
+    step_launches.last_memory = dict(allocations=len(allocations), bytes=sum(e.nbytes for e in allocations),
+                                     reads=sum(e.kind == "read" for e in events))
     return rows
 
 
-def format_step(rows):
+step_launches.last_memory = None  # what the last call saw: allocations and host reads of the step
+
+
+def format_step(rows, memory=None):
     lines = [f"{'#':>4}  {'launch':44s} {'kind':6s} {'MFLOP':>9s} {'MB':>8s} {'bound (H100, us)':>16s}"]
     for index, row in enumerate(rows, 1):
         lines.append(f"{index:>4}  {row['what'][:44]:44s} {row['kind']:6s} {row['flops'] / 1e6:9.3f} "
@@ -250,6 +264,9 @@ def format_step(rows):
     lines.append(f"total: {len(rows)} launches per step ({kinds['own']} own kernels, {kinds['cublas']} cuBLAS, "
                  f"{kinds['cupy']} CuPy), sum of bounds {bound:.1f} us; at ~3 us of launch overhead each "
                  f"the launches alone take ~{3 * len(rows)} us")
+    if memory:
+        lines.append(f"the step also makes {memory['allocations']} allocations ({memory['bytes'] / 1e6:.1f} MB; "
+                     f"from CuPy's pool on a GPU) and {memory['reads']} blocking reads back to the host")
     return "\n".join(lines)
 
 
@@ -281,5 +298,6 @@ def main(argv=None):
               "`train` runs it), recorded by running the step through kernel emulation; 'cupy' rows are what "
               "CuPy launches as kernels of their own (elementwise, reductions, copies, fills); bytes are "
               "the arrays each launch reads and writes once.\n")
-        print(format_step(step_launches(args.batch_size, args.optimizer)))
+        rows = step_launches(args.batch_size, args.optimizer)
+        print(format_step(rows, step_launches.last_memory))
     return 0
