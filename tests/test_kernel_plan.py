@@ -73,6 +73,11 @@ def test_step_plan_lists_every_launch_of_a_training_step():
     first = next(row for row in rows if row["what"].startswith("conv2d_forward_direct"))
     assert abs(first["flops"] - 4 * summary["conv1"]) <= 4 * 6 * 28 * 28  # the bias adds, or not
     assert all(row["bytes"] > 0 for row in rows)
-    text = plan.format_step(rows)
-    assert f"total: {len(rows)} launches per step" in text
+    memory = plan.step_launches.last_memory
+    assert memory["reads"] == 0 and memory["allocations"] > 0  # a step reads nothing back
+    text = plan.format_step(rows, memory)
+    assert f"total: {len(rows)} launches per step" in text and "0 blocking reads" in text
+    # the optimizer is one launch, and no ReLU runs as a separate CuPy maximum
+    assert [row["what"].split(" ")[0] for row in rows].count("sgd_update") == 1
+    assert not any(row["what"] == "CuPy maximum" for row in rows)
     assert conv_cuda.launch.__name__ == "launch"  # the recorder is taken off again

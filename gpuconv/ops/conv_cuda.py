@@ -178,7 +178,7 @@ def _slices(items, blocks):
     enough for about REDUCTION_BLOCKS blocks in all, each thread at least one item. A function of
     the shape alone, so the rounding (and the bits) are the same on every run and every GPU."""
     by_blocks = _cdiv(REDUCTION_BLOCKS, max(1, blocks))
-    return int(max(1, min(by_blocks, _cdiv(items, REDUCE_THREADS), MAX_GRID_YZ)))
+    return int(max(1, min(by_blocks, _cdiv(items, REDUCE_THREADS), MAX_GRID_YZ)))  # host: shape arithmetic
 
 
 def _filter_and_bias_gradients(xp, dy, x, g, need_bias, shapes):
@@ -245,7 +245,7 @@ def _im2col_scalars(g, n):
 def _forward_im2col(xp, x, w, b, g, shapes, relu=False):
     y = empty(xp, g.y_shape, x.dtype, "y")
     w_groups = w.reshape(g.groups, g.Kg, g.R)
-    bias = xp.ascontiguousarray(b) if b is not None else zeros(xp, (1,), x.dtype, "no bias")
+    bias = xp.ascontiguousarray(b) if b is not None else None  # None: has_bias=0, never read
     output = get_kernel(SOURCE, "im2col_output", x.dtype)
     for start, stop in _batch_chunks(g, x.itemsize):
         n = stop - start
@@ -257,7 +257,7 @@ def _forward_im2col(xp, x, w, b, g, shapes, relu=False):
         count = n * g.K * g.P
         threads = _threads_for(count)
         launch(output, (min(_cdiv(count, threads), 1 << 16), 1, 1), (threads, 1, 1),
-               (y_chunk, bias, y[start:stop], np.int32(n), np.int32(g.K), np.int32(g.P),
+               (y_chunk, y_chunk if bias is None else bias, y[start:stop], np.int32(n), np.int32(g.K), np.int32(g.P),
                 np.int32(b is not None), np.int32(relu)), op_name="conv2d im2col output", shapes=shapes)
         del col, y_chunk  # free before the next chunk allocates its own
     return y

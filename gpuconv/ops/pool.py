@@ -95,7 +95,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
     """Window maximum, -inf padding. A window holding a NaN outputs NaN. return_indices=True gives
     (y, indices): int32, each window's first maximum (first NaN) as the flat offset ih*W + iw in
     its plane; max_pool2d_backward(..., indices=indices) then reads them instead of re-finding them."""
-    return _forward("max", x, kernel_size, stride, padding, 0.0, True, bool(return_indices))
+    return _forward("max", x, kernel_size, stride, padding, 0.0, True, bool(return_indices))  # host: an argument
 
 
 def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0, indices=None):
