@@ -22,8 +22,9 @@ GUARD = 2048  # elements on each side of every buffer
 
 
 class GuardedBuffers:
-    """np.empty / np.zeros (what the launch code allocates through under emulation) return arrays in
-    the middle of a larger allocation whose guard zones hold a NaN bit pattern (all bits set): an
+    """np.empty / np.zeros of a float or int dtype (what the launch code allocates through under
+    emulation: buffers, max pooling's saved indices) return arrays in the middle of a larger
+    allocation whose guard zones hold a NaN bit pattern (all bits set; -1 in an int): an
     out-of-bounds read brings a NaN into the result, an out-of-bounds write changes a guard byte,
     which check() reports. Inputs go through copy()."""
 
@@ -47,12 +48,13 @@ class GuardedBuffers:
         self.real_empty, self.real_zeros = np.empty, np.zeros
 
         def empty(shape, dtype=float, order="C", **kwargs):
-            if order != "C" or kwargs or np.dtype(dtype).kind != "f":
+            if order != "C" or kwargs or np.dtype(dtype).kind not in "fi":
                 return self.real_empty(shape, dtype, order, **kwargs)
-            return self._make(shape, dtype)  # NaN-filled: an element a kernel never writes shows up
+            # NaN-filled (an int: -1, which names no pixel): an element a kernel never writes shows up
+            return self._make(shape, dtype)
 
         def zeros(shape, dtype=float, order="C", **kwargs):
-            if order != "C" or kwargs or np.dtype(dtype).kind != "f":
+            if order != "C" or kwargs or np.dtype(dtype).kind not in "fi":
                 return self.real_zeros(shape, dtype, order, **kwargs)
             out = self._make(shape, dtype)
             out[...] = 0
@@ -115,7 +117,7 @@ def test_pool_reads_and_writes_stay_inside_their_buffers(case):
     expected = cases.pool_outputs(case, F64)
     with GuardedBuffers() as buffers, emulation():
         x, dy = buffers.copy(x), buffers.copy(dy)
-        got = {"y": np.array(cases.pool_forward(case, x)), "dx": np.array(cases.pool_backward(case, dy, x))}
+        got = {name: np.array(value) for name, value in cases.pool_results(case, x, dy).items()}
     buffers.check(f"pool {case}")
     bad = cases.mismatches(got, expected, F64)
     assert not bad, f"pool {case}: {bad} differ from the NumPy path"
