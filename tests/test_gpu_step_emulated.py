@@ -1,7 +1,8 @@
 """Issue 17 (performance on a GPU, shown without one): the step's kernels under emulation. Max
 pooling saves its argmax indices and the backward reads them; grid-stride loops count in 64 bits;
 filter and bias gradients are two-pass deterministic reductions; the optimizer is one fused launch
-over a flat parameter buffer; a step after the first allocates nothing and reads nothing back."""
+over a flat parameter buffer, and its step after the first allocates nothing and reads nothing back
+(the whole training step still allocates its activations and gradients from CuPy's pool)."""
 import re
 
 import numpy as np
@@ -210,6 +211,34 @@ def test_the_flat_buffers_follow_a_replaced_parameter_and_a_missing_gradient_fal
             opt.step()
         assert "sgd_update" not in _launches(events)
         np.testing.assert_array_equal(np.asarray(params[0].data), before)
+
+
+@pytest.mark.parametrize("name, kwargs", [("SGD", dict(lr=0.1, momentum=0.9, weight_decay=1e-4)),
+                                          ("Adam", dict(lr=1e-3))])
+def test_the_fused_step_after_the_first_allocates_nothing(name, kwargs):
+    """The first step packs the flat buffers; later steps copy the hyperparameters into the existing
+    device array and launch: no device allocation, no host read."""
+    from gpuconv import optim
+    with emulation(devices=1):
+        model, grads = _model_and_grads()
+        model.to("cuda:0")
+        opt = getattr(optim, name)(model.parameters(), **kwargs)
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(model.parameters(), step_grads):
+                if step == 0:
+                    p.grad = to_device(g, "cuda:0")
+                else:  # what backward does once the buffers exist: writes into the gradient's view
+                    p.grad[...] = to_device(g, "cuda:0")
+            with emulated_devices.recording() as events:
+                opt.step()
+            opt.lr *= 0.5
+            kinds = [e.kind for e in events]
+            assert kinds.count("launch") == 1, kinds
+            if step == 0:
+                assert kinds.count("alloc") > 0  # the packing
+            else:  # the hyperparameters' host-to-device write and the launch, nothing else
+                assert sorted(kinds) == ["launch", "write"], events
+                assert [e.nbytes for e in events if e.kind == "write"] == [8 * 4]
 
 
 def test_backward_writes_gradients_into_the_flat_buffer():
