@@ -81,6 +81,11 @@ class Optimizer:
         """The values kernels/optim.cu reads from the device for this step."""
         raise NotImplementedError
 
+    def used_state_names(self):
+        """The state this optimizer's settings use (and the flat buffers hold): the CPU path creates
+        no state it does not use, so neither does the GPU one, and state_dict() has the same keys."""
+        return self.state_names
+
     def fused_update(self, flat):
         raise NotImplementedError
 
@@ -166,9 +171,12 @@ class SGD(Optimizer):
     def hyper(self):
         return (self.lr, self.momentum, self.weight_decay)
 
+    def used_state_names(self):
+        return self.state_names if self.momentum else ()
+
     def fused_update(self, flat):
         flags = (1 if self.momentum else 0) | (2 if self.nesterov else 0) | (4 if self.weight_decay else 0)
-        velocity = flat.state["velocity"]
+        velocity = flat.state.get("velocity", flat.grad)  # without momentum (flag 1) it is never read
         flat.launch("sgd_update", (flat.data, flat.grad, velocity, flat.hyper_array), flags)
 
     def update(self, index, p):
@@ -229,10 +237,11 @@ class _FlatBuffers:
         with device_scope(first):
             self.data = empty(xp, (total,), first.dtype, "flat parameters")
             self.grad = zeros(xp, (total,), first.dtype, "flat gradients")
-            self.state = {name: zeros(xp, (total,), first.dtype, f"flat {name}") for name in optimizer.state_names}
+            names = optimizer.used_state_names()
+            self.state = {name: zeros(xp, (total,), first.dtype, f"flat {name}") for name in names}
             self.hyper_array = zeros(xp, (8,), first.dtype, "optimizer hyperparameters")
             self.data_views, self.grad_views = [], []
-            self.state_views = {name: [] for name in optimizer.state_names}
+            self.state_views = {name: [] for name in names}
             offset = 0
             for index, (p, size) in enumerate(zip(params, self.sizes)):
                 cut = slice(offset, offset + size)
@@ -243,7 +252,7 @@ class _FlatBuffers:
                 grad_view = self.grad[cut].reshape(p.data.shape)
                 p.grad_buffer = grad_view
                 self.grad_views.append(grad_view)
-                for name in optimizer.state_names:
+                for name in names:
                     state_view = self.state[name][cut].reshape(p.data.shape)
                     old = optimizer.state[name][index]
                     if old is not None and old.shape == state_view.shape:
@@ -256,7 +265,8 @@ class _FlatBuffers:
 
     def holds(self, optimizer):
         """Are the parameters and the state still the views of these buffers?"""
-        return (all(p.data is view for p, view in zip(optimizer.params, self.data_views))
+        return (set(self.state_views) == set(optimizer.used_state_names())
+                and all(p.data is view for p, view in zip(optimizer.params, self.data_views))
                 and all(state is view for name, views in self.state_views.items()
                         for state, view in zip(optimizer.state[name], views)))
 

@@ -176,6 +176,7 @@ def test_the_fused_step_matches_the_numpy_optimizer(name, kwargs):
         state = gpu.state_dict()
     for p_cpu, p_gpu in zip(cpu_model.parameters(), gpu_model.parameters()):
         np.testing.assert_allclose(np.asarray(p_gpu.data), p_cpu.data, rtol=1e-6, atol=1e-7)
+    assert sorted(state) == sorted(cpu.state_dict())  # no state the settings do not use (SGD without momentum)
     for key, value in cpu.state_dict().items():
         np.testing.assert_allclose(state[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
