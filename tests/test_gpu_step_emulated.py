@@ -127,6 +127,13 @@ def test_filter_and_bias_gradients_are_two_pass_and_bit_identical_in_every_order
     np.testing.assert_allclose(runs[0][1], db_ref, rtol=1e-4, atol=1e-3)
 
 
+def test_conv_refuses_weights_and_biases_past_the_reductions_32_bit_count():
+    from gpuconv.ops import conv_cuda
+    # K*C*KH*KW = 2^31 - 1 fits an int; with the bias the reduction's element count does not
+    with pytest.raises(ArgumentError, match=r"K\*C/groups\*KH\*KW \+ K = 2147483648"):
+        conv_cuda._Geometry((1, 2**31 - 1, 1, 1), (1, 2**31 - 1, 1, 1), (1, 1), (0, 0), (1, 1), 1)
+
+
 def test_slices_depend_on_the_shape_alone_and_stay_in_the_grid():
     from gpuconv.ops import conv_cuda
     assert conv_cuda._slices(100, 12) == 1  # fewer items than one block's threads

@@ -125,6 +125,8 @@ class _Geometry:
         self.empty = self.N == 0 or self.C == 0 or self.K == 0
         for what, count in (("H*W", self.H * self.W), ("OH*OW", self.P), ("N*C", self.N * self.C),
                             ("N*K", self.N * self.K), ("K*C/groups*KH*KW", self.K * self.R),
+                            # the gradient reduction's elements: weights, then biases (reduce_slices' int count)
+                            ("K*C/groups*KH*KW + K", self.K * self.R + self.K),
                             ("C*KH*KW", self.C * self.KH * self.KW)):
             if count > INT32_MAX:
                 raise ArgumentError(f"conv2d: {what} = {count} exceeds the CUDA kernels' 32-bit range; "
