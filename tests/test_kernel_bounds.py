@@ -173,20 +173,28 @@ def test_conv_shared_tiles_stay_in_bounds_under_asan():
     assert result.returncode == 0 and "all matched" in result.stdout, result.stderr[-4000:]
 
 
-def test_elementwise_epilogues_stay_inside_their_buffers():
-    # bias_act and relu_backward run one grid-stride loop over `count` elements: a loop bound one
-    # past the end reads and writes the element after the buffer, which no value check sees.
+# the grid-stride kernels over flat counts: several blocks (count > one block's threads), and more
+# elements than the launcher's capped grid holds, so the loop takes a second step
+# (shape, inner, relu settings): the large case runs the ReLU alone, to keep the test short
+ELEMENTWISE_SHAPES = {"blocks": ((4, 6, 5, 7), 35, (0, 1)), "grid-stride": ((4096 * 256 + 300, 3), 1, (1,))}
+
+
+@pytest.mark.parametrize("shape, inner, relus", list(ELEMENTWISE_SHAPES.values()), ids=list(ELEMENTWISE_SHAPES))
+def test_elementwise_epilogues_stay_inside_their_buffers(shape, inner, relus):
+    # bias_act and relu_backward: a loop bound one past the end reads and writes the element after
+    # the buffer, which no value check sees; a wrong step repeats bias_act's in-place add.
     from gpuconv.cuda import emulation
     from gpuconv.ops import elementwise_cuda
+    assert elementwise_cuda.MAX_BLOCKS * elementwise_cuda.THREADS == 4096 * 256
     rng = np.random.default_rng(3)
-    y0, b = rng.standard_normal((3, 5, 2, 3)), rng.standard_normal(5)
-    dy = rng.standard_normal(y0.shape)
-    for relu in (0, 1):
-        expected = y0 + b.reshape(1, -1, 1, 1)
+    y0, b = rng.standard_normal(shape), rng.standard_normal(shape[1])
+    dy = rng.standard_normal(shape)
+    for relu in relus:
+        expected = y0 + b.reshape((1, -1) + (1,) * (len(shape) - 2))
         expected = np.maximum(expected, 0) if relu else expected
         with GuardedBuffers() as buffers, emulation():
             y = buffers.copy(y0)
-            elementwise_cuda.bias_act(y, buffers.copy(b), 6, relu)
+            elementwise_cuda.bias_act(y, buffers.copy(b), inner, relu)
             dx = np.array(elementwise_cuda.relu_backward(buffers.copy(dy), y))
             y = np.array(y)
         buffers.check(f"bias_act / relu_backward (relu={relu})")
@@ -194,16 +202,21 @@ def test_elementwise_epilogues_stay_inside_their_buffers():
         np.testing.assert_array_equal(dx, np.where(expected > 0, dy, 0))
 
 
+OPTIMIZER_SHAPES = {"blocks": [(7,), (30, 11), (1,)], "grid-stride": [(7,), (513, 512), (1,)]}
+
+
+@pytest.mark.parametrize("shapes", list(OPTIMIZER_SHAPES.values()), ids=list(OPTIMIZER_SHAPES))
 @pytest.mark.parametrize("name, kwargs", [("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
                                           ("Adam", dict(lr=0.01, weight_decay=0.01))])
-def test_the_fused_optimizer_stays_inside_its_flat_buffers(name, kwargs):
-    # sgd_update / adam_update over flat buffers of 7 + 15 + 1 elements: an access one past the end
-    # lands in the guard zone (in a real step, on whatever CuPy's pool put next).
+def test_the_fused_optimizer_stays_inside_its_flat_buffers(name, kwargs, shapes):
+    # sgd_update / adam_update over flat buffers of 338 elements (two blocks) and of 262,664 (more
+    # than the launcher's 1024 blocks of 256 threads): an access one past the end lands in the
+    # guard zone (in a real step, on whatever CuPy's pool put next); a wrong step skips or repeats.
     from gpuconv import optim
     from gpuconv.cuda import emulation
     from gpuconv.nn import Parameter
+    assert optim.FUSED_MAX_BLOCKS * optim.FUSED_THREADS == 1024 * 256
     rng = np.random.default_rng(4)
-    shapes = [(7,), (3, 5), (1,)]
     start = [rng.standard_normal(shape) for shape in shapes]
     grads = [[rng.standard_normal(shape) for shape in shapes] for _ in range(2)]
 
