@@ -119,7 +119,7 @@ __global__ void conv2d_forward_direct(
                 const int p = p0 + tx + j * 16;
                 if (p < P) {
                     T v = acc[j] + bias;
-                    if (relu && v < T(0)) {  // the fused ReLU epilogue; NaN stays NaN
+                    if (relu && v <= T(0)) {  // the fused ReLU epilogue: -0 gives +0 as np.maximum does, NaN stays NaN
                         v = T(0);
                     }
                     y_nk[p] = v;
@@ -426,7 +426,7 @@ __global__ void im2col_output(
         if (has_bias) {
             v += b[k];
         }
-        if (relu && v < T(0)) {
+        if (relu && v <= T(0)) {
             v = T(0);
         }
         y[i] = v;

@@ -2,7 +2,8 @@
 //
 // Elementwise epilogues that would otherwise be two or three CuPy kernels each: a layer's bias add
 // fused with its ReLU, and ReLU's backward in one pass. Grid-stride over `count` elements.
-// ReLU keeps NumPy's rule: max(v, 0) with NaN staying NaN (v < 0 is false for NaN).
+// ReLU keeps NumPy's rule, np.maximum(v, 0): NaN stays NaN (v <= 0 is false for NaN) and -0 gives +0
+// (y + b is -0 when both are -0; `v < 0` would keep it, and the sign of a zero would depend on the device).
 
 // y[i] = act(y[i] + b[(i / inner) % channels]) in place: a Linear's (N, C) output has inner = 1,
 // an NCHW output inner = H*W. relu = 0 adds the bias only.
@@ -13,7 +14,7 @@ __global__ void bias_act(
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
          i += (long long)blockDim.x * gridDim.x) {
         T v = y[i] + b[(i / inner) % channels];
-        if (relu && v < T(0)) {
+        if (relu && v <= T(0)) {
             v = T(0);
         }
         y[i] = v;

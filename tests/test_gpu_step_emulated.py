@@ -188,6 +188,32 @@ def test_the_fused_step_matches_the_numpy_optimizer(name, kwargs):
         np.testing.assert_allclose(state[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
+@pytest.mark.parametrize("name, kwargs", [("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                                          ("Adam", dict(lr=0.01))])
+def test_the_fused_step_leaves_non_finite_values_as_the_numpy_optimizer_does(name, kwargs):
+    """An inf weight or gradient goes through the unused terms' flags: without weight decay the
+    kernel must not add 0 * w (0 * inf is NaN), without momentum it must not compute g * 0 + g."""
+    from gpuconv import optim
+    from gpuconv.nn import Parameter
+    start = np.array([1.0, np.inf, -np.inf, 2.0], np.float32)
+    grad = np.array([np.inf, 0.5, 0.25, -np.inf], np.float32)
+
+    def run(emulated):
+        p = Parameter(to_device(start, "cuda:0") if emulated else start.copy(), "p")
+        opt = getattr(optim, name)([p], **kwargs)
+        for _ in range(2):
+            p.grad = to_device(grad, "cuda:0") if emulated else grad.copy()
+            opt.step()
+        assert (opt.flat is not None) == emulated  # the fused kernel ran on the device
+        return np.asarray(p.data)
+
+    with np.errstate(invalid="ignore"):
+        expected = run(False)
+        with emulation(devices=1):
+            got = run(True)
+    np.testing.assert_array_equal(got, expected)  # NaN where NaN, inf where inf
+
+
 def test_the_flat_buffers_follow_a_replaced_parameter_and_a_missing_gradient_falls_back():
     from gpuconv import optim
     with emulation(devices=1):
@@ -308,6 +334,20 @@ def test_linear_with_a_relu_epilogue_matches_linear_then_relu():
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
     with pytest.raises(ArgumentError, match="activation: expected None or 'relu', got 'tanh'"):
         ops.linear(x, w, b, activation="tanh")
+
+
+def test_the_relu_epilogue_gives_numpys_positive_zero_for_a_negative_zero():
+    """np.maximum(-0.0, 0) is +0.0 (the CPU path); the epilogue's `v < 0` kept -0.0 (y + b is -0.0
+    when both are -0.0), so the sign of a zero depended on the device. Now `v <= 0` (NaN stays NaN)."""
+    from gpuconv.ops import elementwise_cuda
+    y = np.array([[-0.0, 0.0, -0.0, np.nan], [1.0, -0.0, -2.0, 3.0]])
+    b = np.array([-0.0, -0.0, 0.0, 1.0])
+    expected = np.maximum(y + b, 0)
+    assert np.signbit(y + b)[0, 0] and not np.signbit(expected).any()
+    with emulation():
+        got = np.array(elementwise_cuda.bias_act(y.copy(), b, 1, 1))
+    np.testing.assert_array_equal(got, expected)  # NaN where NaN
+    assert not np.signbit(got[~np.isnan(got)]).any(), got
 
 
 def test_a_lenet_forward_on_the_device_runs_no_separate_relu_or_bias_add():
