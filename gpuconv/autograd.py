@@ -293,9 +293,18 @@ def _accumulate(leaf, grad, fresh=False):
     if grad.dtype != leaf.data.dtype:
         grad = grad.astype(leaf.data.dtype)
     if leaf.grad is None:
-        leaf.grad = grad if fresh else grad.copy()
+        buffer = leaf.__dict__.get("grad_buffer")  # a view of an optimizer's flat gradient buffer
+        if (buffer is not None and buffer.shape == grad.shape and buffer.dtype == grad.dtype
+                and device_of(buffer) == device_of(grad)):
+            with device_scope(buffer):  # the copy runs on the buffer's GPU, whichever is current
+                buffer[...] = grad
+            leaf.grad = buffer
+        else:
+            with device_scope(grad):
+                leaf.grad = grad if fresh else grad.copy()
     else:
-        leaf.grad += grad
+        with device_scope(grad):
+            leaf.grad += grad
     for hook in leaf._grad_hooks:
         hook(leaf)
 

@@ -5,7 +5,7 @@ what the pair's backward needs (a pool keeps its input, ReLU its output), the ba
 pair and returns one gradient per input. Inputs may be Tensors or plain arrays (constants).
 """
 from . import ops
-from .backend import get_array_module
+from .backend import get_array_module, uses_cuda_kernels
 from .autograd import Function, Tensor, as_tensor, cat  # noqa: F401  (cat is re-exported)
 from .errors import ArgumentError
 
@@ -15,14 +15,22 @@ from .errors import ArgumentError
 
 
 class Conv2dFunction(Function):
-    def __init__(self, stride, padding, dilation, groups, algo):
+    """conv2d, or relu(conv2d) with activation="relu" (one op: on a GPU the ReLU is the kernel's
+    epilogue); the backward then masks dy with the output first."""
+
+    def __init__(self, stride, padding, dilation, groups, algo, activation=None):
         self.args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, algo=algo)
+        self.activation = activation
 
     def forward(self, x, w, b=None):
         self.x, self.w, self.has_bias = x, w, b is not None
-        return ops.conv2d(x, w, b, **self.args)
+        y = ops.conv2d(x, w, b, activation=self.activation, **self.args)
+        self.y = y if self.activation else None
+        return y
 
     def backward(self, dy):
+        if self.activation == "relu":
+            dy = ops.relu_backward(dy, self.y)
         need_dx, need_dw = self.needs_input_grad[:2]
         need_bias = self.has_bias and self.needs_input_grad[2]
         dx, dw, db = ops.conv2d_backward(dy, self.x, self.w, need_dx=need_dx, need_dw=need_dw,
@@ -30,10 +38,11 @@ class Conv2dFunction(Function):
         return (dx, dw, db) if self.has_bias else (dx, dw)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, algo="auto"):
-    """2-D cross-correlation of NCHW x with weight (O, C/groups, KH, KW); see gpuconv.ops.conv2d."""
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, algo="auto", activation=None):
+    """2-D cross-correlation of NCHW x with weight (O, C/groups, KH, KW); see gpuconv.ops.conv2d.
+    activation="relu" gives relu(conv2d(...)) as one op (fused on a GPU)."""
     inputs = (x, weight) if bias is None else (x, weight, bias)
-    return Conv2dFunction(stride, padding, dilation, groups, algo)(*inputs)
+    return Conv2dFunction(stride, padding, dilation, groups, algo, activation)(*inputs)
 
 
 class _PoolFunction(Function):
@@ -48,8 +57,32 @@ class _PoolFunction(Function):
         return self.backward_op(dy, self.x, *self.args)
 
 
+class _SavingPoolFunction(_PoolFunction):
+    """Max and Lp pooling on a GPU keep what their backward would otherwise recompute: the max
+    forward's argmax indices, the Lp forward's output. The CPU path keeps only x, as before."""
+
+    def __init__(self, forward, backward, saved_name, *args):
+        super().__init__(forward, backward, *args)
+        self.saved_name = saved_name
+
+    def forward(self, x):
+        self.x, self.saved = x, None
+        if not uses_cuda_kernels(x):
+            return self.forward_op(x, *self.args)
+        if self.saved_name == "indices":
+            y, self.saved = self.forward_op(x, *self.args, return_indices=True)
+        else:
+            y = self.saved = self.forward_op(x, *self.args)
+        return y
+
+    def backward(self, dy):
+        if self.saved is None:
+            return self.backward_op(dy, self.x, *self.args)
+        return self.backward_op(dy, self.x, *self.args, **{self.saved_name: self.saved})
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0):
-    return _PoolFunction(ops.max_pool2d, ops.max_pool2d_backward, kernel_size, stride, padding)(x)
+    return _SavingPoolFunction(ops.max_pool2d, ops.max_pool2d_backward, "indices", kernel_size, stride, padding)(x)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
@@ -59,8 +92,9 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
 
 def lp_pool2d(x, norm_type, kernel_size, stride=None):
     """(sum of x^p over each window)^(1/p); norm_type=2 is L2 pooling."""
-    return _PoolFunction(lambda x, *a: ops.lp_pool2d(x, norm_type, *a),
-                         lambda dy, x, *a: ops.lp_pool2d_backward(dy, x, norm_type, *a), kernel_size, stride)(x)
+    return _SavingPoolFunction(lambda x, *a: ops.lp_pool2d(x, norm_type, *a),
+                               lambda dy, x, *a, **saved: ops.lp_pool2d_backward(dy, x, norm_type, *a, **saved),
+                               "y", kernel_size, stride)(x)
 
 
 class AdaptiveAvgPool2dFunction(Function):
@@ -80,18 +114,26 @@ def adaptive_avg_pool2d(x, output_size):
 
 
 class LinearFunction(Function):
+    def __init__(self, activation=None):
+        self.activation = activation
+
     def forward(self, x, w, b=None):
         self.x, self.w, self.has_bias = x, w, b is not None
-        return ops.linear(x, w, b)
+        y = ops.linear(x, w, b, activation=self.activation)
+        self.y = y if self.activation else None
+        return y
 
     def backward(self, dy):
+        if self.activation == "relu":
+            dy = ops.relu_backward(dy, self.y)
         dx, dw, db = ops.linear_backward(dy, self.x, self.w, need_dx=self.needs_input_grad[0])
         return (dx, dw, db) if self.has_bias else (dx, dw)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias, weight (out_features, in_features) as in PyTorch."""
-    return LinearFunction()(*((x, weight) if bias is None else (x, weight, bias)))
+def linear(x, weight, bias=None, activation=None):
+    """x @ weight.T + bias, weight (out_features, in_features) as in PyTorch; activation="relu"
+    gives relu(linear(...)) as one op (on a GPU the bias add and the ReLU are one launch)."""
+    return LinearFunction(activation)(*((x, weight) if bias is None else (x, weight, bias)))
 
 
 # ----------------------------------------------------------------------------------------------

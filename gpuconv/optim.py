@@ -2,13 +2,24 @@
 
 Updates are in place on each Parameter's `.data`, on whatever device it lives; state arrays are
 created beside it. `state_dict()` returns NumPy copies so checkpoints are device-independent.
+
+On a GPU (CuPy, or kernel emulation) the parameters of one device and dtype are packed, at the
+first step, into one flat buffer: each Parameter's `.data` becomes a view into it, its gradient is
+written into a view of a flat gradient buffer (autograd reads `Parameter.grad_buffer`), and the
+state (velocity, or m and v) is flat too. A step is then one launch of kernels/optim.cu over all of
+them, with the hyperparameters in a small device array (so a captured CUDA graph replays with the
+current lr). A parameter whose .data was replaced (Module.to, load_state_dict) is packed again; a
+step where some parameter has no gradient updates parameter by parameter, as on the CPU.
 """
 import math
 
 import numpy as np
 
-from .backend import device_of, device_scope, get_array_module, to_device
+from .backend import device_of, device_scope, get_array_module, to_device, uses_cuda_kernels
 from .errors import ArgumentError, CheckpointError
+
+FUSED_THREADS = 256
+FUSED_MAX_BLOCKS = 1024  # grid-stride beyond: about 8 blocks per SM of an H100 is plenty
 
 
 def _check_positive(name, value, allow_zero=False):
@@ -30,6 +41,7 @@ class Optimizer:
         self.initial_lr = self.lr
         self.state = {name: [None] * len(self.params) for name in self.state_names}
         self.steps = 0
+        self.flat = None  # the packed buffers on a GPU (_FlatBuffers), made at the first step there
 
     def zero_grad(self):
         for p in self.params:
@@ -37,10 +49,45 @@ class Optimizer:
 
     def step(self):
         self.steps += 1
+        if self._fused_ready():
+            with device_scope(self.flat.data):
+                self.flat.write_hyper(self.hyper())
+                self.fused_update(self.flat)
+            return
         for index, p in enumerate(self.params):
             if p.grad is not None:
                 with device_scope(p.data):  # state and temporaries on the parameter's GPU
                     self.update(index, p)
+
+    # ----- the fused GPU step -----
+    def _fusable(self):
+        first = self.params[0].data
+        return (uses_cuda_kernels(first) and first.dtype.kind == "f"
+                and all(p.data.dtype == first.dtype and device_of(p.data) == device_of(first) for p in self.params))
+
+    def _fused_ready(self):
+        """True when this step can be one fused launch: packs (or repacks) the flat buffers when
+        needed, moves a gradient assigned from outside into its view."""
+        if any(p.grad is None for p in self.params):
+            return False
+        if self.flat is None or not self.flat.holds(self):
+            if not self._fusable():
+                return False
+            self.flat = _FlatBuffers(self)
+        self.flat.adopt_grads(self)
+        return True
+
+    def hyper(self):
+        """The values kernels/optim.cu reads from the device for this step."""
+        raise NotImplementedError
+
+    def used_state_names(self):
+        """The state this optimizer's settings use (and the flat buffers hold): the CPU path creates
+        no state it does not use, so neither does the GPU one, and state_dict() has the same keys."""
+        return self.state_names
+
+    def fused_update(self, flat):
+        raise NotImplementedError
 
     def _state(self, name, index, like):
         if self.state[name][index] is None or self.state[name][index].shape != like.shape:
@@ -121,6 +168,17 @@ class SGD(Optimizer):
             raise ArgumentError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
+    def hyper(self):
+        return (self.lr, self.momentum, self.weight_decay)
+
+    def used_state_names(self):
+        return self.state_names if self.momentum else ()
+
+    def fused_update(self, flat):
+        flags = (1 if self.momentum else 0) | (2 if self.nesterov else 0) | (4 if self.weight_decay else 0)
+        velocity = flat.state.get("velocity", flat.grad)  # without momentum (flag 1) it is never read
+        flat.launch("sgd_update", (flat.data, flat.grad, velocity, flat.hyper_array), flags)
+
     def update(self, index, p):
         grad = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
         if self.momentum:
@@ -143,6 +201,15 @@ class Adam(Optimizer):
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
+    def hyper(self):
+        beta1, beta2 = self.betas
+        step_size = self.lr * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
+        return (step_size, beta1, 1 - beta1, beta2, 1 - beta2, self.eps, self.weight_decay)
+
+    def fused_update(self, flat):
+        flat.launch("adam_update", (flat.data, flat.grad, flat.state["m"], flat.state["v"], flat.hyper_array),
+                    4 if self.weight_decay else 0)
+
     def update(self, index, p):
         xp = get_array_module(p.data)
         beta1, beta2 = self.betas
@@ -154,6 +221,78 @@ class Adam(Optimizer):
         v += (1 - beta2) * grad * grad
         step_size = self.lr * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
         p.data -= p.data.dtype.type(step_size) * m / (xp.sqrt(v) + p.data.dtype.type(self.eps))
+
+
+class _FlatBuffers:
+    """One device's parameters, gradients and optimizer state as flat buffers, each Parameter's
+    .data / .grad_buffer and each state entry a view into them (see the module docstring)."""
+
+    def __init__(self, optimizer):
+        from .cuda.runtime import empty, zeros
+        params = optimizer.params
+        first = params[0].data
+        xp = get_array_module(first)
+        self.sizes = [int(p.data.size) for p in params]
+        total = sum(self.sizes)
+        with device_scope(first):
+            self.data = empty(xp, (total,), first.dtype, "flat parameters")
+            self.grad = zeros(xp, (total,), first.dtype, "flat gradients")
+            names = optimizer.used_state_names()
+            self.state = {name: zeros(xp, (total,), first.dtype, f"flat {name}") for name in names}
+            self.hyper_array = zeros(xp, (8,), first.dtype, "optimizer hyperparameters")
+            self.data_views, self.grad_views = [], []
+            self.state_views = {name: [] for name in names}
+            offset = 0
+            for index, (p, size) in enumerate(zip(params, self.sizes)):
+                cut = slice(offset, offset + size)
+                view = self.data[cut].reshape(p.data.shape)
+                view[...] = p.data
+                p.data = view
+                self.data_views.append(view)
+                grad_view = self.grad[cut].reshape(p.data.shape)
+                p.grad_buffer = grad_view
+                self.grad_views.append(grad_view)
+                for name in names:
+                    state_view = self.state[name][cut].reshape(p.data.shape)
+                    old = optimizer.state[name][index]
+                    if old is not None and old.shape == state_view.shape:
+                        state_view[...] = old
+                    optimizer.state[name][index] = state_view
+                    self.state_views[name].append(state_view)
+                offset += size
+        self.dtype = first.dtype
+        self.host_hyper = np.zeros(8, first.dtype)
+
+    def holds(self, optimizer):
+        """Are the parameters and the state still the views of these buffers?"""
+        return (set(self.state_views) == set(optimizer.used_state_names())
+                and all(p.data is view for p, view in zip(optimizer.params, self.data_views))
+                and all(state is view for name, views in self.state_views.items()
+                        for state, view in zip(optimizer.state[name], views)))
+
+    def adopt_grads(self, optimizer):
+        """A gradient that is not the view (set from outside, or accumulated before the packing)
+        is copied into it."""
+        for p, view in zip(optimizer.params, self.grad_views):
+            if p.grad is not view:
+                with device_scope(self.data):
+                    view[...] = p.grad
+                p.grad = view
+
+    def write_hyper(self, values):
+        """The step's hyperparameters into the device array, without allocating (a host-to-device
+        copy into the existing buffer)."""
+        from .cuda.runtime import write_to_device
+        self.host_hyper[:len(values)] = values
+        write_to_device(self.hyper_array, self.host_hyper)
+
+    def launch(self, kernel_name, arrays, flags):
+        from .cuda.runtime import get_kernel, launch
+        count = self.data.size
+        blocks = max(1, min(FUSED_MAX_BLOCKS, -(-count // FUSED_THREADS)))
+        launch(get_kernel("optim.cu", kernel_name, self.dtype), (blocks, 1, 1), (FUSED_THREADS, 1, 1),
+               tuple(arrays) + (np.int64(count), np.int32(flags)), op_name=f"optimizer step ({kernel_name})",
+               shapes={"parameters": (count,)})
 
 
 class StepLR:

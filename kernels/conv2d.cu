@@ -1,13 +1,14 @@
-// CUDA features used (the kernel emulator supports exactly these): #define (constants) __global__ __device__ __forceinline__ template<typename T> __restrict__ __shared__ (fixed-size 1-D and 2-D arrays) __syncthreads blockIdx threadIdx blockDim gridDim (.x .y .z)
+// CUDA features used (the kernel emulator supports exactly these): #define (constants) __global__ __device__ __forceinline__ template<typename T> __restrict__ __shared__ (fixed-size 1-D and 2-D arrays) __syncthreads min (long long, int) blockIdx threadIdx blockDim gridDim (.x .y .z)
 //
 // 2-D convolution, NCHW, weights (K, C/groups, KH, KW), PyTorch semantics (cross-correlation).
 // Two algorithms, chosen per shape by gpuconv/ops/conv_cuda.py:
-//   direct  implicit GEMM tiled through shared memory (forward, backward-data), plus block-per-element
+//   direct  implicit GEMM tiled through shared memory (forward, backward-data), plus two-pass
 //           reductions for the filter and bias gradients;
 //   im2col  im2col / col2im below around cuBLAS GEMMs issued from Python.
 // Every reduction runs in a fixed order (no atomics), so results are bit-identical run to run.
 // Offsets into arrays are long long (N*C*H*W passes 2^31 for realistic batches); per-plane and
-// per-batch counts stay int so the inner loops need no 64-bit division.
+// per-batch counts stay int so the inner loops need no 64-bit division. Grid-stride loop counters
+// are long long: counter + stride overflows an int once the count passes 2^30, though it fits.
 
 // Implicit-GEMM tile: a block of 16x16 threads computes TILE_P output pixels x TILE_K output channels,
 // each thread PIXELS_PER_THREAD pixels of one channel; the reduction walks TILE_R rows at a time.
@@ -22,6 +23,8 @@
 #define PIXELS_PER_THREAD 4
 // Threads per block of the deterministic reductions (power of two; the launcher reads it from here).
 #define REDUCE_THREADS 256
+// Taps of one filter-gradient block, each an accumulator in registers (one dy load serves them all).
+#define FILTER_TAPS 16
 
 // Sum of one value per thread; a fixed tree so the rounding is the same on every run.
 template<typename T>
@@ -39,13 +42,15 @@ __device__ __forceinline__ T block_sum(T value, T* buffer)
     return buffer[0];
 }
 
-// y[n, g*Kg + k, p] = sum_r w[g*Kg + k, r] * x_col[n, g, r, p] + b, with x_col gathered on the fly.
+// y[n, g*Kg + k, p] = act(sum_r w[g*Kg + k, r] * x_col[n, g, r, p] + b), x_col gathered on the fly;
+// act is ReLU when relu != 0 (the epilogue of a conv followed by ReLU), else the identity.
 // grid: (ceil(OH*OW / TILE_P), ceil(Kg / TILE_K), min(N*groups, 65535)), block (16, 16).
 template<typename T>
 __global__ void conv2d_forward_direct(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
     int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups, int has_bias)
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups, int has_bias,
+    int relu)
 {
     __shared__ T x_tile[TILE_R][TILE_P];
     __shared__ T w_tile[TILE_R][TILE_K + 1];  // +1: the transposed store below hits distinct banks
@@ -60,9 +65,9 @@ __global__ void conv2d_forward_direct(
     const int tid = ty * blockDim.x + tx;
     const int p0 = blockIdx.x * TILE_P;
     const int k0 = blockIdx.y * TILE_K;
-    for (int ng = blockIdx.z; ng < N * groups; ng += gridDim.z) {
-        const int n = ng / groups;
-        const int g = ng % groups;
+    for (long long ng = blockIdx.z; ng < (long long)N * groups; ng += gridDim.z) {
+        const int n = (int)(ng / groups);
+        const int g = (int)(ng % groups);
         const T* x_n = x + ((long long)n * C + (long long)g * Cg) * H * W;
         const T* w_g = w + (long long)g * Kg * R;
 
@@ -113,7 +118,11 @@ __global__ void conv2d_forward_direct(
             for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
                 const int p = p0 + tx + j * 16;
                 if (p < P) {
-                    y_nk[p] = acc[j] + bias;
+                    T v = acc[j] + bias;
+                    if (relu && v <= T(0)) {  // the fused ReLU epilogue: -0 gives +0 as np.maximum does, NaN stays NaN
+                        v = T(0);
+                    }
+                    y_nk[p] = v;
                 }
             }
         }
@@ -144,9 +153,9 @@ __global__ void conv2d_backward_data_direct(
     const int tid = ty * blockDim.x + tx;
     const int q0 = blockIdx.x * TILE_P;
     const int c0 = blockIdx.y * TILE_K;
-    for (int ng = blockIdx.z; ng < N * groups; ng += gridDim.z) {
-        const int n = ng / groups;
-        const int g = ng % groups;
+    for (long long ng = blockIdx.z; ng < (long long)N * groups; ng += gridDim.z) {
+        const int n = (int)(ng / groups);
+        const int g = (int)(ng % groups);
         const T* dy_n = dy + ((long long)n * K + (long long)g * Kg) * P;
         const T* w_g = w + (long long)g * Kg * Cg * taps;
 
@@ -213,79 +222,155 @@ __global__ void conv2d_backward_data_direct(
     }
 }
 
-// dw[k, c, kh, kw] = sum over n, output pixel p of dy[n, k, p] * x[n, g*Cg + c, ih(p, kh), iw(p, kw)].
-// One block per weight element (grid-stride over them); REDUCE_THREADS threads stride over the
-// N*OH*OW products and a fixed tree adds their partial sums.
+// Filter and bias gradients: two-pass deterministic reductions, no atomics.
+// Pass 1 splits the N*OH*OW products of every sum into `slices` contiguous ranges; a block owns one
+// (output channel k, input channel c) pair, FILTER_TAPS taps of it and one range: each thread keeps
+// FILTER_TAPS accumulators in registers (one dy load serves every tap) and a fixed tree adds the
+// threads' values. Partial sums go to workspace[slice][e] (e: weight, then bias index).
+// Pass 2 (reduce_slices) adds each element's partials in slice order. The slice count depends only
+// on the shape, so the bits are the same on every run and every GPU.
+// grid: (K * C/groups, ceil(KH*KW / FILTER_TAPS), slices), block REDUCE_THREADS.
 template<typename T>
-__global__ void conv2d_backward_filter_direct(
-    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dw,
+__global__ void conv2d_backward_filter_partial(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ partial,
     int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
-    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups)
+    int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups,
+    int slices, int need_bias)
 {
-    __shared__ T partial[REDUCE_THREADS];
+    __shared__ T sums[FILTER_TAPS][REDUCE_THREADS];
+    __shared__ T bias_buffer[REDUCE_THREADS];
 
     const int Cg = C / groups;
     const int Kg = K / groups;
     const int taps = KH * KW;
     const int P = OH * OW;
-    const int weight_count = K * Cg * taps;
+    const int tid = threadIdx.x;
+    const int k = blockIdx.x / Cg;
+    const int c = blockIdx.x % Cg;
+    const int tap0 = blockIdx.y * FILTER_TAPS;
+    const int slice = blockIdx.z;
+    const int channel_in = (k / Kg) * Cg + c;
+    const int with_bias = need_bias && c == 0 && blockIdx.y == 0;  // one block per (k, slice) adds db
+    const long long weights = (long long)K * Cg * taps;
 
-    for (int e = blockIdx.x; e < weight_count; e += gridDim.x) {
-        const int k = e / (Cg * taps);
-        const int c = (e / taps) % Cg;
-        const int kh = (e % taps) / KW;
-        const int kw = e % KW;
-        const int channel_in = (k / Kg) * Cg + c;
+    // Each tap's input offset from the output pixel's window corner, kept in registers.
+    int tap_dh[FILTER_TAPS];
+    int tap_dw[FILTER_TAPS];
+    T acc[FILTER_TAPS];
+    for (int t = 0; t < FILTER_TAPS; ++t) {
+        const int tap = min(tap0 + t, taps - 1);
+        tap_dh[t] = (tap / KW) * dil_h - pad_h;
+        tap_dw[t] = (tap % KW) * dil_w - pad_w;
+        acc[t] = T(0);
+    }
+    T bias_sum = T(0);
 
-        // Walk (n, p) in steps of REDUCE_THREADS without a division per step.
-        int n = threadIdx.x / P;
-        int p = threadIdx.x % P;
-        T sum = T(0);
-        while (n < N) {
-            const int ih = (p / OW) * stride_h - pad_h + kh * dil_h;
-            const int iw = (p % OW) * stride_w - pad_w + kw * dil_w;
+    const long long items = (long long)N * P;
+    const long long chunk = (items + slices - 1) / slices;
+    const long long begin = min(items, (long long)slice * chunk);
+    const long long end = min(items, begin + chunk);
+    long long item = begin + tid;
+    int n = (int)(item / P);
+    int p = (int)(item % P);
+    const T* x_c = x + (long long)channel_in * H * W;
+    while (item < end) {
+        const T g = dy[((long long)n * K + k) * P + p];
+        bias_sum += g;
+        const int oh = p / OW;
+        const int ow = p % OW;
+        const T* x_plane = x_c + (long long)n * C * H * W;
+        for (int t = 0; t < FILTER_TAPS; ++t) {
+            const int ih = oh * stride_h + tap_dh[t];
+            const int iw = ow * stride_w + tap_dw[t];
             if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
-                sum += dy[((long long)n * K + k) * P + p]
-                     * x[(((long long)n * C + channel_in) * H + ih) * W + iw];
-            }
-            p += REDUCE_THREADS;
-            while (p >= P) {
-                p -= P;
-                ++n;
+                acc[t] += g * x_plane[ih * W + iw];
             }
         }
-        const T total = block_sum(sum, partial);
-        if (threadIdx.x == 0) {
-            dw[e] = total;
+        item += REDUCE_THREADS;
+        p += REDUCE_THREADS;
+        while (p >= P) {
+            p -= P;
+            ++n;
         }
-        __syncthreads();  // everyone has read partial[0] before the next element overwrites it
+    }
+
+    T* out = partial + (long long)slice * (weights + (need_bias ? K : 0));
+    for (int t = 0; t < FILTER_TAPS; ++t) {
+        sums[t][tid] = acc[t];
+    }
+    __syncthreads();
+    // FILTER_TAPS trees side by side, each in the fixed order of block_sum
+    for (int half = REDUCE_THREADS / 2; half > 0; half >>= 1) {
+        for (int e = tid; e < FILTER_TAPS * half; e += REDUCE_THREADS) {
+            const int t = e / half;
+            const int i = e % half;
+            sums[t][i] += sums[t][i + half];
+        }
+        __syncthreads();
+    }
+    if (tid < FILTER_TAPS && tap0 + tid < taps) {
+        out[((long long)k * Cg + c) * taps + tap0 + tid] = sums[tid][0];
+    }
+    if (with_bias) {
+        const T total = block_sum(bias_sum, bias_buffer);
+        if (tid == 0) {
+            out[weights + k] = total;
+        }
     }
 }
 
-// db[k] = sum over n, p of dy[n, k, p]; one block per channel, fixed-order tree.
+// db partials alone (the im2col path, whose filter gradient is a GEMM): partial[slice][k] is the sum
+// of dy[n, k, p] over the slice's range of the N*OH*OW items, fixed-order tree.
+// grid: (K, slices), block REDUCE_THREADS.
 template<typename T>
-__global__ void conv2d_backward_bias(
-    const T* __restrict__ dy, T* __restrict__ db, int N, int K, int P)
+__global__ void conv2d_backward_bias_partial(
+    const T* __restrict__ dy, T* __restrict__ partial, int N, int K, int P, int slices)
 {
-    __shared__ T partial[REDUCE_THREADS];
+    __shared__ T buffer[REDUCE_THREADS];
 
-    for (int k = blockIdx.x; k < K; k += gridDim.x) {
-        int n = threadIdx.x / P;
-        int p = threadIdx.x % P;
+    const int k = blockIdx.x;
+    const int slice = blockIdx.y;
+    const long long items = (long long)N * P;
+    const long long chunk = (items + slices - 1) / slices;
+    const long long begin = min(items, (long long)slice * chunk);
+    const long long end = min(items, begin + chunk);
+    long long item = begin + threadIdx.x;
+    int n = (int)(item / P);
+    int p = (int)(item % P);
+    T sum = T(0);
+    while (item < end) {
+        sum += dy[((long long)n * K + k) * P + p];
+        item += REDUCE_THREADS;
+        p += REDUCE_THREADS;
+        while (p >= P) {
+            p -= P;
+            ++n;
+        }
+    }
+    const T total = block_sum(sum, buffer);
+    if (threadIdx.x == 0) {
+        partial[(long long)slice * K + k] = total;
+    }
+}
+
+// Pass 2: out[e] = sum over s of partial[s][e] in slice order, e < first_count into `first`, the rest
+// into `second` (dw then db). One thread per element.
+template<typename T>
+__global__ void reduce_slices(
+    const T* __restrict__ partial, T* __restrict__ first, T* __restrict__ second, int first_count,
+    int count, int slices)
+{
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < count;
+         e += (long long)blockDim.x * gridDim.x) {
         T sum = T(0);
-        while (n < N) {
-            sum += dy[((long long)n * K + k) * P + p];
-            p += REDUCE_THREADS;
-            while (p >= P) {
-                p -= P;
-                ++n;
-            }
+        for (int s = 0; s < slices; ++s) {
+            sum += partial[(long long)s * count + e];
         }
-        const T total = block_sum(sum, partial);
-        if (threadIdx.x == 0) {
-            db[k] = total;
+        if (e < first_count) {
+            first[e] = sum;
+        } else {
+            second[e - first_count] = sum;
         }
-        __syncthreads();
     }
 }
 
@@ -299,16 +384,18 @@ __global__ void im2col(
     int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w)
 {
     const int P = OH * OW;
-    const int lines = C * KH * KW * N;
-    for (int line = blockIdx.y; line < lines; line += gridDim.y) {
-        const int n = line % N;
-        const int row = line / N;
+    const long long lines = (long long)C * KH * KW * N;
+    for (long long line = blockIdx.y; line < lines; line += gridDim.y) {
+        const int n = (int)(line % N);
+        const int row = (int)(line / N);
         const int kw = row % KW;
         const int kh = (row / KW) % KH;
         const int c = row / (KH * KW);
         const T* x_plane = x + ((long long)n * C + c) * H * W;
-        T* col_line = col + (long long)line * P;
-        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += blockDim.x * gridDim.x) {
+        T* col_line = col + line * P;
+        for (long long p_index = (long long)blockIdx.x * blockDim.x + threadIdx.x; p_index < P;
+             p_index += (long long)blockDim.x * gridDim.x) {
+            const int p = (int)p_index;
             const int ih = (p / OW) * stride_h - pad_h + kh * dil_h;
             const int iw = (p % OW) * stride_w - pad_w + kw * dil_w;
             T value = T(0);
@@ -317,6 +404,32 @@ __global__ void im2col(
             }
             col_line[p] = value;
         }
+    }
+}
+
+// The im2col GEMM's channel-major output of a batch chunk, (K, n, OH*OW), into NCHW y (the chunk's
+// first sample at y), with the bias and, when relu != 0, ReLU: one pass instead of a transposing
+// copy, a bias add and an activation. Grid-stride over the chunk's n*K*OH*OW outputs.
+template<typename T>
+__global__ void im2col_output(
+    const T* __restrict__ src, const T* __restrict__ b, T* __restrict__ y, int n, int K, int P,
+    int has_bias, int relu)
+{
+    const long long count = (long long)n * K * P;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)blockDim.x * gridDim.x) {
+        const int p = (int)(i % P);
+        const long long sample_channel = i / P;
+        const int k = (int)(sample_channel % K);
+        const long long sample = sample_channel / K;
+        T v = src[((long long)k * n + sample) * P + p];
+        if (has_bias) {
+            v += b[k];
+        }
+        if (relu && v <= T(0)) {
+            v = T(0);
+        }
+        y[i] = v;
     }
 }
 
@@ -330,12 +443,13 @@ __global__ void col2im(
     int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w)
 {
     const int P = OH * OW;
-    for (int plane = blockIdx.y; plane < N * C; plane += gridDim.y) {
-        const int n = plane / C;
-        const int c = plane % C;
-        T* dx_plane = dx + (long long)plane * H * W;
-        for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < H * W;
-             pixel += blockDim.x * gridDim.x) {
+    for (long long plane = blockIdx.y; plane < (long long)N * C; plane += gridDim.y) {
+        const int n = (int)(plane / C);
+        const int c = (int)(plane % C);
+        T* dx_plane = dx + plane * H * W;
+        for (long long pixel_index = (long long)blockIdx.x * blockDim.x + threadIdx.x; pixel_index < H * W;
+             pixel_index += (long long)blockDim.x * gridDim.x) {
+            const int pixel = (int)pixel_index;
             const int ih = pixel / W;
             const int iw = pixel % W;
             T sum = T(0);

@@ -3,10 +3,13 @@
 // 2-D pooling, NCHW, PyTorch semantics: max (padding acts as -inf), avg (count_include_pad),
 // lp ((sum x^p)^(1/p)). Forward: one thread per output element. Backward is gather-style: one thread
 // per input element loops over the output windows that cover it, so overlapping windows need no
-// atomics and the sum runs in a fixed order. Max backward takes x (not saved indices) and recomputes
-// each covering window's argmax with the forward's exact rule.
+// atomics and the sum runs in a fixed order. Max forward can save each window's argmax (its flat
+// offset ih*W + iw in the plane, int32) and max backward reads those indices instead of re-finding
+// each covering window's maximum; LP backward takes the forward's output y.
 // Launch: grid.y strides over the N*C planes, grid.x over the pixels of one plane (both grid-stride),
-// so no 64-bit division is needed per element; offsets into the arrays are long long.
+// so no 64-bit division is needed per element; offsets into the arrays are long long, and so are
+// the grid-stride loop counters: a counter plus the grid's stride passes 2^31 once a plane (or the
+// plane count) passes 2^30 even though the count itself fits an int.
 
 template<typename T> __device__ __forceinline__ T negative_infinity();
 template<> __device__ __forceinline__ float negative_infinity<float>()
@@ -76,39 +79,50 @@ __device__ __forceinline__ int last_window(int i, int stride, int pad, int out_s
 }
 
 // One thread per output pixel (forward) or per input pixel (backward) of each plane.
-#define FOR_EACH_PIXEL(pixel, count)                                                       \
-    for (int pixel = blockIdx.x * blockDim.x + threadIdx.x; pixel < (count);               \
-         pixel += blockDim.x * gridDim.x)
+// The counters are long long (see the top); inside a plane the pixel fits an int (the launcher
+// checks H*W and OH*OW), so the bodies cast it once and divide in 32 bits.
+#define FOR_EACH_PIXEL(pixel_index, count)                                                 \
+    for (long long pixel_index = (long long)blockIdx.x * blockDim.x + threadIdx.x;         \
+         pixel_index < (long long)(count); pixel_index += (long long)blockDim.x * gridDim.x)
 #define FOR_EACH_PLANE(plane)                                                              \
-    for (int plane = blockIdx.y; plane < planes; plane += gridDim.y)
+    for (long long plane = blockIdx.y; plane < (long long)planes; plane += gridDim.y)
 
+// y = the window maximum; with save_indices, indices[o] = its flat offset ih*W + iw in the plane
+// (what the backward reads). Without it `indices` is not touched (a 1-element dummy is passed).
 template<typename T>
 __global__ void max_pool2d_forward(
-    const T* __restrict__ x, T* __restrict__ y, int planes, int H, int W, int OH, int OW,
-    int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w)
+    const T* __restrict__ x, T* __restrict__ y, int* __restrict__ indices, int save_indices, int planes,
+    int H, int W, int OH, int OW, int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w)
 {
     FOR_EACH_PLANE(plane) {
-        const T* x_plane = x + (long long)plane * H * W;
-        T* y_plane = y + (long long)plane * OH * OW;
-        FOR_EACH_PIXEL(pixel, OH * OW) {
+        const T* x_plane = x + plane * H * W;
+        T* y_plane = y + plane * OH * OW;
+        FOR_EACH_PIXEL(pixel_index, OH * OW) {
+            const int pixel = (int)pixel_index;
             const int oh = pixel / OW;
             const int ow = pixel % OW;
-            y_plane[pixel] = x_plane[window_argmax(
-                x_plane, H, W, oh * stride_h - pad_h, ow * stride_w - pad_w, KH, KW)];
+            const int winner = window_argmax(
+                x_plane, H, W, oh * stride_h - pad_h, ow * stride_w - pad_w, KH, KW);
+            y_plane[pixel] = x_plane[winner];
+            if (save_indices) {
+                indices[plane * OH * OW + pixel] = winner;
+            }
         }
     }
 }
 
+// dx[q] = sum of dy[o] over the covering windows o whose saved argmax is q, in a fixed order.
 template<typename T>
 __global__ void max_pool2d_backward(
-    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int planes, int H, int W,
+    const T* __restrict__ dy, const int* __restrict__ indices, T* __restrict__ dx, int planes, int H, int W,
     int OH, int OW, int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w)
 {
     FOR_EACH_PLANE(plane) {
-        const T* x_plane = x + (long long)plane * H * W;
-        const T* dy_plane = dy + (long long)plane * OH * OW;
-        T* dx_plane = dx + (long long)plane * H * W;
-        FOR_EACH_PIXEL(pixel, H * W) {
+        const int* index_plane = indices + plane * OH * OW;
+        const T* dy_plane = dy + plane * OH * OW;
+        T* dx_plane = dx + plane * H * W;
+        FOR_EACH_PIXEL(pixel_index, H * W) {
+            const int pixel = (int)pixel_index;
             const int ih = pixel / W;
             const int iw = pixel % W;
             const int oh_end = last_window(ih, stride_h, pad_h, OH);
@@ -116,9 +130,7 @@ __global__ void max_pool2d_backward(
             T grad = T(0);
             for (int oh = first_window(ih, KH, stride_h, pad_h); oh <= oh_end; ++oh) {
                 for (int ow = first_window(iw, KW, stride_w, pad_w); ow <= ow_end; ++ow) {
-                    const int winner = window_argmax(
-                        x_plane, H, W, oh * stride_h - pad_h, ow * stride_w - pad_w, KH, KW);
-                    if (winner == pixel) {
+                    if (index_plane[oh * OW + ow] == pixel) {
                         grad += dy_plane[oh * OW + ow];
                     }
                 }
@@ -134,9 +146,10 @@ __global__ void avg_pool2d_forward(
     int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w, int count_include_pad)
 {
     FOR_EACH_PLANE(plane) {
-        const T* x_plane = x + (long long)plane * H * W;
-        T* y_plane = y + (long long)plane * OH * OW;
-        FOR_EACH_PIXEL(pixel, OH * OW) {
+        const T* x_plane = x + plane * H * W;
+        T* y_plane = y + plane * OH * OW;
+        FOR_EACH_PIXEL(pixel_index, OH * OW) {
+            const int pixel = (int)pixel_index;
             const int h_start = (pixel / OW) * stride_h - pad_h;
             const int w_start = (pixel % OW) * stride_w - pad_w;
             const int h_end = min(h_start + KH, H);
@@ -159,9 +172,10 @@ __global__ void avg_pool2d_backward(
     int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w, int count_include_pad)
 {
     FOR_EACH_PLANE(plane) {
-        const T* dy_plane = dy + (long long)plane * OH * OW;
-        T* dx_plane = dx + (long long)plane * H * W;
-        FOR_EACH_PIXEL(pixel, H * W) {
+        const T* dy_plane = dy + plane * OH * OW;
+        T* dx_plane = dx + plane * H * W;
+        FOR_EACH_PIXEL(pixel_index, H * W) {
+            const int pixel = (int)pixel_index;
             const int ih = pixel / W;
             const int iw = pixel % W;
             const int oh_end = last_window(ih, stride_h, pad_h, OH);
@@ -186,9 +200,10 @@ __global__ void lp_pool2d_forward(
     int KH, int KW, int stride_h, int stride_w, int pad_h, int pad_w, T norm_type)
 {
     FOR_EACH_PLANE(plane) {
-        const T* x_plane = x + (long long)plane * H * W;
-        T* y_plane = y + (long long)plane * OH * OW;
-        FOR_EACH_PIXEL(pixel, OH * OW) {
+        const T* x_plane = x + plane * H * W;
+        T* y_plane = y + plane * OH * OW;
+        FOR_EACH_PIXEL(pixel_index, OH * OW) {
+            const int pixel = (int)pixel_index;
             const int h_start = (pixel / OW) * stride_h - pad_h;
             const int w_start = (pixel % OW) * stride_w - pad_w;
             const int h_end = min(h_start + KH, H);
@@ -213,11 +228,12 @@ __global__ void lp_pool2d_backward(
     int pad_h, int pad_w, T norm_type)
 {
     FOR_EACH_PLANE(plane) {
-        const T* x_plane = x + (long long)plane * H * W;
-        const T* y_plane = y + (long long)plane * OH * OW;
-        const T* dy_plane = dy + (long long)plane * OH * OW;
-        T* dx_plane = dx + (long long)plane * H * W;
-        FOR_EACH_PIXEL(pixel, H * W) {
+        const T* x_plane = x + plane * H * W;
+        const T* y_plane = y + plane * OH * OW;
+        const T* dy_plane = dy + plane * OH * OW;
+        T* dx_plane = dx + plane * H * W;
+        FOR_EACH_PIXEL(pixel_index, H * W) {
+            const int pixel = (int)pixel_index;
             const int ih = pixel / W;
             const int iw = pixel % W;
             const T value = x_plane[pixel];

@@ -126,9 +126,10 @@ def test_out_of_memory_in_the_optimizer_names_the_training_step(monkeypatch):
     from gpuconv import optim
     from gpuconv.errors import GpuOutOfMemoryError
 
-    def no_memory(self, index, p):
+    def no_memory(self, *args):
         raise cupy.cuda.memory.OutOfMemoryError(1 << 30, 0)
     monkeypatch.setattr(optim.SGD, "update", no_memory)
+    monkeypatch.setattr(optim.SGD, "fused_update", no_memory)  # the one-launch step on a GPU
     with emulation(devices=1):
         trainer = train.Trainer(dict(SMALL, device="cuda:0"), log=lambda *_: None)
         with pytest.raises(GpuOutOfMemoryError, match=r"training step.*x=\(16, 1, 28, 28\).*smaller batch"):

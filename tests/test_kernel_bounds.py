@@ -22,10 +22,13 @@ GUARD = 2048  # elements on each side of every buffer
 
 
 class GuardedBuffers:
-    """np.empty / np.zeros (what the launch code allocates through under emulation) return arrays in
-    the middle of a larger allocation whose guard zones hold a NaN bit pattern (all bits set): an
-    out-of-bounds read brings a NaN into the result, an out-of-bounds write changes a guard byte,
-    which check() reports. Inputs go through copy()."""
+    """np.empty / np.zeros of a float or int dtype (what the launch code allocates through under
+    emulation: buffers, max pooling's saved indices) return arrays in the middle of a larger
+    allocation filled with a guard pattern: a signalling NaN in a float (-1 in an int). An
+    out-of-bounds read brings a NaN into the result; an out-of-bounds write changes a guard element,
+    which check() reports, even when it writes back arithmetic on the guard's own NaN (an in-place
+    `y[i] = y[i] + b` one past the end): arithmetic returns the quiet NaN, other bits. Inputs go
+    through copy()."""
 
     def __init__(self):
         self.raw = []
@@ -34,7 +37,8 @@ class GuardedBuffers:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64))
         raw = self.real_empty(count + 2 * GUARD, dtype)
-        raw.view(np.uint8)[:] = 0xFF
+        bits, pattern = _guard_pattern(dtype)
+        raw.view(bits)[:] = pattern
         self.raw.append(raw)
         return raw[GUARD:GUARD + count].reshape(shape)
 
@@ -47,12 +51,13 @@ class GuardedBuffers:
         self.real_empty, self.real_zeros = np.empty, np.zeros
 
         def empty(shape, dtype=float, order="C", **kwargs):
-            if order != "C" or kwargs or np.dtype(dtype).kind != "f":
+            if order != "C" or kwargs or np.dtype(dtype).kind not in "fi":
                 return self.real_empty(shape, dtype, order, **kwargs)
-            return self._make(shape, dtype)  # NaN-filled: an element a kernel never writes shows up
+            # NaN-filled (an int: -1, which names no pixel): an element a kernel never writes shows up
+            return self._make(shape, dtype)
 
         def zeros(shape, dtype=float, order="C", **kwargs):
-            if order != "C" or kwargs or np.dtype(dtype).kind != "f":
+            if order != "C" or kwargs or np.dtype(dtype).kind not in "fi":
                 return self.real_zeros(shape, dtype, order, **kwargs)
             out = self._make(shape, dtype)
             out[...] = 0
@@ -66,10 +71,22 @@ class GuardedBuffers:
 
     def check(self, what):
         for raw in self.raw:
-            bytes_ = raw.view(np.uint8)
-            guard = GUARD * raw.itemsize
-            assert (bytes_[:guard] == 0xFF).all() and (bytes_[-guard:] == 0xFF).all(), (
+            bits, pattern = _guard_pattern(raw.dtype)
+            words = raw.view(bits)
+            assert (words[:GUARD] == pattern).all() and (words[-GUARD:] == pattern).all(), (
                 f"{what}: a kernel wrote outside a buffer (a guard zone changed)")
+
+
+def _guard_pattern(dtype):
+    """(unsigned view dtype, guard value): a signalling NaN for float32/float64 (quiet bit clear,
+    payload non-zero), all bits set otherwise."""
+    dtype = np.dtype(dtype)
+    bits = np.dtype(f"u{dtype.itemsize}")
+    if dtype == np.float32:
+        return bits, bits.type(0x7FA00000)
+    if dtype == np.float64:
+        return bits, bits.type(0x7FF4000000000000)
+    return bits, bits.type(np.iinfo(bits).max)
 
 
 def guarded_conv(case, dtype, algo):
@@ -115,7 +132,7 @@ def test_pool_reads_and_writes_stay_inside_their_buffers(case):
     expected = cases.pool_outputs(case, F64)
     with GuardedBuffers() as buffers, emulation():
         x, dy = buffers.copy(x), buffers.copy(dy)
-        got = {"y": np.array(cases.pool_forward(case, x)), "dx": np.array(cases.pool_backward(case, dy, x))}
+        got = {name: np.array(value) for name, value in cases.pool_results(case, x, dy).items()}
     buffers.check(f"pool {case}")
     bad = cases.mismatches(got, expected, F64)
     assert not bad, f"pool {case}: {bad} differ from the NumPy path"
@@ -154,6 +171,72 @@ def test_conv_shared_tiles_stay_in_bounds_under_asan():
     result = emulate.run_sanitized("asan", code, timeout=300)
     assert "AddressSanitizer" not in result.stderr, result.stderr[-4000:]
     assert result.returncode == 0 and "all matched" in result.stdout, result.stderr[-4000:]
+
+
+# the grid-stride kernels over flat counts: several blocks (count > one block's threads), and more
+# elements than the launcher's capped grid holds, so the loop takes a second step
+# (shape, inner, relu settings): the large case runs the ReLU alone, to keep the test short
+ELEMENTWISE_SHAPES = {"blocks": ((4, 6, 5, 7), 35, (0, 1)), "grid-stride": ((4096 * 256 + 300, 3), 1, (1,))}
+
+
+@pytest.mark.parametrize("shape, inner, relus", list(ELEMENTWISE_SHAPES.values()), ids=list(ELEMENTWISE_SHAPES))
+def test_elementwise_epilogues_stay_inside_their_buffers(shape, inner, relus):
+    # bias_act and relu_backward: a loop bound one past the end reads and writes the element after
+    # the buffer, which no value check sees; a wrong step repeats bias_act's in-place add.
+    from gpuconv.cuda import emulation
+    from gpuconv.ops import elementwise_cuda
+    assert elementwise_cuda.MAX_BLOCKS * elementwise_cuda.THREADS == 4096 * 256
+    rng = np.random.default_rng(3)
+    y0, b = rng.standard_normal(shape), rng.standard_normal(shape[1])
+    dy = rng.standard_normal(shape)
+    for relu in relus:
+        expected = y0 + b.reshape((1, -1) + (1,) * (len(shape) - 2))
+        expected = np.maximum(expected, 0) if relu else expected
+        with GuardedBuffers() as buffers, emulation():
+            y = buffers.copy(y0)
+            elementwise_cuda.bias_act(y, buffers.copy(b), inner, relu)
+            dx = np.array(elementwise_cuda.relu_backward(buffers.copy(dy), y))
+            y = np.array(y)
+        buffers.check(f"bias_act / relu_backward (relu={relu})")
+        np.testing.assert_allclose(y, expected, rtol=1e-15, atol=1e-15)
+        np.testing.assert_array_equal(dx, np.where(expected > 0, dy, 0))
+
+
+OPTIMIZER_SHAPES = {"blocks": [(7,), (30, 11), (1,)], "grid-stride": [(7,), (513, 512), (1,)]}
+
+
+@pytest.mark.parametrize("shapes", list(OPTIMIZER_SHAPES.values()), ids=list(OPTIMIZER_SHAPES))
+@pytest.mark.parametrize("name, kwargs", [("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+                                          ("Adam", dict(lr=0.01, weight_decay=0.01))])
+def test_the_fused_optimizer_stays_inside_its_flat_buffers(name, kwargs, shapes):
+    # sgd_update / adam_update over flat buffers of 338 elements (two blocks) and of 262,664 (more
+    # than the launcher's 1024 blocks of 256 threads): an access one past the end lands in the
+    # guard zone (in a real step, on whatever CuPy's pool put next); a wrong step skips or repeats.
+    from gpuconv import optim
+    from gpuconv.cuda import emulation
+    from gpuconv.nn import Parameter
+    assert optim.FUSED_MAX_BLOCKS * optim.FUSED_THREADS == 1024 * 256
+    rng = np.random.default_rng(4)
+    start = [rng.standard_normal(shape) for shape in shapes]
+    grads = [[rng.standard_normal(shape) for shape in shapes] for _ in range(2)]
+
+    def run(emulated):
+        params = [Parameter(a.copy(), f"p{i}") for i, a in enumerate(start)]
+        opt = getattr(optim, name)(params, **kwargs)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.copy()
+            opt.step()
+        if emulated:
+            assert opt.flat is not None  # the fused path ran
+        return [np.array(p.data) for p in params]
+
+    expected = run(False)
+    with GuardedBuffers() as buffers, emulation():
+        got = run(True)
+    buffers.check(f"{name} fused step")
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,3 +60,24 @@ def test_tile_sizes_have_one_source_the_kernel_file():
     import inspect
     source = inspect.getsource(conv_cuda)
     assert "TILE_P = 64" not in source and "must match" not in source.lower()
+
+
+def test_step_plan_lists_every_launch_of_a_training_step():
+    rows = plan.step_launches(batch=4)
+    kinds = {row["kind"] for row in rows}
+    assert kinds <= {"own", "cublas", "cupy"} and {"own", "cublas", "cupy"} <= kinds
+    own = [row["what"].split(" ")[0] for row in rows if row["kind"] == "own"]
+    assert own[0] == "conv2d_forward_direct" and "max_pool2d_backward" in own
+    # the conv layers' own kernels are FLOP-counted from their arguments, the GEMMs from their shapes
+    summary = {r["name"]: r["flops"] for r in LeNet5().summary((1, 1, 28, 28), print_fn=None)["layers"]}
+    first = next(row for row in rows if row["what"].startswith("conv2d_forward_direct"))
+    assert abs(first["flops"] - 4 * summary["conv1"]) <= 4 * 6 * 28 * 28  # the bias adds, or not
+    assert all(row["bytes"] > 0 for row in rows)
+    memory = plan.step_launches.last_memory
+    assert memory["reads"] == 0 and memory["allocations"] > 0  # a step reads nothing back
+    text = plan.format_step(rows, memory)
+    assert f"total: {len(rows)} launches per step" in text and "0 blocking reads" in text
+    # the optimizer is one launch, and no ReLU runs as a separate CuPy maximum
+    assert [row["what"].split(" ")[0] for row in rows].count("sgd_update") == 1
+    assert not any(row["what"] == "CuPy maximum" for row in rows)
+    assert conv_cuda.launch.__name__ == "launch"  # the recorder is taken off again

@@ -38,14 +38,18 @@ def test_tile_kernels_use_shared_memory_and_pool_kernels_none(builds):
     shared = {k.name_expression: k.shared_bytes for k in builds[("conv2d.cu", "80")].kernels}
     assert shared["conv2d_forward_direct<float>"] > 0
     assert shared["conv2d_forward_direct<double>"] == 2 * shared["conv2d_forward_direct<float>"]
-    assert shared["conv2d_backward_filter_direct<float>"] == 256 * 4
+    # the filter-gradient block: FILTER_TAPS accumulator rows and one bias row of REDUCE_THREADS each
+    assert shared["conv2d_backward_filter_partial<float>"] == (16 + 1) * 256 * 4
+    assert shared["conv2d_backward_bias_partial<float>"] == 256 * 4
     assert all(k.shared_bytes == 0 for k in builds[("pool2d.cu", "80")].kernels)
 
 
 def test_check_kernels_main_passes_and_prints_the_table(builds, capsys):
     assert check.main([]) == 0
     out = capsys.readouterr().out
-    assert "conv2d_forward_direct" in out and "sm_120" in out and "all 168 kernel builds ok" in out
+    from gpuconv.cuda.tools.offline import ARCHS
+    builds_count = 2 * len(ARCHS) * sum(len(names) for names in runtime.KERNELS.values())
+    assert "conv2d_forward_direct" in out and "sm_120" in out and f"all {builds_count} kernel builds ok" in out
 
 
 def test_kernel_rows_are_data_for_the_readme(builds):

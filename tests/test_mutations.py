@@ -73,13 +73,20 @@ MUTANTS = {
         "if (tid == 0) { buffer[0] = T(0); }\n    __syncthreads();\n"
         "    buffer[0] += value;  /* mutant: racy += instead of the tree */\n"
         "    __syncthreads();\n    return buffer[0];\n", 0, regex=True)),
-    # The filter gradient scattered with a racy += into global memory instead of the gathered,
-    # fixed-order reduction.
+    # The filter gradient's partial sums scattered with a racy += into global memory instead of the
+    # fixed-order tree.
     "racy_global_accumulation": ("conv2d.cu", lambda: mutate(
-        CONV, "conv2d_backward_filter_direct",
-        r"const T total = block_sum\(sum, partial\);\s*if \(threadIdx\.x == 0\) \{\s*dw\[e\] = total;\s*\}",
-        "if (threadIdx.x == 0) { dw[e] = T(0); }\n        __syncthreads();\n"
-        "        dw[e] += sum;  /* mutant: racy scatter instead of the gather */", 0, regex=True)),
+        CONV, "conv2d_backward_filter_partial",
+        r"(?s)for \(int t = 0; t < FILTER_TAPS; \+\+t\) \{\s*sums\[t\]\[tid\] = acc\[t\];.*?= sums\[tid\]\[0\];\s*\}",
+        "const long long base = ((long long)k * Cg + c) * taps + tap0;\n"
+        "    if (tid == 0) { for (int t = 0; t < FILTER_TAPS && tap0 + t < taps; ++t) { out[base + t] = T(0); } }\n"
+        "    __syncthreads();\n"
+        "    for (int t = 0; t < FILTER_TAPS && tap0 + t < taps; ++t) {\n"
+        "        out[base + t] += acc[t];  /* mutant: racy scatter instead of the tree */\n    }\n"
+        "    __syncthreads();", 0, regex=True)),
+    # Drop the barrier between the levels of the filter gradient's side-by-side trees.
+    "filter_tree_barrier": ("conv2d.cu", lambda: mutate(
+        CONV, "conv2d_backward_filter_partial", "__syncthreads();", "/* mutant: barrier dropped */", 1)),
     # The pooling window is no longer clipped at the bottom edge: an out-of-bounds pool index.
     "avg_pool_window_unclipped": ("pool2d.cu", lambda: mutate(
         POOL, "avg_pool2d_forward", "min(h_start + KH, H)", "(h_start + KH)", 0)),
@@ -97,6 +104,7 @@ EXPECTED = {
     "halo_bound_off_by_one": ({"mismatch"}, "asan"),
     "racy_shared_accumulation": ({"order-dependent"}, "threads"),
     "racy_global_accumulation": ({"order-dependent"}, "threads"),
+    "filter_tree_barrier": ({"mismatch"}, None),
     "avg_pool_window_unclipped": ({"mismatch"}, "asan"),
     "max_pool_window_off_by_one": ({"mismatch"}, None),
 }

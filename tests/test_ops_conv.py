@@ -207,8 +207,9 @@ class _FakeLaunchers:
     def __init__(self):
         self.calls = []
 
-    def conv2d_forward(self, *args):
+    def conv2d_forward(self, *args, **kwargs):
         self.calls.append(("forward", args))
+        self.forward_kwargs = kwargs
         return "from-cuda"
 
     def conv2d_backward(self, *args):
@@ -234,7 +235,9 @@ def test_dispatch_hands_the_launchers_normalised_pairs(fake_conv_cuda):
     assert conv2d(x, w, b, stride=2, padding=1, dilation=1, groups=2, algo="direct") == "from-cuda"
     _, args = fake_conv_cuda.calls[-1]
     assert args[0] is x and args[1] is w and args[2] is b
-    assert args[3:] == ((2, 2), (1, 1), (1, 1), 2, "direct")
+    assert args[3:] == ((2, 2), (1, 1), (1, 1), 2, "direct") and fake_conv_cuda.forward_kwargs == {"relu": False}
+    conv2d(x, w, b, stride=2, padding=1, groups=2, activation="relu")
+    assert fake_conv_cuda.forward_kwargs == {"relu": True}  # the epilogue is the launcher's
     dy = np.ones((1, 2, 3, 3), np.float32)
     conv2d_backward(dy, x, w, 2, 1, 1, 2, "im2col", need_dx=False, need_bias=True)
     _, args = fake_conv_cuda.calls[-1]

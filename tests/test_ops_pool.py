@@ -237,7 +237,7 @@ def test_dispatch_hands_pool_cuda_normalised_arguments(monkeypatch):
         assert lp_pool2d_backward(np.ones((1, 1, 3, 3), np.float32), x, 3, 2) == "backward"
     finally:
         backend._emulation_override.pop()
-    assert calls[0] == ("max", x, (3, 3), (3, 3), (1, 1), 0.0, True)
-    assert calls[1] == ("avg", x, (3, 2), (1, 1), (1, 0), 0.0, False)
-    assert calls[2] == ("lp", x, (2, 2), (2, 2), (0, 0), 2.0, True)
-    assert calls[3][0] == "lp" and calls[3][2] is x and calls[3][3:] == ((2, 2), (2, 2), (0, 0), 3.0, True)
+    assert calls[0] == ("max", x, (3, 3), (3, 3), (1, 1), 0.0, True, False)  # no indices asked for
+    assert calls[1] == ("avg", x, (3, 2), (1, 1), (1, 0), 0.0, False, False)
+    assert calls[2] == ("lp", x, (2, 2), (2, 2), (0, 0), 2.0, True, False)
+    assert calls[3][0] == "lp" and calls[3][2] is x and calls[3][3:] == ((2, 2), (2, 2), (0, 0), 3.0, True, None)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import functional, ops, optim
 from ..autograd import no_grad
-from ..backend import get_array_module, to_device
+from ..backend import get_array_module, to_device, uses_cuda_kernels
 from ..compiler import compile as compile_model
 from ..models import LeNet5
 
@@ -165,7 +165,9 @@ class GpuconvRows:
             k = POOLS[layer_name]["k"]
             if op == "forward":
                 return lambda: ops.max_pool2d(x, k)
-            return lambda: ops.max_pool2d_backward(dy, x, k)
+            # the GPU path reads the argmax its forward saved (train does that): made once, untimed
+            indices = ops.max_pool2d(x, k, return_indices=True)[1] if uses_cuda_kernels(x) else None
+            return lambda: ops.max_pool2d_backward(dy, x, k, indices=indices)
         if layer_name in LINEARS:
             w, b = layer.weight.data, layer.bias.data
             if op == "forward":

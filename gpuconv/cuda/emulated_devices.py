@@ -27,7 +27,11 @@ import numpy as np
 
 from ..errors import DeviceMismatchError
 
-Event = collections.namedtuple("Event", "kind device nbytes what")
+# kind: "alloc" (a new buffer), "launch" (one of gpuconv's kernels or a cuBLAS GEMM from the launch
+# code), "op" (what CuPy would run as its own kernel: an elementwise ufunc, a reduction, a copy, a
+# matmul on a device array; nbytes = bytes read and written, flops = arithmetic, both estimates),
+# "read" (a blocking copy to the host).
+Event = collections.namedtuple("Event", "kind device nbytes what flops", defaults=(0,))
 
 _state = threading.local()
 _count = 0          # emulated devices; 0 = emulated devices are off
@@ -87,9 +91,9 @@ class EmulatedDevice:
         return f"<EmulatedDevice {self.id}>"
 
 
-def record(kind, nbytes=0, what="", device=None):
+def record(kind, nbytes=0, what="", device=None, flops=0):
     if _recorders:
-        event = Event(kind, current_id() if device is None else device, int(nbytes), what)
+        event = Event(kind, current_id() if device is None else device, int(nbytes), what, int(flops))
         for events in _recorders:
             events.append(event)
 
@@ -146,6 +150,15 @@ class DeviceArray(np.ndarray):
         record("read", self.nbytes, "get", self.device_id)
         return np.array(self.view(np.ndarray), copy=True)
 
+    def set(self, host):
+        """Copy a host array into this one, like cupy.ndarray.set(): recorded as a write from the
+        host (it allocates nothing)."""
+        host = np.asarray(host)
+        if host.shape != self.shape:
+            raise ValueError(f"set: shape mismatch, {host.shape} into {self.shape}")
+        record("write", host.nbytes, "set", self.device_id)
+        self.view(np.ndarray)[...] = host
+
     # Each of these waits for the GPU and copies a value to the host: recorded, so a test can count
     # the blocking reads a training step makes.
     def item(self, *args):
@@ -174,6 +187,8 @@ class DeviceArray(np.ndarray):
         if out is not None:
             kwargs["out"] = tuple(_plain(value) for value in out)
         result = getattr(ufunc, method)(*plain, **kwargs)
+        name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
+        _record_op(name, plain, result if out is None else kwargs["out"])
         if out is not None:
             return out[0] if len(out) == 1 else out
         return _wrap(result, ufunc.__name__)
@@ -183,9 +198,70 @@ class DeviceArray(np.ndarray):
                     if isinstance(value, np.ndarray)]
         _check_current(operands, f"numpy.{func.__name__}")
         result = func(*_unwrap(args), **_unwrap(kwargs))
+        if func.__name__ not in _NO_KERNEL:
+            _record_op(func.__name__, [_plain(o) for o in operands], result)
         if "out" in kwargs and kwargs["out"] is not None:
             return kwargs["out"]
         return _wrap(result, func.__name__)
+
+    # CuPy runs each of these as a kernel of its own (a cast, a copy, a gather, a reduction), but
+    # NumPy's methods do not dispatch through __array_function__: recorded here.
+    def astype(self, dtype, *args, **kwargs):
+        result = self.view(np.ndarray).astype(dtype, *args, **kwargs)
+        if not np.may_share_memory(result, self.view(np.ndarray)):
+            _record_op("astype", [self], result)
+        return _wrap(result, "astype")
+
+    def copy(self, order="C"):
+        result = self.view(np.ndarray).copy(order)
+        _record_op("copy", [self], result)
+        return _wrap(result, "copy")
+
+    def argmax(self, *args, **kwargs):
+        result = self.view(np.ndarray).argmax(*args, **kwargs)
+        _record_op("argmax", [self], result)
+        return _wrap(result, "argmax")
+
+    def __getitem__(self, index):
+        result = super().__getitem__(index)
+        if _advanced(index) and isinstance(result, np.ndarray):
+            _record_op("take", [result], result)
+        return result
+
+    def __setitem__(self, index, value):
+        super().__setitem__(index, value)
+        if _recorders:
+            target = self.view(np.ndarray)[index]
+            _record_op("copy", [np.asarray(_plain(value))], target)
+
+
+# Array functions that CuPy answers without a kernel (views, metadata, no-op conversions).
+_NO_KERNEL = {"reshape", "transpose", "ravel", "squeeze", "expand_dims", "swapaxes", "moveaxis",
+              "broadcast_to", "shape", "ndim", "size", "result_type", "may_share_memory",
+              "shares_memory", "atleast_1d", "atleast_2d", "ascontiguousarray", "asarray", "can_cast"}
+
+
+def _advanced(index):
+    """True for an index that gathers (an integer or boolean array), which CuPy runs as a kernel."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, (np.ndarray, list)) for p in parts)
+
+
+def _record_op(name, inputs, outputs):
+    """One "op" event: what CuPy would launch for `name`, with the bytes it reads and writes and one
+    flop per output element (a matmul counts 2*M*N*K)."""
+    if not _recorders:
+        return
+    outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if isinstance(o, np.ndarray)]
+    arrays = [a for a in inputs if isinstance(a, np.ndarray)] + outputs
+    nbytes = sum(a.nbytes for a in arrays)
+    if name == "matmul" and len(inputs) >= 2 and all(getattr(a, "ndim", 0) >= 2 for a in inputs[:2]):
+        flops = 2 * outputs[0].size * inputs[0].shape[-1] if outputs else 0
+    else:
+        flops = max((o.size for o in outputs), default=0)
+        if name.endswith(".reduce") or name in ("sum", "mean", "argmax", "max", "min"):
+            flops = max((a.size for a in inputs if isinstance(a, np.ndarray)), default=flops)
+    record("op", nbytes, name, flops=flops)
 
 
 def _flatten(values):
@@ -254,6 +330,8 @@ def allocate(shape, dtype, zero=False, what="buffer"):
     allocates through here under emulation)."""
     array = (np.zeros if zero else np.empty)(shape, dtype=dtype)
     record("alloc", array.nbytes, what)
+    if zero and array.size:
+        _record_op("fill", [], array)
     if _count:
         array = array.view(DeviceArray)
         array.device_id = current_id()
@@ -272,6 +350,10 @@ _CREATION = ("asarray", "ascontiguousarray", "asfortranarray", "array", "copy", 
              "full_like", "frombuffer", "fromiter")
 
 
+_FILLS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange", "eye", "identity",
+          "linspace")
+
+
 class _ArrayModule:
     """What get_array_module returns for an emulated device's arrays: NumPy, with CuPy's rule that
     new arrays live on the current device."""
@@ -287,6 +369,11 @@ class _ArrayModule:
             operands = [a for a in _flatten(list(args)) if isinstance(a, DeviceArray)]
             _check_current(operands, f"numpy.{name}")
             result = attribute(*_unwrap(args), **_unwrap(kwargs))
+            if name in _FILLS and getattr(result, "size", 0):  # a memset or fill kernel
+                _record_op("fill", [], result)
+            elif operands and isinstance(result, np.ndarray) and not any(
+                    np.may_share_memory(result, _plain(o)) for o in operands):
+                _record_op("copy", [_plain(o) for o in operands], result)  # asarray & co. had to copy
             if isinstance(result, np.ndarray) and not isinstance(result, DeviceArray):
                 return _wrap(result, name)
             return result

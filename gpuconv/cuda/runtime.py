@@ -37,10 +37,12 @@ DTYPE_NAMES = {"float32": "float", "float64": "double"}
 
 # Every kernel template in each source; each is instantiated for float and double.
 KERNELS = {
-    "conv2d.cu": ("conv2d_forward_direct", "conv2d_backward_data_direct", "conv2d_backward_filter_direct",
-                  "conv2d_backward_bias", "im2col", "col2im"),
+    "conv2d.cu": ("conv2d_forward_direct", "conv2d_backward_data_direct", "conv2d_backward_filter_partial",
+                  "conv2d_backward_bias_partial", "reduce_slices", "im2col", "im2col_output", "col2im"),
     "pool2d.cu": ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
                   "lp_pool2d_forward", "lp_pool2d_backward"),
+    "optim.cu": ("sgd_update", "adam_update"),
+    "elementwise.cu": ("bias_act", "relu_backward"),
 }
 
 
@@ -336,6 +338,15 @@ def empty(xp, shape, dtype, what="buffer"):
     return xp.empty(shape, dtype=dtype)
 
 
+def write_to_device(array, host):
+    """Copy the host array `host` into the existing device array `array` (same shape), allocating
+    nothing: cupy's ndarray.set, the emulated device's stand-in, or a plain copy for NumPy."""
+    if hasattr(array, "set"):
+        array.set(host)
+    else:
+        array[...] = host
+
+
 def zeros(xp, shape, dtype, what="buffer"):
     if emulation_enabled() and xp.__name__ == "numpy":
         from . import emulated_devices
@@ -365,13 +376,18 @@ def gemm(xp, a, b, out, transa=False, transb=False, beta=0.0, op_name="gemm", sh
             if emulation_enabled():
                 from . import emulated_devices
                 _check_emulated_arguments((a, b, out), op_name)
-                emulated_devices.record("launch", 0, "gemm")
+                emulated_devices.record("launch", a.nbytes + b.nbytes + out.nbytes * (2 if beta else 1), "gemm",
+                                        flops=2 * out.size * (a.shape[0] if transa else a.shape[1]))
+                # plain views: the GEMM is the one launch recorded, not NumPy's ops that emulate it
+                a, b, out_plain = (x.view(xp.ndarray) for x in (a, b, out))
+            else:
+                out_plain = out
             op_a, op_b = (a.T if transa else a), (b.T if transb else b)
             if beta:
-                out *= out.dtype.type(beta)
-                out += xp.matmul(op_a, op_b)
+                out_plain *= out.dtype.type(beta)
+                out_plain += xp.matmul(op_a, op_b)
             else:
-                xp.matmul(op_a, op_b, out=out)
+                xp.matmul(op_a, op_b, out=out_plain)
             return out
         from cupy import cublas
         cublas.gemm("T" if transa else "N", "T" if transb else "N", a, b, out=out, beta=beta)

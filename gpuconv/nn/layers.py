@@ -32,9 +32,9 @@ class Conv2d(Module):
         self.weight = Parameter(initialize(shape, init, rng, dtype), "weight")
         self.bias = Parameter(np.zeros(out_channels, dtype), "bias") if bias else None
 
-    def forward(self, x):
+    def forward(self, x, activation=None):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups, self.algo)
+                        self.groups, self.algo, activation)
 
     def output_shape(self, input_shape):
         n, _, h, w = input_shape
@@ -125,8 +125,8 @@ class Linear(Module):
         self.weight = Parameter(initialize((out_features, in_features), init, rng, dtype), "weight")
         self.bias = Parameter(np.zeros(out_features, dtype), "bias") if bias else None
 
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x, activation=None):
+        return F.linear(x, self.weight, self.bias, activation)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)

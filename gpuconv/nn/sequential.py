@@ -2,6 +2,18 @@
 from .module import Module
 
 
+def _runs_cuda_kernels(x):
+    from ..backend import uses_cuda_kernels
+    return uses_cuda_kernels(getattr(x, "data", x))
+
+
+def _fusable_pair(layer, following):
+    """On a GPU a Conv2d or Linear followed by ReLU runs as one op with the ReLU in its epilogue
+    (gpuconv.functional.conv2d / linear with activation="relu"); the result is the same."""
+    from .layers import Conv2d, Linear, ReLU
+    return type(following) is ReLU and type(layer) in (Conv2d, Linear)
+
+
 class ModuleList(Module):
     """A list of modules whose parameters the parent sees (children named "0", "1", ...), for a
     forward that loops over blocks. A plain Python list would hide them from parameters()."""
@@ -59,8 +71,17 @@ class Sequential(ModuleList):
         return getattr(self, self._names[index])
 
     def forward(self, x):
-        for layer in self:
+        layers = list(self)
+        fuse = _runs_cuda_kernels(x)
+        index = 0
+        while index < len(layers):
+            layer = layers[index]
+            if fuse and index + 1 < len(layers) and _fusable_pair(layer, layers[index + 1]):
+                x = layer(x, activation="relu")  # the ReLU in the layer's epilogue
+                index += 2
+                continue
             x = layer(x)
+            index += 1
         return x
 
     def layer_table(self, input_shape):

@@ -1,13 +1,14 @@
 """Elementwise activations and dropout, forward/backward pairs on NumPy or CuPy arrays.
 
-No custom kernels: each op is a few array-module calls, which CuPy fuses well enough on the GPU.
+Each op is a few array-module calls; on the GPU, ReLU's backward is one kernel of its own
+(ops/elementwise_cuda.py) instead of CuPy's compare and select.
 Backward functions take whichever of x or y makes the gradient cheapest (PyTorch does the same).
 """
 import numbers
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ArgumentError, DTypeError, ShapeError
 from ._args import check_float_array, check_same_dtype, same_device
 
@@ -37,6 +38,9 @@ def relu(x):
 def relu_backward(dy, x):
     """dy where x > 0, else 0. Passing relu's output y instead of x gives the same result."""
     xp, dy, x = _prepare_pair(dy, x, "x")
+    if uses_cuda_kernels(dy):
+        from . import elementwise_cuda
+        return elementwise_cuda.relu_backward(dy, x)
     return xp.where(x > 0, dy, 0)
 
 

@@ -104,21 +104,26 @@ def _pad_explicit(x, explicit):
 # public API
 
 
-def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto"):
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto", activation=None):
     """y[n, o] = b[o] + sum_c,kh,kw w[o, c, kh, kw] * x_padded[n, g*C/g + c, oh*S + kh*D, ow*S + kw*D].
 
     x: (N, C, H, W); w: (O, C/groups, KH, KW); b: (O,) or None. stride/dilation: int or pair
     (>= 1); padding: int, pair, "valid" or "same" (stride 1 only). `algo` picks the CUDA kernel
     ("direct" or "im2col"; "auto" chooses by shape); on the CPU every algo is the same GEMM over
     sliding windows. An empty batch (N == 0) gives an empty (0, O, OH, OW) output, as in PyTorch.
+    activation="relu" applies ReLU to the result (on a GPU in the kernel's epilogue, with the bias).
     """
+    if activation not in (None, "relu"):
+        raise ArgumentError(f"activation: expected None or 'relu', got {activation!r}")
     stride, padding, dilation, groups, explicit, _ = _check_conv_args(
         x, w, b, stride, padding, dilation, groups, algo)
     x = _pad_explicit(x, explicit)
     if uses_cuda_kernels(x):
         from . import conv_cuda
-        return conv_cuda.conv2d_forward(x, w, b, stride, padding, dilation, groups, algo)
-    return conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo)
+        return conv_cuda.conv2d_forward(x, w, b, stride, padding, dilation, groups, algo,
+                                        relu=activation == "relu")
+    y = conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo)
+    return np.maximum(y, 0, out=y) if activation == "relu" else y
 
 
 def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="auto",

@@ -6,8 +6,8 @@ allocates there (runtime.empty: CuPy on a GPU, the emulator's metered buffers un
 no activation is ever copied to the host and cuda:N works for any N.
 
 Two algorithms:
-  direct  implicit GEMM tiled through shared memory; no workspace. Filter and bias gradients are
-          block-per-element reductions in a fixed order.
+  direct  implicit GEMM tiled through shared memory. Filter and bias gradients are two-pass
+          reductions: partial sums per block into a small workspace, then one fixed-order sum each.
   im2col  im2col -> one 2-D cuBLAS GEMM per group over the whole batch chunk -> (col2im for dx).
           Transposes are GEMM flags, never copies (CuPy's 3-D matmul would make its operands
           contiguous, copying the whole column buffer). Needs a column buffer of C*KH*KW*N*OH*OW
@@ -33,6 +33,10 @@ TILE_K = source_constant(SOURCE, "TILE_K")
 _TILE_SIDE = int(round(source_constant(SOURCE, "TILE_THREADS") ** 0.5))
 TILE_BLOCK = (_TILE_SIDE, _TILE_SIDE, 1)
 REDUCE_THREADS = source_constant(SOURCE, "REDUCE_THREADS")
+FILTER_TAPS = source_constant(SOURCE, "FILTER_TAPS")
+# Pass 1 of the gradient reductions aims at this many blocks: a few per SM of a large GPU (132 on
+# an H100). A constant, not the GPU's SM count, so that the sums (and their bits) are device-independent.
+REDUCTION_BLOCKS = 512
 ELEMENTWISE_THREADS = 256
 MAX_GRID_YZ = 65535
 
@@ -54,7 +58,8 @@ def choose_algo(x_shape, w_shape, groups):
     return "direct"
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo, relu=False):
+    """y, or relu(y) with relu=True: the ReLU (and the bias) fused into the kernel's epilogue."""
     xp = get_array_module(x, w, b)
     geometry = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
     shapes = {"x": x.shape, "weight": w.shape}
@@ -64,10 +69,11 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo):
         w = xp.ascontiguousarray(w)
         if geometry.empty:
             y = zeros(xp, geometry.y_shape, x.dtype, "y")
-            return y if b is None else y + b.reshape(1, -1, 1, 1)
+            y = y if b is None else y + b.reshape(1, -1, 1, 1)
+            return xp.maximum(y, 0) if relu else y
         if algo == "direct":
-            return _forward_direct(xp, x, w, b, geometry, shapes)
-        return _forward_im2col(xp, x, w, b, geometry, shapes)
+            return _forward_direct(xp, x, w, b, geometry, shapes, relu)
+        return _forward_im2col(xp, x, w, b, geometry, shapes, relu)
 
 
 def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, need_bias, need_dw=True):
@@ -83,13 +89,18 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, groups, algo, need_dx, 
             dx = zeros(xp, x.shape, x.dtype, "dx") if need_dx else None
             db = zeros(xp, (w.shape[0],), x.dtype, "db") if need_bias else None
             return dx, zeros(xp, w.shape, x.dtype, "dw") if need_dw else None, db
+        if algo == "direct":
+            dx = _backward_data_direct(xp, dy, w, x.shape, geometry, shapes) if need_dx else None
+            dw, db = None, None
+            if need_dw:  # one reduction gives both
+                dw, db = _filter_and_bias_gradients(xp, dy, x, geometry, need_bias, shapes)
+            elif need_bias:
+                db = _bias_gradient(xp, dy, geometry, shapes)
+            return dx, dw, db
         db = _bias_gradient(xp, dy, geometry, shapes) if need_bias else None
         if not (need_dx or need_dw):
             return None, None, db
-        if algo == "direct":
-            dx, dw = _backward_direct(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
-        else:
-            dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
+        dx, dw = _backward_im2col(xp, dy, x, w, geometry, need_dx, need_dw, shapes)
     return dx, dw, db
 
 
@@ -114,6 +125,8 @@ class _Geometry:
         self.empty = self.N == 0 or self.C == 0 or self.K == 0
         for what, count in (("H*W", self.H * self.W), ("OH*OW", self.P), ("N*C", self.N * self.C),
                             ("N*K", self.N * self.K), ("K*C/groups*KH*KW", self.K * self.R),
+                            # the gradient reduction's elements: weights, then biases (reduce_slices' int count)
+                            ("K*C/groups*KH*KW + K", self.K * self.R + self.K),
                             ("C*KH*KW", self.C * self.KH * self.KW)):
             if count > INT32_MAX:
                 raise ArgumentError(f"conv2d: {what} = {count} exceeds the CUDA kernels' 32-bit range; "
@@ -142,40 +155,65 @@ def _threads_for(count):
     return max(32, min(ELEMENTWISE_THREADS, _cdiv(count, 32) * 32))
 
 
-def _forward_direct(xp, x, w, b, g, shapes):
+def _forward_direct(xp, x, w, b, g, shapes, relu=False):
     y = empty(xp, g.y_shape, x.dtype, "y")
     bias = b if b is not None else zeros(xp, (1,), x.dtype, "no bias")
     kernel = get_kernel(SOURCE, "conv2d_forward_direct", x.dtype)
     grid = (_cdiv(g.P, TILE_P), _cdiv(g.Kg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
     launch(kernel, grid, TILE_BLOCK,
-           (x, w, xp.ascontiguousarray(bias), y) + g.scalars() + (np.int32(b is not None),),
+           (x, w, xp.ascontiguousarray(bias), y) + g.scalars() + (np.int32(b is not None), np.int32(relu)),
            op_name="conv2d (direct)", shapes=shapes)
     return y
 
 
-def _backward_direct(xp, dy, x, w, g, need_dx, need_dw, shapes):
-    dx = None
-    if need_dx:
-        dx = empty(xp, x.shape, x.dtype, "dx")
-        kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", x.dtype)
-        grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
-        launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
-               op_name="conv2d_backward data (direct)", shapes=shapes)
-    if not need_dw:
-        return dx, None
-    dw = empty(xp, w.shape, w.dtype, "dw")
-    kernel = get_kernel(SOURCE, "conv2d_backward_filter_direct", x.dtype)
-    launch(kernel, (w.size, 1, 1), (REDUCE_THREADS, 1, 1), (dy, x, dw) + g.scalars(),
+def _backward_data_direct(xp, dy, w, x_shape, g, shapes):
+    dx = empty(xp, x_shape, dy.dtype, "dx")
+    kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", dy.dtype)
+    grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
+    launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
+           op_name="conv2d_backward data (direct)", shapes=shapes)
+    return dx
+
+
+def _slices(items, blocks):
+    """How many ranges pass 1 of a gradient reduction splits the N*OH*OW items of each sum into:
+    enough for about REDUCTION_BLOCKS blocks in all, each thread at least one item. A function of
+    the shape alone, so the rounding (and the bits) are the same on every run and every GPU."""
+    by_blocks = _cdiv(REDUCTION_BLOCKS, max(1, blocks))
+    return int(max(1, min(by_blocks, _cdiv(items, REDUCE_THREADS), MAX_GRID_YZ)))  # host: shape arithmetic
+
+
+def _filter_and_bias_gradients(xp, dy, x, g, need_bias, shapes):
+    """dw (and db) of the direct algorithm: conv2d_backward_filter_partial, then reduce_slices."""
+    pairs, tap_tiles = g.K * g.Cg, _cdiv(g.KH * g.KW, FILTER_TAPS)
+    slices = _slices(g.N * g.P, pairs * tap_tiles)
+    weights = g.K * g.R
+    count = weights + (g.K if need_bias else 0)
+    partial = empty(xp, (slices, count), x.dtype, "gradient partial sums")
+    launch(get_kernel(SOURCE, "conv2d_backward_filter_partial", x.dtype), (pairs, tap_tiles, slices),
+           (REDUCE_THREADS, 1, 1), (dy, x, partial) + g.scalars() + (np.int32(slices), np.int32(need_bias)),
            op_name="conv2d_backward filter (direct)", shapes=shapes)
-    return dx, dw
+    dw = empty(xp, (g.K, g.Cg, g.KH, g.KW), x.dtype, "dw")
+    db = empty(xp, (g.K,), x.dtype, "db") if need_bias else None
+    _reduce_slices(partial, dw, db if need_bias else dw, weights, count, slices, shapes)
+    return dw, db
+
+
+def _reduce_slices(partial, first, second, first_count, count, slices, shapes):
+    threads = _threads_for(count)
+    launch(get_kernel(SOURCE, "reduce_slices", partial.dtype), (_cdiv(count, threads), 1, 1), (threads, 1, 1),
+           (partial, first, second, np.int32(first_count), np.int32(count), np.int32(slices)),
+           op_name="conv2d_backward gradient sums", shapes=shapes)
 
 
 def _bias_gradient(xp, dy, g, shapes):
-    db = empty(xp, (g.K,), dy.dtype, "db")
-    kernel = get_kernel(SOURCE, "conv2d_backward_bias", dy.dtype)
-    launch(kernel, (g.K, 1, 1), (REDUCE_THREADS, 1, 1),
-           (dy, db, np.int32(g.N), np.int32(g.K), np.int32(g.P)),
+    slices = _slices(g.N * g.P, g.K)
+    partial = empty(xp, (slices, g.K), dy.dtype, "bias partial sums")
+    launch(get_kernel(SOURCE, "conv2d_backward_bias_partial", dy.dtype), (g.K, slices, 1), (REDUCE_THREADS, 1, 1),
+           (dy, partial, np.int32(g.N), np.int32(g.K), np.int32(g.P), np.int32(slices)),
            op_name="conv2d_backward bias", shapes=shapes)
+    db = empty(xp, (g.K,), dy.dtype, "db")
+    _reduce_slices(partial, db, db, g.K, g.K, slices, shapes)
     return db
 
 
@@ -206,19 +244,24 @@ def _im2col_scalars(g, n):
                                        g.sh, g.sw, g.ph, g.pw, g.dh, g.dw))
 
 
-def _forward_im2col(xp, x, w, b, g, shapes):
+def _forward_im2col(xp, x, w, b, g, shapes, relu=False):
     y = empty(xp, g.y_shape, x.dtype, "y")
     w_groups = w.reshape(g.groups, g.Kg, g.R)
+    bias = xp.ascontiguousarray(b) if b is not None else None  # None: has_bias=0, never read
+    output = get_kernel(SOURCE, "im2col_output", x.dtype)
     for start, stop in _batch_chunks(g, x.itemsize):
         n = stop - start
         col = _columns(xp, x[start:stop], g, shapes)
         y_chunk = empty(xp, (g.groups, g.Kg, n * g.P), x.dtype, "y chunk")  # channel-major, batch inside
         for group in range(g.groups):
             gemm(xp, w_groups[group], col[group], y_chunk[group], op_name="conv2d im2col GEMM", shapes=shapes)
-        y[start:stop] = y_chunk.reshape(g.K, n, g.OH, g.OW).transpose(1, 0, 2, 3)
+        # channel-major chunk -> NCHW, + bias, ReLU if asked: one pass
+        count = n * g.K * g.P
+        threads = _threads_for(count)
+        launch(output, (min(_cdiv(count, threads), 1 << 16), 1, 1), (threads, 1, 1),
+               (y_chunk, y_chunk if bias is None else bias, y[start:stop], np.int32(n), np.int32(g.K), np.int32(g.P),
+                np.int32(b is not None), np.int32(relu)), op_name="conv2d im2col output", shapes=shapes)
         del col, y_chunk  # free before the next chunk allocates its own
-    if b is not None:
-        y += b.reshape(1, g.K, 1, 1)
     return y
 
 

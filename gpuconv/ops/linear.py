@@ -1,6 +1,6 @@
 """Fully connected layer: y = x @ w.T + b, with w of shape (out_features, in_features) as in PyTorch."""
-from ..backend import get_array_module
-from ..errors import ShapeError
+from ..backend import get_array_module, uses_cuda_kernels
+from ..errors import ArgumentError, ShapeError
 from ._args import check_float_array, check_input_weight_bias, check_same_dtype, same_device
 
 
@@ -14,14 +14,21 @@ def _check(x, w, b):
         raise ShapeError(f"bias: expected shape ({w.shape[0]},) to match weight.shape[0], got {tuple(b.shape)}")
 
 
-def linear(x, w, b=None):
-    """x: (N, in_features), w: (out_features, in_features), b: (out_features,) or None -> (N, out)."""
+def linear(x, w, b=None, activation=None):
+    """x: (N, in_features), w: (out_features, in_features), b: (out_features,) or None -> (N, out).
+    activation="relu" applies ReLU to the result (on a GPU fused with the bias add: one launch)."""
     _check(x, w, b)
+    if activation not in (None, "relu"):
+        raise ArgumentError(f"activation: expected None or 'relu', got {activation!r}")
     xp = get_array_module(x)
     y = xp.matmul(x, w.T)  # BLAS reads the transpose in place, no copy
+    relu = activation == "relu"
+    if uses_cuda_kernels(x) and b is not None:
+        from . import elementwise_cuda
+        return elementwise_cuda.bias_act(y, b, 1, relu)
     if b is not None:
         y += b
-    return y
+    return xp.maximum(y, 0, out=y) if relu else y
 
 
 def linear_backward(dy, x, w, need_dx=True):

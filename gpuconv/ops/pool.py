@@ -63,20 +63,27 @@ def _check_dy(dy, x, out_hw):
         raise ShapeError(f"dy: expected shape {expected} (the shape of the pool's output), got {tuple(dy.shape)}")
 
 
-def _forward(mode, x, kernel_size, stride, padding, norm_type, count_include_pad):
-    kernel, stride, padding, _ = _check_pool_args(x, kernel_size, stride, padding)
+def _forward(mode, x, kernel_size, stride, padding, norm_type, count_include_pad, return_indices=False):
+    kernel, stride, padding, out_hw = _check_pool_args(x, kernel_size, stride, padding)
     if uses_cuda_kernels(x):
         from . import pool_cuda
-        return pool_cuda.pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad)
-    return pool2d_forward_numpy(mode, x, kernel, stride, padding, norm_type, count_include_pad)
+        return pool_cuda.pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad,
+                                        return_indices)
+    y = pool2d_forward_numpy(mode, x, kernel, stride, padding, norm_type, count_include_pad)
+    if return_indices:
+        return y, max_pool_indices_numpy(x, kernel, stride, padding, out_hw)
+    return y
 
 
-def _backward(mode, dy, x, kernel_size, stride, padding, norm_type, count_include_pad):
+def _backward(mode, dy, x, kernel_size, stride, padding, norm_type, count_include_pad, saved=None):
+    """`saved` (the forward's max indices or lp output) lets the CUDA path skip re-finding them; the
+    NumPy path recomputes what it needs and ignores it."""
     kernel, stride, padding, out_hw = _check_pool_args(x, kernel_size, stride, padding)
     _check_dy(dy, x, out_hw)
     if uses_cuda_kernels(x):
         from . import pool_cuda
-        return pool_cuda.pool2d_backward(mode, dy, x, kernel, stride, padding, norm_type, count_include_pad)
+        return pool_cuda.pool2d_backward(mode, dy, x, kernel, stride, padding, norm_type, count_include_pad,
+                                         saved)
     return pool2d_backward_numpy(mode, dy, x, kernel, stride, padding, norm_type, count_include_pad)
 
 
@@ -84,15 +91,18 @@ def _backward(mode, dy, x, kernel_size, stride, padding, norm_type, count_includ
 # public API. stride defaults to kernel_size; padding must be <= kernel_size // 2 (PyTorch's rule).
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0):
-    """Window maximum, -inf padding. A window holding a NaN outputs NaN."""
-    return _forward("max", x, kernel_size, stride, padding, 0.0, True)
+def max_pool2d(x, kernel_size, stride=None, padding=0, return_indices=False):
+    """Window maximum, -inf padding. A window holding a NaN outputs NaN. return_indices=True gives
+    (y, indices): int32, each window's first maximum (first NaN) as the flat offset ih*W + iw in
+    its plane; max_pool2d_backward(..., indices=indices) then reads them instead of re-finding them."""
+    return _forward("max", x, kernel_size, stride, padding, 0.0, True, bool(return_indices))  # host: an argument
 
 
-def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0):
+def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0, indices=None):
     """Each output's gradient goes to its window's first maximum in row-major order (its first NaN
-    if the window holds one)."""
-    return _backward("max", dy, x, kernel_size, stride, padding, 0.0, True)
+    if the window holds one). `indices` from max_pool2d(..., return_indices=True) spares the GPU
+    path a second search (the NumPy path finds the maxima itself)."""
+    return _backward("max", dy, x, kernel_size, stride, padding, 0.0, True, indices)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
@@ -111,9 +121,10 @@ def lp_pool2d(x, norm_type, kernel_size, stride=None):
     return _forward("lp", x, kernel_size, stride, 0, _check_norm_type(norm_type), True)
 
 
-def lp_pool2d_backward(dy, x, norm_type, kernel_size, stride=None):
-    """d/dx_i = x_i**(p-1) * out**(1-p) * dy, and 0 for windows whose sum is 0."""
-    return _backward("lp", dy, x, kernel_size, stride, 0, _check_norm_type(norm_type), True)
+def lp_pool2d_backward(dy, x, norm_type, kernel_size, stride=None, y=None):
+    """d/dx_i = x_i**(p-1) * out**(1-p) * dy, and 0 for windows whose sum is 0. `y`, the forward's
+    output, spares the GPU path re-running the forward."""
+    return _backward("lp", dy, x, kernel_size, stride, 0, _check_norm_type(norm_type), True, y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +203,17 @@ def _first_argmax_taps(x, kernel, stride, padding, out_hw):
         np.copyto(best_so_far, value, where=take)
         np.copyto(which_so_far, tap, where=take)
     return which
+
+
+def max_pool_indices_numpy(x, kernel, stride, padding, out_hw):
+    """What the CUDA forward saves: int32 per output, the flat offset ih*W + iw of its window's
+    first maximum (first NaN) in the plane."""
+    tap = _first_argmax_taps(x, kernel, stride, padding, out_hw).astype(np.int64)
+    oh = np.arange(out_hw[0]).reshape(-1, 1)
+    ow = np.arange(out_hw[1]).reshape(1, -1)
+    ih = oh * stride[0] - padding[0] + tap // kernel[1]
+    iw = ow * stride[1] - padding[1] + tap % kernel[1]
+    return (ih * x.shape[3] + iw).astype(np.int32)
 
 
 def _max_pool_backward(dx, dy, x, kernel, stride, padding, out_hw):

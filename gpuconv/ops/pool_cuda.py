@@ -30,7 +30,7 @@ def _sizes(x_shape, kernel, stride, padding):
     if oh < 1 or ow < 1:
         raise ShapeError(f"pool2d: the window {kernel} does not fit the padded input {h}x{w} "
                          f"(padding {padding}); use a smaller kernel_size")
-    for what, count in (("N*C", n * c), ("H*W", h * w)):
+    for what, count in (("N*C", n * c), ("H*W", h * w), ("OH*OW", oh * ow)):
         if count > INT32_MAX:
             raise ArgumentError(f"pool2d: {what} = {count} exceeds the CUDA kernels' 32-bit range; "
                                 "use a smaller batch or image")
@@ -55,25 +55,32 @@ def _check_mode(mode):
         raise ArgumentError(f"mode: expected 'max', 'avg' or 'lp', got {mode!r}")
 
 
-def pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad):
+def pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad, return_indices=False):
+    """y, or for mode "max" with return_indices (y, indices): int32 (N, C, OH, OW), each window's
+    argmax as the flat offset ih*W + iw in its plane, which pool2d_backward reads."""
     _check_mode(mode)
     xp = get_array_module(x)
     planes, h, w, oh, ow = _sizes(x.shape, kernel, stride, padding)
     shapes = {"x": x.shape}
+    save = mode == "max" and return_indices
     with device_scope(x), device_errors(f"{mode}_pool2d", shapes):
         x = xp.ascontiguousarray(x)
         y = empty(xp, x.shape[:2] + (oh, ow), x.dtype, "y")
+        indices = empty(xp, y.shape if save else (1,), np.int32, "indices")
         if y.size == 0:
-            return y
+            return (y, indices) if save else y
         grid, block = _launch_shape(oh * ow, planes)
-        args = ((x, y, np.int32(planes)) + _window_scalars(h, w, oh, ow, kernel, stride, padding)
+        head = (x, y, indices, np.int32(save)) if mode == "max" else (x, y)
+        args = (head + (np.int32(planes),) + _window_scalars(h, w, oh, ow, kernel, stride, padding)
                 + _mode_scalars(mode, x.dtype, norm_type, count_include_pad))
         launch(get_kernel(SOURCE, f"{mode}_pool2d_forward", x.dtype), grid, block, args,
                op_name=f"{mode}_pool2d", shapes=shapes)
-    return y
+    return (y, indices) if save else y
 
 
-def pool2d_backward(mode, dy, x, kernel, stride, padding, norm_type, count_include_pad):
+def pool2d_backward(mode, dy, x, kernel, stride, padding, norm_type, count_include_pad, saved=None):
+    """dx. `saved` is what the forward kept: for "max" its indices (return_indices), for "lp" its
+    output y; when None the forward is run again to get them (one extra launch)."""
     _check_mode(mode)
     xp = get_array_module(dy, x)
     planes, h, w, oh, ow = _sizes(x.shape, kernel, stride, padding)
@@ -84,13 +91,22 @@ def pool2d_backward(mode, dy, x, kernel, stride, padding, norm_type, count_inclu
         dx = empty(xp, x.shape, x.dtype, "dx")
         if dx.size == 0:
             return dx
+        if saved is not None and tuple(saved.shape) != tuple(dy.shape):
+            raise ShapeError(f"{'indices' if mode == 'max' else 'y'}: expected the pool output's shape "
+                             f"{tuple(dy.shape)}, got {tuple(saved.shape)}")
         if mode == "max":
-            inputs = (dy, x)
+            if saved is None:
+                saved = pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad, True)[1]
+            elif saved.dtype != np.int32:
+                raise ArgumentError(f"indices: expected int32 (max_pool2d(..., return_indices=True)), "
+                                    f"got {saved.dtype}")
+            inputs = (dy, xp.ascontiguousarray(saved))
         elif mode == "avg":
             inputs = (dy,)
-        else:  # lp's gradient needs the forward output; recomputing it is one cheap launch
-            y = pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad)
-            inputs = (dy, x, y)
+        else:  # lp's gradient needs the forward output
+            if saved is None:
+                saved = pool2d_forward(mode, x, kernel, stride, padding, norm_type, count_include_pad)
+            inputs = (dy, x, xp.ascontiguousarray(saved))
         grid, block = _launch_shape(h * w, planes)
         args = (inputs + (dx, np.int32(planes)) + _window_scalars(h, w, oh, ow, kernel, stride, padding)
                 + _mode_scalars(mode, x.dtype, norm_type, count_include_pad))

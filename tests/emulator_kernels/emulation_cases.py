@@ -135,7 +135,21 @@ def pool_outputs(case, dtype, seed=0, x=None):
         x, dy = pool_inputs(case, dtype, seed)
     else:
         dy = np.random.default_rng(seed).standard_normal(pool_forward(case, x).shape).astype(dtype)
-    return {"y": pool_forward(case, x), "dx": pool_backward(case, dy, x)}
+    return pool_results(case, x, dy)
+
+
+def pool_results(case, x, dy):
+    """y and dx of one pool case; for max also the saved argmax indices and the backward that reads
+    them, for lp the backward given the forward's output."""
+    outputs = {"y": pool_forward(case, x), "dx": pool_backward(case, dy, x)}
+    mode, _, kernel, stride, padding, extra = case
+    if mode == "max":  # the forward's saved argmax, and the backward that reads it
+        y, indices = ops.max_pool2d(x, kernel, stride, padding, return_indices=True)
+        outputs.update(indices=indices, dx_saved=ops.max_pool2d_backward(dy, x, kernel, stride, padding,
+                                                                         indices=indices))
+    elif mode == "lp":  # the backward given the forward's output instead of re-running it
+        outputs["dx_saved"] = ops.lp_pool2d_backward(dy, x, extra, kernel, stride, y=outputs["y"])
+    return outputs
 
 
 def mismatches(actual, expected, dtype):

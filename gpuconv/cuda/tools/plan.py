@@ -86,14 +86,16 @@ def _pool_rows(name, batch, x_chw, kernel, stride, padding, itemsize):
     y_elems = batch * x_chw[0] * oh * ow
     args = ((kernel, kernel), (stride, stride), (padding, padding), 0.0, True)
     with recorded_launches() as forward:
-        pool_cuda.pool2d_forward("max", x, *args)
+        _, indices = pool_cuda.pool2d_forward("max", x, *args, return_indices=True)
     with recorded_launches() as backward:
-        pool_cuda.pool2d_backward("max", np.zeros((batch, x_chw[0], oh, ow), np.float32), x, *args)
+        pool_cuda.pool2d_backward("max", np.zeros((batch, x_chw[0], oh, ow), np.float32), x, *args,
+                                  saved=indices)
     compares = y_elems * kernel * kernel
+    # the forward writes y and the int32 argmax; the backward reads dy and the argmax, writes dx
     return [dict(call=f"{name} max forward", algo="-", launches=forward, flops=compares,
-                 bytes=(x.size + y_elems) * itemsize),
-            dict(call=f"{name} max backward", algo="-", launches=backward, flops=compares,
-                 bytes=(2 * x.size + y_elems) * itemsize)]
+                 bytes=(x.size + y_elems) * itemsize + y_elems * 4),
+            dict(call=f"{name} max backward", algo="-", launches=backward, flops=y_elems,
+                 bytes=(x.size + y_elems) * itemsize + y_elems * 4)]
 
 
 def lenet_plan(batch=128, itemsize=4):
@@ -137,11 +139,147 @@ def format_plan(rows, resources, markdown=False):
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in table)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Every launch of one training step
+
+# What each of gpuconv's kernels computes, in FLOPs (a multiply-add counts 2), from its int arguments
+# (the useful work: the zero padding of a tile is not counted).
+def _conv_macs(a):
+    n, c, _, _, k, kh, kw, oh, ow, *_rest, groups = a[:16]
+    return n * k * oh * ow * (c // groups) * kh * kw
+
+
+def _pool_compares(a):
+    planes, _, _, oh, ow, kh, kw = a[:7]
+    return planes * oh * ow * kh * kw
+
+
+KERNEL_FLOPS = {
+    "conv2d_forward_direct": lambda a: 2 * _conv_macs(a),
+    "conv2d_forward_direct_relu": lambda a: 2 * _conv_macs(a),
+    "conv2d_backward_data_direct": lambda a: 2 * _conv_macs(a),
+    "conv2d_backward_filter_partial": lambda a: 2 * _conv_macs(a),
+    "conv2d_backward_bias_partial": lambda a: a[0] * a[1] * a[2],
+    "reduce_slices": lambda a: a[1] * a[2],
+    "im2col_output": lambda a: 2 * a[0] * a[1] * a[2],
+    "bias_act": lambda a: 2 * a[0],
+    "relu_backward": lambda a: a[0],
+    "sgd_update": lambda a: 6 * a[0],
+    "adam_update": lambda a: 12 * a[0],
+    "col2im": lambda a: a[0] * a[1] * a[4] * a[5] * a[6] * a[7],
+    "max_pool2d_forward": _pool_compares,
+    "max_pool2d_backward": lambda a: a[0] * a[3] * a[4],
+}
+
+
+def _launch_cost(kernel_name, args):
+    """(FLOPs, bytes) of one of gpuconv's launches: its arrays read or written once each."""
+    arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
+    ints = [int(a) for a in args if isinstance(a, (np.integer, int))]
+    base = kernel_name.split("<")[0]
+    flops = KERNEL_FLOPS.get(base, lambda a: 0)(ints) if ints else 0
+    return flops, sum(a.nbytes for a in arrays)
+
+
+def step_launches(batch=128, optimizer="sgd", model="lenet5"):
+    """Every launch of one LeNet-5 training step (the second one: state exists) at `batch`, run
+    through kernel emulation on a pretend GPU: a list of dicts (what, kind, flops, bytes, source).
+
+    kind: "own" (kernels/*.cu), "cublas" (a GEMM), "cupy" (what CuPy runs as its own kernel: an
+    elementwise op, a reduction, a copy, a fill). The arithmetic is real (small enough to emulate),
+    so the launches are exactly those the code issues, in order."""
+    from ... import functional as F
+    from ...backend import to_device
+    from ...train import build_optimizer
+    from .. import emulated_devices, emulation
+    from ...models import LeNet5
+
+    rng = np.random.default_rng(0)
+    images = rng.random((batch, 1, 28, 28), dtype=np.float32)
+    labels = np.arange(batch) % 10
+    own = []
+    from ...ops import elementwise_cuda
+    from .. import runtime
+    # every module that launches gpuconv's kernels (optim.py imports runtime.launch at the call)
+    real = {m: m.launch for m in (conv_cuda, pool_cuda, elementwise_cuda, runtime)}
+
+    def recorder(module):
+        def launch(kernel, grid, block, args, shared_mem=0, op_name="kernel", shapes=None):
+            name = getattr(kernel, "name", str(kernel)).split("<")[0]
+            own.append((name, tuple(grid), tuple(block)) + _launch_cost(name, args))
+            return real[module](kernel, grid, block, args, shared_mem=shared_mem, op_name=op_name, shapes=shapes)
+        return launch
+
+    with emulation(devices=1):
+        net = LeNet5(seed=0).to("cuda:0")
+        opt = build_optimizer(optimizer, net.parameters(), 0.05, 0.9, 5e-4)
+        x, y = to_device(images, "cuda:0"), to_device(labels, "cuda:0")
+
+        def step():
+            with emulated_devices.EmulatedDevice(0):
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+        step()
+        try:
+            for module in real:
+                module.launch = recorder(module)
+            with emulated_devices.recording() as events, np.errstate(all="ignore"):
+                step()
+        finally:
+            for module, launch in real.items():
+                module.launch = launch
+    rows, own = [], iter(own)
+    for event in events:
+        if event.kind == "launch" and event.what == "gemm":
+            rows.append(dict(what="cuBLAS GEMM", kind="cublas", flops=event.flops, bytes=event.nbytes))
+        elif event.kind == "launch":
+            name, grid, block, flops, nbytes = next(own)
+            blocks, threads = int(np.prod(grid)), int(np.prod(block))
+            rows.append(dict(what=f"{name} {blocks}x{threads}", kind="own", flops=flops, bytes=nbytes))
+        elif event.kind == "op":
+            kind = "cublas" if event.what == "matmul" else "cupy"
+            what = "cuBLAS GEMM (matmul)" if kind == "cublas" else f"CuPy {event.what}"
+            rows.append(dict(what=what, kind=kind, flops=event.flops, bytes=event.nbytes))
+    for row in rows:
+        row["bound_us"] = max(row["flops"] / PEAK_FLOPS, row["bytes"] / PEAK_BYTES_PER_S) * 1e6
+    allocations = [e for e in events if e.kind == "alloc"]
+    step_launches.last_memory = dict(allocations=len(allocations), bytes=sum(e.nbytes for e in allocations),
+                                     reads=sum(e.kind == "read" for e in events))
+    return rows
+
+
+step_launches.last_memory = None  # what the last call saw: allocations and host reads of the step
+
+
+def format_step(rows, memory=None):
+    lines = [f"{'#':>4}  {'launch':44s} {'kind':6s} {'MFLOP':>9s} {'MB':>8s} {'bound (H100, us)':>16s}"]
+    for index, row in enumerate(rows, 1):
+        lines.append(f"{index:>4}  {row['what'][:44]:44s} {row['kind']:6s} {row['flops'] / 1e6:9.3f} "
+                     f"{row['bytes'] / 1e6:8.3f} {row['bound_us']:16.2f}")
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in ("own", "cublas", "cupy")}
+    bound = sum(r["bound_us"] for r in rows)
+    lines.append(f"total: {len(rows)} launches per step ({kinds['own']} own kernels, {kinds['cublas']} cuBLAS, "
+                 f"{kinds['cupy']} CuPy), sum of bounds {bound:.1f} us; at ~3 us of launch overhead each "
+                 f"the launches alone take ~{3 * len(rows)} us")
+    if memory:
+        lines.append(f"the step also makes {memory['allocations']} allocations ({memory['bytes'] / 1e6:.1f} MB; "
+                     f"from CuPy's pool on a GPU) and {memory['reads']} blocking reads back to the host")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m gpuconv kernel-plan", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                        help="the optimizer of the step listed launch by launch (as train builds it)")
+    parser.add_argument("--no-step", action="store_true",
+                        help="leave out the launch-by-launch list of a whole training step (it runs the "
+                             "step through kernel emulation: a few seconds at batch 128)")
     args = parser.parse_args(argv)
     from .check import kernel_rows
     try:
@@ -155,4 +293,11 @@ def main(argv=None):
           f"matrix written and read); bound = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes / "
           f"{PEAK_BYTES_PER_S / 1e12:.2f} TB/s).\n")
     print(format_plan(lenet_plan(args.batch_size), resources, markdown=args.markdown))
+    if not args.no_step:
+        print(f"\nEvery launch of one LeNet-5 training step at batch {args.batch_size} ({args.optimizer}, as "
+              "`train` runs it), recorded by running the step through kernel emulation; 'cupy' rows are what "
+              "CuPy launches as kernels of their own (elementwise, reductions, copies, fills); bytes are "
+              "the arrays each launch reads and writes once.\n")
+        rows = step_launches(args.batch_size, args.optimizer)
+        print(format_step(rows, step_launches.last_memory))
     return 0
