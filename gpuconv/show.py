@@ -26,7 +26,7 @@ import numpy as np
 
 from .autograd import no_grad
 from .backend import parse_device, to_device
-from .checkpoint import load_checkpoint
+from .checkpoint import HISTORY_FIELDS, load_checkpoint
 from .data.loader import to_float_batch
 from .data.registry import dataset_info
 from .errors import ArgumentError, CheckpointError, MissingExtraError
@@ -127,7 +127,7 @@ def load_model(checkpoint, device="cpu"):
 def load_history(checkpoint, meta):
     """Per-epoch records from the checkpoint's meta, else from PATH-without-.npz + ".history.json"."""
     if meta.get("history"):
-        return list(meta["history"])
+        return _drawable(list(meta["history"]), f"checkpoint {checkpoint}: meta.history")
     path = os.path.splitext(checkpoint)[0] + ".history.json"
     if not os.path.exists(path):
         return []
@@ -140,6 +140,23 @@ def load_history(checkpoint, meta):
     if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
         raise CheckpointError(f"training history {path}: expected a JSON list of per-epoch records, "
                               f"got {type(history).__name__}")
+    for index, record in enumerate(history):  # each field's type and range, as for a checkpoint's meta
+        for field, (check, bounds) in HISTORY_FIELDS.items():
+            if field in record:
+                check(f"training history {path}", f"history[{index}].{field}", record[field], **bounds)
+    return _drawable(history, f"training history {path}: history")
+
+
+# what plot_training_curves reads from every record (the accuracies it draws only where present)
+DRAWN_FIELDS = ("epoch", "train_loss")
+
+
+def _drawable(history, where):
+    for index, record in enumerate(history):
+        missing = [field for field in DRAWN_FIELDS if field not in record]
+        if missing:
+            raise CheckpointError(f"{where}[{index}]: expected an epoch record with {', '.join(DRAWN_FIELDS)}; "
+                                  f"missing {', '.join(missing)}")
     return history
 
 

@@ -120,13 +120,23 @@ def test_history_from_json_beside_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("text, expected", [('[{"epoch": 1', "could not read it.*JSONDecodeError"),
                                              (b"\xff\xfe[", "could not read it.*UnicodeDecodeError"),
                                              ('{"epoch": 1}', "expected a JSON list.*got dict"),
-                                             ('[1, 2]', "expected a JSON list of per-epoch records")])
+                                             ('[1, 2]', "expected a JSON list of per-epoch records"),
+                                             # records show cannot draw were a KeyError / ValueError traceback
+                                             ('[{}]', "history\\[0\\]: expected an epoch record with epoch, "
+                                                      "train_loss; missing epoch, train_loss"),
+                                             ('[{"epoch": 1, "train_loss": "a"}]',
+                                              "history\\[0\\].train_loss: expected a finite number >= 0, got str")])
 def test_a_damaged_history_file_is_a_clear_error_naming_it(tmp_path, text, expected):
     path = tmp_path / "run.npz"
     history = tmp_path / "run.history.json"
     history.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(CheckpointError, match=f"training history {history}: .*{expected}"):
         show.load_history(str(path), {})
+
+
+def test_history_records_in_the_meta_that_cannot_be_drawn_are_a_clear_error():
+    with pytest.raises(CheckpointError, match=r"checkpoint run.npz: meta.history\[1\]: .*missing train_loss"):
+        show.load_history("run.npz", {"history": [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2}]})
 
 
 def test_training_curves_without_history_still_drawn(tmp_path):
