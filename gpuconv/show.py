@@ -101,12 +101,17 @@ def checkpoint_config(meta):
     return dict(dict(dataset="mnist", model="lenet5", activation="relu", pool="max"), **meta.get("config", {}))
 
 
-def simplecnn_widths(config, state):
-    """A SimpleCNN checkpoint's block widths (None for another model): from its config, or from its
-    conv weights for a checkpoint written before the config recorded them."""
+def simplecnn_widths(config, state, where="checkpoint"):
+    """A SimpleCNN checkpoint's block widths (None for another model), read from its conv weights (a
+    checkpoint written before the config recorded them has only those); a config that says otherwise
+    is named here, before a model of its widths is built (a huge one would be a MemoryError)."""
     if config["model"] != "simplecnn":
         return None
-    return tuple(config["widths"]) if config.get("widths") else simplecnn_widths_of(state)
+    widths = simplecnn_widths_of(state)
+    if config.get("widths") and (widths is None or list(config["widths"]) != list(widths)):
+        raise CheckpointError(f"{where}: meta.config.widths: {list(config['widths'])} disagrees with the "
+                              f"conv weights' {list(widths or ())}; the file was altered or mixed up")
+    return widths
 
 
 def load_model(checkpoint, device="cpu"):
@@ -118,7 +123,8 @@ def load_model(checkpoint, device="cpu"):
     config = checkpoint_config(meta)
     info = dataset_info(config["dataset"])
     model = build_model(config["model"], info.in_channels, len(info.cls.classes), info.image_size,
-                        activation=config["activation"], pool=config["pool"], widths=simplecnn_widths(config, state))
+                        activation=config["activation"], pool=config["pool"],
+                        widths=simplecnn_widths(config, state, checkpoint))
     model.load_state_dict(state)
     model.eval()
     return model.to(parse_device(device)), meta

@@ -5,6 +5,7 @@ need neither the real data set nor a network, and take a few seconds.
 """
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,21 @@ def test_zoo_pictures_with_class_names_and_colour_filters(tmp_path):
              show.plot_confusion_matrix(show.confusion_matrix([0, 9], [0, 8]), str(tmp_path / "cm.png"), classes)]
     for path, name in zip(paths, ["filters", "feature_maps", "feature_maps", "confusion_matrix"]):
         assert imread(path).shape[:2] == show.pixel_size(name)[::-1]
+
+
+@pytest.mark.parametrize("widths", [[4, 16], [100000000, 8], [4]])
+def test_a_checkpoint_whose_config_widths_disagree_with_its_weights_is_named(tmp_path, widths):
+    # [100000000, 8] built a SimpleCNN of that width before any shape was compared: a NumPy
+    # MemoryError traceback; [4, 16] and [4] failed on shapes without naming meta.config.widths
+    from gpuconv import optim
+    from gpuconv.models import SimpleCNN
+    model = SimpleCNN(widths=(4, 8))
+    path = tmp_path / "wide.npz"
+    save_checkpoint(path, model, optim.SGD(model.parameters(), lr=0.1),
+                    {"config": {"model": "simplecnn", "dataset": "fashion-mnist", "widths": widths}})
+    expected = rf"{re.escape(str(path))}: meta.config.widths: {re.escape(str(widths))} .*conv weights' \[4, 8\]"
+    with pytest.raises(CheckpointError, match=expected):
+        show.load_model(str(path))
+    save_checkpoint(path, model, optim.SGD(model.parameters(), lr=0.1),
+                    {"config": {"model": "simplecnn", "dataset": "fashion-mnist", "widths": [4, 8]}})
+    assert show.load_model(str(path))[0].widths == (4, 8)
