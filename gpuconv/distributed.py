@@ -548,9 +548,12 @@ class DistributedDataParallel:
         """Buffers (BatchNorm's running statistics) from rank `root`: before evaluating or saving."""
         for _, module, name in list(self.module.named_buffers()):
             array = module._buffers[name]
-            if not array.flags.c_contiguous:
+            xp = get_array_module(array)
+            # a NumPy scalar (BatchNorm's num_batches_tracked after `+ 1`) is read-only: MPI cannot
+            # receive into it; xp.array keeps a 0-d shape, where ascontiguousarray would make it 1-d
+            if not (isinstance(array, xp.ndarray) and array.flags.c_contiguous):
                 with device_scope(array):
-                    array = module._buffers[name] = get_array_module(array).ascontiguousarray(array)
+                    array = module._buffers[name] = xp.array(array, order="C")
             self.group.broadcast(array, root, "broadcast of buffers")
 
     def _make_buckets(self, bucket_bytes):

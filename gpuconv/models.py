@@ -74,6 +74,9 @@ class SimpleCNN(nn.Sequential):
     def __init__(self, in_channels=1, num_classes=10, image_size=28, widths=(32, 64, 128), hidden=128, seed=0,
                  dtype=np.float32, dropout=0.0):
         _check_positive_int(in_channels, "in_channels", "SimpleCNN")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.integer, np.floating)) or not (
+                0 <= dropout < 1):
+            raise ArgumentError(f"SimpleCNN dropout: expected a number in [0, 1), got {dropout!r}")
         widths = tuple(_check_positive_int(w, "widths entry", "SimpleCNN") for w in widths)
         if not 1 <= len(widths) <= 4:
             raise ArgumentError(f"SimpleCNN widths: expected 1 to 4 block widths, got {widths!r}")
@@ -258,14 +261,21 @@ def simplecnn_widths_of(state):
     return tuple(widths) or None
 
 
+# --widths' ceiling: past it a SimpleCNN on 28x28 images is gigabytes of weights, far more likely a
+# slip of the keyboard than a plan, and failed as a NumPy MemoryError traceback
+MAX_WIDTH = 4096
+
+
 def parse_widths(text):
     """--widths "48,96,192" -> (48, 96, 192), for argparse: a clear error for anything else."""
-    try:
-        widths = tuple(int(part) for part in text.split(","))
-    except ValueError:
+    parts = [part.strip() for part in text.split(",")]
+    # ASCII digits only: int() would also read "3_2" as 32 and other scripts' digits
+    if all(part.isascii() and part.isdigit() for part in parts):
+        widths = tuple(int(part) for part in parts)
+    else:
         widths = ()
-    if not 1 <= len(widths) <= 4 or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 to 4 positive ints separated by commas "
+    if not 1 <= len(widths) <= 4 or not 1 <= min(widths) <= max(widths) <= MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected 1 to 4 positive ints up to {MAX_WIDTH} separated by commas "
                                          f"(e.g. 32,64,128), got {text!r}")
     return widths
 

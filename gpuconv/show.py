@@ -26,7 +26,7 @@ import numpy as np
 
 from .autograd import no_grad
 from .backend import parse_device, to_device
-from .checkpoint import load_checkpoint
+from .checkpoint import HISTORY_FIELDS, load_checkpoint
 from .data.loader import to_float_batch
 from .data.registry import dataset_info
 from .errors import ArgumentError, CheckpointError, MissingExtraError
@@ -101,12 +101,17 @@ def checkpoint_config(meta):
     return dict(dict(dataset="mnist", model="lenet5", activation="relu", pool="max"), **meta.get("config", {}))
 
 
-def simplecnn_widths(config, state):
-    """A SimpleCNN checkpoint's block widths (None for another model): from its config, or from its
-    conv weights for a checkpoint written before the config recorded them."""
+def simplecnn_widths(config, state, where="checkpoint"):
+    """A SimpleCNN checkpoint's block widths (None for another model), read from its conv weights (a
+    checkpoint written before the config recorded them has only those); a config that says otherwise
+    is named here, before a model of its widths is built (a huge one would be a MemoryError)."""
     if config["model"] != "simplecnn":
         return None
-    return tuple(config["widths"]) if config.get("widths") else simplecnn_widths_of(state)
+    widths = simplecnn_widths_of(state)
+    if config.get("widths") and (widths is None or list(config["widths"]) != list(widths)):
+        raise CheckpointError(f"{where}: meta.config.widths: {list(config['widths'])} disagrees with the "
+                              f"conv weights' {list(widths or ())}; the file was altered or mixed up")
+    return widths
 
 
 def load_model(checkpoint, device="cpu"):
@@ -118,7 +123,8 @@ def load_model(checkpoint, device="cpu"):
     config = checkpoint_config(meta)
     info = dataset_info(config["dataset"])
     model = build_model(config["model"], info.in_channels, len(info.cls.classes), info.image_size,
-                        activation=config["activation"], pool=config["pool"], widths=simplecnn_widths(config, state))
+                        activation=config["activation"], pool=config["pool"],
+                        widths=simplecnn_widths(config, state, checkpoint))
     model.load_state_dict(state)
     model.eval()
     return model.to(parse_device(device)), meta
@@ -127,7 +133,7 @@ def load_model(checkpoint, device="cpu"):
 def load_history(checkpoint, meta):
     """Per-epoch records from the checkpoint's meta, else from PATH-without-.npz + ".history.json"."""
     if meta.get("history"):
-        return list(meta["history"])
+        return _drawable(list(meta["history"]), f"checkpoint {checkpoint}: meta.history")
     path = os.path.splitext(checkpoint)[0] + ".history.json"
     if not os.path.exists(path):
         return []
@@ -140,6 +146,23 @@ def load_history(checkpoint, meta):
     if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
         raise CheckpointError(f"training history {path}: expected a JSON list of per-epoch records, "
                               f"got {type(history).__name__}")
+    for index, record in enumerate(history):  # each field's type and range, as for a checkpoint's meta
+        for field, (check, bounds) in HISTORY_FIELDS.items():
+            if field in record:
+                check(f"training history {path}", f"history[{index}].{field}", record[field], **bounds)
+    return _drawable(history, f"training history {path}: history")
+
+
+# what plot_training_curves reads from every record (the accuracies it draws only where present)
+DRAWN_FIELDS = ("epoch", "train_loss")
+
+
+def _drawable(history, where):
+    for index, record in enumerate(history):
+        missing = [field for field in DRAWN_FIELDS if field not in record]
+        if missing:
+            raise CheckpointError(f"{where}[{index}]: expected an epoch record with {', '.join(DRAWN_FIELDS)}; "
+                                  f"missing {', '.join(missing)}")
     return history
 
 

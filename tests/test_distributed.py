@@ -214,6 +214,23 @@ def test_ranks_started_with_different_settings_refuse_to_train(tmp_path):
     assert "test accuracy" not in output and seconds < 30
 
 
+
+@needs_mpi
+def test_train_distributed_with_batchnorm_simplecnn_widths_saves_and_resumes(tmp_path):
+    """BatchNorm's num_batches_tracked becomes a NumPy scalar after a training step (0-d array + 1),
+    and MPI cannot broadcast into a read-only scalar: every --distributed run of a BatchNorm model
+    (SimpleCNN, the ResNets) died at its first evaluation with a BufferError."""
+    _mnist_or_skip()
+    args = TRAIN + ["--model", "simplecnn", "--widths", "4,8", "--limit-train", "64", "--limit-test", "32",
+                    "--distributed", "--checkpoint", "w.npz"]
+    code, output, _ = mpirun(2, args + ["--epochs", "1"], cwd=tmp_path)
+    assert code == 0 and output.count("test accuracy: ") == 1, output
+    state, _, meta = load_checkpoint(tmp_path / "w.npz")
+    assert meta["config"]["widths"] == [4, 8] and state["conv2.weight"].shape == (8, 4, 3, 3)
+    assert int(state["bn1.num_batches_tracked"]) == 1  # 64 images, 2 ranks of 32 each
+    code, output, _ = mpirun(2, args + ["--epochs", "2", "--resume"], cwd=tmp_path)
+    assert code == 0 and "resumed from w.npz: epoch 2" in output, output
+
 # ----------------------------------------------------------------------------------------------
 # no MPI needed
 

@@ -1,5 +1,7 @@
 """gpuconv.models: the zoo's shapes, parameter counts (He et al. 2016's table), the option-A shortcut,
 a float64 gradient check of a residual block, and the summary command."""
+import argparse
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,7 @@ from gpuconv import functional as F
 from gpuconv.errors import ArgumentError
 from gpuconv.gradcheck import numerical_grad
 from gpuconv.models import (MODELS, BasicBlock, LeNet5, ResNet, ShortcutAFunction, SimpleCNN, build_model,
-                            resnet20)
+                            MAX_WIDTH, parse_widths, resnet20)
 from gpuconv.summary_cli import main as summary_main
 
 
@@ -144,5 +146,21 @@ def test_simplecnn_dropout_before_the_classifier_drops_in_training_only():
     np.testing.assert_array_equal(dropped(x).data, plain(x).data)  # eval: the identity
     plain.train(), dropped.train()
     assert not np.allclose(dropped(x).data, plain(x).data)
-    with pytest.raises(ArgumentError, match="Dropout p: expected 0 <= p < 1, got 1.0"):
+    with pytest.raises(ArgumentError, match=r"SimpleCNN dropout: expected a number in \[0, 1\), got 1.0"):
         SimpleCNN(dropout=1.0)
+
+
+@pytest.mark.parametrize("text", ["100000000", "32,99999999999999999999", "3_2", "\u0663\u0662", "32,6\u00b9"])
+def test_widths_option_refuses_huge_and_non_ascii_numbers_with_a_clear_error(text):
+    # 100000000 was a NumPy MemoryError traceback (18 TiB for fc1); 3_2 became one block of 32 and
+    # Arabic-Indic digits were read as 32, both silently, as Python's int() reads them
+    with pytest.raises(argparse.ArgumentTypeError, match=f"expected 1 to 4 positive ints up to 4096.*got {text!r}"):
+        parse_widths(text)
+    assert parse_widths(" 48, 96 ,192") == (48, 96, 192) and parse_widths(str(MAX_WIDTH)) == (MAX_WIDTH,)
+
+
+@pytest.mark.parametrize("dropout", ["0.5", None, [0.5], True, -0.1, float("nan")])
+def test_simplecnn_dropout_of_the_wrong_type_or_range_names_the_argument(dropout):
+    with pytest.raises(ArgumentError, match=f"SimpleCNN dropout: expected a number in \\[0, 1\\), got "):
+        SimpleCNN(dropout=dropout)
+    assert SimpleCNN(dropout=np.float32(0.25)).fc_dropout == pytest.approx(0.25)

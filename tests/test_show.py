@@ -5,6 +5,7 @@ need neither the real data set nor a network, and take a few seconds.
 """
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -120,13 +121,23 @@ def test_history_from_json_beside_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("text, expected", [('[{"epoch": 1', "could not read it.*JSONDecodeError"),
                                              (b"\xff\xfe[", "could not read it.*UnicodeDecodeError"),
                                              ('{"epoch": 1}', "expected a JSON list.*got dict"),
-                                             ('[1, 2]', "expected a JSON list of per-epoch records")])
+                                             ('[1, 2]', "expected a JSON list of per-epoch records"),
+                                             # records show cannot draw were a KeyError / ValueError traceback
+                                             ('[{}]', "history\\[0\\]: expected an epoch record with epoch, "
+                                                      "train_loss; missing epoch, train_loss"),
+                                             ('[{"epoch": 1, "train_loss": "a"}]',
+                                              "history\\[0\\].train_loss: expected a finite number >= 0, got str")])
 def test_a_damaged_history_file_is_a_clear_error_naming_it(tmp_path, text, expected):
     path = tmp_path / "run.npz"
     history = tmp_path / "run.history.json"
     history.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(CheckpointError, match=f"training history {history}: .*{expected}"):
         show.load_history(str(path), {})
+
+
+def test_history_records_in_the_meta_that_cannot_be_drawn_are_a_clear_error():
+    with pytest.raises(CheckpointError, match=r"checkpoint run.npz: meta.history\[1\]: .*missing train_loss"):
+        show.load_history("run.npz", {"history": [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2}]})
 
 
 def test_training_curves_without_history_still_drawn(tmp_path):
@@ -215,3 +226,21 @@ def test_zoo_pictures_with_class_names_and_colour_filters(tmp_path):
              show.plot_confusion_matrix(show.confusion_matrix([0, 9], [0, 8]), str(tmp_path / "cm.png"), classes)]
     for path, name in zip(paths, ["filters", "feature_maps", "feature_maps", "confusion_matrix"]):
         assert imread(path).shape[:2] == show.pixel_size(name)[::-1]
+
+
+@pytest.mark.parametrize("widths", [[4, 16], [100000000, 8], [4]])
+def test_a_checkpoint_whose_config_widths_disagree_with_its_weights_is_named(tmp_path, widths):
+    # [100000000, 8] built a SimpleCNN of that width before any shape was compared: a NumPy
+    # MemoryError traceback; [4, 16] and [4] failed on shapes without naming meta.config.widths
+    from gpuconv import optim
+    from gpuconv.models import SimpleCNN
+    model = SimpleCNN(widths=(4, 8))
+    path = tmp_path / "wide.npz"
+    save_checkpoint(path, model, optim.SGD(model.parameters(), lr=0.1),
+                    {"config": {"model": "simplecnn", "dataset": "fashion-mnist", "widths": widths}})
+    expected = rf"{re.escape(str(path))}: meta.config.widths: {re.escape(str(widths))} .*conv weights' \[4, 8\]"
+    with pytest.raises(CheckpointError, match=expected):
+        show.load_model(str(path))
+    save_checkpoint(path, model, optim.SGD(model.parameters(), lr=0.1),
+                    {"config": {"model": "simplecnn", "dataset": "fashion-mnist", "widths": [4, 8]}})
+    assert show.load_model(str(path))[0].widths == (4, 8)
