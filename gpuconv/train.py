@@ -249,8 +249,11 @@ class Trainer:
                 saved["widths"] = None if widths is None else list(widths)
         for key in RESUME_KEYS:
             if key in saved and saved[key] != self.config[key]:
+                hint = "pass the same value"
+                if key == "widths" and isinstance(saved[key], list):  # as the option is typed
+                    hint = f"pass --widths {','.join(str(w) for w in saved[key])}"
                 raise CheckpointError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, "
-                                      f"this run asks for {key}={self.config[key]!r}; pass the same value")
+                                      f"this run asks for {key}={self.config[key]!r}; {hint}")
         ranks, saved_ranks = self.dist.world_size if self.dist else 1, distributed.saved_world_size(meta, path)
         per_epoch = len(self.loader) if ranks == saved_ranks else len(
             DataLoader(self.train_set, self.config["batch_size"], world_size=saved_ranks))  # its steps, its batch

@@ -163,7 +163,7 @@ def test_simplecnn_widths_from_the_command_line_are_saved_resumed_and_shown(cifa
     assert meta["config"]["widths"] == [8, 12] and state["conv2.weight"].shape == (12, 8, 3, 3)
     assert "conv3.weight" not in state
     # resuming asks for the same widths, named in the error; given, the run continues
-    with pytest.raises(CheckpointError, match=r"widths=\[8, 12\].*widths=\[32, 64, 128\]"):
+    with pytest.raises(CheckpointError, match=r"widths=\[8, 12\].*widths=\[32, 64, 128\]; pass --widths 8,12$"):
         train.Trainer(dict(dataset="cifar10", model="simplecnn", device="cpu", data_dir=str(cifar_tarball),
                            batch_size=16, checkpoint=str(checkpoint), resume=True), log=lambda *_: None)
     assert train.main(args + ["--epochs", "2", "--widths", "8,12", "--resume"]) == 0
