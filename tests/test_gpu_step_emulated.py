@@ -293,6 +293,14 @@ def test_backward_writes_gradients_into_the_flat_buffer():
 
 # ----- fused bias + ReLU epilogues -----
 
+def _output_and_grads(forward, arrays, dy):
+    """forward(*tensors) on copies of arrays, backward(dy) -> [output, grad of each input]."""
+    tensors = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    y = forward(*tensors)
+    y.backward(dy)
+    return [np.asarray(y.data)] + [np.asarray(t.grad) for t in tensors]
+
+
 @pytest.mark.parametrize("algo", ["direct", "im2col"])
 def test_conv_with_a_relu_epilogue_matches_conv_then_relu_forward_and_backward(algo):
     rng = np.random.default_rng(4)
@@ -302,16 +310,10 @@ def test_conv_with_a_relu_epilogue_matches_conv_then_relu_forward_and_backward(a
     dy = rng.standard_normal((3, 16, 5, 5))
     x[0, 0, 0, :5] = np.nan  # NaN stays NaN through ReLU, as np.maximum does
 
-    def run(fused):
-        xt, wt, bt = (Tensor(a.copy(), requires_grad=True) for a in (x, w, b))
-        y = (F.conv2d(xt, wt, bt, algo=algo, activation="relu") if fused
-             else F.relu(F.conv2d(xt, wt, bt, algo=algo)))
-        y.backward(dy)
-        return [np.asarray(a) for a in (y.data, xt.grad, wt.grad, bt.grad)]
-
-    expected = run(False)
+    expected = _output_and_grads(lambda xt, wt, bt: F.relu(F.conv2d(xt, wt, bt, algo=algo)), (x, w, b), dy)
     with emulation():
-        got = run(True)
+        got = _output_and_grads(lambda xt, wt, bt: F.conv2d(xt, wt, bt, algo=algo, activation="relu"),
+                                (x, w, b), dy)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10, equal_nan=True)
 
@@ -321,15 +323,9 @@ def test_linear_with_a_relu_epilogue_matches_linear_then_relu():
     x, w, b = rng.standard_normal((6, 20)), rng.standard_normal((7, 20)), rng.standard_normal(7)
     dy = rng.standard_normal((6, 7))
 
-    def run(fused):
-        xt, wt, bt = (Tensor(a.copy(), requires_grad=True) for a in (x, w, b))
-        y = F.linear(xt, wt, bt, activation="relu") if fused else F.relu(F.linear(xt, wt, bt))
-        y.backward(dy)
-        return [np.asarray(a) for a in (y.data, xt.grad, wt.grad, bt.grad)]
-
-    expected = run(False)
+    expected = _output_and_grads(lambda xt, wt, bt: F.relu(F.linear(xt, wt, bt)), (x, w, b), dy)
     with emulation():
-        got = run(True)
+        got = _output_and_grads(lambda xt, wt, bt: F.linear(xt, wt, bt, activation="relu"), (x, w, b), dy)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
     with pytest.raises(ArgumentError, match="activation: expected None or 'relu', got 'tanh'"):
