@@ -200,30 +200,21 @@ def _torch_layer(nn, layer):
     return {"ReLU": nn.ReLU, "Flatten": nn.Flatten}.get(kind, lambda: None)()
 
 
-def _torch_resnet(torch, model):
+def _torch_sequential(torch, model):
+    """The PyTorch twin of a ResNet or SimpleCNN: child by child through _torch_layer, each ResNet
+    stage (a Sequential of BasicBlocks) as the same stage of PyTorch BasicBlocks."""
     nn = torch.nn
-    _, BasicBlock = _resnet_classes(torch)
     children = []
     for name, layer in model.named_children():
         if type(layer).__name__ == "Sequential":  # a stage of BasicBlocks
+            _, BasicBlock = _resnet_classes(torch)
             twin = nn.Sequential(OrderedDict(
                 (block_name, BasicBlock(block.conv1.in_channels, block.conv1.out_channels, block.conv1.stride[0]))
                 for block_name, block in layer.named_children()))
         else:
             twin = _torch_layer(nn, layer)
         if twin is None:
-            raise TypeError(f"no PyTorch equivalent for ResNet child {name} ({type(layer).__name__})")
-        children.append((name, twin))
-    return nn.Sequential(OrderedDict(children))
-
-
-def _torch_simplecnn(torch, model):
-    nn = torch.nn
-    children = []
-    for name, layer in model.named_children():
-        twin = _torch_layer(nn, layer)
-        if twin is None:
-            raise TypeError(f"no PyTorch equivalent for SimpleCNN child {name} ({type(layer).__name__})")
+            raise TypeError(f"no PyTorch equivalent for {type(model).__name__} child {name} ({type(layer).__name__})")
         children.append((name, twin))
     return nn.Sequential(OrderedDict(children))
 
@@ -238,10 +229,8 @@ def torch_model_like(torch, model):
         image_size = next(s for s in range(12, 4096) if (s // 2 - 4) // 2 == side)
         torch_model = build_lenet(torch, model.conv1.weight.data.shape[1], image_size,
                                   model.fc3.weight.data.shape[0], model.activation, model.pool)
-    elif isinstance(model, ResNet):
-        torch_model = _torch_resnet(torch, model)
-    elif isinstance(model, SimpleCNN):
-        torch_model = _torch_simplecnn(torch, model)
+    elif isinstance(model, (ResNet, SimpleCNN)):
+        torch_model = _torch_sequential(torch, model)
     else:
         raise TypeError(f"no PyTorch equivalent for {type(model).__name__}")
     copy_weights(torch, model, torch_model)
