@@ -1,4 +1,5 @@
-"""What every `python -m gpuconv COMMAND` parser shares: help that shows each option's default."""
+"""What every `python -m gpuconv COMMAND` parser shares: help that shows each option's default, and
+the parsing of option values more than one command takes (--widths)."""
 import argparse
 import copy
 
@@ -34,3 +35,22 @@ class HelpFormatter(argparse.HelpFormatter):
             default = ",".join(map(str, default))
         default = str(default).replace("%", "%%")
         return f"{text} (default: {default})".strip()
+
+
+# --widths' ceiling: past it a SimpleCNN on 28x28 images is gigabytes of weights, far more likely a
+# slip of the keyboard than a plan, and failed as a NumPy MemoryError traceback
+MAX_WIDTH = 4096
+
+
+def parse_widths(text):
+    """--widths "48,96,192" -> (48, 96, 192), for argparse: a clear error for anything else."""
+    parts = [part.strip() for part in text.split(",")]
+    # ASCII digits only: int() would also read "3_2" as 32 and other scripts' digits
+    if all(part.isascii() and part.isdigit() for part in parts):
+        widths = tuple(int(part) for part in parts)
+    else:
+        widths = ()
+    if not 1 <= len(widths) <= 4 or not 1 <= min(widths) <= max(widths) <= MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected 1 to 4 positive ints up to {MAX_WIDTH} separated by commas "
+                                         f"(e.g. 32,64,128), got {text!r}")
+    return widths

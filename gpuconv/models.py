@@ -9,8 +9,6 @@ LeNet-5 (LeCun et al. 1998), as PyTorch tutorials write it for 28x28 MNIST:
 conv(1->6, 5x5, pad 2) -> act -> pool 2 -> conv(6->16, 5x5) -> act -> pool 2 -> 400 -> 120 -> 84 -> 10.
 The 1998 flavour is activation="tanh", pool="avg"; the modern default is ReLU + max pooling.
 """
-import argparse
-
 import numpy as np
 
 from . import nn
@@ -259,25 +257,6 @@ def simplecnn_widths_of(state):
     while f"conv{len(widths) + 1}.weight" in state and len(widths) < 4:
         widths.append(int(state[f"conv{len(widths) + 1}.weight"].shape[0]))
     return tuple(widths) or None
-
-
-# --widths' ceiling: past it a SimpleCNN on 28x28 images is gigabytes of weights, far more likely a
-# slip of the keyboard than a plan, and failed as a NumPy MemoryError traceback
-MAX_WIDTH = 4096
-
-
-def parse_widths(text):
-    """--widths "48,96,192" -> (48, 96, 192), for argparse: a clear error for anything else."""
-    parts = [part.strip() for part in text.split(",")]
-    # ASCII digits only: int() would also read "3_2" as 32 and other scripts' digits
-    if all(part.isascii() and part.isdigit() for part in parts):
-        widths = tuple(int(part) for part in parts)
-    else:
-        widths = ()
-    if not 1 <= len(widths) <= 4 or not 1 <= min(widths) <= max(widths) <= MAX_WIDTH:
-        raise argparse.ArgumentTypeError(f"expected 1 to 4 positive ints up to {MAX_WIDTH} separated by commas "
-                                         f"(e.g. 32,64,128), got {text!r}")
-    return widths
 
 
 def build_model(name, in_channels=1, num_classes=10, image_size=28, seed=0, activation="relu", pool="max",

@@ -8,8 +8,8 @@ import argparse
 
 from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError
-from .models import MODELS, build_model, parse_widths
-from .cli import HelpFormatter
+from .models import MODELS, build_model
+from .cli import HelpFormatter, parse_widths
 
 
 def main(argv=None):

@@ -31,8 +31,8 @@ from .data.loader import to_float_batch
 from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .ops.loss import check_labels
-from .models import MODEL_TITLES, MODELS, build_model, parse_widths, simplecnn_widths_of
-from .cli import HelpFormatter
+from .models import MODEL_TITLES, MODELS, build_model, simplecnn_widths_of
+from .cli import HelpFormatter, parse_widths
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,

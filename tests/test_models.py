@@ -9,8 +9,9 @@ import gpuconv
 from gpuconv import functional as F
 from gpuconv.errors import ArgumentError
 from gpuconv.gradcheck import numerical_grad
+from gpuconv.cli import MAX_WIDTH, parse_widths
 from gpuconv.models import (MODELS, BasicBlock, LeNet5, ResNet, ShortcutAFunction, SimpleCNN, build_model,
-                            MAX_WIDTH, parse_widths, resnet20)
+                            resnet20)
 from gpuconv.summary_cli import main as summary_main
 
 
