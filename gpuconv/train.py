@@ -167,18 +167,19 @@ class Trainer:
         if (isinstance(c["random_erasing"], bool) or not isinstance(c["random_erasing"], (int, float))
                 or not 0.0 <= c["random_erasing"] <= 1.0):
             raise ArgumentError(f"random_erasing: expected a probability in [0, 1], got {c['random_erasing']!r}")
-        if erasing_given and c["random_erasing"] and not c["augment"]:
-            # erasing is part of the augmentation: without it the setting would do nothing, yet be saved
-            default = "off" if not info.augment else "on"
-            raise ArgumentError(f"random_erasing: {c['random_erasing']!r} erases augmented batches only, and this run "
-                                f"does not augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
+
+        def refuse_without_augmentation(key, given, verb):
+            # erasing and cropping are part of the augmentation: without it a setting the user gave
+            # would do nothing, yet be saved in the checkpoint as if it had
+            if given and c[key] and not c["augment"]:
+                default = "off" if not info.augment else "on"
+                raise ArgumentError(f"{key}: {c[key]!r} {verb} augmented batches only, and this run does not "
+                                    f"augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
+
+        refuse_without_augmentation("random_erasing", erasing_given, "erases")
         if isinstance(c["crop_padding"], bool) or not isinstance(c["crop_padding"], int) or c["crop_padding"] < 0:
             raise ArgumentError(f"crop_padding: expected an int >= 0, got {c['crop_padding']!r}")
-        if crop_given and c["crop_padding"] and not c["augment"]:
-            # the same rule as random_erasing: a crop asked for but never applied must not pass silently
-            default = "off" if not info.augment else "on"
-            raise ArgumentError(f"crop_padding: {c['crop_padding']!r} crops augmented batches only, and this run "
-                                f"does not augment (--no-augment, or {c['dataset']}'s default, {default}); add --augment")
+        refuse_without_augmentation("crop_padding", crop_given, "crops")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
             raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
         if c["widths"] is not None and c["model"] != "simplecnn":
