@@ -41,12 +41,16 @@ def _cupy_or_none():
 
 
 def is_cupy_array(x):
+    if type(x) is np.ndarray:  # the CPU's arrays: the common case, answered without a lookup
+        return False
     cupy = _cupy_or_none()
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
 def is_device_array(x):
     """True for an array on a GPU: a CuPy array, or an emulated device's array under emulation."""
+    if type(x) is np.ndarray:
+        return False
     return is_cupy_array(x) or hasattr(x, "device_id")
 
 
@@ -179,6 +183,8 @@ def device_scope(where):
     """A context manager that makes the GPU of `where` (an array, a Tensor, a Device or a device
     string) current, so that CuPy allocates and launches there: `cupy.cuda.Device(N)` on a GPU, its
     emulated stand-in under emulation, nothing for the CPU."""
+    if type(where) is np.ndarray:  # the CPU: nothing to make current (the common case, kept cheap)
+        return _NO_DEVICE
     data = where.data if hasattr(where, "requires_grad") else where  # a Tensor's array
     if is_cupy_array(data):
         return _cupy_or_none().cuda.Device(data.device.id)

@@ -231,23 +231,15 @@ def _compile(layers, input_shape):
     return ops, shape
 
 
-CALLER_EXTRA = 0.05     # the caller's part is this much larger than a worker's (see _split)
-
-
 def _split(batch, threads):
-    """Row bounds of the parts: the caller's (part 0) up to CALLER_EXTRA larger than each worker's.
+    """Row bounds of the parts: equal shares (the caller's part first).
 
-    A worker starts its part after the hand-over and runs it a few percent slower (its rows and
-    the parameters arrive from the caller's core), so with equal shares the caller would finish
-    first and wait. The extra rows never add a chunk to the caller's part. Depends on the batch
-    size and the number of parts alone, so a batch always sums its gradients in the same order."""
-    if threads == 1:
-        return [0, batch]
-    equal = batch // threads
-    extra = min(round(equal * CALLER_EXTRA), -(-equal // MAX_CHUNK) * MAX_CHUNK - equal)
-    first = equal + extra
-    rest = batch - first
-    return [0] + [first + rest * t // (threads - 1) for t in range(threads)]
+    Equal shares are what measured fastest: a worker starts its part a few tens of microseconds
+    after the caller (the hand-over) and runs its rows about as fast, so the two finish within
+    a few tens of microseconds of each other; giving the caller 5% more rows made it the last
+    to finish and the step slower (docs/performance.md). Depends on the batch size and the
+    number of parts alone, so a batch always sums its gradients in the same order."""
+    return [batch * t // threads for t in range(threads + 1)]
 
 
 class _Grads:
