@@ -1,7 +1,8 @@
 """A custom residual CNN with BatchNorm, defined with forward() only and trained for one epoch on MNIST.
 
     python examples/custom_cnn.py                      # one epoch, 60,000 images
-    python examples/custom_cnn.py --limit-train 2000   # a quick smoke run
+    python examples/custom_cnn.py --limit-train 2000   # a quick smoke run (tests/test_examples.py runs
+                                                       # a smaller one)
 """
 import argparse
 import time
@@ -39,6 +40,7 @@ class ResNetMini(nn.Module):
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--limit-train", type=int, default=None, help="train on the first N images only")
+parser.add_argument("--limit-test", type=int, default=None, help="test on the first N images only")
 parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 args = parser.parse_args()
 
@@ -46,7 +48,7 @@ device = gpuconv.parse_device(args.device)
 gpuconv.manual_seed(0)
 model = ResNetMini().to(device)
 optimizer = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-train_set, test_set = MNIST("train", limit=args.limit_train), MNIST("test")
+train_set, test_set = MNIST("train", limit=args.limit_train), MNIST("test", limit=args.limit_test)
 loader = DataLoader(train_set, batch_size=64, shuffle=True, seed=0)  # float32 batches in [0, 1]
 print(f"{model.num_parameters():,} parameters on {device}, {len(train_set):,} training images")
 

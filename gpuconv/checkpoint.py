@@ -198,6 +198,9 @@ def check_meta(meta, where="checkpoint"):
         if widths is not None and not (isinstance(widths, list) and 1 <= len(widths) <= 4 and all(
                 isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
             _fail(where, "meta.config.widths", "null or a list of 1 to 4 positive ints", widths)
+        if widths is not None and config.get("model", "lenet5") != "simplecnn":  # only SimpleCNN has widths
+            _fail(where, "meta.config.widths", f"null for model {config.get('model', 'lenet5')!r} (widths are "
+                  "SimpleCNN's block widths)", widths)
         smoothing = config.get("label_smoothing", 0.0)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
             _fail(where, "meta.config.label_smoothing", "a number in [0, 1)", smoothing)

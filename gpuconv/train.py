@@ -32,7 +32,7 @@ from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .ops.loss import check_labels
 from .models import MODEL_TITLES, MODELS, build_model, simplecnn_widths_of
-from .cli import HelpFormatter, parse_widths
+from .cli import MAX_WIDTH, HelpFormatter, parse_widths
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
@@ -185,6 +185,13 @@ class Trainer:
         if c["widths"] is not None and c["model"] != "simplecnn":
             raise ArgumentError(f"widths: sets SimpleCNN's block widths (--model simplecnn), "
                                 f"and this run trains {c['model']}; drop --widths")
+        if c["widths"] is not None:  # the limits --widths has, for a config given from Python too
+            widths = c["widths"]
+            if (not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= 4
+                    or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH
+                               for w in widths)):
+                raise ArgumentError(f"widths: expected a list of 1 to 4 ints in [1, {MAX_WIDTH}] (SimpleCNN's "
+                                    f"block widths), got {widths!r}")
         self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,
                                  seed=c["seed"], activation=c["activation"], pool=c["pool"],
                                  widths=None if c["widths"] is None else tuple(c["widths"])).to(self.device)
@@ -248,8 +255,13 @@ class Trainer:
             if saved["model"] == "simplecnn":
                 widths = simplecnn_widths_of(model_state)
                 saved["widths"] = None if widths is None else list(widths)
+        # Without augmentation, crop padding and erasing did nothing (then, and in this run): a
+        # checkpoint from before they were refused without --augment may hold any value, which no
+        # run may ask for now; they are not compared.
+        unaugmented = saved.get("augment") is False and not self.config["augment"]
+        inert = ("crop_padding", "random_erasing") if unaugmented else ()
         for key in RESUME_KEYS:
-            if key in saved and saved[key] != self.config[key]:
+            if key in saved and key not in inert and saved[key] != self.config[key]:
                 hint = "pass the same value"
                 if key == "widths" and isinstance(saved[key], list):  # as the option is typed
                     hint = f"pass --widths {','.join(str(w) for w in saved[key])}"

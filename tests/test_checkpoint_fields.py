@@ -109,6 +109,8 @@ META_CASES = [
     (dict(config__epochs="ten"), "meta.config.epochs", "an int >= 1"),
     (dict(config__random_erasing=1.5), "meta.config.random_erasing", "a probability in [0, 1]"),
     (dict(config__label_smoothing=True), "meta.config.label_smoothing", "a number in [0, 1)"),
+    (dict(config__widths=[8, 12]), "meta.config.widths", "null for model 'lenet5'"),  # only SimpleCNN has widths
+    (dict(config__widths=[0]), "meta.config.widths", "null or a list of 1 to 4 positive ints"),
 ]
 
 
@@ -315,3 +317,18 @@ def test_resume_of_an_untouched_checkpoint_still_works(trained, tmp_path):
     train, config = resave(trained, tmp_path)
     trainer = train.Trainer(config, log=lambda *_: None)
     assert (trainer.epoch, trainer.batch, trainer.step) == (1, 0, 4)
+
+
+def test_resume_of_an_old_unaugmented_run_ignores_its_inert_crop_padding_and_erasing(trained, tmp_path):
+    # before --crop-padding / --random-erasing were refused without --augment, a run could save any
+    # value with augment off; they did nothing, and asking for them now is refused, so they are not
+    # compared (the error used to say "pass the same value", which the next run refused)
+    meta = load_checkpoint(trained[2])[2]
+    assert meta["config"]["augment"] is False  # MNIST's default
+    train, config = resave(trained, tmp_path, config=dict(meta["config"], crop_padding=3, random_erasing=0.25))
+    trainer = train.Trainer(config, log=lambda *_: None)
+    assert (trainer.epoch, trainer.batch, trainer.step) == (1, 0, 4)
+    # with augmentation asked for now, the settings matter, and differences are still refused
+    train, config = resave(trained, tmp_path, config=dict(meta["config"], augment=True, crop_padding=3))
+    with pytest.raises(CheckpointError, match=r"augment=True, this run asks for augment=False"):
+        train.Trainer(config, log=lambda *_: None)

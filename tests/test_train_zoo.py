@@ -195,3 +195,12 @@ def test_bad_widths_are_refused_naming_the_option(argv, expected, capsys):
         code = exit.code
     assert code in (1, 2)
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("widths", [[10**8], [8, 0], [1, 2, 3, 4, 5], [], "8,12", [8.0], [True]])
+def test_bad_widths_in_a_python_config_are_refused_before_any_memory_is_taken(widths, cifar_tarball):
+    # the limits of --widths hold for a config given from Python too: a width of 10**8 used to
+    # reach NumPy and end in a MemoryError
+    with pytest.raises(ArgumentError, match=r"widths: expected a list of 1 to 4 ints in \[1, 4096\]"):
+        train.Trainer(dict(dataset="cifar10", model="simplecnn", device="cpu", data_dir=str(cifar_tarball),
+                           widths=widths, limit_train=8, limit_test=8))
