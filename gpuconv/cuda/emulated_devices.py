@@ -26,7 +26,7 @@ import weakref
 
 import numpy as np
 
-from ..errors import DeviceMismatchError
+from ..errors import CaptureError, DeviceMismatchError
 
 # kind: "alloc" (a new buffer), "launch" (one of gpuconv's kernels or a cuBLAS GEMM from the launch
 # code), "op" (what CuPy would run as its own kernel: an elementwise ufunc, a reduction, a copy, a
@@ -114,10 +114,6 @@ def recording():
         yield events
     finally:
         _recorders.remove(events)
-
-
-class CaptureError(RuntimeError):
-    """Something in a step that a CUDA graph cannot hold (a host read or write) was met while capturing."""
 
 
 @contextlib.contextmanager
