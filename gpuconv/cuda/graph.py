@@ -211,7 +211,8 @@ class StaticStep:
         flat = self.optimizer.flat
         ids = [id(flat)] + [id(p.data) for p in self.optimizer.params]
         if self.model is not None:
-            ids += [id(m._buffers[n]) for _, m, n in self.model.named_buffers()] + [m.training for m in self.model.modules()]
+            ids += [id(m._buffers[n]) for _, m, n in self.model.named_buffers()]
+            ids += [m.training for m in self.model.modules()]
         return ids
 
     # ----- the three stages -----
