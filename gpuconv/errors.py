@@ -63,3 +63,8 @@ class MissingExtraError(GpuconvError, ImportError):
 class WorkerError(GpuconvError, RuntimeError):
     """A CPU executor worker process raised (its error's type and message are in the text) or died;
     the next step starts a new one."""
+
+
+class CaptureError(GpuconvError, RuntimeError):
+    """A training step cannot be captured as a CUDA graph (gpuconv.cuda.graph): it reads a value back
+    to the host, copies from the host, or asks for other buffers than the step it replays."""

@@ -4,6 +4,8 @@ Each is one autograd Function around one forward/backward pair of gpuconv.ops: t
 what the pair's backward needs (a pool keeps its input, ReLU its output), the backward calls the
 pair and returns one gradient per input. Inputs may be Tensors or plain arrays (constants).
 """
+import numpy as np
+
 from . import ops
 from .backend import get_array_module, uses_cuda_kernels
 from .autograd import Function, Tensor, as_tensor, cat  # noqa: F401  (cat is re-exported)
@@ -241,7 +243,10 @@ def update_running_stats(running_mean, running_var, mean, var, momentum, x_shape
     """running = (1 - momentum) * running + momentum * batch, in place; the variance blended in is
     the unbiased one, as PyTorch does."""
     xp = get_array_module(running_mean)
-    momentum = xp.asarray(momentum, dtype=running_mean.dtype)  # a number, or a device scalar
+    if isinstance(momentum, (int, float, np.number)):  # a kernel argument: no host-to-device copy
+        momentum = running_mean.dtype.type(momentum)
+    else:  # a device scalar (the cumulative average's 1 / batches)
+        momentum = xp.asarray(momentum, dtype=running_mean.dtype)
     count = x_shape[0] * x_shape[2] * x_shape[3]
     unbiased = var * running_var.dtype.type(count / max(count - 1, 1))
     running_mean *= 1 - momentum

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .backend import device_of, device_scope, get_array_module, to_device, uses_cuda_kernels
-from .errors import ArgumentError, CheckpointError
+from .errors import ArgumentError, CaptureError, CheckpointError
 
 FUSED_THREADS = 256
 FUSED_MAX_BLOCKS = 1024  # grid-stride beyond: about 8 blocks per SM of an H100 is plenty
@@ -68,14 +68,37 @@ class Optimizer:
     def _fused_ready(self):
         """True when this step can be one fused launch: packs (or repacks) the flat buffers when
         needed, moves a gradient assigned from outside into its view."""
-        if any(p.grad is None for p in self.params):
+        if any(p.grad is None for p in self.params) or not self.pack():
             return False
+        self.flat.adopt_grads(self)
+        return True
+
+    def pack(self):
+        """Make (or remake) the flat buffers if the fused step applies; False where it does not. A
+        captured step (gpuconv.cuda.graph) packs before it records, so that its pool holds the
+        step's own buffers, not the parameters'."""
         if self.flat is None or not self.flat.holds(self):
             if not self._fusable():
                 return False
             self.flat = _FlatBuffers(self)
-        self.flat.adopt_grads(self)
         return True
+
+    # ----- step() in two halves, for a step captured as a CUDA graph (gpuconv.cuda.graph) -----
+    def begin_graph_step(self):
+        """The host half, run before each capture or replay: count the step and copy its
+        hyperparameters into the device array the fused launch reads (a graph cannot hold a copy
+        from the host; this one is ordered before the graph's launch on the same stream)."""
+        self.steps += 1
+        with device_scope(self.flat.data):
+            self.flat.write_hyper(self.hyper())
+
+    def graph_update(self):
+        """The device half, captured: the fused launch over the flat buffers."""
+        if not self._fused_ready():
+            raise CaptureError("the optimizer cannot run its fused step (a parameter has no gradient, or "
+                               "the parameters are not one flat buffer); a captured step needs it")
+        with device_scope(self.flat.data):
+            self.fused_update(self.flat)
 
     def hyper(self):
         """The values kernels/optim.cu reads from the device for this step."""

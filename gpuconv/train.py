@@ -25,6 +25,7 @@ from .autograd import no_grad
 from .backend import device_scope, get_array_module, is_device_array, parse_device, to_device
 from .compiler import compile as compile_model
 from .checkpoint import atomic_write, check_resume, load_checkpoint, save_checkpoint
+from .cuda.graph import StaticStep
 from .cuda.runtime import device_errors
 from .data import DataLoader
 from .data.loader import to_float_batch
@@ -40,6 +41,7 @@ DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd
                 activation="relu", pool="max", dataset="mnist", model="lenet5", augment=None,
                 crop_padding=None, random_erasing=None, label_smoothing=0.0, widths=None)
 DEFAULTS.update(distributed=False)  # --distributed: gpuconv/distributed.py, issue 19
+DEFAULTS.update(cuda_graph=False)  # --cuda-graph: gpuconv/cuda/graph.py, issue 17 (changes no number)
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("seed", "batch_size", "activation", "pool", "optimizer", "dataset", "model", "augment",
                "crop_padding", "random_erasing", "label_smoothing", "widths")
@@ -155,6 +157,14 @@ class Trainer:
             self.log(f"distributed: {self.dist.world_size} ranks over {self.dist.backend}, batch {c['batch_size']} "
                      f"per rank ({c['batch_size'] * self.dist.world_size} a step)")
         self.device = self.dist.device if self.dist else parse_device(c["device"])
+        if c["cuda_graph"] and self.device.kind == "cpu":
+            # refused, not ignored: the flag asks for something this run cannot do, as
+            # torch.cuda.CUDAGraph refuses without CUDA
+            raise ArgumentError(f"cuda_graph: --cuda-graph captures the training step as a CUDA graph, and this "
+                                f"run trains on {self.device}; pass --device cuda, or drop --cuda-graph")
+        if c["cuda_graph"] and c["distributed"]:
+            raise ArgumentError("cuda_graph: --cuda-graph with --distributed is not supported (the gradients are "
+                                "averaged over MPI inside the step, which a CUDA graph cannot hold); drop one")
         info = dataset_info(c["dataset"])
         if c["augment"] is None:
             c["augment"] = info.augment
@@ -223,6 +233,10 @@ class Trainer:
             self.dist.check_same(same + [len(self.train_set), len(self.test_set), self.epoch, self.batch],
                                  "the settings, the data sizes or the resumed position")
             self.net = distributed.DistributedDataParallel(self.net, self.optimizer, process_group=self.dist)
+        # --cuda-graph: the step recorded, captured and replayed (eager for what it cannot run, e.g. the
+        # last, partial batch)
+        self.graph_step = StaticStep(self.forward_loss, self.optimizer, self.model, log=self.log) \
+            if c["cuda_graph"] else None
 
     # ----- checkpoints -----
     def meta(self):
@@ -291,20 +305,29 @@ class Trainer:
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch}")
 
     # ----- training -----
+    def forward_loss(self, x, y):
+        """(loss, logits) Tensors of a batch."""
+        logits = self.net(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.config["label_smoothing"]), logits
+
     def train_step(self, x, y):
         """One SGD step on a batch -> (loss, logits array). The loss is a 0-d array on the batch's
         device: nothing here reads a GPU value back (the caller reads sums once per LOG_EVERY steps).
-        On the CPU the loss is checked before the update, which costs nothing there."""
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.config["label_smoothing"])
-        if not is_device_array(loss.data):
-            self.check_finite(loss.data, x, self.step + 1)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        On the CPU the loss is checked before the update, which costs nothing there. With
+        --cuda-graph both arrays are the graph's buffers, overwritten by the next step."""
+        if self.graph_step is not None:
+            loss, logits = self.graph_step(x, y)
+        else:
+            loss, logits = self.forward_loss(x, y)
+            if not is_device_array(loss.data):
+                self.check_finite(loss.data, x, self.step + 1)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            loss, logits = loss.data, logits.data
         self.batch += 1
         self.step += 1
-        return loss.data, logits.data
+        return loss, logits
 
     def accumulate(self, loss, logits, y):
         """Add a step's loss and correct count to the epoch's: on the GPU as device sums, no sync."""
@@ -481,6 +504,10 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the ranks of `mpiexec -n N` (--batch-size is per rank)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, capture the training step as a CUDA graph once and replay it (the same numbers, "
+                        "fewer launches from Python); a batch of another shape, and anything the capture cannot "
+                        "hold, runs eagerly")
     return p
 
 

@@ -196,3 +196,36 @@ def test_kernels_are_cached_across_launches():
     kernel = runtime.get_kernel("conv2d.cu", "conv2d_forward_direct", np.float32)
     conv.conv2d(x, w, algo="direct")
     assert runtime.get_kernel("conv2d.cu", "conv2d_forward_direct", np.float32) is kernel
+
+
+@pytest.mark.parametrize("model_name", ["lenet5", "simplecnn"])
+def test_a_captured_cuda_graph_step_replays_the_eager_steps(model_name):
+    """gpuconv.cuda.graph on a GPU: record, capture (CUDA stream capture with the step's pool as CuPy's
+    allocator), then replays; every step's loss and the final weights and buffers match the eager run."""
+    import cupy
+    from gpuconv import functional as F, optim
+    from gpuconv.cuda.graph import StaticStep
+    from gpuconv.models import build_model
+    shape = (16, 1, 28, 28) if model_name == "lenet5" else (8, 3, 32, 32)
+    rng = np.random.default_rng(0)
+    batches = [(cupy.asarray(rng.random(shape, dtype=np.float32)), cupy.asarray(rng.integers(0, 10, shape[0])))
+               for _ in range(6)]
+    results = []
+    for graph in (False, True):
+        model = build_model(model_name, shape[1], 10, shape[2], seed=0).to("cuda")
+        optimizer = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        logged = []
+        step = StaticStep(lambda x, y: (lambda lg: (F.cross_entropy(lg, y), lg))(model(x)), optimizer, model,
+                          log=logged.append)
+        losses = []
+        for index, (x, y) in enumerate(batches):
+            optimizer.lr = 0.05 / (1 + index)  # the replay reads the lr of its step
+            losses.append(float(cupy.asnumpy((step if graph else step.eager)(x, y)[0])))  # read before the next
+        state = {k: cupy.asnumpy(v) for k, v in model.state_dict().items()}
+        results.append((losses, state))
+        if graph:
+            assert logged == [] and step.replays == 4, logged
+    (eager_losses, eager_state), (graph_losses, graph_state) = results
+    np.testing.assert_allclose(graph_losses, eager_losses, rtol=1e-6)
+    for key, value in eager_state.items():
+        np.testing.assert_allclose(graph_state[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

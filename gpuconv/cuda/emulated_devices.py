@@ -20,12 +20,13 @@ can also measure a launcher's peak memory.
 """
 import collections
 import contextlib
+import functools
 import threading
 import weakref
 
 import numpy as np
 
-from ..errors import DeviceMismatchError
+from ..errors import CaptureError, DeviceMismatchError
 
 # kind: "alloc" (a new buffer), "launch" (one of gpuconv's kernels or a cuBLAS GEMM from the launch
 # code), "op" (what CuPy would run as its own kernel: an elementwise ufunc, a reduction, a copy, a
@@ -36,6 +37,7 @@ Event = collections.namedtuple("Event", "kind device nbytes what flops", default
 _state = threading.local()
 _count = 0          # emulated devices; 0 = emulated devices are off
 _recorders = []     # lists that receive every Event while recording() is active
+_step = None        # gpuconv.cuda.graph's step pool while a step records, captures or replays (stepping())
 
 
 def count():
@@ -92,6 +94,11 @@ class EmulatedDevice:
 
 
 def record(kind, nbytes=0, what="", device=None, flops=0):
+    if kind in ("read", "write") and capturing():
+        # CUDA refuses a blocking read during stream capture, and a captured host-to-device copy
+        # would replay whatever the host buffer holds at launch: neither belongs in a graph
+        raise CaptureError(f"a captured step cannot {'read a value back to' if kind == 'read' else 'copy from'} "
+                           f"the host ({what}, {nbytes} bytes on cuda:{current_id() if device is None else device})")
     if _recorders:
         event = Event(kind, current_id() if device is None else device, int(nbytes), what, int(flops))
         for events in _recorders:
@@ -107,6 +114,32 @@ def recording():
         yield events
     finally:
         _recorders.remove(events)
+
+
+@contextlib.contextmanager
+def stepping(pool):
+    """Inside the block every new buffer comes from `pool` (gpuconv.cuda.graph's step pool), and while
+    pool.capturing, device work is recorded as pool.nodes instead of run, as stream capture does."""
+    global _step
+    saved, _step = _step, pool
+    try:
+        yield pool
+    finally:
+        _step = saved
+
+
+def capturing():
+    return _step is not None and _step.capturing
+
+
+def _defer(run, kind, what, nbytes=0, flops=0):
+    """Device work that writes into existing buffers: run now, or, while capturing, kept as a node of
+    the graph (with its event, recorded again on every replay) and not run, as CUDA capture does."""
+    if capturing():
+        _step.nodes.append((run, None, Event(kind, current_id(), int(nbytes), what, int(flops))))
+        return True
+    run()
+    return False
 
 
 class MemoryMeter:
@@ -184,55 +217,54 @@ class DeviceArray(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _check_current(inputs + (out or ()), f"numpy.{ufunc.__name__}")
         plain = [_plain(value) for value in inputs]
+        name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
         if out is not None:
             kwargs["out"] = tuple(_plain(value) for value in out)
-        result = getattr(ufunc, method)(*plain, **kwargs)
-        name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
-        _record_op(name, plain, result if out is None else kwargs["out"])
-        if out is not None:
+            _in_place(functools.partial(getattr(ufunc, method), *plain, **kwargs), name, plain, kwargs["out"])
             return out[0] if len(out) == 1 else out
-        return _wrap(result, ufunc.__name__)
+        return _result(functools.partial(getattr(ufunc, method), *plain, **kwargs), ufunc.__name__, name, plain)
 
     def __array_function__(self, func, types, args, kwargs):
-        operands = [value for value in _flatten(args) + _flatten(list(kwargs.values()))
+        operands = [_plain(value) for value in _flatten(args) + _flatten(list(kwargs.values()))
                     if isinstance(value, np.ndarray)]
         _check_current(operands, f"numpy.{func.__name__}")
-        result = func(*_unwrap(args), **_unwrap(kwargs))
-        if func.__name__ not in _NO_KERNEL:
-            _record_op(func.__name__, [_plain(o) for o in operands], result)
-        if "out" in kwargs and kwargs["out"] is not None:
+        run = functools.partial(func, *_unwrap(args), **_unwrap(kwargs))
+        name = None if func.__name__ in _NO_KERNEL else func.__name__
+        if kwargs.get("out") is not None:
+            _in_place(run, name, operands, _unwrap(kwargs["out"]))
             return kwargs["out"]
-        return _wrap(result, func.__name__)
+        return _result(run, func.__name__, name, operands)
 
     # CuPy runs each of these as a kernel of its own (a cast, a copy, a gather, a reduction), but
     # NumPy's methods do not dispatch through __array_function__: recorded here.
     def astype(self, dtype, *args, **kwargs):
-        result = self.view(np.ndarray).astype(dtype, *args, **kwargs)
-        if not np.may_share_memory(result, self.view(np.ndarray)):
-            _record_op("astype", [self], result)
-        return _wrap(result, "astype")
+        plain = self.view(np.ndarray)
+        return _result(functools.partial(plain.astype, dtype, *args, **kwargs), "astype", "astype", [plain])
 
     def copy(self, order="C"):
-        result = self.view(np.ndarray).copy(order)
-        _record_op("copy", [self], result)
-        return _wrap(result, "copy")
+        plain = self.view(np.ndarray)
+        return _result(functools.partial(plain.copy, order), "copy", "copy", [plain])
 
     def argmax(self, *args, **kwargs):
-        result = self.view(np.ndarray).argmax(*args, **kwargs)
-        _record_op("argmax", [self], result)
-        return _wrap(result, "argmax")
+        plain = self.view(np.ndarray)
+        return _result(functools.partial(plain.argmax, *args, **kwargs), "argmax", "argmax", [plain])
 
     def __getitem__(self, index):
-        result = super().__getitem__(index)
-        if _advanced(index) and isinstance(result, np.ndarray):
-            _record_op("take", [result], result)
-        return result
+        if not _advanced(index):  # a view: no kernel, no new memory
+            return super().__getitem__(index)
+        plain, index = self.view(np.ndarray), _unwrap(index)
+        # a gather reads as many elements as it writes: the op counts the result twice
+        return _result(lambda: plain[index], "take", "take", None, [plain])
 
     def __setitem__(self, index, value):
-        super().__setitem__(index, value)
-        if _recorders:
-            target = self.view(np.ndarray)[index]
-            _record_op("copy", [np.asarray(_plain(value))], target)
+        plain, index, value = self.view(np.ndarray), _unwrap(index), _unwrap(value)
+
+        def run():
+            plain[index] = value
+        if _recorders or capturing():
+            _in_place(run, "copy", [np.asarray(value)], plain[index])
+        else:
+            run()
 
 
 # Array functions that CuPy answers without a kernel (views, metadata, no-op conversions).
@@ -247,11 +279,17 @@ def _advanced(index):
     return any(isinstance(p, (np.ndarray, list)) for p in parts)
 
 
+def _emit(event):
+    for events in _recorders:
+        events.append(event)
+
+
 def _record_op(name, inputs, outputs):
-    """One "op" event: what CuPy would launch for `name`, with the bytes it reads and writes and one
-    flop per output element (a matmul counts 2*M*N*K)."""
-    if not _recorders:
-        return
+    """The "op" event for what CuPy would launch for `name`, with the bytes it reads and writes and
+    one flop per output element (a matmul counts 2*M*N*K): recorded, or, while capturing, returned
+    for the graph's node to record at each replay. None when nobody records."""
+    if name is None or not (_recorders or capturing()):
+        return None
     outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if isinstance(o, np.ndarray)]
     arrays = [a for a in inputs if isinstance(a, np.ndarray)] + outputs
     nbytes = sum(a.nbytes for a in arrays)
@@ -261,7 +299,53 @@ def _record_op(name, inputs, outputs):
         flops = max((o.size for o in outputs), default=0)
         if name.endswith(".reduce") or name in ("sum", "mean", "argmax", "max", "min"):
             flops = max((a.size for a in inputs if isinstance(a, np.ndarray)), default=flops)
-    record("op", nbytes, name, flops=flops)
+    event = Event("op", current_id(), int(nbytes), name, int(flops))
+    if not capturing():
+        _emit(event)
+    return event
+
+
+def run_on_device(run, kind, what, nbytes=0, flops=0):
+    """Device work that writes into existing buffers (a kernel launch, a GEMM): recorded and run, or,
+    while capturing, kept as a node of the graph (its event recorded at every replay) and not run,
+    as CUDA's stream capture does."""
+    event = Event(kind, current_id(), int(nbytes), what, int(flops))
+    if capturing():
+        _step.nodes.append((run, None, event))
+        return
+    _emit(event)
+    run()
+
+
+def _in_place(run, name, inputs, outputs):
+    """An op writing into existing arrays (out=, a[...] = b): as run_on_device."""
+    event = _record_op(name, inputs, outputs)
+    if capturing():
+        _step.nodes.append((run, None, event))
+        return
+    run()
+
+
+def _result(run, what, op=None, inputs=(), operands=None):
+    """The device array(s) run() gives: an "op" event named `op` (None: no kernel; inputs None: the
+    result counts as read too), and, as CuPy would, new memory on the current device (from the step's
+    pool while a step runs). A result that shares memory with an operand is a view: no kernel, no
+    allocation. While capturing, run is kept as a node that refills the same buffer at each replay."""
+    operands = inputs if operands is None else operands
+    result = run()
+    arrays = [r for r in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(r, np.ndarray)]
+    if arrays and all(_is_view(a, operands) for a in arrays):
+        return _wrap(result, what, operands)
+    event = _record_op(op, [result] if inputs is None else inputs, result) if getattr(result, "size", 1) else None
+    wrapped = _wrap(result, what, operands)
+    if capturing():
+        _step.nodes.append((run, wrapped, event))
+    return wrapped
+
+
+def _is_view(result, operands):
+    return isinstance(result, np.ndarray) and any(
+        isinstance(o, np.ndarray) and np.may_share_memory(result, _plain(o)) for o in operands)
 
 
 def _flatten(values):
@@ -288,14 +372,20 @@ def _unwrap(value):
     return value
 
 
-def _wrap(result, what):
+def _wrap(result, what, operands=()):
+    """`result` as an array of the current device. New memory (not a view of an operand) is an
+    allocation: recorded, or, while a step runs, a buffer of the step's pool that receives the values."""
     if isinstance(result, tuple):
-        return tuple(_wrap(r, what) for r in result)
+        return tuple(_wrap(r, what, operands) for r in result)
     if isinstance(result, list):
-        return [_wrap(r, what) for r in result]
+        return [_wrap(r, what, operands) for r in result]
     if isinstance(result, (np.ndarray, np.generic)) and not isinstance(result, DeviceArray):
         array = np.asarray(result)
-        record("alloc", array.nbytes, what)
+        if not _is_view(array, operands):
+            if _step is None:
+                record("alloc", array.nbytes, what)
+            else:
+                array = _step.take(array, what)
         wrapped = array.view(DeviceArray)
         wrapped.device_id = current_id()
         return wrapped
@@ -314,31 +404,36 @@ def _check_current(operands, what):
 
 
 def to_device(array, index):
-    """A copy of `array` on emulated device `index` (the array itself if it is already there)."""
+    """A copy of `array` on emulated device `index` (the array itself if it is already there): an
+    allocation and a host-to-device write."""
     if isinstance(array, DeviceArray) and array.device_id == index:
         return array
     with EmulatedDevice(index):
         host = np.array(_plain(np.asarray(array)), copy=True)
-        record("alloc", host.nbytes, "to_device")
-        moved = host.view(DeviceArray)
-        moved.device_id = index
-        return moved
+        record("write", host.nbytes, "host to device")
+        return _wrap(host, "to_device")
 
 
 def allocate(shape, dtype, zero=False, what="buffer"):
     """A new buffer on the current emulated device, recorded and metered (gpuconv's launch code
-    allocates through here under emulation)."""
-    array = (np.zeros if zero else np.empty)(shape, dtype=dtype)
-    record("alloc", array.nbytes, what)
-    if zero and array.size:
-        _record_op("fill", [], array)
+    allocates through here under emulation); while a step runs, a buffer of the step's pool."""
+    if _step is not None:
+        array = _step.take(np.empty(shape, dtype=dtype), what, copy=False)
+    else:
+        array = (np.zeros if zero else np.empty)(shape, dtype=dtype)
+        record("alloc", array.nbytes, what)
+        for meter in _meters:
+            meter.live += array.nbytes
+            meter.peak = max(meter.peak, meter.live)
+            weakref.finalize(array, meter._free, array.nbytes)
+    if zero and array.size:  # a memset: a device op of its own, captured like any other
+        if _step is not None:
+            _in_place(functools.partial(array.fill, 0), "fill", [], array)
+        else:
+            _record_op("fill", [], array)
     if _count:
         array = array.view(DeviceArray)
         array.device_id = current_id()
-    for meter in _meters:
-        meter.live += array.nbytes
-        meter.peak = max(meter.peak, meter.live)
-        weakref.finalize(array, meter._free, array.nbytes)
     return array
 
 
@@ -353,6 +448,10 @@ _CREATION = ("asarray", "ascontiguousarray", "asfortranarray", "array", "copy", 
 _FILLS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange", "eye", "identity",
           "linspace")
 
+# These copy their first argument; from host data (a Python number, a list, a NumPy array) that is a
+# host-to-device write, which a captured graph cannot hold.
+_FROM_DATA = ("asarray", "ascontiguousarray", "asfortranarray", "array", "copy", "frombuffer", "fromiter")
+
 
 class _ArrayModule:
     """What get_array_module returns for an emulated device's arrays: NumPy, with CuPy's rule that
@@ -366,17 +465,16 @@ class _ArrayModule:
             return attribute
 
         def create(*args, **kwargs):
-            operands = [a for a in _flatten(list(args)) if isinstance(a, DeviceArray)]
+            operands = [_plain(a) for a in _flatten(list(args)) if isinstance(a, DeviceArray)]
             _check_current(operands, f"numpy.{name}")
-            result = attribute(*_unwrap(args), **_unwrap(kwargs))
-            if name in _FILLS and getattr(result, "size", 0):  # a memset or fill kernel
-                _record_op("fill", [], result)
-            elif operands and isinstance(result, np.ndarray) and not any(
-                    np.may_share_memory(result, _plain(o)) for o in operands):
-                _record_op("copy", [_plain(o) for o in operands], result)  # asarray & co. had to copy
-            if isinstance(result, np.ndarray) and not isinstance(result, DeviceArray):
-                return _wrap(result, name)
-            return result
+            if name in _FROM_DATA and args and not operands:
+                record("write", np.asarray(args[0]).nbytes, f"{name} of host data")
+            run = functools.partial(attribute, *_unwrap(args), **_unwrap(kwargs))
+            if name in _FILLS:
+                op = "fill"  # a memset or fill kernel
+            else:
+                op = "copy" if operands else None  # asarray & co. of a device array: a copy unless a view
+            return _result(run, name, op, [] if op == "fill" else operands, operands)
         return create
 
 

@@ -321,11 +321,13 @@ def launch(kernel, grid, block, args, shared_mem=0, op_name="kernel", shapes=Non
     """kernel(grid, block, args) on the current device, errors translated (see device_errors);
     with GPUCONV_SYNC=1 it waits for the kernel, so a fault names this op."""
     with device_errors(op_name, shapes or {}):
+        run = functools.partial(kernel, tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
         if emulation_enabled():
             from . import emulated_devices
             _check_emulated_arguments(args, op_name)
-            emulated_devices.record("launch", 0, getattr(kernel, "name", op_name))
-        kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
+            emulated_devices.run_on_device(run, "launch", getattr(kernel, "name", op_name))  # or captured
+        else:
+            run()
         if sync_enabled():
             synchronize()
 
@@ -373,21 +375,23 @@ def gemm(xp, a, b, out, transa=False, transb=False, beta=0.0, op_name="gemm", sh
         raise KernelError(f"{op_name}: gemm output must be C-contiguous, got strides {out.strides}")
     with device_errors(op_name, shapes or {}):
         if xp.__name__ == "numpy":  # emulation (or a NumPy caller): the same contract on the CPU
+            def run():
+                op_a, op_b = (a_plain.T if transa else a_plain), (b_plain.T if transb else b_plain)
+                if beta:
+                    xp.multiply(out_plain, out.dtype.type(beta), out=out_plain)
+                    xp.add(out_plain, xp.matmul(op_a, op_b), out=out_plain)
+                else:
+                    xp.matmul(op_a, op_b, out=out_plain)
+            # plain views: the GEMM is the one launch recorded, not NumPy's ops that emulate it
+            a_plain, b_plain, out_plain = (x.view(xp.ndarray) for x in (a, b, out))
             if emulation_enabled():
                 from . import emulated_devices
                 _check_emulated_arguments((a, b, out), op_name)
-                emulated_devices.record("launch", a.nbytes + b.nbytes + out.nbytes * (2 if beta else 1), "gemm",
-                                        flops=2 * out.size * (a.shape[0] if transa else a.shape[1]))
-                # plain views: the GEMM is the one launch recorded, not NumPy's ops that emulate it
-                a, b, out_plain = (x.view(xp.ndarray) for x in (a, b, out))
+                emulated_devices.run_on_device(run, "launch", "gemm",  # or captured
+                                               a.nbytes + b.nbytes + out.nbytes * (2 if beta else 1),
+                                               flops=2 * out.size * (a.shape[0] if transa else a.shape[1]))
             else:
-                out_plain = out
-            op_a, op_b = (a.T if transa else a), (b.T if transb else b)
-            if beta:
-                out_plain *= out.dtype.type(beta)
-                out_plain += xp.matmul(op_a, op_b)
-            else:
-                xp.matmul(op_a, op_b, out=out_plain)
+                run()
             return out
         from cupy import cublas
         cublas.gemm("T" if transa else "N", "T" if transb else "N", a, b, out=out, beta=beta)

@@ -264,7 +264,9 @@ class BatchNorm2d(Module):
         use_batch_stats = self.training or not self.track_running_stats
         momentum = self.momentum
         if self.training and self.track_running_stats:
-            self.num_batches_tracked = self.num_batches_tracked + 1
+            # in place: a captured CUDA graph (gpuconv.cuda.graph) replays its writes into the same
+            # buffer, where a new array each step would leave the graph counting from a stale one
+            self.num_batches_tracked += 1
             if momentum is None:  # cumulative moving average; a device scalar, so no host sync
                 momentum = 1.0 / self.num_batches_tracked
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
