@@ -289,3 +289,19 @@ def test_grid_and_useful_fraction():
     assert narrow.grid(129, 17, 70000) == (2, 3, 65535)
     assert narrow.useful_fraction(784, 6) == pytest.approx(6 / 8 * 784 / 896)
     assert conv_cuda.tile_config(16).useful_fraction(128, 16) == 1.0
+
+
+def test_kernel_plan_shows_each_direct_launchs_tile():
+    from gpuconv.cuda.tools import plan
+    rows = {row["call"]: row for row in plan.direct_tile_rows(batch=2)}
+    conv1 = rows["conv1 forward"]
+    assert conv1["tile"] == "narrow 8ch x 128px" and conv1["auto"]
+    assert conv1["useful"] == pytest.approx(6 / 8 * 784 / 896) and conv1["loads_per_fma"] == 0.5
+    assert rows["conv2 forward"]["tile"].startswith("medium") and not rows["conv2 forward"]["auto"]
+    assert rows["conv2 backward-data"]["useful"] == pytest.approx(6 / 8 * 196 / 256)
+    assert not rows["conv1 backward-data"]["auto"]  # LeNet needs no gradient of its input
+    text = plan.format_direct_tiles(list(rows.values()))
+    assert "65.6%" in text and "narrow 8ch x 128px" in text
+    launches = next(row for row in plan.lenet_plan(batch=2) if row["call"] == "conv1 forward")["launches"]
+    assert "66% of multiply-adds useful" in plan.format_plan([dict(
+        launches=launches, call="conv1 forward", algo="direct", flops=1, bytes=1, bound_us=1, bound="memory")], {})
