@@ -5,7 +5,9 @@ For every conv and pool call of a LeNet-5 training step it runs the real launch 
 shows exactly the kernels, grids and blocks a GPU would get. Beside them: FLOPs, the bytes each call
 must move through DRAM at least, the kernels' registers and shared memory from NVRTC (check.py), and
 a roofline lower bound on time from an H100 SXM's datasheet figures. Paper, not measurement: the
-bound says how fast a call could be, never how fast it is.
+bound says how fast a call could be, never how fast it is. Each direct conv launch also shows the tile
+conv_cuda.tile_config chose for it, the fraction of its multiply-adds that are useful (the rest fall
+on the tile's padding channels and pixels) and its shared-memory loads per multiply-add.
 """
 import argparse
 import contextlib
