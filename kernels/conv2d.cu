@@ -10,17 +10,26 @@
 // per-batch counts stay int so the inner loops need no 64-bit division. Grid-stride loop counters
 // are long long: counter + stride overflows an int once the count passes 2^30, though it fits.
 
-// Implicit-GEMM tile: a block of 16x16 threads computes TILE_P output pixels x TILE_K output channels,
-// each thread PIXELS_PER_THREAD pixels of one channel; the reduction walks TILE_R rows at a time.
+// Implicit-GEMM tiles, register-blocked. A block of (blockDim.x, blockDim.y) threads computes
+// PIXELS_PER_THREAD * blockDim.x output pixels x CHANNELS_PER_THREAD * blockDim.y output channels;
+// thread (tx, ty) owns pixels tx + j * blockDim.x and channels ty + i * blockDim.y (strided, so a
+// warp's shared loads hit consecutive banks or one broadcast word, and its stores are coalesced).
+// Per reduction row a thread loads CHANNELS_PER_THREAD weights and PIXELS_PER_THREAD inputs from
+// shared memory for CHANNELS_PER_THREAD * PIXELS_PER_THREAD multiply-adds, kept in registers.
+// The block shape is the tile: the launcher picks it per call from a small fixed set
+// (conv_cuda.tile_config: few output channels get a narrow, long tile); the shared arrays are sized
+// for the largest, MAX_TILE_K x MAX_TILE_P. The reduction walks TILE_R rows at a time and stops at
+// the last real row (no multiply-adds on padding rows). Every output sums its rows in order
+// r = 0, 1, ..., R - 1 whatever the tile, so the bits do not depend on the tile choice.
 // No __launch_bounds__ anywhere: with NVRTC 13 it makes ptxas trade registers for occupancy and
-// spill (check-kernels fails on spills); the launcher always uses the block sizes below.
-// These #defines are the one source of the tile sizes: gpuconv/ops/conv_cuda.py reads them from this
-// file (cuda.runtime.source_constant) to size its grids and blocks.
-#define TILE_P 64
-#define TILE_K 16
+// spill (check-kernels fails on spills).
+// These #defines are the one source of the tile limits: gpuconv/ops/conv_cuda.py reads them from
+// this file (cuda.runtime.source_constant) to size its grids and blocks.
 #define TILE_R 16
-#define TILE_THREADS 256
 #define PIXELS_PER_THREAD 4
+#define CHANNELS_PER_THREAD 4
+#define MAX_TILE_P 128
+#define MAX_TILE_K 32
 // Threads per block of the deterministic reductions (power of two; the launcher reads it from here).
 #define REDUCE_THREADS 256
 // Taps of one filter-gradient block, each an accumulator in registers (one dy load serves them all).
@@ -44,7 +53,8 @@ __device__ __forceinline__ T block_sum(T value, T* buffer)
 
 // y[n, g*Kg + k, p] = act(sum_r w[g*Kg + k, r] * x_col[n, g, r, p] + b), x_col gathered on the fly;
 // act is ReLU when relu != 0 (the epilogue of a conv followed by ReLU), else the identity.
-// grid: (ceil(OH*OW / TILE_P), ceil(Kg / TILE_K), min(N*groups, 65535)), block (16, 16).
+// grid: (ceil(OH*OW / tile_p), ceil(Kg / tile_k), min(N*groups, 65535)),
+// block: (tile_p / PIXELS_PER_THREAD, tile_k / CHANNELS_PER_THREAD).
 template<typename T>
 __global__ void conv2d_forward_direct(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
@@ -52,8 +62,8 @@ __global__ void conv2d_forward_direct(
     int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups, int has_bias,
     int relu)
 {
-    __shared__ T x_tile[TILE_R][TILE_P];
-    __shared__ T w_tile[TILE_R][TILE_K + 1];  // +1: the transposed store below hits distinct banks
+    __shared__ T x_tile[TILE_R][MAX_TILE_P];
+    __shared__ T w_tile[TILE_R][MAX_TILE_K + 1];  // +1: the transposed store below hits distinct banks
 
     const int Cg = C / groups;
     const int Kg = K / groups;
@@ -62,28 +72,34 @@ __global__ void conv2d_forward_direct(
     const int P = OH * OW;
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
+    const int threads = blockDim.x * blockDim.y;
     const int tid = ty * blockDim.x + tx;
-    const int p0 = blockIdx.x * TILE_P;
-    const int k0 = blockIdx.y * TILE_K;
+    const int tile_p = blockDim.x * PIXELS_PER_THREAD;
+    const int tile_k = blockDim.y * CHANNELS_PER_THREAD;
+    const int p0 = blockIdx.x * tile_p;
+    const int k0 = blockIdx.y * tile_k;
     for (long long ng = blockIdx.z; ng < (long long)N * groups; ng += gridDim.z) {
         const int n = (int)(ng / groups);
         const int g = (int)(ng % groups);
         const T* x_n = x + ((long long)n * C + (long long)g * Cg) * H * W;
         const T* w_g = w + (long long)g * Kg * R;
 
-        T acc[PIXELS_PER_THREAD];
-        for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
-            acc[j] = T(0);
+        T acc[CHANNELS_PER_THREAD][PIXELS_PER_THREAD];
+        for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+            for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                acc[i][j] = T(0);
+            }
         }
 
         for (int r0 = 0; r0 < R; r0 += TILE_R) {
-            for (int e = tid; e < TILE_R * TILE_P; e += TILE_THREADS) {
-                const int rr = e / TILE_P;
-                const int pp = e % TILE_P;
+            const int rows = min(TILE_R, R - r0);  // the last tile stops at row R - 1
+            for (int e = tid; e < rows * tile_p; e += threads) {
+                const int rr = e / tile_p;
+                const int pp = e % tile_p;
                 const int r = r0 + rr;
                 const int p = p0 + pp;
                 T value = T(0);
-                if (r < R && p < P) {
+                if (p < P) {
                     const int c = r / taps;
                     const int kh = (r % taps) / KW;
                     const int kw = r % KW;
@@ -95,34 +111,46 @@ __global__ void conv2d_forward_direct(
                 }
                 x_tile[rr][pp] = value;
             }
-            {
-                const int k = k0 + ty;
-                const int r = r0 + tx;
-                w_tile[tx][ty] = (k < Kg && r < R) ? w_g[(long long)k * R + r] : T(0);
+            for (int e = tid; e < rows * tile_k; e += threads) {
+                const int rr = e % rows;  // consecutive threads read consecutive weights of one channel
+                const int kk = e / rows;
+                const int k = k0 + kk;
+                w_tile[rr][kk] = k < Kg ? w_g[(long long)k * R + r0 + rr] : T(0);
             }
             __syncthreads();
-            for (int rr = 0; rr < TILE_R; ++rr) {
-                const T weight = w_tile[rr][ty];
+            for (int rr = 0; rr < rows; ++rr) {
+                T weight[CHANNELS_PER_THREAD];
+                T input[PIXELS_PER_THREAD];
+                for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+                    weight[i] = w_tile[rr][ty + i * blockDim.y];
+                }
                 for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
-                    acc[j] += weight * x_tile[rr][tx + j * 16];
+                    input[j] = x_tile[rr][tx + j * blockDim.x];
+                }
+                for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+                    for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                        acc[i][j] += weight[i] * input[j];
+                    }
                 }
             }
             __syncthreads();
         }
 
-        const int k = k0 + ty;
-        if (k < Kg) {
-            const int channel = g * Kg + k;
-            const T bias = has_bias ? b[channel] : T(0);
-            T* y_nk = y + ((long long)n * K + channel) * P;
-            for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
-                const int p = p0 + tx + j * 16;
-                if (p < P) {
-                    T v = acc[j] + bias;
-                    if (relu && v <= T(0)) {  // the fused ReLU epilogue: -0 gives +0 as np.maximum does, NaN stays NaN
-                        v = T(0);
+        for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+            const int k = k0 + ty + i * blockDim.y;
+            if (k < Kg) {
+                const int channel = g * Kg + k;
+                const T bias = has_bias ? b[channel] : T(0);
+                T* y_nk = y + ((long long)n * K + channel) * P;
+                for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                    const int p = p0 + tx + j * blockDim.x;
+                    if (p < P) {
+                        T v = acc[i][j] + bias;
+                        if (relu && v <= T(0)) {  // the fused ReLU epilogue: -0 gives +0 as np.maximum does, NaN stays NaN
+                            v = T(0);
+                        }
+                        y_nk[p] = v;
                     }
-                    y_nk[p] = v;
                 }
             }
         }
@@ -132,15 +160,17 @@ __global__ void conv2d_forward_direct(
 // The transpose of the forward GEMM, gathered per input pixel (no scatter, no atomics):
 // dx[n, g*Cg + c, q] = sum over (k, kh, kw) of w[g*Kg + k, c, kh, kw] * dy[n, g*Kg + k, oh, ow]
 // where (oh, ow) is the output pixel whose window puts tap (kh, kw) on input pixel q, if any.
-// grid: (ceil(H*W / TILE_P), ceil(Cg / TILE_K), min(N*groups, 65535)), block (16, 16).
+// The same register-blocked tile as the forward, over input pixels x input channels.
+// grid: (ceil(H*W / tile_p), ceil(Cg / tile_k), min(N*groups, 65535)),
+// block: (tile_p / PIXELS_PER_THREAD, tile_k / CHANNELS_PER_THREAD).
 template<typename T>
 __global__ void conv2d_backward_data_direct(
     const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
     int N, int C, int H, int W, int K, int KH, int KW, int OH, int OW,
     int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int groups)
 {
-    __shared__ T dy_tile[TILE_R][TILE_P];
-    __shared__ T w_tile[TILE_R][TILE_K + 1];
+    __shared__ T dy_tile[TILE_R][MAX_TILE_P];
+    __shared__ T w_tile[TILE_R][MAX_TILE_K + 1];
 
     const int Cg = C / groups;
     const int Kg = K / groups;
@@ -150,28 +180,34 @@ __global__ void conv2d_backward_data_direct(
     const int P = OH * OW;
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
+    const int threads = blockDim.x * blockDim.y;
     const int tid = ty * blockDim.x + tx;
-    const int q0 = blockIdx.x * TILE_P;
-    const int c0 = blockIdx.y * TILE_K;
+    const int tile_q = blockDim.x * PIXELS_PER_THREAD;
+    const int tile_c = blockDim.y * CHANNELS_PER_THREAD;
+    const int q0 = blockIdx.x * tile_q;
+    const int c0 = blockIdx.y * tile_c;
     for (long long ng = blockIdx.z; ng < (long long)N * groups; ng += gridDim.z) {
         const int n = (int)(ng / groups);
         const int g = (int)(ng % groups);
         const T* dy_n = dy + ((long long)n * K + (long long)g * Kg) * P;
         const T* w_g = w + (long long)g * Kg * Cg * taps;
 
-        T acc[PIXELS_PER_THREAD];
-        for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
-            acc[j] = T(0);
+        T acc[CHANNELS_PER_THREAD][PIXELS_PER_THREAD];
+        for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+            for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                acc[i][j] = T(0);
+            }
         }
 
         for (int r0 = 0; r0 < R; r0 += TILE_R) {
-            for (int e = tid; e < TILE_R * TILE_P; e += TILE_THREADS) {
-                const int rr = e / TILE_P;
-                const int qq = e % TILE_P;
+            const int rows = min(TILE_R, R - r0);  // the last tile stops at row R - 1
+            for (int e = tid; e < rows * tile_q; e += threads) {
+                const int rr = e / tile_q;
+                const int qq = e % tile_q;
                 const int r = r0 + rr;
                 const int q = q0 + qq;
                 T value = T(0);
-                if (r < R && q < Q) {
+                if (q < Q) {
                     const int k = r / taps;
                     const int kh = (r % taps) / KW;
                     const int kw = r % KW;
@@ -188,34 +224,47 @@ __global__ void conv2d_backward_data_direct(
                 }
                 dy_tile[rr][qq] = value;
             }
-            {
-                const int c = c0 + ty;
-                const int r = r0 + tx;
+            for (int e = tid; e < rows * tile_c; e += threads) {
+                const int rr = e % rows;  // consecutive threads read consecutive taps of one filter
+                const int cc = e / rows;
+                const int c = c0 + cc;
                 T weight = T(0);
-                if (c < Cg && r < R) {
+                if (c < Cg) {
+                    const int r = r0 + rr;
                     const int k = r / taps;
                     const int tap = r % taps;
                     weight = w_g[((long long)k * Cg + c) * taps + tap];
                 }
-                w_tile[tx][ty] = weight;
+                w_tile[rr][cc] = weight;
             }
             __syncthreads();
-            for (int rr = 0; rr < TILE_R; ++rr) {
-                const T weight = w_tile[rr][ty];
+            for (int rr = 0; rr < rows; ++rr) {
+                T weight[CHANNELS_PER_THREAD];
+                T input[PIXELS_PER_THREAD];
+                for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+                    weight[i] = w_tile[rr][ty + i * blockDim.y];
+                }
                 for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
-                    acc[j] += weight * dy_tile[rr][tx + j * 16];
+                    input[j] = dy_tile[rr][tx + j * blockDim.x];
+                }
+                for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+                    for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                        acc[i][j] += weight[i] * input[j];
+                    }
                 }
             }
             __syncthreads();
         }
 
-        const int c = c0 + ty;
-        if (c < Cg) {
-            T* dx_nc = dx + ((long long)n * C + (long long)g * Cg + c) * Q;
-            for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
-                const int q = q0 + tx + j * 16;
-                if (q < Q) {
-                    dx_nc[q] = acc[j];
+        for (int i = 0; i < CHANNELS_PER_THREAD; ++i) {
+            const int c = c0 + ty + i * blockDim.y;
+            if (c < Cg) {
+                T* dx_nc = dx + ((long long)n * C + (long long)g * Cg + c) * Q;
+                for (int j = 0; j < PIXELS_PER_THREAD; ++j) {
+                    const int q = q0 + tx + j * blockDim.x;
+                    if (q < Q) {
+                        dx_nc[q] = acc[i][j];
+                    }
                 }
             }
         }

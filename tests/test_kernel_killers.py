@@ -39,15 +39,16 @@ def check_pool(case, dtype=F64, x=None):
 
 
 CONV_WIDE = {
-    "C20": ((1, 20, 5, 4), (3, 20, 3, 2), 1, 1, 1, 1),          # C/groups = 20 > TILE_K = 16
-    "groups2-Cg18": ((1, 36, 4, 5), (4, 18, 2, 2), 1, 0, 1, 2),  # 18 per group, second group offset
+    "C36": ((1, 36, 5, 4), (3, 36, 3, 2), 1, 1, 1, 1),          # C/groups = 36 > the wide tile's 32
+    "groups2-Cg34": ((1, 68, 4, 5), (4, 34, 2, 2), 1, 0, 1, 2),  # 34 per group, second group offset
 }
 
 
 @pytest.mark.parametrize("case", list(CONV_WIDE.values()), ids=list(CONV_WIDE))
 def test_backward_data_reaches_the_second_channel_tile(case):
-    # conv2d_backward_data_direct tiles input channels by TILE_K (grid.y, c0 = blockIdx.y * 16): only
-    # more than 16 channels per group reach c0 > 0, where the weight tile must load channel c0 + ty.
+    # conv2d_backward_data_direct tiles input channels (grid.y, c0 = blockIdx.y * tile_c; the wide
+    # tile of conv_cuda.tile_config holds 32): only more than 32 channels per group reach c0 > 0,
+    # where the weight tile must load channel c0 + cc.
     check_conv(case, algos=("direct",))
 
 

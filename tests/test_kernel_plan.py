@@ -54,12 +54,11 @@ def test_kernel_plan_without_cupy_explains_the_missing_resources(monkeypatch, ca
 def test_tile_sizes_have_one_source_the_kernel_file():
     from gpuconv.cuda import runtime
     constants = runtime.source_constants("conv2d.cu")
-    assert (conv_cuda.TILE_P, conv_cuda.TILE_K, conv_cuda.REDUCE_THREADS) == (
-        constants["TILE_P"], constants["TILE_K"], constants["REDUCE_THREADS"])
-    assert conv_cuda.TILE_BLOCK[0] * conv_cuda.TILE_BLOCK[1] == constants["TILE_THREADS"]
+    names = ("TILE_R", "PIXELS_PER_THREAD", "CHANNELS_PER_THREAD", "MAX_TILE_P", "MAX_TILE_K", "REDUCE_THREADS")
+    assert tuple(getattr(conv_cuda, name) for name in names) == tuple(constants[name] for name in names)
     import inspect
     source = inspect.getsource(conv_cuda)
-    assert "TILE_P = 64" not in source and "must match" not in source.lower()
+    assert "MAX_TILE_P = 128" not in source and "must match" not in source.lower()
 
 
 def test_step_plan_lists_every_launch_of_a_training_step():

@@ -209,10 +209,11 @@ killers = importlib.util.module_from_spec(_killers_spec)
 _killers_spec.loader.exec_module(killers)
 
 PLANTED = {
-    # The weight tile of backward-data loads channel ty instead of c0 + ty: wrong once C/groups > 16.
+    # The weight tile of backward-data loads channel cc instead of c0 + cc: wrong once C/groups > 32
+    # (the widest tile).
     "weight_tile_channel": ("conv2d.cu", lambda: mutate(
-        CONV, "conv2d_backward_data_direct", "const int c = c0 + ty;", "const int c = ty;", 0),
-        lambda: killers.test_backward_data_reaches_the_second_channel_tile(killers.CONV_WIDE["C20"])),
+        CONV, "conv2d_backward_data_direct", "const int c = c0 + cc;", "const int c = cc;", 0),
+        lambda: killers.test_backward_data_reaches_the_second_channel_tile(killers.CONV_WIDE["C36"])),
     # The LP backward's exponent truncated to an integer: wrong for any non-integer norm_type.
     "lp_integer_exponent": ("pool2d.cu", lambda: mutate(
         POOL, "lp_pool2d_backward", "power(value / out, norm_type - T(1))",

@@ -6,7 +6,8 @@ allocates there (runtime.empty: CuPy on a GPU, the emulator's metered buffers un
 no activation is ever copied to the host and cuda:N works for any N.
 
 Two algorithms:
-  direct  implicit GEMM tiled through shared memory. Filter and bias gradients are two-pass
+  direct  implicit GEMM tiled through shared memory, each thread a register micro-tile; the tile
+          shape follows the channel count (tile_config). Filter and bias gradients are two-pass
           reductions: partial sums per block into a small workspace, then one fixed-order sum each.
   im2col  im2col -> one 2-D cuBLAS GEMM per group over the whole batch chunk -> (col2im for dx).
           Transposes are GEMM flags, never copies (CuPy's 3-D matmul would make its operands
@@ -27,11 +28,12 @@ from ..errors import ArgumentError, ShapeError
 
 SOURCE = "conv2d.cu"
 
-# The tile constants have one source, the #defines of kernels/conv2d.cu.
-TILE_P = source_constant(SOURCE, "TILE_P")
-TILE_K = source_constant(SOURCE, "TILE_K")
-_TILE_SIDE = int(round(source_constant(SOURCE, "TILE_THREADS") ** 0.5))
-TILE_BLOCK = (_TILE_SIDE, _TILE_SIDE, 1)
+# The tile limits have one source, the #defines of kernels/conv2d.cu.
+TILE_R = source_constant(SOURCE, "TILE_R")
+PIXELS_PER_THREAD = source_constant(SOURCE, "PIXELS_PER_THREAD")
+CHANNELS_PER_THREAD = source_constant(SOURCE, "CHANNELS_PER_THREAD")
+MAX_TILE_P = source_constant(SOURCE, "MAX_TILE_P")
+MAX_TILE_K = source_constant(SOURCE, "MAX_TILE_K")
 REDUCE_THREADS = source_constant(SOURCE, "REDUCE_THREADS")
 FILTER_TAPS = source_constant(SOURCE, "FILTER_TAPS")
 # Pass 1 of the gradient reductions aims at this many blocks: a few per SM of a large GPU (132 on
@@ -56,6 +58,67 @@ def choose_algo(x_shape, w_shape, groups):
     if reduction >= IM2COL_MIN_REDUCTION and out_channels // groups >= IM2COL_MIN_CHANNELS:
         return "im2col"
     return "direct"
+
+
+# The direct kernels' tiles, (largest channel count per group, tile channels, tile pixels), in
+# increasing order of channels; see tile_config.
+TILE_CONFIGS = (
+    ("narrow", 8, 8, 128),
+    ("medium", 16, 16, 64),
+    ("wide", None, 32, 64),
+)
+
+
+class TileConfig:
+    """One tile of the direct kernels: `channels` x `pixels` outputs per block, block (pixels /
+    PIXELS_PER_THREAD, channels / CHANNELS_PER_THREAD) threads, each a CHANNELS_PER_THREAD x
+    PIXELS_PER_THREAD register micro-tile."""
+
+    def __init__(self, name, channels, pixels):
+        if not (0 < channels <= MAX_TILE_K and channels % CHANNELS_PER_THREAD == 0
+                and 0 < pixels <= MAX_TILE_P and pixels % PIXELS_PER_THREAD == 0):
+            raise ArgumentError(f"conv2d tile {name!r}: expected channels (a multiple of {CHANNELS_PER_THREAD}, "
+                                f"at most MAX_TILE_K = {MAX_TILE_K}) and pixels (a multiple of "
+                                f"{PIXELS_PER_THREAD}, at most MAX_TILE_P = {MAX_TILE_P}), got {channels} x {pixels}")
+        self.name, self.channels, self.pixels = name, channels, pixels
+        self.block = (pixels // PIXELS_PER_THREAD, channels // CHANNELS_PER_THREAD, 1)
+
+    def grid(self, pixels, channels, planes):
+        """Blocks for `pixels` outputs per plane, `channels` per group, `planes` = N * groups."""
+        return (_cdiv(pixels, self.pixels), _cdiv(channels, self.channels), min(planes, MAX_GRID_YZ))
+
+    def useful_fraction(self, pixels, channels):
+        """Useful multiply-adds / issued ones for `pixels` outputs per plane and `channels` per group:
+        the issued ones include the tile's padding channels and pixels (the reduction stops at its
+        last row, so it pads no rows)."""
+        return (pixels * channels) / (_cdiv(pixels, self.pixels) * self.pixels
+                                      * _cdiv(channels, self.channels) * self.channels)
+
+    def __repr__(self):
+        return f"{self.name} {self.channels}ch x {self.pixels}px"
+
+
+_TILES = [(limit, TileConfig(name, channels, pixels)) for name, limit, channels, pixels in TILE_CONFIGS]
+
+
+def tile_config(channels):
+    """The direct kernels' tile for `channels` output channels per block column: the forward's
+    K/groups, backward-data's C/groups. Few channels (LeNet's conv1 has 6) get a narrow, long tile,
+    so little of the block computes padding channels:
+
+        channels per group   tile (channels x pixels)   block (threads)
+        1 .. 8               narrow  8 x 128             32 x 2
+        9 .. 16              medium 16 x 64              16 x 4
+        17 ..                wide   32 x 64              16 x 8
+
+    Each thread computes a 4 x 4 register micro-tile (CHANNELS_PER_THREAD x PIXELS_PER_THREAD): per
+    reduction row 8 shared-memory loads serve 16 multiply-adds. A function of the shape alone."""
+    if channels < 1:
+        raise ArgumentError(f"conv2d tile: expected at least 1 channel per group, got {channels}")
+    for limit, tile in _TILES:
+        if limit is None or channels <= limit:
+            return tile
+    raise AssertionError("TILE_CONFIGS ends with an unlimited tile")  # the table's last row has no limit
 
 
 def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo, relu=False):
@@ -159,8 +222,8 @@ def _forward_direct(xp, x, w, b, g, shapes, relu=False):
     y = empty(xp, g.y_shape, x.dtype, "y")
     bias = b if b is not None else zeros(xp, (1,), x.dtype, "no bias")
     kernel = get_kernel(SOURCE, "conv2d_forward_direct", x.dtype)
-    grid = (_cdiv(g.P, TILE_P), _cdiv(g.Kg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
-    launch(kernel, grid, TILE_BLOCK,
+    tile = tile_config(g.Kg)
+    launch(kernel, tile.grid(g.P, g.Kg, g.N * g.groups), tile.block,
            (x, w, xp.ascontiguousarray(bias), y) + g.scalars() + (np.int32(b is not None), np.int32(relu)),
            op_name="conv2d (direct)", shapes=shapes)
     return y
@@ -169,8 +232,8 @@ def _forward_direct(xp, x, w, b, g, shapes, relu=False):
 def _backward_data_direct(xp, dy, w, x_shape, g, shapes):
     dx = empty(xp, x_shape, dy.dtype, "dx")
     kernel = get_kernel(SOURCE, "conv2d_backward_data_direct", dy.dtype)
-    grid = (_cdiv(g.H * g.W, TILE_P), _cdiv(g.Cg, TILE_K), min(g.N * g.groups, MAX_GRID_YZ))
-    launch(kernel, grid, TILE_BLOCK, (dy, w, dx) + g.scalars(),
+    tile = tile_config(g.Cg)
+    launch(kernel, tile.grid(g.H * g.W, g.Cg, g.N * g.groups), tile.block, (dy, w, dx) + g.scalars(),
            op_name="conv2d_backward data (direct)", shapes=shapes)
     return dx
 

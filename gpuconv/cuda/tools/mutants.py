@@ -70,6 +70,7 @@ EQUIVALENTS_FILE = Path(__file__).resolve().parent / "equivalent_mutants.toml"
 # test_gpu_step_emulated.py (about 20 s) is the one that runs optim.cu and elementwise.cu (the fused
 # optimizer, the bias + ReLU epilogues), besides the saved max-pool indices and the two-pass gradients.
 DEFAULT_TESTS = ("tests/test_gpu_step_emulated.py", "tests/test_kernel_killers.py", "tests/test_filter_gradient_emulated.py",
+                 "tests/test_conv_tiles_emulated.py",
                  "tests/test_emulated_kernels.py",
                  "tests/test_conv_flags_emulated.py", "tests/test_kernel_bounds.py")
 PYTEST_OPTIONS = ("-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", "--no-header", "-rf")

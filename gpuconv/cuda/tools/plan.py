@@ -5,7 +5,9 @@ For every conv and pool call of a LeNet-5 training step it runs the real launch 
 shows exactly the kernels, grids and blocks a GPU would get. Beside them: FLOPs, the bytes each call
 must move through DRAM at least, the kernels' registers and shared memory from NVRTC (check.py), and
 a roofline lower bound on time from an H100 SXM's datasheet figures. Paper, not measurement: the
-bound says how fast a call could be, never how fast it is.
+bound says how fast a call could be, never how fast it is. Each direct conv launch also shows the tile
+conv_cuda.tile_config chose for it, the fraction of its multiply-adds that are useful (the rest fall
+on the tile's padding channels and pixels) and its shared-memory loads per multiply-add.
 """
 import argparse
 import contextlib
@@ -40,7 +42,8 @@ def recorded_launches():
         return kernel_name
 
     def record(kernel, grid, block, args, shared_mem=0, op_name="kernel", shapes=None):
-        launches.append(dict(kernel=kernel, grid=tuple(grid), block=tuple(block), shared_mem=shared_mem))
+        launches.append(dict(kernel=kernel, grid=tuple(grid), block=tuple(block), shared_mem=shared_mem,
+                             tile=direct_tile(kernel, block, args)))
 
     saved = [(module, name, getattr(module, name)) for module in (conv_cuda, pool_cuda)
              for name in ("get_kernel", "launch")]
@@ -52,6 +55,26 @@ def recorded_launches():
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
+
+
+DIRECT_KERNELS = ("conv2d_forward_direct", "conv2d_backward_data_direct")
+
+
+def direct_tile(kernel, block, args):
+    """For a direct conv launch, {"tile": "narrow 8ch x 128px", "useful": useful / issued multiply-adds,
+    "loads_per_fma": shared-memory loads per issued multiply-add}; None for any other kernel.
+    Issued multiply-adds count the tile's padding channels and pixels (and, were there any, rows)."""
+    if kernel not in DIRECT_KERNELS:
+        return None
+    n, c, h, w, k, kh, kw, oh, ow = (int(a) for a in args[-18:-9]) if kernel == DIRECT_KERNELS[0] else (
+        int(a) for a in args[-16:-7])
+    groups = int(args[-3] if kernel == DIRECT_KERNELS[0] else args[-1])
+    forward = kernel == DIRECT_KERNELS[0]
+    channels, pixels = (k // groups, oh * ow) if forward else (c // groups, h * w)
+    per_pixel, per_channel = conv_cuda.PIXELS_PER_THREAD, conv_cuda.CHANNELS_PER_THREAD
+    tile = next(t for _, t in conv_cuda._TILES if t.block == tuple(block))
+    return dict(tile=repr(tile), useful=tile.useful_fraction(pixels, channels),
+                loads_per_fma=(per_pixel + per_channel) / (per_pixel * per_channel))
 
 
 def _conv_rows(name, batch, x_chw, w_shape, stride, padding, need_dx, itemsize):
@@ -78,6 +101,38 @@ def _conv_rows(name, batch, x_chw, w_shape, stride, padding, need_dx, itemsize):
     label = "backward (data + filter + bias)" if need_dx else "backward (filter + bias; no dx)"
     rows.append(dict(call=f"{name} {label}", algo=algo, launches=launches, flops=flops, bytes=moved))
     return rows
+
+
+def direct_tile_rows(batch=128):
+    """The direct kernels' tiles for LeNet-5's convs, forward and backward-data, at `batch`: what the
+    launchers pick with algo='direct' (auto runs conv2 as im2col and needs no dx of conv1; the rows
+    say whether auto runs each). A list of dicts: call, tile, useful, loads_per_fma, auto."""
+    rows = []
+    for name, kind, x_chw, shape, stride, padding, need_dx in LENET_CALLS:
+        if kind != "conv":
+            continue
+        x = np.zeros((batch,) + x_chw, np.float32)
+        w = np.zeros(shape, np.float32)
+        oh, ow = (conv_output_size(s, shape[2], stride, padding) for s in x_chw[1:])
+        dy = np.zeros((batch, shape[0], oh, ow), np.float32)
+        args = ((stride, stride), (padding, padding), (1, 1), 1, "direct")
+        auto = conv_cuda.choose_algo(x.shape, w.shape, 1) == "direct"
+        with recorded_launches() as forward:
+            conv_cuda.conv2d_forward(x, w, None, *args)
+        with recorded_launches() as backward:
+            conv_cuda.conv2d_backward(dy, x, w, *args, need_dx=True, need_bias=False, need_dw=False)
+        for label, launches, used in (("forward", forward, auto), ("backward-data", backward, auto and need_dx)):
+            (launch,) = [l for l in launches if l["tile"]]
+            rows.append(dict(call=f"{name} {label}", auto=used, **launch["tile"]))
+    return rows
+
+
+def format_direct_tiles(rows):
+    lines = [f"{'call':22s} {'tile (channels x pixels)':26s} {'useful MACs':>11s} {'shared loads/MAC':>16s}  run by auto"]
+    for row in rows:
+        lines.append(f"{row['call']:22s} {row['tile']:26s} {100 * row['useful']:10.1f}% "
+                     f"{row['loads_per_fma'] / row['useful']:16.2f}  {'yes' if row['auto'] else 'no'}")
+    return "\n".join(lines)
 
 
 def _pool_rows(name, batch, x_chw, kernel, stride, padding, itemsize):
@@ -125,7 +180,10 @@ def format_plan(rows, resources, markdown=False):
                             for arch in ("sm_80", "sm_90"))
             smem = resources.get((launch["kernel"], "sm_90"), {}).get("shared_bytes", "?")
             resource_text = f" [{regs}, {smem}]" if resources else ""  # none without CuPy's NVRTC
-            described.append(f"{launch['kernel']} {blocks}x{threads}{resource_text}")
+            tile = launch.get("tile")
+            tile_text = (f" {{{tile['tile']}: {100 * tile['useful']:.0f}% of multiply-adds useful, "
+                         f"{tile['loads_per_fma']:.2f} shared loads each}}") if tile else ""
+            described.append(f"{launch['kernel']} {blocks}x{threads}{resource_text}{tile_text}")
         if row["algo"] == "im2col":
             described.append("+ cuBLAS GEMM")
         lines.append([row["call"], row["algo"], f"{row['flops'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.2f}",
@@ -293,6 +351,10 @@ def main(argv=None):
           f"matrix written and read); bound = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes / "
           f"{PEAK_BYTES_PER_S / 1e12:.2f} TB/s).\n")
     print(format_plan(lenet_plan(args.batch_size), resources, markdown=args.markdown))
+    print(f"\nThe direct kernels' tiles (conv_cuda.tile_config) for LeNet-5's convs at batch {args.batch_size}, "
+          "algo='direct'; useful MACs: useful / issued multiply-adds (issued ones include the tile's "
+          "padding channels and pixels); shared loads per useful multiply-add.\n")
+    print(format_direct_tiles(direct_tile_rows(args.batch_size)))
     if not args.no_step:
         print(f"\nEvery launch of one LeNet-5 training step at batch {args.batch_size} ({args.optimizer}, as "
               "`train` runs it), recorded by running the step through kernel emulation; 'cupy' rows are what "
