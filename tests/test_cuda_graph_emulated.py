@@ -236,3 +236,28 @@ def test_the_cupy_names_the_capture_uses_exist():
         assert hasattr(owner, name), f"{owner.__name__}.{name}"
     assert "non_blocking" in inspect.signature(cupy.cuda.Stream).parameters
     assert "stream" in (cupy.cuda.Graph.launch.__doc__ or "")
+
+
+@pytest.mark.parametrize("change", ["weight_decay", "nesterov", "adam_weight_decay"])
+def test_optimizer_settings_the_graph_was_captured_without_send_the_steps_back_to_eager(change):
+    """The fused launch's flags (momentum, Nesterov, weight decay on or off) are captured with it;
+    the hyperparameters' values are written each replay, the flags are not. Weight decay switched
+    on (or Nesterov) after the capture must not be dropped silently: the steps run eagerly and
+    give the eager run's numbers."""
+    make = (lambda ps: optim.Adam(ps, lr=1e-2)) if change == "adam_weight_decay" else (
+        lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9))
+    name, value = ("nesterov", True) if change == "nesterov" else ("weight_decay", 1e-2)
+    results, logged = [], []
+    with emulation(devices=1):
+        for graph in (False, True):
+            model = LeNet5(seed=0).to("cuda:0")
+            optimizer = make(model.parameters())
+            step = StaticStep(lambda x, y: (lambda lg: (F.cross_entropy(lg, y), lg))(model(x)), optimizer, model,
+                              log=logged.append)
+            for index, (x, y) in enumerate(_batches((8, 1, 28, 28), 5)):
+                if index == 3:  # after the capture (call 2) and one replay
+                    setattr(optimizer, name, value)
+                (step if graph else step.eager)(x, y)
+            results.append(_state(model, optimizer))
+    assert results[1] == results[0]
+    assert step.replays == 1 and len(logged) == 1 and "optimizer" in logged[0], logged
