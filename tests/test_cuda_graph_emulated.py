@@ -261,3 +261,15 @@ def test_optimizer_settings_the_graph_was_captured_without_send_the_steps_back_t
             results.append(_state(model, optimizer))
     assert results[1] == results[0]
     assert step.replays == 1 and len(logged) == 1 and "optimizer" in logged[0], logged
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_cuda_graph_with_distributed_is_refused_before_mpi_starts(device, monkeypatch):
+    """The combination is refused whatever the device, before MPI is set up: on the CPU the advice
+    used to be "pass --device cuda", which the next run then refused for --distributed."""
+    def init(**_):
+        raise AssertionError("distributed.init ran before the refusal")
+    monkeypatch.setattr(train.distributed, "init", init)
+    with emulation(devices=1), pytest.raises(ArgumentError, match="--cuda-graph with --distributed is not supported"):
+        train.Trainer(dict(device=device, cuda_graph=True, distributed=True, limit_train=8, limit_test=8),
+                      log=lambda *_: None)
