@@ -273,3 +273,16 @@ def test_cuda_graph_with_distributed_is_refused_before_mpi_starts(device, monkey
     with emulation(devices=1), pytest.raises(ArgumentError, match="--cuda-graph with --distributed is not supported"):
         train.Trainer(dict(device=device, cuda_graph=True, distributed=True, limit_train=8, limit_test=8),
                       log=lambda *_: None)
+
+
+def test_a_first_batch_smaller_than_the_next_ones_is_not_the_one_captured():
+    """A run resumed at its last, partial batch calls the step with that batch first: the recording
+    made of it gives way to the full batches that follow, which are captured and replayed (it used to
+    stay, so the full batches all ran eagerly and only the partial ones were captured)."""
+    shapes = [(3, 1, 28, 28), None, None, None, None, (3, 1, 28, 28), None]
+    with emulation(devices=1):
+        eager = _run("lenet5-sgd", shapes, graph=False)
+        graph = _run("lenet5-sgd", shapes, graph=True)
+    assert graph[0] == eager[0] and graph[1] == eager[1]
+    assert graph[3].replays == 3 and graph[3].eager_reason is None
+    assert graph[3].inputs[0].shape == (8, 1, 28, 28)

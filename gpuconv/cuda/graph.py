@@ -172,6 +172,11 @@ class StaticStep:
         self.pool = self.graph = self.inputs = self.outputs = None  # the pool's memory goes back
 
     def __call__(self, x, y):
+        if (self.eager_reason is None and self.graph is None and self.inputs is not None
+                and not self._same_batch(x, y) and x.shape[:1] > self.inputs[0].shape[:1]):
+            # recorded on a smaller batch (a run resumed at its last, partial batch): the full
+            # batches that follow are the ones to capture, so the recording starts again with them
+            self.pool = self.inputs = self.outputs = self.state = None
         if self.eager_reason is None and self.inputs is None:
             reason = self._unsupported(x, y)
             if reason:
