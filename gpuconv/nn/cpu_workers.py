@@ -240,7 +240,7 @@ class _Pool:
 _pool = _Pool()
 _keys = weakref.WeakKeyDictionary()  # plan -> its number in the workers
 _next_key = [0]
-_forgotten = []   # numbers of plans garbage-collected since: their arenas are freed at the next region
+_forgotten = set()  # numbers of plans garbage-collected whose arenas a worker may still hold (see _prune)
 MAX_PLANS = 8     # arenas a worker keeps; the least recently set up is dropped first
 
 
@@ -259,9 +259,8 @@ def _forget(process, key):
 
 def _tidy(process):
     """Free the arenas of plans that are gone, and all but the MAX_PLANS newest."""
-    for number in list(_forgotten):
-        for key in [k for k in process.arenas if k.split(".")[0] == number]:
-            _forget(process, key)
+    for key in [k for k in process.arenas if k.split(".")[0] in _forgotten]:
+        _forget(process, key)
     while len(process.arenas) > MAX_PLANS:
         _forget(process, next(iter(process.arenas)))
 
@@ -321,8 +320,17 @@ def _number(plan):
     if plan not in _keys:
         _next_key[0] += 1
         number = _keys[plan] = str(_next_key[0])
-        weakref.finalize(plan, _forgotten.append, number)  # no I/O from the garbage collector
+        weakref.finalize(plan, _forgotten.add, number)  # no I/O from the garbage collector
     return _keys[plan]
+
+
+def _prune():
+    """Drop the numbers of plans gone whose arenas no worker holds (any more): none will again, and
+    every region would otherwise walk them all."""
+    held = {key.split(".")[0] for process in _pool.processes for key in process.arenas}
+    for number in list(_forgotten):  # a copy (one C call): a collection in another thread may add meanwhile
+        if number not in held:
+            _forgotten.discard(number)
 
 
 def run_parallel(plan, kind, arrays):
@@ -331,6 +339,7 @@ def run_parallel(plan, kind, arrays):
     ends the workers of the region (their state is unknown); the next region starts new ones."""
     key = f"{_number(plan)}.{plan.compiles}"
     processes = _pool.get(len(plan.parts) - 1)
+    _prune()
     pids = [process.process.pid for process in processes]
     if kind == "backward" and pids != getattr(plan, "worker_pids", pids):
         gone = ", ".join(f"{pid} ({_pool.ended.get(pid, 'ended')})" for pid in plan.worker_pids if pid not in pids)
