@@ -160,7 +160,7 @@ class _Process:
         finally:
             theirs.close()
         self.socket = ours
-        self.arenas = {}  # plan key -> (mapping, views, capacity rows, fd)
+        self.arenas = {}  # plan key -> (mapping, views, capacity rows); the mapping holds the memfd
 
     def receive(self, part):
         """The reply; WorkerError if the process died. Ctrl-C (or any exception) while waiting
@@ -193,9 +193,8 @@ class _Process:
             self.socket.close()
         except OSError:
             pass
-        for mapping, _, _, fd in self.arenas.values():
+        for mapping, _, _ in self.arenas.values():
             mapping.close()
-            os.close(fd)
         self.arenas.clear()
         try:
             return self.process.wait(timeout=10)
@@ -250,9 +249,8 @@ def close():
 
 
 def _forget(process, key):
-    mapping, _, _, fd = process.arenas.pop(key)
+    mapping, _, _ = process.arenas.pop(key)
     mapping.close()
-    os.close(fd)
     process.socket.send(f"D {key}".encode())
     process.receive(0)
 
@@ -272,6 +270,9 @@ def _ensure_setup(process, plan, key, part, rows):
     capacity = max(rows, entry[2] * 2 if entry else rows)
     params = plan.params()
     layout, size = arena_layout([p.data.shape for p in params], capacity, plan.input_shape, plan.out_shape)
+    # The caller keeps the arena as its mapping alone (mmap holds a descriptor of its own, closed with
+    # it or when it is collected): a descriptor kept beside it would outlive a worker object dropped
+    # unclosed (a second Ctrl-C during the first one's cleanup), and the arena's memory with it.
     fd = os.memfd_create("gpuconv-cpu", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
@@ -290,22 +291,23 @@ def _ensure_setup(process, plan, key, part, rows):
                               "part": part, "param_shapes": [list(p.data.shape) for p in params],
                               "size": size}).encode()
     try:
-        spec_fd = os.memfd_create("gpuconv-cpu-setup", os.MFD_CLOEXEC)
         try:
-            os.write(spec_fd, description)
-            socket.send_fds(process.socket, [f"S {key} {len(description)}".encode()], [fd, spec_fd])
+            spec_fd = os.memfd_create("gpuconv-cpu-setup", os.MFD_CLOEXEC)
+            try:
+                os.write(spec_fd, description)
+                socket.send_fds(process.socket, [f"S {key} {len(description)}".encode()], [fd, spec_fd])
+            finally:
+                os.close(spec_fd)
         finally:
-            os.close(spec_fd)
+            os.close(fd)  # sent (the worker has its own) or not: the mapping is what the caller keeps
         process.receive(part)
     except BaseException:
         mapping.close()
-        os.close(fd)
         raise
     if entry is not None:  # only now: the worker has let go of the old arena
         entry[0].close()
-        os.close(entry[3])
     views = arena_views(mapping, layout)
-    process.arenas[key] = (mapping, views, capacity, fd)
+    process.arenas[key] = (mapping, views, capacity)
     return views
 
 
