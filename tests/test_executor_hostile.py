@@ -1424,3 +1424,34 @@ def test_a_second_ctrl_c_in_the_cleanup_of_a_worker_leaks_no_arena(tmp_path):
     ''', "process")
     assert r["caught"]
     assert r["after"] == r["before"], f"descriptors before the double Ctrl-C {r['before']}, after {r['after']}"
+
+
+@needs_processes
+def test_switching_between_processes_and_threads_between_forward_and_backward(tmp_path):
+    """cpu_plan.processes flipped between a forward and its backward: the backward runs where the
+    forward ran (its part's activations are there). It used to run the other kind, which took the
+    activations of that kind's last forward: gradients off by 57% (LeNet-5, batch 48), silently."""
+    r = run_child(tmp_path, r'''
+        rng = np.random.default_rng(0)
+        model = gpuconv.LeNet5(seed=0)
+        net = gpuconv.compile(model)
+        x0, y0 = batch(rng, 48)
+        x1, y1 = batch(rng, 48)
+        reference = grads(model, model, x1, y1)
+        out = {}
+        for first, second in ((True, False), (False, True)):
+            for kind in (first, second):  # each kind's state holds another batch's activations
+                cpu_plan.processes = kind
+                grads(model, net, x0, y0)
+            cpu_plan.processes = first
+            for p in model.parameters():
+                p.grad = None
+            loss = F.cross_entropy(net(x1), y1)
+            cpu_plan.processes = second
+            loss.backward()
+            out[f"{first}->{second}"] = list(compare([p.grad for p in model.parameters()], reference))
+        emit(**out)
+    ''', None)
+    for label, (close, worst) in r.items():
+        if not label.startswith("_"):
+            assert close, f"processes {label} between forward and backward: gradients off by {worst:.3g}"
