@@ -112,6 +112,11 @@ class Optimizer:
     def fused_update(self, flat):
         raise NotImplementedError
 
+    def fused_flags(self):
+        """The branches of the fused launch (kernels/optim.cu): launch arguments, so a captured step
+        (gpuconv.cuda.graph) holds them as they were at its capture, unlike hyper()'s values."""
+        raise NotImplementedError
+
     def _state(self, name, index, like):
         if self.state[name][index] is None or self.state[name][index].shape != like.shape:
             self.state[name][index] = get_array_module(like).zeros_like(like)
@@ -197,10 +202,12 @@ class SGD(Optimizer):
     def used_state_names(self):
         return self.state_names if self.momentum else ()
 
+    def fused_flags(self):
+        return (1 if self.momentum else 0) | (2 if self.nesterov else 0) | (4 if self.weight_decay else 0)
+
     def fused_update(self, flat):
-        flags = (1 if self.momentum else 0) | (2 if self.nesterov else 0) | (4 if self.weight_decay else 0)
         velocity = flat.state.get("velocity", flat.grad)  # without momentum (flag 1) it is never read
-        flat.launch("sgd_update", (flat.data, flat.grad, velocity, flat.hyper_array), flags)
+        flat.launch("sgd_update", (flat.data, flat.grad, velocity, flat.hyper_array), self.fused_flags())
 
     def update(self, index, p):
         grad = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
@@ -229,9 +236,12 @@ class Adam(Optimizer):
         step_size = self.lr * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
         return (step_size, beta1, 1 - beta1, beta2, 1 - beta2, self.eps, self.weight_decay)
 
+    def fused_flags(self):
+        return 4 if self.weight_decay else 0
+
     def fused_update(self, flat):
         flat.launch("adam_update", (flat.data, flat.grad, flat.state["m"], flat.state["v"], flat.hyper_array),
-                    4 if self.weight_decay else 0)
+                    self.fused_flags())
 
     def update(self, index, p):
         xp = get_array_module(p.data)

@@ -149,6 +149,9 @@ class Trainer:
             raise ArgumentError(f"batch_size: expected an int >= 1, got {c['batch_size']!r}")
         if c["resume"] and not c["checkpoint"]:
             raise ArgumentError("resume: --resume needs --checkpoint PATH to resume from")
+        if c["cuda_graph"] and c["distributed"]:  # before MPI starts, and before the device's refusal
+            raise ArgumentError("cuda_graph: --cuda-graph with --distributed is not supported (the gradients are "
+                                "averaged over MPI inside the step, which a CUDA graph cannot hold); drop one")
         self.dist = None  # --distributed: the ProcessGroup; printing and checkpoints on rank 0 alone
         if c["distributed"]:
             self.dist = distributed.init(device=c["device"])
@@ -162,9 +165,6 @@ class Trainer:
             # torch.cuda.CUDAGraph refuses without CUDA
             raise ArgumentError(f"cuda_graph: --cuda-graph captures the training step as a CUDA graph, and this "
                                 f"run trains on {self.device}; pass --device cuda, or drop --cuda-graph")
-        if c["cuda_graph"] and c["distributed"]:
-            raise ArgumentError("cuda_graph: --cuda-graph with --distributed is not supported (the gradients are "
-                                "averaged over MPI inside the step, which a CUDA graph cannot hold); drop one")
         info = dataset_info(c["dataset"])
         if c["augment"] is None:
             c["augment"] = info.augment

@@ -236,3 +236,53 @@ def test_the_cupy_names_the_capture_uses_exist():
         assert hasattr(owner, name), f"{owner.__name__}.{name}"
     assert "non_blocking" in inspect.signature(cupy.cuda.Stream).parameters
     assert "stream" in (cupy.cuda.Graph.launch.__doc__ or "")
+
+
+@pytest.mark.parametrize("change", ["weight_decay", "nesterov", "adam_weight_decay"])
+def test_optimizer_settings_the_graph_was_captured_without_send_the_steps_back_to_eager(change):
+    """The fused launch's flags (momentum, Nesterov, weight decay on or off) are captured with it;
+    the hyperparameters' values are written each replay, the flags are not. Weight decay switched
+    on (or Nesterov) after the capture must not be dropped silently: the steps run eagerly and
+    give the eager run's numbers."""
+    make = (lambda ps: optim.Adam(ps, lr=1e-2)) if change == "adam_weight_decay" else (
+        lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9))
+    name, value = ("nesterov", True) if change == "nesterov" else ("weight_decay", 1e-2)
+    results, logged = [], []
+    with emulation(devices=1):
+        for graph in (False, True):
+            model = LeNet5(seed=0).to("cuda:0")
+            optimizer = make(model.parameters())
+            step = StaticStep(lambda x, y: (lambda lg: (F.cross_entropy(lg, y), lg))(model(x)), optimizer, model,
+                              log=logged.append)
+            for index, (x, y) in enumerate(_batches((8, 1, 28, 28), 5)):
+                if index == 3:  # after the capture (call 2) and one replay
+                    setattr(optimizer, name, value)
+                (step if graph else step.eager)(x, y)
+            results.append(_state(model, optimizer))
+    assert results[1] == results[0]
+    assert step.replays == 1 and len(logged) == 1 and "optimizer" in logged[0], logged
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_cuda_graph_with_distributed_is_refused_before_mpi_starts(device, monkeypatch):
+    """The combination is refused whatever the device, before MPI is set up: on the CPU the advice
+    used to be "pass --device cuda", which the next run then refused for --distributed."""
+    def init(**_):
+        raise AssertionError("distributed.init ran before the refusal")
+    monkeypatch.setattr(train.distributed, "init", init)
+    with emulation(devices=1), pytest.raises(ArgumentError, match="--cuda-graph with --distributed is not supported"):
+        train.Trainer(dict(device=device, cuda_graph=True, distributed=True, limit_train=8, limit_test=8),
+                      log=lambda *_: None)
+
+
+def test_a_first_batch_smaller_than_the_next_ones_is_not_the_one_captured():
+    """A run resumed at its last, partial batch calls the step with that batch first: the recording
+    made of it gives way to the full batches that follow, which are captured and replayed (it used to
+    stay, so the full batches all ran eagerly and only the partial ones were captured)."""
+    shapes = [(3, 1, 28, 28), None, None, None, None, (3, 1, 28, 28), None]
+    with emulation(devices=1):
+        eager = _run("lenet5-sgd", shapes, graph=False)
+        graph = _run("lenet5-sgd", shapes, graph=True)
+    assert graph[0] == eager[0] and graph[1] == eager[1]
+    assert graph[3].replays == 3 and graph[3].eager_reason is None
+    assert graph[3].inputs[0].shape == (8, 1, 28, 28)

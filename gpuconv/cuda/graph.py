@@ -25,8 +25,9 @@ bit (state the Python code would have changed at each step, and a graph would no
 
 What a graph cannot hold runs eagerly, never as an error: a batch of another shape or dtype (the
 last partial batch), dropout (a graph replays one mask), parameters the optimizer cannot fuse into
-one flat buffer, parameters, buffers or train/eval mode changed since the capture, and on a GPU any
-error during the capture (logged once; the run's steps stay eager).
+one flat buffer, parameters, buffers, train/eval mode or the optimizer's weight decay, momentum or
+Nesterov switched on or off since the capture, and on a GPU any error during the capture (logged once;
+the run's steps stay eager).
 """
 import contextlib
 
@@ -171,6 +172,11 @@ class StaticStep:
         self.pool = self.graph = self.inputs = self.outputs = None  # the pool's memory goes back
 
     def __call__(self, x, y):
+        if (self.eager_reason is None and self.graph is None and self.inputs is not None
+                and not self._same_batch(x, y) and x.shape[:1] > self.inputs[0].shape[:1]):
+            # recorded on a smaller batch (a run resumed at its last, partial batch): the full
+            # batches that follow are the ones to capture, so the recording starts again with them
+            self.pool = self.inputs = self.outputs = self.state = None
         if self.eager_reason is None and self.inputs is None:
             reason = self._unsupported(x, y)
             if reason:
@@ -178,7 +184,8 @@ class StaticStep:
         if self.eager_reason is not None or not self._same_batch(x, y):
             return self.eager(x, y)
         if self.state is not None and self.state != self._state():
-            self.stay_eager("the parameters, BatchNorm buffers or train/eval mode changed since the capture")
+            self.stay_eager("the parameters, BatchNorm buffers, train/eval mode or the optimizer's momentum, "
+                            "Nesterov or weight decay (on or off) changed since the capture")
             return self.eager(x, y)
         with device_scope(x):
             if self.pool is None:
@@ -209,7 +216,8 @@ class StaticStep:
     def _state(self):
         """What the graph's pointers and branches were captured against."""
         flat = self.optimizer.flat
-        ids = [id(flat)] + [id(p.data) for p in self.optimizer.params]
+        # the fused launch's flags (weight decay, momentum, Nesterov on or off) are captured with it
+        ids = [id(flat), self.optimizer.fused_flags()] + [id(p.data) for p in self.optimizer.params]
         if self.model is not None:
             ids += [id(m._buffers[n]) for _, m, n in self.model.named_buffers()]
             ids += [m.training for m in self.model.modules()]

@@ -393,6 +393,7 @@ class _Plan:
         self.layers = None
         self._params = None
         self.training = True
+        self.in_processes = False  # the last forward's parts 1.. ran in worker processes (else threads)
         self.lock = threading.RLock()  # one forward or backward of this plan at a time
 
     def prepare(self, layers, x):
@@ -508,7 +509,9 @@ class _Plan:
         with _region_lock, blas.num_threads(1):
             if self.threads == 1:
                 return [function(0, *arrays)]
-            if processes and cpu_workers.supported():
+            if kind == "forward":  # a backward runs where its forward ran: its activations are there
+                self.in_processes = processes and cpu_workers.supported()
+            if self.in_processes:
                 return cpu_workers.run_parallel(self, kind, arrays)
             with _switch_interval(SWITCH_INTERVAL):
                 return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))

@@ -160,7 +160,7 @@ class _Process:
         finally:
             theirs.close()
         self.socket = ours
-        self.arenas = {}  # plan key -> (mapping, views, capacity rows, fd)
+        self.arenas = {}  # plan key -> (mapping, views, capacity rows); the mapping holds the memfd
 
     def receive(self, part):
         """The reply; WorkerError if the process died. Ctrl-C (or any exception) while waiting
@@ -193,9 +193,8 @@ class _Process:
             self.socket.close()
         except OSError:
             pass
-        for mapping, _, _, fd in self.arenas.values():
+        for mapping, _, _ in self.arenas.values():
             mapping.close()
-            os.close(fd)
         self.arenas.clear()
         try:
             return self.process.wait(timeout=10)
@@ -240,7 +239,7 @@ class _Pool:
 _pool = _Pool()
 _keys = weakref.WeakKeyDictionary()  # plan -> its number in the workers
 _next_key = [0]
-_forgotten = []   # numbers of plans garbage-collected since: their arenas are freed at the next region
+_forgotten = set()  # numbers of plans garbage-collected whose arenas a worker may still hold (see _prune)
 MAX_PLANS = 8     # arenas a worker keeps; the least recently set up is dropped first
 
 
@@ -250,18 +249,16 @@ def close():
 
 
 def _forget(process, key):
-    mapping, _, _, fd = process.arenas.pop(key)
+    mapping, _, _ = process.arenas.pop(key)
     mapping.close()
-    os.close(fd)
     process.socket.send(f"D {key}".encode())
     process.receive(0)
 
 
 def _tidy(process):
     """Free the arenas of plans that are gone, and all but the MAX_PLANS newest."""
-    for number in list(_forgotten):
-        for key in [k for k in process.arenas if k.split(".")[0] == number]:
-            _forget(process, key)
+    for key in [k for k in process.arenas if k.split(".")[0] in _forgotten]:
+        _forget(process, key)
     while len(process.arenas) > MAX_PLANS:
         _forget(process, next(iter(process.arenas)))
 
@@ -273,6 +270,9 @@ def _ensure_setup(process, plan, key, part, rows):
     capacity = max(rows, entry[2] * 2 if entry else rows)
     params = plan.params()
     layout, size = arena_layout([p.data.shape for p in params], capacity, plan.input_shape, plan.out_shape)
+    # The caller keeps the arena as its mapping alone (mmap holds a descriptor of its own, closed with
+    # it or when it is collected): a descriptor kept beside it would outlive a worker object dropped
+    # unclosed (a second Ctrl-C during the first one's cleanup), and the arena's memory with it.
     fd = os.memfd_create("gpuconv-cpu", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
@@ -291,22 +291,23 @@ def _ensure_setup(process, plan, key, part, rows):
                               "part": part, "param_shapes": [list(p.data.shape) for p in params],
                               "size": size}).encode()
     try:
-        spec_fd = os.memfd_create("gpuconv-cpu-setup", os.MFD_CLOEXEC)
         try:
-            os.write(spec_fd, description)
-            socket.send_fds(process.socket, [f"S {key} {len(description)}".encode()], [fd, spec_fd])
+            spec_fd = os.memfd_create("gpuconv-cpu-setup", os.MFD_CLOEXEC)
+            try:
+                os.write(spec_fd, description)
+                socket.send_fds(process.socket, [f"S {key} {len(description)}".encode()], [fd, spec_fd])
+            finally:
+                os.close(spec_fd)
         finally:
-            os.close(spec_fd)
+            os.close(fd)  # sent (the worker has its own) or not: the mapping is what the caller keeps
         process.receive(part)
     except BaseException:
         mapping.close()
-        os.close(fd)
         raise
     if entry is not None:  # only now: the worker has let go of the old arena
         entry[0].close()
-        os.close(entry[3])
     views = arena_views(mapping, layout)
-    process.arenas[key] = (mapping, views, capacity, fd)
+    process.arenas[key] = (mapping, views, capacity)
     return views
 
 
@@ -321,8 +322,17 @@ def _number(plan):
     if plan not in _keys:
         _next_key[0] += 1
         number = _keys[plan] = str(_next_key[0])
-        weakref.finalize(plan, _forgotten.append, number)  # no I/O from the garbage collector
+        weakref.finalize(plan, _forgotten.add, number)  # no I/O from the garbage collector
     return _keys[plan]
+
+
+def _prune():
+    """Drop the numbers of plans gone whose arenas no worker holds (any more): none will again, and
+    every region would otherwise walk them all."""
+    held = {key.split(".")[0] for process in _pool.processes for key in process.arenas}
+    for number in list(_forgotten):  # a copy (one C call): a collection in another thread may add meanwhile
+        if number not in held:
+            _forgotten.discard(number)
 
 
 def run_parallel(plan, kind, arrays):
@@ -331,6 +341,7 @@ def run_parallel(plan, kind, arrays):
     ends the workers of the region (their state is unknown); the next region starts new ones."""
     key = f"{_number(plan)}.{plan.compiles}"
     processes = _pool.get(len(plan.parts) - 1)
+    _prune()
     pids = [process.process.pid for process in processes]
     if kind == "backward" and pids != getattr(plan, "worker_pids", pids):
         gone = ", ".join(f"{pid} ({_pool.ended.get(pid, 'ended')})" for pid in plan.worker_pids if pid not in pids)
