@@ -549,8 +549,9 @@ class DistributedDataParallel:
         for _, module, name in list(self.module.named_buffers()):
             array = module._buffers[name]
             xp = get_array_module(array)
-            # a NumPy scalar (BatchNorm's num_batches_tracked after `+ 1`) is read-only: MPI cannot
-            # receive into it; xp.array keeps a 0-d shape, where ascontiguousarray would make it 1-d
+            # a NumPy scalar (a buffer a user set to a plain number, or one from an older gpuconv whose
+            # BatchNorm counted with `+ 1`) is read-only: MPI cannot receive into it; xp.array keeps a
+            # 0-d shape, where ascontiguousarray would make it 1-d
             if not (isinstance(array, xp.ndarray) and array.flags.c_contiguous):
                 with device_scope(array):
                     array = module._buffers[name] = xp.array(array, order="C")

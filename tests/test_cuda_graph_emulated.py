@@ -286,3 +286,20 @@ def test_a_first_batch_smaller_than_the_next_ones_is_not_the_one_captured():
     assert graph[0] == eager[0] and graph[1] == eager[1]
     assert graph[3].replays == 3 and graph[3].eager_reason is None
     assert graph[3].inputs[0].shape == (8, 1, 28, 28)
+
+
+def test_a_layer_setting_changed_after_the_capture_sends_the_steps_back_to_eager():
+    """BatchNorm's momentum is a kernel argument the capture baked in: changed after it (found by a
+    hostile test: 0.1 -> 0.5 at step 3 differed from eager), the steps run eagerly, with eager's
+    numbers, and the log says why once."""
+    results, logged = [], []
+    with emulation(devices=1):
+        for graph in (False, True):
+            model, optimizer, step, shape = _setup("simplecnn-adam", log=logged.append)
+            for index, (x, y) in enumerate(_batches(shape, 5)):
+                if index == 3:  # after the capture (call 2) and one replay
+                    model.bn1.momentum = 0.5
+                (step if graph else step.eager)(x, y)
+            results.append(_state(model, optimizer))
+    assert results[1] == results[0]
+    assert step.replays == 1 and len(logged) == 1 and "settings" in logged[0], logged

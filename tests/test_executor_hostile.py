@@ -200,7 +200,7 @@ def emit(**results):
 '''
 
 
-def run_child(tmp_path, body, kind, hang_s=45, name="child"):
+def run_child(tmp_path, body, kind, hang_s=90, name="child"):
     """Run PRELUDE + body in a fresh interpreter with one worker (a process or a thread, as `kind`
     says; None: the body chooses) -> its RESULT dict."""
     script = tmp_path / f"{name}.py"

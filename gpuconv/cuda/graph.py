@@ -25,9 +25,9 @@ bit (state the Python code would have changed at each step, and a graph would no
 
 What a graph cannot hold runs eagerly, never as an error: a batch of another shape or dtype (the
 last partial batch), dropout (a graph replays one mask), parameters the optimizer cannot fuse into
-one flat buffer, parameters, buffers, train/eval mode or the optimizer's weight decay, momentum or
-Nesterov switched on or off since the capture, and on a GPU any error during the capture (logged once;
-the run's steps stay eager).
+one flat buffer, parameters, buffers, a layer's settings (train/eval mode, BatchNorm's momentum, ...)
+changed or the optimizer's weight decay, momentum or Nesterov switched on or off since the capture,
+and on a GPU any error during the capture (logged once; the run's steps stay eager).
 """
 import contextlib
 
@@ -184,7 +184,8 @@ class StaticStep:
         if self.eager_reason is not None or not self._same_batch(x, y):
             return self.eager(x, y)
         if self.state is not None and self.state != self._state():
-            self.stay_eager("the parameters, BatchNorm buffers, train/eval mode or the optimizer's momentum, "
+            self.stay_eager("the parameters, BatchNorm buffers, a layer's settings (train/eval mode, momentum, ...) "
+                            "or the optimizer's momentum, "
                             "Nesterov or weight decay (on or off) changed since the capture")
             return self.eager(x, y)
         with device_scope(x):
@@ -220,7 +221,9 @@ class StaticStep:
         ids = [id(flat), self.optimizer.fused_flags()] + [id(p.data) for p in self.optimizer.params]
         if self.model is not None:
             ids += [id(m._buffers[n]) for _, m, n in self.model.named_buffers()]
-            ids += [m.training for m in self.model.modules()]
+            # every layer's settings (train/eval, BatchNorm's momentum and eps, a conv's stride, ...):
+            # the capture baked their values into its launches as kernel arguments
+            ids += [_settings(m) for m in self.model.modules()]
         return ids
 
     # ----- the three stages -----
@@ -254,6 +257,16 @@ class StaticStep:
         self.outputs = outputs
         self.graph.launch()  # the step itself
         return self.outputs
+
+
+def _settings(module):
+    """A module's plain settings (numbers, flags, strings, tuples of them), the values a launch takes."""
+    def plain(value):
+        return value is None or isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, tuple) and all(map(plain, value)))
+    settings = {name: value for name, value in vars(module).items() if plain(value)}
+    settings["training"] = module.training  # a class attribute until train()/eval() sets it on the module
+    return tuple(sorted(settings.items()))
 
 
 @contextlib.contextmanager

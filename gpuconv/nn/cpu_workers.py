@@ -4,9 +4,10 @@ Why processes: two Python threads in one interpreter slow each other down (the G
 short NumPy call); two processes do not. How, without the hazards of forking the user's program:
 
 * A worker is a fresh interpreter started by subprocess (fork + exec in C, safe in a threaded
-  process), with close_fds: it holds one socket end and nothing else of the caller's. It is
-  started at the first parallel region and reused for every batch size and model; it exits when
-  its socket closes (the caller's process ended, or the pool was closed).
+  process), with close_fds: it holds one socket end and the caller's stderr (for a traceback),
+  nothing else of the caller's. It is started at the first parallel region and reused for every
+  batch size and model; it exits when its socket closes (the caller's process ended, or the pool
+  was closed).
 * The layers are described to it as JSON (types and hyper-parameters, no pickle); it builds the
   same layers and compiles the same plan. Parameters, its rows of x / out / dy / dx and its
   gradients live in a memfd arena both processes map; the caller copies the parameters and the
