@@ -151,18 +151,17 @@ class StaticStep:
 
     # ----- the eager step, and the fallback -----
     def eager(self, x, y):
-        loss, logits = self.forward(x, y)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return loss.data, logits.data
+        return self._step(x, y, self.optimizer.step)
 
     def _body(self, x, y):
         """The captured part: the step with the optimizer's device half."""
+        return self._step(x, y, self.optimizer.graph_update)
+
+    def _step(self, x, y, update):
         loss, logits = self.forward(x, y)
         self.optimizer.zero_grad()
         loss.backward()
-        self.optimizer.graph_update()
+        update()
         return loss.data, logits.data
 
     def stay_eager(self, reason):
