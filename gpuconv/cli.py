@@ -2,6 +2,7 @@
 the parsing of option values more than one command takes (--widths)."""
 import argparse
 import copy
+import numbers
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -42,6 +43,14 @@ class HelpFormatter(argparse.HelpFormatter):
 MAX_WIDTH = 4096
 
 
+def valid_widths(widths):
+    """SimpleCNN's block widths as --widths (and a Trainer config) allow them: a list or tuple of 1 to 4
+    ints in [1, MAX_WIDTH] (a bool is not a width)."""
+    return (isinstance(widths, (list, tuple)) and 1 <= len(widths) <= 4
+            and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH
+                    for w in widths))
+
+
 def parse_widths(text):
     """--widths "48,96,192" -> (48, 96, 192), for argparse: a clear error for anything else."""
     parts = [part.strip() for part in text.split(",")]
@@ -50,7 +59,7 @@ def parse_widths(text):
         widths = tuple(int(part) for part in parts)
     else:
         widths = ()
-    if not 1 <= len(widths) <= 4 or not 1 <= min(widths) <= max(widths) <= MAX_WIDTH:
+    if not valid_widths(widths):
         raise argparse.ArgumentTypeError(f"expected 1 to 4 positive ints up to {MAX_WIDTH} separated by commas "
                                          f"(e.g. 32,64,128), got {text!r}")
     return widths

@@ -48,12 +48,11 @@ class Optimizer:
             p.grad = None
 
     def step(self):
-        self.steps += 1
-        if self._fused_ready():
-            with device_scope(self.flat.data):
-                self.flat.write_hyper(self.hyper())
-                self.fused_update(self.flat)
+        if self._fused_ready():  # one launch: the two halves a captured step runs (gpuconv.cuda.graph)
+            self.count_step()
+            self._fused_launch()
             return
+        self.steps += 1
         for index, p in enumerate(self.params):
             if p.grad is not None:
                 with device_scope(p.data):  # state and temporaries on the parameter's GPU
@@ -83,20 +82,24 @@ class Optimizer:
             self.flat = _FlatBuffers(self)
         return True
 
-    # ----- step() in two halves, for a step captured as a CUDA graph (gpuconv.cuda.graph) -----
-    def begin_graph_step(self):
-        """The host half, run before each capture or replay: count the step and copy its
-        hyperparameters into the device array the fused launch reads (a graph cannot hold a copy
-        from the host; this one is ordered before the graph's launch on the same stream)."""
+    # ----- the fused step in two halves; a step captured as a CUDA graph (gpuconv.cuda.graph) runs
+    # the host half before each capture or replay and captures the device half -----
+    def count_step(self):
+        """The host half: count the step and copy its hyperparameters into the device array the
+        fused launch reads (a graph cannot hold a copy from the host; this one is ordered before
+        the launch on the same stream)."""
         self.steps += 1
         with device_scope(self.flat.data):
             self.flat.write_hyper(self.hyper())
 
     def graph_update(self):
-        """The device half, captured: the fused launch over the flat buffers."""
+        """The device half, as a captured step calls it: the fused launch over the flat buffers."""
         if not self._fused_ready():
             raise CaptureError("the optimizer cannot run its fused step (a parameter has no gradient, or "
                                "the parameters are not one flat buffer); a captured step needs it")
+        self._fused_launch()
+
+    def _fused_launch(self):
         with device_scope(self.flat.data):
             self.fused_update(self.flat)
 

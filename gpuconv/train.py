@@ -33,7 +33,7 @@ from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .ops.loss import check_labels
 from .models import MODEL_TITLES, MODELS, build_model, simplecnn_widths_of
-from .cli import MAX_WIDTH, HelpFormatter, parse_widths
+from .cli import MAX_WIDTH, HelpFormatter, parse_widths, valid_widths
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
                 weight_decay=5e-4, schedule="cosine", seed=0, data_dir=None, limit_train=None,
@@ -195,13 +195,9 @@ class Trainer:
         if c["widths"] is not None and c["model"] != "simplecnn":
             raise ArgumentError(f"widths: sets SimpleCNN's block widths (--model simplecnn), "
                                 f"and this run trains {c['model']}; drop --widths")
-        if c["widths"] is not None:  # the limits --widths has, for a config given from Python too
-            widths = c["widths"]
-            if (not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= 4
-                    or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH
-                               for w in widths)):
-                raise ArgumentError(f"widths: expected a list of 1 to 4 ints in [1, {MAX_WIDTH}] (SimpleCNN's "
-                                    f"block widths), got {widths!r}")
+        if c["widths"] is not None and not valid_widths(c["widths"]):  # --widths' limits, for Python too
+            raise ArgumentError(f"widths: expected a list of 1 to 4 ints in [1, {MAX_WIDTH}] (SimpleCNN's "
+                                f"block widths), got {c['widths']!r}")
         self.model = build_model(c["model"], info.in_channels, len(info.cls.classes), info.image_size,
                                  seed=c["seed"], activation=c["activation"], pool=c["pool"],
                                  widths=None if c["widths"] is None else tuple(c["widths"])).to(self.device)

@@ -194,7 +194,7 @@ class StaticStep:
             self.inputs[1][...] = y
             if self.graph is None:
                 return self._capture(x, y)
-            self.optimizer.begin_graph_step()
+            self.optimizer.count_step()
             self.graph.launch()  # CuPy: on the current stream, after the input copies
             self.replays += 1
             return self.outputs
@@ -240,7 +240,7 @@ class StaticStep:
 
     def _capture(self, x, y):
         self.pool.serve()
-        self.optimizer.begin_graph_step()
+        self.optimizer.count_step()
         try:
             if is_cupy_array(x):
                 self.graph, outputs = _capture_cuda(self.pool, lambda: self._body(*self.inputs))

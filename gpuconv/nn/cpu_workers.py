@@ -330,6 +330,8 @@ def _number(plan):
 def _prune():
     """Drop the numbers of plans gone whose arenas no worker holds (any more): none will again, and
     every region would otherwise walk them all."""
+    if not _forgotten:  # the common case: no plan gone since, nothing to compute on the hot path
+        return
     held = {key.split(".")[0] for process in _pool.processes for key in process.arenas}
     for number in list(_forgotten):  # a copy (one C call): a collection in another thread may add meanwhile
         if number not in held:

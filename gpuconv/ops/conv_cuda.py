@@ -115,10 +115,7 @@ def tile_config(channels):
     reduction row 8 shared-memory loads serve 16 multiply-adds. A function of the shape alone."""
     if channels < 1:
         raise ArgumentError(f"conv2d tile: expected at least 1 channel per group, got {channels}")
-    for limit, tile in _TILES:
-        if limit is None or channels <= limit:
-            return tile
-    raise AssertionError("TILE_CONFIGS ends with an unlimited tile")  # the table's last row has no limit
+    return next(tile for limit, tile in _TILES if limit is None or channels <= limit)  # the last has no limit
 
 
 def conv2d_forward(x, w, b, stride, padding, dilation, groups, algo, relu=False):
