@@ -299,6 +299,9 @@ class _Worker:
                 self.outcome = (ticket, True, function(argument))
             except BaseException as error:  # handed to the caller, raised there
                 self.outcome = (ticket, False, error)
+            # Keep nothing of the call while idle: its function may hold the caller's arrays
+            # (an array-level op's closure), which must die with the caller's last reference.
+            self.call = function = argument = None
             self.done.release()
 
     def submit(self, function, argument):
@@ -373,6 +376,23 @@ def _switch_interval(seconds):
     finally:
         # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
         sys.setswitchinterval((round(previous * 1e6) + 0.5) * 1e-6)
+
+
+def run_in_parts(function, batch):
+    """function(start, stop) for equal parts of range(batch), one per core -> results in part order.
+
+    For array-level ops whose work splits over the batch (gpuconv/ops/conv_cpu.py): the first
+    part runs in this thread, the others in the executor's worker threads (threads, not
+    processes: the arrays are the caller's), as a parallel region like a plan's, with a 1-thread
+    BLAS restored afterwards. Python's switch interval is left alone: a part makes a few long
+    NumPy calls per chunk, not a plan's many short ones. A batch of one image, or no workers,
+    runs in this thread alone and leaves the BLAS as it is."""
+    parts = max(1, min(get_cpu_workers() + 1, batch))
+    if parts == 1:
+        return [function(0, batch)]
+    bounds = _split(batch, parts)
+    with _region_lock, blas.num_threads(1):
+        return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)))
 
 
 class _Plan:

@@ -122,7 +122,11 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto",
         from . import conv_cuda
         return conv_cuda.conv2d_forward(x, w, b, stride, padding, dilation, groups, algo,
                                         relu=activation == "relu")
-    y = conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo)
+    if groups == 1 and x.shape[0] > 0:
+        from . import conv_cpu
+        y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+    else:
+        y = conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo)
     return np.maximum(y, 0, out=y) if activation == "relu" else y
 
 
@@ -147,6 +151,10 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
         from . import conv_cuda
         dx, dw, db = conv_cuda.conv2d_backward(dy, x_padded, w, stride, padding, dilation, groups,
                                                algo, need_dx, need_bias, need_dw)
+    elif groups == 1 and x.shape[0] > 0:
+        from . import conv_cpu
+        dx, dw, db = conv_cpu.conv2d_backward(dy, x_padded, w, stride, padding, dilation,
+                                              need_dx, need_bias, need_dw)
     else:
         dx, dw, db = conv2d_backward_numpy(dy, x_padded, w, stride, padding, dilation, groups,
                                            algo, need_dx, need_bias, need_dw)

@@ -1,0 +1,174 @@
+"""gpuconv/ops/conv_cpu.py, the CPU conv for groups == 1: the batch in parts over the worker
+threads and each part in chunks, against the im2col reference of conv.py (itself checked against
+a per-pixel reference in test_ops_conv.py), for every split of the batch into parts and chunks."""
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import blas
+from gpuconv.ops import conv, conv_cpu
+
+# (x shape, w shape, stride, padding, dilation): stride 1 takes the input gradient as a
+# convolution of dy, other strides (and padding wider than the kernel) add the columns back.
+SHAPES = [
+    ((7, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1)),
+    ((5, 2, 9, 10), (3, 2, 3, 2), (2, 2), (1, 0), (1, 1)),
+    ((6, 4, 11, 9), (5, 4, 3, 3), (1, 2), (2, 1), (2, 1)),
+    ((3, 2, 8, 8), (2, 2, 2, 3), (3, 1), (0, 2), (1, 2)),
+    ((4, 3, 6, 6), (2, 3, 1, 1), (1, 1), (1, 1), (1, 1)),  # padding wider than the kernel's reach
+    ((5, 1, 12, 12), (6, 1, 5, 5), (1, 1), (0, 0), (1, 1)),  # LeNet-5's conv1, smaller
+]
+
+
+@pytest.fixture(params=[0, 1, 2], ids=lambda n: f"workers{n}")
+def workers(request):
+    gpuconv.set_cpu_workers(request.param)
+    yield request.param
+    gpuconv.set_cpu_workers(None)
+
+
+@pytest.fixture(params=["one-image-chunks", "default-chunks"])
+def chunk_bytes(request, monkeypatch):
+    if request.param == "one-image-chunks":
+        monkeypatch.setattr(conv_cpu, "CHUNK_BYTES", 1)
+    return request.param
+
+
+def _arrays(shape, dtype, seed=0):
+    x_shape, w_shape, stride, padding, dilation = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    return x, w, b, stride, padding, dilation
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=range(len(SHAPES)))
+def test_forward_and_gradients_match_the_im2col_reference(shape, workers, chunk_bytes):
+    x, w, b, stride, padding, dilation = _arrays(shape, np.float64)
+    expected = conv.conv2d_forward_numpy(x, w, b, stride, padding, dilation, 1)
+    y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    dy = np.random.default_rng(1).standard_normal(y.shape)
+    want = conv.conv2d_backward_numpy(dy, x, w, stride, padding, dilation, 1)
+    got = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, True, True, True)
+    for name, g, e in zip(("dx", "dw", "db"), got, want):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True)])
+def test_each_gradient_alone(need, workers):
+    x, w, _, stride, padding, dilation = _arrays(SHAPES[1], np.float64)
+    dy = np.random.default_rng(2).standard_normal(conv.conv2d_forward_numpy(
+        x, w, None, stride, padding, dilation, 1).shape)
+    want = conv.conv2d_backward_numpy(dy, x, w, stride, padding, dilation, 1)
+    got = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, need[0], need[2], need[1])
+    for g, e, needed in zip(got, want, (need[0], need[1], need[2])):
+        if needed:
+            np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+        else:
+            assert g is None
+
+
+def test_float32_matches_float64_and_keeps_its_dtype(workers):
+    x, w, b, stride, padding, dilation = _arrays(SHAPES[0], np.float32)
+    y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+    assert y.dtype == np.float32
+    exact = conv_cpu.conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                                    stride, padding, dilation)
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_same_bits_every_call_for_a_worker_count(workers):
+    """The split comes from the batch size and the worker count alone: repeated calls (threads
+    finishing in any order) give the same bits, the summed filter and bias gradients included."""
+    x, w, b, stride, padding, dilation = _arrays(((33, 4, 10, 10), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1)),
+                                                 np.float32)
+    dy = np.random.default_rng(3).standard_normal((33, 8, 10, 10)).astype(np.float32)
+    first = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, True, True, True)
+    for _ in range(5):
+        again = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, True, True, True)
+        for a, e in zip(again, first):
+            assert np.array_equal(a, e)
+
+
+def test_public_conv2d_takes_this_path_for_one_group_and_the_reference_for_groups(monkeypatch):
+    calls = []
+    real = conv_cpu.conv2d_forward
+    monkeypatch.setattr(conv_cpu, "conv2d_forward", lambda *a: calls.append("cpu") or real(*a))
+    x = np.ones((2, 4, 5, 5), np.float32)
+    gpuconv.ops.conv2d(x, np.ones((4, 4, 3, 3), np.float32))
+    gpuconv.ops.conv2d(x, np.ones((4, 2, 3, 3), np.float32), groups=2)
+    assert calls == ["cpu"]
+
+
+def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(monkeypatch):
+    gpuconv.set_cpu_workers(1)
+    try:
+        before = blas.get_num_threads()
+        x, w, b, stride, padding, dilation = _arrays(SHAPES[0], np.float32)
+        conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+        assert blas.get_num_threads() == before
+        real = conv_cpu._Chunks.columns
+
+        def failing(self, x, first, last):
+            if first > 0:  # the worker thread's part
+                raise MemoryError("part failed")
+            return real(self, x, first, last)
+
+        monkeypatch.setattr(conv_cpu._Chunks, "columns", failing)
+        with pytest.raises(MemoryError, match="part failed"):
+            conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+        assert blas.get_num_threads() == before
+        monkeypatch.setattr(conv_cpu._Chunks, "columns", real)
+        # the region's lock was released: the next call runs
+        np.testing.assert_allclose(conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation),
+                                   conv.conv2d_forward_numpy(x, w, b, stride, padding, dilation, 1),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+def test_worker_threads_keep_no_reference_to_the_callers_arrays():
+    gpuconv.set_cpu_workers(1)
+    try:
+        x, w, b, stride, padding, dilation = _arrays(SHAPES[0], np.float32)
+        y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+        refs = [weakref.ref(a) for a in (x, w, y)]
+        del x, w, y
+        gc.collect()
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+def test_two_user_threads_at_once_each_get_their_own_result():
+    """Regions run one at a time (one lock): two threads calling conv2d get correct results."""
+    gpuconv.set_cpu_workers(1)
+    try:
+        inputs = [_arrays(SHAPES[i], np.float64, seed=i) for i in (0, 2)]
+        expected = [conv.conv2d_forward_numpy(*a[:2], a[2], *a[3:], 1) for a in inputs]
+        results, errors = {}, []
+
+        def run(index):
+            try:
+                for _ in range(20):
+                    results[index] = conv_cpu.conv2d_forward(*inputs[index])
+            except BaseException as error:  # reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads) and not errors
+        for i in range(2):
+            np.testing.assert_allclose(results[i], expected[i], rtol=1e-12, atol=1e-12)
+    finally:
+        gpuconv.set_cpu_workers(None)
