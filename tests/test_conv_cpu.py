@@ -21,7 +21,26 @@ SHAPES = [
     ((3, 2, 8, 8), (2, 2, 2, 3), (3, 1), (0, 2), (1, 2)),
     ((4, 3, 6, 6), (2, 3, 1, 1), (1, 1), (1, 1), (1, 1)),  # padding wider than the kernel's reach
     ((5, 1, 12, 12), (6, 1, 5, 5), (1, 1), (0, 0), (1, 1)),  # LeNet-5's conv1, smaller
+    ((3, 20, 6, 7), (3, 20, 3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1, 180-long columns: rows
+    ((4, 17, 7, 6), (5, 17, 3, 3), (1, 1), (2, 1), (2, 1)),  # the same, dilated
 ]
+
+
+@pytest.mark.parametrize("shape, layout", [
+    (((1, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)), "_Wide"),     # LeNet-5 conv1
+    (((1, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)), "_Rows"),    # LeNet-5 conv2: 150
+    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), "_Wide"),  # 144
+    (((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1)), "_Rows"),  # strided
+    (((1, 32, 16, 16), (32, 32, 3, 3), (1, 1), (1, 1), (1, 1)), "_Rows"),  # 288
+])
+def test_layout_per_shape(shape, layout):
+    geo = conv_cpu._Geometry(*shape)
+    assert conv_cpu._layout_class(geo).__name__ == layout
+
+
+def test_both_layouts_are_tested():
+    names = {conv_cpu._layout_class(conv_cpu._Geometry(*shape)).__name__ for shape in SHAPES}
+    assert names == {"_Rows", "_Wide"}
 
 
 @pytest.fixture(params=[0, 1, 2], ids=lambda n: f"workers{n}")
@@ -114,18 +133,20 @@ def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(monkeypatch)
         x, w, b, stride, padding, dilation = _arrays(SHAPES[0], np.float32)
         conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
         assert blas.get_num_threads() == before
-        real = conv_cpu._Chunks.columns
+        real = conv_cpu._Wide.columns
+        assert conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, dilation)) \
+            is conv_cpu._Wide
 
         def failing(self, x, first, last):
             if first > 0:  # the worker thread's part
                 raise MemoryError("part failed")
             return real(self, x, first, last)
 
-        monkeypatch.setattr(conv_cpu._Chunks, "columns", failing)
+        monkeypatch.setattr(conv_cpu._Wide, "columns", failing)
         with pytest.raises(MemoryError, match="part failed"):
             conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
         assert blas.get_num_threads() == before
-        monkeypatch.setattr(conv_cpu._Chunks, "columns", real)
+        monkeypatch.setattr(conv_cpu._Wide, "columns", real)
         # the region's lock was released: the next call runs
         np.testing.assert_allclose(conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation),
                                    conv.conv2d_forward_numpy(x, w, b, stride, padding, dilation, 1),

@@ -14,28 +14,36 @@ Why not im2col of the whole batch (measured, docs/performance.md, "conv ops on t
   shape ran at 1.1x its 1-thread speed.
 So the batch is split into equal parts, one per core (the caller's thread and the CPU executor's
 worker threads, gpuconv.nn.cpu_plan.run_in_parts, with a 1-thread BLAS for the region), and a
-part runs in chunks of a few images: the chunk's input is copied channels-last into a zero-padded
-buffer, its columns (one row per output pixel, (kh, kw, c) along the row) are KH*KW strided
-copies, and one product with the (KH*KW*C, O) weight gives the chunk's output channels-last,
-transposed into NCHW while copied out. Every buffer is a chunk's, allocated once per part and
-reused by each chunk, so it stays in the cache and is freed with the call.
+part runs in chunks of a few images, the chunk's columns about CHUNK_BYTES. Every buffer is a
+part's, allocated once and reused by each chunk, so it stays in the cache and is freed with the
+call. The layout is chosen per shape (_layout_class):
+* _Rows, channels-last: one row per output pixel, one product (pixels, KH*KW*C) @ (KH*KW*C, O);
+  the copies move runs of KW*C values. Any stride; the deeper layers of a CNN.
+* _Wide, channels-first on wide rows (stride 1): every kernel tap is one long contiguous run, and
+  W (O, C*KH*KW) @ columns gives each image channels-first; for few input channels, where the
+  channels-last runs would be short.
 
-The backward recomputes a chunk's columns (cheaper than keeping them), takes the part's filter and
-bias gradients from them and from dy, and adds the columns' gradient (dy @ W) back tap by tap into
-a padded channels-last buffer. The parts' filter and bias gradients are summed in part order; the
-split depends on the batch size and the worker count alone, so a result never depends on timing.
+The backward recomputes a chunk's columns (cheaper than keeping them) for the filter gradient.
+With stride 1 the input gradient is a convolution of dy (a gather); otherwise the columns'
+gradient dy @ W is added back tap by tap. The parts' filter and bias gradients are summed in part
+order; the split depends on the batch size and the worker count alone, so a result never depends
+on timing.
 """
 import numpy as np
 
 # A chunk's column matrix aims at this size: a core's L2 (1 MiB here) plus a share of L3 measured
-# best among 0.25-8 MiB (docs/performance.md).
+# best among 0.1-20 MB for both layouts (docs/performance.md).
 CHUNK_BYTES = 3 << 19
+# The wide layout is used for stride-1 convs whose columns have at most this many rows
+# (C*KH*KW): LeNet-5's conv1 (25) and ResNet's stem (27) and first stage (144) measured faster
+# wide, LeNet-5's conv2 (150) and ResNet's later stages (288, 576) faster channels-last.
+WIDE_MAX_COLUMN = 144
 
 
 class _Geometry:
-    """Shapes and slices of one convolution, shared by the forward and the backward."""
+    """Shapes of one convolution, shared by the forward and the backward."""
 
-    def __init__(self, x_shape, w_shape, stride, padding, dilation, itemsize):
+    def __init__(self, x_shape, w_shape, stride, padding, dilation):
         self.n, self.c, self.h, self.w = x_shape
         self.o, _, self.kh, self.kw = w_shape
         (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = stride, padding, dilation
@@ -43,58 +51,165 @@ class _Geometry:
         self.oh = (self.padded[0] - self.dh * (self.kh - 1) - 1) // self.sh + 1
         self.ow = (self.padded[1] - self.dw * (self.kw - 1) - 1) // self.sw + 1
         self.k = self.kh * self.kw * self.c  # a column's length
-        per_image = self.oh * self.ow * self.k * itemsize
-        self.chunk = max(1, min(self.n, CHUNK_BYTES // per_image))
 
-    def taps(self):
-        """(i, j, window) for each kernel tap: the padded input's pixels it reads, as slices."""
-        for i in range(self.kh):
-            rows = slice(i * self.dh, i * self.dh + self.sh * (self.oh - 1) + 1, self.sh)
-            for j in range(self.kw):
-                cols = slice(j * self.dw, j * self.dw + self.sw * (self.ow - 1) + 1, self.sw)
-                yield i, j, (slice(None), rows, cols)
-
-    def interior(self):
-        return (slice(None), slice(self.ph, self.ph + self.h), slice(self.pw, self.pw + self.w))
+    def chunk_of(self, column_bytes_per_image):
+        return max(1, min(self.n, CHUNK_BYTES // column_bytes_per_image))
 
 
-class _Chunks:
-    """One part's reused buffers: the padded channels-last input and the column matrix."""
+def _layout_class(geo):
+    return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
+
+
+class _Rows:
+    """Channels-last: a chunk's input is copied into a zero-padded (m, H', W', C) buffer; its
+    columns are one row per output pixel, (kh, kw, c) along the row, and the product is
+    (pixels, KH*KW*C) @ (KH*KW*C, O), the output channels-last. Any stride and dilation."""
 
     def __init__(self, geo, dtype):
         self.geo = geo
-        self.padded = np.zeros((geo.chunk,) + geo.padded + (geo.c,), dtype=dtype)  # borders stay 0
-        self.cols = np.empty((geo.chunk, geo.oh, geo.ow, geo.kh, geo.kw, geo.c), dtype=dtype)
+        self.chunk = geo.chunk_of(geo.oh * geo.ow * geo.k * np.dtype(dtype).itemsize)
+        self.padded = np.zeros((self.chunk,) + geo.padded + (geo.c,), dtype=dtype)  # borders stay 0
+        self.cols = np.empty((self.chunk, geo.oh, geo.ow, geo.kh, geo.kw, geo.c), dtype=dtype)
+        self.row_windows = None
+        if geo.dw == 1:
+            # The KW taps of one kernel row are one contiguous run of KW*C values of the padded
+            # row: one copy per kernel row, with runs KW times longer than a tap's. The windows
+            # are views of the reused buffer, made once (as_strided costs ~25 us a call).
+            n_stride, h_stride, w_stride, c_stride = self.padded.strides
+            self.row_windows = [np.lib.stride_tricks.as_strided(
+                self.padded[:, i * geo.dh:], (self.chunk, geo.oh, geo.ow, geo.kw, geo.c),
+                (n_stride, h_stride * geo.sh, w_stride * geo.sw, w_stride, c_stride), writeable=False)
+                for i in range(geo.kh)]
 
-    def ranges(self, start, stop):
-        for first in range(start, stop, self.geo.chunk):
-            yield first, min(first + self.geo.chunk, stop)
+    @staticmethod
+    def weight_matrix(w):
+        """(O, C, KH, KW) -> (KH*KW*C, O), the row order of the columns."""
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(-1, w.shape[0])
+
+    @staticmethod
+    def weight_grad(geo, dw):
+        """The summed (KH*KW*C, O) product back in the weight's (O, C, KH, KW) order."""
+        return dw.reshape(geo.kh, geo.kw, geo.c, geo.o).transpose(3, 2, 0, 1).copy()
+
+    def taps(self):
+        """(i, j, window) for each kernel tap: the padded input's pixels it reads, as slices."""
+        geo = self.geo
+        for i in range(geo.kh):
+            rows = slice(i * geo.dh, i * geo.dh + geo.sh * (geo.oh - 1) + 1, geo.sh)
+            for j in range(geo.kw):
+                cols = slice(j * geo.dw, j * geo.dw + geo.sw * (geo.ow - 1) + 1, geo.sw)
+                yield i, j, (slice(None), rows, cols)
+
+    def interior(self):
+        geo = self.geo
+        return (slice(None), slice(geo.ph, geo.ph + geo.h), slice(geo.pw, geo.pw + geo.w))
 
     def columns(self, x, first, last):
         """The (pixels, KH*KW*C) columns of images first..last-1 (a view of the reused buffer)."""
-        m, geo = last - first, self.geo
-        padded = self.padded[:m]
-        padded[geo.interior()] = x[first:last].transpose(0, 2, 3, 1)
+        m = last - first
+        self.padded[:m][self.interior()] = x[first:last].transpose(0, 2, 3, 1)
         cols = self.cols[:m]
-        if geo.dw == 1:
-            # Channels-last, the KW taps of one kernel row are one contiguous run of KW*C values
-            # of the padded row: one copy per kernel row, with runs KW times longer than a tap's.
-            n_stride, h_stride, w_stride, c_stride = padded.strides
-            for i in range(geo.kh):
-                rows = padded[:, i * geo.dh:]
-                windows = np.lib.stride_tricks.as_strided(
-                    rows, (m, geo.oh, geo.ow, geo.kw * geo.c),
-                    (n_stride, h_stride * geo.sh, w_stride * geo.sw, c_stride), writeable=False)
-                cols[:, :, :, i] = windows.reshape(m, geo.oh, geo.ow, geo.kw, geo.c)
+        if self.row_windows is not None:
+            for i, windows in enumerate(self.row_windows):
+                cols[:, :, :, i] = windows[:m]
         else:
-            for i, j, window in geo.taps():
+            padded = self.padded[:m]
+            for i, j, window in self.taps():
                 cols[:, :, :, i, j] = padded[window]
-        return cols.reshape(-1, geo.k)
+        return cols.reshape(-1, self.geo.k)
+
+    def forward(self, x, w_matrix, first, last, y):
+        geo, m = self.geo, last - first
+        if not hasattr(self, "out"):
+            self.out = np.empty((self.chunk * geo.oh * geo.ow, geo.o), dtype=x.dtype)
+        cols = self.columns(x, first, last)
+        rows = np.matmul(cols, w_matrix, out=self.out[:len(cols)])
+        y[first:last] = rows.reshape(m, geo.oh, geo.ow, geo.o).transpose(0, 3, 1, 2)
+
+    def _dy_rows(self, dy, first, last):
+        geo, m = self.geo, last - first
+        if not hasattr(self, "dy_buffer"):
+            self.dy_buffer = np.empty((self.chunk, geo.oh, geo.ow, geo.o), dtype=dy.dtype)
+        rows = self.dy_buffer[:m]
+        rows[...] = dy[first:last].transpose(0, 2, 3, 1)
+        return rows.reshape(-1, geo.o)
+
+    def filter_grad(self, x, dy, first, last):
+        """This chunk's (KH*KW*C, O) filter gradient, columns.T @ dy's rows."""
+        return self.columns(x, first, last).T @ self._dy_rows(dy, first, last)
+
+    def add_input_grad(self, dy, w_matrix, first, last, dx):
+        """dx of images first..last-1: the columns' gradient dy @ W.T, added back tap by tap into
+        a padded channels-last buffer (its borders, the padding, are dropped)."""
+        m = last - first
+        if not hasattr(self, "grad"):
+            self.grad = np.empty_like(self.padded)
+        rows = self._dy_rows(dy, first, last)
+        dcols = np.matmul(rows, w_matrix.T, out=self.cols[:m].reshape(-1, self.geo.k))
+        dcols = dcols.reshape(self.cols[:m].shape)
+        grad = self.grad[:m]
+        grad[...] = 0
+        for i, j, window in self.taps():
+            grad[window] += dcols[:, :, :, i, j]
+        dx[first:last] = grad[self.interior()].transpose(0, 3, 1, 2)
 
 
-def _weight_rows(w):
-    """(O, C, KH, KW) -> (KH*KW*C, O), the row order of the columns."""
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(-1, w.shape[0])
+class _Wide:
+    """Channels-first on wide rows, for stride 1: in the zero-padded (m, C, H', W') buffer every
+    kernel tap is one contiguous run of the flattened image, so a chunk's (C*KH*KW, P) columns
+    are C*KH*KW long copies; output pixel (oh, ow) is column oh * W' + ow, and the W' - OW
+    columns past each output row are junk, cropped from y (and zero in dy, adding nothing to dW).
+    The product W (O, C*KH*KW) @ columns is each image's output already channels-first. Few
+    input channels make the channels-last rows short, which this layout avoids."""
+
+    def __init__(self, geo, dtype):
+        self.geo = geo
+        self.width = geo.padded[1]
+        self.size = (geo.oh - 1) * self.width + geo.ow  # columns per image, junk included
+        self.chunk = geo.chunk_of(geo.k * self.size * np.dtype(dtype).itemsize)
+        self.padded = np.zeros((self.chunk, geo.c) + geo.padded, dtype=dtype)  # borders stay 0
+        self.cols = np.empty((self.chunk, geo.c, geo.kh, geo.kw, self.size), dtype=dtype)
+        self.offsets = [(i, j, i * geo.dh * self.width + j * geo.dw)
+                        for i in range(geo.kh) for j in range(geo.kw)]
+
+    @staticmethod
+    def weight_matrix(w):
+        return w.reshape(w.shape[0], -1)
+
+    @staticmethod
+    def weight_grad(geo, dw):
+        return dw.reshape(geo.o, geo.c, geo.kh, geo.kw)
+
+    def columns(self, x, first, last):
+        geo, m = self.geo, last - first
+        padded = self.padded[:m]
+        padded[:, :, geo.ph:geo.ph + geo.h, geo.pw:geo.pw + geo.w] = x[first:last]
+        flat = padded.reshape(m, geo.c, -1)
+        cols = self.cols[:m]
+        for i, j, offset in self.offsets:
+            cols[:, :, i, j] = flat[:, :, offset:offset + self.size]
+        return cols.reshape(m, geo.k, self.size)
+
+    def _wide_rows(self, m):
+        """(m, O, OH, W') view of a reused output-sized buffer whose junk columns stay zero."""
+        geo = self.geo
+        if not hasattr(self, "wide"):
+            self.wide = np.zeros((self.chunk, geo.o, geo.oh * self.width), dtype=self.padded.dtype)
+        return self.wide[:m]
+
+    def forward(self, x, w_matrix, first, last, y):
+        geo, m = self.geo, last - first
+        wide = self._wide_rows(m)
+        np.matmul(w_matrix, self.columns(x, first, last), out=wide[:, :, :self.size])
+        y[first:last] = wide.reshape(m, geo.o, geo.oh, self.width)[..., :geo.ow]
+
+    def filter_grad(self, x, dy, first, last):
+        """This chunk's (O, C*KH*KW) filter gradient, the sum over its images of dy @ columns.T."""
+        geo, m = self.geo, last - first
+        wide = self._wide_rows(m)
+        wide.reshape(m, geo.o, geo.oh, self.width)[..., :geo.ow] = dy[first:last]
+        cols = self.columns(x, first, last)
+        return np.matmul(wide[:, :, :self.size], cols.transpose(0, 2, 1)).sum(axis=0)
 
 
 def _in_parts(function, batch):
@@ -103,31 +218,29 @@ def _in_parts(function, batch):
     return run_in_parts(function, batch)
 
 
+def _ranges(start, stop, chunk):
+    for first in range(start, stop, chunk):
+        yield first, min(first + chunk, stop)
+
+
 def conv2d_forward(x, w, b, stride, padding, dilation):
-    geo = _Geometry(x.shape, w.shape, stride, padding, dilation, x.itemsize)
-    w_rows = _weight_rows(w)
+    geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     y = np.empty((geo.n, geo.o, geo.oh, geo.ow), dtype=x.dtype)
-    bias = None if b is None else b.reshape(-1, 1, 1)
 
     def part(start, stop):
-        chunks = _Chunks(geo, x.dtype)
-        out = np.empty((geo.chunk * geo.oh * geo.ow, geo.o), dtype=x.dtype)
-        for first, last in chunks.ranges(start, stop):
-            cols = chunks.columns(x, first, last)
-            rows = np.matmul(cols, w_rows, out=out[:len(cols)])
-            nchw = rows.reshape(last - first, geo.oh, geo.ow, geo.o).transpose(0, 3, 1, 2)
-            if bias is None:
-                y[first:last] = nchw
-            else:
-                np.add(nchw, bias, out=y[first:last])
+        layout = _layout_class(geo)(geo, x.dtype)  # a part's buffers are its own
+        weights = layout.weight_matrix(w)
+        for first, last in _ranges(start, stop, layout.chunk):
+            layout.forward(x, weights, first, last, y)
+            if b is not None:
+                y[first:last] += b.reshape(-1, 1, 1)
 
     _in_parts(part, geo.n)
     return y
 
 
 def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, need_dw):
-    geo = _Geometry(x.shape, w.shape, stride, padding, dilation, x.itemsize)
-    w_rows = _weight_rows(w)
+    geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     dx = None
     full_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
     if need_dx and stride == (1, 1) and min(full_padding) >= 0:
@@ -140,30 +253,23 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
         need_dx = False
     elif need_dx:
         dx = np.empty(x.shape, dtype=x.dtype)
+    if not (need_dx or need_dw):
+        return dx, None, dy.sum(axis=(0, 2, 3)) if need_bias else None
 
     def part(start, stop):
-        chunks = _Chunks(geo, x.dtype)
-        dy_rows = np.empty((geo.chunk, geo.oh, geo.ow, geo.o), dtype=dy.dtype)
-        dx_padded = np.empty_like(chunks.padded) if need_dx else None
+        layout = _layout_class(geo)(geo, x.dtype) if need_dw else None
+        scatter = None  # dx added back tap by tap: strided convs, always in the _Rows layout
+        if need_dx:
+            scatter = layout if isinstance(layout, _Rows) else _Rows(geo, x.dtype)
+        weights = scatter.weight_matrix(w) if need_dx else None
         dw = db = None
-        for first, last in chunks.ranges(start, stop):
-            m = last - first
-            rows = dy_rows[:m]
-            rows[...] = dy[first:last].transpose(0, 2, 3, 1)
-            rows = rows.reshape(-1, geo.o)
+        for first, last in _ranges(start, stop, (layout or scatter).chunk):
             if need_bias:
-                db = _accumulate(db, rows.sum(axis=0))
+                db = _accumulate(db, dy[first:last].sum(axis=(0, 2, 3)))
             if need_dw:
-                dw = _accumulate(dw, chunks.columns(x, first, last).T @ rows)  # (KH*KW*C, O)
+                dw = _accumulate(dw, layout.filter_grad(x, dy, first, last))
             if need_dx:
-                # the columns' gradient, into the column buffer (free again), added back tap by tap
-                dcols = np.matmul(rows, w_rows.T, out=chunks.cols[:m].reshape(-1, geo.k))
-                dcols = dcols.reshape(chunks.cols[:m].shape)
-                grad = dx_padded[:m]
-                grad[...] = 0
-                for i, j, window in geo.taps():
-                    grad[window] += dcols[:, :, :, i, j]
-                dx[first:last] = grad[geo.interior()].transpose(0, 3, 1, 2)
+                scatter.add_input_grad(dy, weights, first, last, dx)
         return dw, db
 
     dw = db = None
@@ -171,7 +277,7 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
         dw = _accumulate(dw, part_dw) if need_dw else None
         db = _accumulate(db, part_db) if need_bias else None
     if need_dw:
-        dw = dw.reshape(geo.kh, geo.kw, geo.c, geo.o).transpose(3, 2, 0, 1).copy()
+        dw = _layout_class(geo).weight_grad(geo, dw)
     return dx, dw, db
 
 
