@@ -1,13 +1,22 @@
 """Batch normalization over (N, H, W) per channel of NCHW arrays (Ioffe & Szegedy 2015), PyTorch's
 semantics: training normalizes by the batch's mean and biased variance; eval by running
-statistics. Array-module code only, so it runs on NumPy and, on the GPU, as CuPy's own reductions
-and elementwise kernels.
+statistics. The array-module expressions here run on the GPU as CuPy's own reductions and
+elementwise kernels; NumPy arrays go to norm_cpu.py, the same math over the batch in parts and
+cache-sized chunks.
 """
-from ..backend import get_array_module
+import numpy as np
+
+from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ShapeError
 from ._args import check_float_array, same_device
 
 _AXES = (0, 2, 3)  # everything but the channel
+
+
+def _on_cpu(x):
+    """NumPy arrays with images run in norm_cpu.py (the batch in parts over the cores); CuPy
+    arrays, the CUDA emulator's, and empty batches run the array-module expressions here."""
+    return isinstance(x, np.ndarray) and x.size > 0 and not uses_cuda_kernels(x)
 
 
 def _per_channel(v):
@@ -31,15 +40,20 @@ def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
     * weight + bias; weight/bias None mean 1 and 0."""
     _check(x, weight, bias)
     xp = get_array_module(x)
+    on_cpu = _on_cpu(x)
+    if on_cpu:
+        from . import norm_cpu
+        x = np.ascontiguousarray(x)
     if mean is None:
         if x.shape[0] * x.shape[2] * x.shape[3] < 2:
             raise ShapeError(f"x: batch norm in training needs more than one value per channel, got "
                              f"shape {tuple(x.shape)}; use a larger batch or model.eval()")
-        mean = x.mean(axis=_AXES)
-        var = x.var(axis=_AXES)
+        mean, var = norm_cpu.batch_stats(x) if on_cpu else (x.mean(axis=_AXES), x.var(axis=_AXES))
     invstd = 1 / xp.sqrt(var.astype(x.dtype) + x.dtype.type(eps))
     mean = mean.astype(x.dtype)
     scale = invstd if weight is None else invstd * weight
+    if on_cpu:
+        return norm_cpu.normalize(x, mean, scale, bias), mean, var, invstd
     y = (x - _per_channel(mean)) * _per_channel(scale)
     if bias is not None:
         y += _per_channel(bias)
@@ -52,6 +66,11 @@ def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=Tr
     check_float_array(dy, "dy", 4)
     if dy.shape != x.shape:
         raise ShapeError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if _on_cpu(x):
+        from . import norm_cpu
+        scale = invstd if weight is None else invstd * weight
+        return norm_cpu.backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), mean, invstd, scale,
+                                 training, need_dx)
     xhat = (x - _per_channel(mean)) * _per_channel(invstd)
     dbias = dy.sum(axis=_AXES)
     dweight = (dy * xhat).sum(axis=_AXES)
