@@ -550,7 +550,7 @@ def test_switch_interval_and_blas_threads_are_restored(rng):
 
 
 def test_worker_never_returns_a_result_left_by_an_abandoned_wait():
-    worker = cpu_plan._Worker()
+    worker = cpu_plan._Worker(cpu_plan.PLAN_THREADS)
     worker.submit(lambda part: part, 1)  # its result is never collected (an interrupted wait)
     time.sleep(0.05)
     worker.submit(lambda part: part, 2)

@@ -74,8 +74,9 @@ MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many
 MAX_WORKERS = 7
 processes = True        # parts 1.. in worker processes where cpu_workers.supported(), else threads
 
-_workers = []           # _Worker threads for the parallel regions (created on first use)
-_workers_pid = None
+_pools = {}             # thread name -> its _Worker threads (created on first use), see _run_parallel
+_pools_pid = None
+PLAN_THREADS, OP_THREADS = "gpuconv-cpu", "gpuconv-ops"
 _region_lock = threading.Lock()
 _worker_count = None    # set_cpu_workers(); None: GPUCONV_CPU_WORKERS or the default
 
@@ -285,11 +286,11 @@ class _Worker:
     Python, with the GIL held, at the start and end of every parallel region: a measurable share
     of a step.) Calls are numbered, so a result is never taken for another call's."""
 
-    def __init__(self):
+    def __init__(self, name):
         self.go, self.done = threading.Lock(), threading.Semaphore(0)
         self.go.acquire()
         self.ticket, self.call, self.outcome = 0, None, None
-        threading.Thread(target=self._loop, name="gpuconv-cpu", daemon=True).start()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def _loop(self):
         while True:
@@ -333,16 +334,19 @@ class _Worker:
         return value
 
 
-def _run_parallel(function, parts):
-    """function(part) for each part; the first in this thread, the others in worker threads.
-    The caller holds _region_lock (one region at a time: the workers and the settings are
-    process-wide). Waits on locks: an idle or waiting thread takes no CPU."""
-    global _workers, _workers_pid
-    if _workers_pid != os.getpid():  # a forked child inherits the objects, not the threads
-        _workers, _workers_pid = [], os.getpid()
-    while len(_workers) < len(parts) - 1:
-        _workers.append(_Worker())
-    workers = _workers[:len(parts) - 1]
+def _run_parallel(function, parts, pool=PLAN_THREADS):
+    """function(part) for each part; the first in this thread, the others in worker threads of
+    `pool` (the plans' threads, or the array-level ops' own, so that a plan running in worker
+    processes never has threads beside them). The caller holds _region_lock (one region at a
+    time: the workers and the settings are process-wide). Waits on locks: an idle or waiting
+    thread takes no CPU."""
+    global _pools, _pools_pid
+    if _pools_pid != os.getpid():  # a forked child inherits the objects, not the threads
+        _pools, _pools_pid = {}, os.getpid()
+    threads = _pools.setdefault(pool, [])
+    while len(threads) < len(parts) - 1:
+        threads.append(_Worker(pool))
+    workers = threads[:len(parts) - 1]
     for worker, part in zip(workers, parts[1:]):
         worker.submit(function, part)
     results, error = [], None
@@ -382,8 +386,8 @@ def run_in_parts(function, batch):
     """function(start, stop) for equal parts of range(batch), one per core -> results in part order.
 
     For array-level ops whose work splits over the batch (gpuconv/ops/conv_cpu.py): the first
-    part runs in this thread, the others in the executor's worker threads (threads, not
-    processes: the arrays are the caller's), as a parallel region like a plan's, with a 1-thread
+    part runs in this thread, the others in worker threads of their own ("gpuconv-ops"; threads,
+    not processes: the arrays are the caller's), as a parallel region like a plan's, with a 1-thread
     BLAS restored afterwards. Python's switch interval is left alone: a part makes a few long
     NumPy calls per chunk, not a plan's many short ones. A batch of one image, or no workers,
     runs in this thread alone and leaves the BLAS as it is."""
@@ -392,7 +396,8 @@ def run_in_parts(function, batch):
         return [function(0, batch)]
     bounds = _split(batch, parts)
     with _region_lock, blas.num_threads(1):
-        return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)))
+        return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)),
+                             pool=OP_THREADS)
 
 
 class _Plan:
