@@ -116,14 +116,25 @@ def test_same_bits_every_call_for_a_worker_count(workers):
             assert np.array_equal(a, e)
 
 
-def test_public_conv2d_takes_this_path_for_one_group_and_the_reference_for_groups(monkeypatch):
+def test_public_conv2d_takes_this_path_for_one_group_and_a_large_batch(monkeypatch):
+    """Below REFERENCE_MAX_BYTES of whole-batch columns, and for groups, the reference path runs."""
     calls = []
-    real = conv_cpu.conv2d_forward
-    monkeypatch.setattr(conv_cpu, "conv2d_forward", lambda *a: calls.append("cpu") or real(*a))
-    x = np.ones((2, 4, 5, 5), np.float32)
-    gpuconv.ops.conv2d(x, np.ones((4, 4, 3, 3), np.float32))
-    gpuconv.ops.conv2d(x, np.ones((4, 2, 3, 3), np.float32), groups=2)
-    assert calls == ["cpu"]
+    real_forward, real_backward = conv_cpu.conv2d_forward, conv_cpu.conv2d_backward
+    monkeypatch.setattr(conv_cpu, "conv2d_forward", lambda *a: calls.append("forward") or real_forward(*a))
+    monkeypatch.setattr(conv_cpu, "conv2d_backward", lambda *a: calls.append("backward") or real_backward(*a))
+    w = np.ones((4, 4, 3, 3), np.float32)
+    small = np.ones((2, 4, 5, 5), np.float32)   # 2 * 36 * 9 * 4 bytes of columns
+    gpuconv.ops.conv2d(small, w)
+    gpuconv.ops.conv2d(small, np.ones((4, 2, 3, 3), np.float32), groups=2)
+    assert calls == []
+    large = np.ones((64, 4, 32, 32), np.float32)  # 64 * 36 * 900 * 4 = 8.3 MB
+    y = gpuconv.ops.conv2d(large, w)
+    gpuconv.ops.conv2d_backward(y, large, w)
+    gpuconv.ops.conv2d(large, np.ones((4, 2, 3, 3), np.float32), groups=2)
+    assert calls == ["forward", "backward", "forward"]  # the stride-1 input gradient: a conv of dy
+    monkeypatch.setattr(conv_cpu, "REFERENCE_MAX_BYTES", 0)
+    gpuconv.ops.conv2d(small, w)
+    assert calls[-1] == "forward"
 
 
 def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(monkeypatch):

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ArgumentError, ShapeError
+from . import conv_cpu
 from ._args import (check_float_array, check_input_weight_bias, check_same_dtype, conv_output_size, pair,
                     same_device)
 
@@ -115,15 +116,14 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto",
     """
     if activation not in (None, "relu"):
         raise ArgumentError(f"activation: expected None or 'relu', got {activation!r}")
-    stride, padding, dilation, groups, explicit, _ = _check_conv_args(
+    stride, padding, dilation, groups, explicit, out_hw = _check_conv_args(
         x, w, b, stride, padding, dilation, groups, algo)
     x = _pad_explicit(x, explicit)
     if uses_cuda_kernels(x):
         from . import conv_cuda
         return conv_cuda.conv2d_forward(x, w, b, stride, padding, dilation, groups, algo,
                                         relu=activation == "relu")
-    if groups == 1 and x.shape[0] > 0:
-        from . import conv_cpu
+    if conv_cpu.takes(x.shape, w.shape, groups, out_hw, x.itemsize):
         y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
     else:
         y = conv2d_forward_numpy(x, w, b, stride, padding, dilation, groups, algo)
@@ -151,8 +151,7 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
         from . import conv_cuda
         dx, dw, db = conv_cuda.conv2d_backward(dy, x_padded, w, stride, padding, dilation, groups,
                                                algo, need_dx, need_bias, need_dw)
-    elif groups == 1 and x.shape[0] > 0:
-        from . import conv_cpu
+    elif conv_cpu.takes(x.shape, w.shape, groups, out_hw, x.itemsize):
         dx, dw, db = conv_cpu.conv2d_backward(dy, x_padded, w, stride, padding, dilation,
                                               need_dx, need_bias, need_dw)
     else:

@@ -40,6 +40,18 @@ CHUNK_BYTES = 3 << 19
 WIDE_MAX_COLUMN = 144
 
 
+# Below this size of the whole batch's im2col matrix, conv.py's reference path (one product over
+# the whole batch, the BLAS's own threads) is faster than the parts' hand-overs: a batch of 4 at
+# LeNet-5's conv1 took 0.13 ms so against 0.32 ms in parts (docs/performance.md).
+REFERENCE_MAX_BYTES = 4 << 20
+
+
+def takes(x_shape, w_shape, groups, out_hw, itemsize):
+    """Whether a conv of these shapes runs here (else in conv.py's whole-batch reference path)."""
+    columns = x_shape[0] * w_shape[1] * w_shape[2] * w_shape[3] * out_hw[0] * out_hw[1] * itemsize
+    return groups == 1 and columns > REFERENCE_MAX_BYTES
+
+
 class _Geometry:
     """Shapes of one convolution, shared by the forward and the backward."""
 

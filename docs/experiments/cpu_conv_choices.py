@@ -1,0 +1,163 @@
+"""The measurements behind the choices in gpuconv/ops/conv_cpu.py, norm_cpu.py and relu_backward
+(docs/performance.md, "conv ops on the CPU"). Run from the repository root, on a quiet machine:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/cpu_conv_choices.py
+
+Each line is a median of repeated calls in this one process; compare within a line, never across
+machines or days.
+"""
+import time
+
+import numpy as np
+
+import gpuconv
+from gpuconv import blas
+from gpuconv.ops import activation, conv, conv_cpu, norm
+
+
+def median_ms(function, repeat=15):
+    function()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def page_faults():
+    """A fresh buffer is faulted in page by page; a reused one is not (ResNet-20's stage-1 im2col
+    matrix at batch 128 is 85 MB)."""
+    size = 85_000_000 // 4
+    src = np.ones(size, np.float32)
+    reused = np.empty_like(src)
+    fresh = median_ms(lambda: np.copyto(np.empty_like(src), src), 7)
+    again = median_ms(lambda: np.copyto(reused, src), 7)
+    print(f"copy 85 MB into a fresh buffer {fresh:.1f} ms, into a reused one {again:.1f} ms")
+
+
+def gemm_threads():
+    """OpenBLAS's second thread on a product with 16 output channels (ResNet-20's first stage)."""
+    a = np.random.rand(9232, 144).astype(np.float32)
+    b = np.random.rand(144, 16).astype(np.float32)
+    two = median_ms(lambda: a @ b, 30)
+    with blas.num_threads(1):
+        one = median_ms(lambda: a @ b, 30)
+    print(f"(9232x144)@(144x16): 1 BLAS thread {one:.3f} ms, {blas.get_num_threads()} threads {two:.3f} ms "
+          f"({one / two:.2f}x)")
+
+
+def as_strided_cost():
+    x = np.zeros((4, 34, 34, 16), np.float32)
+    calls = 2000
+    start = time.perf_counter()
+    for _ in range(calls):
+        np.lib.stride_tricks.as_strided(x, (4, 32, 32, 3, 16), (x.strides[0], x.strides[1], x.strides[2],
+                                                                 x.strides[2], x.strides[3]))
+    print(f"np.lib.stride_tricks.as_strided: {1e6 * (time.perf_counter() - start) / calls:.1f} us a call")
+
+
+def relu_backward_mask():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 16, 32, 32)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    where = median_ms(lambda: np.where(x > 0, dy, 0))
+    masked = median_ms(lambda: activation.relu_backward(dy, x))
+    print(f"relu backward (128, 16, 32, 32): np.where {where:.2f} ms, bits AND mask {masked:.2f} ms "
+          f"({where / masked:.1f}x)")
+
+
+def batch_norm():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((128, 16, 32, 32)) * 2 + 3).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    weight, bias = np.ones(16, np.float32), np.zeros(16, np.float32)
+    _, mean, _, invstd = norm.batch_norm2d(x, weight, bias)
+    rows = []
+    for label, on_cpu in (("whole-array", lambda x: False), ("norm_cpu", norm._on_cpu)):
+        original, norm._on_cpu = norm._on_cpu, on_cpu
+        try:
+            rows.append((label, median_ms(lambda: norm.batch_norm2d(x, weight, bias)),
+                         median_ms(lambda: norm.batch_norm2d_backward(dy, x, weight, mean, invstd))))
+        finally:
+            norm._on_cpu = original
+    print("batch norm (128, 16, 32, 32): " + "; ".join(f"{label} forward {f:.2f} ms, backward {b:.2f} ms"
+                                                      for label, f, b in rows))
+
+
+SHAPES = [  # (C, O, kernel, stride, padding, side): LeNet-5's and ResNet-20's convs
+    (1, 6, 5, 1, 2, 28), (6, 16, 5, 1, 0, 14), (3, 16, 3, 1, 1, 32), (16, 16, 3, 1, 1, 32),
+    (16, 32, 3, 2, 1, 32), (32, 32, 3, 1, 1, 16), (32, 64, 3, 2, 1, 16), (64, 64, 3, 1, 1, 8)]
+
+
+def _forward_with(layout, x, w, stride, padding):
+    original = conv_cpu._layout_class
+    conv_cpu._layout_class = lambda geo: layout
+    try:
+        return median_ms(lambda: conv_cpu.conv2d_forward(x, w, None, stride, padding, (1, 1)), 7)
+    finally:
+        conv_cpu._layout_class = original
+
+
+def layouts_and_reference(batch=128):
+    """Per shape: the whole-batch im2col reference, each layout (wide needs stride 1), and the
+    input gradient by gather (a conv of dy) against tap-by-tap adds (stride 1 only)."""
+    for c, o, k, s, p, side in SHAPES:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, c, side, side)).astype(np.float32)
+        w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+        stride, padding = (s, s), (p, p)
+        reference = median_ms(lambda: conv.conv2d_forward_numpy(x, w, None, stride, padding, (1, 1), 1), 5)
+        rows = _forward_with(conv_cpu._Rows, x, w, stride, padding)
+        line = f"c{c}-{o}k{k}s{s}@{side}: im2col reference {reference:.2f} ms, rows {rows:.2f} ms"
+        if s == 1:
+            line += f", wide {_forward_with(conv_cpu._Wide, x, w, stride, padding):.2f} ms"
+            dy = rng.standard_normal((batch, o) + conv.conv2d_forward_numpy(
+                x[:1], w, None, stride, padding, (1, 1), 1).shape[2:]).astype(np.float32)
+            gather = median_ms(lambda: conv_cpu.conv2d_backward(dy, x, w, stride, padding, (1, 1),
+                                                                True, False, False), 7)
+            scatter = median_ms(lambda: _scatter(dy, x, w, padding), 7)
+            line += f"; input gradient: gather {gather:.2f} ms, tap by tap {scatter:.2f} ms"
+        chosen = conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, (1, 1)))
+        print(f"{line}; chosen: {chosen.__name__}")
+
+
+def _scatter(dy, x, w, padding):
+    """The input gradient tap by tap in the _Rows layout, as strided convs take it."""
+    geo = conv_cpu._Geometry(x.shape, w.shape, (1, 1), padding, (1, 1))
+    dx = np.empty_like(x)
+
+    def part(start, stop):
+        layout = conv_cpu._Rows(geo, x.dtype)
+        weights = layout.weight_matrix(w)
+        for first, last in conv_cpu._ranges(start, stop, layout.chunk):
+            layout.add_input_grad(dy, weights, first, last, dx)
+
+    conv_cpu._in_parts(part, geo.n)
+    return dx
+
+
+def chunk_sizes(batch=128):
+    for c, side in ((16, 32), (32, 16), (64, 8)):
+        x = np.random.rand(batch, c, side, side).astype(np.float32)
+        w = np.random.rand(c, c, 3, 3).astype(np.float32)
+        original = conv_cpu.CHUNK_BYTES
+        cells = []
+        try:
+            for size in (1 << 18, 1 << 19, 1 << 20, 3 << 19, 1 << 21, 1 << 22, 1 << 23):
+                conv_cpu.CHUNK_BYTES = size
+                cells.append(f"{size / 2**20:g} MiB {median_ms(lambda: conv.conv2d(x, w, padding=1), 7):.2f}")
+        finally:
+            conv_cpu.CHUNK_BYTES = original
+        print(f"c{c}@{side} forward by chunk bytes (ms): " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    print(f"workers: {gpuconv.get_cpu_workers()}, BLAS threads: {blas.get_num_threads()}")
+    page_faults()
+    gemm_threads()
+    as_strided_cost()
+    relu_backward_mask()
+    batch_norm()
+    layouts_and_reference()
+    chunk_sizes()
