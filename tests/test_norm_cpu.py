@@ -15,6 +15,19 @@ def workers(request):
     gpuconv.set_cpu_workers(None)
 
 
+@pytest.fixture(autouse=True)
+def every_size_in_parts(monkeypatch):
+    """The small arrays here run in norm_cpu too (by default they take the whole-array path)."""
+    monkeypatch.setattr(norm_cpu, "MIN_BYTES", 1)
+
+
+def test_small_arrays_take_the_whole_array_path(monkeypatch):
+    monkeypatch.setattr(norm_cpu, "MIN_BYTES", 4096)
+    assert not norm._on_cpu(np.ones((2, 3, 4, 4)))          # 768 bytes
+    assert norm._on_cpu(np.ones((8, 4, 4, 4)))               # 4096
+    assert not norm._on_cpu(np.ones((0, 4, 4, 4)))
+
+
 @pytest.fixture(params=["one-image-chunks", "default-chunks"])
 def chunk_bytes(request, monkeypatch):
     if request.param == "one-image-chunks":

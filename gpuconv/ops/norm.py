@@ -8,15 +8,17 @@ import numpy as np
 
 from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ShapeError
+from . import norm_cpu
 from ._args import check_float_array, same_device
 
 _AXES = (0, 2, 3)  # everything but the channel
 
 
 def _on_cpu(x):
-    """NumPy arrays with images run in norm_cpu.py (the batch in parts over the cores); CuPy
-    arrays, the CUDA emulator's, and empty batches run the array-module expressions here."""
-    return isinstance(x, np.ndarray) and x.size > 0 and not uses_cuda_kernels(x)
+    """NumPy arrays of norm_cpu.MIN_BYTES or more run in norm_cpu.py (the batch in parts over the
+    cores); CuPy arrays, the CUDA emulator's, and smaller arrays run the array-module expressions
+    here."""
+    return isinstance(x, np.ndarray) and x.nbytes >= norm_cpu.MIN_BYTES and not uses_cuda_kernels(x)
 
 
 def _per_channel(v):
@@ -42,7 +44,6 @@ def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
     xp = get_array_module(x)
     on_cpu = _on_cpu(x)
     if on_cpu:
-        from . import norm_cpu
         x = np.ascontiguousarray(x)
     if mean is None:
         if x.shape[0] * x.shape[2] * x.shape[3] < 2:
@@ -67,7 +68,6 @@ def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=Tr
     if dy.shape != x.shape:
         raise ShapeError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
     if _on_cpu(x):
-        from . import norm_cpu
         scale = invstd if weight is None else invstd * weight
         return norm_cpu.backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), mean, invstd, scale,
                                  training, need_dx)
