@@ -302,7 +302,9 @@ class _Worker:
                 self.outcome = (ticket, False, error)
             # Keep nothing of the call while idle: its function may hold the caller's arrays
             # (an array-level op's closure), which must die with the caller's last reference.
-            self.call = function = argument = None
+            # self.call is cleared by the caller (result()), never here: a caller interrupted
+            # before it waited may already have handed over its next call, which this would wipe.
+            function = argument = None
             self.done.release()
 
     def submit(self, function, argument):
@@ -326,7 +328,7 @@ class _Worker:
             if self._finished():
                 break
         ticket, ok, value = self.outcome
-        self.outcome = None
+        self.outcome = self.call = None
         if interrupt is not None:
             raise interrupt
         if not ok:
@@ -347,13 +349,15 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     while len(threads) < len(parts) - 1:
         threads.append(_Worker(pool))
     workers = threads[:len(parts) - 1]
-    for worker, part in zip(workers, parts[1:]):
-        worker.submit(function, part)
+    tickets = [worker.ticket for worker in workers]
     results, error = [], None
-    try:
+    try:  # an interrupt between the hand-overs, too, waits for the parts handed over
+        for worker, part in zip(workers, parts[1:]):
+            worker.submit(function, part)
         results.append(function(parts[0]))
     except BaseException as caught:
         error = caught
+    workers = [worker for worker, ticket in zip(workers, tickets) if worker.ticket != ticket]
     for worker in workers:  # wait for all before anything returns or raises
         try:
             results.append(worker.result())
