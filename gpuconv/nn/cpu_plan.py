@@ -386,6 +386,15 @@ def _switch_interval(seconds):
         sys.setswitchinterval((round(previous * 1e6) + 0.5) * 1e-6)
 
 
+def run_alone(function, *args):
+    """function(*args) in this thread with the BLAS as it is, under the region lock: no other
+    thread's parallel region sets the BLAS to one thread meanwhile. OpenBLAS's sums differ in the
+    last bits between thread counts at some shapes, so without the lock a conv's result depended
+    on whether another thread was in a region when it ran."""
+    with _region_lock:
+        return function(*args)
+
+
 def run_in_parts(function, batch):
     """function(start, stop) for equal parts of range(batch), one per core -> results in part order.
 
@@ -394,10 +403,10 @@ def run_in_parts(function, batch):
     not processes: the arrays are the caller's), as a parallel region like a plan's, with a 1-thread
     BLAS restored afterwards. Python's switch interval is left alone: a part makes a few long
     NumPy calls per chunk, not a plan's many short ones. A batch of one image, or no workers,
-    runs in this thread alone and leaves the BLAS as it is."""
+    runs in this thread alone and leaves the BLAS as it is (run_alone)."""
     parts = max(1, min(get_cpu_workers() + 1, batch))
     if parts == 1:
-        return [function(0, batch)]
+        return [run_alone(function, 0, batch)]
     bounds = _split(batch, parts)
     with _region_lock, blas.num_threads(1):
         return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)),
