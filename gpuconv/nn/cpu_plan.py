@@ -77,8 +77,49 @@ processes = True        # parts 1.. in worker processes where cpu_workers.suppor
 _pools = {}             # thread name -> its _Worker threads (created on first use), see _run_parallel
 _pools_pid = None
 PLAN_THREADS, OP_THREADS = "gpuconv-cpu", "gpuconv-ops"
-_region_lock = threading.Lock()
 _worker_count = None    # set_cpu_workers(); None: GPUCONV_CPU_WORKERS or the default
+
+
+class _RegionLock:
+    """The lock of the parallel regions (one at a time), knowing which thread holds it, for
+    _after_fork_in_child."""
+
+    def __init__(self):
+        self._lock, self.owner = threading.Lock(), None
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.owner = None
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+
+_region_lock = _RegionLock()
+_saved_interval = None  # the switch interval a plan's region in flight restores (_switch_interval)
+
+
+def _after_fork_in_child():
+    """A fork while another thread was in a region: that thread does not exist in the child, which
+    would wait for its lock forever and keep its settings (a 1-thread BLAS, a 0.2 ms switch
+    interval) for good. The child gets a free lock and the settings from before the region. (A
+    fork from the region's own thread keeps all: that thread leaves the region in the child too.)"""
+    global _region_lock, _saved_interval
+    if _region_lock.locked() and _region_lock.owner != threading.get_ident():
+        blas.restore_after_fork()
+        if _saved_interval is not None:
+            sys.setswitchinterval(_saved_interval)
+            _saved_interval = None
+        _region_lock = _RegionLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _check_workers(value, source):
@@ -377,12 +418,15 @@ def _switch_interval(seconds):
     layers, the pooling bookkeeping) can retake it before the sleeping waiter wakes up (a wake-up
     is slow on a VM). The waiter only forces a hand-over after the switch interval (5 ms by
     default); 0.2 ms bounds that. A small measured gain (docs/performance.md)."""
+    global _saved_interval
     previous = sys.getswitchinterval()
+    # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
+    _saved_interval = (round(previous * 1e6) + 0.5) * 1e-6
     sys.setswitchinterval(seconds)
     try:
         yield
     finally:
-        # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
+        _saved_interval = None
         sys.setswitchinterval((round(previous * 1e6) + 0.5) * 1e-6)
 
 
