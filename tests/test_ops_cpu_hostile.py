@@ -198,3 +198,24 @@ def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
     assert "error" not in r["child"], r["child"]
     assert r["child"]["ok"] and r["child"]["bn"], r
     assert r["child"]["blas"] == r["outside"] == r["parent_blas"], r
+
+
+@pytest.mark.parametrize("size", ["whole-array", "norm_cpu"])
+def test_batch_norm_refuses_a_weight_of_another_dtype(size):
+    """A float64 weight with a float32 x gave a float64 y from the whole-array expressions (arrays
+    under norm_cpu.MIN_BYTES) and a float32 y from norm_cpu (larger ones): the output's dtype
+    depended on the batch size. conv2d refuses mixed dtypes with a DTypeError; so must batch norm."""
+    import numpy as np
+
+    from gpuconv.errors import DTypeError
+    from gpuconv.ops import norm, norm_cpu
+    n = 2 if size == "whole-array" else norm_cpu.MIN_BYTES // (4 * 4 * 8 * 8) + 1
+    x = np.ones((n, 4, 8, 8), np.float32)
+    assert norm._on_cpu(x) == (size == "norm_cpu")
+    with pytest.raises(DTypeError, match="weight"):
+        norm.batch_norm2d(x, np.ones(4), None)
+    with pytest.raises(DTypeError, match="bias"):
+        norm.batch_norm2d(x, None, np.zeros(4))
+    invstd = np.ones(4, np.float32)
+    with pytest.raises(DTypeError, match="weight"):
+        norm.batch_norm2d_backward(x, x, np.ones(4), np.zeros(4, np.float32), invstd)
