@@ -27,6 +27,7 @@ _lock = threading.Lock()
 _functions = None  # (get, set) once looked up; (None, None) if there is no OpenBLAS to control
 _library = None    # the OpenBLAS they come from (ctypes.CDLL)
 _warmed_up = False
+_restores = []     # the counts the open num_threads blocks that changed it will restore, outermost first
 
 
 def _loaded_openblas_paths():
@@ -99,11 +100,33 @@ def num_threads(count):
         previous = int(getter())
         if previous != count:
             setter(int(count))
+            _restores.append(previous)
     try:
         yield
     finally:
         if previous != count:
-            setter(previous)
+            with _lock:
+                setter(previous)
+                if _restores:
+                    _restores.pop()
+
+
+def restore_after_fork():
+    """In a forked child whose num_threads blocks belonged to threads that did not come along:
+    the count from before the outermost of them, and no block open."""
+    _, setter = _lookup()
+    if _restores and setter is not None:
+        setter(_restores[0])
+    _restores.clear()
+
+
+def _after_fork_in_child():
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it (a get or set) at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def warm_up():

@@ -77,8 +77,49 @@ processes = True        # parts 1.. in worker processes where cpu_workers.suppor
 _pools = {}             # thread name -> its _Worker threads (created on first use), see _run_parallel
 _pools_pid = None
 PLAN_THREADS, OP_THREADS = "gpuconv-cpu", "gpuconv-ops"
-_region_lock = threading.Lock()
 _worker_count = None    # set_cpu_workers(); None: GPUCONV_CPU_WORKERS or the default
+
+
+class _RegionLock:
+    """The lock of the parallel regions (one at a time), knowing which thread holds it, for
+    _after_fork_in_child."""
+
+    def __init__(self):
+        self._lock, self.owner = threading.Lock(), None
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.owner = None
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+
+_region_lock = _RegionLock()
+_saved_interval = None  # the switch interval a plan's region in flight restores (_switch_interval)
+
+
+def _after_fork_in_child():
+    """A fork while another thread was in a region: that thread does not exist in the child, which
+    would wait for its lock forever and keep its settings (a 1-thread BLAS, a 0.2 ms switch
+    interval) for good. The child gets a free lock and the settings from before the region. (A
+    fork from the region's own thread keeps all: that thread leaves the region in the child too.)"""
+    global _region_lock, _saved_interval
+    if _region_lock.locked() and _region_lock.owner != threading.get_ident():
+        blas.restore_after_fork()
+        if _saved_interval is not None:
+            sys.setswitchinterval(_saved_interval)
+            _saved_interval = None
+        _region_lock = _RegionLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _check_workers(value, source):
@@ -302,7 +343,9 @@ class _Worker:
                 self.outcome = (ticket, False, error)
             # Keep nothing of the call while idle: its function may hold the caller's arrays
             # (an array-level op's closure), which must die with the caller's last reference.
-            self.call = function = argument = None
+            # self.call is cleared by the caller (result()), never here: a caller interrupted
+            # before it waited may already have handed over its next call, which this would wipe.
+            function = argument = None
             self.done.release()
 
     def submit(self, function, argument):
@@ -326,7 +369,7 @@ class _Worker:
             if self._finished():
                 break
         ticket, ok, value = self.outcome
-        self.outcome = None
+        self.outcome = self.call = None
         if interrupt is not None:
             raise interrupt
         if not ok:
@@ -347,13 +390,15 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     while len(threads) < len(parts) - 1:
         threads.append(_Worker(pool))
     workers = threads[:len(parts) - 1]
-    for worker, part in zip(workers, parts[1:]):
-        worker.submit(function, part)
+    tickets = [worker.ticket for worker in workers]
     results, error = [], None
-    try:
+    try:  # an interrupt between the hand-overs, too, waits for the parts handed over
+        for worker, part in zip(workers, parts[1:]):
+            worker.submit(function, part)
         results.append(function(parts[0]))
     except BaseException as caught:
         error = caught
+    workers = [worker for worker, ticket in zip(workers, tickets) if worker.ticket != ticket]
     for worker in workers:  # wait for all before anything returns or raises
         try:
             results.append(worker.result())
@@ -373,13 +418,25 @@ def _switch_interval(seconds):
     layers, the pooling bookkeeping) can retake it before the sleeping waiter wakes up (a wake-up
     is slow on a VM). The waiter only forces a hand-over after the switch interval (5 ms by
     default); 0.2 ms bounds that. A small measured gain (docs/performance.md)."""
+    global _saved_interval
     previous = sys.getswitchinterval()
+    # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
+    _saved_interval = (round(previous * 1e6) + 0.5) * 1e-6
     sys.setswitchinterval(seconds)
     try:
         yield
     finally:
-        # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
+        _saved_interval = None
         sys.setswitchinterval((round(previous * 1e6) + 0.5) * 1e-6)
+
+
+def run_alone(function, *args):
+    """function(*args) in this thread with the BLAS as it is, under the region lock: no other
+    thread's parallel region sets the BLAS to one thread meanwhile. OpenBLAS's sums differ in the
+    last bits between thread counts at some shapes, so without the lock a conv's result depended
+    on whether another thread was in a region when it ran."""
+    with _region_lock:
+        return function(*args)
 
 
 def run_in_parts(function, batch):
@@ -390,10 +447,10 @@ def run_in_parts(function, batch):
     not processes: the arrays are the caller's), as a parallel region like a plan's, with a 1-thread
     BLAS restored afterwards. Python's switch interval is left alone: a part makes a few long
     NumPy calls per chunk, not a plan's many short ones. A batch of one image, or no workers,
-    runs in this thread alone and leaves the BLAS as it is."""
+    runs in this thread alone and leaves the BLAS as it is (run_alone)."""
     parts = max(1, min(get_cpu_workers() + 1, batch))
     if parts == 1:
-        return [function(0, batch)]
+        return [run_alone(function, 0, batch)]
     bounds = _split(batch, parts)
     with _region_lock, blas.num_threads(1):
         return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)),

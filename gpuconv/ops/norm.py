@@ -9,7 +9,7 @@ import numpy as np
 from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ShapeError
 from . import norm_cpu
-from ._args import check_float_array, same_device
+from ._args import check_float_array, check_same_dtype, same_device
 
 _AXES = (0, 2, 3)  # everything but the channel
 
@@ -34,6 +34,9 @@ def _check(x, weight, bias):
             if tuple(v.shape) != (channels,):
                 raise ShapeError(f"{name}: expected shape ({channels},), one value per channel of x "
                                  f"{tuple(x.shape)}, got {tuple(v.shape)}")
+    # one dtype: with a float64 weight, the whole-array expressions would give a float64 y and
+    # norm_cpu (larger arrays) a float32 one
+    check_same_dtype(x=x, weight=weight, bias=bias)
 
 
 def batch_norm2d(x, weight, bias, mean=None, var=None, eps=1e-5):
@@ -65,6 +68,7 @@ def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=Tr
     """Gradients of batch_norm2d -> (dx or None, dweight, dbias). training=True differentiates
     through the batch statistics too; training=False treats mean and invstd as constants."""
     check_float_array(dy, "dy", 4)
+    check_same_dtype(dy=dy, x=x, weight=weight)
     if dy.shape != x.shape:
         raise ShapeError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
     if _on_cpu(x):

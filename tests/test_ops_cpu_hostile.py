@@ -1,0 +1,221 @@
+"""The array-level CPU ops (conv2d: gpuconv/ops/conv_cpu.py and conv.py's whole-batch path; batch
+norm: norm_cpu.py) inside hostile programs: other threads running parallel regions at the same
+time, an interrupt arriving between a region's hand-overs, a fork while another thread is in a
+region. Every scenario runs in a child process of its own (a fresh interpreter, one worker:
+GPUCONV_CPU_WORKERS=1) under a hard timeout, and prints one JSON line that the test asserts on; a
+child that hangs dumps its threads' stacks (faulthandler) and the test fails saying "hang".
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRELUDE = r'''
+import faulthandler, json, os, signal, sys, threading, time, zlib
+faulthandler.dump_traceback_later(float(os.environ["HOSTILE_HANG_S"]), exit=True)
+import numpy as np
+import gpuconv
+from gpuconv import blas
+from gpuconv.nn import cpu_plan
+from gpuconv.ops import conv, conv_cpu
+
+
+def arrays(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(s).astype(np.float32) for s in shape)
+
+
+def digest(a):
+    return zlib.crc32(np.ascontiguousarray(a).tobytes())
+
+
+def emit(**results):
+    print("RESULT " + json.dumps(results), flush=True)
+'''
+
+
+def run_child(tmp_path, body, hang_s=20, name="child"):
+    script = tmp_path / f"{name}.py"
+    script.write_text(PRELUDE + "\n" + textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GPUCONV_EMULATE")}
+    env.update(GPUCONV_CPU_WORKERS="1", HOSTILE_HANG_S=str(hang_s), PYTHONFAULTHANDLER="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=hang_s + 20, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"hang: {name} did not finish in {hang_s + 20} s (killed)\n"
+                    f"stdout: {expired.stdout}\nstderr: {expired.stderr}")
+    if "Timeout (0:" in proc.stderr:
+        pytest.fail(f"hang: {name} did not finish in {hang_s} s; the stacks of its threads:\n"
+                    f"{proc.stderr[-6000:]}\nstdout: {proc.stdout[-2000:]}")
+    assert "Exception in thread" not in proc.stderr, f"a thread of {name} died:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"{name} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_conv2d_bits_do_not_depend_on_another_threads_region(tmp_path):
+    """A conv that runs in one part (a batch of one image) or in conv.py's whole-batch path (a
+    small conv) uses the BLAS as it is; another thread's parallel region sets that BLAS to one
+    thread for its length, and OpenBLAS's sums differ in the last bits between thread counts at
+    these shapes. So, while another thread ran batch-8 convs, the same conv gave 2-4 different
+    results, depending on when it ran (README: "results never depend on timing")."""
+    r = run_child(tmp_path, r'''
+        one_part = arrays([(1, 64, 64, 64), (64, 64, 3, 3)], seed=1)      # conv_cpu, one part
+        small = arrays([(1, 16, 32, 32), (16, 16, 3, 3)], seed=2)         # conv.py's whole batch
+        big = arrays([(8, 32, 64, 64), (32, 32, 3, 3)], seed=3)           # conv_cpu, two parts
+        assert conv_cpu.takes(one_part[0].shape, one_part[1].shape, 1, (64, 64), 4)
+        assert not conv_cpu.takes(small[0].shape, small[1].shape, 1, (32, 32), 4)
+        alone = [digest(gpuconv.ops.conv2d(x, w, padding=1)) for x, w in (one_part, small)]
+        stop = threading.Event()
+
+        def regions():
+            while not stop.is_set():
+                gpuconv.ops.conv2d(big[0], big[1], padding=1)
+
+        other = threading.Thread(target=regions)
+        other.start()
+        seen, calls, deadline = [set(), set()], 0, time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for i, (x, w) in enumerate((one_part, small)):
+                seen[i].add(digest(gpuconv.ops.conv2d(x, w, padding=1)))
+            calls += 1
+        stop.set()
+        other.join()
+        emit(alone=alone, seen=[sorted(s) for s in seen], calls=calls)
+    ''')
+    assert r["calls"] >= 3, r
+    for name, alone, seen in zip(("one part", "whole batch"), r["alone"], r["seen"]):
+        assert seen == [alone], f"{name}: {len(seen)} different results of the same conv beside another thread's regions"
+
+
+def test_an_interrupt_between_the_hand_overs_leaves_the_next_call_working(tmp_path):
+    """Ctrl-C arriving right after the caller handed a part to a worker (before it waits) used to
+    leave the region without waiting for that worker; the next call then handed the worker a new
+    part while the old one still ran, and the worker, clearing its call after the old part, wiped
+    the new one: it died (TypeError unpacking None) and the caller waited for it forever. The
+    interrupt is injected with a trace function at the line after the first hand-over, as a
+    signal handler raising KeyboardInterrupt would run there."""
+    r = run_child(tmp_path, r'''
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        x, w = arrays([(2, 64, 128, 128), (64, 64, 3, 3)])   # each part ~0.2 s
+        expected = conv.conv2d_forward_numpy(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+        small = arrays([(4, 64, 64, 64), (64, 64, 3, 3)], seed=1)
+        gpuconv.ops.conv2d(small[0], small[1], padding=1)  # the worker thread exists
+        worker = cpu_plan._pools[cpu_plan.OP_THREADS][0]
+        state = {"fired": False, "ticket": worker.ticket}
+
+        def local(frame, event, arg):
+            if event == "line" and not state["fired"] and worker.ticket > state["ticket"]:
+                state["fired"] = True
+                raise KeyboardInterrupt
+            return local
+
+        def tracer(frame, event, arg):
+            return local if frame.f_code.co_name == "_run_parallel" else None
+
+        sys.settrace(tracer)
+        try:
+            gpuconv.ops.conv2d(x, w, padding=1)
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            sys.settrace(None)
+        started = time.monotonic()
+        got = gpuconv.ops.conv2d(small[0], small[1], padding=1)   # at once, while the old part may run
+        ok_small = bool(np.allclose(got, conv.conv2d_forward_numpy(small[0], small[1], None, (1, 1), (1, 1),
+                                                                   (1, 1), 1), rtol=1e-4, atol=1e-3))
+        again = gpuconv.ops.conv2d(x, w, padding=1)
+        emit(fired=state["fired"], interrupted=interrupted, ok_small=ok_small,
+             ok_again=bool(np.allclose(again, expected, rtol=1e-4, atol=1e-3)),
+             blas=blas.get_num_threads(), lock_free=not cpu_plan._region_lock.locked())
+    ''')
+    assert r["fired"] and r["interrupted"], r
+    assert r["ok_small"] and r["ok_again"], r
+    assert r["lock_free"], r
+
+
+def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
+    """os.fork() while another thread runs a conv region: the child inherits the region's lock
+    held by a thread it does not have, and its own conv2d waited for that lock forever; it also
+    kept the region's 1-thread BLAS for good. The child must run conv2d (and batch norm) and have
+    the BLAS count the parent has outside regions."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    r = run_child(tmp_path, r'''
+        big = arrays([(8, 32, 64, 64), (32, 32, 3, 3)], seed=3)
+        x, w = arrays([(8, 16, 64, 64), (16, 16, 3, 3)], seed=4)
+        expected = conv.conv2d_forward_numpy(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+        outside = blas.get_num_threads()
+        stop = threading.Event()
+
+        def regions():
+            while not stop.is_set():
+                gpuconv.ops.conv2d(big[0], big[1], padding=1)
+
+        other = threading.Thread(target=regions)
+        other.start()
+        while not cpu_plan._region_lock.locked():
+            time.sleep(0.0002)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # (no faulthandler here: re-arming its watchdog in a forked child hangs)
+            try:
+                y = gpuconv.ops.conv2d(x, w, padding=1)
+                bn = gpuconv.ops.batch_norm2d(big[0], None, None)[0]
+                report = dict(ok=bool(np.allclose(y, expected, rtol=1e-4, atol=1e-3)),
+                              bn=bool(np.isfinite(bn).all()), blas=blas.get_num_threads())
+            except BaseException as error:
+                report = dict(error=repr(error))
+            os.write(write_end, json.dumps(report).encode())
+            os._exit(0)
+        os.close(write_end)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        stop.set()
+        other.join()
+        child = json.loads(os.read(read_end, 1 << 16).decode() or '"hang"')
+        emit(child=child, outside=outside, parent_blas=blas.get_num_threads())
+    ''')
+    assert r["child"] != "hang", "hang: the forked child's conv2d waited for a lock no thread of it holds"
+    assert "error" not in r["child"], r["child"]
+    assert r["child"]["ok"] and r["child"]["bn"], r
+    assert r["child"]["blas"] == r["outside"] == r["parent_blas"], r
+
+
+@pytest.mark.parametrize("size", ["whole-array", "norm_cpu"])
+def test_batch_norm_refuses_a_weight_of_another_dtype(size):
+    """A float64 weight with a float32 x gave a float64 y from the whole-array expressions (arrays
+    under norm_cpu.MIN_BYTES) and a float32 y from norm_cpu (larger ones): the output's dtype
+    depended on the batch size. conv2d refuses mixed dtypes with a DTypeError; so must batch norm."""
+    import numpy as np
+
+    from gpuconv.errors import DTypeError
+    from gpuconv.ops import norm, norm_cpu
+    n = 2 if size == "whole-array" else norm_cpu.MIN_BYTES // (4 * 4 * 8 * 8) + 1
+    x = np.ones((n, 4, 8, 8), np.float32)
+    assert norm._on_cpu(x) == (size == "norm_cpu")
+    with pytest.raises(DTypeError, match="weight"):
+        norm.batch_norm2d(x, np.ones(4), None)
+    with pytest.raises(DTypeError, match="bias"):
+        norm.batch_norm2d(x, None, np.zeros(4))
+    invstd = np.ones(4, np.float32)
+    with pytest.raises(DTypeError, match="weight"):
+        norm.batch_norm2d_backward(x, x, np.ones(4), np.zeros(4, np.float32), invstd)
