@@ -275,7 +275,8 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
             scatter = layout if isinstance(layout, _Rows) else _Rows(geo, x.dtype)
         weights = scatter.weight_matrix(w) if need_dx else None
         dw = db = None
-        for first, last in _ranges(start, stop, (layout or scatter).chunk):
+        chunk = min(done.chunk for done in (layout, scatter) if done is not None)  # fits both's buffers
+        for first, last in _ranges(start, stop, chunk):
             if need_bias:
                 db = _accumulate(db, dy[first:last].sum(axis=(0, 2, 3)))
             if need_dw:
