@@ -99,6 +99,26 @@ def test_median_min_max_over_the_runs(tmp_path):
     assert "on Test CPU (2 CPUs), BLAS openblas 1.0 (2 threads), NumPy 2.0, PyTorch 9.9 (2 threads)." in out
 
 
+def test_conv_op_geometric_means_median_over_the_runs(tmp_path):
+    files = []
+    for i, (all_, forward) in enumerate([(0.5, 0.4), (0.7, 0.6), (0.6, 0.9)]):
+        path = bench_file(tmp_path, f"{i}.json", f"2026-01-01T10:0{i}:00+00:00",
+                          [("c1-6k5s1@28.backward_data", 128, 2.0, 1.0), ("c1-6k5s1@28.forward", 128, 1.0, 1.0)])
+        results = json.loads(Path(path).read_text())
+        results["rows"][0].update(kind="conv_op", in_training=False)
+        results["rows"][1].update(kind="conv_op", in_training=True)
+        results["conv_geomeans"] = [dict(device="cpu", batch_size=128, op="all", geomean=all_, rows=1),
+                                    dict(device="cpu", batch_size=128, op="forward", geomean=forward, rows=1)]
+        Path(path).write_text(json.dumps(results))
+        files.append(path)
+    _, out = run_cli(["bench-report"] + files)
+    assert ("Conv ops, cpu batch 128: geometric mean of PyTorch / gpuconv over the rows training runs (all but "
+            "c1-6k5s1@28.backward_data): 0.60x (0.50x-0.70x) (forward 0.60x (0.40x-0.90x)); median over the runs "
+            "(min-max).") in out
+    _, one = run_cli(["bench-report", files[0]])
+    assert "training runs (all but c1-6k5s1@28.backward_data): 0.50x (forward 0.40x)." in one
+
+
 def test_an_even_number_of_runs_takes_the_mean_of_the_middle_two(tmp_path):
     files = [bench_file(tmp_path, f"{i}.json", f"2026-01-01T10:0{i}:00+00:00", [("inference", 100, ms, 2 * ms)])
              for i, ms in enumerate([1.0, 2.0, 4.0, 8.0])]

@@ -90,41 +90,66 @@ SHAPES = [  # (C, O, kernel, stride, padding, side): LeNet-5's and ResNet-20's c
     (16, 32, 3, 2, 1, 32), (32, 32, 3, 1, 1, 16), (32, 64, 3, 2, 1, 16), (64, 64, 3, 1, 1, 8)]
 
 
-def _forward_with(layout, x, w, stride, padding):
+def _with_layout(layout, function):
     original = conv_cpu._layout_class
     conv_cpu._layout_class = lambda geo: layout
     try:
-        return median_ms(lambda: conv_cpu.conv2d_forward(x, w, None, stride, padding, (1, 1)), 7)
+        return function()
     finally:
         conv_cpu._layout_class = original
 
 
+def _interleaved(candidates, rounds=5, calls=3):
+    """{name: median over rounds of the fastest of `calls` calls}, the candidates taking turns
+    within each round, so that drift favours none."""
+    for function in candidates.values():
+        function()
+    best = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, function in candidates.items():
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                function()
+                times.append(time.perf_counter() - start)
+            best[name].append(min(times))
+    return {name: 1e3 * float(np.median(values)) for name, values in best.items()}
+
+
 def layouts_and_reference(batch=128):
-    """Per shape: the whole-batch im2col reference, each layout (wide needs stride 1), and the
-    input gradient by gather (a conv of dy) against tap-by-tap adds (stride 1 only)."""
+    """Per shape, interleaved: the whole-batch im2col reference's forward, each layout's forward and
+    filter gradient (wide needs stride 1), and the input gradient by gather (a conv of dy, stride
+    1) or tap by tap (channels-last, as strided convs take it)."""
     for c, o, k, s, p, side in SHAPES:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((batch, c, side, side)).astype(np.float32)
         w = rng.standard_normal((o, c, k, k)).astype(np.float32)
-        stride, padding = (s, s), (p, p)
-        reference = median_ms(lambda: conv.conv2d_forward_numpy(x, w, None, stride, padding, (1, 1), 1), 5)
-        rows = _forward_with(conv_cpu._Rows, x, w, stride, padding)
-        line = f"c{c}-{o}k{k}s{s}@{side}: im2col reference {reference:.2f} ms, rows {rows:.2f} ms"
+        stride, padding, one = (s, s), (p, p), (1, 1)
+        dy = rng.standard_normal(conv.conv2d_forward_numpy(x, w, None, stride, padding, one, 1).shape
+                                 ).astype(np.float32)
+        layouts = {"rows": conv_cpu._Rows, "wide": conv_cpu._Wide} if s == 1 else {"rows": conv_cpu._Rows}
+        candidates = {"forward im2col reference": lambda: conv.conv2d_forward_numpy(
+            x, w, None, stride, padding, one, 1)}
+        for name, layout in layouts.items():
+            candidates[f"forward {name}"] = lambda layout=layout: _with_layout(
+                layout, lambda: conv_cpu.conv2d_forward(x, w, None, stride, padding, one))
+            candidates[f"filter gradient {name}"] = lambda layout=layout: _with_layout(
+                layout, lambda: conv_cpu.conv2d_backward(dy, x, w, stride, padding, one, False, False, True))
+        candidates["input gradient reference"] = lambda: conv.conv2d_backward_numpy(
+            dy, x, w, stride, padding, one, 1, "auto", True, False, False)
         if s == 1:
-            line += f", wide {_forward_with(conv_cpu._Wide, x, w, stride, padding):.2f} ms"
-            dy = rng.standard_normal((batch, o) + conv.conv2d_forward_numpy(
-                x[:1], w, None, stride, padding, (1, 1), 1).shape[2:]).astype(np.float32)
-            gather = median_ms(lambda: conv_cpu.conv2d_backward(dy, x, w, stride, padding, (1, 1),
-                                                                True, False, False), 7)
-            scatter = median_ms(lambda: _scatter(dy, x, w, padding), 7)
-            line += f"; input gradient: gather {gather:.2f} ms, tap by tap {scatter:.2f} ms"
-        chosen = conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, (1, 1)))
-        print(f"{line}; chosen: {chosen.__name__}")
+            candidates["input gradient gather"] = lambda: conv_cpu.conv2d_backward(
+                dy, x, w, stride, padding, one, True, False, False)
+        candidates["input gradient tap by tap"] = lambda: _scatter(dy, x, w, stride, padding)
+        times = _interleaved(candidates)
+        chosen = conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, one))
+        print(f"c{c}-{o}k{k}s{s}@{side} (chosen: {chosen.__name__}): "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()) + " ms")
 
 
-def _scatter(dy, x, w, padding):
+def _scatter(dy, x, w, stride, padding):
     """The input gradient tap by tap in the _Rows layout, as strided convs take it."""
-    geo = conv_cpu._Geometry(x.shape, w.shape, (1, 1), padding, (1, 1))
+    geo = conv_cpu._Geometry(x.shape, w.shape, stride, padding, (1, 1))
     dx = np.empty_like(x)
 
     def part(start, stop):
@@ -138,18 +163,22 @@ def _scatter(dy, x, w, padding):
 
 
 def chunk_sizes(batch=128):
+    """The forward at ResNet-20's three stride-1 shapes by CHUNK_BYTES, interleaved."""
     for c, side in ((16, 32), (32, 16), (64, 8)):
         x = np.random.rand(batch, c, side, side).astype(np.float32)
         w = np.random.rand(c, c, 3, 3).astype(np.float32)
         original = conv_cpu.CHUNK_BYTES
-        cells = []
-        try:
-            for size in (1 << 18, 1 << 19, 1 << 20, 3 << 19, 1 << 21, 1 << 22, 1 << 23):
-                conv_cpu.CHUNK_BYTES = size
-                cells.append(f"{size / 2**20:g} MiB {median_ms(lambda: conv.conv2d(x, w, padding=1), 7):.2f}")
-        finally:
-            conv_cpu.CHUNK_BYTES = original
-        print(f"c{c}@{side} forward by chunk bytes (ms): " + ", ".join(cells))
+
+        def at(size):
+            conv_cpu.CHUNK_BYTES = size
+            try:
+                return conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1))
+            finally:
+                conv_cpu.CHUNK_BYTES = original
+
+        sizes = (1 << 18, 1 << 19, 1 << 20, 3 << 19, 1 << 21, 1 << 22, 1 << 23)
+        times = _interleaved({f"{size / 2**20:g} MiB": lambda size=size: at(size) for size in sizes}, rounds=3)
+        print(f"c{c}@{side} forward by CHUNK_BYTES: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + " ms")
 
 
 if __name__ == "__main__":

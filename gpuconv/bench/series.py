@@ -258,6 +258,28 @@ def _ratio(value):
     return f"{value:.2f}x"
 
 
+def _conv_geomean_lines(series):
+    """The conv op rows' geometric mean of PyTorch / gpuconv (the files' conv_geomeans, over the rows
+    training runs), per device and batch: the median over the runs and their min-max."""
+    groups = {}
+    for _, results in series:
+        for g in results.get("conv_geomeans") or []:
+            if g.get("geomean"):
+                groups.setdefault((g["device"], g["batch_size"]), {}).setdefault(g["op"], []).append(g["geomean"])
+    lines = []
+    for (device, batch), ops in groups.items():
+        skipped = sorted({r["name"] for _, results in series for r in results["rows"]
+                          if r.get("kind") == "conv_op" and r["device"] == device
+                          and r["batch_size"] == batch and not r.get("in_training")})
+        parts = ", ".join(f"{op} {spread(ops[op], _ratio)}" for op in ("forward", "backward_data", "backward_filter")
+                          if op in ops)
+        lines += ["", f"Conv ops, {_cell(device)} batch {batch}: geometric mean of PyTorch / gpuconv over the rows "
+                      f"training runs{' (all but ' + ', '.join(map(_cell, skipped)) + ')' if skipped else ''}: "
+                      f"{spread(ops['all'], _ratio)} ({parts})"
+                      + ("; median over the runs (min-max)." if len(ops["all"]) > 1 else ".")]
+    return lines
+
+
 def format_series(series, per_run=False):
     """The Markdown text for [(path, results), ...]: header, table, and optionally each run's ratio."""
     table = collect(series)
@@ -275,6 +297,7 @@ def format_series(series, per_run=False):
     out += ["", ("Each cell: the median over the runs of each run's median, and (in brackets) the lowest and "
                  "highest of them." if n > 1 else "One run: each cell is that run's median.")
             + " PyTorch / gpuconv > 1 means gpuconv is faster; runs = runs in which gpuconv ran the row."]
+    out += _conv_geomean_lines(series)
     if per_run and n > 1:
         order = sorted(range(n), key=lambda i: _start(series[i][1]))  # instants, not strings: offsets differ
         out += ["", "PyTorch / gpuconv in each run, in the order the runs started:", "",
