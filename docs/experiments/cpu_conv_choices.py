@@ -99,14 +99,16 @@ def _with_layout(layout, function):
         conv_cpu._layout_class = original
 
 
-def _interleaved(candidates, rounds=5, calls=3):
+def _interleaved(candidates, rounds=8, calls=3):
     """{name: median over rounds of the fastest of `calls` calls}, the candidates taking turns
-    within each round, so that drift favours none."""
+    within each round, in reverse order every other round, so that neither drift nor the
+    candidate run just before (the reference's 85 MB buffers slowed the next one) favours any."""
     for function in candidates.values():
         function()
     best = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, function in candidates.items():
+    for turn in range(rounds):
+        order = list(candidates.items())
+        for name, function in (order[::-1] if turn % 2 else order):
             times = []
             for _ in range(calls):
                 start = time.perf_counter()

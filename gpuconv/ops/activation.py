@@ -46,8 +46,8 @@ def relu_backward(dy, x):
 
 def _keep_where_positive(dy, x):
     """dy where x > 0, else +0 (also where dy is NaN, as np.where would give): dy's bits ANDed with
-    a mask of all ones or all zeros. np.where picks element by element and took 5.7x as long on an
-    activation of mixed signs (docs/performance.md, "conv ops on the CPU")."""
+    a mask of all ones or all zeros. np.where picks element by element and took several times as
+    long on an activation of mixed signs (docs/performance.md, "Any CNN on the CPU, session 6")."""
     xp = get_array_module(dy)
     if xp is not np or dy.dtype.itemsize not in _SAME_SIZE_INTS:
         return xp.where(x > 0, dy, 0)

@@ -6,12 +6,13 @@ symmetric), like conv_cuda.py's launchers beside it. conv.py's conv2d_forward_nu
 conv2d_backward_numpy (im2col of the whole batch, one batched product) stay the reference and run
 grouped convolutions.
 
-Why not im2col of the whole batch (measured, docs/performance.md, "conv ops on the CPU"):
-* Its column matrix is C*KH*KW times the output's size (85 MB for ResNet-20's first stage at batch
-  128). A fresh buffer of that size is page-faulted in on every call and written and read through
-  main memory, which took longer than the products.
-* OpenBLAS splits a product with 16 output channels poorly over threads: a 2-thread GEMM of that
-  shape ran at 1.1x its 1-thread speed.
+Why not im2col of the whole batch (the measurements: docs/performance.md, "Any CNN on the CPU,
+session 6", made by docs/experiments/cpu_conv_choices.py):
+* Its column matrix is C*KH*KW times the input's size (tens of MB for ResNet-20 at batch 128).
+  A fresh buffer of that size is page-faulted in on every call and written and read through main
+  memory; a chunk's columns stay in the cache.
+* OpenBLAS splits a product with few output channels poorly over its threads; two parts, each
+  with a 1-thread BLAS, keep both cores busy.
 So the batch is split into equal parts, one per core (the caller's thread and the CPU executor's
 worker threads, gpuconv.nn.cpu_plan.run_in_parts, with a 1-thread BLAS for the region), and a
 part runs in chunks of a few images, the chunk's columns about CHUNK_BYTES. Every buffer is a
@@ -31,8 +32,8 @@ on timing.
 """
 import numpy as np
 
-# A chunk's column matrix aims at this size: a core's L2 (1 MiB here) plus a share of L3 measured
-# best among 0.1-20 MB for both layouts (docs/performance.md).
+# A chunk's column matrix aims at this size: a core's L2 (1 MiB here) plus a share of L3; the best
+# of 0.25-8 MiB at ResNet-20's shapes (docs/performance.md).
 CHUNK_BYTES = 3 << 19
 # The wide layout is used for stride-1 convs whose columns have at most this many rows
 # (C*KH*KW): LeNet-5's conv1 (25) and ResNet's stem (27) and first stage (144) measured faster
@@ -41,8 +42,8 @@ WIDE_MAX_COLUMN = 144
 
 
 # Below this size of the whole batch's im2col matrix, conv.py's reference path (one product over
-# the whole batch, the BLAS's own threads) is faster than the parts' hand-overs: a batch of 4 at
-# LeNet-5's conv1 took 0.13 ms so against 0.32 ms in parts (docs/performance.md).
+# the whole batch, the BLAS's own threads) is faster than the parts' hand-overs (a batch of 4 at
+# LeNet-5's conv1: docs/performance.md).
 REFERENCE_MAX_BYTES = 4 << 20
 
 
@@ -86,7 +87,7 @@ class _Rows:
         if geo.dw == 1:
             # The KW taps of one kernel row are one contiguous run of KW*C values of the padded
             # row: one copy per kernel row, with runs KW times longer than a tap's. The windows
-            # are views of the reused buffer, made once (as_strided costs ~25 us a call).
+            # are views of the reused buffer, made once per part (as_strided is slow to call).
             n_stride, h_stride, w_stride, c_stride = self.padded.strides
             self.row_windows = [np.lib.stride_tricks.as_strided(
                 self.padded[:, i * geo.dh:], (self.chunk, geo.oh, geo.ow, geo.kw, geo.c),
@@ -259,7 +260,7 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
         # With stride 1 the input gradient is a convolution of dy: the flipped filters, input and
         # output channels swapped, padded to the full kernel. It gathers (the forward's copies and
         # one product) instead of adding the columns' gradient back tap by tap, which measured
-        # 1.8x slower (docs/performance.md).
+        # slower at every stride-1 shape of ResNet-20 (docs/performance.md).
         flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
         dx = conv2d_forward(dy, flipped, None, (1, 1), full_padding, dilation)
         need_dx = False

@@ -1,9 +1,8 @@
 """Batch normalization on the CPU (NumPy arrays): norm.py's math, the batch in parts over the cores
 and each part in chunks of images that stay in the cache.
 
-Why (docs/performance.md, "conv ops on the CPU"): NumPy runs each whole-array expression on one
-core and through main memory, a temporary array per step; norm.py's expressions took 2.8x (forward)
-and 6x (backward) PyTorch's time on ResNet-20's first stage. Here every pass over the batch is a
+Why (docs/performance.md, "Any CNN on the CPU, session 6"): NumPy runs each whole-array expression
+on one core and through main memory, a temporary array per step. Here every pass over the batch is a
 parallel region (gpuconv.nn.cpu_plan.run_in_parts) whose parts walk their images a chunk at a time:
 per-channel sums of a chunk are one matrix-vector product (rows of H*W values times ones) and
 dot products of rows, and a chunk's temporaries fit in the cache.
@@ -17,8 +16,7 @@ import numpy as np
 
 CHUNK_BYTES = 1 << 19  # a chunk of x, dy and a temporary stay within a core's L2 (1 MiB here)
 # Smaller arrays take norm.py's whole-array expressions: the regions' hand-overs cost more than
-# they save there (forward + backward of a 512 KiB batch: 1.31 ms here, 1.04 ms whole-array;
-# 2 MiB: 3.83 against 4.27 ms; docs/performance.md).
+# they save there (docs/performance.md).
 MIN_BYTES = 1 << 20
 
 
