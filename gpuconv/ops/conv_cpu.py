@@ -32,6 +32,8 @@ on timing.
 """
 import numpy as np
 
+from . import cpu_parts
+
 # A chunk's column matrix aims at this size: a core's L2 (1 MiB here) plus a share of L3; the best
 # of 0.25-8 MiB at ResNet-20's shapes (docs/performance.md).
 CHUNK_BYTES = 3 << 19
@@ -226,9 +228,7 @@ class _Wide:
 
 
 def _in_parts(function, batch):
-    # Imported here: gpuconv.nn imports the ops, so a module-level import would be circular.
-    from ..nn.cpu_plan import run_in_parts
-    return run_in_parts(function, batch)
+    return cpu_parts.in_parts(function, batch)
 
 
 def _ranges(start, stop, chunk):

@@ -3,7 +3,7 @@ and each part in chunks of images that stay in the cache.
 
 Why (docs/performance.md, "Any CNN on the CPU, session 6"): NumPy runs each whole-array expression
 on one core and through main memory, a temporary array per step. Here every pass over the batch is a
-parallel region (gpuconv.nn.cpu_plan.run_in_parts) whose parts walk their images a chunk at a time:
+parallel region (cpu_parts.py) whose parts walk their images a chunk at a time:
 per-channel sums of a chunk are one matrix-vector product (rows of H*W values times ones) and
 dot products of rows, and a chunk's temporaries fit in the cache.
 
@@ -14,23 +14,12 @@ result never depends on timing.
 """
 import numpy as np
 
+from . import cpu_parts
+
 CHUNK_BYTES = 1 << 19  # a chunk of x, dy and a temporary stay within a core's L2 (1 MiB here)
 # Smaller arrays take norm.py's whole-array expressions: the regions' hand-overs cost more than
 # they save there (docs/performance.md).
 MIN_BYTES = 1 << 20
-
-
-def _in_parts(function, batch):
-    # Imported here: gpuconv.nn imports the ops, so a module-level import would be circular.
-    from ..nn.cpu_plan import run_in_parts
-    return run_in_parts(function, batch)
-
-
-def _chunks(x, start, stop):
-    per_image = x[0].nbytes or 1
-    step = max(1, CHUNK_BYTES // per_image)
-    for first in range(start, stop, step):
-        yield slice(first, min(first + step, stop))
 
 
 def _channel_sum(a):
@@ -51,27 +40,11 @@ def _per_channel(v):
 
 
 def _summed(function, x):
-    """Sum over the parts (in part order) of function(chunk slice) summed over each part's chunks."""
-    def part(start, stop):
-        total = None
-        for images in _chunks(x, start, stop):
-            value = function(images)
-            total = value if total is None else total + value
-        return total
-
-    totals = _in_parts(part, x.shape[0])
-    result = totals[0]
-    for value in totals[1:]:
-        result = result + value
-    return result
+    return cpu_parts.summed(function, x, CHUNK_BYTES)
 
 
 def _each_chunk(function, x):
-    def part(start, stop):
-        for images in _chunks(x, start, stop):
-            function(images)
-
-    _in_parts(part, x.shape[0])
+    cpu_parts.each_chunk(function, x, CHUNK_BYTES)
 
 
 def batch_stats(x):
