@@ -16,7 +16,7 @@ import numpy as np
 
 from . import cpu_parts
 
-CHUNK_BYTES = 1 << 19  # a chunk of x, dy and a temporary stay within a core's L2 (1 MiB here)
+CHUNK_BYTES = 1 << 20  # a chunk of x and a temporary: measured best of 0.25-2 MiB (docs/performance.md)
 # Smaller arrays take norm.py's whole-array expressions: the regions' hand-overs cost more than
 # they save there (docs/performance.md).
 MIN_BYTES = 1 << 20
@@ -30,13 +30,18 @@ def _channel_sum(a):
 
 
 def _channel_dot(a, b):
-    """Per-channel sum of a * b over an (n, C, H, W) chunk."""
+    """Per-channel sum of a * b over an (n, C, H, W) chunk: one (1, H*W) @ (H*W, 1) product per
+    row, batched (half the time of einsum's row-wise sum of products here)."""
     n, c = a.shape[:2]
-    return np.einsum("ij,ij->i", a.reshape(n * c, -1), b.reshape(n * c, -1)).reshape(n, c).sum(axis=0)
+    rows_a, rows_b = a.reshape(n * c, 1, -1), b.reshape(n * c, -1, 1)
+    return np.matmul(rows_a, rows_b).reshape(n, c).sum(axis=0)
 
 
-def _per_channel(v):
-    return v.reshape(1, -1, 1, 1)
+def _plane(v, x):
+    """A per-channel vector spread over one image, (1, C, H, W), contiguous: an operand that
+    matches a chunk of x element for element but for the batch axis, which NumPy runs with its
+    vectorized loops (a (1, C, 1, 1) operand, broadcast within each row, ran at half the speed)."""
+    return np.ascontiguousarray(np.broadcast_to(v.reshape(1, -1, 1, 1), (1,) + x.shape[1:]))
 
 
 def _summed(function, x):
@@ -51,7 +56,7 @@ def batch_stats(x):
     """-> (mean, biased variance) per channel of a contiguous NCHW array."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = _summed(lambda i: _channel_sum(x[i]), x) / count
-    centred = _per_channel(mean)
+    centred = _plane(mean, x)
 
     def squares(images):
         d = x[images] - centred
@@ -63,8 +68,8 @@ def batch_stats(x):
 def normalize(x, mean, scale, bias):
     """y = (x - mean) * scale + bias per channel (bias may be None)."""
     y = np.empty_like(x)
-    mean, scale = _per_channel(mean), _per_channel(scale)
-    bias = None if bias is None else _per_channel(bias)
+    mean, scale = _plane(mean, x), _plane(scale, x)
+    bias = None if bias is None else _plane(bias, x)
 
     def chunk(images):
         out = y[images]
@@ -79,7 +84,7 @@ def normalize(x, mean, scale, bias):
 
 def backward(dy, x, mean, invstd, scale, training, need_dx):
     """-> (dx or None, dweight, dbias) as norm.batch_norm2d_backward, for contiguous dy and x."""
-    centred = _per_channel(mean)
+    centred = _plane(mean, x)
 
     def sums(images):
         d = dy[images]
@@ -91,11 +96,11 @@ def backward(dy, x, mean, invstd, scale, training, need_dx):
         return None, dweight, dbias
     dx = np.empty_like(dy)
     # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = a*dy + b*(x - mean) + c per channel
-    a = _per_channel(scale)
+    a = _plane(scale, x)
     if training:
         count = x.dtype.type(x.shape[0] * x.shape[2] * x.shape[3])
-        b = _per_channel(-scale * invstd * dweight / count)
-        c = _per_channel(-scale * dbias / count)
+        b = _plane(-scale * invstd * dweight / count, x)
+        c = _plane(-scale * dbias / count, x)
 
     def chunk(images):
         out = dx[images]
