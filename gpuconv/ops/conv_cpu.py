@@ -11,8 +11,8 @@ session 6", made by docs/experiments/cpu_conv_choices.py):
 * Its column matrix is C*KH*KW times the input's size (tens of MB for ResNet-20 at batch 128).
   A fresh buffer of that size is page-faulted in on every call and written and read through main
   memory; a chunk's columns stay in the cache.
-* OpenBLAS splits a product with few output channels poorly over its threads; two parts, each
-  with a 1-thread BLAS, keep both cores busy.
+* OpenBLAS's own threads help a product with few output channels little and unevenly; two parts,
+  each with a 1-thread BLAS, keep both cores busy through the copies as well as the products.
 So the batch is split into equal parts, one per core (the caller's thread and the CPU executor's
 worker threads, gpuconv.nn.cpu_plan.run_in_parts, with a 1-thread BLAS for the region), and a
 part runs in chunks of a few images, the chunk's columns about CHUNK_BYTES. Every buffer is a
