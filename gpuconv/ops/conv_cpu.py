@@ -276,7 +276,7 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
             scatter = layout if isinstance(layout, _Rows) else _Rows(geo, x.dtype)
         weights = scatter.weight_matrix(w) if need_dx else None
         dw = db = None
-        chunk = min(done.chunk for done in (layout, scatter) if done is not None)  # fits both's buffers
+        chunk = min(user.chunk for user in (layout, scatter) if user is not None)  # fits both buffers
         for first, last in _ranges(start, stop, chunk):
             if need_bias:
                 db = _accumulate(db, dy[first:last].sum(axis=(0, 2, 3)))
