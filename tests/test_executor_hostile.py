@@ -17,18 +17,13 @@ References: gradients of the same model run eagerly (uncompiled) agree to float3
 two compiled runs with the same worker count agree bit for bit (weights compared by SHA-256), and
 so do processes and threads.
 """
-import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
+import hostile_child
 from gpuconv.nn import cpu_workers
 
-ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = [pytest.param("process", marks=pytest.mark.skipif(not cpu_workers.supported(),
                                                           reason="no worker processes on this platform")),
@@ -203,28 +198,7 @@ def emit(**results):
 def run_child(tmp_path, body, kind, hang_s=90, name="child"):
     """Run PRELUDE + body in a fresh interpreter with one worker (a process or a thread, as `kind`
     says; None: the body chooses) -> its RESULT dict."""
-    script = tmp_path / f"{name}.py"
-    script.write_text(PRELUDE + "\n" + textwrap.dedent(body))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GPUCONV_EMULATE")}
-    env.update(GPUCONV_CPU_WORKERS="1", HOSTILE_HANG_S=str(hang_s), PYTHONFAULTHANDLER="1",
-               HOSTILE_KIND=kind or "process",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    try:
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                              timeout=hang_s + 20, env=env, cwd=str(tmp_path))
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"hang: {name} did not finish in {hang_s + 20} s (killed)\n"
-                    f"stdout: {expired.stdout}\nstderr: {expired.stderr}")
-    if "Timeout (0:" in proc.stderr:
-        pytest.fail(f"hang: {name} did not finish in {hang_s} s; the stacks of its threads:\n"
-                    f"{proc.stderr[-6000:]}\nstdout: {proc.stdout[-2000:]}")
-    assert "Exception in thread" not in proc.stderr, \
-        f"a thread of {name} died:\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"{name} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = hostile_child.run_child(tmp_path, PRELUDE, body, hang_s, name, HOSTILE_KIND=kind or "process")
     used = result["_workers"]
     if kind == "process":
         assert used["threads"] == 0, f"{name}: worker threads with cpu_plan.processes = True: {used}"

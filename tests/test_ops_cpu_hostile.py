@@ -5,16 +5,11 @@ region. Every scenario runs in a child process of its own (a fresh interpreter, 
 GPUCONV_CPU_WORKERS=1) under a hard timeout, and prints one JSON line that the test asserts on; a
 child that hangs dumps its threads' stacks (faulthandler) and the test fails saying "hang".
 """
-import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import hostile_child
 
 PRELUDE = r'''
 import faulthandler, json, os, signal, sys, threading, time, zlib
@@ -37,30 +32,29 @@ def digest(a):
 
 def emit(**results):
     print("RESULT " + json.dumps(results), flush=True)
+
+
+def regions_in_another_thread(x, w):
+    """Start a thread that runs conv2d(x, w) (parallel regions) until the returned stop() is called."""
+    stop = threading.Event()
+
+    def regions():
+        while not stop.is_set():
+            gpuconv.ops.conv2d(x, w, padding=1)
+
+    other = threading.Thread(target=regions)
+    other.start()
+
+    def stop_and_join():
+        stop.set()
+        other.join()
+
+    return stop_and_join
 '''
 
 
 def run_child(tmp_path, body, hang_s=20, name="child"):
-    script = tmp_path / f"{name}.py"
-    script.write_text(PRELUDE + "\n" + textwrap.dedent(body))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GPUCONV_EMULATE")}
-    env.update(GPUCONV_CPU_WORKERS="1", HOSTILE_HANG_S=str(hang_s), PYTHONFAULTHANDLER="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    try:
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                              timeout=hang_s + 20, env=env, cwd=str(tmp_path))
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"hang: {name} did not finish in {hang_s + 20} s (killed)\n"
-                    f"stdout: {expired.stdout}\nstderr: {expired.stderr}")
-    if "Timeout (0:" in proc.stderr:
-        pytest.fail(f"hang: {name} did not finish in {hang_s} s; the stacks of its threads:\n"
-                    f"{proc.stderr[-6000:]}\nstdout: {proc.stdout[-2000:]}")
-    assert "Exception in thread" not in proc.stderr, f"a thread of {name} died:\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"{name} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return hostile_child.run_child(tmp_path, PRELUDE, body, hang_s, name)
 
 
 def test_conv2d_bits_do_not_depend_on_another_threads_region(tmp_path):
@@ -76,21 +70,13 @@ def test_conv2d_bits_do_not_depend_on_another_threads_region(tmp_path):
         assert conv_cpu.takes(one_part[0].shape, one_part[1].shape, 1, (64, 64), 4)
         assert not conv_cpu.takes(small[0].shape, small[1].shape, 1, (32, 32), 4)
         alone = [digest(gpuconv.ops.conv2d(x, w, padding=1)) for x, w in (one_part, small)]
-        stop = threading.Event()
-
-        def regions():
-            while not stop.is_set():
-                gpuconv.ops.conv2d(big[0], big[1], padding=1)
-
-        other = threading.Thread(target=regions)
-        other.start()
+        stop = regions_in_another_thread(*big)
         seen, calls, deadline = [set(), set()], 0, time.monotonic() + 3
         while time.monotonic() < deadline:
             for i, (x, w) in enumerate((one_part, small)):
                 seen[i].add(digest(gpuconv.ops.conv2d(x, w, padding=1)))
             calls += 1
-        stop.set()
-        other.join()
+        stop()
         emit(alone=alone, seen=[sorted(s) for s in seen], calls=calls)
     ''')
     assert r["calls"] >= 3, r
@@ -157,14 +143,7 @@ def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
         x, w = arrays([(8, 16, 64, 64), (16, 16, 3, 3)], seed=4)
         expected = conv.conv2d_forward_numpy(x, w, None, (1, 1), (1, 1), (1, 1), 1)
         outside = blas.get_num_threads()
-        stop = threading.Event()
-
-        def regions():
-            while not stop.is_set():
-                gpuconv.ops.conv2d(big[0], big[1], padding=1)
-
-        other = threading.Thread(target=regions)
-        other.start()
+        stop = regions_in_another_thread(*big)
         while not cpu_plan._region_lock.locked():
             time.sleep(0.0002)
         read_end, write_end = os.pipe()
@@ -189,8 +168,7 @@ def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
         else:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        stop.set()
-        other.join()
+        stop()
         child = json.loads(os.read(read_end, 1 << 16).decode() or '"hang"')
         emit(child=child, outside=outside, parent_blas=blas.get_num_threads())
     ''')

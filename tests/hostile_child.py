@@ -1,0 +1,40 @@
+"""Running a hostile scenario in a child process, for tests/test_executor_hostile.py and
+tests/test_ops_cpu_hostile.py: a fresh interpreter with one worker (GPUCONV_CPU_WORKERS=1) under a
+hard timeout, whose last "RESULT <json>" line is the scenario's outcome. A child that hangs dumps
+its threads' stacks (faulthandler, armed by the script from HOSTILE_HANG_S) and the test fails
+saying "hang"; a dead thread, a non-zero exit or no result fails it too."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_child(tmp_path, prelude, body, hang_s, name, **environment):
+    """prelude + body (dedented) as tmp_path/<name>.py in a fresh interpreter -> its RESULT dict.
+    `environment` adds variables to the child's."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(prelude + "\n" + textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GPUCONV_EMULATE")}
+    env.update(GPUCONV_CPU_WORKERS="1", HOSTILE_HANG_S=str(hang_s), PYTHONFAULTHANDLER="1", **environment,
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=hang_s + 20, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"hang: {name} did not finish in {hang_s + 20} s (killed)\n"
+                    f"stdout: {expired.stdout}\nstderr: {expired.stderr}")
+    if "Timeout (0:" in proc.stderr:
+        pytest.fail(f"hang: {name} did not finish in {hang_s} s; the stacks of its threads:\n"
+                    f"{proc.stderr[-6000:]}\nstdout: {proc.stdout[-2000:]}")
+    assert "Exception in thread" not in proc.stderr, f"a thread of {name} died:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"{name} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
