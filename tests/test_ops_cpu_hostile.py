@@ -18,7 +18,7 @@ import numpy as np
 import gpuconv
 from gpuconv import blas
 from gpuconv.nn import cpu_plan
-from gpuconv.ops import conv, conv_cpu
+from gpuconv.ops import conv, conv_cpu, norm_cpu
 
 
 def arrays(shape, seed=0):
@@ -50,6 +50,53 @@ def regions_in_another_thread(x, w):
         other.join()
 
     return stop_and_join
+
+
+def residual_net(seed):
+    """The README's residual CNN: conv + BatchNorm + ReLU, a residual conv, average pool, linear.
+    At batch 64 on 28x28 its convs take conv_cpu's parts and its batch norm norm_cpu's."""
+    from gpuconv import nn, functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.res = nn.Conv2d(16, 16, 3, padding=1)
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.conv(x)
+            x = F.relu(x + self.res(x))
+            return self.fc(self.pool(x).flatten(1))
+
+    net = Net()
+    rng = np.random.default_rng(seed)
+    for p in net.parameters():  # the same weights for every net of this seed
+        p.data[...] = rng.standard_normal(p.data.shape).astype(p.data.dtype) * 0.3
+    return net
+
+
+def batch(seed, n=64):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def step_grads(net, x, y, switch_to_eval=False):
+    """One forward and backward -> a digest of every parameter's gradient; switch_to_eval calls
+    net.eval() between the forward and the backward."""
+    from gpuconv import functional as F
+    for p in net.parameters():
+        p.grad = None
+    loss = F.cross_entropy(net(gpuconv.tensor(x)), y)
+    if switch_to_eval:
+        net.eval()
+    loss.backward()
+    return [digest(p.grad) for p in net.parameters()]
+
+
+def uses_the_split_paths():
+    """The residual conv runs in conv_cpu's parts, the batch norm in norm_cpu's."""
+    return (conv_cpu.takes((64, 16, 28, 28), (16, 16, 3, 3), 1, (28, 28), 4)
+            and 64 * 16 * 28 * 28 * 4 >= norm_cpu.MIN_BYTES)
 '''
 
 
@@ -176,6 +223,101 @@ def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
     assert "error" not in r["child"], r["child"]
     assert r["child"]["ok"] and r["child"]["bn"], r
     assert r["child"]["blas"] == r["outside"] == r["parent_blas"], r
+
+
+def test_training_beside_another_threads_blas_work_gives_the_same_bits(tmp_path):
+    """Another thread multiplies matrices with NumPy's BLAS the whole time (its thread count is the
+    process's, which every region sets to 1 for its length): the residual net's gradients are the
+    same bits as alone, over several batches, and the BLAS count is the program's afterwards."""
+    r = run_child(tmp_path, r'''
+        assert uses_the_split_paths()
+        net = residual_net(1)
+        batches = [batch(i) for i in range(3)]
+        alone = [step_grads(net, *b) for b in batches]
+        before = blas.get_num_threads()
+        stop, products = threading.Event(), []
+
+        def blas_work():
+            a = np.random.default_rng(9).standard_normal((300, 300))
+            while not stop.is_set():
+                products.append(float((a @ a)[0, 0]))
+
+        other = threading.Thread(target=blas_work)
+        other.start()
+        beside = [step_grads(net, *b) for b in batches for _ in range(2)]
+        stop.set()
+        other.join()
+        emit(alone=alone, beside=beside, products=len(products), same_products=len(set(products)) <= 2,
+             before=before, after=blas.get_num_threads())
+    ''')
+    assert r["products"] > 0, r
+    for i, grads in enumerate(r["beside"]):
+        assert grads == r["alone"][i // 2], f"batch {i // 2}: other gradient bits beside another thread's BLAS work"
+    assert r["after"] == r["before"]
+
+
+def test_two_threads_training_their_own_models_each_get_the_bits_of_training_alone(tmp_path):
+    r = run_child(tmp_path, r'''
+        from gpuconv import optim, functional as F
+
+        def train(seed, steps=4):
+            net = residual_net(seed)
+            opt = optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+            for i in range(steps):
+                x, y = batch(100 * seed + i)
+                loss = F.cross_entropy(net(gpuconv.tensor(x)), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return [digest(p.data) for p in net.parameters()]
+
+        alone = [train(1), train(2)]
+        results, errors = {}, []
+
+        def run(seed):
+            try:
+                results[seed] = train(seed)
+            except BaseException as error:
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        emit(alone=alone, together=[results.get(1), results.get(2)], errors=errors)
+    ''', hang_s=60)
+    assert not r["errors"], r["errors"]
+    assert r["together"] == r["alone"], "a model trained beside another thread's training ended on other weights"
+
+
+def test_eval_between_forward_and_backward_keeps_the_training_gradient(tmp_path):
+    """As in PyTorch, the backward of a forward run in training mode differentiates through the
+    batch statistics even if the model was switched to eval() in between."""
+    r = run_child(tmp_path, r'''
+        x, y = batch(5)
+        train_mode = step_grads(residual_net(3), x, y)
+        switched = step_grads(residual_net(3), x, y, switch_to_eval=True)
+        emit(train_mode=train_mode, switched=switched)
+    ''')
+    assert r["switched"] == r["train_mode"]
+
+
+def test_a_pipe_to_a_subprocess_sees_its_eof_beside_the_ops_threads(tmp_path):
+    """The ops' worker threads exist (a split conv ran) when the program starts a subprocess and
+    closes its end of the pipe: the subprocess sees end-of-file and exits."""
+    r = run_child(tmp_path, r'''
+        import subprocess
+        net = residual_net(4)
+        step_grads(net, *batch(0))
+        assert any(t.name == "gpuconv-ops" for t in threading.enumerate())
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; print(len(sys.stdin.read()))"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        step_grads(net, *batch(1))  # a region while the subprocess waits for its input
+        out, _ = proc.communicate("x" * 1000, timeout=10)
+        emit(out=out.strip(), rc=proc.returncode)
+    ''')
+    assert r == {"out": "1000", "rc": 0}
 
 
 @pytest.mark.parametrize("size", ["whole-array", "norm_cpu"])
