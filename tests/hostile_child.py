@@ -14,12 +14,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Helpers every child script gets after its prelude.
+CHILD_HELPERS = r'''
+def wait_or_kill(pid, seconds, poll=0.02):
+    """A forked child's wait status once it exits, or None if it is still running after `seconds`
+    (it is then killed and reaped)."""
+    import os as _os, signal as _signal, time as _time
+    deadline = _time.monotonic() + seconds
+    while _time.monotonic() < deadline:
+        done, status = _os.waitpid(pid, _os.WNOHANG)
+        if done:
+            return status
+        _time.sleep(poll)
+    _os.kill(pid, _signal.SIGKILL)
+    _os.waitpid(pid, 0)
+    return None
+'''
+
 
 def run_child(tmp_path, prelude, body, hang_s, name, **environment):
     """prelude + body (dedented) as tmp_path/<name>.py in a fresh interpreter -> its RESULT dict.
     `environment` adds variables to the child's."""
     script = tmp_path / f"{name}.py"
-    script.write_text(prelude + "\n" + textwrap.dedent(body))
+    script.write_text(prelude + "\n" + CHILD_HELPERS + "\n" + textwrap.dedent(body))
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GPUCONV_EMULATE")}
     env.update(GPUCONV_CPU_WORKERS="1", HOSTILE_HANG_S=str(hang_s), PYTHONFAULTHANDLER="1", **environment,

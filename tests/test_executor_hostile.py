@@ -1233,15 +1233,8 @@ def test_a_forked_child_trains(tmp_path, kind):
             os.write(write_end, json.dumps(report).encode())
             os._exit(0)
         os.close(write_end)
-        deadline, status = time.monotonic() + 30, None
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        status = wait_or_kill(pid, 30, poll=0.05)
+        if status is None:
             emit(child="hang")
             sys.exit(0)
         child = json.loads(os.read(read_end, 1 << 16).decode() or "{}")

@@ -206,15 +206,7 @@ def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
             os.write(write_end, json.dumps(report).encode())
             os._exit(0)
         os.close(write_end)
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.02)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        wait_or_kill(pid, 8)  # a child that hung is killed: its report is then "hang"
         stop()
         child = json.loads(os.read(read_end, 1 << 16).decode() or '"hang"')
         emit(child=child, outside=outside, parent_blas=blas.get_num_threads())

@@ -12,17 +12,13 @@ import numpy as np
 
 import gpuconv
 from gpuconv import blas
-from gpuconv.ops import activation, conv, conv_cpu, norm
+from gpuconv.bench.timing import time_cpu
+from gpuconv.ops import activation, conv, conv_cpu, cpu_parts, norm
 
 
 def median_ms(function, repeat=15):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    """The bench's own timing: one unmeasured call, then the median of `repeat`."""
+    return 1e3 * time_cpu(function, repeat, warmup=0)["median_s"]
 
 
 def page_faults():
@@ -157,10 +153,10 @@ def _scatter(dy, x, w, stride, padding):
     def part(start, stop):
         layout = conv_cpu._Rows(geo, x.dtype)
         weights = layout.weight_matrix(w)
-        for first, last in conv_cpu._ranges(start, stop, layout.chunk):
+        for first, last in cpu_parts.ranges(start, stop, layout.chunk):
             layout.add_input_grad(dy, weights, first, last, dx)
 
-    conv_cpu._in_parts(part, geo.n)
+    cpu_parts.in_parts(part, geo.n)
     return dx
 
 

@@ -419,15 +419,15 @@ def _switch_interval(seconds):
     is slow on a VM). The waiter only forces a hand-over after the switch interval (5 ms by
     default); 0.2 ms bounds that. A small measured gain (docs/performance.md)."""
     global _saved_interval
-    previous = sys.getswitchinterval()
     # CPython keeps whole microseconds and truncates 1e6 * value: restore the same count
-    _saved_interval = (round(previous * 1e6) + 0.5) * 1e-6
+    previous = (round(sys.getswitchinterval() * 1e6) + 0.5) * 1e-6
+    _saved_interval = previous
     sys.setswitchinterval(seconds)
     try:
         yield
     finally:
         _saved_interval = None
-        sys.setswitchinterval((round(previous * 1e6) + 0.5) * 1e-6)
+        sys.setswitchinterval(previous)
 
 
 def run_alone(function, *args):

@@ -41,16 +41,15 @@ def relu_backward(dy, x):
     if uses_cuda_kernels(dy):
         from . import elementwise_cuda
         return elementwise_cuda.relu_backward(dy, x)
-    return _keep_where_positive(dy, x)
+    if xp is np and dy.dtype.itemsize in _SAME_SIZE_INTS:
+        return _keep_where_positive(dy, x)
+    return xp.where(x > 0, dy, 0)
 
 
 def _keep_where_positive(dy, x):
     """dy where x > 0, else +0 (also where dy is NaN, as np.where would give): dy's bits ANDed with
     a mask of all ones or all zeros. np.where picks element by element and took several times as
     long on an activation of mixed signs (docs/performance.md, "Any CNN on the CPU, session 6")."""
-    xp = get_array_module(dy)
-    if xp is not np or dy.dtype.itemsize not in _SAME_SIZE_INTS:
-        return xp.where(x > 0, dy, 0)
     ints = _SAME_SIZE_INTS[dy.dtype.itemsize]
     mask = np.negative(np.greater(x, 0).view(np.int8))  # -1 (every bit set) where x > 0, else 0
     return np.bitwise_and(dy.view(ints), mask, dtype=ints).view(dy.dtype)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ArgumentError, ShapeError
-from . import conv_cpu
+from . import conv_cpu, cpu_parts
 from ._args import (check_float_array, check_input_weight_bias, check_same_dtype, conv_output_size, pair,
                     same_device)
 
@@ -101,14 +101,6 @@ def _pad_explicit(x, explicit):
     return xp.pad(x, ((0, 0), (0, 0)) + explicit)
 
 
-def _alone(function, *args):
-    """The whole-batch NumPy path with the BLAS as it is, but never while another thread's parallel
-    region has set it to one thread (the bits would then depend on timing): cpu_plan.run_alone."""
-    # Imported here: gpuconv.nn imports the ops, so a module-level import would be circular.
-    from ..nn.cpu_plan import run_alone
-    return run_alone(function, *args)
-
-
 # ----------------------------------------------------------------------------------------------
 # public API
 
@@ -134,7 +126,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, algo="auto",
     if conv_cpu.takes(x.shape, w.shape, groups, out_hw, x.itemsize):
         y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
     else:
-        y = _alone(conv2d_forward_numpy, x, w, b, stride, padding, dilation, groups, algo)
+        y = cpu_parts.alone(conv2d_forward_numpy, x, w, b, stride, padding, dilation, groups, algo)
     return np.maximum(y, 0, out=y) if activation == "relu" else y
 
 
@@ -163,8 +155,8 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1, algo="a
         dx, dw, db = conv_cpu.conv2d_backward(dy, x_padded, w, stride, padding, dilation,
                                               need_dx, need_bias, need_dw)
     else:
-        dx, dw, db = _alone(conv2d_backward_numpy, dy, x_padded, w, stride, padding, dilation, groups,
-                            algo, need_dx, need_bias, need_dw)
+        dx, dw, db = cpu_parts.alone(conv2d_backward_numpy, dy, x_padded, w, stride, padding, dilation,
+                                     groups, algo, need_dx, need_bias, need_dw)
     if dx is not None and explicit is not None:
         (top, _), (left, _) = explicit
         dx = dx[:, :, top:top + x.shape[2], left:left + x.shape[3]].copy()

@@ -33,6 +33,7 @@ on timing.
 import numpy as np
 
 from . import cpu_parts
+from ._args import conv_output_size
 
 # A chunk's column matrix aims at this size: a core's L2 (1 MiB here) plus a share of L3; the best
 # of 0.25-8 MiB at ResNet-20's shapes (docs/performance.md).
@@ -63,8 +64,8 @@ class _Geometry:
         self.o, _, self.kh, self.kw = w_shape
         (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = stride, padding, dilation
         self.padded = (self.h + 2 * self.ph, self.w + 2 * self.pw)
-        self.oh = (self.padded[0] - self.dh * (self.kh - 1) - 1) // self.sh + 1
-        self.ow = (self.padded[1] - self.dw * (self.kw - 1) - 1) // self.sw + 1
+        self.oh = conv_output_size(self.h, self.kh, self.sh, self.ph, self.dh)
+        self.ow = conv_output_size(self.w, self.kw, self.sw, self.pw, self.dw)
         self.k = self.kh * self.kw * self.c  # a column's length
 
     def chunk_of(self, column_bytes_per_image):
@@ -85,6 +86,7 @@ class _Rows:
         self.chunk = geo.chunk_of(geo.oh * geo.ow * geo.k * np.dtype(dtype).itemsize)
         self.padded = np.zeros((self.chunk,) + geo.padded + (geo.c,), dtype=dtype)  # borders stay 0
         self.cols = np.empty((self.chunk, geo.oh, geo.ow, geo.kh, geo.kw, geo.c), dtype=dtype)
+        self.out = self.dy_buffer = self.grad = None  # made on first use: a call needs only some
         self.row_windows = None
         if geo.dw == 1:
             # The KW taps of one kernel row are one contiguous run of KW*C values of the padded
@@ -135,7 +137,7 @@ class _Rows:
 
     def forward(self, x, w_matrix, first, last, y):
         geo, m = self.geo, last - first
-        if not hasattr(self, "out"):
+        if self.out is None:
             self.out = np.empty((self.chunk * geo.oh * geo.ow, geo.o), dtype=x.dtype)
         cols = self.columns(x, first, last)
         rows = np.matmul(cols, w_matrix, out=self.out[:len(cols)])
@@ -143,7 +145,7 @@ class _Rows:
 
     def _dy_rows(self, dy, first, last):
         geo, m = self.geo, last - first
-        if not hasattr(self, "dy_buffer"):
+        if self.dy_buffer is None:
             self.dy_buffer = np.empty((self.chunk, geo.oh, geo.ow, geo.o), dtype=dy.dtype)
         rows = self.dy_buffer[:m]
         rows[...] = dy[first:last].transpose(0, 2, 3, 1)
@@ -157,7 +159,7 @@ class _Rows:
         """dx of images first..last-1: the columns' gradient dy @ W.T, added back tap by tap into
         a padded channels-last buffer (its borders, the padding, are dropped)."""
         m = last - first
-        if not hasattr(self, "grad"):
+        if self.grad is None:
             self.grad = np.empty_like(self.padded)
         rows = self._dy_rows(dy, first, last)
         dcols = np.matmul(rows, w_matrix.T, out=self.cols[:m].reshape(-1, self.geo.k))
@@ -186,6 +188,7 @@ class _Wide:
         self.cols = np.empty((self.chunk, geo.c, geo.kh, geo.kw, self.size), dtype=dtype)
         self.offsets = [(i, j, i * geo.dh * self.width + j * geo.dw)
                         for i in range(geo.kh) for j in range(geo.kw)]
+        self.wide = None  # the output-sized buffer, made on first use
 
     @staticmethod
     def weight_matrix(w):
@@ -208,7 +211,7 @@ class _Wide:
     def _wide_rows(self, m):
         """(m, O, OH, W') view of a reused output-sized buffer whose junk columns stay zero."""
         geo = self.geo
-        if not hasattr(self, "wide"):
+        if self.wide is None:
             self.wide = np.zeros((self.chunk, geo.o, geo.oh * self.width), dtype=self.padded.dtype)
         return self.wide[:m]
 
@@ -227,15 +230,6 @@ class _Wide:
         return np.matmul(wide[:, :, :self.size], cols.transpose(0, 2, 1)).sum(axis=0)
 
 
-def _in_parts(function, batch):
-    return cpu_parts.in_parts(function, batch)
-
-
-def _ranges(start, stop, chunk):
-    for first in range(start, stop, chunk):
-        yield first, min(first + chunk, stop)
-
-
 def conv2d_forward(x, w, b, stride, padding, dilation):
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     y = np.empty((geo.n, geo.o, geo.oh, geo.ow), dtype=x.dtype)
@@ -243,12 +237,12 @@ def conv2d_forward(x, w, b, stride, padding, dilation):
     def part(start, stop):
         layout = _layout_class(geo)(geo, x.dtype)  # a part's buffers are its own
         weights = layout.weight_matrix(w)
-        for first, last in _ranges(start, stop, layout.chunk):
+        for first, last in cpu_parts.ranges(start, stop, layout.chunk):
             layout.forward(x, weights, first, last, y)
             if b is not None:
                 y[first:last] += b.reshape(-1, 1, 1)
 
-    _in_parts(part, geo.n)
+    cpu_parts.in_parts(part, geo.n)
     return y
 
 
@@ -277,7 +271,7 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
         weights = scatter.weight_matrix(w) if need_dx else None
         dw = db = None
         chunk = min(user.chunk for user in (layout, scatter) if user is not None)  # fits both buffers
-        for first, last in _ranges(start, stop, chunk):
+        for first, last in cpu_parts.ranges(start, stop, chunk):
             if need_bias:
                 db = _accumulate(db, dy[first:last].sum(axis=(0, 2, 3)))
             if need_dw:
@@ -287,7 +281,7 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
         return dw, db
 
     dw = db = None
-    for part_dw, part_db in _in_parts(part, geo.n):  # in part order: the same sums every time
+    for part_dw, part_db in cpu_parts.in_parts(part, geo.n):  # in part order: the same sums every time
         dw = _accumulate(dw, part_dw) if need_dw else None
         db = _accumulate(db, part_db) if need_bias else None
     if need_dw:

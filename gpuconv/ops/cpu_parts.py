@@ -8,19 +8,33 @@ part order, so a result never depends on timing.
 """
 
 
+# cpu_plan is imported inside the functions: gpuconv.nn imports the ops, so a module-level import
+# would be circular.
+
 def in_parts(function, batch):
     """function(start, stop) for each part of range(batch) -> the results in part order."""
-    # Imported here: gpuconv.nn imports the ops, so a module-level import would be circular.
     from ..nn.cpu_plan import run_in_parts
     return run_in_parts(function, batch)
 
 
+def alone(function, *args):
+    """function(*args) in this thread with the BLAS as it is, but never while another thread's
+    region has set it to one thread (the bits would then depend on timing): cpu_plan.run_alone."""
+    from ..nn.cpu_plan import run_alone
+    return run_alone(function, *args)
+
+
+def ranges(start, stop, step):
+    """(first, last) bounds of start..stop in steps of `step` images, the last one shorter."""
+    for first in range(start, stop, step):
+        yield first, min(first + step, stop)
+
+
 def chunks(x, start, stop, chunk_bytes):
     """Slices of x's first axis from start to stop, each about chunk_bytes (at least one image)."""
-    per_image = x[0].nbytes or 1
-    step = max(1, chunk_bytes // per_image)
-    for first in range(start, stop, step):
-        yield slice(first, min(first + step, stop))
+    step = max(1, chunk_bytes // (x[0].nbytes or 1))
+    for first, last in ranges(start, stop, step):
+        yield slice(first, last)
 
 
 def each_chunk(function, x, chunk_bytes):

@@ -71,8 +71,8 @@ def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=Tr
     check_same_dtype(dy=dy, x=x, weight=weight)
     if dy.shape != x.shape:
         raise ShapeError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    scale = invstd if weight is None else invstd * weight
     if _on_cpu(x):
-        scale = invstd if weight is None else invstd * weight
         return norm_cpu.backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), mean, invstd, scale,
                                  training, need_dx)
     xhat = (x - _per_channel(mean)) * _per_channel(invstd)
@@ -80,7 +80,6 @@ def batch_norm2d_backward(dy, x, weight, mean, invstd, training=True, need_dx=Tr
     dweight = (dy * xhat).sum(axis=_AXES)
     if not need_dx:
         return None, dweight, dbias
-    scale = invstd if weight is None else invstd * weight
     if not training:
         return dy * _per_channel(scale), dweight, dbias
     count = x.dtype.type(x.shape[0] * x.shape[2] * x.shape[3])
