@@ -179,6 +179,58 @@ def chunk_sizes(batch=128):
         print(f"c{c}@{side} forward by CHUNK_BYTES: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + " ms")
 
 
+def small_sizes():
+    """The thresholds: a small conv on conv.py's whole-batch path against conv_cpu's parts
+    (REFERENCE_MAX_BYTES), batch norm forward + backward whole-array against norm_cpu
+    (norm_cpu.MIN_BYTES), interleaved."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    w = rng.standard_normal((6, 1, 5, 5)).astype(np.float32)
+    one, pad = (1, 1), (2, 2)
+    times = _interleaved({"whole batch": lambda: conv.conv2d_forward_numpy(x, w, None, one, pad, one, 1),
+                          "parts": lambda: conv_cpu.conv2d_forward(x, w, None, one, pad, one)}, calls=20)
+    print("LeNet-5 conv1 forward, batch 4: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + " ms")
+    for batch in (8, 32):  # 512 KiB and 2 MiB of (batch, 64, 16, 16) float32
+        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        weight, bias = np.ones(64, np.float32), np.zeros(64, np.float32)
+
+        def step(on_cpu):
+            original, norm._on_cpu = norm._on_cpu, on_cpu
+            try:
+                _, mean, _, invstd = norm.batch_norm2d(x, weight, bias)
+                norm.batch_norm2d_backward(dy, x, weight, mean, invstd)
+            finally:
+                norm._on_cpu = original
+
+        times = _interleaved({"whole-array": lambda: step(lambda a: False),
+                              "norm_cpu": lambda: step(lambda a: True)}, calls=10)
+        print(f"batch norm forward + backward, {x.nbytes >> 10} KiB: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + " ms")
+
+
+def relu_in_parts():
+    """ReLU and its backward in one call against in parts over the cores (cpu_parts), which was
+    tried and dropped: memory-bound, the second core buys little or nothing."""
+    for batch in (32, 64, 128):  # 2, 4 and 8 MiB of (batch, 16, 32, 32) float32
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, 16, 32, 32)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+
+        def forward_in_parts():
+            y = np.empty_like(x)
+            cpu_parts.each_chunk(lambda i: np.maximum(x[i], 0, out=y[i]), x, 1 << 19)
+
+        def backward_in_parts():
+            dx = np.empty_like(dy)
+            cpu_parts.each_chunk(lambda i: dx.__setitem__(i, activation.relu_backward(dy[i], x[i])), dy, 1 << 19)
+
+        times = _interleaved({"forward one call": lambda: activation.relu(x), "forward in parts": forward_in_parts,
+                              "backward one call": lambda: activation.relu_backward(dy, x),
+                              "backward in parts": backward_in_parts}, calls=5)
+        print(f"ReLU, {x.nbytes >> 20} MiB: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + " ms")
+
+
 if __name__ == "__main__":
     print(f"workers: {gpuconv.get_cpu_workers()}, BLAS threads: {blas.get_num_threads()}")
     page_faults()
@@ -188,3 +240,5 @@ if __name__ == "__main__":
     batch_norm()
     layouts_and_reference()
     chunk_sizes()
+    small_sizes()
+    relu_in_parts()
