@@ -131,34 +131,41 @@ def test_public_conv2d_takes_this_path_for_one_group_and_a_large_batch(monkeypat
     large = np.ones((64, 4, 32, 32), np.float32)  # 64 * 36 * 900 * 4 = 8.3 MB
     y = gpuconv.ops.conv2d(large, w)
     gpuconv.ops.conv2d_backward(y, large, w)
+    # float32 with 4 input channels: the batch-innermost layout takes both gradients (no gather)
+    assert calls == ["forward", "backward"]
+    conv_cpu.conv2d_backward(y.astype(np.float64), large.astype(np.float64), w.astype(np.float64),
+                             (1, 1), (0, 0), (1, 1), True, True, True)
+    assert calls[2:] == ["backward", "forward"]  # float64: the stride-1 input gradient is a conv of dy
     gpuconv.ops.conv2d(large, np.ones((4, 2, 3, 3), np.float32), groups=2)
-    assert calls == ["forward", "backward", "forward"]  # the stride-1 input gradient: a conv of dy
+    assert len(calls) == 4
     monkeypatch.setattr(conv_cpu, "REFERENCE_MAX_BYTES", 0)
     gpuconv.ops.conv2d(small, w)
     assert calls[-1] == "forward"
 
 
-def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(monkeypatch):
+@pytest.mark.parametrize("dtype, layout, method", [(np.float64, "_Wide", "columns"),
+                                                   (np.float32, "_BatchInner", "forward")])
+def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(dtype, layout, method, monkeypatch):
     gpuconv.set_cpu_workers(1)
     try:
         before = blas.get_num_threads()
-        x, w, b, stride, padding, dilation = _arrays(SHAPES[0], np.float32)
+        x, w, b, stride, padding, dilation = _arrays(SHAPES[0], dtype)
         conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
         assert blas.get_num_threads() == before
-        real = conv_cpu._Wide.columns
-        assert conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, dilation)) \
-            is conv_cpu._Wide
+        geo = conv_cpu._Geometry(x.shape, w.shape, stride, padding, dilation)
+        assert (conv_cpu._batch_inner(geo, dtype) or conv_cpu._layout_class(geo).__name__ == layout)
+        real = getattr(getattr(conv_cpu, layout), method)
 
-        def failing(self, x, first, last):
+        def failing(self, x, first, *rest):
             if first > 0:  # the worker thread's part
                 raise MemoryError("part failed")
-            return real(self, x, first, last)
+            return real(self, x, first, *rest)
 
-        monkeypatch.setattr(conv_cpu._Wide, "columns", failing)
+        monkeypatch.setattr(getattr(conv_cpu, layout), method, failing)
         with pytest.raises(MemoryError, match="part failed"):
             conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
         assert blas.get_num_threads() == before
-        monkeypatch.setattr(conv_cpu._Wide, "columns", real)
+        monkeypatch.setattr(getattr(conv_cpu, layout), method, real)
         # the region's lock was released: the next call runs
         np.testing.assert_allclose(conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation),
                                    conv.conv2d_forward_numpy(x, w, b, stride, padding, dilation, 1),
@@ -205,3 +212,93 @@ def test_two_user_threads_at_once_each_get_their_own_result():
             np.testing.assert_allclose(results[i], expected[i], rtol=1e-12, atol=1e-12)
     finally:
         gpuconv.set_cpu_workers(None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch-innermost layout (_BatchInner: the CPU executor's ConvOp on one conv), which float32
+# convs with stride and dilation 1 take; float64 never does, so it is checked against float64.
+
+INNER_SHAPES = [
+    ((7, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1)),
+    ((5, 1, 12, 12), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)),   # LeNet-5's conv1, smaller
+    ((6, 6, 9, 9), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)),    # LeNet-5's conv2, smaller
+    ((3, 20, 6, 7), (3, 20, 3, 3), (1, 1), (1, 1), (1, 1)),   # 20 channels: input gradient by gather
+    ((3, 8, 6, 7), (9, 8, 3, 3), (1, 1), (1, 1), (1, 1)),     # 8 channels: by gather too
+    ((4, 3, 6, 6), (2, 3, 1, 1), (1, 1), (1, 1), (1, 1)),     # padding wider than the kernel's reach
+    ((4, 2, 7, 5), (3, 2, 2, 3), (1, 1), (0, 1), (1, 1)),     # even, non-square kernel
+]
+
+
+@pytest.mark.parametrize("shape, forward, dx, dw", [
+    (INNER_SHAPES[0], True, True, True),
+    (INNER_SHAPES[3], True, False, True),
+    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), True, False, True),
+    (((1, 7, 32, 32), (16, 7, 3, 3), (1, 1), (1, 1), (1, 1)), True, True, True),
+    (((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1)), False, False, False),  # strided
+    (SHAPES[2], False, False, False),  # dilated
+])
+def test_batch_inner_layout_per_shape(shape, forward, dx, dw):
+    geo = conv_cpu._Geometry(*shape)
+    assert conv_cpu._batch_inner(geo, np.float32) is forward
+    assert conv_cpu._batch_inner(geo, np.float32, "input") is dx
+    assert conv_cpu._batch_inner(geo, np.float32, "filter") is dw
+    assert not any(conv_cpu._batch_inner(geo, np.float64, g) for g in (None, "input", "filter"))
+
+
+@pytest.fixture(params=["one-image-chunks", "default-chunks"])
+def inner_chunk_bytes(request, monkeypatch):
+    if request.param == "one-image-chunks":
+        monkeypatch.setattr(conv_cpu, "BATCH_INNER_BYTES", 1)
+    return request.param
+
+
+def _relative_error(got, want):
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+@pytest.mark.parametrize("shape", INNER_SHAPES, ids=range(len(INNER_SHAPES)))
+def test_batch_inner_matches_float64(shape, workers, inner_chunk_bytes):
+    x, w, b, stride, padding, dilation = _arrays(shape, np.float32)
+    wide = [a.astype(np.float64) for a in (x, w, b)]
+    y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+    expected = conv.conv2d_forward_numpy(*wide, stride, padding, dilation, 1)
+    assert y.dtype == np.float32 and y.shape == expected.shape
+    assert _relative_error(y, expected) < 1e-5
+    dy = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    want = conv.conv2d_backward_numpy(dy.astype(np.float64), wide[0], wide[1], stride, padding, dilation, 1)
+    got = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, True, True, True)
+    for name, g, e in zip(("dx", "dw", "db"), got, want):
+        assert g.dtype == np.float32 and g.shape == e.shape, name
+        assert _relative_error(g, e) < 1e-5, name
+    for need_dx, need_bias, need_dw in [(True, False, False), (False, True, False), (False, False, True)]:
+        alone = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, need_dw)
+        for g, together, needed in zip(alone, got, (need_dx, need_dw, need_bias)):
+            if needed:  # the same sums with or without the other gradients
+                assert np.array_equal(g, together)
+            else:
+                assert g is None
+
+
+def test_batch_inner_leaves_its_inputs_alone(workers):
+    x, w, b, stride, padding, dilation = _arrays(INNER_SHAPES[1], np.float32)
+    dy = np.random.default_rng(4).standard_normal((5, 6, 12, 12)).astype(np.float32)
+    copies = [a.copy() for a in (x, w, b, dy)]
+    conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
+    conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, True, True, True)
+    for a, copy in zip((x, w, b, dy), copies):
+        assert np.array_equal(a, copy)
+
+
+def test_batch_inner_reads_strided_views(workers):
+    """x, w and dy may be views (a slice of a larger batch, a transposed weight)."""
+    x, w, b, stride, padding, dilation = _arrays(INNER_SHAPES[0], np.float32)
+    big = np.concatenate([x, x], axis=0)[::2]
+    wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    y = conv_cpu.conv2d_forward(big, wt, b, stride, padding, dilation)
+    assert np.array_equal(y, conv_cpu.conv2d_forward(np.ascontiguousarray(big), w, b, stride, padding, dilation))
+    dy = np.random.default_rng(5).standard_normal((2,) + y.shape).astype(np.float32)[0]
+    got = conv_cpu.conv2d_backward(dy[:, :, :, :], big, wt, stride, padding, dilation, True, True, True)
+    want = conv_cpu.conv2d_backward(np.ascontiguousarray(dy), np.ascontiguousarray(big), w, stride, padding,
+                                    dilation, True, True, True)
+    for g, e in zip(got, want):
+        assert np.array_equal(g, e)

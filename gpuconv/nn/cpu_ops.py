@@ -275,13 +275,26 @@ class ConvOp(Op):
         """The fused conv output [F, A, B, PH, PW, n] as [F, A*B, PH, PW, n]: one block per tap."""
         return y.reshape((self.filters, self.window_taps) + self.pooled_hw + y.shape[-1:])
 
-    def forward(self, chunk, x, scratch):
-        n, c, (h, w) = chunk.n, self.channels, self.in_hw
-        (ph, pw), key, f = self.padding, self.index, self.filters
+    def _padded(self, chunk, x):
+        """x [C, H, W, n] as the contiguous, zero-padded input the products read."""
+        (ph, pw), (h, w) = self.padding, self.in_hw
         if ph or pw or not x.flags.c_contiguous:
-            padded = buffer(chunk.store, (key, "x"), (c, h + 2 * ph, w + 2 * pw, n), zero=True)
+            padded = buffer(chunk.store, (self.index, "x"), (self.channels, h + 2 * ph, w + 2 * pw, chunk.n),
+                            zero=True)
             padded[:, ph:ph + h, pw:pw + w, :] = x
             x = padded
+        return x
+
+    def restore(self, chunk, x):
+        """What a forward (without pooling) saves for the backward, without computing its output:
+        for a backward on its own (conv2d_backward on the CPU, gpuconv/ops/conv_cpu.py)."""
+        x = self._padded(chunk, x)
+        matrices = self._row_matrices(x, chunk.store, (self.index, "rows"), chunk.n) if self.row_path else None
+        chunk.saved[self.index] = dict(source=x, y=None, matrices=matrices)
+
+    def forward(self, chunk, x, scratch):
+        n, key, f = chunk.n, self.index, self.filters
+        x = self._padded(chunk, x)
         y = buffer(chunk.store, (key, "y"), (f,) + self.positions + (n,))
         matrices = self._product(x, y, chunk, scratch, n)
         chunk.saved[key] = dict(source=x, y=y, matrices=matrices)

@@ -48,6 +48,15 @@ WIDE_MAX_COLUMN = 144
 # the whole batch, the BLAS's own threads) is faster than the parts' hand-overs (a batch of 4 at
 # LeNet-5's conv1: docs/performance.md).
 REFERENCE_MAX_BYTES = 4 << 20
+# The batch-innermost layout (_BatchInner) runs a part in chunks of about this many bytes of
+# input copies, output and padded input: the best of 0.25-8 MiB at the stride-1 shapes of
+# LeNet-5 and ResNet-20 (docs/performance.md, "Session 7"; smaller chunks cost more in Python
+# and thinner products than they gain in the cache).
+BATCH_INNER_BYTES = 4 << 20
+# Its input gradient (ConvOp's, by rows) measured faster than the gather below 8 input
+# channels (LeNet-5's 1 and 6, ResNet's stem's 3: the gather's product has that many rows), the
+# gather from 16 channels on.
+GATHER_MIN_CHANNELS = 8
 
 
 def takes(x_shape, w_shape, groups, out_hw, itemsize):
@@ -70,6 +79,16 @@ class _Geometry:
 
     def chunk_of(self, column_bytes_per_image):
         return max(1, min(self.n, CHUNK_BYTES // column_bytes_per_image))
+
+
+def _batch_inner(geo, dtype, gradient=None):
+    """Whether the forward (gradient None), the "input" or the "filter" gradient runs in the
+    batch-innermost layout (_BatchInner): float32 convs with stride and dilation 1. From
+    GATHER_MIN_CHANNELS input channels on, the input gradient is the gather instead (a conv of dy,
+    whose forward is then batch-innermost too)."""
+    if dtype != np.float32 or (geo.sh, geo.sw, geo.dh, geo.dw) != (1, 1, 1, 1):
+        return False
+    return gradient != "input" or geo.c < GATHER_MIN_CHANNELS
 
 
 def _layout_class(geo):
@@ -230,9 +249,112 @@ class _Wide:
         return np.matmul(wide[:, :, :self.size], cols.transpose(0, 2, 1)).sum(axis=0)
 
 
+class _BatchInner:
+    """Batch innermost, as the CPU executor runs a whole network (gpuconv/nn/cpu_plan.py): a chunk
+    of images is transposed to [C, H, W, n] and run by the executor's own conv, ConvOp
+    (gpuconv/nn/cpu_ops.py), then transposed back. With n innermost, output row oh's columns
+    are one contiguous block of a copy of the input KH times smaller than im2col's columns, and
+    each product is F x (C*KH*KW) @ (C*KH*KW) x (OW*n): long rows for few, large filters (see
+    cpu_plan.py's docstring). Float32 only (the executor's buffers are float32)."""
+
+    def __init__(self, geo, w):
+        from ..nn.cpu_ops import Chunk, ConvOp
+        self.geo, self.make_chunk = geo, Chunk
+        self.op = ConvOp(_ConvLayer(geo, w), 0)
+        self.op.setup((geo.c, geo.h, geo.w))
+        # per image: the input's row copy (R, or the columns with dilation), the output, the input
+        copies = geo.padded[0] * geo.kw * geo.ow if geo.dh == 1 else geo.kh * geo.kw * geo.oh * geo.ow
+        image = 4 * (geo.c * copies + geo.o * geo.oh * geo.ow + geo.c * geo.padded[0] * geo.padded[1])
+        self.chunk = max(1, min(geo.n, BATCH_INNER_BYTES // image))
+        self.store, self.scratch = {}, {}  # the part's buffers, reused chunk after chunk
+
+    def _chunk(self, first, last):
+        chunk = self.make_chunk(first, last)
+        chunk.store = self.store
+        return chunk
+
+    def forward(self, x, first, last, y):
+        out = self.op.forward(self._chunk(first, last), x[first:last].transpose(1, 2, 3, 0), self.scratch)
+        np.copyto(y[first:last].transpose(1, 2, 3, 0), out)
+
+    def backward(self, x, dy, first, last, dx, need_dw):
+        """dx[first:last] (when dx is given) and, if need_dw, this chunk's filter gradient."""
+        geo, chunk = self.geo, self._chunk(first, last)
+        self.op.restore(chunk, x[first:last].transpose(1, 2, 3, 0))
+        d = self.store.get("dy")
+        if d is None or d.shape[-1] != chunk.n:
+            d = self.store["dy"] = np.empty((geo.o, geo.oh, geo.ow, chunk.n), np.float32)
+        np.copyto(d, dy[first:last].transpose(1, 2, 3, 0))
+        grads = _FilterGrad(need_dw)
+        g = self.op.backward(chunk, d, dx is not None, grads, self.scratch)
+        if dx is not None:
+            np.copyto(dx[first:last].transpose(1, 2, 3, 0), g)
+        return grads.value
+
+
+class _ConvLayer:
+    """What ConvOp reads of an nn.Conv2d: the bias is added by the callers here."""
+    groups, bias, training = 1, None, False
+
+    def __init__(self, geo, w):
+        self.in_channels, self.weight = geo.c, _Data(w)
+        self.stride, self.padding, self.dilation = (geo.sh, geo.sw), (geo.ph, geo.pw), (geo.dh, geo.dw)
+
+
+class _Data:
+    def __init__(self, data):
+        self.data = data
+
+
+class _FilterGrad:
+    """ConvOp's gradient sink (cpu_plan._Grads' interface): keeps the filter gradient if wanted."""
+
+    def __init__(self, wanted):
+        self.wanted, self.value = wanted, None
+
+    def add_later(self, param, compute, always=False):
+        if self.wanted:
+            self.value = compute()
+
+
+def _batch_inner_forward(geo, x, w, b, y):
+    def part(start, stop):
+        layout = _BatchInner(geo, w)
+        for first, last in cpu_parts.ranges(start, stop, layout.chunk):
+            layout.forward(x, first, last, y)
+            if b is not None:
+                y[first:last] += b.reshape(-1, 1, 1)
+
+    cpu_parts.in_parts(part, geo.n)
+    return y
+
+
+def _batch_inner_backward(geo, dy, x, w, need_dx, need_bias, need_dw):
+    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
+
+    def part(start, stop):
+        layout = _BatchInner(geo, w)
+        dw = db = None
+        for first, last in cpu_parts.ranges(start, stop, layout.chunk):
+            if need_bias:
+                db = _accumulate(db, dy[first:last].sum(axis=(0, 2, 3)))
+            if need_dx or need_dw:
+                chunk_dw = layout.backward(x, dy, first, last, dx, need_dw)
+                dw = _accumulate(dw, chunk_dw) if need_dw else None
+        return dw, db
+
+    dw = db = None
+    for part_dw, part_db in cpu_parts.in_parts(part, geo.n):  # in part order: the same sums every time
+        dw = _accumulate(dw, part_dw) if need_dw else None
+        db = _accumulate(db, part_db) if need_bias else None
+    return dx, dw, db
+
+
 def conv2d_forward(x, w, b, stride, padding, dilation):
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     y = np.empty((geo.n, geo.o, geo.oh, geo.ow), dtype=x.dtype)
+    if _batch_inner(geo, x.dtype):
+        return _batch_inner_forward(geo, x, w, b, y)
 
     def part(start, stop):
         layout = _layout_class(geo)(geo, x.dtype)  # a part's buffers are its own
@@ -248,6 +370,20 @@ def conv2d_forward(x, w, b, stride, padding, dilation):
 
 def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, need_dw):
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
+    inner_dx = need_dx and _batch_inner(geo, x.dtype, "input")
+    inner_dw = need_dw and _batch_inner(geo, x.dtype, "filter")
+    if not (inner_dx or inner_dw or (need_bias and _batch_inner(geo, x.dtype, "filter"))):
+        return _backward_in_rows(geo, dy, x, w, need_dx, need_bias, need_dw)
+    # db alone too is summed over these chunks: the same bits with or without the other gradients
+    dx, dw, db = _batch_inner_backward(geo, dy, x, w, inner_dx, need_bias, inner_dw)
+    if need_dx and not inner_dx:
+        dx = _backward_in_rows(geo, dy, x, w, True, False, False)[0]
+    return dx, dw, db
+
+
+def _backward_in_rows(geo, dy, x, w, need_dx, need_bias, need_dw):
+    """conv2d_backward in the _Rows and _Wide layouts."""
+    stride, padding, dilation = (geo.sh, geo.sw), (geo.ph, geo.pw), (geo.dh, geo.dw)
     dx = None
     full_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
     if need_dx and stride == (1, 1) and min(full_padding) >= 0:
