@@ -14,6 +14,7 @@ from gpuconv.ops import conv, conv_cpu
 
 # (x shape, w shape, stride, padding, dilation): stride 1 takes the input gradient as a
 # convolution of dy, other strides (and padding wider than the kernel) add the columns back.
+# These run in float64, which never takes the batch-innermost layout (tested below).
 SHAPES = [
     ((7, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1)),
     ((5, 2, 9, 10), (3, 2, 3, 2), (2, 2), (1, 0), (1, 1)),
@@ -24,24 +25,26 @@ SHAPES = [
     ((3, 20, 6, 7), (3, 20, 3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1, 180-long columns: rows
     ((4, 17, 7, 6), (5, 17, 3, 3), (1, 1), (2, 1), (2, 1)),  # the same, dilated
     ((5, 18, 9, 8), (4, 18, 3, 3), (2, 2), (1, 1), (1, 1)),  # strided, 18 channels
+    ((4, 3, 9, 9), (2, 3, 3, 3), (1, 1), (2, 2), (2, 2)),    # dilated stride 1: wide rows
 ]
 
 
 @pytest.mark.parametrize("shape, layout", [
-    (((1, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)), "_Wide"),     # LeNet-5 conv1
-    (((1, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)), "_Rows"),    # LeNet-5 conv2: 150
-    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), "_Wide"),  # 144
-    (((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1)), "_Rows"),  # strided
-    (((1, 32, 16, 16), (32, 32, 3, 3), (1, 1), (1, 1), (1, 1)), "_Rows"),  # 288
+    (((1, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)), "_RowRuns"),   # LeNet-5 conv1
+    (((1, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)), "_RowRuns"),  # LeNet-5 conv2
+    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), "_RowRuns"),
+    (((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1)), "_Rows"),   # strided
+    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (2, 2), (2, 2)), "_Wide"),   # dilated, 144 rows
+    (((1, 32, 16, 16), (32, 32, 3, 3), (1, 1), (2, 2), (2, 2)), "_Rows"),   # dilated, 288 rows
 ])
 def test_layout_per_shape(shape, layout):
     geo = conv_cpu._Geometry(*shape)
     assert conv_cpu._layout_class(geo).__name__ == layout
 
 
-def test_both_layouts_are_tested():
+def test_every_layout_is_tested():
     names = {conv_cpu._layout_class(conv_cpu._Geometry(*shape)).__name__ for shape in SHAPES}
-    assert names == {"_Rows", "_Wide"}
+    assert names == {"_Rows", "_Wide", "_RowRuns"}
 
 
 @pytest.fixture(params=[0, 1, 2], ids=lambda n: f"workers{n}")
@@ -55,6 +58,7 @@ def workers(request):
 def chunk_bytes(request, monkeypatch):
     if request.param == "one-image-chunks":
         monkeypatch.setattr(conv_cpu, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv_cpu, "ROW_RUNS_BYTES", 1)
     return request.param
 
 
@@ -143,17 +147,17 @@ def test_public_conv2d_takes_this_path_for_one_group_and_a_large_batch(monkeypat
     assert calls[-1] == "forward"
 
 
-@pytest.mark.parametrize("dtype, layout, method", [(np.float64, "_Wide", "columns"),
-                                                   (np.float32, "_BatchInner", "forward")])
-def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(dtype, layout, method, monkeypatch):
+@pytest.mark.parametrize("shape, layout, method", [(SHAPES[0], "_RowRuns", "matrices"),
+                                                   (SHAPES[-1], "_Wide", "columns")])
+def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(shape, layout, method, monkeypatch):
     gpuconv.set_cpu_workers(1)
     try:
         before = blas.get_num_threads()
-        x, w, b, stride, padding, dilation = _arrays(SHAPES[0], dtype)
+        x, w, b, stride, padding, dilation = _arrays(shape, np.float32)
         conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
         assert blas.get_num_threads() == before
         geo = conv_cpu._Geometry(x.shape, w.shape, stride, padding, dilation)
-        assert (conv_cpu._batch_inner(geo, dtype) or conv_cpu._layout_class(geo).__name__ == layout)
+        assert conv_cpu._layout_class(geo).__name__ == layout
         real = getattr(getattr(conv_cpu, layout), method)
 
         def failing(self, x, first, *rest):
@@ -215,40 +219,40 @@ def test_two_user_threads_at_once_each_get_their_own_result():
 
 
 # ----------------------------------------------------------------------------------------------
-# The batch-innermost layout (_BatchInner: the CPU executor's ConvOp on one conv), which float32
-# convs with stride and dilation 1 take; float64 never does, so it is checked against float64.
+# float32 stride-1 convs: the backward with the input gradient runs in the batch-innermost layout
+# (_BatchInner: the CPU executor's ConvOp) below BATCH_INNER_MAX_CHANNELS + 1 input channels,
+# else in _RowRuns with the gather; float64 never takes _BatchInner, so float32 is checked
+# against float64.
 
 INNER_SHAPES = [
     ((7, 3, 9, 8), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1)),
     ((5, 1, 12, 12), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)),   # LeNet-5's conv1, smaller
     ((6, 6, 9, 9), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)),    # LeNet-5's conv2, smaller
-    ((3, 20, 6, 7), (3, 20, 3, 3), (1, 1), (1, 1), (1, 1)),   # 20 channels: input gradient by gather
-    ((3, 8, 6, 7), (9, 8, 3, 3), (1, 1), (1, 1), (1, 1)),     # 8 channels: by gather too
+    ((3, 20, 6, 7), (3, 20, 3, 3), (1, 1), (1, 1), (1, 1)),   # 20 channels: _RowRuns and the gather
+    ((3, 8, 6, 7), (9, 8, 3, 3), (1, 1), (1, 1), (1, 1)),     # 8 channels: the same
+    ((3, 7, 6, 7), (9, 7, 3, 3), (1, 1), (1, 1), (1, 1)),     # 7 channels: _BatchInner
     ((4, 3, 6, 6), (2, 3, 1, 1), (1, 1), (1, 1), (1, 1)),     # padding wider than the kernel's reach
     ((4, 2, 7, 5), (3, 2, 2, 3), (1, 1), (0, 1), (1, 1)),     # even, non-square kernel
 ]
 
 
-@pytest.mark.parametrize("shape, forward, dx, dw", [
-    (INNER_SHAPES[0], True, True, True),
-    (INNER_SHAPES[3], True, False, True),
-    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), True, False, True),
-    (((1, 7, 32, 32), (16, 7, 3, 3), (1, 1), (1, 1), (1, 1)), True, True, True),
-    (((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1)), False, False, False),  # strided
-    (SHAPES[2], False, False, False),  # dilated
+@pytest.mark.parametrize("shape, inner", [
+    (INNER_SHAPES[0], True), (INNER_SHAPES[3], False), (INNER_SHAPES[4], False), (INNER_SHAPES[5], True),
+    (((1, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)), True),
+    (((1, 16, 32, 32), (32, 3, 3, 3), (2, 2), (1, 1), (1, 1)), False),  # strided
+    (SHAPES[2], False),  # dilated
 ])
-def test_batch_inner_layout_per_shape(shape, forward, dx, dw):
+def test_batch_inner_per_shape(shape, inner):
     geo = conv_cpu._Geometry(*shape)
-    assert conv_cpu._batch_inner(geo, np.float32) is forward
-    assert conv_cpu._batch_inner(geo, np.float32, "input") is dx
-    assert conv_cpu._batch_inner(geo, np.float32, "filter") is dw
-    assert not any(conv_cpu._batch_inner(geo, np.float64, g) for g in (None, "input", "filter"))
+    assert conv_cpu._batch_inner(geo, np.float32) is inner
+    assert not conv_cpu._batch_inner(geo, np.float64)
 
 
 @pytest.fixture(params=["one-image-chunks", "default-chunks"])
 def inner_chunk_bytes(request, monkeypatch):
     if request.param == "one-image-chunks":
         monkeypatch.setattr(conv_cpu, "BATCH_INNER_BYTES", 1)
+        monkeypatch.setattr(conv_cpu, "ROW_RUNS_BYTES", 1)
     return request.param
 
 
@@ -257,7 +261,7 @@ def _relative_error(got, want):
 
 
 @pytest.mark.parametrize("shape", INNER_SHAPES, ids=range(len(INNER_SHAPES)))
-def test_batch_inner_matches_float64(shape, workers, inner_chunk_bytes):
+def test_float32_stride_one_matches_float64(shape, workers, inner_chunk_bytes):
     x, w, b, stride, padding, dilation = _arrays(shape, np.float32)
     wide = [a.astype(np.float64) for a in (x, w, b)]
     y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
@@ -272,11 +276,13 @@ def test_batch_inner_matches_float64(shape, workers, inner_chunk_bytes):
         assert _relative_error(g, e) < 1e-5, name
     for need_dx, need_bias, need_dw in [(True, False, False), (False, True, False), (False, False, True)]:
         alone = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, need_dw)
-        for g, together, needed in zip(alone, got, (need_dx, need_dw, need_bias)):
-            if needed:  # the same sums with or without the other gradients
-                assert np.array_equal(g, together)
+        for name, g, e, needed in zip(("dx", "dw", "db"), alone, want, (need_dx, need_dw, need_bias)):
+            if needed:  # dw and db alone may take another layout than with dx: float32 rounding apart
+                assert g.dtype == np.float32 and _relative_error(g, e) < 1e-5, name
             else:
                 assert g is None
+    assert np.array_equal(conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, True, False, False)[0],
+                          got[0])  # dx: the same layout with or without the other gradients
 
 
 def test_batch_inner_leaves_its_inputs_alone(workers):

@@ -87,12 +87,68 @@ SHAPES = [  # (C, O, kernel, stride, padding, side): LeNet-5's and ResNet-20's c
 
 
 def _with_layout(layout, function):
-    original = conv_cpu._layout_class
-    conv_cpu._layout_class = lambda geo: layout
+    """function() with `layout` for every conv (the batch-innermost backward off)."""
+    return _with_layout_class(lambda geo: layout, function)
+
+
+def _with_layout_class(choose, function):
+    """function() with conv_cpu._layout_class = choose (the batch-innermost backward off)."""
+    original, inner = conv_cpu._layout_class, conv_cpu._batch_inner
+    conv_cpu._layout_class, conv_cpu._batch_inner = choose, (lambda *args: False)
     try:
         return function()
     finally:
-        conv_cpu._layout_class = original
+        conv_cpu._layout_class, conv_cpu._batch_inner = original, inner
+
+
+def _with_batch_inner(policy, function, **settings):
+    """function() with conv_cpu._batch_inner = policy and conv_cpu's constants set as given."""
+    saved = {name: getattr(conv_cpu, name) for name in settings}
+    original = conv_cpu._batch_inner
+    conv_cpu._batch_inner = policy
+    for name, value in settings.items():
+        setattr(conv_cpu, name, value)
+    try:
+        return function()
+    finally:
+        conv_cpu._batch_inner = original
+        for name, value in saved.items():
+            setattr(conv_cpu, name, value)
+
+
+def row_runs(batch=128):
+    """Session 7's stride-1 layouts, interleaved, per stride-1 shape: the forward and the filter
+    gradient in _RowRuns against session 6's rows / wide layouts; the backward with all three
+    gradients and the input gradient alone, in _BatchInner against _RowRuns with the gather
+    (BATCH_INNER_MAX_CHANNELS); the whole backward by _RowRuns' chunk size (ROW_RUNS_BYTES)."""
+    session6 = lambda geo: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN else conv_cpu._Rows
+    always, never = (lambda *args: True), (lambda *args: False)
+    for c, o, k, s, p, side in SHAPES:
+        if s != 1:
+            continue
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, c, side, side)).astype(np.float32)
+        w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+        stride, padding, one = (s, s), (p, p), (1, 1)
+        dy = rng.standard_normal(conv_cpu.conv2d_forward(x, w, None, stride, padding, one).shape).astype(np.float32)
+        forward = lambda: conv_cpu.conv2d_forward(x, w, None, stride, padding, one)
+        filter_grad = lambda: conv_cpu.conv2d_backward(dy, x, w, stride, padding, one, False, False, True)
+        input_grad = lambda: conv_cpu.conv2d_backward(dy, x, w, stride, padding, one, True, False, False)
+        backward = lambda: conv_cpu.conv2d_backward(dy, x, w, stride, padding, one, True, True, True)
+        candidates = {
+            "forward session 6": lambda: _with_layout_class(session6, forward),
+            "forward row runs": forward,
+            "filter gradient session 6": lambda: _with_layout_class(session6, filter_grad),
+            "filter gradient row runs": filter_grad,
+            "input gradient batch-inner": lambda: _with_batch_inner(always, input_grad),
+            "input gradient gather": lambda: _with_batch_inner(never, input_grad),
+            "backward batch-inner": lambda: _with_batch_inner(always, backward),
+            "backward row runs + gather": lambda: _with_batch_inner(never, backward)}
+        for size in (1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22):
+            candidates[f"backward row runs + gather, {size >> 10} KiB chunks"] = lambda size=size: _with_batch_inner(
+                never, backward, ROW_RUNS_BYTES=size)
+        times = _interleaved(candidates, rounds=6, calls=2)
+        print(f"c{c}-{o}k{k}s{s}@{side}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()) + " ms")
 
 
 def _interleaved(candidates, rounds=8, calls=3):
@@ -136,8 +192,8 @@ def layouts_and_reference(batch=128):
         candidates["input gradient reference"] = lambda: conv.conv2d_backward_numpy(
             dy, x, w, stride, padding, one, 1, "auto", True, False, False)
         if s == 1:
-            candidates["input gradient gather"] = lambda: conv_cpu.conv2d_backward(
-                dy, x, w, stride, padding, one, True, False, False)
+            candidates["input gradient gather"] = lambda: _with_batch_inner(lambda *args: False, lambda: (
+                conv_cpu.conv2d_backward(dy, x, w, stride, padding, one, True, False, False)))
         candidates["input gradient tap by tap"] = lambda: _scatter(dy, x, w, stride, padding)
         times = _interleaved(candidates)
         chosen = conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, one))
@@ -161,7 +217,8 @@ def _scatter(dy, x, w, stride, padding):
 
 
 def chunk_sizes(batch=128):
-    """The forward at ResNet-20's three stride-1 shapes by CHUNK_BYTES, interleaved."""
+    """The forward at ResNet-20's three stride-1 shapes by CHUNK_BYTES (the rows / wide layouts'
+    chunks), interleaved."""
     for c, side in ((16, 32), (32, 16), (64, 8)):
         x = np.random.rand(batch, c, side, side).astype(np.float32)
         w = np.random.rand(c, c, 3, 3).astype(np.float32)
@@ -170,7 +227,9 @@ def chunk_sizes(batch=128):
         def at(size):
             conv_cpu.CHUNK_BYTES = size
             try:
-                return conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1))
+                return _with_layout_class(lambda geo: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN
+                                          else conv_cpu._Rows,
+                                          lambda: conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1)))
             finally:
                 conv_cpu.CHUNK_BYTES = original
 
@@ -239,6 +298,7 @@ if __name__ == "__main__":
     relu_backward_mask()
     batch_norm()
     layouts_and_reference()
+    row_runs()
     chunk_sizes()
     small_sizes()
     relu_in_parts()

@@ -6,8 +6,8 @@ symmetric), like conv_cuda.py's launchers beside it. conv.py's conv2d_forward_nu
 conv2d_backward_numpy (im2col of the whole batch, one batched product) stay the reference and run
 grouped convolutions.
 
-Why not im2col of the whole batch (the measurements: docs/performance.md, "Any CNN on the CPU,
-session 6", made by docs/experiments/cpu_conv_choices.py):
+Why not im2col of the whole batch (the measurements: docs/performance.md, "Any CNN on the CPU",
+sessions 6 and 7, made by docs/experiments/cpu_conv_choices.py):
 * Its column matrix is C*KH*KW times the input's size (tens of MB for ResNet-20 at batch 128).
   A fresh buffer of that size is page-faulted in on every call and written and read through main
   memory; a chunk's columns stay in the cache.
@@ -15,14 +15,19 @@ session 6", made by docs/experiments/cpu_conv_choices.py):
   each with a 1-thread BLAS, keep both cores busy through the copies as well as the products.
 So the batch is split into equal parts, one per core (the caller's thread and the CPU executor's
 worker threads, gpuconv.nn.cpu_plan.run_in_parts, with a 1-thread BLAS for the region), and a
-part runs in chunks of a few images, the chunk's columns about CHUNK_BYTES. Every buffer is a
+part runs in chunks of a few images, the chunk's copies about a core's cache. Every buffer is a
 part's, allocated once and reused by each chunk, so it stays in the cache and is freed with the
-call. The layout is chosen per shape (_layout_class):
+call. The layout is chosen per shape (_layout_class, _batch_inner):
+* _RowRuns, stride and dilation 1 (most convs of a CNN): the chunk's images sit between the
+  channels and the width, R[H', C, KW, m, OW]; every output row's columns are one contiguous
+  block of R, read in place by the product (no im2col), and the copies move whole rows.
 * _Rows, channels-last: one row per output pixel, one product (pixels, KH*KW*C) @ (KH*KW*C, O);
-  the copies move runs of KW*C values. Any stride; the deeper layers of a CNN.
-* _Wide, channels-first on wide rows (stride 1): every kernel tap is one long contiguous run, and
-  W (O, C*KH*KW) @ columns gives each image channels-first; for few input channels, where the
-  channels-last runs would be short.
+  the copies move runs of KW*C values. Any stride; strided convs.
+* _Wide, channels-first on wide rows (stride 1, dilated): every kernel tap is one long
+  contiguous run, and W (O, C*KH*KW) @ columns gives each image channels-first.
+* _BatchInner, the backward of float32 stride-1 convs with few input channels: the CPU
+  executor's ConvOp on [C, H, W, n] chunks, whose input gradient by rows and filter gradient
+  share one copy of the input.
 
 The backward recomputes a chunk's columns (cheaper than keeping them) for the filter gradient.
 With stride 1 the input gradient is a convolution of dy (a gather); otherwise the columns'
@@ -38,9 +43,10 @@ from ._args import conv_output_size
 # A chunk's column matrix aims at this size: a core's L2 (1 MiB here) plus a share of L3; the best
 # of 0.25-8 MiB at ResNet-20's shapes (docs/performance.md).
 CHUNK_BYTES = 3 << 19
-# The wide layout is used for stride-1 convs whose columns have at most this many rows
-# (C*KH*KW): LeNet-5's conv1 (25) and ResNet's stem (27) and first stage (144) measured faster
-# wide, LeNet-5's conv2 (150) and ResNet's later stages (288, 576) faster channels-last.
+# Dilated stride-1 convs (the others take _RowRuns) use the wide layout for columns of at most
+# this many rows (C*KH*KW): measured before _RowRuns existed on undilated convs, LeNet-5's conv1
+# (25) and ResNet's stem (27) and first stage (144) were faster wide, LeNet-5's conv2 (150) and
+# ResNet's later stages (288, 576) faster channels-last.
 WIDE_MAX_COLUMN = 144
 
 
@@ -48,15 +54,17 @@ WIDE_MAX_COLUMN = 144
 # the whole batch, the BLAS's own threads) is faster than the parts' hand-overs (a batch of 4 at
 # LeNet-5's conv1: docs/performance.md).
 REFERENCE_MAX_BYTES = 4 << 20
-# The batch-innermost layout (_BatchInner) runs a part in chunks of about this many bytes of
-# input copies, output and padded input: the best of 0.25-8 MiB at the stride-1 shapes of
-# LeNet-5 and ResNet-20 (docs/performance.md, "Session 7"; smaller chunks cost more in Python
-# and thinner products than they gain in the cache).
+# _RowRuns copies a chunk of about this many bytes (its R and products): the best of 0.25-4 MiB at
+# the stride-1 shapes of LeNet-5 and ResNet-20 (docs/performance.md, "Any CNN on the CPU, session
+# 7"; smaller chunks cost more Python and thinner products than they gain in the cache).
+ROW_RUNS_BYTES = 1 << 20
+# Below this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
+# backward that needs the input gradient runs in the batch-innermost layout (_BatchInner), whose
+# input gradient by rows and filter gradient share one copy of the input: 1.2-1.5x faster than
+# the gather and _RowRuns' filter gradient; from 8 on the two are within a few percent.
+BATCH_INNER_MAX_CHANNELS = 7
+# _BatchInner's chunks: about this many bytes of input copies, output and padded input.
 BATCH_INNER_BYTES = 4 << 20
-# Its input gradient (ConvOp's, by rows) measured faster than the gather below 8 input
-# channels (LeNet-5's 1 and 6, ResNet's stem's 3: the gather's product has that many rows), the
-# gather from 16 channels on.
-GATHER_MIN_CHANNELS = 8
 
 
 def takes(x_shape, w_shape, groups, out_hw, itemsize):
@@ -81,17 +89,20 @@ class _Geometry:
         return max(1, min(self.n, CHUNK_BYTES // column_bytes_per_image))
 
 
-def _batch_inner(geo, dtype, gradient=None):
-    """Whether the forward (gradient None), the "input" or the "filter" gradient runs in the
-    batch-innermost layout (_BatchInner): float32 convs with stride and dilation 1. From
-    GATHER_MIN_CHANNELS input channels on, the input gradient is the gather instead (a conv of dy,
-    whose forward is then batch-innermost too)."""
-    if dtype != np.float32 or (geo.sh, geo.sw, geo.dh, geo.dw) != (1, 1, 1, 1):
-        return False
-    return gradient != "input" or geo.c < GATHER_MIN_CHANNELS
+def _stride_one(geo):
+    return (geo.sh, geo.sw, geo.dh, geo.dw) == (1, 1, 1, 1)
+
+
+def _batch_inner(geo, dtype):
+    """Whether a backward that needs the input gradient runs in _BatchInner (with the filter
+    gradient, if wanted): float32 stride-1 convs with few input channels."""
+    return dtype == np.float32 and _stride_one(geo) and geo.c <= BATCH_INNER_MAX_CHANNELS
 
 
 def _layout_class(geo):
+    """The layout of a conv's forward and filter gradient (and of the gather, a forward)."""
+    if _stride_one(geo):
+        return _RowRuns
     return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
 
 
@@ -249,22 +260,88 @@ class _Wide:
         return np.matmul(wide[:, :, :self.size], cols.transpose(0, 2, 1)).sum(axis=0)
 
 
+class _RowRuns:
+    """The images of a chunk between the channels and the width, for stride and dilation 1: a
+    chunk's input is copied (with zeros for the padding) into R[H', C, KW, m, OW], R[ih, c, kw,
+    i, ow] = x_padded[i, c, ih, ow + kw], in runs of OW values (a transpose of whole rows, not of
+    single values as the batch-innermost layout needs). With the rows ordered (kh, c, kw), output
+    row oh's columns are then one contiguous block of R (rows oh .. oh + KH - 1), a matrix
+    (KH*C*KW, m*OW) read in place: no im2col, KH times less copying, and one batched product
+    W @ M[oh] gives [OH, O, m, OW], back to NCHW in runs of OW again."""
+
+    def __init__(self, geo, dtype):
+        self.geo, self.dtype = geo, dtype
+        image = (geo.padded[0] * geo.c * geo.kw + geo.oh * geo.o) * geo.ow * np.dtype(dtype).itemsize
+        self.chunk = max(1, min(geo.n, ROW_RUNS_BYTES // image))
+        # each kernel column kw reads input columns ow + kw - pw: the valid output columns
+        self.copies = []
+        for j in range(geo.kw):
+            first, last = max(0, geo.pw - j), min(geo.ow, geo.w + geo.pw - j)
+            if first < last:
+                self.copies.append((j, slice(first, last), slice(first + j - geo.pw, last + j - geo.pw)))
+        self.buffers = {}  # chunk size -> (R, its row matrices, the products' buffer)
+
+    @staticmethod
+    def weight_matrix(w):
+        """(O, C, KH, KW) -> (O, KH*C*KW), the row order of R's blocks."""
+        return np.ascontiguousarray(w.transpose(0, 2, 1, 3)).reshape(w.shape[0], -1)
+
+    @staticmethod
+    def weight_grad(geo, dw):
+        return dw.reshape(geo.o, geo.kh, geo.c, geo.kw).transpose(0, 2, 1, 3).copy()
+
+    def _buffers(self, m):
+        entry = self.buffers.get(m)
+        if entry is None:  # once per part and chunk size (a part's last chunk may be shorter)
+            geo = self.geo
+            rows = np.zeros((geo.padded[0], geo.c, geo.kw, m, geo.ow), self.dtype)  # the padding stays 0
+            step = rows.strides[2]  # row (kh, c, kw) of a block is R[oh + kh, c, kw]: evenly spaced
+            matrices = np.ndarray((geo.oh, geo.kh * geo.c * geo.kw, m * geo.ow), self.dtype, buffer=rows,
+                                  strides=(rows.strides[0], step, rows.itemsize))
+            products = np.empty((geo.oh, geo.o, m * geo.ow), self.dtype)
+            entry = self.buffers[m] = (rows, matrices, products)
+        return entry
+
+    def matrices(self, x, first, last):
+        """Images first..last-1 copied into R -> (R's row matrices [OH, KH*C*KW, m*OW], products buffer)."""
+        geo = self.geo
+        rows, matrices, products = self._buffers(last - first)
+        images = x[first:last].transpose(2, 1, 0, 3)  # [H, C, m, W]
+        for j, out_columns, in_columns in self.copies:
+            rows[geo.ph:geo.ph + geo.h, :, j, :, out_columns] = images[..., in_columns]
+        return matrices, products
+
+    def forward(self, x, w_matrix, first, last, y):
+        geo, m = self.geo, last - first
+        matrices, products = self.matrices(x, first, last)
+        np.matmul(w_matrix, matrices, out=products)
+        y[first:last] = products.reshape(geo.oh, geo.o, m, geo.ow).transpose(2, 1, 0, 3)
+
+    def filter_grad(self, x, dy, first, last):
+        """This chunk's (O, KH*C*KW) filter gradient: the sum over output rows of dy's row @ M.T."""
+        geo, m = self.geo, last - first
+        matrices, products = self.matrices(x, first, last)
+        rows = products.reshape(geo.oh, geo.o, m, geo.ow)
+        rows[...] = dy[first:last].transpose(2, 1, 0, 3)
+        # M @ dy.T per output row (this orientation measured faster), summed over the rows
+        return np.matmul(matrices, products.transpose(0, 2, 1)).sum(axis=0).T
+
+
 class _BatchInner:
     """Batch innermost, as the CPU executor runs a whole network (gpuconv/nn/cpu_plan.py): a chunk
-    of images is transposed to [C, H, W, n] and run by the executor's own conv, ConvOp
-    (gpuconv/nn/cpu_ops.py), then transposed back. With n innermost, output row oh's columns
-    are one contiguous block of a copy of the input KH times smaller than im2col's columns, and
-    each product is F x (C*KH*KW) @ (C*KH*KW) x (OW*n): long rows for few, large filters (see
-    cpu_plan.py's docstring). Float32 only (the executor's buffers are float32)."""
+    of images is transposed to [C, H, W, n] and its backward run by the executor's own conv,
+    ConvOp (gpuconv/nn/cpu_ops.py), whose input gradient by rows (no col2im) and filter gradient
+    share one row copy of the input; the input gradient is transposed back. Float32 only (the
+    executor's buffers are float32); stride 1 with few input channels (_batch_inner)."""
 
     def __init__(self, geo, w):
         from ..nn.cpu_ops import Chunk, ConvOp
         self.geo, self.make_chunk = geo, Chunk
         self.op = ConvOp(_ConvLayer(geo, w), 0)
         self.op.setup((geo.c, geo.h, geo.w))
-        # per image: the input's row copy (R, or the columns with dilation), the output, the input
-        copies = geo.padded[0] * geo.kw * geo.ow if geo.dh == 1 else geo.kh * geo.kw * geo.oh * geo.ow
-        image = 4 * (geo.c * copies + geo.o * geo.oh * geo.ow + geo.c * geo.padded[0] * geo.padded[1])
+        # per image: the input's row copy (R), the output gradient, the padded input
+        image = 4 * geo.c * (geo.padded[0] * geo.kw * geo.ow + geo.padded[0] * geo.padded[1]) \
+            + 4 * geo.o * geo.oh * geo.ow
         self.chunk = max(1, min(geo.n, BATCH_INNER_BYTES // image))
         self.store, self.scratch = {}, {}  # the part's buffers, reused chunk after chunk
 
@@ -272,10 +349,6 @@ class _BatchInner:
         chunk = self.make_chunk(first, last)
         chunk.store = self.store
         return chunk
-
-    def forward(self, x, first, last, y):
-        out = self.op.forward(self._chunk(first, last), x[first:last].transpose(1, 2, 3, 0), self.scratch)
-        np.copyto(y[first:last].transpose(1, 2, 3, 0), out)
 
     def backward(self, x, dy, first, last, dx, need_dw):
         """dx[first:last] (when dx is given) and, if need_dw, this chunk's filter gradient."""
@@ -317,20 +390,8 @@ class _FilterGrad:
             self.value = compute()
 
 
-def _batch_inner_forward(geo, x, w, b, y):
-    def part(start, stop):
-        layout = _BatchInner(geo, w)
-        for first, last in cpu_parts.ranges(start, stop, layout.chunk):
-            layout.forward(x, first, last, y)
-            if b is not None:
-                y[first:last] += b.reshape(-1, 1, 1)
-
-    cpu_parts.in_parts(part, geo.n)
-    return y
-
-
-def _batch_inner_backward(geo, dy, x, w, need_dx, need_bias, need_dw):
-    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
+def _batch_inner_backward(geo, dy, x, w, need_bias, need_dw):
+    dx = np.empty(x.shape, dtype=x.dtype)
 
     def part(start, stop):
         layout = _BatchInner(geo, w)
@@ -338,9 +399,8 @@ def _batch_inner_backward(geo, dy, x, w, need_dx, need_bias, need_dw):
         for first, last in cpu_parts.ranges(start, stop, layout.chunk):
             if need_bias:
                 db = _accumulate(db, dy[first:last].sum(axis=(0, 2, 3)))
-            if need_dx or need_dw:
-                chunk_dw = layout.backward(x, dy, first, last, dx, need_dw)
-                dw = _accumulate(dw, chunk_dw) if need_dw else None
+            chunk_dw = layout.backward(x, dy, first, last, dx, need_dw)
+            dw = _accumulate(dw, chunk_dw) if need_dw else None
         return dw, db
 
     dw = db = None
@@ -353,8 +413,6 @@ def _batch_inner_backward(geo, dy, x, w, need_dx, need_bias, need_dw):
 def conv2d_forward(x, w, b, stride, padding, dilation):
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     y = np.empty((geo.n, geo.o, geo.oh, geo.ow), dtype=x.dtype)
-    if _batch_inner(geo, x.dtype):
-        return _batch_inner_forward(geo, x, w, b, y)
 
     def part(start, stop):
         layout = _layout_class(geo)(geo, x.dtype)  # a part's buffers are its own
@@ -370,19 +428,14 @@ def conv2d_forward(x, w, b, stride, padding, dilation):
 
 def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, need_dw):
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
-    inner_dx = need_dx and _batch_inner(geo, x.dtype, "input")
-    inner_dw = need_dw and _batch_inner(geo, x.dtype, "filter")
-    if not (inner_dx or inner_dw or (need_bias and _batch_inner(geo, x.dtype, "filter"))):
-        return _backward_in_rows(geo, dy, x, w, need_dx, need_bias, need_dw)
-    # db alone too is summed over these chunks: the same bits with or without the other gradients
-    dx, dw, db = _batch_inner_backward(geo, dy, x, w, inner_dx, need_bias, inner_dw)
-    if need_dx and not inner_dx:
-        dx = _backward_in_rows(geo, dy, x, w, True, False, False)[0]
-    return dx, dw, db
+    if need_dx and _batch_inner(geo, x.dtype):
+        return _batch_inner_backward(geo, dy, x, w, need_bias, need_dw)
+    return _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw)
 
 
-def _backward_in_rows(geo, dy, x, w, need_dx, need_bias, need_dw):
-    """conv2d_backward in the _Rows and _Wide layouts."""
+def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
+    """conv2d_backward in the layout of _layout_class (the input gradient by the gather, a
+    forward, where it can)."""
     stride, padding, dilation = (geo.sh, geo.sw), (geo.ph, geo.pw), (geo.dh, geo.dw)
     dx = None
     full_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
