@@ -308,3 +308,19 @@ def test_batch_inner_reads_strided_views(workers):
                                     dilation, True, True, True)
     for g, e in zip(got, want):
         assert np.array_equal(g, e)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[8]], ids=range(4))
+def test_row_runs_computes_strided_convs_too(shape, chunk_bytes, monkeypatch):
+    """_RowRuns runs stride 1 only (_layout_class), but its row and column steps are general."""
+    if shape[4] != (1, 1):
+        shape = shape[:4] + ((1, 1),)
+    monkeypatch.setattr(conv_cpu, "_layout_class", lambda geo: conv_cpu._RowRuns)
+    x, w, b, stride, padding, dilation = _arrays(shape, np.float64)
+    expected = conv.conv2d_forward_numpy(x, w, b, stride, padding, dilation, 1)
+    np.testing.assert_allclose(conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation), expected,
+                               rtol=1e-12, atol=1e-12)
+    dy = np.random.default_rng(1).standard_normal(expected.shape)
+    want = conv.conv2d_backward_numpy(dy, x, w, stride, padding, dilation, 1)[1]
+    got = conv_cpu.conv2d_backward(dy, x, w, stride, padding, dilation, False, False, True)[1]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -55,9 +55,9 @@ WIDE_MAX_COLUMN = 144
 # LeNet-5's conv1: docs/performance.md).
 REFERENCE_MAX_BYTES = 4 << 20
 # _RowRuns copies a chunk of about this many bytes (its R and products): the best of 0.25-4 MiB at
-# the stride-1 shapes of LeNet-5 and ResNet-20 (docs/performance.md, "Any CNN on the CPU, session
+# the stride-1 shapes of LeNet-5 and ResNet-20 (a whole backward, within a few percent of 1 MiB) (docs/performance.md, "Any CNN on the CPU, session
 # 7"; smaller chunks cost more Python and thinner products than they gain in the cache).
-ROW_RUNS_BYTES = 1 << 20
+ROW_RUNS_BYTES = 2 << 20
 # Below this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
 # backward that needs the input gradient runs in the batch-innermost layout (_BatchInner), whose
 # input gradient by rows and filter gradient share one copy of the input: 1.2-1.5x faster than
@@ -267,18 +267,23 @@ class _RowRuns:
     single values as the batch-innermost layout needs). With the rows ordered (kh, c, kw), output
     row oh's columns are then one contiguous block of R (rows oh .. oh + KH - 1), a matrix
     (KH*C*KW, m*OW) read in place: no im2col, KH times less copying, and one batched product
-    W @ M[oh] gives [OH, O, m, OW], back to NCHW in runs of OW again."""
+    W @ M[oh] gives [OH, O, m, OW], back to NCHW in runs of OW again. It computes any stride
+    (rows SH apart, columns copied SW apart) but runs stride-1 convs only: at ResNet-20's strided
+    shapes it was no faster than _Rows, and slower with their input gradient (docs/performance.md)."""
 
     def __init__(self, geo, dtype):
         self.geo, self.dtype = geo, dtype
         image = (geo.padded[0] * geo.c * geo.kw + geo.oh * geo.o) * geo.ow * np.dtype(dtype).itemsize
         self.chunk = max(1, min(geo.n, ROW_RUNS_BYTES // image))
-        # each kernel column kw reads input columns ow + kw - pw: the valid output columns
+        # kernel column j reads input column ow*SW + j - PW: the output columns where that is inside
         self.copies = []
         for j in range(geo.kw):
-            first, last = max(0, geo.pw - j), min(geo.ow, geo.w + geo.pw - j)
+            first = max(0, -(-(geo.pw - j) // geo.sw))
+            last = min(geo.ow, (geo.w - 1 + geo.pw - j) // geo.sw + 1)
             if first < last:
-                self.copies.append((j, slice(first, last), slice(first + j - geo.pw, last + j - geo.pw)))
+                start = first * geo.sw + j - geo.pw
+                self.copies.append((j, slice(first, last), slice(start, start + (last - first - 1) * geo.sw + 1,
+                                                                 geo.sw)))
         self.buffers = {}  # chunk size -> (R, its row matrices, the products' buffer)
 
     @staticmethod
@@ -297,7 +302,7 @@ class _RowRuns:
             rows = np.zeros((geo.padded[0], geo.c, geo.kw, m, geo.ow), self.dtype)  # the padding stays 0
             step = rows.strides[2]  # row (kh, c, kw) of a block is R[oh + kh, c, kw]: evenly spaced
             matrices = np.ndarray((geo.oh, geo.kh * geo.c * geo.kw, m * geo.ow), self.dtype, buffer=rows,
-                                  strides=(rows.strides[0], step, rows.itemsize))
+                                  strides=(geo.sh * rows.strides[0], step, rows.itemsize))
             products = np.empty((geo.oh, geo.o, m * geo.ow), self.dtype)
             entry = self.buffers[m] = (rows, matrices, products)
         return entry
