@@ -239,16 +239,27 @@ def chunk_sizes(batch=128):
 
 
 def small_sizes():
-    """The thresholds: a small conv on conv.py's whole-batch path against conv_cpu's parts
-    (REFERENCE_MAX_BYTES), batch norm forward + backward whole-array against norm_cpu
-    (norm_cpu.MIN_BYTES), interleaved."""
+    """The thresholds: a conv's forward and backward on conv.py's whole-batch path against
+    conv_cpu's parts by batch size (REFERENCE_MAX_BYTES, the whole batch's im2col size), batch norm
+    forward + backward whole-array against norm_cpu (norm_cpu.MIN_BYTES), interleaved."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
-    w = rng.standard_normal((6, 1, 5, 5)).astype(np.float32)
-    one, pad = (1, 1), (2, 2)
-    times = _interleaved({"whole batch": lambda: conv.conv2d_forward_numpy(x, w, None, one, pad, one, 1),
-                          "parts": lambda: conv_cpu.conv2d_forward(x, w, None, one, pad, one)}, calls=20)
-    print("LeNet-5 conv1 forward, batch 4: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + " ms")
+    one = (1, 1)
+    for c, o, k, p, side in ((1, 6, 5, 2, 28), (6, 16, 5, 0, 14), (16, 16, 3, 1, 32), (64, 64, 3, 1, 8)):
+        for batch in (4, 8, 16, 32, 64):
+            x = rng.standard_normal((batch, c, side, side)).astype(np.float32)
+            w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+            pad = (p, p)
+            y = conv.conv2d_forward_numpy(x, w, None, one, pad, one, 1)
+            dy = rng.standard_normal(y.shape).astype(np.float32)
+            columns = x.itemsize * batch * c * k * k * y.shape[2] * y.shape[3]
+            times = _interleaved({
+                "whole batch": lambda: (conv.conv2d_forward_numpy(x, w, None, one, pad, one, 1),
+                                        conv.conv2d_backward_numpy(dy, x, w, one, pad, one, 1)),
+                "parts": lambda: (conv_cpu.conv2d_forward(x, w, None, one, pad, one),
+                                  conv_cpu.conv2d_backward(dy, x, w, one, pad, one, True, True, True))},
+                rounds=6)
+            print(f"c{c}-{o}k{k}@{side} forward + backward, batch {batch}, columns {columns / 2**20:.2f} MiB: "
+                  + ", ".join(f"{name} {ms:.3f}" for name, ms in times.items()) + " ms")
     for batch in (8, 32):  # 512 KiB and 2 MiB of (batch, 64, 16, 16) float32
         x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
         dy = rng.standard_normal(x.shape).astype(np.float32)

@@ -51,9 +51,10 @@ WIDE_MAX_COLUMN = 144
 
 
 # Below this size of the whole batch's im2col matrix, conv.py's reference path (one product over
-# the whole batch, the BLAS's own threads) is faster than the parts' hand-overs (a batch of 4 at
-# LeNet-5's conv1: docs/performance.md).
-REFERENCE_MAX_BYTES = 4 << 20
+# the whole batch, the BLAS's own threads) is faster than the parts' hand-overs: the crossover of
+# a forward and backward measured between 0.9 and 2.3 MiB at LeNet-5's and ResNet-20's shapes
+# (docs/performance.md, "Any CNN on the CPU, session 7"; 4 MiB before _RowRuns).
+REFERENCE_MAX_BYTES = 3 << 19
 # _RowRuns copies a chunk of about this many bytes (its R and products): the best of 0.25-4 MiB at
 # the stride-1 shapes of LeNet-5 and ResNet-20 (a whole backward, within a few percent of 1 MiB) (docs/performance.md, "Any CNN on the CPU, session
 # 7"; smaller chunks cost more Python and thinner products than they gain in the cache).
