@@ -131,6 +131,32 @@ def test_conv2d_bits_do_not_depend_on_another_threads_region(tmp_path):
         assert seen == [alone], f"{name}: {len(seen)} different results of the same conv beside another thread's regions"
 
 
+def test_linear_bits_do_not_depend_on_another_threads_region(tmp_path):
+    """linear's products use the BLAS as it is, like the small convs above: a weight gradient with
+    a batch of 1000 (a K of 1000) gave other bits while another thread's region had set the BLAS
+    to one thread, until linear ran under the regions' lock too."""
+    r = run_child(tmp_path, r'''
+        x, w, dy = arrays([(1000, 400), (120, 400), (1000, 120)], seed=4)
+        with blas.num_threads(1):
+            one_thread = digest(gpuconv.ops.linear_backward(dy, x, w)[1])
+        alone = digest(gpuconv.ops.linear_backward(dy, x, w)[1])
+        stop = regions_in_another_thread(*arrays([(8, 32, 64, 64), (32, 32, 3, 3)], seed=3))
+        seen, calls, deadline = set(), 0, time.monotonic() + 3
+        while time.monotonic() < deadline:
+            seen.add(digest(gpuconv.ops.linear_backward(dy, x, w)[1]))
+            seen.add(digest(gpuconv.ops.linear(x, w)))
+            calls += 1
+        stop()
+        emit(alone=alone, forward=digest(gpuconv.ops.linear(x, w)), one_thread=one_thread, seen=sorted(seen),
+             calls=calls, blas_threads=blas.get_num_threads())
+    ''')
+    assert r["calls"] >= 3, r
+    assert r["blas_threads"] > 1, "the scenario needs a multi-threaded BLAS"
+    assert r["one_thread"] != r["alone"], "this shape no longer tells the BLAS thread counts apart"
+    assert r["seen"] == sorted({r["alone"], r["forward"]}), \
+        f"{len(r['seen'])} different results of two linear calls beside another thread's regions"
+
+
 def test_an_interrupt_between_the_hand_overs_leaves_the_next_call_working(tmp_path):
     """Ctrl-C arriving right after the caller handed a part to a worker (before it waits) used to
     leave the region without waiting for that worker; the next call then handed the worker a new

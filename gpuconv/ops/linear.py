@@ -1,7 +1,20 @@
 """Fully connected layer: y = x @ w.T + b, with w of shape (out_features, in_features) as in PyTorch."""
+import numpy as np
+
 from ..backend import get_array_module, uses_cuda_kernels
 from ..errors import ArgumentError, ShapeError
+from . import cpu_parts
 from ._args import check_float_array, check_input_weight_bias, check_same_dtype, same_device
+
+
+def _matmul(xp, a, b):
+    """a @ b; on the CPU under the parallel regions' lock (cpu_parts.alone): another thread's region
+    sets OpenBLAS to one thread for its length, and its sums differ in the last bits between thread
+    counts at some shapes (a weight gradient whose batch is 1000), so the bits would depend on when
+    this call ran."""
+    if xp is not np:
+        return xp.matmul(a, b)
+    return cpu_parts.alone(np.matmul, a, b)
 
 
 def _check(x, w, b):
@@ -21,7 +34,7 @@ def linear(x, w, b=None, activation=None):
     if activation not in (None, "relu"):
         raise ArgumentError(f"activation: expected None or 'relu', got {activation!r}")
     xp = get_array_module(x)
-    y = xp.matmul(x, w.T)  # BLAS reads the transpose in place, no copy
+    y = _matmul(xp, x, w.T)  # BLAS reads the transpose in place, no copy
     relu = activation == "relu"
     if uses_cuda_kernels(x) and b is not None:
         from . import elementwise_cuda
@@ -40,7 +53,7 @@ def linear_backward(dy, x, w, need_dx=True):
     if dy.shape != (x.shape[0], w.shape[0]):
         raise ShapeError(f"dy: expected shape {(x.shape[0], w.shape[0])} (linear's output), got {tuple(dy.shape)}")
     xp = get_array_module(x)
-    dw = xp.matmul(dy.T, x)
+    dw = _matmul(xp, dy.T, x)
     db = dy.sum(axis=0)
-    dx = xp.matmul(dy, w) if need_dx else None
+    dx = _matmul(xp, dy, w) if need_dx else None
     return dx, dw, db
