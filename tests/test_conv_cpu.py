@@ -56,9 +56,10 @@ def workers(request):
 
 @pytest.fixture(params=["one-image-chunks", "default-chunks"])
 def chunk_bytes(request, monkeypatch):
+    """Every layout's chunks of one image, or of their default size."""
     if request.param == "one-image-chunks":
-        monkeypatch.setattr(conv_cpu, "CHUNK_BYTES", 1)
-        monkeypatch.setattr(conv_cpu, "ROW_RUNS_BYTES", 1)
+        for name in ("CHUNK_BYTES", "ROW_RUNS_BYTES", "BATCH_INNER_BYTES"):
+            monkeypatch.setattr(conv_cpu, name, 1)
     return request.param
 
 
@@ -248,20 +249,12 @@ def test_batch_inner_per_shape(shape, inner):
     assert not conv_cpu._batch_inner(geo, np.float64)
 
 
-@pytest.fixture(params=["one-image-chunks", "default-chunks"])
-def inner_chunk_bytes(request, monkeypatch):
-    if request.param == "one-image-chunks":
-        monkeypatch.setattr(conv_cpu, "BATCH_INNER_BYTES", 1)
-        monkeypatch.setattr(conv_cpu, "ROW_RUNS_BYTES", 1)
-    return request.param
-
-
 def _relative_error(got, want):
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 @pytest.mark.parametrize("shape", INNER_SHAPES, ids=range(len(INNER_SHAPES)))
-def test_float32_stride_one_matches_float64(shape, workers, inner_chunk_bytes):
+def test_float32_stride_one_matches_float64(shape, workers, chunk_bytes):
     x, w, b, stride, padding, dilation = _arrays(shape, np.float32)
     wide = [a.astype(np.float64) for a in (x, w, b)]
     y = conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
