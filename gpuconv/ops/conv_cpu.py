@@ -35,6 +35,8 @@ gradient dy @ W is added back tap by tap. The parts' filter and bias gradients a
 order; the split depends on the batch size and the worker count alone, so a result never depends
 on timing.
 """
+import types
+
 import numpy as np
 
 from . import cpu_parts
@@ -55,14 +57,14 @@ WIDE_MAX_COLUMN = 144
 # a forward and backward measured between 0.9 and 2.3 MiB at LeNet-5's and ResNet-20's shapes
 # (docs/performance.md, "Any CNN on the CPU, session 7"; 4 MiB before _RowRuns).
 REFERENCE_MAX_BYTES = 3 << 19
-# _RowRuns copies a chunk of about this many bytes (its R and products): the best of 0.25-4 MiB at
-# the stride-1 shapes of LeNet-5 and ResNet-20 (a whole backward, within a few percent of 1 MiB) (docs/performance.md, "Any CNN on the CPU, session
-# 7"; smaller chunks cost more Python and thinner products than they gain in the cache).
+# _RowRuns copies a chunk of about this many bytes (its R and products): of 0.25-4 MiB, the fastest
+# whole backward at 4 of the 6 stride-1 shapes of LeNet-5 and ResNet-20 (docs/performance.md, "Any
+# CNN on the CPU, session 7"; smaller chunks cost more Python and thinner products than they gain).
 ROW_RUNS_BYTES = 2 << 20
-# Below this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
+# Up to this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
 # backward that needs the input gradient runs in the batch-innermost layout (_BatchInner), whose
-# input gradient by rows and filter gradient share one copy of the input: 1.2-1.5x faster than
-# the gather and _RowRuns' filter gradient; from 8 on the two are within a few percent.
+# input gradient by rows and filter gradient share one copy of the input: 1.15-1.5x faster than
+# the gather with _RowRuns' filter gradient; from 8 channels on the two were within 3-8%.
 BATCH_INNER_MAX_CHANNELS = 7
 # _BatchInner's chunks: about this many bytes of input copies, output and padded input.
 BATCH_INNER_BYTES = 4 << 20
@@ -324,7 +326,7 @@ class _RowRuns:
         y[first:last] = products.reshape(geo.oh, geo.o, m, geo.ow).transpose(2, 1, 0, 3)
 
     def filter_grad(self, x, dy, first, last):
-        """This chunk's (O, KH*C*KW) filter gradient: the sum over output rows of dy's row @ M.T."""
+        """This chunk's (O, KH*C*KW) filter gradient: the sum over output rows of (M @ dy's row.T).T."""
         geo, m = self.geo, last - first
         matrices, products = self.matrices(x, first, last)
         rows = products.reshape(geo.oh, geo.o, m, geo.ow)
@@ -357,7 +359,7 @@ class _BatchInner:
         return chunk
 
     def backward(self, x, dy, first, last, dx, need_dw):
-        """dx[first:last] (when dx is given) and, if need_dw, this chunk's filter gradient."""
+        """Writes dx[first:last]; returns this chunk's filter gradient if need_dw, else None."""
         geo, chunk = self.geo, self._chunk(first, last)
         self.op.restore(chunk, x[first:last].transpose(1, 2, 3, 0))
         d = self.store.get("dy")
@@ -365,9 +367,7 @@ class _BatchInner:
             d = self.store["dy"] = np.empty((geo.o, geo.oh, geo.ow, chunk.n), np.float32)
         np.copyto(d, dy[first:last].transpose(1, 2, 3, 0))
         grads = _FilterGrad(need_dw)
-        g = self.op.backward(chunk, d, dx is not None, grads, self.scratch)
-        if dx is not None:
-            np.copyto(dx[first:last].transpose(1, 2, 3, 0), g)
+        np.copyto(dx[first:last].transpose(1, 2, 3, 0), self.op.backward(chunk, d, True, grads, self.scratch))
         return grads.value
 
 
@@ -376,13 +376,8 @@ class _ConvLayer:
     groups, bias, training = 1, None, False
 
     def __init__(self, geo, w):
-        self.in_channels, self.weight = geo.c, _Data(w)
+        self.in_channels, self.weight = geo.c, types.SimpleNamespace(data=w)
         self.stride, self.padding, self.dilation = (geo.sh, geo.sw), (geo.ph, geo.pw), (geo.dh, geo.dw)
-
-
-class _Data:
-    def __init__(self, data):
-        self.data = data
 
 
 class _FilterGrad:
