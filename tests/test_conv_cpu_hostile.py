@@ -7,6 +7,8 @@ BUGS FOUND (the tests marked "BUG" fail at 8a05dc7):
   regions, the gather (dx) and the filter gradient, and each read the worker count on its own.
   set_cpu_workers() from another thread between the two gave a result that belongs to neither
   worker count (19 of 60 calls while a thread toggled 1 <-> 2): its bits depended on timing.
+  test_BUG_batch_norm_statistics_never_mix_two_worker_counts: norm_cpu.batch_stats, the same
+  (the mean's region, then the variance's).
 * test_BUG_row_runs_filter_gradient_memory_of_wide_convs: _RowRuns' filter gradient makes one
   (OH, KH*C*KW, O) product per chunk, OH copies of dW, fresh for every chunk. At wide convs
   (256-1024 channels) that is 5-50x dW of temporaries (the layout it replaced, _Rows: 2-9x) and
@@ -109,6 +111,32 @@ import gpuconv
         print("RESULT " + json.dumps(dict(mixed=mixed)), flush=True)
     ''', 60, "toggle_workers")
     assert r["mixed"] == 0, f"{r['mixed']} of 40 results belong to neither worker count"
+
+
+def test_BUG_batch_norm_statistics_never_mix_two_worker_counts(monkeypatch, restore_workers):
+    """BUG (fails at 8a05dc7; norm_cpu, the same kind): batch_stats sums the mean in one region
+    and the variance in another; set_cpu_workers(2) from another thread between them gave the
+    mean of workers=1 and a variance of neither count."""
+    from gpuconv.ops import cpu_parts, norm_cpu
+    x = (np.random.default_rng(0).standard_normal((33, 16, 24, 24)) * 3 + 1).astype(np.float32)
+    results = {}
+    for workers in (1, 2):
+        gpuconv.set_cpu_workers(workers)
+        results[workers] = norm_cpu.batch_stats(x)
+    assert not np.array_equal(results[1][1], results[2][1]), "the scenario needs variances that differ"
+    real, calls = cpu_parts.summed, []
+
+    def summed_then_another_thread_sets_workers(*args):
+        total = real(*args)
+        calls.append(1)
+        if len(calls) == 1:
+            gpuconv.set_cpu_workers(2)
+        return total
+
+    gpuconv.set_cpu_workers(1)
+    monkeypatch.setattr(cpu_parts, "summed", summed_then_another_thread_sets_workers)
+    mean, var = norm_cpu.batch_stats(x)
+    assert any(np.array_equal(mean, results[k][0]) and np.array_equal(var, results[k][1]) for k in (1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
