@@ -435,7 +435,10 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     if need_dx and _batch_inner(geo, x.dtype):
         return _batch_inner_backward(geo, dy, x, w, need_bias, need_dw)
-    return _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw)
+    # the gather and the filter gradient are two regions: one worker count for both, else a
+    # set_cpu_workers from another thread between them gave dx of one count and dW of another
+    with cpu_parts.one_worker_count():
+        return _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw)
 
 
 def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
