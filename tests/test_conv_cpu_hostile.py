@@ -332,3 +332,24 @@ def test_gradcheck_through_nn_conv2d_in_float64(monkeypatch, restore_workers):
                 return [t.grad if r else None for t, r in zip(ts, need)]
 
             gradcheck(f, arrays, grads)
+
+
+@pytest.mark.parametrize("channels", [3, 20], ids=["wide", "rows"])
+@pytest.mark.parametrize("padding", [0, 1, 4])
+def test_stride_one_filter_gradient_in_the_layouts_before_row_runs(channels, padding, monkeypatch, restore_workers):
+    """_filter_grad_class sends wide convs' filter gradient back to _Wide (C*KH*KW <= 144) or
+    _Rows; here every conv does (ROW_RUNS_DW_MAX_BYTES = 0), against the float64 reference,
+    with the gather for dx beside it."""
+    monkeypatch.setattr(conv_cpu, "ROW_RUNS_DW_MAX_BYTES", 0)
+    x, w, dy = _data((7, channels, 9, 8), (5, channels, 3, 4), np.float64, padding=padding)
+    geo = conv_cpu._Geometry(x.shape, w.shape, (1, 1), (padding, padding), (1, 1))
+    assert conv_cpu._filter_grad_class(geo, x.dtype) is (conv_cpu._Wide if channels == 3 else conv_cpu._Rows)
+    args = ((1, 1), (padding, padding), (1, 1))
+    want = conv.conv2d_backward_numpy(dy, x, w, *args, 1)
+    for workers in (0, 2):
+        gpuconv.set_cpu_workers(workers)
+        for need_dx in (False, True):
+            got = conv_cpu.conv2d_backward(dy, x, w, *args, need_dx, True, True)
+            for name, g, e in zip(("dx", "dw", "db"), got, want):
+                if g is not None:
+                    np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12, err_msg=name)

@@ -58,6 +58,9 @@ REFERENCE_MAX_BYTES = 4 << 20
 # the stride-1 shapes of LeNet-5 and ResNet-20 (a whole backward, within a few percent of 1 MiB) (docs/performance.md, "Any CNN on the CPU, session
 # 7"; smaller chunks cost more Python and thinner products than they gain in the cache).
 ROW_RUNS_BYTES = 2 << 20
+# _RowRuns' filter gradient makes [OH, KH*C*KW, O] products per chunk: beyond this size (wide
+# convs; ResNet-20's and LeNet-5's stay under 1.2 MB) the filter gradient takes _Rows or _Wide.
+ROW_RUNS_DW_MAX_BYTES = 2 << 20
 # Below this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
 # backward that needs the input gradient runs in the batch-innermost layout (_BatchInner), whose
 # input gradient by rows and filter gradient share one copy of the input: 1.2-1.5x faster than
@@ -104,6 +107,17 @@ def _layout_class(geo):
     if _stride_one(geo):
         return _RowRuns
     return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
+
+
+def _filter_grad_class(geo, dtype):
+    """The layout of a backward's filter gradient: _layout_class's, except that _RowRuns' per-row
+    products, [OH, KH*C*KW, O] per chunk (OH copies of dW), are kept within ROW_RUNS_DW_MAX_BYTES; wider
+    convs take the layouts from before _RowRuns (at (32, 512, 7, 7) 3x3, _RowRuns' filter gradient
+    took 2.2x the time and 4.5x the memory of _Rows')."""
+    layout = _layout_class(geo)
+    if layout is _RowRuns and geo.oh * geo.k * geo.o * np.dtype(dtype).itemsize > ROW_RUNS_DW_MAX_BYTES:
+        return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
+    return layout
 
 
 class _Rows:
@@ -461,7 +475,7 @@ def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
         return dx, None, dy.sum(axis=(0, 2, 3)) if need_bias else None
 
     def part(start, stop):
-        layout = _layout_class(geo)(geo, x.dtype) if need_dw else None
+        layout = _filter_grad_class(geo, x.dtype)(geo, x.dtype) if need_dw else None
         scatter = None  # dx added back tap by tap: strided convs, always in the _Rows layout
         if need_dx:
             scatter = layout if isinstance(layout, _Rows) else _Rows(geo, x.dtype)
@@ -482,7 +496,7 @@ def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
         dw = _accumulate(dw, part_dw) if need_dw else None
         db = _accumulate(db, part_db) if need_bias else None
     if need_dw:
-        dw = _layout_class(geo).weight_grad(geo, dw)
+        dw = _filter_grad_class(geo, x.dtype).weight_grad(geo, dw)
     return dx, dw, db
 
 
