@@ -1,6 +1,7 @@
 """Hostile tests of gpuconv/ops/conv_cpu.py after the _RowRuns / _BatchInner commits (35481e4..0105bc1).
 
-BUGS FOUND (the tests marked "BUG" fail at 8a05dc7):
+BUGS FOUND (the tests marked "BUG" fail at 8a05dc7; the worker-count ones are fixed by bc03a29,
+the filter gradient's memory by cbd40b6):
 * test_BUG_backward_never_mixes_two_worker_counts /
   test_BUG_set_cpu_workers_from_another_thread_never_mixes_bits: conv2d_backward of a stride-1
   conv that is not batch-innermost (float64, or more than 7 input channels) runs two parallel
