@@ -439,6 +439,25 @@ def run_alone(function, *args):
         return function(*args)
 
 
+_pinned = threading.local()  # .count: the worker count of this thread's op call in flight (one_worker_count)
+
+
+@contextlib.contextmanager
+def one_worker_count():
+    """One worker count for every parallel region this thread runs in the block (run_in_parts):
+    an op that runs several regions (conv2d's backward: the gather, then the filter gradient)
+    gives the bits of one worker count even when another thread calls set_cpu_workers meanwhile.
+    Nested blocks keep the outermost count."""
+    if getattr(_pinned, "count", None) is not None:
+        yield
+        return
+    _pinned.count = get_cpu_workers()
+    try:
+        yield
+    finally:
+        _pinned.count = None
+
+
 def run_in_parts(function, batch):
     """function(start, stop) for equal parts of range(batch), one per core -> results in part order.
 
@@ -448,7 +467,8 @@ def run_in_parts(function, batch):
     BLAS restored afterwards. Python's switch interval is left alone: a part makes a few long
     NumPy calls per chunk, not a plan's many short ones. A batch of one image, or no workers,
     runs in this thread alone and leaves the BLAS as it is (run_alone)."""
-    parts = max(1, min(get_cpu_workers() + 1, batch))
+    workers = getattr(_pinned, "count", None)
+    parts = max(1, min((get_cpu_workers() if workers is None else workers) + 1, batch))
     if parts == 1:
         return [run_alone(function, 0, batch)]
     bounds = _split(batch, parts)

@@ -61,6 +61,9 @@ REFERENCE_MAX_BYTES = 3 << 19
 # whole backward at 4 of the 6 stride-1 shapes of LeNet-5 and ResNet-20 (docs/performance.md, "Any
 # CNN on the CPU, session 7"; smaller chunks cost more Python and thinner products than they gain).
 ROW_RUNS_BYTES = 2 << 20
+# _RowRuns' filter gradient makes [OH, KH*C*KW, O] products per chunk: beyond this size (wide
+# convs; ResNet-20's and LeNet-5's stay under 1.2 MB) the filter gradient takes _Rows or _Wide.
+ROW_RUNS_DW_MAX_BYTES = 2 << 20
 # Up to this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
 # backward that needs the input gradient runs in the batch-innermost layout (_BatchInner), whose
 # input gradient by rows and filter gradient share one copy of the input: 1.15-1.5x faster than
@@ -107,6 +110,17 @@ def _layout_class(geo):
     if _stride_one(geo):
         return _RowRuns
     return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
+
+
+def _filter_grad_class(geo, dtype):
+    """The layout of a backward's filter gradient: _layout_class's, except that _RowRuns' per-row
+    products, [OH, KH*C*KW, O] per chunk (OH copies of dW), are kept within ROW_RUNS_DW_MAX_BYTES; wider
+    convs take the layouts from before _RowRuns (at (32, 512, 7, 7) 3x3, _RowRuns' filter gradient
+    took 2.2x the time and 4.5x the memory of _Rows')."""
+    layout = _layout_class(geo)
+    if layout is _RowRuns and geo.oh * geo.k * geo.o * np.dtype(dtype).itemsize > ROW_RUNS_DW_MAX_BYTES:
+        return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
+    return layout
 
 
 class _Rows:
@@ -431,7 +445,10 @@ def conv2d_backward(dy, x, w, stride, padding, dilation, need_dx, need_bias, nee
     geo = _Geometry(x.shape, w.shape, stride, padding, dilation)
     if need_dx and _batch_inner(geo, x.dtype):
         return _batch_inner_backward(geo, dy, x, w, need_bias, need_dw)
-    return _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw)
+    # the gather and the filter gradient are two regions: one worker count for both, else a
+    # set_cpu_workers from another thread between them gave dx of one count and dW of another
+    with cpu_parts.one_worker_count():
+        return _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw)
 
 
 def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
@@ -454,7 +471,7 @@ def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
         return dx, None, dy.sum(axis=(0, 2, 3)) if need_bias else None
 
     def part(start, stop):
-        layout = _layout_class(geo)(geo, x.dtype) if need_dw else None
+        layout = _filter_grad_class(geo, x.dtype)(geo, x.dtype) if need_dw else None
         scatter = None  # dx added back tap by tap: strided convs, always in the _Rows layout
         if need_dx:
             scatter = layout if isinstance(layout, _Rows) else _Rows(geo, x.dtype)
@@ -475,7 +492,7 @@ def _backward_by_layout(geo, dy, x, w, need_dx, need_bias, need_dw):
         dw = _accumulate(dw, part_dw) if need_dw else None
         db = _accumulate(db, part_db) if need_bias else None
     if need_dw:
-        dw = _layout_class(geo).weight_grad(geo, dw)
+        dw = _filter_grad_class(geo, x.dtype).weight_grad(geo, dw)
     return dx, dw, db
 
 

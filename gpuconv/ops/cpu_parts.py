@@ -17,6 +17,13 @@ def in_parts(function, batch):
     return run_in_parts(function, batch)
 
 
+def one_worker_count():
+    """A block whose parallel regions (in_parts) all use the worker count read at its start:
+    for an op of several regions (cpu_plan.one_worker_count)."""
+    from ..nn.cpu_plan import one_worker_count
+    return one_worker_count()
+
+
 def alone(function, *args):
     """function(*args) in this thread with the BLAS as it is, but never while another thread's
     region has set it to one thread (the bits would then depend on timing): cpu_plan.run_alone."""

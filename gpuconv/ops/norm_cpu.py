@@ -55,14 +55,17 @@ def _each_chunk(function, x):
 def batch_stats(x):
     """-> (mean, biased variance) per channel of a contiguous NCHW array."""
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = _summed(lambda i: _channel_sum(x[i]), x) / count
-    centred = _plane(mean, x)
 
     def squares(images):
         d = x[images] - centred
         return _channel_dot(d, d)
 
-    return mean, _summed(squares, x) / count
+    # two regions, one worker count: else a set_cpu_workers from another thread between them
+    # gave the mean of one split and the variance of another
+    with cpu_parts.one_worker_count():
+        mean = _summed(lambda i: _channel_sum(x[i]), x) / count
+        centred = _plane(mean, x)
+        return mean, _summed(squares, x) / count
 
 
 def normalize(x, mean, scale, bias):
