@@ -30,20 +30,24 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape, layout", [
-    (((1, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)), "_RowRuns"),   # LeNet-5 conv1
-    (((1, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)), "_RowRuns"),  # LeNet-5 conv2
-    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), "_RowRuns"),
+    (((128, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), (1, 1)), "_RowRuns"),   # LeNet-5 conv1
+    (((128, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), (1, 1)), "_RowRuns"),  # LeNet-5 conv2
+    (((128, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), "_RowRuns"),
+    (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1)), "_Wide"),     # one image: 32 columns
     (((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1)), "_Rows"),   # strided
     (((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (2, 2), (2, 2)), "_Wide"),   # dilated, 144 rows
     (((1, 32, 16, 16), (32, 32, 3, 3), (1, 1), (2, 2), (2, 2)), "_Rows"),   # dilated, 288 rows
+    (((16, 256, 28, 28), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1)), "_Rows"),  # one image a chunk: 28 columns
+    (((128, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1)), "_RowRuns"),  # 112 columns
 ])
 def test_layout_per_shape(shape, layout):
     geo = conv_cpu._Geometry(*shape)
-    assert conv_cpu._layout_class(geo).__name__ == layout
+    assert conv_cpu._layout_class(geo, np.float32).__name__ == layout
 
 
-def test_every_layout_is_tested():
-    names = {conv_cpu._layout_class(conv_cpu._Geometry(*shape)).__name__ for shape in SHAPES}
+def test_every_layout_is_tested(monkeypatch):
+    monkeypatch.setattr(conv_cpu, "ROW_RUNS_MIN_COLUMNS", 0)  # as the row-runs fixtures below set it
+    names = {conv_cpu._layout_class(conv_cpu._Geometry(*shape), np.float64).__name__ for shape in SHAPES}
     assert names == {"_Rows", "_Wide", "_RowRuns"}
 
 
@@ -54,12 +58,16 @@ def workers(request):
     gpuconv.set_cpu_workers(None)
 
 
-@pytest.fixture(params=["one-image-chunks", "default-chunks"])
+@pytest.fixture(params=["one-image-chunks", "default-chunks", "default-chunks-row-runs"])
 def chunk_bytes(request, monkeypatch):
-    """Every layout's chunks of one image, or of their default size."""
+    """Every layout's chunks of one image, or of their default size. The small shapes here make
+    products narrower than ROW_RUNS_MIN_COLUMNS, so the row-runs cases lift that bound: stride-1
+    convs then take _RowRuns whatever their chunk."""
     if request.param == "one-image-chunks":
         for name in ("CHUNK_BYTES", "ROW_RUNS_BYTES", "BATCH_INNER_BYTES"):
             monkeypatch.setattr(conv_cpu, name, 1)
+    if request.param != "default-chunks":
+        monkeypatch.setattr(conv_cpu, "ROW_RUNS_MIN_COLUMNS", 0)
     return request.param
 
 
@@ -157,8 +165,9 @@ def test_blas_threads_restored_and_a_parts_error_reaches_the_caller(shape, layou
         x, w, b, stride, padding, dilation = _arrays(shape, np.float32)
         conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation)
         assert blas.get_num_threads() == before
+        monkeypatch.setattr(conv_cpu, "ROW_RUNS_MIN_COLUMNS", 0)
         geo = conv_cpu._Geometry(x.shape, w.shape, stride, padding, dilation)
-        assert conv_cpu._layout_class(geo).__name__ == layout
+        assert conv_cpu._layout_class(geo, np.float32).__name__ == layout
         real = getattr(getattr(conv_cpu, layout), method)
 
         def failing(self, x, first, *rest):
@@ -308,7 +317,7 @@ def test_row_runs_computes_strided_convs_too(shape, chunk_bytes, monkeypatch):
     """_RowRuns runs stride 1 only (_layout_class), but its row and column steps are general."""
     if shape[4] != (1, 1):
         shape = shape[:4] + ((1, 1),)
-    monkeypatch.setattr(conv_cpu, "_layout_class", lambda geo: conv_cpu._RowRuns)
+    monkeypatch.setattr(conv_cpu, "_layout_class", lambda geo, dtype: conv_cpu._RowRuns)
     x, w, b, stride, padding, dilation = _arrays(shape, np.float64)
     expected = conv.conv2d_forward_numpy(x, w, b, stride, padding, dilation, 1)
     np.testing.assert_allclose(conv_cpu.conv2d_forward(x, w, b, stride, padding, dilation), expected,

@@ -88,7 +88,7 @@ SHAPES = [  # (C, O, kernel, stride, padding, side): LeNet-5's and ResNet-20's c
 
 def _with_layout(layout, function):
     """function() with `layout` for every conv (the batch-innermost backward off)."""
-    return _with_layout_class(lambda geo: layout, function)
+    return _with_layout_class(lambda geo, dtype: layout, function)
 
 
 def _with_layout_class(choose, function):
@@ -121,7 +121,7 @@ def row_runs(batch=128):
     gradient in _RowRuns against session 6's rows / wide layouts; the backward with all three
     gradients and the input gradient alone, in _BatchInner against _RowRuns with the gather
     (BATCH_INNER_MAX_CHANNELS); the whole backward by _RowRuns' chunk size (ROW_RUNS_BYTES)."""
-    session6 = lambda geo: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN else conv_cpu._Rows
+    session6 = lambda geo, dtype: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN else conv_cpu._Rows
     always, never = (lambda *args: True), (lambda *args: False)
     for c, o, k, s, p, side in SHAPES:
         if s != 1:
@@ -149,6 +149,31 @@ def row_runs(batch=128):
                 never, backward, ROW_RUNS_BYTES=size)
         times = _interleaved(candidates, rounds=6, calls=2)
         print(f"c{c}-{o}k{k}s{s}@{side}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()) + " ms")
+
+
+def wide_convs():
+    """_RowRuns against session 6's layouts for 3x3 stride-1 convs from 16 to 512 channels, the
+    forward and the input gradient (the gather), interleaved: where its products get too narrow
+    (ROW_RUNS_MIN_COLUMNS). `columns` is the chunk's images times OW."""
+    session6 = lambda geo, dtype: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN else conv_cpu._Rows
+    row_runs = lambda geo, dtype: conv_cpu._RowRuns
+    one = (1, 1)
+    for n, c, side in ((16, 256, 28), (32, 512, 7), (32, 256, 14), (32, 128, 32), (64, 64, 32), (128, 64, 16),
+                       (128, 32, 32), (128, 64, 8), (128, 16, 32)):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, c, side, side)).astype(np.float32)
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        geo = conv_cpu._Geometry(x.shape, w.shape, one, one, one)
+        forward = lambda: conv_cpu.conv2d_forward(x, w, None, one, one, one)
+        input_grad = lambda: conv_cpu.conv2d_backward(dy, x, w, one, one, one, True, False, False)
+        times = _interleaved({"forward row runs": lambda: _with_layout_class(row_runs, forward),
+                              "forward session 6": lambda: _with_layout_class(session6, forward),
+                              "input gradient row runs": lambda: _with_layout_class(row_runs, input_grad),
+                              "input gradient session 6": lambda: _with_layout_class(session6, input_grad)},
+                             rounds=4, calls=2)
+        print(f"batch {n}, c{c}@{side}, columns {conv_cpu._RowRuns.chunk_of(geo, x.dtype) * geo.ow}: "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()) + " ms")
 
 
 def _interleaved(candidates, rounds=8, calls=3):
@@ -196,7 +221,7 @@ def layouts_and_reference(batch=128):
                 conv_cpu.conv2d_backward(dy, x, w, stride, padding, one, True, False, False)))
         candidates["input gradient tap by tap"] = lambda: _scatter(dy, x, w, stride, padding)
         times = _interleaved(candidates)
-        chosen = conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, one))
+        chosen = conv_cpu._layout_class(conv_cpu._Geometry(x.shape, w.shape, stride, padding, one), x.dtype)
         print(f"c{c}-{o}k{k}s{s}@{side} (chosen: {chosen.__name__}): "
               + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()) + " ms")
 
@@ -227,7 +252,7 @@ def chunk_sizes(batch=128):
         def at(size):
             conv_cpu.CHUNK_BYTES = size
             try:
-                return _with_layout_class(lambda geo: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN
+                return _with_layout_class(lambda geo, dtype: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN
                                           else conv_cpu._Rows,
                                           lambda: conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1)))
             finally:
@@ -310,6 +335,7 @@ if __name__ == "__main__":
     batch_norm()
     layouts_and_reference()
     row_runs()
+    wide_convs()
     chunk_sizes()
     small_sizes()
     relu_in_parts()

@@ -64,6 +64,10 @@ ROW_RUNS_BYTES = 2 << 20
 # _RowRuns' filter gradient makes [OH, KH*C*KW, O] products per chunk: beyond this size (wide
 # convs; ResNet-20's and LeNet-5's stay under 1.2 MB) the filter gradient takes _Rows or _Wide.
 ROW_RUNS_DW_MAX_BYTES = 2 << 20
+# ... and the forward too once its products are narrower than this (a chunk of one or two images
+# of 7-32 pixels' width): from 128 channels on, with 28-32 columns, _RowRuns measured 1.05-1.5x
+# slower than _Rows; at ResNet-20's shapes (96-224 columns) 1.1-2x faster (docs/performance.md).
+ROW_RUNS_MIN_COLUMNS = 64
 # Up to this many input channels (LeNet-5's 1 and 6, ResNet's stem's 3) a float32 stride-1
 # backward that needs the input gradient runs in the batch-innermost layout (_BatchInner), whose
 # input gradient by rows and filter gradient share one copy of the input: 1.15-1.5x faster than
@@ -105,9 +109,10 @@ def _batch_inner(geo, dtype):
     return dtype == np.float32 and _stride_one(geo) and geo.c <= BATCH_INNER_MAX_CHANNELS
 
 
-def _layout_class(geo):
-    """The layout of a conv's forward and filter gradient (and of the gather, a forward)."""
-    if _stride_one(geo):
+def _layout_class(geo, dtype):
+    """The layout of a conv's forward and filter gradient (and of the gather, a forward):
+    _RowRuns for stride-1 convs whose chunk's products are at least ROW_RUNS_MIN_COLUMNS wide."""
+    if _stride_one(geo) and _RowRuns.chunk_of(geo, dtype) * geo.ow >= ROW_RUNS_MIN_COLUMNS:
         return _RowRuns
     return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
 
@@ -117,7 +122,7 @@ def _filter_grad_class(geo, dtype):
     products, [OH, KH*C*KW, O] per chunk (OH copies of dW), are kept within ROW_RUNS_DW_MAX_BYTES; wider
     convs take the layouts from before _RowRuns (at (32, 512, 7, 7) 3x3, _RowRuns' filter gradient
     took 2.2x the time and 4.5x the memory of _Rows')."""
-    layout = _layout_class(geo)
+    layout = _layout_class(geo, dtype)
     if layout is _RowRuns and geo.oh * geo.k * geo.o * np.dtype(dtype).itemsize > ROW_RUNS_DW_MAX_BYTES:
         return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
     return layout
@@ -290,8 +295,7 @@ class _RowRuns:
 
     def __init__(self, geo, dtype):
         self.geo, self.dtype = geo, dtype
-        image = (geo.padded[0] * geo.c * geo.kw + geo.oh * geo.o) * geo.ow * np.dtype(dtype).itemsize
-        self.chunk = max(1, min(geo.n, ROW_RUNS_BYTES // image))
+        self.chunk = self.chunk_of(geo, dtype)
         # kernel column j reads input column ow*SW + j - PW: the output columns where that is inside
         self.copies = []
         for j in range(geo.kw):
@@ -302,6 +306,12 @@ class _RowRuns:
                 self.copies.append((j, slice(first, last), slice(start, start + (last - first - 1) * geo.sw + 1,
                                                                  geo.sw)))
         self.buffers = {}  # chunk size -> (R, its row matrices, the products' buffer)
+
+    @staticmethod
+    def chunk_of(geo, dtype):
+        """Images per chunk: R and the products of one image, within ROW_RUNS_BYTES."""
+        image = (geo.padded[0] * geo.c * geo.kw + geo.oh * geo.o) * geo.ow * np.dtype(dtype).itemsize
+        return max(1, min(geo.n, ROW_RUNS_BYTES // image))
 
     @staticmethod
     def weight_matrix(w):
@@ -430,7 +440,7 @@ def conv2d_forward(x, w, b, stride, padding, dilation):
     y = np.empty((geo.n, geo.o, geo.oh, geo.ow), dtype=x.dtype)
 
     def part(start, stop):
-        layout = _layout_class(geo)(geo, x.dtype)  # a part's buffers are its own
+        layout = _layout_class(geo, x.dtype)(geo, x.dtype)  # a part's buffers are its own
         weights = layout.weight_matrix(w)
         for first, last in cpu_parts.ranges(start, stop, layout.chunk):
             layout.forward(x, weights, first, last, y)
