@@ -3,8 +3,10 @@
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
 Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Linear, Identity,
-Dropout when it is the identity), the whole chain runs here as one autograd Function; otherwise
-the model runs eagerly, op by op, which stays the reference. Gradients match that reference to
+Dropout when it is the identity), the whole chain runs here as one autograd Function; a chain
+lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
+see compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
+the reference. Gradients match that reference to
 float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
 ops are in cpu_ops.py. No layer or container knows this module exists.
 
@@ -158,15 +160,28 @@ def get_cpu_workers():
 # compiling a Sequential into ops
 
 
-def chain(model):
-    """The layers a model runs in order: a Sequential (or a subclass that keeps its forward)
-    opened recursively; Unsupported for a model whose forward is its own Python."""
+def steps(model):
+    """The modules a model runs in order, each called on the previous one's output: a Sequential
+    (or a subclass that keeps its forward) opened recursively; any other module (a layer, or a
+    module whose forward is its own Python) is one step."""
     from .sequential import Sequential
     if isinstance(model, Sequential) and type(model).forward is Sequential.forward:
-        return [layer for child in model for layer in chain(child)]
-    if type(model) in LOWERINGS:
-        return [model]
-    raise Unsupported(f"{type(model).__name__} (its forward is Python the executor cannot lower)")
+        return [layer for child in model for layer in steps(child)]
+    return [model]
+
+
+def unlowerable(layer):
+    """Why the executor cannot take `layer` as it is configured now (its training mode included),
+    or None when it can. Independent of the input shape: a plan of such layers may still meet a
+    shape it cannot take (_Plan.prepare then returns False)."""
+    lowering = LOWERINGS.get(type(layer))
+    if lowering is None:
+        return f"{type(layer).__name__} (its forward is Python the executor cannot lower)"
+    try:
+        lowering([layer], 0, [])  # the lowering's own checks of the configuration, on the layer alone
+    except Unsupported as why:
+        return f"{type(layer).__name__}: {why}"
+    return None
 
 
 def _signature(layers, x):
@@ -190,6 +205,15 @@ def _signature(layers, x):
     return tuple(parts)
 
 
+def fused_conv_pools(layers):
+    """How many Conv2d of `layers` (each lowerable) the lowering fuses with a following
+    [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
+    ops, index = [], 0
+    while index < len(layers):
+        index += LOWERINGS[type(layers[index])](layers, index, ops)
+    return sum(isinstance(op, ConvOp) and op.pool is not None for op in ops)
+
+
 # The registry: layer type -> lowering(layers, index, ops) -> how many layers it consumed. A
 # lowering appends ops, or raises Unsupported for a configuration it cannot run.
 LOWERINGS = {}
@@ -206,6 +230,13 @@ def lowers(*kinds):
 @lowers(L.Conv2d)
 def _lower_conv(layers, index, ops):
     """Conv2d, fused with a following [ReLU ->] MaxPool2d(k, stride k) where there is one."""
+    conv = layers[index]
+    # ConvOp.setup checks these too; here, so that unlowerable() sees them without a shape
+    if conv.groups != 1:
+        raise Unsupported("conv groups")
+    if conv.padding == "same" and (conv.stride != (1, 1) or any(
+            d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation))):
+        raise Unsupported("asymmetric 'same' padding")
     relu = index + 1 < len(layers) and type(layers[index + 1]) is L.ReLU
     pool_at = index + 1 + relu
     pool = layers[pool_at] if pool_at < len(layers) else None
@@ -218,6 +249,9 @@ def _lower_conv(layers, index, ops):
 
 @lowers(L.MaxPool2d, L.AvgPool2d)
 def _lower_pool(layers, index, ops):
+    pool = layers[index]
+    if pool.stride != pool.kernel_size or pool.padding != (0, 0):  # as PoolOp.setup, for unlowerable()
+        raise Unsupported("pool with stride != kernel or padding")
     ops.append(PoolOp(layers[index], index))
     return 1
 
