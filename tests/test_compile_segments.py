@@ -270,3 +270,46 @@ def test_a_plan_whose_input_shape_it_cannot_take_runs_eagerly(rng):
     assert compiled.uses_executor(x)
     second = compiled._current_segments()[-1]
     assert second.plan is not None and not compiled._plan_for(second, np.empty((4, 2, 1, 1), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# AdaptiveAvgPool2d(1), the global average pool, lowered
+
+
+def with_global_pool(seed):
+    """A whole chain the executor lowers: convs, then the global average pool and a Linear."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(*conv_block(rng, 1, 4), nn.Conv2d(4, 6, 3, padding=1, rng=rng), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5, rng=rng))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_global_average_pool_lowers_and_matches(batch, rng):
+    pair = Pair(with_global_pool)
+    x, labels = images(rng, batch), rng.integers(0, 5, batch)
+    assert pair.fast.unsupported is None  # the whole model is one plan
+    count, logits = pair.step(x, labels, need_dx=batch != 1)
+    assert count == 1 and isinstance(logits.creator, PlanFunction)
+
+
+def test_global_average_pool_as_the_output_and_between_eager_steps(rng):
+    """The pool ends a plan (its output NCHW, its output gradient the caller's) after a BatchNorm
+    and before a Scale; the input gradient through it is the eager one's."""
+    def make(seed):
+        rng = np.random.default_rng(seed)
+        return nn.Sequential(nn.BatchNorm2d(1), *conv_block(rng, 1, 3), nn.AdaptiveAvgPool2d(1), Scale(3),
+                             nn.Flatten(), nn.Linear(3, 5, rng=rng))
+    pair = Pair(make)
+    x, labels = images(rng, 64), rng.integers(0, 5, 64)
+    assert pair.step(x, labels)[0] == 1
+
+
+def test_other_adaptive_sizes_run_eagerly(rng):
+    model = nn.Sequential(*conv_block(np.random.default_rng(0), 1, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    compiled = gpuconv.compile(model)
+    assert "output_size=1" in compiled.unsupported
+    x = images(rng, 8)
+    assert compiled.uses_executor(x)  # the conv block before it still runs its plan
+    fast, slow = compiled(x), model(x)
+    assert len(plans_on_tape(fast)) == 1
+    assert_close(fast.data, slow.data)

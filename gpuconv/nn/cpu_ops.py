@@ -522,6 +522,35 @@ class PoolOp(Op):
         return dx
 
 
+class GlobalAvgPoolOp(Op):
+    """AdaptiveAvgPool2d(1), the global average pool: each channel's map -> its mean,
+    [C, H, W, n] -> [C, 1, 1, n]. The reference takes NumPy's mean over (H, W) too; only the order
+    of the float32 sum differs (float32 rounding)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def setup(self, shape):
+        if len(shape) != 3:
+            raise Unsupported("spatial op on a flat input")
+        c, h, w = shape
+        self.in_hw = (h, w)
+        return (c, 1, 1)
+
+    def forward(self, chunk, x, scratch):
+        y = buffer(chunk.store, (self.index, "y"), (x.shape[0], 1, 1, chunk.n))
+        np.mean(x, axis=(1, 2), keepdims=True, out=y)
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (self.index, "dx"), (dy.shape[0],) + self.in_hw + (chunk.n,))
+        h, w = self.in_hw
+        np.divide(dy, dy.dtype.type(h * w), out=dx)  # each pixel's share, broadcast over the map, as the reference
+        return dx
+
+
 class ActivationOp(Op):
     def __init__(self, layer, index, in_place):
         self.layer, self.index, self.in_place = layer, index, in_place

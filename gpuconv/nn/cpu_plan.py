@@ -2,8 +2,8 @@
 
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
-Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Linear, Identity,
-Dropout when it is the identity), the whole chain runs here as one autograd Function; a chain
+Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1), Flatten,
+Linear, Identity, Dropout when it is the identity), the whole chain runs here as one autograd Function; a chain
 lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
 see compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
 the reference. Gradients match that reference to
@@ -67,8 +67,8 @@ from .. import blas
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
-from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, IdentityOp, LinearOp, PoolOp,
-                      Unsupported)
+from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp, LinearOp,
+                      PoolOp, Unsupported)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -200,6 +200,8 @@ def _signature(layers, x):
             parts.append((id(layer), kind, layer.training and layer.p > 0))
         elif kind is L.Flatten:
             parts.append((id(layer), kind, layer.start_dim, layer.end_dim))
+        elif kind is L.AdaptiveAvgPool2d:
+            parts.append((id(layer), kind, layer.output_size))
         else:
             parts.append((id(layer), kind))
     return tuple(parts)
@@ -256,6 +258,14 @@ def _lower_pool(layers, index, ops):
     return 1
 
 
+@lowers(L.AdaptiveAvgPool2d)
+def _lower_adaptive_avg_pool(layers, index, ops):
+    if layers[index].output_size != (1, 1):
+        raise Unsupported("AdaptiveAvgPool2d other than output_size=1 (the global average pool)")
+    ops.append(GlobalAvgPoolOp(index))
+    return 1
+
+
 @lowers(L.ReLU, L.Tanh, L.Sigmoid)
 def _lower_activation(layers, index, ops):
     # In place when nothing reads the previous output again (conv without pool, linear).
@@ -297,7 +307,7 @@ def _compile(layers, input_shape):
         index += lowering(layers, index, ops)
     shape = tuple(input_shape)
     for op in ops:
-        if isinstance(op, (ConvOp, PoolOp)) and len(shape) != 3:
+        if isinstance(op, (ConvOp, PoolOp, GlobalAvgPoolOp)) and len(shape) != 3:
             raise Unsupported("spatial op on a flat input")
         shape = op.setup(shape)
     produced = False  # every op but Flatten and Identity returns a gradient buffer of its own

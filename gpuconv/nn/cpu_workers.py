@@ -60,7 +60,7 @@ def supported():
 # describing layers (JSON both ways, never pickle)
 
 _KINDS = {cls.__name__: cls for cls in (L.Conv2d, L.Linear, L.MaxPool2d, L.AvgPool2d, L.ReLU, L.Tanh, L.Sigmoid,
-                                        L.Flatten, L.Identity, L.Dropout)}
+                                        L.Flatten, L.Identity, L.Dropout, L.AdaptiveAvgPool2d)}
 
 
 def describe(layer):
@@ -79,6 +79,8 @@ def describe(layer):
         spec.update(start=layer.start_dim, end=layer.end_dim)
     elif kind is L.Dropout:
         spec.update(p=layer.p)
+    elif kind is L.AdaptiveAvgPool2d:
+        spec.update(output_size=list(layer.output_size))
     return spec
 
 
@@ -98,6 +100,8 @@ def build(spec):
         layer = L.Flatten(spec["start"], spec["end"])
     elif kind is L.Dropout:
         layer = L.Dropout(spec["p"])
+    elif kind is L.AdaptiveAvgPool2d:
+        layer = L.AdaptiveAvgPool2d(tuple(spec["output_size"]))
     else:
         layer = kind()
     layer.training = spec["training"]
