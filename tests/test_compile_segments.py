@@ -180,17 +180,56 @@ def test_switching_train_and_eval_picks_other_segments(rng):
             assert "Dropout" in pair.fast.unsupported
 
 
-def test_batchnorm_in_eval_mode_between_plans(rng):
-    """BatchNorm in eval uses its running statistics (set by a few training steps): still an eager
-    step between two plans, with the eager model's results."""
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_batchnorm_in_eval_mode_lowers_and_matches(batch, rng):
+    """BatchNorm in eval uses its running statistics (set by training steps, then its weight and
+    bias moved off 1 and 0): the whole model is then one plan, with the eager model's results.
+    Training mode ran the same model in three segments (BatchNorm eagerly)."""
     pair = Pair(with_batchnorm)
     for _ in range(3):
         x, labels = images(rng, 32), rng.integers(0, 5, 32)
-        pair.step(x, labels)
+        assert pair.step(x, labels)[0] == 2
     for model in (pair.fast_model, pair.slow_model):
+        model[3].weight.data[:] = np.linspace(0.5, 2.0, 4, dtype=np.float32)
+        model[3].bias.data[:] = np.linspace(-0.3, 0.3, 4, dtype=np.float32)
         model.eval()
-    x, labels = images(rng, 32), rng.integers(0, 5, 32)
-    assert pair.step(x, labels)[0] == 2
+    assert pair.fast.unsupported is None
+    x, labels = images(rng, batch), rng.integers(0, 5, batch)
+    assert pair.step(x, labels, need_dx=batch != 1)[0] == 1
+    for model in (pair.fast_model, pair.slow_model):  # back to training: BatchNorm eager again
+        model.train()
+    assert pair.step(x[:2].repeat(4, axis=0), labels[:2].repeat(4))[0] == 2
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_eval_first_and_last(affine, rng):
+    """BatchNorm as a plan's first op (its input the caller's) and as its last (its output
+    gradient the caller's), with and without weight and bias; a BatchNorm2d without running
+    statistics uses the batch's even in eval, so it stays eager."""
+    def make(seed):
+        rng = np.random.default_rng(seed)
+        first, last = nn.BatchNorm2d(1, affine=affine), nn.BatchNorm2d(3, affine=affine, eps=1e-3)
+        for bn, value in ((first, 0.3), (last, -0.2)):
+            bn.running_mean[:] = value
+            bn.running_var[:] = np.linspace(0.5, 2.0, bn.num_features, dtype=np.float32)
+        model = nn.Sequential(first, *conv_block(rng, 1, 3), last)
+        return model.eval()
+    pair = Pair(make)
+    x, labels = images(rng, 64), rng.integers(0, 3, 64)
+    # the loss reads the (64, 3, 8, 8) map flattened by the eager ops after it
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        (y * y).sum().backward()
+        model.dx = inputs.grad
+        model.y = y
+    assert len(plans_on_tape(pair.fast_model.y)) == 1
+    assert_close(pair.fast_model.y.data, pair.slow_model.y.data)
+    assert_close(pair.fast_model.dx, pair.slow_model.dx)
+    pair.assert_same_state()
+    untracked = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    assert "running statistics" in gpuconv.compile(nn.Sequential(untracked)).unsupported
 
 
 def test_sgd_training_follows_the_eager_model(rng):

@@ -2,9 +2,9 @@
 
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
-Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1), Flatten,
-Linear, Identity, Dropout when it is the identity), the whole chain runs here as one autograd Function; a chain
-lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
+Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
+BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity), the whole
+chain runs here as one autograd Function; a chain lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
 see compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
 the reference. Gradients match that reference to
 float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
@@ -67,8 +67,8 @@ from .. import blas
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
-from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp, LinearOp,
-                      PoolOp, Unsupported)
+from .cpu_ops import (ActivationOp, BatchNormEvalOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp,
+                      LinearOp, PoolOp, Unsupported)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -200,6 +200,9 @@ def _signature(layers, x):
             parts.append((id(layer), kind, layer.training and layer.p > 0))
         elif kind is L.Flatten:
             parts.append((id(layer), kind, layer.start_dim, layer.end_dim))
+        elif kind is L.BatchNorm2d:
+            parts.append((id(layer), kind, layer.training, layer.track_running_stats, layer.eps,
+                          layer.num_features, layer.weight is None))
         elif kind is L.AdaptiveAvgPool2d:
             parts.append((id(layer), kind, layer.output_size))
         else:
@@ -258,6 +261,15 @@ def _lower_pool(layers, index, ops):
     return 1
 
 
+@lowers(L.BatchNorm2d)
+def _lower_batch_norm(layers, index, ops):
+    layer = layers[index]
+    if layer.training or not layer.track_running_stats:  # see BatchNormEvalOp for why
+        raise Unsupported("BatchNorm2d in training mode or without running statistics (batch statistics)")
+    ops.append(BatchNormEvalOp(layer, index))
+    return 1
+
+
 @lowers(L.AdaptiveAvgPool2d)
 def _lower_adaptive_avg_pool(layers, index, ops):
     if layers[index].output_size != (1, 1):
@@ -307,7 +319,7 @@ def _compile(layers, input_shape):
         index += lowering(layers, index, ops)
     shape = tuple(input_shape)
     for op in ops:
-        if isinstance(op, (ConvOp, PoolOp, GlobalAvgPoolOp)) and len(shape) != 3:
+        if isinstance(op, (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp)) and len(shape) != 3:
             raise Unsupported("spatial op on a flat input")
         shape = op.setup(shape)
     produced = False  # every op but Flatten and Identity returns a gradient buffer of its own
@@ -536,7 +548,8 @@ class _Plan:
             self.parts, self.scratch = [], []
         if self.ops is None:
             return False
-        return all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
+        return (all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
+                and all(isinstance(array, np.ndarray) and array.dtype == np.float32 for array in self.buffers()))
 
     def layout(self, batch):
         """Split the batch over the caller and the workers (while each gets MIN_CHUNK images),
@@ -625,6 +638,11 @@ class _Plan:
                     found.setdefault(id(p), p)
             self._params = list(found.values())
         return self._params
+
+    def buffers(self):
+        """The arrays the ops read besides the parameters (BatchNorm's running statistics), in op
+        order, looked up at each call: a module's buffer may be replaced (load_state_dict, to())."""
+        return [getattr(owner, name) for op in self.ops for owner, name in getattr(op, "buffers", list)()]
 
     def _in_parts(self, kind, *arrays):
         """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..
