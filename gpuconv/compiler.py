@@ -162,8 +162,9 @@ class CompiledModel:
 
     def uses_executor(self, x):
         """Would a forward on `x` run at least one segment by a plan? (For tests and the bench; runs
-        no layer.) The shape reaching a later segment comes from each layer's output_shape; after a
-        layer without one, a segment is taken to run its plan (only its input shape could stop it)."""
+        no layer.) The shape reaching a later segment comes from each layer's output_shape, its
+        dtype is taken to stay float32; after a layer without one, a segment is taken to run its
+        plan (only its input shape could stop it)."""
         segments = self._segments_for(x)
         if segments is None:
             return False
@@ -173,9 +174,10 @@ class CompiledModel:
             if segment.plan is not None:
                 if shape is None:
                     return True
-                with segment.plan.lock:  # prepare reads the shape only: an empty batch stands for x
-                    if segment.plan.prepare(layers, np.empty((0,) + shape[1:], np.float32)):
-                        return True
+                if len(shape) in (2, 4):  # as _plannable; prepare reads the shape only: an empty batch stands for x
+                    with segment.plan.lock:
+                        if segment.plan.prepare(layers, np.empty((0,) + shape[1:], np.float32)):
+                            return True
             shape = _output_shape(layers, shape)
         return False
 

@@ -31,9 +31,14 @@ from gpuconv.models import LeNet5, SimpleCNN
 
 def load_old_compiler(path):
     from gpuconv.nn import cpu_plan
-    if not hasattr(cpu_plan, "chain"):  # gone with partial lowering; the old compiler's only use
-        cpu_plan.chain = lambda model: [layer for layer in cpu_plan.steps(model)
-                                        if type(layer) in cpu_plan.LOWERINGS or cpu_plan.unlowerable(layer)]
+    if not hasattr(cpu_plan, "chain"):  # gone with partial lowering (the old compiler was its one user): as it was
+        def chain(model):
+            layers = cpu_plan.steps(model)
+            for layer in layers:
+                if type(layer) not in cpu_plan.LOWERINGS:
+                    raise cpu_plan.Unsupported(f"{type(layer).__name__} (its forward is Python the executor cannot lower)")
+            return layers
+        cpu_plan.chain = chain
     spec = importlib.util.spec_from_file_location("gpuconv._old_compiler", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
