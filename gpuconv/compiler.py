@@ -66,13 +66,19 @@ class PlanFunction(Function):
 def _worth_a_plan(layers, whole):
     """Is a run of lowerable layers worth a plan of its own? The whole model always is (as the
     executor ran before partial lowering: an MLP too). A run between layers that run eagerly is
-    only when the plan fuses one of its convs with a following [ReLU ->] MaxPool2d: a plan pays a
-    layout change at each edge and a parallel region's hand-overs, which an unfused conv (the
-    eager conv2d is as fast), a dense tail or a lone activation did not win back. Measured (training
-    steps at batch 128, docs/experiments/partial_lowering.py; figures in the commit that brought
-    this rule): SimpleCNN, whose BatchNorms split every conv from its pool, ~45% slower with a plan
-    for each run holding a Conv2d than eagerly; LeNet-5 with Dropout in training ~25% faster with
-    its conv-pool run planned."""
+    only when the plan fuses one of its convs with a following [ReLU ->] MaxPool2d, where the
+    executor's layout and fusion pay for a plan's layout change at each edge and its hand-overs.
+
+    Measured (docs/experiments/partial_lowering.py, training steps at batch 128, medians of 60
+    rounds interleaved per model, 17:11-17:13 UTC on a 2-core VM shared with other sessions, so a
+    ~7% noise floor: the two identical eager SimpleCNN paths differed by that): SimpleCNN, whose
+    BatchNorms split every conv from its pool, eager 275 ms, a plan for each run holding a Conv2d
+    366 ms (a lone unfused conv1, 1 -> 32 channels, ran ~3x slower as a plan than eagerly), a plan
+    for every run 275 ms; LeNet-5 with Dropout in training: eager 107 ms, this rule 54 ms, every run
+    48 ms. Every run planned measured as good or slightly better, but it multiplies plans: a worker
+    process keeps the arenas of cpu_workers.MAX_PLANS (8) plans and sets up again, every step,
+    those beyond (a VGG-like net with BatchNorm would have one plan per conv), and each plan keeps
+    its own activation buffers; this rule plans only where the fusion pays."""
     return whole or cpu_plan.fused_conv_pools(layers) > 0
 
 

@@ -3,7 +3,8 @@
 Training steps (forward, cross-entropy, backward, SGD) at batch 128 of SimpleCNN (three
 conv -> BatchNorm2d -> pool -> ReLU blocks: the BatchNorms run eagerly) and of LeNet-5 with a
 Dropout(0.5) after fc1 and fc2 (training mode: the Dropouts run eagerly), each under every rule,
-interleaved round by round in one process so that a change in the machine's load hits all alike:
+interleaved round by round within each model's group (see groups()) so that a change in the
+machine's load hits all alike:
 
   eager    the uncompiled model, op by op
   conv     a plan for each run that holds a Conv2d, the dense tail eagerly
@@ -99,33 +100,43 @@ def lenet_dropout(seed):
     return out
 
 
-def main(rounds=30, old_path=None):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 1, 28, 28), dtype=np.float32)
-    labels = rng.integers(0, 10, 128)
-    variants = {}
+def groups(x, labels, old_path):
+    """Each group's variants, timed together: a worker process keeps the arenas of at most
+    cpu_workers.MAX_PLANS (8) plans, and all variants at once hold 14, which would set every plan
+    up again each round (a cost eager runs never pay)."""
     for name, make in (("SimpleCNN", SimpleCNN), ("LeNet-5+Dropout", lenet_dropout)):
+        variants = {}
         model = make(seed=1)
         variants[f"{name} eager"] = stepper(model, model, x, labels)
         for rule in ("conv", "fused", "every"):
             model = make(seed=1)
             variants[f"{name} {rule}"] = stepper(compiled_with(model, rule), model, x, labels)
+        yield variants
+    variants = {}
     model = LeNet5(seed=1)
     variants["LeNet-5 new"] = stepper(gpuconv.compile(model), model, x, labels)
     if old_path:
         model = LeNet5(seed=1)
         variants["LeNet-5 old"] = stepper(load_old_compiler(old_path).compile(model), model, x, labels)
-    times = {name: [] for name in variants}
-    for step in variants.values():  # warm up: compile, lay out, start the workers
-        step(), step()
-    for _ in range(rounds):
-        for name, step in variants.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    for name, values in times.items():
-        q1, median, q3 = np.percentile(np.array(values) * 1e3, [25, 50, 75])
-        print(f"{name:<24} median {median:7.2f} ms  (quartiles {q1:.2f}-{q3:.2f}), {rounds} steps")
+    yield variants
+
+
+def main(rounds=30, old_path=None):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 1, 28, 28), dtype=np.float32)
+    labels = rng.integers(0, 10, 128)
+    for variants in groups(x, labels, old_path):
+        times = {name: [] for name in variants}
+        for step in variants.values():  # warm up: compile, lay out, start the workers
+            step(), step()
+        for _ in range(rounds):
+            for name, step in variants.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        for name, values in times.items():
+            q1, median, q3 = np.percentile(np.array(values) * 1e3, [25, 50, 75])
+            print(f"{name:<24} median {median:7.2f} ms  (quartiles {q1:.2f}-{q3:.2f}), {rounds} steps")
 
 
 if __name__ == "__main__":
