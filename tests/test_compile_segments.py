@@ -352,3 +352,18 @@ def test_other_adaptive_sizes_run_eagerly(rng):
     fast, slow = compiled(x), model(x)
     assert len(plans_on_tape(fast)) == 1
     assert_close(fast.data, slow.data)
+
+
+def test_uses_executor_follows_the_shapes_between_segments(rng):
+    """uses_executor runs nothing: the shape reaching a plan comes from the eager layers'
+    output_shape, and a plan that could not take it does not count."""
+    def model(pool):
+        rng2 = np.random.default_rng(0)
+        return nn.Sequential(nn.LPPool2d(2, pool), *conv_block(rng2, 1, 2), nn.Flatten())
+    x = images(rng, 4)  # 16 x 16
+    fits, too_small = gpuconv.compile(model(2)), gpuconv.compile(model(16))  # 8 x 8, or 1 x 1 for the pool
+    assert fits.uses_executor(x) and not too_small.uses_executor(x)
+    assert len(plans_on_tape(fits(x))) == 1
+    # a module without output_shape (Scale) before the plan: taken to run it
+    scaled = gpuconv.compile(nn.Sequential(Scale(1), *conv_block(np.random.default_rng(0), 1, 2)))
+    assert scaled.uses_executor(x) and len(plans_on_tape(scaled(x))) == 1
