@@ -367,3 +367,43 @@ def test_uses_executor_follows_the_shapes_between_segments(rng):
     # a module without output_shape (Scale) before the plan: taken to run it
     scaled = gpuconv.compile(nn.Sequential(Scale(1), *conv_block(np.random.default_rng(0), 1, 2)))
     assert scaled.uses_executor(x) and len(plans_on_tape(scaled(x))) == 1
+
+
+def simple_cnn_eval(seed):
+    """SimpleCNN (conv -> BatchNorm -> pool -> ReLU blocks) with running statistics, weights and
+    biases off their defaults, in eval mode: one whole-model plan with BatchNorm right after convs."""
+    model = SimpleCNN(widths=(4, 6), hidden=8, image_size=16, seed=seed)
+    rng = np.random.default_rng(seed)
+    for layer in model:
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean[:] = rng.uniform(-0.2, 0.2, layer.num_features)
+            layer.running_var[:] = rng.uniform(0.5, 2.0, layer.num_features)
+            layer.weight.data[:] = rng.uniform(0.5, 1.5, layer.num_features)
+            layer.bias.data[:] = rng.uniform(-0.2, 0.2, layer.num_features)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch", [7, 64])
+def test_simple_cnn_in_eval_is_one_plan_and_matches(batch, rng):
+    pair = Pair(simple_cnn_eval)
+    assert pair.fast.unsupported is None
+    x, labels = images(rng, batch), rng.integers(0, 10, batch)
+    assert pair.step(x, labels)[0] == 1
+
+
+def test_backward_twice_through_batchnorm_after_a_conv(rng):
+    """A second backward (retain_graph) reads what BatchNorm kept of the conv's output: the conv's
+    first backward must not have written over it."""
+    model = simple_cnn_eval(0)
+    compiled = gpuconv.compile(model)
+    x, labels = images(rng, 8), rng.integers(0, 10, 8)
+    inputs = gpuconv.tensor(x, requires_grad=True)
+    loss = F.cross_entropy(compiled(inputs), labels)
+    loss.backward(retain_graph=True)
+    first = inputs.grad.copy(), {name: p.grad.copy() for name, p in model.named_parameters()}
+    model.zero_grad()
+    inputs.grad = None
+    loss.backward()
+    np.testing.assert_array_equal(inputs.grad, first[0])
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(p.grad, first[1][name])
