@@ -45,7 +45,8 @@ def _function_methods(module, skip=()):
 def step_functions():
     functions = [train.Trainer.train_step, train.Trainer.accumulate,
                  nn.Module.__call__, nn.Sequential.forward, compiler.CompiledModel.__call__,
-                 compiler.CompiledModel._plan_for, optim.Optimizer.zero_grad, optim.Optimizer.step,
+                 compiler.CompiledModel._plan_for, compiler.CompiledModel._segments_for, compiler._plannable,
+                 optim.Optimizer.zero_grad, optim.Optimizer.step,
                  optim.SGD.update, optim.Adam.update]
     for layer in (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.ReLU,
                   nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten, nn.Dropout, nn.BatchNorm2d,

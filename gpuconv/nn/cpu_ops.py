@@ -522,6 +522,92 @@ class PoolOp(Op):
         return dx
 
 
+class BatchNormEvalOp(Op):
+    """BatchNorm2d in eval mode with running statistics: a per-channel affine map,
+    y = (x - running_mean) * scale + bias with scale = weight / sqrt(running_var + eps), computed as
+    gpuconv/ops/norm.py's eval path does (so the forward is the same float32 arithmetic); the
+    backward treats the statistics as constants, as that path does: dx = dy * scale,
+    dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy).
+
+    Training mode is not lowered: its statistics are over the whole batch, which the plan splits
+    over its parts, so each BatchNorm would need a hand-over between the parts in the forward and
+    in the backward (a plan has two per step); and it updates the running statistics."""
+
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+
+    def setup(self, shape):
+        if len(shape) != 3 or shape[0] != self.layer.num_features:
+            raise Unsupported("batch norm channels")
+        return shape
+
+    def params(self):
+        layer = self.layer
+        return [layer.weight, layer.bias] if layer.weight is not None else []
+
+    def buffers(self):
+        """The arrays besides the parameters it reads: worker processes get them too."""
+        return [(self.layer, "running_mean"), (self.layer, "running_var")]
+
+    def forward(self, chunk, x, scratch):
+        layer = self.layer
+        # the eval path's order: invstd in x's dtype, then scale = invstd * weight
+        invstd = 1 / np.sqrt(layer.running_var.astype(np.float32) + np.float32(layer.eps))
+        mean = layer.running_mean.astype(np.float32)
+        scale = invstd if layer.weight is None else invstd * layer.weight.data
+        y = buffer(chunk.store, (self.index, "y"), x.shape)
+        np.subtract(x, mean[:, None, None, None], out=y)
+        y *= scale[:, None, None, None]
+        if layer.bias is not None:
+            y += layer.bias.data[:, None, None, None]
+        chunk.saved[self.index] = (x, mean, invstd, scale)
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        x, mean, invstd, scale = chunk.saved[self.index]
+        layer = self.layer
+        if layer.weight is not None:
+            centred = buffer(scratch, (self.index, "centred"), x.shape)
+            np.subtract(x, mean[:, None, None, None], out=centred)
+            centred *= dy
+            grads.add(layer.weight, np.add.reduce(centred, axis=(1, 2, 3)) * invstd)
+            grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (self.index, "dx"), dy.shape)
+        np.multiply(dy, scale[:, None, None, None], out=dx)
+        return dx
+
+
+class GlobalAvgPoolOp(Op):
+    """AdaptiveAvgPool2d(1), the global average pool: each channel's map -> its mean,
+    [C, H, W, n] -> [C, 1, 1, n]. The reference takes NumPy's mean over (H, W) too; only the order
+    of the float32 sum differs (float32 rounding)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def setup(self, shape):
+        if len(shape) != 3:
+            raise Unsupported("spatial op on a flat input")
+        c, h, w = shape
+        self.in_hw = (h, w)
+        return (c, 1, 1)
+
+    def forward(self, chunk, x, scratch):
+        y = buffer(chunk.store, (self.index, "y"), (x.shape[0], 1, 1, chunk.n))
+        np.mean(x, axis=(1, 2), keepdims=True, out=y)
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (self.index, "dx"), (dy.shape[0],) + self.in_hw + (chunk.n,))
+        h, w = self.in_hw
+        np.divide(dy, dy.dtype.type(h * w), out=dx)  # each pixel's share, broadcast over the map, as the reference
+        return dx
+
+
 class ActivationOp(Op):
     def __init__(self, layer, index, in_place):
         self.layer, self.index, self.in_place = layer, index, in_place

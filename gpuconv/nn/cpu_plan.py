@@ -2,9 +2,11 @@
 
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
-Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, Flatten, Linear, Identity,
-Dropout when it is the identity), the whole chain runs here as one autograd Function; otherwise
-the model runs eagerly, op by op, which stays the reference. Gradients match that reference to
+Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
+BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity), the whole
+chain runs here as one autograd Function; a chain lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
+see compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
+the reference. Gradients match that reference to
 float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
 ops are in cpu_ops.py. No layer or container knows this module exists.
 
@@ -65,8 +67,8 @@ from .. import blas
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
-from .cpu_ops import (ActivationOp, Chunk, ConvOp, FlattenOp, IdentityOp, LinearOp, PoolOp,
-                      Unsupported)
+from .cpu_ops import (ActivationOp, BatchNormEvalOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp,
+                      LinearOp, PoolOp, Unsupported)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -158,15 +160,28 @@ def get_cpu_workers():
 # compiling a Sequential into ops
 
 
-def chain(model):
-    """The layers a model runs in order: a Sequential (or a subclass that keeps its forward)
-    opened recursively; Unsupported for a model whose forward is its own Python."""
+def steps(model):
+    """The modules a model runs in order, each called on the previous one's output: a Sequential
+    (or a subclass that keeps its forward) opened recursively; any other module (a layer, or a
+    module whose forward is its own Python) is one step."""
     from .sequential import Sequential
     if isinstance(model, Sequential) and type(model).forward is Sequential.forward:
-        return [layer for child in model for layer in chain(child)]
-    if type(model) in LOWERINGS:
-        return [model]
-    raise Unsupported(f"{type(model).__name__} (its forward is Python the executor cannot lower)")
+        return [layer for child in model for layer in steps(child)]
+    return [model]
+
+
+def unlowerable(layer):
+    """Why the executor cannot take `layer` as it is configured now (its training mode included),
+    or None when it can. Independent of the input shape: a plan of such layers may still meet a
+    shape it cannot take (_Plan.prepare then returns False)."""
+    lowering = LOWERINGS.get(type(layer))
+    if lowering is None:
+        return f"{type(layer).__name__} (its forward is Python the executor cannot lower)"
+    try:
+        lowering([layer], 0, [])  # the lowering's own checks of the configuration, on the layer alone
+    except Unsupported as why:
+        return f"{type(layer).__name__}: {why}"
+    return None
 
 
 def _signature(layers, x):
@@ -185,9 +200,23 @@ def _signature(layers, x):
             parts.append((id(layer), kind, layer.training and layer.p > 0))
         elif kind is L.Flatten:
             parts.append((id(layer), kind, layer.start_dim, layer.end_dim))
+        elif kind is L.BatchNorm2d:
+            parts.append((id(layer), kind, layer.training, layer.track_running_stats, layer.eps,
+                          layer.num_features, layer.weight is None))
+        elif kind is L.AdaptiveAvgPool2d:
+            parts.append((id(layer), kind, layer.output_size))
         else:
             parts.append((id(layer), kind))
     return tuple(parts)
+
+
+def fused_conv_pools(layers):
+    """How many Conv2d of `layers` (each lowerable) the lowering fuses with a following
+    [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
+    ops, index = [], 0
+    while index < len(layers):
+        index += LOWERINGS[type(layers[index])](layers, index, ops)
+    return sum(isinstance(op, ConvOp) and op.pool is not None for op in ops)
 
 
 # The registry: layer type -> lowering(layers, index, ops) -> how many layers it consumed. A
@@ -206,6 +235,13 @@ def lowers(*kinds):
 @lowers(L.Conv2d)
 def _lower_conv(layers, index, ops):
     """Conv2d, fused with a following [ReLU ->] MaxPool2d(k, stride k) where there is one."""
+    conv = layers[index]
+    # ConvOp.setup checks these too; here, so that unlowerable() sees them without a shape
+    if conv.groups != 1:
+        raise Unsupported("conv groups")
+    if conv.padding == "same" and (conv.stride != (1, 1) or any(
+            d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation))):
+        raise Unsupported("asymmetric 'same' padding")
     relu = index + 1 < len(layers) and type(layers[index + 1]) is L.ReLU
     pool_at = index + 1 + relu
     pool = layers[pool_at] if pool_at < len(layers) else None
@@ -218,7 +254,27 @@ def _lower_conv(layers, index, ops):
 
 @lowers(L.MaxPool2d, L.AvgPool2d)
 def _lower_pool(layers, index, ops):
+    pool = layers[index]
+    if pool.stride != pool.kernel_size or pool.padding != (0, 0):  # as PoolOp.setup, for unlowerable()
+        raise Unsupported("pool with stride != kernel or padding")
     ops.append(PoolOp(layers[index], index))
+    return 1
+
+
+@lowers(L.BatchNorm2d)
+def _lower_batch_norm(layers, index, ops):
+    layer = layers[index]
+    if layer.training or not layer.track_running_stats:  # see BatchNormEvalOp for why
+        raise Unsupported("BatchNorm2d in training mode or without running statistics (batch statistics)")
+    ops.append(BatchNormEvalOp(layer, index))
+    return 1
+
+
+@lowers(L.AdaptiveAvgPool2d)
+def _lower_adaptive_avg_pool(layers, index, ops):
+    if layers[index].output_size != (1, 1):
+        raise Unsupported("AdaptiveAvgPool2d other than output_size=1 (the global average pool)")
+    ops.append(GlobalAvgPoolOp(index))
     return 1
 
 
@@ -263,7 +319,7 @@ def _compile(layers, input_shape):
         index += lowering(layers, index, ops)
     shape = tuple(input_shape)
     for op in ops:
-        if isinstance(op, (ConvOp, PoolOp)) and len(shape) != 3:
+        if isinstance(op, (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp)) and len(shape) != 3:
             raise Unsupported("spatial op on a flat input")
         shape = op.setup(shape)
     produced = False  # every op but Flatten and Identity returns a gradient buffer of its own
@@ -512,7 +568,8 @@ class _Plan:
             self.parts, self.scratch = [], []
         if self.ops is None:
             return False
-        return all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
+        return (all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
+                and all(isinstance(array, np.ndarray) and array.dtype == np.float32 for array in self.buffers()))
 
     def layout(self, batch):
         """Split the batch over the caller and the workers (while each gets MIN_CHUNK images),
@@ -601,6 +658,11 @@ class _Plan:
                     found.setdefault(id(p), p)
             self._params = list(found.values())
         return self._params
+
+    def buffers(self):
+        """The arrays the ops read besides the parameters (BatchNorm's running statistics), in op
+        order, looked up at each call: a module's buffer may be replaced (load_state_dict, to())."""
+        return [getattr(owner, name) for op in self.ops for owner, name in getattr(op, "buffers", list)()]
 
     def _in_parts(self, kind, *arrays):
         """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..

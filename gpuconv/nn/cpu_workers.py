@@ -60,7 +60,7 @@ def supported():
 # describing layers (JSON both ways, never pickle)
 
 _KINDS = {cls.__name__: cls for cls in (L.Conv2d, L.Linear, L.MaxPool2d, L.AvgPool2d, L.ReLU, L.Tanh, L.Sigmoid,
-                                        L.Flatten, L.Identity, L.Dropout)}
+                                        L.Flatten, L.Identity, L.Dropout, L.AdaptiveAvgPool2d, L.BatchNorm2d)}
 
 
 def describe(layer):
@@ -79,6 +79,11 @@ def describe(layer):
         spec.update(start=layer.start_dim, end=layer.end_dim)
     elif kind is L.Dropout:
         spec.update(p=layer.p)
+    elif kind is L.AdaptiveAvgPool2d:
+        spec.update(output_size=list(layer.output_size))
+    elif kind is L.BatchNorm2d:
+        spec.update(features=layer.num_features, eps=layer.eps, affine=layer.weight is not None,
+                    track=layer.track_running_stats)
     return spec
 
 
@@ -98,6 +103,10 @@ def build(spec):
         layer = L.Flatten(spec["start"], spec["end"])
     elif kind is L.Dropout:
         layer = L.Dropout(spec["p"])
+    elif kind is L.AdaptiveAvgPool2d:
+        layer = L.AdaptiveAvgPool2d(tuple(spec["output_size"]))
+    elif kind is L.BatchNorm2d:
+        layer = L.BatchNorm2d(spec["features"], spec["eps"], affine=spec["affine"], track_running_stats=spec["track"])
     else:
         layer = kind()
     layer.training = spec["training"]
@@ -108,8 +117,9 @@ def build(spec):
 # the shared arena
 
 
-def arena_layout(param_shapes, rows, in_shape, out_shape):
-    """name -> (dtype, shape, offset) and the total size; the same on both sides."""
+def arena_layout(param_shapes, rows, in_shape, out_shape, buffer_shapes=()):
+    """name -> (dtype, shape, offset) and the total size; the same on both sides. Buffers are
+    arrays the ops read besides the parameters (cpu_plan._Plan.buffers), copied in like them."""
     layout, size = {}, 0
 
     def take(name, dtype, shape):
@@ -121,6 +131,8 @@ def arena_layout(param_shapes, rows, in_shape, out_shape):
     for index, shape in enumerate(param_shapes):
         take(f"param{index}", np.float32, shape)
         take(f"grad{index}", np.float32, shape)
+    for index, shape in enumerate(buffer_shapes):
+        take(f"buffer{index}", np.float32, shape)
     for name, shape in (("x", in_shape), ("out", out_shape), ("dy", out_shape), ("dx", in_shape)):
         take(name, np.float32, (rows,) + tuple(shape))
     return layout, max(size, ALIGN)
@@ -269,8 +281,10 @@ def _ensure_setup(process, plan, key, part, rows):
     if entry is not None and entry[2] >= rows:
         return entry[1]
     capacity = max(rows, entry[2] * 2 if entry else rows)
-    params = plan.params()
-    layout, size = arena_layout([p.data.shape for p in params], capacity, plan.input_shape, plan.out_shape)
+    params, buffers = plan.params(), plan.buffers()
+    buffer_shapes = [list(array.shape) for array in buffers]
+    layout, size = arena_layout([p.data.shape for p in params], capacity, plan.input_shape, plan.out_shape,
+                                buffer_shapes)
     # The caller keeps the arena as its mapping alone (mmap holds a descriptor of its own, closed with
     # it or when it is collected): a descriptor kept beside it would outlive a worker object dropped
     # unclosed (a second Ctrl-C during the first one's cleanup), and the arena's memory with it.
@@ -285,11 +299,12 @@ def _ensure_setup(process, plan, key, part, rows):
     specs = []
     for layer in plan.layers:  # a parameter shared by layers (or a layer used twice) stays one
         spec = describe(layer)
-        if isinstance(layer, (L.Conv2d, L.Linear)):
+        if isinstance(layer, (L.Conv2d, L.Linear)) or (isinstance(layer, L.BatchNorm2d) and layer.weight is not None):
             spec["params"] = [index_of[id(layer.weight)], None if layer.bias is None else index_of[id(layer.bias)]]
         specs.append(spec)
     description = json.dumps({"layers": specs, "in_shape": list(plan.input_shape), "capacity": capacity,
                               "part": part, "param_shapes": [list(p.data.shape) for p in params],
+                              "buffer_shapes": buffer_shapes,
                               "size": size}).encode()
     try:
         try:
@@ -360,6 +375,8 @@ def run_parallel(plan, kind, arrays):
             views = _ensure_setup(process, plan, key, index, stop - start)
             for p, target in zip(params, (views[f"param{i}"] for i in range(len(params)))):
                 np.copyto(target, p.data)
+            for number, array in enumerate(plan.buffers()):
+                np.copyto(views[f"buffer{number}"], array)
             rows = stop - start
             if kind == "forward":
                 np.copyto(views["x"][:rows], arrays[0][start:stop])
@@ -470,7 +487,8 @@ def _setup(cpu_plan, message, fd):
     layers = [build(spec) for spec in message["layers"]]
     probe = cpu_plan._Plan()
     probe.prepare(layers, np.empty((1,) + in_shape, np.float32))
-    layout, size = arena_layout(param_shapes, capacity, in_shape, probe.out_shape)
+    buffer_shapes = [tuple(shape) for shape in message.get("buffer_shapes", [])]
+    layout, size = arena_layout(param_shapes, capacity, in_shape, probe.out_shape, buffer_shapes)
     mapping = mmap.mmap(fd, size)
     views = arena_views(mapping, layout)
     # the parameters are views of the arena (the caller fills them), one object per caller's one
@@ -481,6 +499,10 @@ def _setup(cpu_plan, message, fd):
             layer.bias = None if spec["params"][1] is None else params[spec["params"][1]]
     plan = cpu_plan._Plan()
     plan.prepare(layers, np.empty((1,) + in_shape, np.float32))
+    # the buffers too (BatchNorm's running statistics), in the order the caller's plan lists them
+    owners = [(owner, name) for op in plan.ops for owner, name in getattr(op, "buffers", list)()]
+    for index, (owner, name) in enumerate(owners):
+        setattr(owner, name, views[f"buffer{index}"])
     plan.input_shape = in_shape
     return dict(plan=plan, layers=layers, views=views, mapping=mapping, part=message["part"], params=params,
                 training=None)
