@@ -1,0 +1,165 @@
+"""HOSTILE TESTS (session 8's hostile tester) for partial lowering in gpuconv.compile
+(gpuconv/compiler.py, segments). Each test below is a scenario that broke the rule "a compiled model
+gives the eager model's results to float32 rounding and never changes the model"; the docstring of
+each says what broke and whether a commit on this branch fixes it.
+
+Same pattern as tests/test_compile_segments.py: one model built twice from one seed, one copy run
+compiled, the other eagerly; every test runs with the batch's second part in a worker process and
+in a worker thread.
+"""
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import nn
+from gpuconv import functional as F
+from gpuconv.compiler import PlanFunction
+from gpuconv.nn import cpu_plan, cpu_workers
+
+
+@pytest.fixture(autouse=True, params=["processes", "threads"])
+def fresh_state(request, monkeypatch):
+    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
+    gpuconv.set_cpu_workers(1)
+    yield
+    gpuconv.set_cpu_workers(None)
+
+
+def block(rng, c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2)]
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    scale = float(np.abs(expected).max()) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def plans_on_tape(y):
+    found, seen, stack = [], set(), [y.creator]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, PlanFunction):
+            found.append(node)
+        stack += [creator for _, creator in node.inputs]
+    return found
+
+
+def images(seed, batch=64, size=16):
+    return np.random.default_rng(seed).standard_normal((batch, 1, size, size)).astype(np.float32)
+
+
+def bn_eval_model(seed):
+    """Two plans' worth of layers with BatchNorms in eval (statistics off their defaults): one plan."""
+    rng = np.random.default_rng(seed)
+    model = nn.Sequential(*block(rng, 1, 4), nn.BatchNorm2d(4), *block(rng, 4, 6), nn.BatchNorm2d(6), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 5, rng=rng))
+    model[3].running_mean[:] = rng.standard_normal(4).astype(np.float32)
+    model[3].running_var[:] = rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    return model.eval()
+
+
+@pytest.mark.parametrize("change", ["in place", "load_state_dict"])
+def test_hostile_backward_after_a_second_forward_and_new_running_statistics(change):
+    """BUG (found by the hostile tester, session 8): forward batch 1, forward batch 2 through the
+    same plan, the BatchNorm's running statistics change (in place, or load_state_dict), then the
+    backward of batch 1. The eager BatchNorm saved its statistics (copies) at the forward; the
+    plan's PlanFunction recomputes its forward (its activations were replaced by batch 2's) from the
+    layers as they are now, so it normalizes with the new statistics: dx and every p.grad off by
+    O(1). NOT FIXED on this branch (the fix needs the statistics of each forward kept by its node)."""
+    slow, fast_model = bn_eval_model(0), bn_eval_model(0)
+    fast = gpuconv.compile(fast_model)
+    x1, x2 = images(1), images(2)
+    results = []
+    for network, model in ((slow, slow), (fast, fast_model)):
+        inputs = gpuconv.tensor(x1, requires_grad=True)
+        y1 = network(inputs)
+        network(x2)
+        if change == "in place":
+            model[3].running_mean += 1.0
+            model[3].running_var *= 4.0
+        else:
+            state = {k: (v + 1.0 if "running" in k else v) for k, v in model.state_dict().items()}
+            model.load_state_dict(state)
+        (y1 * y1).sum().backward()
+        results.append((inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+    assert plans_on_tape(y1)
+    (slow_dx, slow_grads), (fast_dx, fast_grads) = results
+    assert_close(fast_dx, slow_dx)
+    for name, grad in slow_grads.items():
+        assert_close(fast_grads[name], grad)
+
+
+def many_plans_model(seed, blocks=cpu_workers.MAX_PLANS + 2):
+    """More plans than a worker process keeps arenas for: a BatchNorm in training (eager) after
+    every fused conv block, so each block is a plan of its own (cpu_workers.MAX_PLANS is 8)."""
+    rng = np.random.default_rng(seed)
+    layers, channels = [], 1
+    for _ in range(blocks):
+        layers += [nn.Conv2d(channels, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(1), nn.BatchNorm2d(3)]
+        channels = 3
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 8 * 8, 5, rng=rng))
+
+
+def test_hostile_more_plans_than_a_worker_keeps_arenas_for():
+    """BUG (found by the hostile tester, session 8): a model with more plans than
+    cpu_workers.MAX_PLANS (8) trained with worker processes: the forward sets up plans 9, 10, ...
+    by dropping the oldest arenas in the worker (and the activations of their forward with them);
+    the backward then sets up a dropped plan afresh and the worker raises KeyError (chunk.saved is
+    empty): "WorkerError: part 1 of the batch (CPU worker process N) raised KeyError: 0". The
+    docstring of compiler._worth_a_plan expected only a slower step. Threads were right.
+    FIXED on this branch: a backward whose arena a worker dropped runs its forward again first."""
+    slow, fast_model = many_plans_model(0), many_plans_model(0)
+    fast = gpuconv.compile(fast_model)
+    for step in range(2):
+        x = np.random.default_rng(step).standard_normal((64, 1, 8, 8)).astype(np.float32)
+        results = []
+        for network, model in ((slow, slow), (fast, fast_model)):
+            model.zero_grad()
+            inputs = gpuconv.tensor(x, requires_grad=True)
+            logits = network(inputs)
+            (logits * logits).sum().backward()
+            results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+        (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
+        assert len(plans_on_tape(fast_y)) == cpu_workers.MAX_PLANS + 2
+        assert_close(fast_y.data, slow_y.data)
+        assert_close(fast_dx, slow_dx)
+        for name, grad in slow_grads.items():
+            assert_close(fast_grads[name], grad)
+        for a, b in zip(fast_model.state_dict().values(), slow.state_dict().values()):
+            assert_close(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def test_hostile_a_layer_appended_after_compile_runs():
+    """BUG (found by the hostile tester, session 8): CompiledModel took the model's steps once, at
+    compile. A layer appended to the Sequential afterwards ran in the eager fallback (a float64
+    batch, kernel emulation: self.module(x)) but not where a plan ran (a float32 batch): the
+    compiled model returned (64, 5) logits where the model returns (64, 3), and the appended
+    layer's parameters got no gradient. FIXED on this branch: the steps are taken again when the
+    model's modules changed."""
+    slow, fast_model = bn_eval_model(0), bn_eval_model(0)
+    fast = gpuconv.compile(fast_model)
+    x = images(3)
+    fast(x)
+    for model in (slow, fast_model):
+        model.append(nn.Linear(5, 3, rng=np.random.default_rng(9)))
+    results = []
+    for network, model in ((slow, slow), (fast, fast_model)):
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        logits = network(inputs)
+        (logits * logits).sum().backward()
+        results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+    (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
+    assert fast_y.shape == slow_y.shape == (64, 3)
+    assert plans_on_tape(fast_y)
+    assert_close(fast_y.data, slow_y.data)
+    assert_close(fast_dx, slow_dx)
+    for name, grad in slow_grads.items():
+        assert fast_grads[name] is not None, name
+        assert_close(fast_grads[name], grad)
+    # and a layer replaced (the first ReLU by a Tanh, under its name)
+    for model in (slow, fast_model):
+        setattr(model, "1", nn.Tanh())
+    assert_close(fast(x).data, slow(x).data)
