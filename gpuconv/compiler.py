@@ -131,7 +131,15 @@ class CompiledModel:
 
     def _current_segments(self):
         """The segments for the layers' configuration now; recomputed when a layer's lowerability
-        changed (a Dropout switched between train and eval, a hyper-parameter set)."""
+        changed (a Dropout switched between train and eval, a hyper-parameter set), and the steps
+        taken again when the model's modules changed (a layer appended to or replaced in a
+        Sequential after compile): the plans run what the model's own forward would."""
+        current = cpu_plan.steps(self.module)
+        if len(current) != len(self._steps) or any(a is not b for a, b in zip(current, self._steps)):
+            self._steps = current
+            self._plan = cpu_plan._Plan()
+            self._plans = {(0, len(current)): self._plan}
+            self._segments_key, self._segments = None, None
         reasons = tuple(cpu_plan.unlowerable(layer) for layer in self._steps)
         if reasons != self._segments_key:
             segments, start, count = [], 0, len(self._steps)
