@@ -20,7 +20,7 @@ import numpy as np
 
 from .autograd import Function, Tensor
 from .backend import emulation_enabled
-from .nn import cpu_plan
+from .nn import cpu_plan, cpu_workers
 from .nn.cpu_ops import Unsupported
 
 
@@ -59,7 +59,12 @@ class PlanFunction(Function):
             if plan.forwards != self.token:  # another forward replaced the saved activations
                 plan.forward(self.x)
                 self.token = plan.forwards
-            dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
+            try:
+                dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
+            except cpu_workers.ArenaDropped:  # more than cpu_workers.MAX_PLANS plans ran since this forward
+                plan.forward(self.x)
+                self.token = plan.forwards
+                dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
         return (dx,) + tuple(g if needs else None for g, needs in zip(grads, self.needs_input_grad[1:]))
 
 

@@ -43,6 +43,14 @@ from . import layers as L
 from .module import Parameter
 
 ALIGN = 64
+
+
+class ArenaDropped(Exception):
+    """A backward whose worker dropped the plan's arena (and the activations of its forward with it)
+    since that forward: more than MAX_PLANS plans ran after it (a model split into many segments).
+    Raised before anything is sent; the caller runs the forward again, then the backward
+    (compiler.PlanFunction.backward)."""
+
 # Every message is a few bytes ("F 3.1 64 1", "ok") or an error text of at most ERROR_CHARS; a
 # setup's description travels in a memfd. recv allocates its whole buffer on every call, the
 # polls included, so it is kept small (a worker near its memory limit must still hear commands).
@@ -365,6 +373,8 @@ def run_parallel(plan, kind, arrays):
         gone = ", ".join(f"{pid} ({_pool.ended.get(pid, 'ended')})" for pid in plan.worker_pids if pid not in pids)
         raise WorkerError(f"CPU worker process {gone} died between this batch's forward and its backward; "
                           "run the forward again (the next one starts a new worker)")
+    if kind == "backward" and any(key not in process.arenas for process in processes):
+        raise ArenaDropped(key)
     params = plan.params()
     touched, started = [], []
     try:
