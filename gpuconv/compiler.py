@@ -46,6 +46,9 @@ class PlanFunction(Function):
         if not np.isfinite(y).all():
             raise _NonFinite
         self.x, self.signature, self.token = x, self.plan.signature, self.plan.forwards
+        # the running statistics this forward read (copies: a few numbers per channel), for a
+        # recomputed forward: the layers' may be replaced or updated in place before the backward
+        self.buffers = [np.array(array, copy=True) for array in self.plan.buffers()]
         return y
 
     def backward(self, dy):
@@ -57,12 +60,12 @@ class PlanFunction(Function):
                     "(a layer's hyper-parameters, training mode with active Dropout, or the input "
                     "shape); call backward() before changing them")
             if plan.forwards != self.token:  # another forward replaced the saved activations
-                plan.forward(self.x)
+                plan.forward(self.x, self.buffers)
                 self.token = plan.forwards
             try:
                 dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
             except cpu_workers.ArenaDropped:  # more than cpu_workers.MAX_PLANS plans ran since this forward
-                plan.forward(self.x)
+                plan.forward(self.x, self.buffers)
                 self.token = plan.forwards
                 dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
         return (dx,) + tuple(g if needs else None for g, needs in zip(grads, self.needs_input_grad[1:]))

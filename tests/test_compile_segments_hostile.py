@@ -68,7 +68,8 @@ def test_hostile_backward_after_a_second_forward_and_new_running_statistics(chan
     backward of batch 1. The eager BatchNorm saved its statistics (copies) at the forward; the
     plan's PlanFunction recomputes its forward (its activations were replaced by batch 2's) from the
     layers as they are now, so it normalizes with the new statistics: dx and every p.grad off by
-    O(1). NOT FIXED on this branch (the fix needs the statistics of each forward kept by its node)."""
+    O(1). FIXED on this branch: PlanFunction keeps copies of the statistics its forward read and a
+    recomputed forward reads those (BatchNormEvalOp.override)."""
     slow, fast_model = bn_eval_model(0), bn_eval_model(0)
     fast = gpuconv.compile(fast_model)
     x1, x2 = images(1), images(2)

@@ -535,6 +535,9 @@ class BatchNormEvalOp(Op):
 
     def __init__(self, layer, index):
         self.layer, self.index = layer, index
+        # (running_mean, running_var) to read instead of the layer's: the statistics of the forward
+        # a backward recomputes (compiler.PlanFunction), which the layer may no longer hold
+        self.override = None
 
     def setup(self, shape):
         if len(shape) != 3 or shape[0] != self.layer.num_features:
@@ -551,9 +554,10 @@ class BatchNormEvalOp(Op):
 
     def forward(self, chunk, x, scratch):
         layer = self.layer
+        running_mean, running_var = self.override or (layer.running_mean, layer.running_var)
         # the eval path's order: invstd in x's dtype, then scale = invstd * weight
-        invstd = 1 / np.sqrt(layer.running_var.astype(np.float32) + np.float32(layer.eps))
-        mean = layer.running_mean.astype(np.float32)
+        invstd = 1 / np.sqrt(running_var.astype(np.float32) + np.float32(layer.eps))
+        mean = running_mean.astype(np.float32)
         scale = invstd if layer.weight is None else invstd * layer.weight.data
         y = buffer(chunk.store, (self.index, "y"), x.shape)
         np.subtract(x, mean[:, None, None, None], out=y)
