@@ -213,3 +213,37 @@ def test_hostile_a_worker_killed_before_a_segmented_backward_leaves_no_gradients
     ''', 60, "segments_kill")
     assert r["caught"] == "WorkerError", r
     assert r["left"] == [], f"a failed backward left gradients behind: {r['left']}"
+
+
+def test_hostile_a_parameter_assigned_anew_after_compile():
+    """BUG (found by the hostile tester, session 8; older than partial lowering: the whole-model
+    plan had it too): `layer.weight = nn.Parameter(...)` (same shape) after a compiled step. The
+    plan's signature did not see it and params() kept the old Parameter objects: with worker
+    threads the new Parameter got no gradient (the old one did); with worker processes the workers
+    computed with the old weights (logits off) and the backward raised KeyError (cpu_plan._Plan.
+    backward summing the parts). FIXED on this branch: the signature holds the Parameter objects'
+    ids (Conv2d, Linear, BatchNorm2d)."""
+    slow, fast_model = bn_eval_model(0), bn_eval_model(0)
+    fast = gpuconv.compile(fast_model)
+    for step in range(2):
+        x = images(step)
+        if step == 1:
+            for model in (slow, fast_model):
+                rng = np.random.default_rng(7)
+                model[0].weight = nn.Parameter(rng.standard_normal(model[0].weight.shape).astype(np.float32))
+                model[3].weight = nn.Parameter(rng.uniform(0.5, 2.0, 4).astype(np.float32))
+                model[9].bias = nn.Parameter(rng.standard_normal(5).astype(np.float32))
+        results = []
+        for network, model in ((slow, slow), (fast, fast_model)):
+            model.zero_grad()
+            inputs = gpuconv.tensor(x, requires_grad=True)
+            logits = network(inputs)
+            (logits * logits).sum().backward()
+            results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+        (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
+        assert plans_on_tape(fast_y)
+        assert_close(fast_y.data, slow_y.data)
+        assert_close(fast_dx, slow_dx)
+        for name, grad in slow_grads.items():
+            assert fast_grads[name] is not None, name
+            assert_close(fast_grads[name], grad)
