@@ -189,11 +189,14 @@ def _signature(layers, x):
     parts = [x.shape[1:]]
     for layer in layers:
         kind = type(layer)
+        # the Parameter objects too (params() keeps them): one assigned anew (layer.weight =
+        # Parameter(...)) must get the gradient and be what the workers copy
         if kind is L.Conv2d:
             parts.append((id(layer), kind, layer.stride, layer.padding, layer.dilation, layer.groups,
-                          layer.weight.data.shape, layer.bias is None))
+                          layer.weight.data.shape, layer.bias is None, id(layer.weight), id(layer.bias)))
         elif kind is L.Linear:
-            parts.append((id(layer), kind, layer.weight.data.shape, layer.bias is None))
+            parts.append((id(layer), kind, layer.weight.data.shape, layer.bias is None, id(layer.weight),
+                          id(layer.bias)))
         elif kind in (L.MaxPool2d, L.AvgPool2d):
             parts.append((id(layer), kind, layer.kernel_size, layer.stride, layer.padding))
         elif kind is L.Dropout:
@@ -202,7 +205,7 @@ def _signature(layers, x):
             parts.append((id(layer), kind, layer.start_dim, layer.end_dim))
         elif kind is L.BatchNorm2d:
             parts.append((id(layer), kind, layer.training, layer.track_running_stats, layer.eps,
-                          layer.num_features, layer.weight is None))
+                          layer.num_features, layer.weight is None, id(layer.weight), id(layer.bias)))
         elif kind is L.AdaptiveAvgPool2d:
             parts.append((id(layer), kind, layer.output_size))
         else:
