@@ -247,3 +247,13 @@ def test_hostile_a_parameter_assigned_anew_after_compile():
         for name, grad in slow_grads.items():
             assert fast_grads[name] is not None, name
             assert_close(fast_grads[name], grad)
+
+
+def test_hostile_unsupported_names_a_single_eager_step_as_one():
+    """Cosmetic (found by the hostile tester, session 8): `unsupported` said "steps 7-7 (Linear)
+    eagerly" for a run of one lowerable step. FIXED on this branch: "step 7 (Linear) eagerly"."""
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(*block(rng, 1, 4), nn.Flatten(), nn.Linear(256, 12, rng=rng), nn.ReLU(), nn.Dropout(0.3),
+                          nn.Linear(12, 5, rng=rng))
+    text = gpuconv.compile(model).unsupported
+    assert "step 7 (Linear) eagerly" in text and "7-7" not in text, text
