@@ -216,8 +216,9 @@ class CompiledModel:
         for segment in segments:
             if segment.plan is None and reasons[segment.start] is None:
                 names = ", ".join(type(layer).__name__ for layer in self._steps[segment.start:segment.stop])
-                lines.append(f"steps {segment.start}-{segment.stop - 1} ({names}) eagerly: no conv fused with a "
-                             "pool, not worth a plan of their own")
+                where = (f"step {segment.start}" if segment.stop - segment.start == 1
+                         else f"steps {segment.start}-{segment.stop - 1}")
+                lines.append(f"{where} ({names}) eagerly: no conv fused with a pool, not worth a plan of their own")
         return "; ".join(lines)
 
     def train(self, mode=True):
