@@ -257,3 +257,28 @@ def test_hostile_unsupported_names_a_single_eager_step_as_one():
                           nn.Linear(12, 5, rng=rng))
     text = gpuconv.compile(model).unsupported
     assert "step 7 (Linear) eagerly" in text and "7-7" not in text, text
+
+
+def test_hostile_a_backward_after_another_models_forward_fills_the_arenas():
+    """BUG (found by the hostile tester, session 8; the case the ArenaDropped fix above missed):
+    a compiled model's forward, then a forward of another compiled model with 8 plans (set up
+    anew: the worker then holds MAX_PLANS + 1 arenas, the first model's the oldest), then the first
+    model's backward: the backward region's _tidy dropped the oldest arena, its own, set it up
+    afresh and the worker raised KeyError (its forward's activations gone). FIXED on this branch:
+    _tidy keeps the arena of the region it runs for."""
+    slow, fast_model = bn_eval_model(0), bn_eval_model(0)
+    fast = gpuconv.compile(fast_model)
+    other = gpuconv.compile(many_plans_model(1, blocks=cpu_workers.MAX_PLANS))
+    cpu_workers.close()  # a fresh worker: no arenas of other tests' plans
+    x, x_other = images(0), np.random.default_rng(1).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    results = []
+    for network, model in ((slow, slow), (fast, fast_model)):
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        other(x_other)  # metrics of another model, say: no backward
+        (y * y).sum().backward()
+        results.append((inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+    (slow_dx, slow_grads), (fast_dx, fast_grads) = results
+    assert_close(fast_dx, slow_dx)
+    for name, grad in slow_grads.items():
+        assert_close(fast_grads[name], grad)
