@@ -276,12 +276,13 @@ def _forget(process, key):
     process.receive(0)
 
 
-def _tidy(process):
-    """Free the arenas of plans that are gone, and all but the MAX_PLANS newest."""
+def _tidy(process, keep=None):
+    """Free the arenas of plans that are gone, and all but the MAX_PLANS newest; never `keep`, the
+    arena of the region being run (a backward's holds its forward's activations)."""
     for key in [k for k in process.arenas if k.split(".")[0] in _forgotten]:
         _forget(process, key)
     while len(process.arenas) > MAX_PLANS:
-        _forget(process, next(iter(process.arenas)))
+        _forget(process, next(key for key in process.arenas if key != keep))
 
 
 def _ensure_setup(process, plan, key, part, rows):
@@ -380,7 +381,7 @@ def run_parallel(plan, kind, arrays):
     try:
         for index, process in enumerate(processes, start=1):
             touched.append(process)
-            _tidy(process)
+            _tidy(process, keep=key)
             start, stop = plan.parts[index][0].start, plan.parts[index][-1].stop
             views = _ensure_setup(process, plan, key, index, stop - start)
             for p, target in zip(params, (views[f"param{i}"] for i in range(len(params)))):
