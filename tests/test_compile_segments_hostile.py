@@ -282,3 +282,28 @@ def test_hostile_a_backward_after_another_models_forward_fills_the_arenas():
     assert_close(fast_dx, slow_dx)
     for name, grad in slow_grads.items():
         assert_close(fast_grads[name], grad)
+
+
+def test_hostile_uses_executor_between_forward_and_backward_changes_nothing():
+    """BUG (found by the hostile tester, session 8; older than partial lowering, now per segment):
+    uses_executor() "runs no layer", but it compiled the model's own plans for the shape asked
+    about: a call with another image size between a forward and its backward changed the plans'
+    signatures and the backward raised RuntimeError ("layers changed since its forward"). FIXED on
+    this branch: uses_executor prepares plans of its own (CompiledModel._probes)."""
+    rng = np.random.default_rng(0)
+    make = lambda: nn.Sequential(*block(np.random.default_rng(0), 1, 4), nn.BatchNorm2d(4),
+                                 *block(np.random.default_rng(1), 4, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(6, 5, rng=np.random.default_rng(2)))
+    slow, fast_model = make(), make()
+    fast = gpuconv.compile(fast_model)
+    x = images(0)
+    results = []
+    for network, model in ((slow, slow), (fast, fast_model)):
+        y = network(x)
+        if network is fast:
+            assert fast.uses_executor(images(1, size=20))
+        (y * y).sum().backward()
+        results.append({name: p.grad for name, p in model.named_parameters()})
+    assert plans_on_tape(y)
+    for name, grad in results[0].items():
+        assert_close(results[1][name], grad)
