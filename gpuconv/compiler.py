@@ -116,6 +116,7 @@ class CompiledModel:
         self._plan = cpu_plan._Plan()  # the plan of the whole model, when every step lowers
         self._plans = {(0, len(self._steps)): self._plan}  # (start, stop) -> the plan of that run
         self._segments_key, self._segments = None, None
+        self._probes = {}  # (start, stop) -> a plan uses_executor compiles, never one a forward runs
 
     def __call__(self, x):
         segments = self._segments_for(x)
@@ -147,6 +148,7 @@ class CompiledModel:
             self._steps = current
             self._plan = cpu_plan._Plan()
             self._plans = {(0, len(current)): self._plan}
+            self._probes = {}
             self._segments_key, self._segments = None, None
         reasons = tuple(cpu_plan.unlowerable(layer) for layer in self._steps)
         if reasons != self._segments_key:
@@ -197,8 +199,11 @@ class CompiledModel:
                 if shape is None:
                     return True
                 if len(shape) in (2, 4):  # as _plannable; prepare reads the shape only: an empty batch stands for x
-                    with segment.plan.lock:
-                        if segment.plan.prepare(layers, np.empty((0,) + shape[1:], np.float32)):
+                    # a plan of its own: preparing the segment's would recompile it for this shape,
+                    # and the backward of a forward it ran would then refuse to run
+                    probe = self._probes.setdefault((segment.start, segment.stop), cpu_plan._Plan())
+                    with probe.lock:
+                        if probe.prepare(layers, np.empty((0,) + shape[1:], np.float32)):
                             return True
             shape = _output_shape(layers, shape)
         return False
