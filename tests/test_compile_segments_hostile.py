@@ -307,3 +307,39 @@ def test_hostile_uses_executor_between_forward_and_backward_changes_nothing():
     assert plans_on_tape(y)
     for name, grad in results[0].items():
         assert_close(results[1][name], grad)
+
+
+def test_hostile_threads_running_one_compiled_model_on_different_image_sizes():
+    """BUG (found by the hostile tester, session 8; older than partial lowering, now per segment):
+    CompiledModel.__call__ prepared a segment's plan for its input under plan.lock, let go of the
+    lock, then took it again to run the plan: another thread's prepare for another image size
+    could come between, and the plan ran x with ops compiled for the other shape ("ValueError:
+    could not broadcast input array from shape (1,24,24,8) into shape (1,16,16,8)", or wrong
+    logits). FIXED on this branch: prepare and run under one hold of the lock."""
+    import threading
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(*block(rng, 1, 4), nn.BatchNorm2d(4), *block(rng, 4, 6), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 5, rng=rng)).eval()
+    fast = gpuconv.compile(model)
+    batches = {size: images(size, batch=8, size=size) for size in (16, 20, 24)}
+    expected = {size: model(x).data for size, x in batches.items()}
+    failures = []
+
+    def infer(size):
+        for _ in range(200):
+            try:
+                y = fast(batches[size]).data
+            except Exception as error:
+                failures.append(f"{size}: {type(error).__name__}: {error}")
+                return
+            if not np.allclose(y, expected[size], rtol=1e-4, atol=1e-4):
+                failures.append(f"{size}: wrong logits")
+                return
+
+    threads = [threading.Thread(target=infer, args=(size,)) for size in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "hang"
+    assert not failures, failures
