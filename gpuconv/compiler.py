@@ -124,14 +124,17 @@ class CompiledModel:
             return self.module(x)
         h = x
         for segment in segments:
-            plan = self._plan_for(segment, h)
-            if plan is not None:
-                with plan.lock:
-                    try:
-                        h = PlanFunction(plan)(h, *plan.params())
-                        continue
-                    except _NonFinite:
-                        pass
+            if segment.plan is not None:
+                # prepare and run under one hold of the lock: another thread's prepare for another
+                # shape must not come between
+                with segment.plan.lock:
+                    plan = self._plan_for(segment, h)
+                    if plan is not None:
+                        try:
+                            h = PlanFunction(plan)(h, *plan.params())
+                            continue
+                        except _NonFinite:
+                            pass
             for layer in self._steps[segment.start:segment.stop]:
                 h = layer(h)
         return h
