@@ -343,3 +343,37 @@ def test_hostile_threads_running_one_compiled_model_on_different_image_sizes():
         thread.join(120)
     assert not any(thread.is_alive() for thread in threads), "hang"
     assert not failures, failures
+
+
+@pytest.mark.parametrize("removed", ["bias", "weight"])
+def test_hostile_batchnorm_with_one_of_weight_and_bias(removed):
+    """BUG (found by the hostile tester, session 8): a BatchNorm2d in eval with its bias set to None
+    (weight kept) made the compiled forward raise AttributeError ('NoneType' object has no
+    attribute 'data': BatchNormEvalOp.params() listed the None); with its weight set to None (bias
+    kept) the plan added the bias, which the eager path (functional.batch_norm passes the bias only
+    with a weight) does not: logits off. FIXED on this branch: such a BatchNorm2d does not lower
+    (it runs eagerly, as the reference)."""
+    def make(seed):
+        model = bn_eval_model(seed)
+        if removed == "bias":
+            model[3].bias = None
+        else:
+            model[3].weight = None
+            model[3].bias = nn.Parameter(np.full(4, 0.3, np.float32))
+        return model
+    slow, fast_model = make(0), make(0)
+    fast = gpuconv.compile(fast_model)
+    x = images(0)
+    results = []
+    for network, model in ((slow, slow), (fast, fast_model)):
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        (y * y).sum().backward()
+        results.append((y, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+    (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
+    assert_close(fast_y.data, slow_y.data)
+    assert_close(fast_dx, slow_dx)
+    for name, grad in slow_grads.items():
+        assert (fast_grads[name] is None) == (grad is None), name
+        if grad is not None:
+            assert_close(fast_grads[name], grad)
