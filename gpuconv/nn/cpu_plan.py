@@ -269,6 +269,8 @@ def _lower_batch_norm(layers, index, ops):
     layer = layers[index]
     if layer.training or not layer.track_running_stats:  # see BatchNormEvalOp for why
         raise Unsupported("BatchNorm2d in training mode or without running statistics (batch statistics)")
+    if (layer.weight is None) != (layer.bias is None):  # the eager path adds a bias only with a weight
+        raise Unsupported("BatchNorm2d with only one of weight and bias")
     ops.append(BatchNormEvalOp(layer, index))
     return 1
 
