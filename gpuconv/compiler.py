@@ -21,7 +21,6 @@ import numpy as np
 from .autograd import Function, Tensor
 from .backend import emulation_enabled
 from .nn import cpu_plan, cpu_workers
-from .nn.cpu_ops import Unsupported
 
 
 class _NonFinite(Exception):
