@@ -67,6 +67,7 @@ from .. import blas
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
+from .sequential import Sequential
 from .cpu_ops import (ActivationOp, BatchNormEvalOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp,
                       LinearOp, PoolOp, Unsupported)
 
@@ -164,10 +165,12 @@ def steps(model):
     """The modules a model runs in order, each called on the previous one's output: a Sequential
     (or a subclass that keeps its forward) opened recursively; any other module (a layer, or a
     module whose forward is its own Python) is one step."""
-    from .sequential import Sequential
-    if isinstance(model, Sequential) and type(model).forward is Sequential.forward:
-        return [layer for child in model for layer in steps(child)]
-    return [model]
+    if type(model).forward is not Sequential.forward or not isinstance(model, Sequential):
+        return [model]
+    found = []
+    for name in model._names:  # not iter(model): a compiled model takes its steps at every call
+        found += steps(getattr(model, name))
+    return found
 
 
 def unlowerable(layer):
