@@ -14,7 +14,7 @@ import pytest
 
 import gpuconv
 from gpuconv import nn
-from gpuconv.compiler import PlanFunction
+from test_compile_segments import assert_close, plans_on_tape
 from gpuconv.nn import cpu_plan, cpu_workers
 
 
@@ -30,22 +30,29 @@ def block(rng, c_in, c_out):
     return [nn.Conv2d(c_in, c_out, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2)]
 
 
-def assert_close(actual, expected, rtol=1e-5):
-    scale = float(np.abs(expected).max()) or 1.0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+def assert_same_step(slow_result, fast_result):
+    """The compiled step planned something and matches the eager one: logits, input gradient and
+    every p.grad (none missing)."""
+    (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = slow_result, fast_result
+    assert plans_on_tape(fast_y)
+    assert_close(fast_y.data, slow_y.data)
+    assert_close(fast_dx, slow_dx)
+    for name, grad in slow_grads.items():
+        assert fast_grads[name] is not None, name
+        assert_close(fast_grads[name], grad)
 
 
-def plans_on_tape(y):
-    found, seen, stack = [], set(), [y.creator]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, PlanFunction):
-            found.append(node)
-        stack += [creator for _, creator in node.inputs]
-    return found
+def both_steps(slow, fast, fast_model, x):
+    """One forward and backward of the eager model `slow` and of `fast` (compiled fast_model) ->
+    [(logits, input gradient, {name: p.grad}) of slow, the same of fast]."""
+    results = []
+    for network, model in ((slow, slow), (fast, fast_model)):
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        logits = network(inputs)
+        (logits * logits).sum().backward()
+        results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
+    return results
 
 
 def images(seed, batch=64, size=16):
@@ -117,14 +124,7 @@ def test_hostile_more_plans_than_a_worker_keeps_arenas_for():
     fast = gpuconv.compile(fast_model)
     for step in range(2):
         x = np.random.default_rng(step).standard_normal((64, 1, 8, 8)).astype(np.float32)
-        results = []
-        for network, model in ((slow, slow), (fast, fast_model)):
-            model.zero_grad()
-            inputs = gpuconv.tensor(x, requires_grad=True)
-            logits = network(inputs)
-            (logits * logits).sum().backward()
-            results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
-        (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
+        (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = both_steps(slow, fast, fast_model, x)
         assert len(plans_on_tape(fast_y)) == cpu_workers.MAX_PLANS + 2
         assert_close(fast_y.data, slow_y.data)
         assert_close(fast_dx, slow_dx)
@@ -147,20 +147,9 @@ def test_hostile_a_layer_appended_after_compile_runs():
     fast(x)
     for model in (slow, fast_model):
         model.append(nn.Linear(5, 3, rng=np.random.default_rng(9)))
-    results = []
-    for network, model in ((slow, slow), (fast, fast_model)):
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        logits = network(inputs)
-        (logits * logits).sum().backward()
-        results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
-    (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
-    assert fast_y.shape == slow_y.shape == (64, 3)
-    assert plans_on_tape(fast_y)
-    assert_close(fast_y.data, slow_y.data)
-    assert_close(fast_dx, slow_dx)
-    for name, grad in slow_grads.items():
-        assert fast_grads[name] is not None, name
-        assert_close(fast_grads[name], grad)
+    slow_result, fast_result = both_steps(slow, fast, fast_model, x)
+    assert fast_result[0].shape == slow_result[0].shape == (64, 3)
+    assert_same_step(slow_result, fast_result)
     # and a layer replaced (the first ReLU by a Tanh, under its name)
     for model in (slow, fast_model):
         setattr(model, "1", nn.Tanh())
@@ -185,20 +174,7 @@ def test_hostile_a_parameter_assigned_anew_after_compile():
                 model[0].weight = nn.Parameter(rng.standard_normal(model[0].weight.shape).astype(np.float32))
                 model[3].weight = nn.Parameter(rng.uniform(0.5, 2.0, 4).astype(np.float32))
                 model[9].bias = nn.Parameter(rng.standard_normal(5).astype(np.float32))
-        results = []
-        for network, model in ((slow, slow), (fast, fast_model)):
-            model.zero_grad()
-            inputs = gpuconv.tensor(x, requires_grad=True)
-            logits = network(inputs)
-            (logits * logits).sum().backward()
-            results.append((logits, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
-        (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
-        assert plans_on_tape(fast_y)
-        assert_close(fast_y.data, slow_y.data)
-        assert_close(fast_dx, slow_dx)
-        for name, grad in slow_grads.items():
-            assert fast_grads[name] is not None, name
-            assert_close(fast_grads[name], grad)
+        assert_same_step(*both_steps(slow, fast, fast_model, x))
 
 
 def test_hostile_unsupported_names_a_single_eager_step_as_one():
@@ -315,13 +291,7 @@ def test_hostile_batchnorm_with_one_of_weight_and_bias(removed):
     slow, fast_model = make(0), make(0)
     fast = gpuconv.compile(fast_model)
     x = images(0)
-    results = []
-    for network, model in ((slow, slow), (fast, fast_model)):
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        y = network(inputs)
-        (y * y).sum().backward()
-        results.append((y, inputs.grad, {name: p.grad for name, p in model.named_parameters()}))
-    (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = results
+    (slow_y, slow_dx, slow_grads), (fast_y, fast_dx, fast_grads) = both_steps(slow, fast, fast_model, x)
     assert_close(fast_y.data, slow_y.data)
     assert_close(fast_dx, slow_dx)
     for name, grad in slow_grads.items():
