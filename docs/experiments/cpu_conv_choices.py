@@ -121,7 +121,7 @@ def row_runs(batch=128):
     gradient in _RowRuns against session 6's rows / wide layouts; the backward with all three
     gradients and the input gradient alone, in _BatchInner against _RowRuns with the gather
     (BATCH_INNER_MAX_CHANNELS); the whole backward by _RowRuns' chunk size (ROW_RUNS_BYTES)."""
-    session6 = lambda geo, dtype: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN else conv_cpu._Rows
+    session6 = lambda geo, dtype: conv_cpu._layout_before_row_runs(geo)
     always, never = (lambda *args: True), (lambda *args: False)
     for c, o, k, s, p, side in SHAPES:
         if s != 1:
@@ -155,7 +155,7 @@ def wide_convs():
     """_RowRuns against session 6's layouts for 3x3 stride-1 convs from 16 to 512 channels, the
     forward and the input gradient (the gather), interleaved: where its products get too narrow
     (ROW_RUNS_MIN_COLUMNS). `columns` is the chunk's images times OW."""
-    session6 = lambda geo, dtype: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN else conv_cpu._Rows
+    session6 = lambda geo, dtype: conv_cpu._layout_before_row_runs(geo)
     row_runs = lambda geo, dtype: conv_cpu._RowRuns
     one = (1, 1)
     for n, c, side in ((16, 256, 28), (32, 512, 7), (32, 256, 14), (32, 128, 32), (64, 64, 32), (128, 64, 16),
@@ -252,8 +252,7 @@ def chunk_sizes(batch=128):
         def at(size):
             conv_cpu.CHUNK_BYTES = size
             try:
-                return _with_layout_class(lambda geo, dtype: conv_cpu._Wide if geo.k <= conv_cpu.WIDE_MAX_COLUMN
-                                          else conv_cpu._Rows,
+                return _with_layout_class(lambda geo, dtype: conv_cpu._layout_before_row_runs(geo),
                                           lambda: conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1)))
             finally:
                 conv_cpu.CHUNK_BYTES = original

@@ -87,7 +87,15 @@ class Op:
         """Per-image input shape -> per-image output shape; raises Unsupported."""
         raise NotImplementedError
 
+    # (running_mean, running_var)-like arrays to read instead of the layer's own buffers() for one
+    # forward (a recomputed one: cpu_plan._Plan.forward), or None
+    override = None
+
     def params(self):
+        return []
+
+    def buffers(self):
+        """(owner, attribute name) of each array the op reads besides its parameters."""
         return []
 
 
@@ -535,9 +543,6 @@ class BatchNormEvalOp(Op):
 
     def __init__(self, layer, index):
         self.layer, self.index = layer, index
-        # (running_mean, running_var) to read instead of the layer's: the statistics of the forward
-        # a backward recomputes (compiler.PlanFunction), which the layer may no longer hold
-        self.override = None
 
     def setup(self, shape):
         if len(shape) != 3 or shape[0] != self.layer.num_features:

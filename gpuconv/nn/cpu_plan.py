@@ -610,15 +610,14 @@ class _Plan:
         at = 0
         try:
             for op in self.ops:
-                count = len(getattr(op, "buffers", list)())
+                count = len(op.buffers())
                 if count:
                     op.override = tuple(buffers[at:at + count])
                     at += count
             return self._forward(x)
         finally:
             for op in self.ops:
-                if hasattr(op, "override"):
-                    op.override = None
+                op.override = None
 
     def _forward(self, x):
         batch = x.shape[0]
@@ -690,9 +689,7 @@ class _Plan:
         order, looked up at each call: a module's buffer may be replaced (load_state_dict, to())."""
         found = []
         for op in self.ops:
-            pairs = getattr(op, "buffers", list)()
-            override = getattr(op, "override", None)
-            found += list(override) if override is not None else [getattr(owner, name) for owner, name in pairs]
+            found += op.override or [getattr(owner, name) for owner, name in op.buffers()]
         return found
 
     def _in_parts(self, kind, *arrays):

@@ -511,7 +511,7 @@ def _setup(cpu_plan, message, fd):
     plan = cpu_plan._Plan()
     plan.prepare(layers, np.empty((1,) + in_shape, np.float32))
     # the buffers too (BatchNorm's running statistics), in the order the caller's plan lists them
-    owners = [(owner, name) for op in plan.ops for owner, name in getattr(op, "buffers", list)()]
+    owners = [(owner, name) for op in plan.ops for owner, name in op.buffers()]
     for index, (owner, name) in enumerate(owners):
         setattr(owner, name, views[f"buffer{index}"])
     plan.input_shape = in_shape

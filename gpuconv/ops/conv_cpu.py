@@ -114,6 +114,10 @@ def _layout_class(geo, dtype):
     _RowRuns for stride-1 convs whose chunk's products are at least ROW_RUNS_MIN_COLUMNS wide."""
     if _stride_one(geo) and _RowRuns.chunk_of(geo, dtype) * geo.ow >= ROW_RUNS_MIN_COLUMNS:
         return _RowRuns
+    return _layout_before_row_runs(geo)
+
+
+def _layout_before_row_runs(geo):
     return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
 
 
@@ -124,7 +128,7 @@ def _filter_grad_class(geo, dtype):
     took 2.2x the time and 4.5x the memory of _Rows')."""
     layout = _layout_class(geo, dtype)
     if layout is _RowRuns and geo.oh * geo.k * geo.o * np.dtype(dtype).itemsize > ROW_RUNS_DW_MAX_BYTES:
-        return _Wide if (geo.sh, geo.sw) == (1, 1) and geo.k <= WIDE_MAX_COLUMN else _Rows
+        return _layout_before_row_runs(geo)
     return layout
 
 
