@@ -7,9 +7,10 @@
 
 Where the executor can lower the whole model (a chain of the layers in cpu_plan.LOWERINGS) and the
 batch is a float32 NumPy array, the forward runs as one plan and is recorded on the tape as one
-Function (PlanFunction) whose inputs are x and the model's parameters. A chain it can lower in part
-(a BatchNorm2d, an LPPool2d, a Dropout in training or a module with its own forward between
-lowerable layers) is split into segments: each run of lowerable layers that holds a conv fused
+Function (PlanFunction) whose inputs are x and the model's parameters; residual blocks (nn.Residual,
+the zoo's BasicBlock) are steps it lowers too, as one op with two branches. A chain it can lower in
+part (a BatchNorm2d in training mode, an LPPool2d, a Dropout in training or a module with its own
+forward between lowerable layers) is split into segments: each run of lowerable layers that holds a conv fused
 with its pool runs as a plan of its own (its own PlanFunction, whose input may need a gradient),
 everything else eagerly, layer by layer (_worth_a_plan says why not every run). Anything the
 executor cannot take (a CuPy batch, kernel emulation, float64, a model with its own forward,

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import nn
 from .autograd import Function
+from .nn import cpu_ops, cpu_plan, cpu_workers
 from .backend import get_array_module
 from .errors import ArgumentError
 
@@ -157,6 +158,49 @@ class ShortcutA(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
+class ShortcutAOp(cpu_ops.Op):
+    """ShortcutA in the CPU executor (gpuconv/nn/cpu_plan.py), on its batch-innermost arrays
+    [C, H, W, n]: the same values as ShortcutAFunction, side by side with it. The padding channels
+    of the output, and the positions of dx the stride skips, are never written: their buffers are
+    zeroed when allocated and reused."""
+
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+
+    def setup(self, shape):
+        layer = self.layer
+        if len(shape) != 3 or shape[0] != layer.in_channels:
+            raise cpu_ops.Unsupported("shortcut channels")
+        self.in_shape, self.before = tuple(shape), (layer.out_channels - layer.in_channels) // 2
+        return tuple(layer.output_shape((1,) + self.in_shape)[1:])
+
+    def forward(self, chunk, x, scratch):
+        s, c = self.layer.stride, self.in_shape[0]
+        y = cpu_ops.buffer(chunk.store, (self.index, "y"), (self.layer.out_channels,) + x[0, ::s, ::s].shape,
+                           zero=True)
+        y[self.before:self.before + c] = x[:, ::s, ::s]
+        return y
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        if not need_dx:
+            return None
+        s, c = self.layer.stride, self.in_shape[0]
+        dx = cpu_ops.buffer(scratch, (self.index, "dx"), self.in_shape + (chunk.n,), zero=True)
+        dx[:, ::s, ::s] = dy[self.before:self.before + c]
+        return dx
+
+
+@cpu_plan.lowers(ShortcutA)
+def _lower_shortcut_a(layers, index, ops):
+    ops.append(ShortcutAOp(layers[index], index))
+    return 1
+
+
+cpu_workers.describable(ShortcutA, lambda layer: dict(in_channels=layer.in_channels, out_channels=layer.out_channels,
+                                                      stride=layer.stride),
+                        lambda settings: ShortcutA(**settings))
+
+
 class BasicBlock(nn.Module):
     """conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut, then ReLU. The shortcut is
     the identity, or option A (ShortcutA) where the shape changes."""
@@ -190,6 +234,12 @@ class BasicBlock(nn.Module):
     def im2col_elements(self, output_shape):
         middle_channels = self.conv1.out_channels
         return (self.conv1.in_channels + middle_channels) * 9 * output_shape[2] * output_shape[3]
+
+
+# The executor runs a BasicBlock as its forward above computes it: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))
+cpu_plan.lowers_residual(BasicBlock, lambda block: (
+    [block.conv1, block.bn1, block.relu, block.conv2, block.bn2], [] if block.shortcut is None else [block.shortcut],
+    [block.relu]))
 
 
 class ResNet(nn.Sequential):

@@ -184,7 +184,8 @@ def test_run_zoo_and_conv_rows_without_torch():
     for row in results["rows"]:
         assert positive_finite(row["gpuconv"]["median_s"]) and row["torch"] is None, row["name"]
     by_name = {r["name"]: r for r in results["rows"]}
-    assert by_name["resnet8.train_step"]["executor"] is False  # BatchNorm and residuals: eager
+    assert by_name["resnet8.train_step"]["executor"] is False  # BatchNorm in training mode: eager
+    assert by_name["resnet8.inference"]["executor"] is True  # eval mode: residual blocks and BatchNorm lower
     assert by_name["lenet5.train_step"]["executor"] is True
     resnet_step = by_name["resnet8.train_step"]
     assert resnet_step["dataset"] == "fashion-mnist" and "1x28x28" in resnet_step["text"]
@@ -192,7 +193,7 @@ def test_run_zoo_and_conv_rows_without_torch():
                                              dict(model="resnet8", dataset="fashion-mnist", title="ResNet-8")]
     assert results["conv_geomeans"] == []  # no PyTorch: no ratios
     table = bench.format_table(results)
-    assert "resnet8: gpuconv.compile cannot lower the model" in table and "c16-32k3s2@32.backward_filter" in table
+    assert "resnet8.train_step: gpuconv.compile cannot lower the model" in table and "c16-32k3s2@32.backward_filter" in table
     assert "c1-6k5s1@28.backward_data *" in table
     json.dumps(results)
 

@@ -46,7 +46,7 @@ DEFINITIONS = {
                   "with gpuconv's weights copied in; inference in eval mode. LeNet-5 on MNIST keeps the names "
                   "train_step / inference. FLOPs of a step: 3 forwards (an estimate)",
     "executor": "True where gpuconv.compile ran the model in the CPU executor, False where it ran eagerly "
-                "op by op because the executor cannot lower the model (BatchNorm, residual blocks)",
+                "op by op because the executor cannot lower the model as that row runs it (BatchNorm in training mode)",
     "conv op rows": "c<in>-<out>k<kernel>s<stride>@<input side>.<op>: gpuconv.ops.conv2d / conv2d_backward "
                     "against F.conv2d / aten.convolution_backward on the same arrays; backward_data is dx alone, "
                     "backward_filter dw (and db where the layer has a bias)",
@@ -210,10 +210,10 @@ def _env(envs, framework, spec, device, batch, seed, compiled, torch):
     return envs[key]
 
 
-def _uses_executor(env):
+def _uses_executor(env, kind):
     if isinstance(env, GpuconvRows):
         return bool(env.net.uses_executor(env.x)) if env.net is not env.model else False
-    return env.uses_executor()
+    return env.uses_executor(training=kind == "step")
 
 
 def _callable(env, spec, algo):
@@ -340,7 +340,7 @@ def _measure_all(usable, device_status, machine, threads, batch_sizes, inference
             try:
                 env = _env(envs[key], framework, spec, device, batch, seed, compiled, torch)
                 if framework == "gpuconv" and spec["kind"] in ("step", "inference") and compiled:
-                    executor[row_key] = _uses_executor(env)
+                    executor[row_key] = _uses_executor(env, spec["kind"])
                 entry["timings"].append(measure(_callable(env, spec, algo), device, repeat, warmup, framework))
             except Exception as exc:  # one failing kernel must not lose every other row's numbers
                 if entry["error"] is None:

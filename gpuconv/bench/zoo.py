@@ -122,8 +122,13 @@ class ZooRows:
         images, labels = random_batch(dataset, batch, seed)
         self.x, self.labels = to_device(images, device), to_device(labels, device)
 
-    def uses_executor(self):
-        return bool(getattr(self.net, "uses_executor", lambda x: False)(self.x))
+    def uses_executor(self, training=True):
+        """Does the row run the model in the CPU executor, in the mode the row runs it (training for
+        a step, eval for inference: a ResNet lowers in eval only)?"""
+        if not hasattr(self.net, "uses_executor"):
+            return False
+        self.net.train(training)
+        return bool(self.net.uses_executor(self.x))
 
     def step(self, algo):
         net, optimizer, x, labels = self.net, self.optimizer, self.x, self.labels
@@ -263,11 +268,12 @@ def table_notes(results):
     """The table's footer lines for these rows (report.format_table prints them): which models ran
     eagerly, the conv ops' geometric means, and each training step's peak memory."""
     out = []
-    eager = sorted({r["model"] for r in results["rows"] if r.get("model") and r.get("executor") is False
+    eager = sorted({r["name"] for r in results["rows"] if r.get("model") and r.get("executor") is False
                     and r["device"] == "cpu" and results["settings"].get("compiled", True)})
     if eager:
-        out.append(f"{', '.join(eager)}: gpuconv.compile cannot lower the model into the CPU executor (BatchNorm "
-                   "or residual blocks), so its rows run eagerly op by op, as training does.")
+        out.append(f"{', '.join(eager)}: gpuconv.compile cannot lower the model as it runs there into the CPU "
+                   "executor (BatchNorm in training mode: batch statistics), so these rows run eagerly op by op, "
+                   "as training does.")
     for g in results.get("conv_geomeans") or []:
         if g["op"] == "all":
             parts = [f"{op} {x['geomean']:.2f}" for op in ("forward", "backward_data", "backward_filter")

@@ -98,6 +98,11 @@ class Op:
         """(owner, attribute name) of each array the op reads besides its parameters."""
         return []
 
+    def rename(self, prefix):
+        """Key this op's buffers and saved arrays under `prefix` too (`index` is their key): an op
+        inside a residual block must not share them with the plan's op of the same index."""
+        self.index = (prefix, self.index)
+
 
 class ConvOp(Op):
     """Conv2d (groups=1), optionally fused with a following [ReLU ->] MaxPool2d(k, stride k).
@@ -720,3 +725,135 @@ class LinearOp(Op):
         return dx
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# chains of ops, and a residual block: two chains whose outputs are added
+
+
+SPATIAL_OPS = (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp)
+
+
+def setup_chain(ops, shape):
+    """Set each op up for the output shape of the one before -> the chain's per-image output shape.
+    Raises Unsupported."""
+    for op in ops:
+        if isinstance(op, SPATIAL_OPS) and len(shape) != 3:
+            raise Unsupported("spatial op on a flat input")
+        shape = tuple(op.setup(shape))
+    return shape
+
+
+def mark_owned_gradients(ops, owned):
+    """Set each op's owns_dy, last op first: the last one's is `owned` (is the gradient it gets a
+    plan buffer nothing reads after it?); every op but Flatten and Identity returns a gradient
+    buffer of its own, which the op before it then owns."""
+    for op in reversed(ops):
+        op.owns_dy = owned
+        owned = owned or not isinstance(op, (FlattenOp, IdentityOp))
+
+
+class ResidualOp(Op):
+    """A residual block, post(body(x) + shortcut(x)): three chains of ops (shortcut empty for the
+    identity, post empty for nothing after the add, else e.g. a ReLU), lowered from a block's
+    layers (cpu_plan.residual_parts). Its ops keep their keys apart by their `index`, renamed under
+    this op's (`rename`).
+
+    Forward: the body, then the shortcut, both from x (neither writes into x); the sum goes into the
+    body's last output when nothing reads that again (a batch norm's or a conv's own buffer), else
+    into a buffer of its own, and post runs in place on it. Backward: post, then the body and the
+    shortcut from the same gradient, which neither may overwrite (their last op does not own it);
+    dx is their sum, as the reference adds x's two gradients (two terms: either order gives the
+    same float32 bits)."""
+
+    def __init__(self, index, body, shortcut, post):
+        self.index, self.body, self.shortcut, self.post = index, body, shortcut, post
+        for name, chain in (("body", body), ("shortcut", shortcut), ("post", post)):
+            for op in chain:
+                op.rename((index, name))
+        if post and isinstance(post[0], ActivationOp):
+            post[0].in_place = True  # the sum is this block's own buffer, read by nothing else
+        last = body[-1] if body else None
+        self.add_in_place = isinstance(last, (BatchNormEvalOp, LinearOp)) or (
+            isinstance(last, ConvOp) and last.pool is None)
+        self.needs_own_output = bool(post) and post[-1].needs_own_output
+
+    def ops(self):
+        return self.body + self.shortcut + self.post
+
+    def rename(self, prefix):
+        super().rename(prefix)
+        for name, chain in (("body", self.body), ("shortcut", self.shortcut), ("post", self.post)):
+            for op in chain:
+                op.rename((prefix, name))
+
+    def setup(self, shape):
+        if not self.body:
+            raise Unsupported("residual block without a body")
+        self.in_shape = tuple(shape)
+        out = setup_chain(self.body, shape)
+        other = setup_chain(self.shortcut, shape)
+        if other != out:
+            raise Unsupported(f"residual branches of different shapes {out} and {other}")
+        mark_owned_gradients(self.body, False)  # both branches read the same gradient
+        mark_owned_gradients(self.shortcut, False)
+        return setup_chain(self.post, out)
+
+    @property
+    def owns_dy(self):
+        return bool(self.post) and self.post[-1].owns_dy
+
+    @owns_dy.setter
+    def owns_dy(self, owned):
+        mark_owned_gradients(self.post, owned)
+
+    def params(self):
+        return [p for op in self.ops() for p in op.params()]
+
+    def buffers(self):
+        return [entry for op in self.ops() for entry in op.buffers()]
+
+    @property
+    def override(self):
+        """The arrays its ops read instead of their layers' buffers, when one is set (see Op)."""
+        ops = self.ops()
+        if all(op.override is None for op in ops):
+            return None
+        return tuple(array for op in ops for array in
+                     (op.override or [getattr(owner, name) for owner, name in op.buffers()]))
+
+    @override.setter
+    def override(self, arrays):
+        at = 0
+        for op in self.ops():
+            count = len(op.buffers())
+            if count:
+                op.override = None if arrays is None else tuple(arrays[at:at + count])
+                at += count
+
+    def forward(self, chunk, x, scratch):
+        h = x
+        for op in self.body:
+            h = op.forward(chunk, h, scratch)
+        s = x
+        for op in self.shortcut:
+            s = op.forward(chunk, s, scratch)
+        total = h if self.add_in_place else buffer(chunk.store, (self.index, "sum"), h.shape)
+        np.add(h, s, out=total)
+        for op in self.post:
+            total = op.forward(chunk, total, scratch)
+        return total
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        for op in reversed(self.post):
+            dy = op.backward(chunk, dy, True, grads, scratch)
+        branches = []
+        for chain in (self.body, self.shortcut):
+            d = dy
+            for position in range(len(chain) - 1, -1, -1):
+                d = chain[position].backward(chunk, d, need_dx or position > 0, grads, scratch)
+            branches.append(d)
+        if not need_dx:
+            return None
+        dx = buffer(scratch, (self.index, "dx"), self.in_shape + (chunk.n,))
+        return np.add(branches[0], branches[1], out=dx)

@@ -3,8 +3,9 @@
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
 Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
-BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity), the whole
-chain runs here as one autograd Function; a chain lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
+BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity, and residual
+blocks of those (`RESIDUALS`: nn.Residual, the zoo's BasicBlock with its ShortcutA), each one op
+with two branches), the whole chain runs here as one autograd Function; a chain lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
 see compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
 the reference. Gradients match that reference to
 float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
@@ -67,9 +68,9 @@ from .. import blas
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
-from .sequential import Sequential
+from .sequential import Residual, Sequential
 from .cpu_ops import (ActivationOp, BatchNormEvalOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp,
-                      LinearOp, PoolOp, Unsupported)
+                      LinearOp, PoolOp, ResidualOp, Unsupported, mark_owned_gradients, setup_chain)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -179,7 +180,8 @@ def unlowerable(layer):
     shape it cannot take (_Plan.prepare then returns False)."""
     lowering = LOWERINGS.get(type(layer))
     if lowering is None:
-        return f"{type(layer).__name__} (its forward is Python the executor cannot lower)"
+        return (f"{type(layer).__name__} (its forward is Python the executor cannot lower; a residual "
+                f"connection written as nn.Residual lowers)")
     try:
         lowering([layer], 0, [])  # the lowering's own checks of the configuration, on the layer alone
     except Unsupported as why:
@@ -189,40 +191,42 @@ def unlowerable(layer):
 
 def _signature(layers, x):
     """What the compiled ops depend on; any change recompiles (cheap: a tuple per layer)."""
-    parts = [x.shape[1:]]
-    for layer in layers:
-        kind = type(layer)
-        # the Parameter objects too (params() keeps them): one assigned anew (layer.weight =
-        # Parameter(...)) must get the gradient and be what the workers copy
-        if kind is L.Conv2d:
-            parts.append((id(layer), kind, layer.stride, layer.padding, layer.dilation, layer.groups,
-                          layer.weight.data.shape, layer.bias is None, id(layer.weight), id(layer.bias)))
-        elif kind is L.Linear:
-            parts.append((id(layer), kind, layer.weight.data.shape, layer.bias is None, id(layer.weight),
-                          id(layer.bias)))
-        elif kind in (L.MaxPool2d, L.AvgPool2d):
-            parts.append((id(layer), kind, layer.kernel_size, layer.stride, layer.padding))
-        elif kind is L.Dropout:
-            parts.append((id(layer), kind, layer.training and layer.p > 0))
-        elif kind is L.Flatten:
-            parts.append((id(layer), kind, layer.start_dim, layer.end_dim))
-        elif kind is L.BatchNorm2d:
-            parts.append((id(layer), kind, layer.training, layer.track_running_stats, layer.eps,
-                          layer.num_features, layer.weight is None, id(layer.weight), id(layer.bias)))
-        elif kind is L.AdaptiveAvgPool2d:
-            parts.append((id(layer), kind, layer.output_size))
-        else:
-            parts.append((id(layer), kind))
-    return tuple(parts)
+    return (x.shape[1:],) + tuple(_layer_signature(layer) for layer in layers)
+
+
+def _layer_signature(layer):
+    kind = type(layer)
+    # the Parameter objects too (params() keeps them): one assigned anew (layer.weight =
+    # Parameter(...)) must get the gradient and be what the workers copy
+    if kind is L.Conv2d:
+        return (id(layer), kind, layer.stride, layer.padding, layer.dilation, layer.groups,
+                layer.weight.data.shape, layer.bias is None, id(layer.weight), id(layer.bias))
+    if kind is L.Linear:
+        return (id(layer), kind, layer.weight.data.shape, layer.bias is None, id(layer.weight), id(layer.bias))
+    if kind in (L.MaxPool2d, L.AvgPool2d):
+        return (id(layer), kind, layer.kernel_size, layer.stride, layer.padding)
+    if kind is L.Dropout:
+        return (id(layer), kind, layer.training and layer.p > 0)
+    if kind is L.Flatten:
+        return (id(layer), kind, layer.start_dim, layer.end_dim)
+    if kind is L.BatchNorm2d:
+        return (id(layer), kind, layer.training, layer.track_running_stats, layer.eps,
+                layer.num_features, layer.weight is None, id(layer.weight), id(layer.bias))
+    if kind is L.AdaptiveAvgPool2d:
+        return (id(layer), kind, layer.output_size)
+    if kind in RESIDUALS:  # its layers (which may be replaced after compile), branch by branch
+        return (id(layer), kind) + tuple(tuple(_layer_signature(part) for part in branch)
+                                         for branch in RESIDUALS[kind](layer))
+    # another kind (a ReLU, a layer a model registers): its plain hyper-parameters
+    settings = tuple(sorted((name, value) for name, value in vars(layer).items()
+                            if name != "training" and isinstance(value, (bool, int, float, str, tuple, type(None)))))
+    return (id(layer), kind, settings)
 
 
 def fused_conv_pools(layers):
     """How many Conv2d of `layers` (each lowerable) the lowering fuses with a following
     [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
-    ops, index = [], 0
-    while index < len(layers):
-        index += LOWERINGS[type(layers[index])](layers, index, ops)
-    return sum(isinstance(op, ConvOp) and op.pool is not None for op in ops)
+    return sum(isinstance(op, ConvOp) and op.pool is not None for op in _lower_chain(layers))
 
 
 # The registry: layer type -> lowering(layers, index, ops) -> how many layers it consumed. A
@@ -289,7 +293,7 @@ def _lower_adaptive_avg_pool(layers, index, ops):
 @lowers(L.ReLU, L.Tanh, L.Sigmoid)
 def _lower_activation(layers, index, ops):
     # In place when nothing reads the previous output again (conv without pool, linear).
-    in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (ConvOp, LinearOp))
+    in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (ConvOp, LinearOp, BatchNormEvalOp))
     ops.append(ActivationOp(layers[index], index, in_place))
     return 1
 
@@ -317,23 +321,47 @@ def _lower_identity(layers, index, ops):
     return 1
 
 
-def _compile(layers, input_shape):
-    """Layers -> ops through LOWERINGS, then each op set up for its input shape. Raises Unsupported."""
+# Residual blocks: block type -> residual_parts(block) -> (body, shortcut, post), three lists of
+# layers the registry lowers: the block computes post(body(x) + shortcut(x)), the shortcut empty
+# for the identity, post empty for nothing after the add. A block type with its own forward
+# registers here (gpuconv/models.py: BasicBlock) only when that forward computes exactly this.
+RESIDUALS = {}
+
+
+def lowers_residual(kind, residual_parts):
+    """Register a residual block type: its layers, as residual_parts(block) lists them, run as one
+    ResidualOp of the plan."""
+    RESIDUALS[kind] = residual_parts
+    LOWERINGS[kind] = _lower_residual
+
+
+def _lower_residual(layers, index, ops):
+    branches = [_lower_chain(branch) for branch in RESIDUALS[type(layers[index])](layers[index])]
+    ops.append(ResidualOp(index, *branches))
+    return 1
+
+
+lowers_residual(Residual, lambda block: (
+    steps(block.body), [] if block.shortcut is None else steps(block.shortcut),
+    [] if block.activation is None else steps(block.activation)))
+
+
+def _lower_chain(layers):
+    """Layers -> ops through LOWERINGS (not set up yet). Raises Unsupported."""
     ops, index = [], 0
     while index < len(layers):
         lowering = LOWERINGS.get(type(layers[index]))
         if lowering is None:
             raise Unsupported(f"layer {type(layers[index]).__name__}")
         index += lowering(layers, index, ops)
-    shape = tuple(input_shape)
-    for op in ops:
-        if isinstance(op, (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp)) and len(shape) != 3:
-            raise Unsupported("spatial op on a flat input")
-        shape = op.setup(shape)
-    produced = False  # every op but Flatten and Identity returns a gradient buffer of its own
-    for op in reversed(ops):
-        op.owns_dy = produced
-        produced = produced or not isinstance(op, (FlattenOp, IdentityOp))
+    return ops
+
+
+def _compile(layers, input_shape):
+    """Layers -> ops through LOWERINGS, then each op set up for its input shape. Raises Unsupported."""
+    ops = _lower_chain(layers)
+    shape = setup_chain(ops, tuple(input_shape))
+    mark_owned_gradients(ops, False)  # the plan's output gradient is the caller's
     return ops, shape
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import WorkerError
 from . import layers as L
 from .module import Parameter
+from .sequential import Residual, Sequential
 
 ALIGN = 64
 
@@ -71,9 +72,33 @@ _KINDS = {cls.__name__: cls for cls in (L.Conv2d, L.Linear, L.MaxPool2d, L.AvgPo
                                         L.Flatten, L.Identity, L.Dropout, L.AdaptiveAvgPool2d, L.BatchNorm2d)}
 
 
-def describe(layer):
+_MORE_KINDS = {}  # name -> (kind, settings, make): layer types a model module registers (describable)
+
+
+def describable(kind, settings, make):
+    """Let worker processes rebuild layers of `kind`, a leaf layer a model module defines and lowers
+    (gpuconv/models.py: ShortcutA): settings(layer) -> a dict for JSON, make(that dict) -> the same
+    layer. A worker imports gpuconv.models, so the zoo's kinds are known on both sides."""
+    _MORE_KINDS[kind.__name__] = (kind, settings, make)
+
+
+def _param_owners(layer):
+    """The layers whose weight and bias a description carries (one parameter index each)."""
+    return isinstance(layer, (L.Conv2d, L.Linear)) or (isinstance(layer, L.BatchNorm2d) and layer.weight is not None)
+
+
+def describe(layer, index_of=None):
+    """A JSON-able description of `layer`; index_of (id(Parameter) -> its index in the arena) adds
+    which parameters it uses: a parameter shared by layers (or a layer used twice) stays one. A
+    residual block (cpu_plan.RESIDUALS) is described by its branches' layers and rebuilt as an
+    nn.Residual, which lowers to the same ops."""
+    from .cpu_plan import RESIDUALS
     kind = type(layer)
     spec = {"kind": kind.__name__, "training": layer.training}
+    if kind in RESIDUALS:
+        spec.update(kind="Residual", branches=[[describe(part, index_of) for part in branch]
+                                               for branch in RESIDUALS[kind](layer)])
+        return spec
     if kind is L.Conv2d:
         o, c, kh, kw = layer.weight.data.shape
         spec.update(shape=[o, c * layer.groups, kh, kw], stride=layer.stride, dilation=layer.dilation,
@@ -92,10 +117,26 @@ def describe(layer):
     elif kind is L.BatchNorm2d:
         spec.update(features=layer.num_features, eps=layer.eps, affine=layer.weight is not None,
                     track=layer.track_running_stats)
+    elif kind.__name__ in _MORE_KINDS:
+        spec.update(settings=_MORE_KINDS[kind.__name__][1](layer))
+    if index_of is not None and _param_owners(layer):
+        spec["params"] = [index_of[id(layer.weight)], None if layer.bias is None else index_of[id(layer.bias)]]
     return spec
 
 
-def build(spec):
+def build(spec, params=None):
+    """The layer `spec` describes; with `params` (the arena's Parameters), using those its
+    description names, else fresh placeholders."""
+    if spec["kind"] == "Residual":
+        body, shortcut, post = ([build(part, params) for part in branch] for branch in spec["branches"])
+        layer = Residual(Sequential(*body), Sequential(*shortcut) if shortcut else None,
+                         Sequential(*post) if post else None)
+        layer.train(spec["training"])
+        return layer
+    if spec["kind"] in _MORE_KINDS:
+        layer = _MORE_KINDS[spec["kind"]][2](spec["settings"])
+        layer.training = spec["training"]
+        return layer
     kind = _KINDS[spec["kind"]]
     if kind is L.Conv2d:
         o, c, kh, kw = spec["shape"]
@@ -118,6 +159,9 @@ def build(spec):
     else:
         layer = kind()
     layer.training = spec["training"]
+    if params is not None and "params" in spec:
+        layer.weight = params[spec["params"][0]]
+        layer.bias = None if spec["params"][1] is None else params[spec["params"][1]]
     return layer
 
 
@@ -305,12 +349,7 @@ def _ensure_setup(process, plan, key, part, rows):
         os.close(fd)
         raise
     index_of = {id(p): i for i, p in enumerate(params)}
-    specs = []
-    for layer in plan.layers:  # a parameter shared by layers (or a layer used twice) stays one
-        spec = describe(layer)
-        if isinstance(layer, (L.Conv2d, L.Linear)) or (isinstance(layer, L.BatchNorm2d) and layer.weight is not None):
-            spec["params"] = [index_of[id(layer.weight)], None if layer.bias is None else index_of[id(layer.bias)]]
-        specs.append(spec)
+    specs = [describe(layer, index_of) for layer in plan.layers]
     description = json.dumps({"layers": specs, "in_shape": list(plan.input_shape), "capacity": capacity,
                               "part": part, "param_shapes": [list(p.data.shape) for p in params],
                               "buffer_shapes": buffer_shapes,
@@ -504,10 +543,7 @@ def _setup(cpu_plan, message, fd):
     views = arena_views(mapping, layout)
     # the parameters are views of the arena (the caller fills them), one object per caller's one
     params = [Parameter(views[f"param{index}"]) for index in range(len(param_shapes))]
-    for layer, spec in zip(layers, message["layers"]):
-        if "params" in spec:
-            layer.weight = params[spec["params"][0]]
-            layer.bias = None if spec["params"][1] is None else params[spec["params"][1]]
+    layers = [build(spec, params) for spec in message["layers"]]
     plan = cpu_plan._Plan()
     plan.prepare(layers, np.empty((1,) + in_shape, np.float32))
     # the buffers too (BatchNorm's running statistics), in the order the caller's plan lists them
@@ -526,7 +562,7 @@ def _run(state, op, rows, flag):
     if op == "F":
         if state["training"] != flag:
             for layer in state["layers"]:
-                layer.training = flag
+                layer.train(flag)
             state["training"] = flag
         plan.run_forward(0, views["x"][:rows], views["out"][:rows])
         return

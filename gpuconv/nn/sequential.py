@@ -1,4 +1,7 @@
-"""Containers: Sequential (a chain, run in order) and ModuleList (modules a forward indexes)."""
+"""Containers: Sequential (a chain, run in order), ModuleList (modules a forward indexes) and
+Residual (a residual connection: activation(body(x) + shortcut(x)))."""
+import math
+
 from .module import Module
 
 
@@ -119,3 +122,48 @@ class Sequential(ModuleList):
         return {"layers": [dict(name=n, type=type(l).__name__, output_shape=tuple(o), params=p, flops=f)
                            for n, l, o, p, f in rows],
                 "total_params": total_params, "total_flops": total_flops, "text": text}
+
+
+def _flops_and_shape(module, shape):
+    """(forward FLOPs per image, output shape) of `module`, a layer or a Sequential run layer by
+    layer, from the layers' own rules (no forward pass)."""
+    if type(module) is Sequential:
+        total = 0
+        for layer in module:
+            flops, shape = _flops_and_shape(layer, shape)
+            total += flops
+        return total, shape
+    out = tuple(module.output_shape(shape))
+    return module.flops(shape, out), out
+
+
+class Residual(Module):
+    """activation(body(x) + shortcut(x)): a residual connection (He et al. 2016) as a container.
+
+    The same as a forward written in Python (`F.relu(x + self.body(x))`), but gpuconv.compile can
+    lower this one into the CPU executor (a Python forward runs eagerly, op by op): the body and the
+    shortcut become two branches of one plan op whose outputs are added. shortcut=None is the
+    identity; activation=None applies nothing after the add. Children are named body, shortcut and
+    activation (state_dict keys `body.0.weight`, ...)."""
+
+    def __init__(self, body, shortcut=None, activation=None):
+        for name, value in (("body", body), ("shortcut", shortcut), ("activation", activation)):
+            if not isinstance(value, Module) and not (value is None and name != "body"):
+                allowed = "a gpuconv.nn.Module" + ("" if name == "body" else " or None")
+                raise TypeError(f"Residual: {name} must be {allowed}, got {type(value).__name__}")
+        self.body, self.shortcut, self.activation = body, shortcut, activation
+
+    def forward(self, x):
+        y = self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+        return y if self.activation is None else self.activation(y)
+
+    def output_shape(self, input_shape):
+        return _flops_and_shape(self.body, tuple(input_shape))[1]
+
+    def flops(self, input_shape, output_shape):
+        total = _flops_and_shape(self.body, tuple(input_shape))[0] + int(math.prod(output_shape[1:]))  # the add
+        if self.shortcut is not None:
+            total += _flops_and_shape(self.shortcut, tuple(input_shape))[0]
+        if self.activation is not None:
+            total += self.activation.flops(output_shape, output_shape)
+        return total
