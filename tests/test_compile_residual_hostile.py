@@ -189,10 +189,10 @@ def test_hostile_residual_output_shape_is_its_forwards(case):
     """BUG: Residual.output_shape (gpuconv/nn/sequential.py:160) is the body's output shape: an
     activation that changes the shape (activation=nn.MaxPool2d(2): forward (2, 4, 4, 4),
     output_shape (2, 4, 8, 8)) is ignored, so summary() prints the wrong shape and the rows after it
-    (and compiler._output_shape, which uses_executor reads) go on from it. And _flops_and_shape (sequential.py:130) opens
-    only an exact nn.Sequential: a body that is a Sequential subclass keeping Sequential's forward
-    (which cpu_plan.steps opens, and which lowers) raises AttributeError ('MySeq' object has no
-    attribute 'output_shape'), and so does summary()."""
+    (and compiler._output_shape, which uses_executor reads) go on from it. And _flops_and_shape
+    (sequential.py:130) opens only an exact nn.Sequential: a body that is a Sequential subclass
+    keeping Sequential's forward (which cpu_plan.steps opens, and which lowers) raises
+    AttributeError ('MySeq' object has no attribute 'output_shape'), and so does summary()."""
     class MySeq(nn.Sequential):
         pass
     rng = rng_of(0)
@@ -306,8 +306,8 @@ def test_flat_residuals_of_linear_layers_and_a_top_level_block(kind):
     def make():
         rng = rng_of(0)
         return nn.Sequential(nn.Linear(10, 16, rng=rng),
-                             nn.Residual(nn.Sequential(nn.Linear(16, 16, rng=rng), nn.ReLU(), nn.Linear(16, 16, rng=rng)),
-                                         activation=nn.ReLU()),
+                             nn.Residual(nn.Sequential(nn.Linear(16, 16, rng=rng), nn.ReLU(),
+                                                       nn.Linear(16, 16, rng=rng)), activation=nn.ReLU()),
                              nn.Residual(nn.Linear(16, 16, rng=rng)), nn.Linear(16, 3, rng=rng))
     check(make, images(2, (64, 10)))
 
@@ -346,7 +346,8 @@ def test_float64_residual_model_runs_eagerly_with_its_results(kind):
         rng = rng_of(0)
         return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, rng=rng, dtype=np.float64),
                              nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, rng=rng, dtype=np.float64)),
-                                         activation=nn.ReLU()), nn.Flatten(), nn.Linear(3 * 8 * 8, 4, rng=rng, dtype=np.float64))
+                                         activation=nn.ReLU()), nn.Flatten(),
+                             nn.Linear(3 * 8 * 8, 4, rng=rng, dtype=np.float64))
     check(make, images(0, (64, 1, 8, 8)).astype(np.float64), plans=0)
 
 
