@@ -142,7 +142,7 @@ class ShortcutA(nn.Module):
     def __init__(self, in_channels, out_channels, stride):
         if out_channels < in_channels:
             raise ArgumentError(f"ShortcutA: out_channels {out_channels} < in_channels {in_channels}")
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.in_channels, self.out_channels, self.stride = int(in_channels), int(out_channels), int(stride)
 
     def forward(self, x):
         return ShortcutAFunction(self.out_channels, self.stride)(x)
@@ -238,8 +238,8 @@ class BasicBlock(nn.Module):
 
 # The executor runs a BasicBlock as its forward above computes it: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))
 cpu_plan.lowers_residual(BasicBlock, lambda block: (
-    [block.conv1, block.bn1, block.relu, block.conv2, block.bn2], [] if block.shortcut is None else [block.shortcut],
-    [block.relu]))
+    [block.conv1, block.bn1, block.relu, block.conv2, block.bn2],
+    [] if block.shortcut is None else cpu_plan.steps(block.shortcut), [block.relu]))
 
 
 class ResNet(nn.Sequential):

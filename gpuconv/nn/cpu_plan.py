@@ -180,8 +180,8 @@ def unlowerable(layer):
     shape it cannot take (_Plan.prepare then returns False)."""
     lowering = LOWERINGS.get(type(layer))
     if lowering is None:
-        return (f"{type(layer).__name__} (its forward is Python the executor cannot lower; a residual "
-                f"connection written as nn.Residual lowers)")
+        hint = "; a residual connection written as nn.Residual lowers" if layer.children() else ""
+        return f"{type(layer).__name__} (its forward is Python the executor cannot lower{hint})"
     try:
         lowering([layer], 0, [])  # the lowering's own checks of the configuration, on the layer alone
     except Unsupported as why:
@@ -224,9 +224,12 @@ def _layer_signature(layer):
 
 
 def fused_conv_pools(layers):
-    """How many Conv2d of `layers` (each lowerable) the lowering fuses with a following
-    [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
-    return sum(isinstance(op, ConvOp) and op.pool is not None for op in _lower_chain(layers))
+    """How many Conv2d of `layers` (each lowerable), residual blocks' included, the lowering fuses
+    with a following [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
+    def count(ops):
+        return sum(count(op.ops()) if isinstance(op, ResidualOp) else isinstance(op, ConvOp) and op.pool is not None
+                   for op in ops)
+    return count(_lower_chain(layers))
 
 
 # The registry: layer type -> lowering(layers, index, ops) -> how many layers it consumed. A

@@ -131,7 +131,7 @@ def build(spec, params=None):
         body, shortcut, post = ([build(part, params) for part in branch] for branch in spec["branches"])
         layer = Residual(Sequential(*body), Sequential(*shortcut) if shortcut else None,
                          Sequential(*post) if post else None)
-        layer.train(spec["training"])
+        layer.training = spec["training"]  # its layers keep their own modes (a frozen BatchNorm in a training block)
         return layer
     if spec["kind"] in _MORE_KINDS:
         layer = _MORE_KINDS[spec["kind"]][2](spec["settings"])

@@ -125,9 +125,9 @@ class Sequential(ModuleList):
 
 
 def _flops_and_shape(module, shape):
-    """(forward FLOPs per image, output shape) of `module`, a layer or a Sequential run layer by
-    layer, from the layers' own rules (no forward pass)."""
-    if type(module) is Sequential:
+    """(forward FLOPs per image, output shape) of `module`, a layer or a Sequential (a subclass too,
+    while it keeps Sequential's forward) run layer by layer, from the layers' own rules (no forward pass)."""
+    if isinstance(module, Sequential) and type(module).forward is Sequential.forward:
         total = 0
         for layer in module:
             flops, shape = _flops_and_shape(layer, shape)
@@ -158,12 +158,14 @@ class Residual(Module):
         return y if self.activation is None else self.activation(y)
 
     def output_shape(self, input_shape):
-        return _flops_and_shape(self.body, tuple(input_shape))[1]
+        shape = _flops_and_shape(self.body, tuple(input_shape))[1]
+        return shape if self.activation is None else _flops_and_shape(self.activation, shape)[1]
 
     def flops(self, input_shape, output_shape):
-        total = _flops_and_shape(self.body, tuple(input_shape))[0] + int(math.prod(output_shape[1:]))  # the add
+        total, added = _flops_and_shape(self.body, tuple(input_shape))
+        total += int(math.prod(added[1:]))  # the add
         if self.shortcut is not None:
             total += _flops_and_shape(self.shortcut, tuple(input_shape))[0]
         if self.activation is not None:
-            total += self.activation.flops(output_shape, output_shape)
+            total += _flops_and_shape(self.activation, added)[0]
         return total
