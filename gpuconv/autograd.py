@@ -23,6 +23,7 @@ import numpy as np
 
 from .backend import device_of, device_scope, get_array_module, is_device_array, parse_device, to_device
 from .errors import ArgumentError, DTypeError, ShapeError
+from .ops import cpu_parts
 
 _mode = threading.local()  # grad mode is per thread, as in PyTorch
 
@@ -382,6 +383,9 @@ def sum_to(array, shape):
 class Add(Function):
     def forward(self, a, b):
         self.shapes = (a.shape, b.shape)
+        # a residual add of two large float32 activations: in parts over the cores, same bits
+        if cpu_parts.elementwise_in_parts(a, b) and a.dtype == np.float32:
+            return cpu_parts.elementwise(np.add, a, b)
         return a + b
 
     def backward(self, g):
