@@ -22,3 +22,15 @@ def rng():
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
 def dtype(request):
     return request.param
+
+
+@pytest.fixture(params=["processes", "threads"])
+def worker_kind(request, monkeypatch):
+    """The CPU executor's parts after the first in worker processes or in worker threads, with one
+    worker whatever the machine has, so that a batch of 48 or more is split in two (MIN_CHUNK 24).
+    Yields "processes" or "threads"."""
+    from gpuconv.nn import cpu_plan
+    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
+    gpuconv.set_cpu_workers(1)
+    yield request.param
+    gpuconv.set_cpu_workers(None)

@@ -12,20 +12,13 @@ import pytest
 import gpuconv
 from gpuconv import nn
 from gpuconv import functional as F
-from gpuconv.compiler import PlanFunction
 from gpuconv.models import BasicBlock, ResNet, ShortcutA
 from gpuconv.nn import cpu_plan, cpu_workers
 from gpuconv.nn.cpu_ops import ResidualOp
+from test_compile_segments import plans_on_tape
 
 
-@pytest.fixture(autouse=True, params=["processes", "threads"])
-def fresh_state(request, monkeypatch):
-    """Worker processes or worker threads for the parts after the first, and one worker whatever
-    the machine has, so a batch of 64 is split (MIN_CHUNK 24)."""
-    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
-    gpuconv.set_cpu_workers(1)
-    yield
-    gpuconv.set_cpu_workers(None)
+pytestmark = pytest.mark.usefixtures("worker_kind")  # processes and threads, one worker (conftest.py)
 
 
 def randomize_statistics(model, seed):
@@ -42,15 +35,7 @@ def randomize_statistics(model, seed):
 
 def plans_in(out):
     """How many plans (PlanFunction nodes) made `out`."""
-    seen, stack, count = set(), [out.creator], 0
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        count += isinstance(node, PlanFunction)
-        stack += [creator for _, creator in node.inputs]
-    return count
+    return len(plans_on_tape(out))
 
 
 def step(model, x, labels):

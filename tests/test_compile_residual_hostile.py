@@ -19,20 +19,15 @@ import gpuconv
 import hostile_child
 from gpuconv import functional as F
 from gpuconv import nn
-from gpuconv.compiler import PlanFunction
-from gpuconv.models import BasicBlock, ResNet, ShortcutA
+from gpuconv.models import BasicBlock, ResNet
 from gpuconv.nn import cpu_plan, cpu_workers
-from gpuconv.nn.cpu_ops import ResidualOp
+from test_compile_segments import plans_on_tape
 
 
-@pytest.fixture(params=["processes", "threads"])
-def kind(request, monkeypatch):
-    """Worker processes or worker threads for the parts after the first; one worker, so that a
-    batch of 48 or more is split in two (MIN_CHUNK 24)."""
-    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
-    gpuconv.set_cpu_workers(1)
-    yield request.param
-    gpuconv.set_cpu_workers(None)
+@pytest.fixture
+def kind(worker_kind):
+    """conftest.worker_kind: worker processes or worker threads, one worker."""
+    return worker_kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,15 +58,7 @@ def randomize_statistics(model, seed):
 
 def plans_in(out):
     """How many plans (PlanFunction nodes) made `out`."""
-    seen, stack, count = set(), [out.creator], 0
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        count += isinstance(node, PlanFunction)
-        stack += [creator for _, creator in node.inputs]
-    return count
+    return len(plans_on_tape(out))
 
 
 def step(network, model, x, input_grad=True):

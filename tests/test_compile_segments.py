@@ -15,17 +15,8 @@ from gpuconv import nn, optim
 from gpuconv import functional as F
 from gpuconv.compiler import PlanFunction
 from gpuconv.models import LeNet5, SimpleCNN
-from gpuconv.nn import cpu_plan
 
-
-@pytest.fixture(autouse=True, params=["processes", "threads"])
-def fresh_state(request, monkeypatch):
-    """Worker processes or worker threads for the parts after the first, and one worker whatever
-    the machine has, so a batch of 64 is split (MIN_CHUNK 24)."""
-    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
-    gpuconv.set_cpu_workers(1)
-    yield
-    gpuconv.set_cpu_workers(None)
+pytestmark = pytest.mark.usefixtures("worker_kind")  # processes and threads, one worker (conftest.py)
 
 
 class Scale(nn.Module):

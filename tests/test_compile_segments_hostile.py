@@ -15,15 +15,10 @@ import pytest
 import gpuconv
 from gpuconv import nn
 from test_compile_segments import assert_close, plans_on_tape
-from gpuconv.nn import cpu_plan, cpu_workers
+from gpuconv.nn import cpu_workers
 
 
-@pytest.fixture(autouse=True, params=["processes", "threads"])
-def fresh_state(request, monkeypatch):
-    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
-    gpuconv.set_cpu_workers(1)
-    yield
-    gpuconv.set_cpu_workers(None)
+pytestmark = pytest.mark.usefixtures("worker_kind")  # processes and threads, one worker (conftest.py)
 
 
 def block(rng, c_in, c_out):
