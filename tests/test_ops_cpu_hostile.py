@@ -204,6 +204,54 @@ def test_an_interrupt_between_the_hand_overs_leaves_the_next_call_working(tmp_pa
     assert r["lock_free"], r
 
 
+def test_a_signal_handler_running_ops_inside_its_threads_region_does_not_hang(tmp_path):
+    """A signal handler runs on the main thread between bytecodes, also while that thread is inside
+    a parallel region (holding the region lock, waiting for its worker). A handler calling ops that
+    take regions themselves (a large ReLU, an add, a conv, batch norm) used to wait for the lock
+    its own thread held: a hang. They now run inline, in the thread alone; a compiled model, whose
+    plan cannot, raises saying why."""
+    r = run_child(tmp_path, r'''
+        from gpuconv import functional as F, nn
+        x, w = arrays([(8, 32, 64, 64), (32, 32, 3, 3)])          # a conv of several regions
+        big = arrays([(128, 16, 32, 32)], seed=1)[0]               # 8 MiB: ReLU and add in parts
+        expected = (np.maximum(big, 0), big + big, gpuconv.ops.conv2d(big[:4], w[:, :16], padding=1))
+        state = {"calls": 0, "in_region": 0, "ok": True, "plan_error": None}
+        model = gpuconv.compile(nn.Sequential(nn.Conv2d(16, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                              nn.Flatten(), nn.Linear(4 * 16 * 16, 3)))
+
+        def handler(signum, frame):
+            state["calls"] += 1
+            inside = cpu_plan._region_lock.owner == threading.get_ident()
+            state["in_region"] += inside
+            t = gpuconv.tensor(big)
+            got = (F.relu(t).data, (t + t).data, gpuconv.ops.conv2d(big[:4], w[:, :16], padding=1))
+            state["ok"] &= all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(got, expected))
+            gpuconv.ops.batch_norm2d(big, None, None)
+            if inside and state["plan_error"] is None:
+                try:
+                    model(big[:64])
+                    state["plan_error"] = "ran"
+                except RuntimeError as error:
+                    state["plan_error"] = str(error)
+            if state["running"]:
+                signal.setitimer(signal.ITIMER_REAL, 0.01)  # one at a time: the handler takes longer than 10 ms
+
+        state["running"] = True
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and state["in_region"] < 5:
+            gpuconv.ops.conv2d(x, w, padding=1)
+        state["running"] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        emit(calls=state["calls"], in_region=state["in_region"], ok=state["ok"], plan_error=state["plan_error"],
+             lock_free=not cpu_plan._region_lock.locked(), blas=blas.get_num_threads())
+    ''', hang_s=60)
+    assert r["in_region"] >= 1, r  # the scenario happened: a handler ran inside its thread's region
+    assert r["ok"] and r["lock_free"], r
+    assert r["plan_error"] is not None and "inside a parallel region" in r["plan_error"], r
+
+
 def test_a_fork_while_another_thread_is_in_a_region(tmp_path):
     """os.fork() while another thread runs a conv region: the child inherits the region's lock
     held by a thread it does not have, and its own conv2d waited for that lock forever; it also

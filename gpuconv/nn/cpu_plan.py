@@ -103,6 +103,11 @@ class _RegionLock:
     def locked(self):
         return self._lock.locked()
 
+    def held_here(self):
+        """Does the calling thread hold it? Then the call is nested inside that thread's own region:
+        a signal handler run between its bytecodes while it waits for its workers."""
+        return self.owner == threading.get_ident()
+
 
 _region_lock = _RegionLock()
 _saved_interval = None  # the switch interval a plan's region in flight restores (_switch_interval)
@@ -529,7 +534,10 @@ def run_alone(function, *args):
     """function(*args) in this thread with the BLAS as it is, under the region lock: no other
     thread's parallel region sets the BLAS to one thread meanwhile. OpenBLAS's sums differ in the
     last bits between thread counts at some shapes, so without the lock a conv's result depended
-    on whether another thread was in a region when it ran."""
+    on whether another thread was in a region when it ran. Nested in this thread's own region
+    (a signal handler's op), it runs at once: the lock is this thread's already."""
+    if _region_lock.held_here():
+        return function(*args)
     with _region_lock:
         return function(*args)
 
@@ -561,7 +569,11 @@ def run_in_parts(function, batch):
     not processes: the arrays are the caller's), as a parallel region like a plan's, with a 1-thread
     BLAS restored afterwards. Python's switch interval is left alone: a part makes a few long
     NumPy calls per chunk, not a plan's many short ones. A batch of one image, or no workers,
-    runs in this thread alone and leaves the BLAS as it is (run_alone)."""
+    runs in this thread alone and leaves the BLAS as it is (run_alone). So does a call nested in this
+    thread's own region (a signal handler's op): waiting for the region's lock would wait forever,
+    and the region's workers are busy."""
+    if _region_lock.held_here():
+        return [function(0, batch)]
     workers = getattr(_pinned, "count", None)
     parts = max(1, min((get_cpu_workers() if workers is None else workers) + 1, batch))
     if parts == 1:
@@ -727,6 +739,10 @@ class _Plan:
         """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..
         in worker threads, with a 1-thread BLAS (and a short switch interval) for the region."""
         function = getattr(self, "run_" + kind)
+        if _region_lock.held_here():
+            raise RuntimeError(f"a compiled model's {kind} inside a parallel region of the same thread (a signal "
+                               "handler that runs the model while the thread runs gpuconv ops) cannot run: the "
+                               "region's workers are busy; run it outside the handler")
         # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
         # thread counts at some shapes), under the lock that keeps other regions' settings out.
         with _region_lock, blas.num_threads(1):
