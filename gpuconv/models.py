@@ -13,9 +13,9 @@ import numpy as np
 
 from . import nn
 from .autograd import Function
-from .nn import cpu_ops, cpu_plan, cpu_workers
 from .backend import get_array_module
 from .errors import ArgumentError
+from .nn import cpu_ops, cpu_plan, cpu_workers
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}

@@ -6,8 +6,8 @@ p.grad, BatchNorm buffers) to float32 rounding, in worker processes and in worke
 worker so that a batch of >= 48 is split; what it cannot lower runs eagerly with the same results or
 the same error; it never hangs, never changes the user's model or process-wide state.
 
-Tests named test_hostile_* FAIL on bf3a9b0: each is a finding (its docstring says what, and where
-the cause seems to be). The others are guards of the hardest cases that held. Tests that take the
+Tests named test_hostile_* failed on bf3a9b0: each is a finding (its docstring says what, and where
+the cause was), fixed in 95c43b0. The others are guards of the hardest cases that held. Tests that take the
 `kind` fixture run once with worker processes and once with worker threads.
 """
 import sys

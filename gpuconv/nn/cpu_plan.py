@@ -5,10 +5,10 @@ of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=
 Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
 BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity, and residual
 blocks of those (`RESIDUALS`: nn.Residual, the zoo's BasicBlock with its ShortcutA), each one op
-with two branches), the whole chain runs here as one autograd Function; a chain lowerable in part runs its runs of lowerable layers here (each a plan of its own, where worth it,
-see compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
-the reference. Gradients match that reference to
-float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
+with two branches), the whole chain runs here as one autograd Function. A chain lowerable in part
+runs its runs of lowerable layers here (each a plan of its own, where worth it, see
+compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
+the reference. Gradients match that reference to float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
 ops are in cpu_ops.py. No layer or container knows this module exists.
 
 Why it is faster than the layers (the measurements: docs/performance.md):
@@ -300,7 +300,7 @@ def _lower_adaptive_avg_pool(layers, index, ops):
 
 @lowers(L.ReLU, L.Tanh, L.Sigmoid)
 def _lower_activation(layers, index, ops):
-    # In place when nothing reads the previous output again (conv without pool, linear).
+    # In place when nothing reads the previous output again (conv without pool, linear, eval batch norm).
     in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (ConvOp, LinearOp, BatchNormEvalOp))
     ops.append(ActivationOp(layers[index], index, in_place))
     return 1

@@ -78,7 +78,8 @@ _MORE_KINDS = {}  # name -> (kind, settings, make): layer types a model module r
 def describable(kind, settings, make):
     """Let worker processes rebuild layers of `kind`, a leaf layer a model module defines and lowers
     (gpuconv/models.py: ShortcutA): settings(layer) -> a dict for JSON, make(that dict) -> the same
-    layer. A worker imports gpuconv.models, so the zoo's kinds are known on both sides."""
+    layer. A worker imports the gpuconv package, which imports gpuconv.models: the zoo's kinds are
+    known on both sides."""
     _MORE_KINDS[kind.__name__] = (kind, settings, make)
 
 
