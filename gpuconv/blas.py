@@ -96,15 +96,18 @@ def num_threads(count):
     if getter is None:
         yield
         return
-    with _lock:
-        previous = int(getter())
-        if previous != count:
-            setter(int(count))
-            _restores.append(previous)
+    previous = None  # set once the block must restore it: from then on the finally does
     try:
+        # inside the try: a KeyboardInterrupt right after the count is set still restores it
+        with _lock:
+            current = int(getter())
+            if current != count:
+                _restores.append(current)
+                previous = current
+                setter(int(count))
         yield
     finally:
-        if previous != count:
+        if previous is not None:
             with _lock:
                 setter(previous)
                 if _restores:

@@ -86,14 +86,22 @@ _worker_count = None    # set_cpu_workers(); None: GPUCONV_CPU_WORKERS or the de
 
 class _RegionLock:
     """The lock of the parallel regions (one at a time), knowing which thread holds it, for
-    _after_fork_in_child."""
+    _after_fork_in_child and held_here. Never entered twice by one thread (callers check
+    held_here first); it is an RLock for its _is_owned(): a KeyboardInterrupt arriving right after
+    the acquire, before `with` has taken over, must not leave it held for good."""
 
     def __init__(self):
-        self._lock, self.owner = threading.Lock(), None
+        self._lock, self.owner = threading.RLock(), None
 
     def __enter__(self):
-        self._lock.acquire()
-        self.owner = threading.get_ident()
+        try:
+            self._lock.acquire()
+            self.owner = threading.get_ident()
+        except BaseException:
+            if self._lock._is_owned():
+                self.owner = None
+                self._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc_info):
@@ -101,7 +109,13 @@ class _RegionLock:
         self._lock.release()
 
     def locked(self):
-        return self._lock.locked()
+        """Held by any thread (an RLock has no locked() before Python 3.14)."""
+        if self._lock._is_owned():
+            return True
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            return False
+        return True
 
     def held_here(self):
         """Does the calling thread hold it? Then the call is nested inside that thread's own region:

@@ -100,28 +100,43 @@ def elementwise_in_parts(*arrays, min_bytes=None):
 def elementwise(function, *inputs):
     """A new C-contiguous array of inputs[0]'s shape and dtype filled by function(*input chunks,
     out=result chunk), for arrays elementwise_in_parts accepts: their elements (flat) in parts over
-    the cores, each part in chunks of about ELEMENTWISE_CHUNK_BYTES, with the caller's NumPy error
-    handling (np.errstate: else a worker thread would warn where the caller ignores or raises).
-    One region.
+    the cores, each part in chunks of about ELEMENTWISE_CHUNK_BYTES. One region.
 
     Bits: each element takes the same code path as in one whole-array call. NumPy runs a call's
     elements in blocks of SIMD lanes and the rest one by one, and the paths can differ: of two
     NaNs, a + b kept a's payload in the blocks and b's in the rest, and a's in a call of one
     element (NumPy 2.4, AVX-512). So every chunk begins at a multiple of ELEMENTWISE_BLOCK
-    elements, and the last one, at least a block long, ends where the array ends."""
+    elements, and the last one, at least a block long, ends where the array ends. The caller's
+    np.setbufsize holds in the parts too (it decides how NumPy buffers a misaligned array).
+
+    Errors: the parts only note which floating-point errors NumPy met (the kinds the caller's
+    np.errstate does not ignore, through errstate's call mode: no warning, no exception, no user
+    code runs in a worker). Where one did, the op runs again as one whole-array call in the
+    caller's thread, which warns, raises or calls back exactly as before: once, with the error
+    NumPy reports first, from the caller's thread (a callback or a warning hook that runs ops would
+    otherwise run on a region's worker and wait for the region's lock). Per-thread floating-point
+    state set through C (a rounding mode, flush-to-zero) is not carried into the workers."""
+    watched = {kind: "ignore" if mode == "ignore" else "call" for kind, mode in np.geterr().items()}
     result = np.empty_like(inputs[0])
     flat = [a.reshape(-1) for a in inputs]  # views: the arrays are C-contiguous
     flat_result = result.reshape(-1)
     size = result.size
     blocks = max(1, size // ELEMENTWISE_BLOCK)  # the last block takes the rest of the elements
     blocks_per_chunk = max(1, ELEMENTWISE_CHUNK_BYTES // (ELEMENTWISE_BLOCK * result.itemsize))
-    errors, error_call = np.geterr(), np.geterrcall()
+    buffer_size = np.getbufsize()
 
-    def part(start, stop):  # in blocks
-        with np.errstate(call=error_call, **errors):
-            for first, last in ranges(start, stop, blocks_per_chunk):
-                elements = slice(first * ELEMENTWISE_BLOCK, size if last == blocks else last * ELEMENTWISE_BLOCK)
-                function(*(a[elements] for a in flat), out=flat_result[elements])
+    def part(start, stop):  # in blocks -> whether NumPy met no error the caller watches
+        met = []
+        with np.errstate(call=lambda kind, flag: met.append(kind), **watched):
+            previous = np.setbufsize(buffer_size)
+            try:
+                for first, last in ranges(start, stop, blocks_per_chunk):
+                    elements = slice(first * ELEMENTWISE_BLOCK, size if last == blocks else last * ELEMENTWISE_BLOCK)
+                    function(*(a[elements] for a in flat), out=flat_result[elements])
+            finally:
+                np.setbufsize(previous)
+        return not met
 
-    in_parts(part, blocks)
+    if not all(in_parts(part, blocks)):
+        function(*inputs, out=result)  # the caller's errstate decides, as in a whole-array call
     return result
