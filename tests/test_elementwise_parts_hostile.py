@@ -128,8 +128,10 @@ def test_ctrl_c_right_after_the_region_lock_is_taken_leaves_it_free(tmp_path):
         state = {"fired": False}
 
         def local(frame, event, arg):
-            if event == "line" and not state["fired"] and frame.f_lineno > frame.f_code.co_firstlineno + 1:
-                state["fired"] = True   # the line after self._lock.acquire()
+            import linecache
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            if event == "line" and not state["fired"] and "self.owner = threading.get_ident()" in line:
+                state["fired"] = True   # the line after self._lock.acquire(): the lock is taken
                 raise KeyboardInterrupt
             return local
 
@@ -160,11 +162,13 @@ def test_ctrl_c_right_after_the_region_lock_is_taken_leaves_it_free(tmp_path):
     assert not r["locked_after"] and r["finished"] and r["ok"], r
 
 
-def test_ctrl_c_inside_the_blas_switch_restores_the_blas_thread_count(tmp_path):
-    """blas.num_threads sets the count, then records the count to restore, both before its `try`:
-    a KeyboardInterrupt between the two (right after the ctypes call returns) leaves the BLAS at one
-    thread for the rest of the process, behind the user's back."""
-    r = run_child(tmp_path, r'''
+@pytest.mark.parametrize("line", ["_restores.append", "yield"])
+def test_ctrl_c_inside_the_blas_switch_restores_the_blas_thread_count(tmp_path, line):
+    """blas.num_threads set the count, then recorded the count to restore, both before its `try`:
+    a KeyboardInterrupt between the two (right after the ctypes call returns) left the BLAS at one
+    thread for the rest of the process, behind the user's back. Injected at the line that records
+    the count (where 50c35ff had set it already) and at the yield (after it is set now)."""
+    r = run_child(tmp_path, "\n        LINE = " + repr(line) + r'''
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if not blas.available():
             emit(skip=True)
@@ -175,9 +179,9 @@ def test_ctrl_c_inside_the_blas_switch_restores_the_blas_thread_count(tmp_path):
         state = {"fired": False}
 
         def local(frame, event, arg):
-            if event == "line" and not state["fired"] and "append" in frame.f_code.co_names:
+            if event == "line" and not state["fired"]:
                 import linecache
-                if "_restores.append" in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+                if LINE in linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().split("(")[0]:
                     state["fired"] = True
                     raise KeyboardInterrupt
             return local
