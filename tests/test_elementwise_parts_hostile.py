@@ -5,10 +5,11 @@ own thread's region (84405e6: cpu_plan._RegionLock.held_here).
 Findings fixed in the commit after 3709c5e (the hostile tester's): the error an errstate('raise')
 add reports, an np.errstate callback or warning hook that runs ops (it ran on a region's worker and
 hung), the caller's bufsize in the parts, Ctrl-C right after the region lock's acquire or inside
-blas.num_threads. Three findings are not fixed and their failing tests stay on branch hostile10
-(3709c5e): the caller's rounding mode and flush-to-zero set through C are not carried into the
-worker parts, and a fork from a signal handler while its thread is inside a region leaves a child
-that waits for a worker that did not come along (docs/performance.md, session 8).
+blas.num_threads. The caller's rounding mode and flush-to-zero set through C are carried into the worker parts
+since the commit after 64e424d (gpuconv/fpenv.py). One finding is not fixed and its failing test
+stays on branch hostile10 (3709c5e): a fork from a signal handler while its thread is inside a
+region leaves a child that waits for a worker that did not come along (docs/performance.md,
+session 8).
 
 The claims under attack: the bits and errors of one whole-array NumPy call, the caller's
 floating-point settings honoured in the worker parts, no hang, the process's settings (the BLAS
@@ -91,6 +92,50 @@ def test_errstate_raise_reports_the_error_a_whole_array_add_reports(one_worker):
     with np.errstate(all="raise"), pytest.raises(FloatingPointError) as parts:
         add(a, b)
     assert str(parts.value) == str(whole.value) == "overflow encountered in add"
+
+
+def test_the_callers_rounding_mode_holds_in_every_part(tmp_path):
+    """fesetround() is per thread. Under FE_UPWARD in the caller, 1 + 1e-8 rounds up to the next
+    float32 for every element of `a + b`; in parts only the caller's part does, the worker's part
+    rounds to nearest (1.0): the bits depend on the worker count."""
+    r = run_child(tmp_path, r'''
+        libm = ctypes.CDLL("libm.so.6")
+        x, y = np.ones(N, np.float32), np.full(N, 1e-8, np.float32)
+        g = np.ones(N, np.float32)
+        add(x, y); activation.relu_backward(g, x)          # the worker thread exists
+        FE_UPWARD = 0x800                                    # x86
+        assert libm.fesetround(FE_UPWARD) == 0
+        try:
+            whole, parts = x + y, add(x, y)
+        finally:
+            libm.fesetround(0)
+        emit(whole_rounded_up=int(np.count_nonzero(whole != 1)), parts_rounded_up=int(np.count_nonzero(parts != 1)))
+    ''', name="rounding")
+    assert r["whole_rounded_up"] == N, r
+    assert r["parts_rounded_up"] == r["whole_rounded_up"], r
+
+
+def test_the_callers_flush_to_zero_holds_in_every_part(tmp_path):
+    """Flush-to-zero / denormals-are-zero (MXCSR, per thread; set for instance by a library built
+    with -ffast-math when it is loaded): `a + b` of subnormals is all zeros in the caller's thread,
+    but the worker part, whose MXCSR is its own, keeps the subnormal sums."""
+    r = run_child(tmp_path, r'''
+        libm = ctypes.CDLL("libm.so.6")
+        sub = np.full(N, 1e-39, np.float32)                  # subnormal
+        add(sub, sub)                                         # the worker thread exists, MXCSR default
+        env = ctypes.create_string_buffer(64)
+        assert libm.fegetenv(env) == 0
+        saved = env.raw
+        mxcsr = int.from_bytes(saved[28:32], "little") | 0x8040   # FTZ | DAZ (x86-64 fenv_t)
+        assert libm.fesetenv(ctypes.create_string_buffer(saved[:28] + mxcsr.to_bytes(4, "little") + saved[32:], 64)) == 0
+        try:
+            whole, parts = sub + sub, add(sub, sub)
+        finally:
+            libm.fesetenv(ctypes.create_string_buffer(saved, 64))
+        emit(whole_nonzero=int(np.count_nonzero(whole)), parts_nonzero=int(np.count_nonzero(parts)))
+    ''', name="ftz")
+    assert r["whole_nonzero"] == 0, r
+    assert r["parts_nonzero"] == 0, r
 
 
 def test_an_errcall_callback_that_runs_an_op_does_not_hang(tmp_path):

@@ -64,7 +64,7 @@ import threading
 
 import numpy as np
 
-from .. import blas
+from .. import blas, fpenv
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
@@ -506,9 +506,11 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     workers = threads[:len(parts) - 1]
     tickets = [worker.ticket for worker in workers]
     results, error = [], None
+    env = fpenv.current()  # the caller's rounding mode and flush-to-zero hold in every part
+    in_callers_env = function if env is None else (lambda part: fpenv.run_in(env, function, part))
     try:  # an interrupt between the hand-overs, too, waits for the parts handed over
         for worker, part in zip(workers, parts[1:]):
-            worker.submit(function, part)
+            worker.submit(in_callers_env, part)
         results.append(function(parts[0]))
     except BaseException as caught:
         error = caught
