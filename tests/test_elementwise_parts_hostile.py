@@ -52,6 +52,33 @@ def add(a, b):
 
 def bits(a):
     return np.ascontiguousarray(a).view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+def interrupted_at(function_name, line_start, call):
+    """call() with a KeyboardInterrupt raised at the first line of a function named `function_name`
+    whose code starts with `line_start`, where a signal handler's exception could arrive ->
+    (whether it fired, whether call() was interrupted)."""
+    import linecache
+    state = {"fired": False}
+
+    def local(frame, event, arg):
+        if event == "line" and not state["fired"]:
+            if linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith(line_start):
+                state["fired"] = True
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_name == function_name else None
+
+    sys.settrace(tracer)
+    try:
+        call()
+        return state["fired"], False
+    except KeyboardInterrupt:
+        return state["fired"], True
+    finally:
+        sys.settrace(None)
 '''
 
 
@@ -170,27 +197,8 @@ def test_ctrl_c_right_after_the_region_lock_is_taken_leaves_it_free(tmp_path):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         a = np.linspace(-1, 1, N, dtype=np.float32)
         expected = a + a
-        state = {"fired": False}
-
-        def local(frame, event, arg):
-            import linecache
-            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
-            if event == "line" and not state["fired"] and "self.owner = threading.get_ident()" in line:
-                state["fired"] = True   # the line after self._lock.acquire(): the lock is taken
-                raise KeyboardInterrupt
-            return local
-
-        def tracer(frame, event, arg):
-            return local if frame.f_code.co_name == "__enter__" and "_lock" in frame.f_code.co_names else None
-
-        sys.settrace(tracer)
-        try:
-            add(a, a)
-            interrupted = False
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            sys.settrace(None)
+        # the line after self._lock.acquire(): the lock is taken
+        fired, interrupted = interrupted_at("__enter__", "self.owner = threading.get_ident()", lambda: add(a, a))
         locked = cpu_plan._region_lock.locked()
         done = threading.Event()
         result = {}
@@ -200,7 +208,7 @@ def test_ctrl_c_right_after_the_region_lock_is_taken_leaves_it_free(tmp_path):
             done.set()
 
         threading.Thread(target=again, daemon=True).start()
-        emit(fired=state["fired"], interrupted=interrupted, locked_after=locked, finished=done.wait(5),
+        emit(fired=fired, interrupted=interrupted, locked_after=locked, finished=done.wait(5),
              ok=result.get("ok"))
     ''', name="ctrl_c_enter")
     assert r["fired"] and r["interrupted"], r
@@ -221,28 +229,8 @@ def test_ctrl_c_inside_the_blas_switch_restores_the_blas_thread_count(tmp_path, 
         blas.set_num_threads(2)
         before = blas.get_num_threads()
         a = np.linspace(-1, 1, N, dtype=np.float32)
-        state = {"fired": False}
-
-        def local(frame, event, arg):
-            if event == "line" and not state["fired"]:
-                import linecache
-                if LINE in linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().split("(")[0]:
-                    state["fired"] = True
-                    raise KeyboardInterrupt
-            return local
-
-        def tracer(frame, event, arg):
-            return local if frame.f_code.co_name == "num_threads" else None
-
-        sys.settrace(tracer)
-        try:
-            add(a, a)
-            interrupted = False
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            sys.settrace(None)
-        emit(skip=False, fired=state["fired"], interrupted=interrupted, before=before, after=blas.get_num_threads(),
+        fired, interrupted = interrupted_at("num_threads", LINE, lambda: add(a, a))
+        emit(skip=False, fired=fired, interrupted=interrupted, before=before, after=blas.get_num_threads(),
              lock_free=not cpu_plan._region_lock.locked())
     ''', name="ctrl_c_blas")
     if r["skip"]:

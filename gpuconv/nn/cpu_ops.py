@@ -725,8 +725,6 @@ class LinearOp(Op):
         return dx
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # chains of ops, and a residual block: two chains whose outputs are added
 
@@ -756,7 +754,7 @@ def mark_owned_gradients(ops, owned):
 class ResidualOp(Op):
     """A residual block, post(body(x) + shortcut(x)): three chains of ops (shortcut empty for the
     identity, post empty for nothing after the add, else e.g. a ReLU), lowered from a block's
-    layers (cpu_plan.residual_parts). Its ops keep their keys apart by their `index`, renamed under
+    layers as cpu_plan.RESIDUALS lists them. Its ops keep their keys apart by their `index`, renamed under
     this op's (`rename`).
 
     Forward: the body, then the shortcut, both from x (neither writes into x); the sum goes into the
@@ -768,9 +766,7 @@ class ResidualOp(Op):
 
     def __init__(self, index, body, shortcut, post):
         self.index, self.body, self.shortcut, self.post = index, body, shortcut, post
-        for name, chain in (("body", body), ("shortcut", shortcut), ("post", post)):
-            for op in chain:
-                op.rename((index, name))
+        self._rename_branches(index)
         if post and isinstance(post[0], ActivationOp):
             post[0].in_place = True  # the sum is this block's own buffer, read by nothing else
         last = body[-1] if body else None
@@ -783,6 +779,9 @@ class ResidualOp(Op):
 
     def rename(self, prefix):
         super().rename(prefix)
+        self._rename_branches(prefix)
+
+    def _rename_branches(self, prefix):
         for name, chain in (("body", self.body), ("shortcut", self.shortcut), ("post", self.post)):
             for op in chain:
                 op.rename((prefix, name))
