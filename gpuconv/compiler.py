@@ -8,7 +8,8 @@
 Where the executor can lower the whole model (a chain of the layers in cpu_plan.LOWERINGS) and the
 batch is a float32 NumPy array, the forward runs as one plan and is recorded on the tape as one
 Function (PlanFunction) whose inputs are x and the model's parameters; residual blocks (nn.Residual,
-the zoo's BasicBlock) are steps it lowers too, as one op with two branches. A chain it can lower in
+the zoo's BasicBlock) are steps it lowers too, as one op with two branches, and so are branches
+concatenated along the channels (nn.Concat), one op with a branch per block of channels. A chain it can lower in
 part (a BatchNorm2d in training mode, an LPPool2d, a Dropout in training or a module with its own
 forward between lowerable layers) is split into segments: each run of lowerable layers that holds a conv fused
 with its pool runs as a plan of its own (its own PlanFunction, whose input may need a gradient),

@@ -751,60 +751,26 @@ def mark_owned_gradients(ops, owned):
         owned = owned or not isinstance(op, (FlattenOp, IdentityOp))
 
 
-class ResidualOp(Op):
-    """A residual block, post(body(x) + shortcut(x)): three chains of ops (shortcut empty for the
-    identity, post empty for nothing after the add, else e.g. a ReLU), lowered from a block's
-    layers as cpu_plan.RESIDUALS lists them. Its ops keep their keys apart by their `index`, renamed under
-    this op's (`rename`).
+class BranchingOp(Op):
+    """An op made of chains of ops (ResidualOp, ConcatOp): what the plan asks of every op, gathered
+    from the chains'. Their ops keep their keys apart by their `index`, renamed under this op's
+    and their chain's name (`rename`)."""
 
-    Forward: the body, then the shortcut, both from x (neither writes into x); the sum goes into the
-    body's last output when nothing reads that again (a batch norm's or a conv's own buffer), else
-    into a buffer of its own, and post runs in place on it. Backward: post, then the body and the
-    shortcut from the same gradient, which neither may overwrite (their last op does not own it);
-    dx is their sum, as the reference adds x's two gradients (two terms: either order gives the
-    same float32 bits)."""
-
-    def __init__(self, index, body, shortcut, post):
-        self.index, self.body, self.shortcut, self.post = index, body, shortcut, post
-        self._rename_branches(index)
-        if post and isinstance(post[0], ActivationOp):
-            post[0].in_place = True  # the sum is this block's own buffer, read by nothing else
-        last = body[-1] if body else None
-        self.add_in_place = isinstance(last, (BatchNormEvalOp, LinearOp)) or (
-            isinstance(last, ConvOp) and last.pool is None)
-        self.needs_own_output = bool(post) and post[-1].needs_own_output
+    def chains(self):
+        """(name, chain of ops) of each chain, in the order they run in the forward."""
+        raise NotImplementedError
 
     def ops(self):
-        return self.body + self.shortcut + self.post
+        return [op for _, chain in self.chains() for op in chain]
 
     def rename(self, prefix):
         super().rename(prefix)
-        self._rename_branches(prefix)
+        self._rename_chains(prefix)
 
-    def _rename_branches(self, prefix):
-        for name, chain in (("body", self.body), ("shortcut", self.shortcut), ("post", self.post)):
+    def _rename_chains(self, prefix):
+        for name, chain in self.chains():
             for op in chain:
                 op.rename((prefix, name))
-
-    def setup(self, shape):
-        if not self.body:
-            raise Unsupported("residual block without a body")
-        self.in_shape = tuple(shape)
-        out = setup_chain(self.body, shape)
-        other = setup_chain(self.shortcut, shape)
-        if other != out:
-            raise Unsupported(f"residual branches of different shapes {out} and {other}")
-        mark_owned_gradients(self.body, False)  # both branches read the same gradient
-        mark_owned_gradients(self.shortcut, False)
-        return setup_chain(self.post, out)
-
-    @property
-    def owns_dy(self):
-        return bool(self.post) and self.post[-1].owns_dy
-
-    @owns_dy.setter
-    def owns_dy(self, owned):
-        mark_owned_gradients(self.post, owned)
 
     def params(self):
         return [p for op in self.ops() for p in op.params()]
@@ -830,6 +796,62 @@ class ResidualOp(Op):
                 op.override = None if arrays is None else tuple(arrays[at:at + count])
                 at += count
 
+    @staticmethod
+    def chain_backward(chain, chunk, dy, need_dx, grads, scratch):
+        for position in range(len(chain) - 1, -1, -1):
+            dy = chain[position].backward(chunk, dy, need_dx or position > 0, grads, scratch)
+        return dy
+
+
+def owns_output(op):
+    """Whether an op's output is a buffer of its own that its backward does not read (the next op
+    may then write into it: an add, an activation in place)."""
+    return isinstance(op, (BatchNormEvalOp, LinearOp, ConcatOp)) or (isinstance(op, ConvOp) and op.pool is None)
+
+
+class ResidualOp(BranchingOp):
+    """A residual block, post(body(x) + shortcut(x)): three chains of ops (shortcut empty for the
+    identity, post empty for nothing after the add, else e.g. a ReLU), lowered from a block's
+    layers as cpu_plan.RESIDUALS lists them.
+
+    Forward: the body, then the shortcut, both from x (neither writes into x); the sum goes into the
+    body's last output when nothing reads that again (a batch norm's or a conv's own buffer), else
+    into a buffer of its own, and post runs in place on it. Backward: post, then the body and the
+    shortcut from the same gradient, which neither may overwrite (their last op does not own it);
+    dx is their sum, as the reference adds x's two gradients (two terms: either order gives the
+    same float32 bits)."""
+
+    def __init__(self, index, body, shortcut, post):
+        self.index, self.body, self.shortcut, self.post = index, body, shortcut, post
+        self._rename_chains(index)
+        if post and isinstance(post[0], ActivationOp):
+            post[0].in_place = True  # the sum is this block's own buffer, read by nothing else
+        self.add_in_place = bool(body) and owns_output(body[-1])
+        self.needs_own_output = bool(post) and post[-1].needs_own_output
+
+    def chains(self):
+        return (("body", self.body), ("shortcut", self.shortcut), ("post", self.post))
+
+    def setup(self, shape):
+        if not self.body:
+            raise Unsupported("residual block without a body")
+        self.in_shape = tuple(shape)
+        out = setup_chain(self.body, shape)
+        other = setup_chain(self.shortcut, shape)
+        if other != out:
+            raise Unsupported(f"residual branches of different shapes {out} and {other}")
+        mark_owned_gradients(self.body, False)  # both branches read the same gradient
+        mark_owned_gradients(self.shortcut, False)
+        return setup_chain(self.post, out)
+
+    @property
+    def owns_dy(self):
+        return bool(self.post) and self.post[-1].owns_dy
+
+    @owns_dy.setter
+    def owns_dy(self, owned):
+        mark_owned_gradients(self.post, owned)
+
     def forward(self, chunk, x, scratch):
         h = x
         for op in self.body:
@@ -844,15 +866,74 @@ class ResidualOp(Op):
         return total
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
-        for op in reversed(self.post):
-            dy = op.backward(chunk, dy, True, grads, scratch)
-        branches = []
-        for chain in (self.body, self.shortcut):
-            d = dy
-            for position in range(len(chain) - 1, -1, -1):
-                d = chain[position].backward(chunk, d, need_dx or position > 0, grads, scratch)
-            branches.append(d)
+        dy = self.chain_backward(self.post, chunk, dy, True, grads, scratch)
+        body = self.chain_backward(self.body, chunk, dy, need_dx, grads, scratch)
+        shortcut = self.chain_backward(self.shortcut, chunk, dy, need_dx, grads, scratch)
         if not need_dx:
             return None
         dx = buffer(scratch, (self.index, "dx"), self.in_shape + (chunk.n,))
-        return np.add(branches[0], branches[1], out=dx)
+        return np.add(body, shortcut, out=dx)
+
+
+class ConcatOp(BranchingOp):
+    """Branches side by side on one input, their outputs concatenated along the channels (or the
+    features of a flat input): one chain of ops per branch (empty for the identity), lowered from
+    an nn.Concat with dim=1.
+
+    The layout makes this cheap: the channels are the outermost axis of [C, H, W, n] (features of
+    [F, n]), so branch i's output is one contiguous block of the output, channels c_i .. c_i+1,
+    and its part of the output gradient is a contiguous view of dy. Forward: every branch from x
+    (none writes into x), each copied into its block of this op's own buffer. Backward: each branch
+    from its block of dy (a branch's last op may write into its block only when this op owns dy:
+    the blocks do not overlap); dx is the branches' input gradients summed in branch order (the
+    reference's autograd adds them in the order its graph reaches them: with three branches or more
+    the float32 sums may differ in the last bits)."""
+
+    def __init__(self, index, branches):
+        self.index, self.branches, self._owns_dy = index, branches, False
+        self._rename_chains(index)
+
+    def chains(self):
+        return tuple((position, chain) for position, chain in enumerate(self.branches))
+
+    def setup(self, shape):
+        if not self.branches:
+            raise Unsupported("Concat without branches")
+        self.in_shape = tuple(shape)
+        outs = [setup_chain(chain, shape) for chain in self.branches]
+        if any(len(out) != len(outs[0]) or out[1:] != outs[0][1:] for out in outs):
+            raise Unsupported(f"Concat branches of shapes {outs}: they differ beyond the channels")
+        edges = np.cumsum([0] + [out[0] for out in outs]).tolist()
+        self.blocks = [slice(first, last) for first, last in zip(edges, edges[1:])]
+        self.out_shape = (edges[-1],) + tuple(outs[0][1:])
+        return self.out_shape
+
+    @property
+    def owns_dy(self):
+        return self._owns_dy
+
+    @owns_dy.setter
+    def owns_dy(self, owned):
+        self._owns_dy = owned
+        for chain in self.branches:
+            mark_owned_gradients(chain, owned)
+
+    def forward(self, chunk, x, scratch):
+        out = buffer(chunk.store, (self.index, "out"), self.out_shape + (chunk.n,))
+        for block, chain in zip(self.blocks, self.branches):
+            h = x
+            for op in chain:
+                h = op.forward(chunk, h, scratch)
+            np.copyto(out[block], h)
+        return out
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        dx = buffer(scratch, (self.index, "dx"), self.in_shape + (chunk.n,)) if need_dx else None
+        for position, (block, chain) in enumerate(zip(self.blocks, self.branches)):
+            d = self.chain_backward(chain, chunk, dy[block], need_dx, grads, scratch)
+            if need_dx:
+                if position == 0:
+                    np.copyto(dx, d)
+                else:
+                    dx += d
+        return dx

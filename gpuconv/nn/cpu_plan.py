@@ -3,9 +3,10 @@
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
 Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
-BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity, and residual
+BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity, residual
 blocks of those (`RESIDUALS`: nn.Residual, the zoo's BasicBlock with its ShortcutA), each one op
-with two branches), the whole chain runs here as one autograd Function. A chain lowerable in part
+with two branches, and nn.Concat along the channels, one op with a branch per block of channels),
+the whole chain runs here as one autograd Function. A chain lowerable in part
 runs its runs of lowerable layers here (each a plan of its own, where worth it, see
 compiler._worth_a_plan) and the rest eagerly; anything else runs eagerly, op by op, which stays
 the reference. Gradients match that reference to float32 rounding. This module plans and runs (lowering, fusion, chunks, threads); the per-layer
@@ -68,9 +69,10 @@ from .. import blas, fpenv
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
-from .sequential import Residual, Sequential
-from .cpu_ops import (ActivationOp, BatchNormEvalOp, Chunk, ConvOp, FlattenOp, GlobalAvgPoolOp, IdentityOp,
-                      LinearOp, PoolOp, ResidualOp, Unsupported, mark_owned_gradients, setup_chain)
+from .sequential import Concat, Residual, Sequential
+from .cpu_ops import (ActivationOp, BatchNormEvalOp, BranchingOp, Chunk, ConcatOp, ConvOp, FlattenOp, GlobalAvgPoolOp,
+                      IdentityOp, LinearOp, PoolOp, ResidualOp, Unsupported, mark_owned_gradients, owns_output,
+                      setup_chain)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -199,7 +201,8 @@ def unlowerable(layer):
     shape it cannot take (_Plan.prepare then returns False)."""
     lowering = LOWERINGS.get(type(layer))
     if lowering is None:
-        hint = "; a residual connection written as nn.Residual lowers" if layer.children() else ""
+        hint = ("; a residual connection written as nn.Residual lowers, and branches concatenated as nn.Concat"
+                if layer.children() else "")
         return f"{type(layer).__name__} (its forward is Python the executor cannot lower{hint})"
     try:
         lowering([layer], 0, [])  # the lowering's own checks of the configuration, on the layer alone
@@ -233,9 +236,9 @@ def _layer_signature(layer):
                 layer.num_features, layer.weight is None, id(layer.weight), id(layer.bias))
     if kind is L.AdaptiveAvgPool2d:
         return (id(layer), kind, layer.output_size)
-    if kind in RESIDUALS:  # its layers (which may be replaced after compile), branch by branch
-        return (id(layer), kind) + tuple(tuple(_layer_signature(part) for part in branch)
-                                         for branch in RESIDUALS[kind](layer))
+    if kind in RESIDUALS or kind is Concat:  # its layers (which may be replaced after compile), branch by branch
+        return (id(layer), kind, getattr(layer, "dim", None)) + tuple(
+            tuple(_layer_signature(part) for part in branch) for branch in branches_of(layer))
     # another kind (a ReLU, a layer a model registers): its plain hyper-parameters
     settings = tuple(sorted((name, value) for name, value in vars(layer).items()
                             if name != "training" and isinstance(value, (bool, int, float, str, tuple, type(None)))))
@@ -246,7 +249,7 @@ def fused_conv_pools(layers):
     """How many Conv2d of `layers` (each lowerable), residual blocks' included, the lowering fuses
     with a following [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
     def count(ops):
-        return sum(count(op.ops()) if isinstance(op, ResidualOp) else isinstance(op, ConvOp) and op.pool is not None
+        return sum(count(op.ops()) if isinstance(op, BranchingOp) else isinstance(op, ConvOp) and op.pool is not None
                    for op in ops)
     return count(_lower_chain(layers))
 
@@ -315,7 +318,7 @@ def _lower_adaptive_avg_pool(layers, index, ops):
 @lowers(L.ReLU, L.Tanh, L.Sigmoid)
 def _lower_activation(layers, index, ops):
     # In place when nothing reads the previous output again (conv without pool, linear, eval batch norm).
-    in_place = bool(ops) and not ops[-1].needs_own_output and isinstance(ops[-1], (ConvOp, LinearOp, BatchNormEvalOp))
+    in_place = bool(ops) and not ops[-1].needs_own_output and owns_output(ops[-1])
     ops.append(ActivationOp(layers[index], index, in_place))
     return 1
 
@@ -366,6 +369,22 @@ def _lower_residual(layers, index, ops):
 lowers_residual(Residual, lambda block: (
     steps(block.body), [] if block.shortcut is None else steps(block.shortcut),
     [] if block.activation is None else steps(block.activation)))
+
+
+@lowers(Concat)
+def _lower_concat(layers, index, ops):
+    layer = layers[index]
+    if layer.dim != 1:
+        raise Unsupported(f"Concat along dim {layer.dim} (the executor concatenates channels: dim=1)")
+    ops.append(ConcatOp(index, [_lower_chain(branch) for branch in branches_of(layer)]))
+    return 1
+
+
+def branches_of(layer):
+    """The layers of each branch of a residual block (body, shortcut, post) or of an nn.Concat."""
+    if type(layer) is Concat:
+        return [steps(branch) for branch in layer]
+    return RESIDUALS[type(layer)](layer)
 
 
 def _lower_chain(layers):

@@ -41,7 +41,7 @@ import numpy as np
 from ..errors import WorkerError
 from . import layers as L
 from .module import Parameter
-from .sequential import Residual, Sequential
+from .sequential import Concat, Residual, Sequential
 
 ALIGN = 64
 
@@ -92,13 +92,15 @@ def describe(layer, index_of=None):
     """A JSON-able description of `layer`; index_of (id(Parameter) -> its index in the arena) adds
     which parameters it uses: a parameter shared by layers (or a layer used twice) stays one. A
     residual block (cpu_plan.RESIDUALS) is described by its branches' layers and rebuilt as an
-    nn.Residual, which lowers to the same ops."""
-    from .cpu_plan import RESIDUALS
+    nn.Residual, which lowers to the same ops; an nn.Concat by its branches' layers and its dim."""
+    from .cpu_plan import RESIDUALS, branches_of
     kind = type(layer)
     spec = {"kind": kind.__name__, "training": layer.training}
-    if kind in RESIDUALS:
-        spec.update(kind="Residual", branches=[[describe(part, index_of) for part in branch]
-                                               for branch in RESIDUALS[kind](layer)])
+    if kind in RESIDUALS or kind is Concat:
+        spec.update(kind="Concat" if kind is Concat else "Residual",
+                    branches=[[describe(part, index_of) for part in branch] for branch in branches_of(layer)])
+        if kind is Concat:
+            spec["dim"] = layer.dim
         return spec
     if kind is L.Conv2d:
         o, c, kh, kw = layer.weight.data.shape
@@ -133,6 +135,11 @@ def build(spec, params=None):
         layer = Residual(Sequential(*body), Sequential(*shortcut) if shortcut else None,
                          Sequential(*post) if post else None)
         layer.training = spec["training"]  # its layers keep their own modes (a frozen BatchNorm in a training block)
+        return layer
+    if spec["kind"] == "Concat":
+        layer = Concat(*(Sequential(*(build(part, params) for part in branch)) for branch in spec["branches"]),
+                       dim=spec["dim"])
+        layer.training = spec["training"]
         return layer
     if spec["kind"] in _MORE_KINDS:
         layer = _MORE_KINDS[spec["kind"]][2](spec["settings"])

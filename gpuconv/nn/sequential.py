@@ -1,7 +1,9 @@
-"""Containers: Sequential (a chain, run in order), ModuleList (modules a forward indexes) and
-Residual (a residual connection: activation(body(x) + shortcut(x)))."""
+"""Containers: Sequential (a chain, run in order), ModuleList (modules a forward indexes),
+Residual (a residual connection: activation(body(x) + shortcut(x))) and Concat (branches side by
+side on one input, their outputs concatenated)."""
 import math
 
+from ..errors import ShapeError
 from .module import Module
 
 
@@ -169,3 +171,55 @@ class Residual(Module):
         if self.activation is not None:
             total += _flops_and_shape(self.activation, added)[0]
         return total
+
+
+class Concat(ModuleList):
+    """cat([branch(x) for branch in branches], dim): branches side by side on one input, their
+    outputs concatenated, by default along the channels (an Inception module; DenseNet's
+    concatenation of x with f(x) takes nn.Identity() as one branch).
+
+    The same as a forward written in Python (`gpuconv.cat([a(x), b(x)], dim=1)`), but
+    gpuconv.compile can lower this one into the CPU executor when dim is 1 (a Python forward runs
+    eagerly, op by op): each branch becomes a chain of one plan op that writes its own channels of
+    the output. Branches are named "0", "1", ... (state_dict keys `0.weight`, `1.0.weight`, ...).
+    Their outputs must agree in every dimension but `dim`."""
+
+    def __init__(self, *branches, dim=1):
+        if not branches:
+            raise TypeError("Concat: expected at least one branch, got none")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"Concat: dim must be an int, got {type(dim).__name__}")
+        for position, branch in enumerate(branches):
+            if not isinstance(branch, Module):
+                raise TypeError(f"Concat: branch {position} must be a gpuconv.nn.Module, got {type(branch).__name__}")
+        super().__init__(branches)
+        self.dim = dim
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Concat(*list(self)[index], dim=self.dim)
+        return super().__getitem__(index)
+
+    def forward(self, x):
+        from ..autograd import cat
+        return cat([branch(x) for branch in self], dim=self.dim)
+
+    def _branch_shapes(self, input_shape):
+        """(FLOPs, output shape) of each branch, and the concatenated shape."""
+        results = [_flops_and_shape(branch, tuple(input_shape)) for branch in self]
+        shapes = [shape for _, shape in results]
+        dim = self.dim % len(shapes[0]) if shapes[0] else 0
+        for position, shape in enumerate(shapes):
+            if len(shape) != len(shapes[0]) or any(a != b for axis, (a, b) in enumerate(zip(shape, shapes[0]))
+                                                   if axis != dim):
+                raise ShapeError(f"Concat: branch {position} gives shape {shape}, branch 0 {shapes[0]}: "
+                                 f"expected them equal but for dim {self.dim}")
+        out = list(shapes[0])
+        out[dim] = sum(shape[dim] for shape in shapes)
+        return results, tuple(out)
+
+    def output_shape(self, input_shape):
+        return self._branch_shapes(input_shape)[1]
+
+    def flops(self, input_shape, output_shape):
+        return sum(flops for flops, _ in self._branch_shapes(input_shape)[0])
