@@ -355,8 +355,8 @@ def _run_backward(root, grad, retain_graph):
             elif creator is not None:
                 if g.dtype != creator.dtype:
                     g = g.astype(creator.dtype)
-                if creator in pending:
-                    pending[creator] = pending[creator] + g
+                if creator in pending:  # a tensor read twice (a residual block's input): its gradients' sum
+                    pending[creator] = _add(pending[creator], g)
                 else:
                     pending[creator] = g
                 if creator not in queued:
@@ -380,13 +380,18 @@ def sum_to(array, shape):
     return out.reshape(shape) if lead else out
 
 
+def _add(a, b):
+    """a + b, a new array; two large float32 NumPy arrays of one shape (a residual add, the sum of
+    a block input's two gradients) in parts over the cores, with the same bits."""
+    if cpu_parts.elementwise_in_parts(a, b) and a.dtype == np.float32:
+        return cpu_parts.elementwise(np.add, a, b)
+    return a + b
+
+
 class Add(Function):
     def forward(self, a, b):
         self.shapes = (a.shape, b.shape)
-        # a residual add of two large float32 activations: in parts over the cores, same bits
-        if cpu_parts.elementwise_in_parts(a, b) and a.dtype == np.float32:
-            return cpu_parts.elementwise(np.add, a, b)
-        return a + b
+        return _add(a, b)
 
     def backward(self, g):
         return sum_to(g, self.shapes[0]), sum_to(g, self.shapes[1])

@@ -208,6 +208,20 @@ def test_tensor_add_and_its_gradient(small_threshold, regions):
     assert np.array_equal(a.grad, np.ones_like(a.data)) and np.array_equal(b.grad, np.ones_like(b.data))
 
 
+def test_the_gradients_of_a_tensor_read_twice_are_summed_in_parts(workers, small_threshold, regions):
+    """A residual block's input feeds two branches: autograd sums its two gradients, and a large
+    float32 sum runs in parts with a + b's bits."""
+    rng = np.random.default_rng(8)
+    x = gpuconv.tensor(rng.standard_normal((16, 4, 16, 16)).astype(np.float32), requires_grad=True)
+    h = x * 1.0  # not a leaf: its gradients meet in autograd's pending sums
+    g1, g2 = (rng.standard_normal((16, 4, 16, 16)).astype(np.float32) for _ in range(2))
+    out = (h * gpuconv.tensor(g1)).sum() + (h * gpuconv.tensor(g2)).sum()
+    regions[0] = 0
+    out.backward()
+    assert regions[0] == 1  # the sum of h's two gradients (the products and sums run whole)
+    same_bits(x.grad, (g1 + g2) * np.float32(1))
+
+
 def test_the_callers_floating_point_error_handling_holds_in_every_part(workers, small_threshold):
     a = np.ones(4 * MIN_ELEMENTS, np.float32)
     a[-1] = 3e38  # in the last part: a worker's, where there is one
