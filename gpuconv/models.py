@@ -1,4 +1,5 @@
-"""The model zoo: LeNet5, SimpleCNN and the CIFAR-style ResNets of He et al. 2016 (resnet8, resnet20, ...).
+"""The model zoo: LeNet5, SimpleCNN, the CIFAR-style ResNets of He et al. 2016 (resnet8, resnet20, ...)
+and InceptionNet, a small GoogLeNet whose blocks are nn.Concat branches.
 
 Every model is an nn.Sequential of named children (so `summary()` prints its layer table and
 `show` can take feature maps after a named child), written with forward() only; autograd gives the
@@ -297,7 +298,54 @@ def resnet(depth):
 
 resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110 = (resnet(d) for d in (8, 14, 20, 32, 44, 56, 110))
 RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
-MODELS = ("lenet5", "simplecnn") + tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+
+
+class InceptionNet(nn.Sequential):
+    """A small GoogLeNet (Szegedy et al. 2015) for 28-32 pixel images: conv 3x3 (32) -> ReLU -> max
+    pool 2, two Inception blocks, max pool 2, a third block, global average pool, Linear.
+
+    A block is an nn.Concat of three branches on one input, each conv followed by a ReLU: 1x1 |
+    1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3 (the 5x5 branch as two 3x3, as Inception v2 writes it); the
+    1x1 convs before the 3x3 reduce the channels they read, the block's parameter saving. Left out
+    of GoogLeNet: the fourth branch (a 3x3 max pool of stride 1, then 1x1) and batch norm, so that
+    the whole model lowers into the CPU executor in training too (gpuconv.compile). Block widths
+    (1x1, 3x3 reduce, 3x3, double-3x3 reduce, double-3x3): (16, 16, 24, 8, 8) -> 48 channels,
+    (24, 24, 32, 8, 16) -> 72, (32, 32, 48, 16, 16) -> 96."""
+
+    BLOCKS = ((16, 16, 24, 8, 8), (24, 24, 32, 8, 16), (32, 32, 48, 16, 16))
+
+    def __init__(self, in_channels=3, num_classes=10, image_size=32, seed=0, dtype=np.float32):
+        _check_positive_int(in_channels, "in_channels", "InceptionNet")
+        if _check_positive_int(image_size, "image_size", "InceptionNet") < 4:
+            raise ArgumentError(f"InceptionNet: two pools of 2 leave nothing of a {image_size}-pixel image")
+        rng = np.random.default_rng(seed)
+        super().__init__()
+        self.add("conv1", nn.Conv2d(in_channels, 32, 3, padding=1, rng=rng, dtype=dtype))
+        self.add("relu1", nn.ReLU())
+        self.add("pool1", nn.MaxPool2d(2))
+        channels = 32
+        for index, widths in enumerate(self.BLOCKS, 1):
+            self.add(f"inception{index}", self._block(channels, widths, rng, dtype))
+            channels = widths[0] + widths[2] + widths[4]
+            if index == 2:
+                self.add("pool2", nn.MaxPool2d(2))
+        self.add("gap", nn.AdaptiveAvgPool2d(1))
+        self.add("flatten", nn.Flatten())
+        self.add("fc", nn.Linear(channels, num_classes, init="glorot", rng=rng, dtype=dtype))
+
+    @staticmethod
+    def _block(c, widths, rng, dtype):
+        one, reduce3, three, reduce5, five = widths
+
+        def conv(c_in, c_out, k):
+            return [nn.Conv2d(c_in, c_out, k, padding=k // 2, rng=rng, dtype=dtype), nn.ReLU()]
+
+        return nn.Concat(nn.Sequential(*conv(c, one, 1)),
+                         nn.Sequential(*conv(c, reduce3, 1), *conv(reduce3, three, 3)),
+                         nn.Sequential(*conv(c, reduce5, 1), *conv(reduce5, five, 3), *conv(five, five, 3)))
+
+
+MODELS = ("lenet5", "simplecnn") + tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("inception",)
 
 
 def simplecnn_widths_of(state):
@@ -311,7 +359,8 @@ def simplecnn_widths_of(state):
 
 def build_model(name, in_channels=1, num_classes=10, image_size=28, seed=0, activation="relu", pool="max",
                 dtype=np.float32, widths=None):
-    """The zoo by command-line name: lenet5, simplecnn, resnet8, resnet14, resnet20, ..., resnet110.
+    """The zoo by command-line name: lenet5, simplecnn, resnet8, resnet14, resnet20, ..., resnet110,
+    inception.
     widths: SimpleCNN's block widths (None: its default), for a checkpoint of another shape."""
     if name == "lenet5":
         return LeNet5(activation=activation, pool=pool, num_classes=num_classes, seed=seed, dtype=dtype,
@@ -321,7 +370,10 @@ def build_model(name, in_channels=1, num_classes=10, image_size=28, seed=0, acti
                          **({} if widths is None else dict(widths=widths)))
     if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in RESNET_DEPTHS:
         return ResNet(int(name[6:]), in_channels, num_classes, seed=seed, dtype=dtype)
+    if name == "inception":
+        return InceptionNet(in_channels, num_classes, image_size, seed=seed, dtype=dtype)
     raise ArgumentError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")
 
 
-MODEL_TITLES = {"lenet5": "LeNet-5", "simplecnn": "SimpleCNN"} | {f"resnet{d}": f"ResNet-{d}" for d in RESNET_DEPTHS}
+MODEL_TITLES = ({"lenet5": "LeNet-5", "simplecnn": "SimpleCNN"} | {f"resnet{d}": f"ResNet-{d}" for d in RESNET_DEPTHS}
+                | {"inception": "InceptionNet"})

@@ -275,7 +275,8 @@ def test_proc_status_and_reset_peak():
 
 @pytest.mark.parametrize("model, dataset", [("lenet5", "mnist"), ("lenet5", "cifar10"),
                                             ("simplecnn", "fashion-mnist"), ("resnet8", "cifar10"),
-                                            (f"resnet{RESNET_DEPTHS[2]}", "cifar10")])
+                                            (f"resnet{RESNET_DEPTHS[2]}", "cifar10"), ("inception", "cifar10"),
+                                            ("inception", "mnist")])
 def test_torch_model_matches_gpuconv_on_the_same_weights(model, dataset):
     torch = pytest.importorskip("torch")
     from gpuconv.bench.torch_rows import torch_model_like

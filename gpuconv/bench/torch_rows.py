@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..models import LeNet5, ResNet, SimpleCNN
+from ..models import InceptionNet, LeNet5, ResNet, SimpleCNN
 from . import zoo
 from .rows import ACTS, CONVS, LINEARS, POOLS, random_batch
 
@@ -181,6 +181,21 @@ def _resnet_classes(torch):
     return ShortcutA, BasicBlock
 
 
+def _concat_class(torch):
+    """nn.Concat's twin: torch.cat of the branches' outputs, as an Inception block's forward writes it."""
+    if "concat" not in _CLASSES:
+        class Concat(torch.nn.ModuleList):
+            def __init__(self, branches, dim):
+                super().__init__(branches)
+                self.dim = dim
+
+            def forward(self, x):
+                return torch.cat([branch(x) for branch in self], dim=self.dim)
+
+        _CLASSES["concat"] = Concat
+    return _CLASSES["concat"]
+
+
 def _torch_layer(nn, layer):
     """The PyTorch layer of the same kind and hyper-parameters as a gpuconv layer of the zoo's
     chains, or None for a kind only one model has."""
@@ -201,12 +216,15 @@ def _torch_layer(nn, layer):
 
 
 def _torch_sequential(torch, model):
-    """The PyTorch twin of a ResNet or SimpleCNN: child by child through _torch_layer, each ResNet
-    stage (a Sequential of BasicBlocks) as the same stage of PyTorch BasicBlocks."""
+    """The PyTorch twin of a ResNet, SimpleCNN or InceptionNet: child by child through _torch_layer,
+    each ResNet stage (a Sequential of BasicBlocks) as the same stage of PyTorch BasicBlocks, each
+    nn.Concat as a torch.cat of its branches' twins."""
     nn = torch.nn
     children = []
     for name, layer in model.named_children():
-        if type(layer).__name__ == "Sequential":  # a stage of BasicBlocks
+        if type(layer).__name__ == "Concat":
+            twin = _concat_class(torch)([_torch_sequential(torch, branch) for branch in layer], layer.dim)
+        elif type(layer).__name__ == "Sequential" and isinstance(model, ResNet):  # a stage of BasicBlocks
             _, BasicBlock = _resnet_classes(torch)
             twin = nn.Sequential(OrderedDict(
                 (block_name, BasicBlock(block.conv1.in_channels, block.conv1.out_channels, block.conv1.stride[0]))
@@ -220,8 +238,8 @@ def _torch_sequential(torch, model):
 
 
 def torch_model_like(torch, model):
-    """A PyTorch nn.Module of the same architecture as the gpuconv `model` (LeNet5, SimpleCNN or
-    ResNet), with the same child names, parameter count and shapes, and gpuconv's parameters and
+    """A PyTorch nn.Module of the same architecture as the gpuconv `model` (LeNet5, SimpleCNN,
+    ResNet or InceptionNet), with the same child names, parameter count and shapes, and gpuconv's parameters and
     buffers copied in, on the CPU. Raises AssertionError if the two differ anywhere."""
     if isinstance(model, LeNet5):
         fc1 = model.fc1.weight.data.shape[1]
@@ -229,7 +247,7 @@ def torch_model_like(torch, model):
         image_size = next(s for s in range(12, 4096) if (s // 2 - 4) // 2 == side)
         torch_model = build_lenet(torch, model.conv1.weight.data.shape[1], image_size,
                                   model.fc3.weight.data.shape[0], model.activation, model.pool)
-    elif isinstance(model, (ResNet, SimpleCNN)):
+    elif isinstance(model, (ResNet, SimpleCNN, InceptionNet)):
         torch_model = _torch_sequential(torch, model)
     else:
         raise TypeError(f"no PyTorch equivalent for {type(model).__name__}")
