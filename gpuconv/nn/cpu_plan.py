@@ -246,8 +246,9 @@ def _layer_signature(layer):
 
 
 def fused_conv_pools(layers):
-    """How many Conv2d of `layers` (each lowerable), residual blocks' included, the lowering fuses
-    with a following [ReLU ->] MaxPool2d(k, stride k); shape-free, compiles nothing."""
+    """How many Conv2d of `layers` (each lowerable), those in residual blocks and Concat branches
+    included, the lowering fuses with a following [ReLU ->] MaxPool2d(k, stride k); shape-free,
+    compiles nothing."""
     def count(ops):
         return sum(count(op.ops()) if isinstance(op, BranchingOp) else isinstance(op, ConvOp) and op.pool is not None
                    for op in ops)
@@ -317,7 +318,8 @@ def _lower_adaptive_avg_pool(layers, index, ops):
 
 @lowers(L.ReLU, L.Tanh, L.Sigmoid)
 def _lower_activation(layers, index, ops):
-    # In place when nothing reads the previous output again (conv without pool, linear, eval batch norm).
+    # In place when nothing reads the previous output again (conv without pool, linear, eval batch norm,
+    # a Concat's own buffer: cpu_ops.owns_output).
     in_place = bool(ops) and not ops[-1].needs_own_output and owns_output(ops[-1])
     ops.append(ActivationOp(layers[index], index, in_place))
     return 1
