@@ -5,7 +5,8 @@ library built with -ffast-math sets them when it loads) belong to each thread. A
 running part of an op keeps its own, so with a caller that changed them, the worker's elements
 came out as the default environment gives them, the caller's as the caller's does: bits that
 depend on the worker count. gpuconv.nn.cpu_plan._run_parallel takes the caller's environment and
-runs every worker part in it, restoring the worker's own afterwards.
+runs every worker part in it, restoring the worker's own afterwards; gpuconv.nn.cpu_workers sends
+it (encode/decode) with each part it hands to a worker process, which does the same.
 
 Through C's fegetenv/fesetenv (ctypes, the C library's libm): where they cannot be found, `current()`
 is None and the parts run as they are.
@@ -49,3 +50,18 @@ def run_in(env, function, *args):
         return function(*args)
     finally:
         _functions[1](own)
+
+
+def encode(env):
+    """`env` (from current(), or None) as one word of text, for a worker process's command: the hex
+    of the buffer without its trailing zeros (fegetenv wrote only the start of it), "-" for None."""
+    if env is None:
+        return "-"
+    return env.raw.rstrip(b"\0").hex() or "00"
+
+
+def decode(text):
+    """The environment encode() gave, as a buffer for run_in (None for "-")."""
+    if text == "-":
+        return None
+    return ctypes.create_string_buffer(bytes.fromhex(text).ljust(ENV_BYTES, b"\0"), ENV_BYTES)

@@ -212,16 +212,17 @@ class BatchNorm2dFunction(Function):
     def __init__(self, training, eps):
         self.training, self.eps = training, eps
 
-    def forward(self, x, running_mean, running_var, weight=None, bias=None):
+    def forward(self, x, running_mean, running_var, weight, bias):
+        """weight and bias may each be None (1 and 0)."""
         stats = (None, None) if self.training else (running_mean, running_var)
         y, self.mean, self.var, self.invstd = ops.batch_norm2d(x, weight, bias, *stats, eps=self.eps)
-        self.x, self.weight, self.affine = x, weight, weight is not None
+        self.x, self.weight, self.has_bias = x, weight, bias is not None
         return y
 
     def backward(self, dy):
         dx, dweight, dbias = ops.batch_norm2d_backward(dy, self.x, self.weight, self.mean, self.invstd,
                                                        self.training, need_dx=self.needs_input_grad[0])
-        return (dx, None, None) + ((dweight, dbias) if self.affine else ())
+        return (dx, None, None, None if self.weight is None else dweight, dbias if self.has_bias else None)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -232,8 +233,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if not training and (running_mean is None or running_var is None):
         raise ArgumentError("batch_norm: eval mode needs running_mean and running_var")
     function = BatchNorm2dFunction(training, eps)
-    inputs = (x, running_mean, running_var) + (() if weight is None else (weight, bias))
-    y = function(*inputs)
+    y = function(x, running_mean, running_var, weight, bias)  # each of weight, bias may be None, as in torch
     if training and running_mean is not None and momentum is not None:
         update_running_stats(running_mean, running_var, function.mean, function.var, momentum, as_tensor(x).shape)
     return y

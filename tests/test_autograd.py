@@ -875,6 +875,59 @@ def test_functional_batch_norm_updates_tensor_running_stats():
     np.testing.assert_allclose(rv.data, 0.5 + 0.5 * x.var(axis=(0, 2, 3), ddof=1), rtol=1e-12)
 
 
+# (8, 4, 8, 8) float64: 16 KiB, norm.py's whole-array expressions; (8, 4, 64, 64): 1 MiB, norm_cpu's parts
+BN_SHAPES = [(8, 4, 8, 8), (8, 4, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["small", "1MiB"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_functional_batch_norm_applies_bias_without_weight(shape, training):
+    """torch.nn.functional.batch_norm with weight=None and a bias: y = xhat + bias (weight None
+    means 1), and the bias's gradient is dy summed over N, H, W. The bias was dropped when weight
+    was None."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape) * 2 + 0.5
+    bias = gpuconv.tensor(rng.standard_normal(shape[1]), requires_grad=True)
+    rm, rv = rng.standard_normal(shape[1]) * 0.3, rng.uniform(0.5, 2.0, shape[1])
+    y = F.batch_norm(x, rm.copy(), rv.copy(), None, bias, training=training, eps=1e-5)
+    mean, var = (x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))) if training else (rm, rv)
+    xhat = (x - mean.reshape(1, -1, 1, 1)) / np.sqrt(var.reshape(1, -1, 1, 1) + 1e-5)
+    np.testing.assert_allclose(y.data, xhat + bias.data.reshape(1, -1, 1, 1), rtol=1e-10, atol=1e-12)
+    dy = rng.standard_normal(shape)
+    y.backward(dy)
+    np.testing.assert_allclose(bias.grad, dy.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_functional_batch_norm_gradcheck_with_bias_and_no_weight(training):
+    rng = np.random.default_rng(12)
+    x, bias = rng.standard_normal((3, 2, 3, 3)) + 0.2, rng.standard_normal(2)
+    rm, rv = rng.standard_normal(2) * 0.3, rng.uniform(0.5, 2.0, 2)
+    tensor_gradcheck(lambda x, b: F.batch_norm(x, rm.copy(), rv.copy(), None, b, training=training), [x, bias])
+
+
+@pytest.mark.parametrize("has_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_functional_batch_norm_gradients_for_every_weight_and_bias(has_weight, has_bias, training):
+    """Every combination of weight/bias None: backward gives one gradient per input (autograd
+    checks the count), and the given weight and bias get theirs."""
+    rng = np.random.default_rng(13)
+    x = gpuconv.tensor(rng.standard_normal((3, 2, 3, 3)), requires_grad=True)
+    weight = gpuconv.tensor(rng.uniform(0.5, 1.5, 2), requires_grad=True) if has_weight else None
+    bias = gpuconv.tensor(rng.standard_normal(2), requires_grad=True) if has_bias else None
+    y = F.batch_norm(x, np.zeros(2), np.ones(2), weight, bias, training=training)
+    dy = rng.standard_normal(y.shape)
+    y.backward(dy)
+    xhat = y.data - (0 if bias is None else bias.data.reshape(1, -1, 1, 1))
+    if weight is not None:
+        xhat = xhat / weight.data.reshape(1, -1, 1, 1)
+        np.testing.assert_allclose(weight.grad, (dy * xhat).sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    if bias is not None:
+        np.testing.assert_allclose(bias.grad, dy.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_a_float64_factor_sends_a_float32_gradient_back_into_a_float32_conv():
     conv = nn.Conv2d(1, 2, 3)
     x = np.random.default_rng(6).standard_normal((2, 1, 5, 5)).astype(np.float32)

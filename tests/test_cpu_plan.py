@@ -597,7 +597,7 @@ def test_a_worker_error_of_any_text_reaches_the_caller_whole(monkeypatch):
         os.close(arena), os.close(spec)
         with pytest.raises(WorkerError, match="raised KeyError: '\U0001F600"):
             process.receive(1)
-        process.socket.send(b"F no-such-key 1 0")
+        process.socket.send(b"F no-such-key 1 0 -")  # "-": no floating-point environment
         with pytest.raises(WorkerError, match="raised KeyError: 'no-such-key'"):
             process.receive(1)
     finally:

@@ -6,10 +6,9 @@ Findings fixed in the commit after 3709c5e (the hostile tester's): the error an 
 add reports, an np.errstate callback or warning hook that runs ops (it ran on a region's worker and
 hung), the caller's bufsize in the parts, Ctrl-C right after the region lock's acquire or inside
 blas.num_threads. The caller's rounding mode and flush-to-zero set through C are carried into the worker parts
-since the commit after 64e424d (gpuconv/fpenv.py). One finding is not fixed and its failing test
-stays on branch hostile10 (3709c5e): a fork from a signal handler while its thread is inside a
-region leaves a child that waits for a worker that did not come along (docs/performance.md,
-session 8).
+since the commit after 64e424d (gpuconv/fpenv.py). A fork from a signal handler while its thread
+is inside a region left a child that waited for a worker that did not come along; the child now
+runs that worker's part itself (cpu_plan._Worker.result).
 
 The claims under attack: the bits and errors of one whole-array NumPy call, the caller's
 floating-point settings honoured in the worker parts, no hang, the process's settings (the BLAS
@@ -185,6 +184,46 @@ def test_an_errcall_callback_that_runs_an_op_does_not_hang(tmp_path):
              lock_free=not cpu_plan._region_lock.locked())
     ''', hang_s=10, name="errcall")
     assert r["inf"] and r["lock_free"], r
+
+
+def test_a_fork_in_a_signal_handler_inside_the_threads_region_leaves_a_working_child(tmp_path):
+    """A signal handler that forks while its thread is inside a region (waiting for its worker, or
+    running its own part): the child continues the interrupted add, but the worker thread did not
+    come along. The child's add waited forever for a worker it does not have (3 of 3 children
+    hung before the fix); now it runs the worker's part itself and gets the whole add's bits."""
+    if not hasattr(__import__("os"), "fork"):
+        pytest.skip("no os.fork")
+    r = run_child(tmp_path, r'''
+        a = np.linspace(-1, 1, 4 * N, dtype=np.float32)   # 32 MiB: long regions
+        expected = a + a
+        state = {"child": False, "forks": [], "running": True}
+
+        def handler(signum, frame):
+            if cpu_plan._region_lock.held_here() and len(state["forks"]) < 3:
+                pid = os.fork()
+                if pid == 0:
+                    state["child"] = True
+                    state["running"] = False
+                    return          # the child goes on with the interrupted add
+                state["forks"].append(pid)
+            if state["running"]:
+                signal.setitimer(signal.ITIMER_REAL, 0.003)
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.003)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and len(state["forks"]) < 3:
+            got = add(a, a)
+            if state["child"]:
+                os._exit(0 if got.tobytes() == expected.tobytes() and not cpu_plan._region_lock.locked() else 3)
+        state["running"] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        statuses = [wait_or_kill(pid, 5) for pid in state["forks"]]
+        emit(forks=len(state["forks"]), hung=sum(s is None for s in statuses),
+             failed=sum(s is not None and s != 0 for s in statuses))
+    ''', hang_s=40, name="fork_in_handler")
+    assert r["forks"] >= 1, r
+    assert r["hung"] == 0 and r["failed"] == 0, r
 
 
 def test_ctrl_c_right_after_the_region_lock_is_taken_leaves_it_free(tmp_path):

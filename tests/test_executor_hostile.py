@@ -18,6 +18,9 @@ two compiled runs with the same worker count agree bit for bit (weights compared
 so do processes and threads.
 """
 import os
+import platform
+import sys
+import textwrap
 
 import pytest
 
@@ -1422,3 +1425,77 @@ def test_switching_between_processes_and_threads_between_forward_and_backward(tm
     for label, (close, worst) in r.items():
         if not label.startswith("_"):
             assert close, f"processes {label} between forward and backward: gradients off by {worst:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. the caller's C floating-point environment holds in the workers' parts
+
+# fesetround's FE_UPWARD, which C headers define per architecture
+FE_UPWARD = {"x86_64": 0x800, "AMD64": 0x800, "aarch64": 0x400000, "arm64": 0x400000}.get(platform.machine())
+needs_fe_upward = pytest.mark.skipif(FE_UPWARD is None or not sys.platform.startswith("linux"),
+                                     reason=f"FE_UPWARD of {platform.machine()} not known here (Linux x86-64, aarch64)")
+
+UPWARD_PRELUDE = r'''
+import ctypes
+libm = ctypes.CDLL("libm.so.6")
+
+
+def upward(function, *args):
+    """function(*args) with the caller's rounding mode set to FE_UPWARD (per thread), then nearest."""
+    assert libm.fesetround(FE_UPWARD) == 0
+    try:
+        return function(*args)
+    finally:
+        libm.fesetround(0)
+
+
+def forward(net, x, workers):
+    gpuconv.set_cpu_workers(workers)
+    with gpuconv.no_grad():
+        return net(x).data.copy()
+'''
+
+
+@needs_fe_upward
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_callers_rounding_mode_holds_in_the_workers_parts(tmp_path, kind):
+    """fesetround() is per thread, and a worker process starts with the default mode: under
+    FE_UPWARD in the caller, a compiled LeNet-5's forward with one worker process rounded its
+    part (the second half of the batch) to nearest, and differed from the forward with 0 workers
+    in the same mode. Worker threads have run in the caller's environment since ade344f."""
+    r = run_child(tmp_path, f"FE_UPWARD = {FE_UPWARD}\n" + UPWARD_PRELUDE + textwrap.dedent(r'''
+        model = gpuconv.LeNet5(seed=0)
+        net = gpuconv.compile(model)
+        x, _ = batch(np.random.default_rng(0), 128)
+        assert net.uses_executor(x)
+        forward(net, x, 1)                                   # the worker exists, in the default mode
+        alone, parts = upward(forward, net, x, 0), upward(forward, net, x, 1)
+        nearest = forward(net, x, 1)
+        emit(same=alone.tobytes() == parts.tobytes(),
+             rows_differing=int(np.count_nonzero((alone != parts).any(axis=1))),
+             mode_matters=alone.tobytes() != nearest.tobytes())
+    '''), kind)
+    assert r["mode_matters"], r   # else the comparison below could not fail
+    assert r["same"], r
+
+
+@needs_fe_upward
+@needs_processes
+def test_the_callers_rounding_mode_holds_in_a_worker_process_backward(tmp_path):
+    """The same for a training step's gradients: under FE_UPWARD, worker processes give the bits
+    of worker threads (which run in the caller's environment)."""
+    r = run_child(tmp_path, f"FE_UPWARD = {FE_UPWARD}\n" + UPWARD_PRELUDE + textwrap.dedent(r'''
+        model = gpuconv.LeNet5(seed=0)
+        net = gpuconv.compile(model)
+        x, y = batch(np.random.default_rng(0), 128)
+        out = {}
+        for kind in ("process", "thread"):
+            cpu_plan.processes = kind == "process"
+            grads(model, net, x, y)                          # the worker exists, in the default mode
+            out[kind] = [g.tobytes() for g in upward(grads, model, net, x, y)]
+        nearest = [g.tobytes() for g in grads(model, net, x, y)]
+        emit(same=out["process"] == out["thread"], mode_matters=nearest != out["thread"],
+             differing=[k for k, (a, b) in enumerate(zip(out["process"], out["thread"])) if a != b])
+    '''), None)
+    assert r["mode_matters"], r
+    assert r["same"], r

@@ -78,6 +78,7 @@ MIN_CHUNK = 24          # fewer images than this per part is not worth a worker 
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
 MAX_CHUNK = 128         # a thread runs its share in chunks of at most this many images
 MAX_WORKERS = 7
+FORK_CHECK_SECONDS = 0.05  # a wait for a worker thread looks this often whether it is in a forked child
 processes = True        # parts 1.. in worker processes where cpu_workers.supported(), else threads
 
 _pools = {}             # thread name -> its _Worker threads (created on first use), see _run_parallel
@@ -133,7 +134,8 @@ def _after_fork_in_child():
     """A fork while another thread was in a region: that thread does not exist in the child, which
     would wait for its lock forever and keep its settings (a 1-thread BLAS, a 0.2 ms switch
     interval) for good. The child gets a free lock and the settings from before the region. (A
-    fork from the region's own thread keeps all: that thread leaves the region in the child too.)"""
+    fork from the region's own thread keeps all: that thread leaves the region in the child too,
+    running the parts its worker threads had not finished itself: _Worker.result.)"""
     global _region_lock, _saved_interval
     if _region_lock.locked() and _region_lock.owner != threading.get_ident():
         blas.restore_after_fork()
@@ -466,21 +468,24 @@ class _Worker:
         self.go, self.done = threading.Lock(), threading.Semaphore(0)
         self.go.acquire()
         self.ticket, self.call, self.outcome = 0, None, None
+        self.pid = os.getpid()  # a forked child has this object but not its thread (result())
         threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def _run(self):
+        ticket, function, argument = self.call
+        try:
+            self.outcome = (ticket, True, function(argument))
+        except BaseException as error:  # handed to the caller, raised there
+            self.outcome = (ticket, False, error)
 
     def _loop(self):
         while True:
             self.go.acquire()
-            ticket, function, argument = self.call
-            try:
-                self.outcome = (ticket, True, function(argument))
-            except BaseException as error:  # handed to the caller, raised there
-                self.outcome = (ticket, False, error)
+            self._run()
             # Keep nothing of the call while idle: its function may hold the caller's arrays
             # (an array-level op's closure), which must die with the caller's last reference.
             # self.call is cleared by the caller (result()), never here: a caller interrupted
             # before it waited may already have handed over its next call, which this would wipe.
-            function = argument = None
             self.done.release()
 
     def submit(self, function, argument):
@@ -494,14 +499,26 @@ class _Worker:
     def result(self):
         """The call's return value (or its exception raised). Waits for the worker to finish even
         when Ctrl-C arrives meanwhile, then raises the KeyboardInterrupt: a worker left running
-        would go on writing into buffers the next step uses."""
+        would go on writing into buffers the next step uses.
+
+        In a child forked while this call was pending (os.fork in a signal handler of the region's
+        own thread), the worker thread did not come along: the call runs here, from its start.
+        That gives the worker's bits: a part writes only its own slices of the region's outputs,
+        each from inputs no part writes, so whatever the worker had written of it before the fork
+        is simply written again. (Raising instead would also never hang, but would break a child
+        that only wanted to go on with its work.) The wait is timed so that the loop sees the
+        fork: a release from the fork hook could deadlock on the semaphore's own lock, which the
+        signal handler's thread may hold."""
         interrupt = None
-        while True:  # one acquire per call; more only after a stale release or an interrupt
+        while True:  # one acquire per call; more only after a stale release, an interrupt or a timeout
             try:
-                self.done.acquire()
+                self.done.acquire(timeout=FORK_CHECK_SECONDS)
             except BaseException as caught:  # a signal handler's exception; the wait goes on
                 interrupt = interrupt or caught
             if self._finished():
+                break
+            if self.pid != os.getpid():
+                self._run()
                 break
         ticket, ok, value = self.outcome
         self.outcome = self.call = None

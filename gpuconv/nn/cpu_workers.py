@@ -22,8 +22,9 @@ short NumPy call); two processes do not. How, without the hazards of forking the
   into the arena). The next region starts a new one. The worker ignores SIGINT: the terminal's
   Ctrl-C is for the caller.
 
-The part a worker runs is the same chunks and ops as in a thread, and its gradients are summed in
-the same order, so processes and threads give the same bits.
+The part a worker runs is the same chunks and ops as in a thread, in the caller's C floating-point
+environment (rounding mode, flush-to-zero: gpuconv/fpenv.py) as a thread's part is, and its
+gradients are summed in the same order, so processes and threads give the same bits.
 """
 import json
 import math
@@ -38,6 +39,7 @@ import weakref
 
 import numpy as np
 
+from .. import fpenv
 from ..errors import WorkerError
 from . import layers as L
 from .module import Parameter
@@ -52,7 +54,8 @@ class ArenaDropped(Exception):
     Raised before anything is sent; the caller runs the forward again, then the backward
     (compiler.PlanFunction.backward)."""
 
-# Every message is a few bytes ("F 3.1 64 1", "ok") or an error text of at most ERROR_CHARS; a
+# Every message is a few bytes ("F 3.1 64 1 7f03...", the last word the caller's fpenv, at most
+# 2 * fpenv.ENV_BYTES hex digits; "ok") or an error text of at most ERROR_CHARS; a
 # setup's description travels in a memfd. recv allocates its whole buffer on every call, the
 # polls included, so it is kept small (a worker near its memory limit must still hear commands).
 MESSAGE_BYTES = 8192
@@ -424,6 +427,9 @@ def run_parallel(plan, kind, arrays):
     if kind == "backward" and any(key not in process.arenas for process in processes):
         raise ArenaDropped(key)
     params = plan.params()
+    # the caller's rounding mode and flush-to-zero, for the workers' parts too (fpenv.py; the
+    # worker restores its own after each part)
+    env = fpenv.encode(fpenv.current())
     touched, started = [], []
     try:
         for index, process in enumerate(processes, start=1):
@@ -438,10 +444,10 @@ def run_parallel(plan, kind, arrays):
             rows = stop - start
             if kind == "forward":
                 np.copyto(views["x"][:rows], arrays[0][start:stop])
-                process.socket.send(f"F {key} {rows} {int(plan.training)}".encode())
+                process.socket.send(f"F {key} {rows} {int(plan.training)} {env}".encode())
             else:
                 np.copyto(views["dy"][:rows], arrays[0][start:stop])
-                process.socket.send(f"B {key} {rows} {int(bool(arrays[2]))}".encode())
+                process.socket.send(f"B {key} {rows} {int(bool(arrays[2]))} {env}".encode())
             started.append((index, process, views, start, stop))
         error, results = None, []
         try:
@@ -509,9 +515,9 @@ def serve(fd):
         if not data:
             return
         try:
-            if data[:1] in (b"F", b"B"):  # the hot commands: "F key rows training", "B key rows need_dx"
-                op, key, rows, flag = data.decode().split()
-                _run(states[key], op, int(rows), flag == "1")
+            if data[:1] in (b"F", b"B"):  # the hot commands: "F key rows training env", "B key rows need_dx env"
+                op, key, rows, flag, env = data.decode().split()
+                fpenv.run_in(fpenv.decode(env), _run, states[key], op, int(rows), flag == "1")
             elif data[:1] == b"D":  # "D key": the caller freed that arena
                 state = states.pop(data.decode().split()[1], None)
                 if state is not None:

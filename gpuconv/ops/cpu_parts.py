@@ -115,7 +115,8 @@ def elementwise(function, *inputs):
     caller's thread, which warns, raises or calls back exactly as before: once, with the error
     NumPy reports first, from the caller's thread (a callback or a warning hook that runs ops would
     otherwise run on a region's worker and wait for the region's lock). Per-thread floating-point
-    state set through C (a rounding mode, flush-to-zero) is not carried into the workers."""
+    state set through C (a rounding mode, flush-to-zero) is the caller's in every part
+    (cpu_plan._run_parallel, gpuconv/fpenv.py)."""
     watched = {kind: "ignore" if mode == "ignore" else "call" for kind, mode in np.geterr().items()}
     result = np.empty_like(inputs[0])
     flat = [a.reshape(-1) for a in inputs]  # views: the arrays are C-contiguous
