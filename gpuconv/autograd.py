@@ -557,4 +557,15 @@ def cat(tensors, dim=0):
     if not tensors:
         raise ArgumentError("cat: expected a non-empty list of tensors, got an empty one")
     ndim = tensors[0].ndim if hasattr(tensors[0], "ndim") else np.ndim(tensors[0])
-    return Cat(dim % ndim)(*tensors)
+    return Cat(concat_axis(dim, ndim, "cat"))(*tensors)
+
+
+def concat_axis(dim, ndim, caller):
+    """dim (negative from the end, as in torch.cat) as an axis of `ndim`-dimensional arrays; an
+    ArgumentError naming dim where it is out of range (np.concatenate would wrap it around)."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise ArgumentError(f"{caller}: dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ArgumentError(f"{caller}: dim {dim} is out of range for {ndim}-dimensional tensors "
+                            f"(expected {-ndim} to {ndim - 1})")
+    return int(dim) % ndim

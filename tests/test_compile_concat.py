@@ -236,3 +236,29 @@ def test_concat_module_checks_its_arguments_names_its_children_and_counts():
     y = block(gpuconv.tensor(np.ones((2, 2, 9, 9), np.float32)))
     assert y.shape == (2, 9, 9, 9)
     np.testing.assert_array_equal(y.data[:, 7:], np.ones((2, 2, 9, 9), np.float32))  # the identity's block
+
+
+def test_a_dim_that_is_not_the_channels_for_this_input_runs_eagerly():
+    """dim=-1 lowers for a flat input (its features) but is the width of NCHW: the plan's setup,
+    which knows the rank, refuses it, and the model runs eagerly with the eager results."""
+    rng = np.random.default_rng(30)
+    model = nn.Sequential(nn.Concat(nn.Conv2d(2, 2, 3, padding=1, rng=rng), nn.Identity(), dim=-1),
+                          nn.Flatten(), nn.Linear(2 * 8 * 16, 5, rng=rng))
+    x, labels = batch(31, (64, 2, 8, 8))
+    assert model[0][1:].dim == -1
+    compiled = gpuconv.compile(model)
+    assert compiled.unsupported is None and not compiled.uses_executor(x)
+    want, _, _ = step(model, x, labels)
+    got, _, _ = step(compiled, x, labels)
+    np.testing.assert_allclose(got.data, want.data, rtol=1e-5, atol=1e-6)
+
+
+def test_cat_and_concat_name_a_dim_out_of_range():
+    a = gpuconv.tensor(np.ones((2, 3, 4, 4), np.float32))
+    with pytest.raises(gpuconv.errors.ArgumentError, match="cat: dim 4 is out of range for 4-dimensional tensors"):
+        gpuconv.cat([a, a], dim=4)
+    assert gpuconv.cat([a, a], dim=np.int64(-3)).shape == (2, 6, 4, 4)
+    block = nn.Concat(nn.Identity(), nn.Identity(), dim=np.int64(-5))
+    assert type(block.dim) is int
+    with pytest.raises(gpuconv.errors.ArgumentError, match="Concat: dim -5 is out of range"):
+        block(a)

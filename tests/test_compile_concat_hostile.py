@@ -1,4 +1,4 @@
-"""HOSTILE TESTS (session 11's hostile tester) for nn.Concat and its lowering into the CPU executor
+"""HOSTILE TESTS (session 9's hostile tester, branch hostile11) for nn.Concat and its lowering into the CPU executor
 (commit 568217f: nn.Concat(*branches, dim=1), cpu_ops.ConcatOp / BranchingOp, cpu_plan._lower_concat,
 branches_of, _layer_signature, cpu_workers describe/build).
 
@@ -9,8 +9,10 @@ it never hangs, never writes into the caller's arrays (x, the output gradient), 
 from one model or one configuration to the next; and nn.Concat itself checks its arguments, names
 them in its errors and reports its shapes as its forward computes them.
 
-Tests named test_hostile_* fail on 568217f: each is a finding (its docstring says what goes wrong
-and where the cause is). Every other test is a GUARD of a hard case that held on 568217f. Tests
+Tests named test_hostile_* failed on 568217f: each is a finding (its docstring says what went wrong
+and where the cause was), all fixed in the commit that merged this file (autograd.concat_axis,
+Concat._concat_axis and extra_repr, sequential._flops_and_shape's TypeError, ConcatOp.setup's dim
+check). Every other test is a GUARD of a hard case that held on 568217f. Tests
 that take the `kind` fixture run once with worker processes and once with worker threads.
 """
 import numpy as np
@@ -115,7 +117,7 @@ def conv_relu_pool(cin, cout, rng):
 
 @pytest.mark.parametrize("dim", [4, -5, 7])
 def test_hostile_a_dim_beyond_the_input_rank_is_refused_naming_dim(dim):
-    """BUG: nn.Concat(a, b, dim=4) on an NCHW batch silently concatenates along the BATCH (dim 4 %
+    """FOUND: nn.Concat(a, b, dim=4) on an NCHW batch silently concatenates along the BATCH (dim 4 %
     4 = 0: two identity branches on 2 images give 4 images), dim=-5 along the width, dim=7 along
     the width, where PyTorch's cat raises IndexError "Dimension out of range". Nothing checks dim
     against the rank: nn.Concat.__init__ checks only its type, gpuconv.cat wraps it
@@ -133,7 +135,7 @@ def test_hostile_a_dim_beyond_the_input_rank_is_refused_naming_dim(dim):
 
 
 def test_hostile_branches_that_disagree_raise_a_shape_error_naming_the_concat():
-    """BUG (the message): branches whose outputs differ beyond `dim` make the forward raise NumPy's
+    """FOUND (the message): branches whose outputs differ beyond `dim` make the forward raise NumPy's
     bare ValueError "all the input array dimensions except for the concatenation axis must match
     exactly, but along dimension 2, the array at index 0 has size 6 and the array at index 1 has
     size 8", naming neither the Concat nor the branch (nor gpuconv's ShapeError, which every
@@ -152,7 +154,7 @@ def test_hostile_branches_that_disagree_raise_a_shape_error_naming_the_concat():
 
 
 def test_hostile_uses_executor_answers_for_a_concat_holding_a_python_module():
-    """BUG: compiled.uses_executor(x) raises AttributeError ("'Double' object has no attribute
+    """FOUND: compiled.uses_executor(x) raises AttributeError ("'Double' object has no attribute
     'output_shape'") for a model whose first step is an nn.Concat holding a module with a forward
     of its own (it runs eagerly) before a conv -> ReLU -> pool that runs as a plan; the same module
     alone as the first step gives True. compiler._output_shape asks hasattr(layer, "output_shape")
@@ -175,7 +177,7 @@ def test_hostile_uses_executor_answers_for_a_concat_holding_a_python_module():
 
 @pytest.mark.parametrize("layout", ["NCHW dim=-3", "flat dim=-1"])
 def test_hostile_a_negative_dim_naming_the_channels_lowers(layout):
-    """BUG (performance, and a reason that contradicts itself): nn.Concat(..., dim=-3) on an NCHW
+    """FOUND (performance, and a reason that contradicts itself): nn.Concat(..., dim=-3) on an NCHW
     batch IS the channel concatenation (eager: cat's dim % 4 == 1), and dim=-1 after a Flatten is
     the feature concatenation, but the whole block runs eagerly and `unsupported` says "Concat:
     Concat along dim -3 (the executor concatenates channels: dim=1)". cpu_plan._lower_concat
@@ -194,7 +196,7 @@ def test_hostile_a_negative_dim_naming_the_channels_lowers(layout):
 
 
 def test_hostile_concat_repr_shows_its_dim():
-    """BUG (cosmetic): repr(nn.Concat(a, b, dim=2)) is the same text as repr(nn.Concat(a, b)):
+    """FOUND (cosmetic): repr(nn.Concat(a, b, dim=2)) is the same text as repr(nn.Concat(a, b)):
     Concat has no extra_repr, so printing a model hides which axis a block concatenates along (the
     one setting that changes its output, and whether the executor can lower it); Conv2d, pools and
     Flatten show theirs."""

@@ -889,8 +889,8 @@ class ConcatOp(BranchingOp):
     reference's autograd adds them in the order its graph reaches them: with three branches or more
     the float32 sums may differ in the last bits)."""
 
-    def __init__(self, index, branches):
-        self.index, self.branches, self._owns_dy = index, branches, False
+    def __init__(self, index, branches, dim=1):
+        self.index, self.branches, self.dim, self._owns_dy = index, branches, dim, False
         self._rename_chains(index)
 
     def chains(self):
@@ -899,6 +899,8 @@ class ConcatOp(BranchingOp):
     def setup(self, shape):
         if not self.branches:
             raise Unsupported("Concat without branches")
+        if self.dim % (len(shape) + 1) != 1:  # the batch is the first axis of the layers' arrays
+            raise Unsupported(f"Concat along dim {self.dim} of {len(shape) + 1}-dimensional arrays (not the channels)")
         self.in_shape = tuple(shape)
         outs = [setup_chain(chain, shape) for chain in self.branches]
         if any(len(out) != len(outs[0]) or out[1:] != outs[0][1:] for out in outs):

@@ -378,9 +378,10 @@ lowers_residual(Residual, lambda block: (
 @lowers(Concat)
 def _lower_concat(layers, index, ops):
     layer = layers[index]
-    if layer.dim != 1:
-        raise Unsupported(f"Concat along dim {layer.dim} (the executor concatenates channels: dim=1)")
-    ops.append(ConcatOp(index, [_lower_chain(branch) for branch in branches_of(layer)]))
+    if layer.dim not in (1, -1, -3):
+        raise Unsupported(f"Concat along dim {layer.dim} (the executor concatenates channels: dim 1, -3 of NCHW "
+                          "or -1 of a flat input)")
+    ops.append(ConcatOp(index, [_lower_chain(branch) for branch in branches_of(layer)], layer.dim))
     return 1
 
 

@@ -214,4 +214,6 @@ class Module:
         if not children:
             return f"{type(self).__name__}({self.extra_repr()})"
         lines = [f"  ({name}): {child!r}".replace("\n", "\n  ") for name, child in children]
+        if self.extra_repr():  # a container's own settings first, as PyTorch prints them
+            lines.insert(0, "  " + self.extra_repr())
         return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"

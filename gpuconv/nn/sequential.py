@@ -3,6 +3,8 @@ Residual (a residual connection: activation(body(x) + shortcut(x))) and Concat (
 side on one input, their outputs concatenated)."""
 import math
 
+import numpy as np
+
 from ..errors import ShapeError
 from .module import Module
 
@@ -135,6 +137,8 @@ def _flops_and_shape(module, shape):
             flops, shape = _flops_and_shape(layer, shape)
             total += flops
         return total, shape
+    if not hasattr(module, "output_shape"):  # compiler._output_shape takes a TypeError as "no rule"
+        raise TypeError(f"{type(module).__name__} has no output_shape rule (its forward is its own)")
     out = tuple(module.output_shape(shape))
     return module.flops(shape, out), out
 
@@ -187,35 +191,46 @@ class Concat(ModuleList):
     def __init__(self, *branches, dim=1):
         if not branches:
             raise TypeError("Concat: expected at least one branch, got none")
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
             raise TypeError(f"Concat: dim must be an int, got {type(dim).__name__}")
         for position, branch in enumerate(branches):
             if not isinstance(branch, Module):
                 raise TypeError(f"Concat: branch {position} must be a gpuconv.nn.Module, got {type(branch).__name__}")
         super().__init__(branches)
-        self.dim = dim
+        self.dim = int(dim)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return Concat(*list(self)[index], dim=self.dim)
         return super().__getitem__(index)
 
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
     def forward(self, x):
         from ..autograd import cat
-        return cat([branch(x) for branch in self], dim=self.dim)
+        outputs = [branch(x) for branch in self]
+        self._concat_axis([tuple(out.shape) for out in outputs])  # a clear error before np.concatenate's
+        return cat(outputs, dim=self.dim)
+
+    def _concat_axis(self, shapes):
+        """The axis the branches' output `shapes` are concatenated along; a ShapeError naming the
+        branch whose output differs beyond it."""
+        from ..autograd import concat_axis
+        axis = concat_axis(self.dim, len(shapes[0]), "Concat")
+        for position, shape in enumerate(shapes):
+            if len(shape) != len(shapes[0]) or any(a != b for i, (a, b) in enumerate(zip(shape, shapes[0])) if i != axis):
+                raise ShapeError(f"Concat: branch {position} gives shape {shape}, branch 0 {shapes[0]}: "
+                                 f"expected them equal but for dim {self.dim}")
+        return axis
 
     def _branch_shapes(self, input_shape):
         """(FLOPs, output shape) of each branch, and the concatenated shape."""
         results = [_flops_and_shape(branch, tuple(input_shape)) for branch in self]
         shapes = [shape for _, shape in results]
-        dim = self.dim % len(shapes[0]) if shapes[0] else 0
-        for position, shape in enumerate(shapes):
-            if len(shape) != len(shapes[0]) or any(a != b for axis, (a, b) in enumerate(zip(shape, shapes[0]))
-                                                   if axis != dim):
-                raise ShapeError(f"Concat: branch {position} gives shape {shape}, branch 0 {shapes[0]}: "
-                                 f"expected them equal but for dim {self.dim}")
+        axis = self._concat_axis(shapes)
         out = list(shapes[0])
-        out[dim] = sum(shape[dim] for shape in shapes)
+        out[axis] = sum(shape[axis] for shape in shapes)
         return results, tuple(out)
 
     def output_shape(self, input_shape):
