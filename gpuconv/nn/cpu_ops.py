@@ -648,9 +648,11 @@ class ActivationOp(Op):
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
         y = chunk.saved[self.index]
+        if self.kind == "relu":  # y is the mask x > 0
+            # into dy itself when it is a plan buffer nothing reads again: one gradient buffer
+            # fewer per ReLU kept in the thread's scratch (30 of InceptionNet's 331 MiB)
+            return np.multiply(dy, y, out=dy if self.owns_dy else buffer(scratch, (self.index, "dx"), y.shape))
         dx = buffer(scratch, (self.index, "dx"), y.shape)
-        if self.kind == "relu":
-            return np.multiply(dy, y, out=dx)  # y is the mask x > 0
         if self.kind == "tanh":
             np.multiply(y, y, out=dx)
             np.subtract(1, dx, out=dx)
