@@ -169,6 +169,29 @@ def test_other_layer_settings_match(rng, threads):
     assert fast.planned and planned(model, x)
 
 
+@pytest.mark.parametrize("before", ["padded conv, ReLU in place", "conv fused with its pool", "input"])
+def test_pointwise_convs_read_their_input_in_place(before, rng, threads):
+    """A 1x1 conv (stride 1, no padding, no pool) reads its input as its row matrices instead of
+    copying it into R: the same results, forward and backward, with the input an in-place ReLU's
+    buffer, a fused conv-pool's output or the plan's own copy of the batch; a 1x1 conv with
+    padding or a stride still copies."""
+    head = {"padded conv, ReLU in place": [nn.Conv2d(3, 5, 3, padding=1, rng=rng), nn.ReLU()],
+            "conv fused with its pool": [nn.Conv2d(3, 5, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2)],
+            "input": [nn.Conv2d(3, 5, 1, rng=rng)]}[before]
+    side = (4 if before == "conv fused with its pool" else 8) + 2  # the padded 1x1 conv grows the map
+    model = nn.Sequential(*head, nn.Conv2d(5, 4, 1, rng=rng), nn.Tanh(), nn.Conv2d(4, 4, 1, padding=1, rng=rng),
+                          nn.Conv2d(4, 6, 1, stride=2, rng=rng), nn.Flatten(),
+                          nn.Linear(6 * (side // 2) ** 2, 3, rng=rng))
+    x = rng.standard_normal((9, 3, 8, 8)).astype(np.float32)
+    fast = assert_same_run(model, x, rng.integers(0, 3, 9), need_dx=True)
+    assert fast.planned
+    convs = [op for op in net(model)._plan.ops if type(op).__name__ == "ConvOp"]
+    assert [conv.pointwise for conv in convs] == [before == "input", True, False, False]
+    chunk = net(model)._plan.parts[0][0]
+    for conv in convs:
+        assert ((conv.index, "rows") in chunk.store) == (not conv.pointwise)
+
+
 @pytest.mark.parametrize("head", [
     lambda rng: [nn.Conv2d(1, 3, (3, 5), padding=(1, 2), rng=rng), nn.ReLU()],
     lambda rng: [nn.Conv2d(1, 3, (3, 5), padding=(2, 1), rng=rng), nn.MaxPool2d(3)],

@@ -140,6 +140,10 @@ class ConvOp(Op):
         self.filters = layer.weight.data.shape[0]
         self.rows = c * self.kernel[0] * self.kernel[1]
         self.row_path = self.dilation == (1, 1)
+        # A 1x1 conv of stride 1 without padding or pooling reads its input in place: its R would be
+        # a copy of x, which the previous op keeps anyway (InceptionNet's 1x1 convs kept 37 MiB of
+        # copies at batch 128)
+        self.pointwise = (self.kernel, self.stride, tuple(self.padding), self.pool) == ((1, 1), (1, 1), (0, 0), None)
         # Few filters make the per-row GEMMs too thin for OpenBLAS's kernels. Then one GEMM per
         # pooling row does all A*B taps of its windows with a banded weight (see _row_weight): it
         # reads R about A*B times less for (band area)/(KH*KW) times the FLOPs. It paid off below
@@ -188,11 +192,21 @@ class ConvOp(Op):
         rows R[A*PH*S : ... + (A-1)*S + KH], serves a whole pooling row. Returns the blocks as
         one view [A or 1, B or 1, PH, rows, PW*n]: one batched matmul does the conv. R lives in
         store[key]; the forward keeps it for the backward's dW (it is small)."""
+        if self.pointwise:  # R would be x itself: read it in place, no copy kept
+            return kept_views(store, (key, "pointwise views"), self._pointwise_matrices, x)
         b = self.pool[1] if self.pool else 1
         rows = buffer(store, key, (b // self.block[1], x.shape[1], self.channels, self.band[1], self.pooled_hw[1], n))
         source, matrices = kept_views(store, (key, "views"), self._row_views, x, rows)
         np.copyto(rows, source)
         return matrices
+
+    @staticmethod
+    def _pointwise_matrices(x):
+        """A 1x1 conv's row matrices [1, 1, H, C, W*n] as a view of x [C, H, W, n] (contiguous):
+        output row h reads input row h of every channel, W*n values each, H*W*n apart."""
+        c, h, w, n = x.shape
+        return np.ndarray((1, 1, h, c, w * n), x.dtype, buffer=x, strides=(0, 0, x.strides[1], x.strides[0],
+                                                                           x.itemsize))
 
     def _row_views(self, x, rows):
         """(the view of x that fills R, R's blocks as matrices) for _row_matrices."""
