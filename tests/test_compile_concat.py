@@ -16,7 +16,8 @@ from gpuconv.errors import ShapeError
 from gpuconv.nn import cpu_plan, cpu_workers
 from gpuconv.nn.cpu_ops import ConcatOp, ResidualOp
 from test_compile_segments import plans_on_tape
-from test_compile_residual import batch, check_matches_eager, randomize_statistics, step
+from test_compile_residual import (batch, check_fails_as_eager, check_matches_eager, check_sgd_follows_eager,
+                                   randomize_statistics, step)
 
 
 pytestmark = pytest.mark.usefixtures("worker_kind")  # processes and threads, one worker (conftest.py)
@@ -168,29 +169,14 @@ def test_a_concat_along_another_dim_runs_eagerly_and_says_why():
 def test_branches_of_different_sizes_run_eagerly_with_its_error():
     rng = np.random.default_rng(16)
     model = nn.Sequential(nn.Concat(nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.Conv2d(2, 3, 3, rng=rng)))
-    x, _ = batch(17, (64, 2, 8, 8))
-    compiled = gpuconv.compile(model)
-    assert not compiled.uses_executor(x)
-    with pytest.raises(Exception) as eager_error:
-        model(x)
-    with pytest.raises(type(eager_error.value)):
-        compiled(x)
+    check_fails_as_eager(model, batch(17, (64, 2, 8, 8))[0])
 
 
 def test_several_steps_of_sgd_follow_the_eager_model():
     eager, fast = inception_net(18), inception_net(18)
     for model in (eager, fast):
         model[3][2][1].eval()
-    compiled = gpuconv.compile(fast)
-    optimizers = [gpuconv.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, fast)]
-    for seed in range(3):
-        x, labels = batch(20 + seed, (64, 2, 16, 16))
-        for model, optimizer in zip((eager, compiled), optimizers):
-            optimizer.zero_grad()
-            gpuconv.functional.cross_entropy(model(gpuconv.tensor(x)), labels).backward()
-            optimizer.step()
-    for (name, a), b in zip(eager.named_parameters(), fast.parameters()):
-        np.testing.assert_allclose(b.data, a.data, rtol=1e-4, atol=1e-5, err_msg=name)
+    check_sgd_follows_eager(eager, fast, (64, 2, 16, 16))
 
 
 # ----------------------------------------------------------------------------------------------

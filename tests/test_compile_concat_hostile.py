@@ -24,39 +24,18 @@ from gpuconv import nn
 from gpuconv.errors import ShapeError
 from gpuconv.nn import cpu_plan, cpu_workers
 from gpuconv.nn.cpu_ops import ConcatOp
+from test_compile_residual_hostile import images, infer_in_two_threads, randomize_statistics, rng_of
 from test_compile_segments import plans_on_tape
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (rng_of, images and randomize_statistics are the residual blocks' hostile tests')
 
 
 @pytest.fixture
 def kind(worker_kind):
     """conftest.worker_kind: worker processes or worker threads, one worker."""
     return worker_kind
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-
-
-def rng_of(seed):
-    return np.random.default_rng(seed)
-
-
-def images(seed, shape):
-    return rng_of(seed).standard_normal(shape).astype(np.float32)
-
-
-def randomize_statistics(model, seed):
-    """Running statistics and affine parameters away from (0, 1, 1, 0): an eval BatchNorm is then
-    not the identity."""
-    rng = rng_of(seed)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.running_mean[...] = rng.standard_normal(layer.num_features) * 0.3
-            layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
-            if layer.weight is not None:
-                layer.weight.data[...] = rng.uniform(0.5, 1.5, layer.num_features)
-                layer.bias.data[...] = rng.standard_normal(layer.num_features) * 0.1
-    return model
 
 
 def step(network, model, x, input_grad=True, dy=None):
@@ -716,28 +695,6 @@ def test_a_worker_killed_around_a_concat_step(tmp_path, when):
 def test_two_threads_running_one_compiled_concat_model(kind):
     """GUARD: two threads running inference through one compiled Inception-like model (one plan,
     its lock): no error, no hang, each its own eager logits."""
-    import threading
     model = inception()
-    compiled = gpuconv.compile(model)
     batches = [images(20 + i, (64 + 33 * i, 2, 8, 8)) for i in range(2)]
-    expected = [model(x).data for x in batches]
-    failures = []
-
-    def infer(i):
-        for _ in range(8):
-            try:
-                y = compiled(batches[i]).data
-            except Exception as error:
-                failures.append(f"{i}: {type(error).__name__}: {error}")
-                return
-            if not np.allclose(y, expected[i], rtol=1e-4, atol=1e-4 * np.abs(expected[i]).max()):
-                failures.append(f"{i}: wrong logits")
-                return
-
-    threads = [threading.Thread(target=infer, args=(i,), daemon=True) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not any(thread.is_alive() for thread in threads), "hang"
-    assert not failures, failures
+    infer_in_two_threads(gpuconv.compile(model), batches, [model(x).data for x in batches], rounds=8)

@@ -178,11 +178,16 @@ def test_nested_residuals_keep_their_buffers_apart():
 
 
 def test_several_steps_of_sgd_follow_the_eager_model():
-    eager, fast = residual_net(10), residual_net(10)
+    check_sgd_follows_eager(residual_net(10), residual_net(10), (64, 2, 16, 16))
+
+
+def check_sgd_follows_eager(eager, fast, shape, steps=3):
+    """Two copies of a model, one compiled, trained side by side with SGD and momentum on the same
+    batches: the parameters stay together (to float32 rounding)."""
     compiled = gpuconv.compile(fast)
     optimizers = [gpuconv.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, fast)]
-    for seed in range(3):
-        x, labels = batch(20 + seed, (64, 2, 16, 16))
+    for seed in range(steps):
+        x, labels = batch(20 + seed, shape)
         for model, optimizer in zip((eager, compiled), optimizers):
             optimizer.zero_grad()
             F.cross_entropy(model(gpuconv.tensor(x)), labels).backward()
@@ -196,7 +201,11 @@ def test_branches_of_different_shapes_run_eagerly_with_its_error():
     eager add raises, as the model itself would."""
     rng = np.random.default_rng(11)
     model = nn.Sequential(nn.Residual(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng))), nn.Flatten())
-    x, _ = batch(12, (64, 2, 8, 8))
+    check_fails_as_eager(model, batch(12, (64, 2, 8, 8))[0])
+
+
+def check_fails_as_eager(model, x):
+    """The plan cannot take `x`: the compiled model runs eagerly and raises the model's own error."""
     compiled = gpuconv.compile(model)
     assert not compiled.uses_executor(x)
     with pytest.raises(Exception) as eager_error:
