@@ -313,6 +313,7 @@ class InceptionNet(nn.Sequential):
     (24, 24, 32, 8, 16) -> 72, (32, 32, 48, 16, 16) -> 96."""
 
     BLOCKS = ((16, 16, 24, 8, 8), (24, 24, 32, 8, 16), (32, 32, 48, 16, 16))
+    feature_layers = {"conv1": "relu1", "inception1": "inception1"}  # show: the stem's maps, the first block's
 
     def __init__(self, in_channels=3, num_classes=10, image_size=32, seed=0, dtype=np.float32):
         _check_positive_int(in_channels, "in_channels", "InceptionNet")

@@ -10,8 +10,10 @@
 5. cpu_ops.ActivationOp.backward writing a ReLU's gradient into its output gradient (owns_dy);
 6. models.InceptionNet.
 
-Tests named test_finding_* FAIL on f9c789a: each docstring says what goes wrong and where. Every
-other test is a GUARD (a hard case that held on f9c789a). Scenarios that could hang or that change
+Tests named test_finding_* FAILED on f9c789a (each docstring says what went wrong and where), fixed
+where this file was merged: _Worker.result checks for its worker's end inside the try that catches
+a signal handler's exception, and InceptionNet names its feature_layers. Every other test is a GUARD
+(a hard case that held on f9c789a). Scenarios that could hang or that change
 per-thread state run in a child process (tests/hostile_child.py: a fresh interpreter, one worker,
 a hard timeout).
 """

@@ -512,15 +512,15 @@ class _Worker:
         signal handler's thread may hold."""
         interrupt = None
         while True:  # one acquire per call; more only after a stale release, an interrupt or a timeout
-            try:
+            try:  # the checks too: a signal handler's exception may come at any of these lines
                 self.done.acquire(timeout=FORK_CHECK_SECONDS)
+                if self._finished():
+                    break
+                if self.pid != os.getpid():
+                    self._run()
+                    break
             except BaseException as caught:  # a signal handler's exception; the wait goes on
                 interrupt = interrupt or caught
-            if self._finished():
-                break
-            if self.pid != os.getpid():
-                self._run()
-                break
         ticket, ok, value = self.outcome
         self.outcome = self.call = None
         if interrupt is not None:
