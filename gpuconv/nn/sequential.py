@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from ..autograd import cat, concat_axis
 from ..errors import ShapeError
 from .module import Module
 
@@ -183,9 +184,9 @@ class Concat(ModuleList):
     concatenation of x with f(x) takes nn.Identity() as one branch).
 
     The same as a forward written in Python (`gpuconv.cat([a(x), b(x)], dim=1)`), but
-    gpuconv.compile can lower this one into the CPU executor when dim is 1 (a Python forward runs
-    eagerly, op by op): each branch becomes a chain of one plan op that writes its own channels of
-    the output. Branches are named "0", "1", ... (state_dict keys `0.weight`, `1.0.weight`, ...).
+    gpuconv.compile can lower this one into the CPU executor when dim names the channels (1, -3 of
+    NCHW input, -1 of a flat one; a Python forward runs eagerly, op by op): each branch becomes a
+    chain of one plan op that writes its own channels of the output. Branches are named "0", "1", ... (state_dict keys `0.weight`, `1.0.weight`, ...).
     Their outputs must agree in every dimension but `dim`."""
 
     def __init__(self, *branches, dim=1):
@@ -208,7 +209,6 @@ class Concat(ModuleList):
         return f"dim={self.dim}"
 
     def forward(self, x):
-        from ..autograd import cat
         outputs = [branch(x) for branch in self]
         self._concat_axis([tuple(out.shape) for out in outputs])  # a clear error before np.concatenate's
         return cat(outputs, dim=self.dim)
@@ -216,7 +216,6 @@ class Concat(ModuleList):
     def _concat_axis(self, shapes):
         """The axis the branches' output `shapes` are concatenated along; a ShapeError naming the
         branch whose output differs beyond it."""
-        from ..autograd import concat_axis
         axis = concat_axis(self.dim, len(shapes[0]), "Concat")
         for position, shape in enumerate(shapes):
             if len(shape) != len(shapes[0]) or any(a != b for i, (a, b) in enumerate(zip(shape, shapes[0])) if i != axis):
