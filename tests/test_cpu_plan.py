@@ -192,6 +192,23 @@ def test_pointwise_convs_read_their_input_in_place(before, rng, threads):
         assert ((conv.index, "rows") in chunk.store) == (not conv.pointwise)
 
 
+def test_padded_convs_share_one_padded_buffer_with_its_borders_zeroed(rng, threads):
+    """Convs that keep their row copy pad into one buffer of the thread's, not a copy each: two of
+    them whose padded inputs have one shape but other paddings (8x8 padded by 1, 6x6 by 2) must
+    each see zero borders, forward and backward, as the layers do."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.Tanh(),
+                          nn.Conv2d(4, 4, 3, padding=1, rng=rng), nn.Tanh(),
+                          nn.Conv2d(4, 4, 3, rng=rng), nn.Tanh(),
+                          nn.Conv2d(4, 4, 5, padding=2, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3, rng=rng))
+    x = rng.standard_normal((9, 3, 8, 8)).astype(np.float32) + 3  # far from zero: a stale border shows
+    for _ in range(2):
+        assert assert_same_run(model, x, rng.integers(0, 3, 9), need_dx=True).planned
+    plan = net(model)._plan
+    assert not any(key[-1] == "x" for part in plan.parts for chunk in part for key in chunk.store
+                   if isinstance(key, tuple))
+
+
 @pytest.mark.parametrize("head", [
     lambda rng: [nn.Conv2d(1, 3, (3, 5), padding=(1, 2), rng=rng), nn.ReLU()],
     lambda rng: [nn.Conv2d(1, 3, (3, 5), padding=(2, 1), rng=rng), nn.MaxPool2d(3)],
