@@ -34,3 +34,14 @@ def worker_kind(request, monkeypatch):
     gpuconv.set_cpu_workers(1)
     yield request.param
     gpuconv.set_cpu_workers(None)
+
+
+@pytest.fixture
+def one_worker():
+    """One worker (threads or processes, as cpu_plan.processes says) for the test, the count from
+    before restored after it."""
+    from gpuconv.nn import cpu_plan
+    before = cpu_plan._worker_count
+    cpu_plan.set_cpu_workers(1)
+    yield
+    cpu_plan._worker_count = before

@@ -29,6 +29,33 @@ def wait_or_kill(pid, seconds, poll=0.02):
     _os.kill(pid, _signal.SIGKILL)
     _os.waitpid(pid, 0)
     return None
+
+
+def interrupted_at(function_name, line_start, call):
+    """call() with a KeyboardInterrupt raised at the first line of a function named `function_name`
+    whose code starts with `line_start`, where a signal handler's exception could arrive ->
+    (whether it fired, whether call() was interrupted)."""
+    import linecache as _linecache, sys as _sys
+    state = {"fired": False}
+
+    def local(frame, event, arg):
+        if event == "line" and not state["fired"]:
+            if _linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith(line_start):
+                state["fired"] = True
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_name == function_name else None
+
+    _sys.settrace(tracer)
+    try:
+        call()
+        return state["fired"], False
+    except KeyboardInterrupt:
+        return state["fired"], True
+    finally:
+        _sys.settrace(None)
 '''
 
 

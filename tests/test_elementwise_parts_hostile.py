@@ -51,46 +51,11 @@ def add(a, b):
 
 def bits(a):
     return np.ascontiguousarray(a).view(np.uint32 if a.dtype == np.float32 else np.uint64)
-
-
-def interrupted_at(function_name, line_start, call):
-    """call() with a KeyboardInterrupt raised at the first line of a function named `function_name`
-    whose code starts with `line_start`, where a signal handler's exception could arrive ->
-    (whether it fired, whether call() was interrupted)."""
-    import linecache
-    state = {"fired": False}
-
-    def local(frame, event, arg):
-        if event == "line" and not state["fired"]:
-            if linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith(line_start):
-                state["fired"] = True
-                raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code.co_name == function_name else None
-
-    sys.settrace(tracer)
-    try:
-        call()
-        return state["fired"], False
-    except KeyboardInterrupt:
-        return state["fired"], True
-    finally:
-        sys.settrace(None)
 '''
 
 
 def run_child(tmp_path, body, hang_s=20, name="child"):
     return hostile_child.run_child(tmp_path, PRELUDE, body, hang_s, name)
-
-
-@pytest.fixture
-def one_worker():
-    before = cpu_plan._worker_count
-    cpu_plan.set_cpu_workers(1)
-    yield
-    cpu_plan._worker_count = before
 
 
 def add(a, b):

@@ -42,45 +42,11 @@ from gpuconv.nn import cpu_plan
 
 def emit(**results):
     print("RESULT " + json.dumps(results), flush=True)
-
-
-def interrupted_at(function_name, line_start, call):
-    """call() with a KeyboardInterrupt raised at the first line of a function named `function_name`
-    whose code starts with `line_start` (where a signal handler's exception can arrive: the line
-    makes a call) -> (whether it fired, whether call() was interrupted)."""
-    state = {"fired": False}
-
-    def local(frame, event, arg):
-        if event == "line" and not state["fired"]:
-            if linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith(line_start):
-                state["fired"] = True
-                raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code.co_name == function_name else None
-
-    sys.settrace(tracer)
-    try:
-        call()
-        return state["fired"], False
-    except KeyboardInterrupt:
-        return state["fired"], True
-    finally:
-        sys.settrace(None)
 '''
 
 
 def run_child(tmp_path, body, hang_s=30, name="child"):
     return hostile_child.run_child(tmp_path, PRELUDE, body, hang_s, name)
-
-
-@pytest.fixture
-def one_worker():
-    before = cpu_plan._worker_count
-    cpu_plan.set_cpu_workers(1)
-    yield
-    cpu_plan._worker_count = before
 
 
 @pytest.fixture
