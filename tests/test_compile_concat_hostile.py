@@ -24,7 +24,8 @@ from gpuconv import nn
 from gpuconv.errors import ShapeError
 from gpuconv.nn import cpu_plan, cpu_workers
 from gpuconv.nn.cpu_ops import ConcatOp
-from test_compile_residual_hostile import images, infer_in_two_threads, randomize_statistics, rng_of
+from test_compile_residual_hostile import (assert_close, backward_after_changed_statistics, images, infer_in_threads,
+                                          randomize_statistics, rng_of, sgd_through_train_and_eval)
 from test_compile_segments import plans_on_tape
 
 
@@ -50,13 +51,6 @@ def step(network, model, x, input_grad=True, dy=None):
         out.backward(gpuconv.tensor(dy))
     grads = {name: None if p.grad is None else p.grad.copy() for name, p in model.named_parameters()}
     return out, (xt.grad.copy() if input_grad else None), grads
-
-
-def assert_close(got, want, rtol=1e-4, what=""):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    scale = np.abs(want).max() if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), err_msg=what)
 
 
 def assert_same_step(eager, compiled, plans=1):
@@ -459,52 +453,15 @@ def test_backward_after_another_forward_and_new_statistics(kind, change):
     """GUARD: forward x1, forward x2 (another batch size), the running statistics change, then x1's
     backward: the plan recomputes x1's forward with the statistics it read (BranchingOp.override
     through a Concat, a Residual and a Concat inside it)."""
-    x1, x2 = images(2, (64, 1, 16, 16)), images(3, (50, 1, 16, 16))
-    results = []
-    for compiled in (False, True):
-        model = changing_model()
-        network = gpuconv.compile(model) if compiled else model
-        xt = gpuconv.tensor(x1, requires_grad=True)
-        y = network(xt)
-        network(x2)
-        norms = [layer for layer in model.modules() if isinstance(layer, nn.BatchNorm2d)]
-        if change == "load_state_dict":
-            model.load_state_dict({k: (v * 1.5 + 0.5 if "running" in k else v) for k, v in model.state_dict().items()})
-        elif change == "in place":
-            for layer in norms:
-                layer.running_var *= 3.0
-        elif change == "new arrays":
-            for layer in norms:
-                layer.running_mean = layer.running_mean + 1.0
-        else:
-            model.train()
-            other = network(x2)
-            (other * other).sum().backward()
-            model.eval()
-        model.zero_grad()
-        (y * y).sum().backward()
-        results.append((y, xt.grad.copy(), {n: p.grad.copy() for n, p in model.named_parameters()}))
-    assert_same_step(results[0], results[1], plans=1)
+    eager, compiled = backward_after_changed_statistics(changing_model, change)
+    assert_same_step(eager[:3], compiled[:3], plans=1)
 
 
 def test_switching_train_and_eval_between_sgd_steps(kind):
     """GUARD: training steps (the Concat eagerly: batch statistics, Dropout masks), eval steps (one
     plan), SGD with momentum: parameters and running statistics follow the eager model's."""
-    models = [changing_model(), changing_model()]
-    networks = [models[0], gpuconv.compile(models[1])]
-    optimizers = [gpuconv.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-    for index, mode in enumerate(["train", "eval", "train", "eval"]):
-        x, labels = images(10 + index, (64, 1, 16, 16)), rng_of(index).integers(0, 5, 64)
-        for model, network, optimizer in zip(models, networks, optimizers):
-            model.train(mode == "train")
-            optimizer.zero_grad()
-            out = network(gpuconv.tensor(x))
-            gpuconv.functional.cross_entropy(out, labels).backward()
-            optimizer.step()
-            if network is networks[1]:
-                assert (networks[1].unsupported is None) == (mode == "eval")
-    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
-        assert_close(b, a, rtol=2e-4, what=name)
+    sgd_through_train_and_eval([changing_model(), changing_model()], (64, 1, 16, 16),
+                               lambda network, out, mode: (network.unsupported is None) == (mode == "eval"))
 
 
 def test_two_compiled_models_sharing_one_concat_keep_their_own_state(kind):
@@ -696,5 +653,5 @@ def test_two_threads_running_one_compiled_concat_model(kind):
     """GUARD: two threads running inference through one compiled Inception-like model (one plan,
     its lock): no error, no hang, each its own eager logits."""
     model = inception()
-    batches = [images(20 + i, (64 + 33 * i, 2, 8, 8)) for i in range(2)]
-    infer_in_two_threads(gpuconv.compile(model), batches, [model(x).data for x in batches], rounds=8)
+    batches = {i: images(20 + i, (64 + 33 * i, 2, 8, 8)) for i in range(2)}
+    infer_in_threads(gpuconv.compile(model), batches, {i: model(x).data for i, x in batches.items()}, rounds=8)

@@ -21,16 +21,18 @@ from test_compile_segments import plans_on_tape
 pytestmark = pytest.mark.usefixtures("worker_kind")  # processes and threads, one worker (conftest.py)
 
 
-def randomize_statistics(model, seed):
-    """Running statistics away from (0, 1), so that an eval-mode BatchNorm is not the identity."""
+def randomize_statistics(model, seed, mean_spread=0.2):
+    """Running statistics and affine parameters away from (0, 1, 1, 0), so that an eval-mode
+    BatchNorm is not the identity -> the model."""
     rng = np.random.default_rng(seed)
     for layer in model.modules():
         if isinstance(layer, nn.BatchNorm2d):
-            layer.running_mean[...] = rng.standard_normal(layer.num_features) * 0.2
+            layer.running_mean[...] = rng.standard_normal(layer.num_features) * mean_spread
             layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
             if layer.weight is not None:
                 layer.weight.data[...] = rng.uniform(0.5, 1.5, layer.num_features)
                 layer.bias.data[...] = rng.standard_normal(layer.num_features) * 0.1
+    return model
 
 
 def plans_in(out):

@@ -21,7 +21,8 @@ from gpuconv import functional as F
 from gpuconv import nn
 from gpuconv.models import BasicBlock, ResNet
 from gpuconv.nn import cpu_plan, cpu_workers
-from test_compile_segments import plans_on_tape
+import test_compile_residual as residual_tests
+from test_compile_residual import plans_in
 
 
 @pytest.fixture
@@ -43,22 +44,8 @@ def images(seed, shape):
 
 
 def randomize_statistics(model, seed):
-    """Running statistics and affine parameters away from (0, 1, 1, 0): an eval BatchNorm is then
-    not the identity."""
-    rng = rng_of(seed)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.running_mean[...] = rng.standard_normal(layer.num_features) * 0.3
-            layer.running_var[...] = rng.uniform(0.5, 2.0, layer.num_features)
-            if layer.weight is not None:
-                layer.weight.data[...] = rng.uniform(0.5, 1.5, layer.num_features)
-                layer.bias.data[...] = rng.standard_normal(layer.num_features) * 0.1
-    return model
-
-
-def plans_in(out):
-    """How many plans (PlanFunction nodes) made `out`."""
-    return len(plans_on_tape(out))
+    """test_compile_residual's, the running means spread wider."""
+    return residual_tests.randomize_statistics(model, seed, mean_spread=0.3)
 
 
 def step(network, model, x, input_grad=True):
@@ -379,44 +366,72 @@ def test_backward_after_another_forward_and_new_statistics(kind, change):
     """Forward x1, forward x2 (another batch size: the plan's activations are replaced), the
     statistics change, then x1's backward: the plan recomputes x1's forward with the statistics it
     read, block by block."""
+    results = backward_after_changed_statistics(bn_residual_model, change)
+    assert plans_in(results[1][0]) == 1
+    assert_same_step(results[0], results[1], plans=None)
+
+
+def backward_after_changed_statistics(make_model, change):
+    """Eagerly, then compiled, on a new make_model() each: forward x1 (64 images), forward x2 (50:
+    the plan's activations are replaced), change_statistics, x1's backward -> for each, (x1's
+    output, its input gradient, {name: p.grad}, the state_dict after)."""
     x1, x2 = images(2, (64, 1, 16, 16)), images(3, (50, 1, 16, 16))
     results = []
     for compiled in (False, True):
-        model = bn_residual_model()
+        model = make_model()
         network = gpuconv.compile(model) if compiled else model
         xt = gpuconv.tensor(x1, requires_grad=True)
         y = network(xt)
         network(x2)
-        if change == "load_state_dict":
-            model.load_state_dict({k: (v * 1.5 + 0.5 if "running" in k else v) for k, v in model.state_dict().items()})
-        elif change == "to and a new array":
-            model.to("cpu")
-            for layer in model.modules():
-                if isinstance(layer, nn.BatchNorm2d):
-                    layer.running_mean = layer.running_mean + 1.0
-        elif change == "in place":
-            for layer in model.modules():
-                if isinstance(layer, nn.BatchNorm2d):
-                    layer.running_var *= 3.0
-        else:
-            model.train()
-            other = network(x2)
-            (other * other).sum().backward()
+        change_statistics(model, network, change, x2)
         model.zero_grad()
         (y * y).sum().backward()
-        results.append((y, xt.grad, {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
-    assert plans_in(results[1][0]) == 1
-    assert_same_step(results[0], results[1], plans=None)
+        results.append((y, xt.grad.copy(), {n: p.grad.copy() for n, p in model.named_parameters()},
+                        model.state_dict()))
+    return results
+
+
+def change_statistics(model, network, change, x):
+    """Change the model's BatchNorm running statistics after a forward, the way `change` says: a
+    load_state_dict; `in place`; `new arrays` (running_mean rebound), after `to` as well (`to and a
+    new array`); a training step on x (`train() and a training step`), back in eval mode after
+    it for `a training step`."""
+    norms = [layer for layer in model.modules() if isinstance(layer, nn.BatchNorm2d)]
+    if change == "load_state_dict":
+        model.load_state_dict({k: (v * 1.5 + 0.5 if "running" in k else v) for k, v in model.state_dict().items()})
+    elif change in ("new arrays", "to and a new array"):
+        if change == "to and a new array":
+            model.to("cpu")
+        for layer in norms:
+            layer.running_mean = layer.running_mean + 1.0
+    elif change == "in place":
+        for layer in norms:
+            layer.running_var *= 3.0
+    elif change in ("a training step", "train() and a training step"):
+        model.train()
+        other = network(x)
+        (other * other).sum().backward()
+        if change == "a training step":
+            model.eval()
+    else:
+        raise ValueError(f"change_statistics: no change {change!r}")
 
 
 def test_resnet_switching_train_and_eval_between_steps(kind):
     """Training steps (eager: batch statistics), eval steps (one plan), SGD with momentum: the
     parameters and running statistics follow the eager model's."""
     models = [randomize_statistics(ResNet(8, in_channels=1, num_classes=5, seed=4), 5) for _ in range(2)]
+    sgd_through_train_and_eval(models, (64, 1, 8, 8), lambda network, out, mode: plans_in(out) == (mode == "eval"))
+
+
+def sgd_through_train_and_eval(models, shape, as_expected):
+    """Two copies of a model, the second compiled, take SGD steps with momentum in train, eval,
+    train, eval mode on the same batches of `shape`: as_expected(compiled network, its output,
+    mode) holds at each step, and parameters and running statistics end as the eager model's."""
     networks = [models[0], gpuconv.compile(models[1])]
     optimizers = [gpuconv.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
     for index, mode in enumerate(["train", "eval", "train", "eval"]):
-        x, labels = images(10 + index, (64, 1, 8, 8)), rng_of(index).integers(0, 5, 64)
+        x, labels = images(10 + index, shape), rng_of(index).integers(0, 5, shape[0])
         for model, network, optimizer in zip(models, networks, optimizers):
             model.train(mode == "train")
             optimizer.zero_grad()
@@ -424,7 +439,7 @@ def test_resnet_switching_train_and_eval_between_steps(kind):
             F.cross_entropy(out, labels).backward()
             optimizer.step()
             if network is networks[1]:
-                assert plans_in(out) == (mode == "eval")
+                assert as_expected(network, out, mode), (mode, network.unsupported)
     for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert_close(b, a, rtol=2e-4, what=name)
 
@@ -490,32 +505,34 @@ def test_residual_state_dict_round_trip_in_pytorch_order():
 
 def test_two_threads_running_one_compiled_resnet_in_eval(kind):
     model = resnet8()
-    batches = [images(20 + i, (64, 1, 8, 8)) for i in range(2)]
-    infer_in_two_threads(gpuconv.compile(model), batches, [model(x).data for x in batches], rounds=15)
+    batches = {i: images(20 + i, (64, 1, 8, 8)) for i in range(2)}
+    infer_in_threads(gpuconv.compile(model), batches, {i: model(x).data for i, x in batches.items()}, rounds=15)
 
 
-def infer_in_two_threads(compiled, batches, expected, rounds):
-    """Two threads run batches[i] through one compiled model `rounds` times each: no error, no
-    hang (60 s), each thread its expected logits (to float32 rounding of their largest)."""
+def infer_in_threads(compiled, batches, expected, rounds, atol=None, join_s=60):
+    """A thread per key of `batches` runs its batch through one compiled model `rounds` times: no
+    error, no hang (join_s), each thread its expected[key] logits (rtol 1e-4; atol 1e-4 of their
+    largest unless given)."""
     import threading
     failures = []
 
-    def infer(i):
+    def infer(key):
+        tolerance = 1e-4 * np.abs(expected[key]).max() if atol is None else atol
         for _ in range(rounds):
             try:
-                y = compiled(batches[i]).data
+                y = compiled(batches[key]).data
             except Exception as error:
-                failures.append(f"{i}: {type(error).__name__}: {error}")
+                failures.append(f"{key}: {type(error).__name__}: {error}")
                 return
-            if not np.allclose(y, expected[i], rtol=1e-4, atol=1e-4 * np.abs(expected[i]).max()):
-                failures.append(f"{i}: wrong logits")
+            if not np.allclose(y, expected[key], rtol=1e-4, atol=tolerance):
+                failures.append(f"{key}: wrong logits")
                 return
 
-    threads = [threading.Thread(target=infer, args=(i,), daemon=True) for i in range(2)]
+    threads = [threading.Thread(target=infer, args=(key,), daemon=True) for key in batches]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
+        thread.join(join_s)
     assert not any(thread.is_alive() for thread in threads), "hang"
     assert not failures, failures
 

@@ -14,6 +14,7 @@ import pytest
 
 import gpuconv
 from gpuconv import nn
+from test_compile_residual_hostile import infer_in_threads
 from test_compile_segments import assert_close, plans_on_tape
 from gpuconv.nn import cpu_workers
 
@@ -238,33 +239,12 @@ def test_hostile_threads_running_one_compiled_model_on_different_image_sizes():
     could come between, and the plan ran x with ops compiled for the other shape ("ValueError:
     could not broadcast input array from shape (1,24,24,8) into shape (1,16,16,8)", or wrong
     logits). FIXED on this branch: prepare and run under one hold of the lock."""
-    import threading
     rng = np.random.default_rng(0)
     model = nn.Sequential(*block(rng, 1, 4), nn.BatchNorm2d(4), *block(rng, 4, 6), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(6, 5, rng=rng)).eval()
-    fast = gpuconv.compile(model)
     batches = {size: images(size, batch=8, size=size) for size in (16, 20, 24)}
-    expected = {size: model(x).data for size, x in batches.items()}
-    failures = []
-
-    def infer(size):
-        for _ in range(200):
-            try:
-                y = fast(batches[size]).data
-            except Exception as error:
-                failures.append(f"{size}: {type(error).__name__}: {error}")
-                return
-            if not np.allclose(y, expected[size], rtol=1e-4, atol=1e-4):
-                failures.append(f"{size}: wrong logits")
-                return
-
-    threads = [threading.Thread(target=infer, args=(size,)) for size in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(thread.is_alive() for thread in threads), "hang"
-    assert not failures, failures
+    infer_in_threads(gpuconv.compile(model), batches, {size: model(x).data for size, x in batches.items()},
+                     rounds=200, atol=1e-4, join_s=120)
 
 
 @pytest.mark.parametrize("removed", ["bias", "weight"])

@@ -42,6 +42,24 @@ from gpuconv.nn import cpu_plan
 
 def emit(**results):
     print("RESULT " + json.dumps(results), flush=True)
+
+
+_runs = []
+
+
+def long_part(start, stop):
+    """A region's part: the worker's (start > 0) takes 300 ms; each run is noted as (pid, start)."""
+    _runs.append((os.getpid(), start))
+    if start > 0:
+        time.sleep(0.3)
+    return start * 10
+
+
+def long_part_runs():
+    """The list long_part notes its runs in, empty, after one region has started the worker."""
+    cpu_plan.run_in_parts(long_part, 2)
+    _runs.clear()
+    return _runs
 '''
 
 
@@ -220,16 +238,7 @@ def test_guard_fork_from_another_thread_during_a_long_worker_part(tmp_path):
     the right results; the parent's region finishes with each part run once."""
     r = run_child(tmp_path, r'''
         gpuconv.set_cpu_workers(1)
-        runs = []
-
-        def part(start, stop):
-            runs.append((os.getpid(), start))
-            if start > 0:
-                time.sleep(0.3)
-            return start * 10
-
-        cpu_plan.run_in_parts(part, 2)
-        runs.clear()
+        runs = long_part_runs()
         status = {}
 
         def forker():
@@ -243,7 +252,7 @@ def test_guard_fork_from_another_thread_during_a_long_worker_part(tmp_path):
 
         t = threading.Thread(target=forker)
         t.start()
-        got = cpu_plan.run_in_parts(part, 2)
+        got = cpu_plan.run_in_parts(long_part, 2)
         t.join()
         me = os.getpid()
         emit(got=got, runs=sorted(s for p, s in runs if p == me), child=status.get("child"))
@@ -258,17 +267,8 @@ def test_guard_fork_in_a_signal_handler_during_a_long_worker_part(tmp_path):
     each part once and is not disturbed."""
     r = run_child(tmp_path, r'''
         gpuconv.set_cpu_workers(1)
-        runs = []
+        runs = long_part_runs()
         state = {"child": False, "pid": None}
-
-        def part(start, stop):
-            runs.append((os.getpid(), start))
-            if start > 0:
-                time.sleep(0.3)
-            return start * 10
-
-        cpu_plan.run_in_parts(part, 2)
-        runs.clear()
 
         def handler(signum, frame):
             pid = os.fork()
@@ -279,7 +279,7 @@ def test_guard_fork_in_a_signal_handler_during_a_long_worker_part(tmp_path):
 
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, 0.1)
-        got = cpu_plan.run_in_parts(part, 2)
+        got = cpu_plan.run_in_parts(long_part, 2)
         if state["child"]:
             mine = sorted(s for p, s in runs if p == os.getpid())
             os._exit(0 if got == [0, 10] and mine == [1] and not cpu_plan._region_lock.locked() else 3)
