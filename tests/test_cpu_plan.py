@@ -17,7 +17,7 @@ from gpuconv import functional as F
 from gpuconv.compiler import CompiledModel, PlanFunction
 from gpuconv.errors import ArgumentError, DTypeError, ShapeError
 from gpuconv.models import LeNet5
-from gpuconv.nn import cpu_plan, cpu_workers
+from gpuconv.nn import cpu_ops, cpu_plan, cpu_workers
 
 LENETS = [("relu", "max"), ("tanh", "avg")]
 
@@ -642,3 +642,127 @@ def test_a_worker_error_of_any_text_reaches_the_caller_whole(monkeypatch):
             process.receive(1)
     finally:
         process.close(kill=True)
+
+
+def passing_slots(plan):
+    return [op.passing for op in plan.ops if isinstance(op, cpu_ops.ConvOp)]
+
+
+def test_outputs_only_the_forward_reads_pass_through_two_buffers(rng, threads):
+    """A conv whose output only the next conv's forward reads (through in-place ReLUs) writes into
+    one of the thread's two passing buffers, alternating: three such convs in a row must each read
+    the other buffer than the one they write. A Tanh keeps its output for the backward, a 1x1 conv
+    reads its input in place, a conv with pooling keeps its output: those convs' outputs stay their
+    own; the 1x1 conv's own output passes to the last conv. Inputs far from zero: a stale or
+    shared buffer shows in every number."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, rng=rng), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3, padding=1, rng=rng), nn.ReLU(),
+                          nn.Conv2d(5, 4, 3, padding=1, rng=rng), nn.Tanh(),
+                          nn.Conv2d(4, 4, 3, padding=1, rng=rng), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1, rng=rng), nn.ReLU(),
+                          nn.Conv2d(4, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 5, rng=rng))
+    for batch in (9, 4, 9):
+        x = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32) + 2
+        assert assert_same_run(model, x, rng.integers(0, 5, batch), need_dx=True).planned
+    assert passing_slots(net(model)._plan) == [0, 1, 0, None, None, 1, None]
+
+
+def test_a_concat_branch_output_passes_and_its_copy_is_what_stays(rng, threads):
+    """A branch's last conv (then ReLU) writes into a passing buffer: the Concat copies it out
+    before the next branch runs, whose convs reuse the same two buffers."""
+    def branch(*sizes):
+        layers = []
+        for c_in, c_out, k in sizes:
+            layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2, rng=rng), nn.ReLU()]
+        return nn.Sequential(*layers)
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, rng=rng), nn.ReLU(),
+                          nn.Concat(branch((4, 3, 1)), branch((4, 2, 1), (2, 3, 3)),
+                                    branch((4, 2, 1), (2, 2, 3), (2, 3, 3))),
+                          nn.Conv2d(9, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(3, 4, rng=rng))
+    for batch in (6, 6):
+        x = rng.standard_normal((batch, 2, 6, 6)).astype(np.float32) + 2
+        assert assert_same_run(model, x, rng.integers(0, 4, batch), need_dx=True).planned
+    concat = net(model)._plan.ops[2]
+    assert [[op.passing for op in chain if isinstance(op, cpu_ops.ConvOp)] for chain in concat.branches] == \
+        [[0], [0, 1], [0, 1, 0]]
+
+
+def test_gradient_buffers_go_back_to_the_pool(rng):
+    """A chain keeps about two gradients at a time, not one per op: after a step through eight
+    same-shaped convs the thread's pool holds at most three gradient buffers of that size."""
+    gpuconv.set_cpu_workers(0)
+    layers = [nn.Conv2d(3, 6, 3, padding=1, rng=rng), nn.ReLU()]
+    for _ in range(7):
+        layers += [nn.Conv2d(6, 6, 3, padding=1, rng=rng), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(6 * 8 * 8, 4, rng=rng))
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    assert assert_same_run(model, x, rng.integers(0, 4, 5), need_dx=True).planned
+    pool = net(model)._plan.scratch[0]["gradient pool"]
+    one = 6 * 10 * 10 * 5 * 4  # a conv's padded input gradient, float32 bytes
+    assert 0 < sum(flat.nbytes for flat in pool.flats) <= 3 * one
+
+
+def test_a_deferred_weight_gradient_keeps_the_buffer_it_reads(rng):
+    """A thread that computes the weight gradients after the input gradients (every other thread
+    when the parts are threads) reads each conv's output gradient at the end: the pool must not
+    lend those buffers again before then. Same bits as computing them at once."""
+    gpuconv.set_cpu_workers(0)
+    layers = [nn.Conv2d(2, 4, 3, padding=1, rng=rng), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Conv2d(4, 4, 3, padding=1, rng=rng), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 6 * 6, 8, rng=rng), nn.ReLU(),
+                          nn.Linear(8, 3, rng=rng))
+    x = rng.standard_normal((7, 2, 6, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, 7)
+    runs = []
+    for deferring in (False, True, True):
+        run(model, x, labels, True)
+        net(model)._plan.deferring = [deferring]
+        runs.append(run(model, x, labels, True, need_dx=True))
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.dx, runs[0].dx)
+        for name in runs[0].grads:
+            np.testing.assert_array_equal(other.grads[name], runs[0].grads[name])
+    assert_same_run(model, x, labels, need_dx=True)
+
+
+def test_gradient_pool_lends_holds_and_restarts_the_same_way():
+    pool = cpu_ops.GradientPool()
+    pool.start()
+    a = pool.take((2, 3))
+    b = pool.take((4,))
+    assert not np.shares_memory(a, b)
+    pool.give_back(a[:, 1:])  # a view gives its owner back
+    c = pool.take((3, 2))  # the free buffer fits
+    assert np.shares_memory(c, a)
+    pool.hold(b)
+    pool.give_back(b)
+    d = pool.take((2, 2))  # b is held until flush: a new buffer
+    assert not np.shares_memory(d, b)
+    pool.flush()
+    pool.give_back(d, d.T)  # the caller goes on with d: it stays lent
+    assert not np.shares_memory(pool.take((2, 2)), d)
+    pool.give_back(np.zeros(3, np.float32))  # not the pool's: ignored
+    sizes = sorted(flat.size for flat in pool.flats)
+    pool.start()  # the same takes after a restart get the same views
+    again = [pool.take((2, 3)), pool.take((4,))]
+    pool.start()
+    assert all(x is y for x, y in zip(again, [pool.take((2, 3)), pool.take((4,))]))
+    assert sorted(flat.size for flat in pool.flats) == sizes
+
+
+def test_shared_gradient_rows_are_zero_where_no_window_reads(rng, threads):
+    """The convs' natural-order output gradients share one buffer per thread: a conv whose pooling
+    leaves rows and columns uncovered (7x7 pooled by 2, 3x3 by 2) must see zeros there, not what
+    the conv after it (whose backward runs first) left in the buffer."""
+    model = nn.Sequential(nn.Conv2d(2, 5, 2, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(5, 6, 1, rng=rng), nn.ReLU(),
+                          nn.Conv2d(6, 7, 1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(7, 3, rng=rng))
+    for batch in (8, 8):
+        x = rng.standard_normal((batch, 2, 8, 8)).astype(np.float32) + 1
+        assert assert_same_run(model, x, rng.integers(0, 3, batch), need_dx=True).planned

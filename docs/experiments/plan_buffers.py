@@ -28,6 +28,8 @@ def main(batch=128):
         for key, array in arrays.items():
             if isinstance(array, np.ndarray):
                 by_kind[f"{place}:{key[-1] if isinstance(key, tuple) else key}"] += array.nbytes
+            elif isinstance(array, cpu_ops.GradientPool):  # the ops' gradient buffers, lent and given back
+                by_kind[f"{place}:{key}"] += sum(flat.nbytes for flat in array.flats)
     print(f"total {sum(by_kind.values()) / 2**20:.1f} MiB")
     for kind, size in sorted(by_kind.items(), key=lambda item: -item[1]):
         print(f"  {kind}: {size / 2**20:.1f} MiB")

@@ -43,6 +43,93 @@ def shared(store, name, shape):
     return flat[:size].reshape(shape)
 
 
+def shared_view(store, name, shape):
+    """shared(store, name, shape) as the same view object while that flat buffer stays (so views
+    built over it are kept: kept_views). Its contents are whatever the last user left."""
+    shared(store, name, shape)  # the thread's flat buffer, grown to this size
+    return kept_views(store, (name, shape), lambda flat: flat[:math.prod(shape)].reshape(shape), store[name])
+
+
+def root(array):
+    """The array owning `array`'s memory (NumPy keeps a view's base pointing at the owner)."""
+    return array if array.base is None else array.base
+
+
+class GradientPool:
+    """A thread's gradient buffers for the backward: an op takes its input gradient's buffer here
+    and the chain that called it gives the buffer back once the op before has read it, so a chain
+    keeps about two gradients at a time, not one per op (InceptionNet at batch 128 kept 77 MiB of
+    per-op gradient buffers). Buffers are flat float32 arrays, lent as views of the shape asked
+    for; one whose contents a deferred weight gradient still reads (`hold`) returns to the pool at
+    `flush`. Each chunk's backward starts with every buffer free in the order they were made, so
+    the same backward takes the same buffers every step, and views built over them are kept
+    (kept_views)."""
+
+    def __init__(self):
+        self.flats, self.free, self.lent = [], [], {}
+        self.held, self.pending = set(), []
+        self.views = {}  # (id(flat), shape) -> the view lent: the same object step after step
+
+    def start(self):
+        """A chunk's backward begins: nothing is lent any more."""
+        self.free, self.lent = list(self.flats), {}
+        self.held.clear()
+        self.pending.clear()
+
+    def take(self, shape):
+        """A float32 array of `shape` no other lent gradient uses (contents undefined)."""
+        size = math.prod(shape)
+        fits = [flat for flat in self.free if flat.size >= size]
+        if fits:
+            flat = min(fits, key=lambda flat: flat.size)  # the first of the smallest that fit
+        else:
+            if self.free:  # the largest free buffer is too small: it is replaced by one that fits
+                self._drop(max(self.free, key=lambda flat: flat.size))
+            flat = np.empty(size, np.float32)
+            self.flats.append(flat)
+            self.free.append(flat)
+        self.free = [other for other in self.free if other is not flat]
+        self.lent[id(flat)] = flat
+        key = (id(flat), tuple(shape))
+        view = self.views.get(key)
+        if view is None:
+            view = self.views[key] = flat[:size].reshape(shape)
+        return view
+
+    def _drop(self, flat):
+        self.flats = [other for other in self.flats if other is not flat]
+        self.free = [other for other in self.free if other is not flat]
+        self.views = {key: view for key, view in self.views.items() if key[0] != id(flat)}
+
+    def hold(self, array):
+        """`array`'s buffer is read later (a deferred weight gradient): kept until flush()."""
+        if id(root(array)) in self.lent:
+            self.held.add(id(root(array)))
+
+    def give_back(self, array, *still_used):
+        """`array`'s buffer is free again, unless it is not lent here or one of `still_used` (the
+        gradient the caller goes on with) is in it."""
+        owner = root(array)
+        if id(owner) not in self.lent or any(root(other) is owner for other in still_used if other is not None):
+            return
+        del self.lent[id(owner)]
+        (self.pending if id(owner) in self.held else self.free).append(owner)
+
+    def flush(self):
+        """The deferred weight gradients have run: what they held is free."""
+        self.free += self.pending
+        self.pending.clear()
+        self.held.clear()
+
+
+def gradients(scratch):
+    """The thread's GradientPool, kept in its scratch."""
+    pool = scratch.get("gradient pool")
+    if pool is None:
+        pool = scratch["gradient pool"] = GradientPool()
+    return pool
+
+
 def kept_views(store, key, make, *bases):
     """make(*bases), built once and kept in store[key] while the same base arrays come back.
     The buffers are reused step after step, and so are the views over them. Building one costs
@@ -114,6 +201,8 @@ class ConvOp(Op):
     (_row_matrices), and its shifted-row copy R is kept for dW; with dilation > 1 it builds
     the columns, in one buffer per thread, and rebuilds them in the backward.
     """
+
+    passing = None  # which of the thread's two passing buffers holds the output (mark_passing_outputs), or None
 
     def __init__(self, layer, index, pool=None, relu=False):
         self.layer, self.index, self.pool, self.relu = layer, index, pool, relu
@@ -312,10 +401,7 @@ class ConvOp(Op):
         if ph or pw or not x.flags.c_contiguous:
             shape = (self.channels, h + 2 * ph, w + 2 * pw, chunk.n)
             if scratch is not None and self.row_path and not self.pointwise:
-                shared(scratch, "padded", shape)  # the thread's flat buffer, grown to this size
-                # one view object per shape while that buffer stays: kept_views then keeps R's views
-                padded = kept_views(scratch, ("padded", shape), lambda flat: flat[:math.prod(shape)].reshape(shape),
-                                    scratch["padded"])
+                padded = shared_view(scratch, "padded", shape)
                 for border in ((slice(None), slice(0, ph)), (slice(None), slice(ph + h, None)),
                                (slice(None), slice(ph, ph + h), slice(0, pw)),
                                (slice(None), slice(ph, ph + h), slice(pw + w, None))):
@@ -336,7 +422,11 @@ class ConvOp(Op):
     def forward(self, chunk, x, scratch):
         n, key, f = chunk.n, self.index, self.filters
         x = self._padded(chunk, x, scratch)
-        y = buffer(chunk.store, (key, "y"), (f,) + self.positions + (n,))
+        shape = (f,) + self.positions + (n,)
+        if self.passing is None:
+            y = buffer(chunk.store, (key, "y"), shape)
+        else:  # read by the forward alone (mark_passing_outputs)
+            y = shared_view(scratch, ("passing", self.passing), shape)
         matrices = self._product(x, y, chunk, scratch, n)
         chunk.saved[key] = dict(source=x, y=y, matrices=matrices)
         bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
@@ -388,10 +478,11 @@ class ConvOp(Op):
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
-        grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n))
+        grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n),
+                        reads=dy)
         if not need_dx:
             return None
-        dx = buffer(scratch, (key, "dx"), saved["source"].shape)
+        dx = gradients(scratch).take(saved["source"].shape)
         if self.row_path and self.stride[0] == 1:
             self._input_grad_by_rows(dy, dx, scratch, n)
         else:
@@ -435,7 +526,13 @@ class ConvOp(Op):
         sum over kw into dx (col2im would add KH*KW times more)."""
         f, c, (kh, kw), (oh, ow) = self.filters, self.channels, self.kernel, self.out_hw
         hp, wp, sw = dx.shape[1], dx.shape[2], self.stride[1]
-        rows = buffer(scratch, (self.index, "dy_rows"), (oh, f, ow * n), zero=True)
+        # dy in natural order, in a buffer every conv of the thread shares (30 MiB of InceptionNet's
+        # plan at batch 128 when each had its own): positions no pooling window covers get 0
+        rows = shared_view(scratch, "dy_rows", (oh, f, ow * n))
+        if self.pool is not None:
+            covered = (self.pooled_hw[0] * self.pool[0], self.pooled_hw[1] * self.pool[1])
+            rows[covered[0]:] = 0
+            rows.reshape(oh, f, ow, n)[:covered[0], :, covered[1]:] = 0
         # Wt[(c, kw), (j, f)] = W[f, c, KH-1-j, kw]: block j of input row ih's rows is output row
         # ih + j - (KH-1), which meets kernel row KH-1-j
         weight = buffer(scratch, (self.index, "dx_weight"), (c * kw, kh * f))
@@ -449,7 +546,8 @@ class ConvOp(Op):
         # still in the core's cache (an L2 of about that size).
         width = (wp if sw == 1 else ow) * n
         group = hp if sw != 1 else max(1, min(hp, DX_GROUP_BYTES // (c * kw * width * dx.itemsize)))
-        out = buffer(scratch, (self.index, "dx_rows"), (group, c * kw, width), zero=True)
+        out = shared_view(scratch, "dx_rows", (group, c * kw, width))
+        out[:, :, ow * n:] = 0  # the (KW-1)*n values past each product row: see above
         dy_rows, groups = kept_views(scratch, (self.index, "dx views"), self._row_products, rows, weight, out, dx)
         self._natural(dy, dy_rows, scratch)
         for products, shifted, target in groups:
@@ -551,7 +649,10 @@ class PoolOp(Op):
     def backward(self, chunk, dy, need_dx, grads, scratch):
         saved = chunk.saved[self.index]
         x, y = saved["x"], saved["y"]
-        dx = buffer(scratch, (self.index, "dx"), x.shape, zero=True)  # rows past the last window stay 0
+        dx = gradients(scratch).take(x.shape)
+        (kh, kw), (oh, ow) = self.kernel, self.out_hw
+        dx[:, oh * kh:] = 0  # rows and columns past the last window
+        dx[:, :, ow * kw:] = 0
         targets = self._taps(dx)
         if self.mode == "avg":
             share = np.divide(dy, dy.dtype.type(self.kernel[0] * self.kernel[1]))
@@ -616,7 +717,7 @@ class BatchNormEvalOp(Op):
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
         if not need_dx:
             return None
-        dx = buffer(scratch, (self.index, "dx"), dy.shape)
+        dx = gradients(scratch).take(dy.shape)
         np.multiply(dy, scale[:, None, None, None], out=dx)
         return dx
 
@@ -644,7 +745,7 @@ class GlobalAvgPoolOp(Op):
     def backward(self, chunk, dy, need_dx, grads, scratch):
         if not need_dx:
             return None
-        dx = buffer(scratch, (self.index, "dx"), (dy.shape[0],) + self.in_hw + (chunk.n,))
+        dx = gradients(scratch).take((dy.shape[0],) + self.in_hw + (chunk.n,))
         h, w = self.in_hw
         np.divide(dy, dy.dtype.type(h * w), out=dx)  # each pixel's share, broadcast over the map, as the reference
         return dx
@@ -679,8 +780,8 @@ class ActivationOp(Op):
         if self.kind == "relu":  # y is the mask x > 0
             # into dy itself when it is a plan buffer nothing reads again: one gradient buffer
             # fewer per ReLU kept in the thread's scratch (30 of InceptionNet's 331 MiB)
-            return np.multiply(dy, y, out=dy if self.owns_dy else buffer(scratch, (self.index, "dx"), y.shape))
-        dx = buffer(scratch, (self.index, "dx"), y.shape)
+            return np.multiply(dy, y, out=dy if self.owns_dy else gradients(scratch).take(y.shape))
+        dx = gradients(scratch).take(y.shape)
         if self.kind == "tanh":
             np.multiply(y, y, out=dx)
             np.subtract(1, dx, out=dx)
@@ -745,12 +846,12 @@ class LinearOp(Op):
     def backward(self, chunk, dy, need_dx, grads, scratch):
         x, layer = chunk.saved[self.index], self.layer
         # deferred in every thread: see "Threads" in cpu_plan.py
-        grads.add_later(layer.weight, lambda: np.matmul(dy, x.T), always=True)
+        grads.add_later(layer.weight, lambda: np.matmul(dy, x.T), always=True, reads=dy)
         if layer.bias is not None:
-            grads.add_later(layer.bias, lambda: np.add.reduce(dy, axis=1), always=True)
+            grads.add_later(layer.bias, lambda: np.add.reduce(dy, axis=1), always=True, reads=dy)
         if not need_dx:
             return None
-        dx = buffer(scratch, (self.index, "dx"), x.shape)
+        dx = gradients(scratch).take(x.shape)
         np.matmul(layer.weight.data.T, dy, out=dx)
         return dx
 
@@ -762,14 +863,39 @@ class LinearOp(Op):
 SPATIAL_OPS = (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp)
 
 
-def setup_chain(ops, shape):
+def setup_chain(ops, shape, copied_at_end=False):
     """Set each op up for the output shape of the one before -> the chain's per-image output shape.
-    Raises Unsupported."""
+    `copied_at_end`: the chain's output is copied away before anything else runs (a Concat's
+    branch, the plan's output). Raises Unsupported."""
     for op in ops:
         if isinstance(op, SPATIAL_OPS) and len(shape) != 3:
             raise Unsupported("spatial op on a flat input")
         shape = tuple(op.setup(shape))
+    mark_passing_outputs(ops, copied_at_end)
     return shape
+
+
+def mark_passing_outputs(ops, copied_at_end):
+    """Give a conv's output a buffer of the thread's (ConvOp.passing) where only the forward reads
+    it: a conv without pooling whose output, through in-place ReLUs (which keep masks, not their
+    input), goes into a conv that copies it into its own row copy R (row path, not pointwise: its
+    backward reads R alone), or is the chain's output copied away. Neither the conv's nor the
+    ReLUs' backward reads it. Such outputs alternate between two buffers (a conv reading one
+    writes the other). InceptionNet's 1x1 reduce convs and branch outputs kept 28 MiB of outputs
+    at batch 128."""
+    slot = 0
+    for position, op in enumerate(ops):
+        if not isinstance(op, ConvOp):
+            continue
+        op.passing = None
+        after = position + 1
+        while after < len(ops) and isinstance(ops[after], ActivationOp) and ops[after].kind == "relu" \
+                and ops[after].in_place:
+            after += 1
+        reader = ops[after] if after < len(ops) else None
+        if op.pool is None and ((reader is None and copied_at_end) or (
+                isinstance(reader, ConvOp) and reader.row_path and not reader.pointwise)):
+            op.passing, slot = slot, 1 - slot
 
 
 def mark_owned_gradients(ops, owned):
@@ -828,9 +954,20 @@ class BranchingOp(Op):
 
     @staticmethod
     def chain_backward(chain, chunk, dy, need_dx, grads, scratch):
-        for position in range(len(chain) - 1, -1, -1):
-            dy = chain[position].backward(chunk, dy, need_dx or position > 0, grads, scratch)
-        return dy
+        return backward_chain(chain, chunk, dy, need_dx, grads, scratch)
+
+
+def backward_chain(chain, chunk, dy, need_dx, grads, scratch):
+    """The backward of a chain of ops, last op first -> the chain's input gradient. Each gradient
+    an op of the chain made goes back to the thread's pool once the op before has read it (dy, the
+    caller's, stays)."""
+    pool, d = gradients(scratch), dy
+    for position in range(len(chain) - 1, -1, -1):
+        new = chain[position].backward(chunk, d, need_dx or position > 0, grads, scratch)
+        if root(d) is not root(dy):
+            pool.give_back(d, new)
+        d = new
+    return d
 
 
 def owns_output(op):
@@ -896,13 +1033,19 @@ class ResidualOp(BranchingOp):
         return total
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
+        incoming = dy
         dy = self.chain_backward(self.post, chunk, dy, True, grads, scratch)
         body = self.chain_backward(self.body, chunk, dy, need_dx, grads, scratch)
         shortcut = self.chain_backward(self.shortcut, chunk, dy, need_dx, grads, scratch)
-        if not need_dx:
-            return None
-        dx = buffer(scratch, (self.index, "dx"), self.in_shape + (chunk.n,))
-        return np.add(body, shortcut, out=dx)
+        dx = None
+        if need_dx:
+            dx = np.add(body, shortcut, out=gradients(scratch).take(self.in_shape + (chunk.n,)))
+        # the block's own gradients (the incoming one stays: the caller gives it back)
+        pool = gradients(scratch)
+        for own in {id(root(d)): d for d in (body, shortcut, dy) if d is not None}.values():
+            if root(own) is not root(incoming):
+                pool.give_back(own)
+        return dx
 
 
 class ConcatOp(BranchingOp):
@@ -932,7 +1075,7 @@ class ConcatOp(BranchingOp):
         if self.dim % (len(shape) + 1) != 1:  # the batch is the first axis of the layers' arrays
             raise Unsupported(f"Concat along dim {self.dim} of {len(shape) + 1}-dimensional arrays (not the channels)")
         self.in_shape = tuple(shape)
-        outs = [setup_chain(chain, shape) for chain in self.branches]
+        outs = [setup_chain(chain, shape, copied_at_end=True) for chain in self.branches]
         if any(len(out) != len(outs[0]) or out[1:] != outs[0][1:] for out in outs):
             raise Unsupported(f"Concat branches of shapes {outs}: they differ beyond the channels")
         edges = np.cumsum([0] + [out[0] for out in outs]).tolist()
@@ -960,7 +1103,8 @@ class ConcatOp(BranchingOp):
         return out
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
-        dx = buffer(scratch, (self.index, "dx"), self.in_shape + (chunk.n,)) if need_dx else None
+        pool = gradients(scratch)
+        dx = pool.take(self.in_shape + (chunk.n,)) if need_dx else None
         for position, (block, chain) in enumerate(zip(self.blocks, self.branches)):
             d = self.chain_backward(chain, chunk, dy[block], need_dx, grads, scratch)
             if need_dx:
@@ -968,4 +1112,6 @@ class ConcatOp(BranchingOp):
                     np.copyto(dx, d)
                 else:
                     dx += d
+            if d is not None and root(d) is not root(dy):  # a branch's own gradient (not dy's block)
+                pool.give_back(d)
         return dx

@@ -71,8 +71,8 @@ from . import cpu_workers
 from . import layers as L
 from .sequential import Concat, Residual, Sequential
 from .cpu_ops import (ActivationOp, BatchNormEvalOp, BranchingOp, Chunk, ConcatOp, ConvOp, FlattenOp, GlobalAvgPoolOp,
-                      IdentityOp, LinearOp, PoolOp, ResidualOp, Unsupported, mark_owned_gradients, owns_output,
-                      setup_chain)
+                      IdentityOp, LinearOp, PoolOp, ResidualOp, Unsupported, backward_chain, gradients,
+                      mark_owned_gradients, owns_output, setup_chain)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -406,7 +406,7 @@ def _lower_chain(layers):
 def _compile(layers, input_shape):
     """Layers -> ops through LOWERINGS, then each op set up for its input shape. Raises Unsupported."""
     ops = _lower_chain(layers)
-    shape = setup_chain(ops, tuple(input_shape))
+    shape = setup_chain(ops, tuple(input_shape), copied_at_end=True)  # into the caller's array
     mark_owned_gradients(ops, False)  # the plan's output gradient is the caller's
     return ops, shape
 
@@ -433,8 +433,9 @@ class _Grads:
     every parameter still gets the same contributions in the same order, so the numbers are the
     same bits."""
 
-    def __init__(self, deferring=False):
+    def __init__(self, deferring=False, pool=None, compute_now=False):
         self.arrays, self.deferring, self.deferred = {}, deferring, []
+        self.pool, self.compute_now = pool, compute_now
 
     def add(self, param, value):
         key = id(param)
@@ -443,16 +444,24 @@ class _Grads:
         else:
             self.arrays[key] = [param, value]
 
-    def add_later(self, param, compute, always=False):
-        if self.deferring or always:
-            self.deferred.append((param, compute))
-        else:
+    def add_later(self, param, compute, always=False, reads=None):
+        """`reads`: the gradient buffer compute() reads, kept out of the pool until flush()."""
+        if not (self.deferring or always):
             self.add(param, compute())
+        elif self.compute_now:
+            value = compute()
+            self.deferred.append((param, lambda: value))
+        else:
+            if self.pool is not None and reads is not None:
+                self.pool.hold(reads)
+            self.deferred.append((param, compute))
 
     def flush(self):
         for param, compute in reversed(self.deferred):
             self.add(param, compute())
         self.deferred.clear()
+        if self.pool is not None:
+            self.pool.flush()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,6 +667,10 @@ class _Plan:
         self._params = None
         self.training = True
         self.in_processes = False  # the last forward's parts 1.. ran in worker processes (else threads)
+        # Deferred weight gradients computed at once and added later in the same order (the same
+        # bits): where the parts run in processes, which share no GIL (the deferral's reason, see
+        # "Threads"), so that a gradient buffer goes back to the pool as soon as it has been read
+        self.weight_grads_now = False
         self.lock = threading.RLock()  # one forward or backward of this plan at a time
 
     def prepare(self, layers, x):
@@ -759,13 +772,13 @@ class _Plan:
 
     def run_backward(self, thread, dy, dx, need_dx):
         """Part `thread`'s chunks of a backward -> its _Grads."""
-        grads, scratch = _Grads(deferring=self.deferring[thread]), self.scratch[thread]
+        scratch = self.scratch[thread]
+        pool = gradients(scratch)
+        grads = _Grads(self.deferring[thread], pool, compute_now=self.weight_grads_now)
         for chunk in self.parts[thread]:
+            pool.start()
             d = dy[chunk.start:chunk.stop]
-            d = d.transpose(*range(1, d.ndim), 0)
-            for position in range(len(self.ops) - 1, -1, -1):
-                op = self.ops[position]
-                d = op.backward(chunk, d, need_dx or position > 0, grads, scratch)
+            d = backward_chain(self.ops, chunk, d.transpose(*range(1, d.ndim), 0), need_dx, grads, scratch)
             grads.flush()
             if need_dx:
                 target = dx[chunk.start:chunk.stop]
@@ -805,6 +818,7 @@ class _Plan:
                 return [function(0, *arrays)]
             if kind == "forward":  # a backward runs where its forward ran: its activations are there
                 self.in_processes = processes and cpu_workers.supported()
+            self.weight_grads_now = self.in_processes
             if self.in_processes:
                 return cpu_workers.run_parallel(self, kind, arrays)
             with _switch_interval(SWITCH_INTERVAL):

@@ -573,6 +573,7 @@ def _run(state, op, rows, flag):
     plan, views = state["plan"], state["views"]
     plan.layout(rows)
     plan.deferring = [state["part"] % 2 == 1]  # as the thread running this part would
+    plan.weight_grads_now = True  # in the same order, computed at once (cpu_plan._Plan.weight_grads_now)
     if op == "F":
         if state["training"] != flag:
             for layer in state["layers"]:

@@ -371,8 +371,8 @@ class _BatchInner:
     executor's buffers are float32); stride 1 with few input channels (_batch_inner)."""
 
     def __init__(self, geo, w):
-        from ..nn.cpu_ops import Chunk, ConvOp
-        self.geo, self.make_chunk = geo, Chunk
+        from ..nn.cpu_ops import Chunk, ConvOp, gradients
+        self.geo, self.make_chunk, self.gradients = geo, Chunk, gradients
         self.op = ConvOp(_ConvLayer(geo, w), 0)
         self.op.setup((geo.c, geo.h, geo.w))
         # per image: the input's row copy (R), the output gradient, the padded input
@@ -389,6 +389,7 @@ class _BatchInner:
     def backward(self, x, dy, first, last, dx, need_dw):
         """Writes dx[first:last]; returns this chunk's filter gradient if need_dw, else None."""
         geo, chunk = self.geo, self._chunk(first, last)
+        self.gradients(self.scratch).start()  # the last chunk's input gradient is copied out: free again
         self.op.restore(chunk, x[first:last].transpose(1, 2, 3, 0))
         d = self.store.get("dy")
         if d is None or d.shape[-1] != chunk.n:
@@ -414,7 +415,7 @@ class _FilterGrad:
     def __init__(self, wanted):
         self.wanted, self.value = wanted, None
 
-    def add_later(self, param, compute, always=False):
+    def add_later(self, param, compute, always=False, reads=None):
         if self.wanted:
             self.value = compute()
 
