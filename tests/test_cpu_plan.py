@@ -766,3 +766,30 @@ def test_shared_gradient_rows_are_zero_where_no_window_reads(rng, threads):
     for batch in (8, 8):
         x = rng.standard_normal((batch, 2, 8, 8)).astype(np.float32) + 1
         assert assert_same_run(model, x, rng.integers(0, 3, batch), need_dx=True).planned
+
+
+def test_a_pools_gradient_is_zero_where_no_window_reads(rng, threads):
+    """A max pool after a Tanh (a PoolOp of its own) over 7x7 leaves row and column 6 to no
+    window: its input gradient there is zero, though the buffer it gets from the pool held the
+    Tanh's gradient of the conv after it a moment before."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.Tanh(), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 32, 3, padding=1, rng=rng), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(32 * 3 * 3, 3, rng=rng))
+    for batch in (6, 6):
+        x = rng.standard_normal((batch, 2, 7, 7)).astype(np.float32) + 1
+        assert assert_same_run(model, x, rng.integers(0, 3, batch), need_dx=True).planned
+
+
+@pytest.mark.parametrize("first", ["identity", "relu"])
+def test_a_concat_keeps_its_output_gradient_while_branches_pass_it_on(first, rng, threads):
+    """A branch without ops of its own (Identity, or a ReLU writing into its block) returns a
+    block of the Concat's output gradient: that buffer is the Concat's to keep until every branch
+    has read its block, not the pool's to lend to the next branch's conv."""
+    head = nn.Identity() if first == "identity" else nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.ReLU(),
+                          nn.Concat(head, nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, rng=rng), nn.ReLU())),
+                          nn.Conv2d(8, 3, 1, rng=rng), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(3 * 6 * 6, 3, rng=rng))
+    for batch in (6, 6):
+        x = rng.standard_normal((batch, 3, 6, 6)).astype(np.float32) + 1
+        assert assert_same_run(model, x, rng.integers(0, 3, batch), need_dx=True).planned
