@@ -24,6 +24,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.widths is not None and args.model != "simplecnn":
         raise ArgumentError(f"--widths: sets SimpleCNN's block widths, and --model is {args.model}; drop --widths")
+    if args.model != "lenet5" and (args.activation, args.pool) != ("relu", "max"):
+        raise ArgumentError(f"--activation, --pool: choose LeNet-5's, and --model is {args.model}, whose layers are "
+                            f"fixed; got --activation {args.activation} --pool {args.pool}: drop them")
     info = dataset_info(args.dataset)
     model = build_model(args.model, info.in_channels, len(info.cls.classes), info.image_size,
                         activation=args.activation, pool=args.pool, widths=args.widths)

@@ -192,6 +192,10 @@ class Trainer:
         refuse_without_augmentation("crop_padding", crop_given, "crops")
         if not (isinstance(c["label_smoothing"], (int, float)) and 0.0 <= c["label_smoothing"] < 1.0):
             raise ArgumentError(f"label_smoothing: expected a number in [0, 1), got {c['label_smoothing']!r}")
+        if c["model"] != "lenet5" and (c["activation"], c["pool"]) != ("relu", "max"):
+            raise ArgumentError(f"activation, pool: choose LeNet-5's (--model lenet5), and this run trains "
+                                f"{c['model']}, whose layers are fixed (ReLU, max pooling); got activation="
+                                f"{c['activation']!r}, pool={c['pool']!r}: drop --activation and --pool")
         if c["widths"] is not None and c["model"] != "simplecnn":
             raise ArgumentError(f"widths: sets SimpleCNN's block widths (--model simplecnn), "
                                 f"and this run trains {c['model']}; drop --widths")
@@ -270,6 +274,8 @@ class Trainer:
         # run may ask for now; they are not compared.
         unaugmented = saved.get("augment") is False and not self.config["augment"]
         inert = ("crop_padding", "random_erasing") if unaugmented else ()
+        if self.config["model"] != "lenet5":  # its layers are fixed: a checkpoint from before other
+            inert += ("activation", "pool")   # values were refused may hold any (they did nothing)
         for key in RESUME_KEYS:
             if key in saved and key not in inert and saved[key] != self.config[key]:
                 hint = "pass the same value"

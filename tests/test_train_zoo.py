@@ -9,6 +9,7 @@ from gpuconv import train
 from gpuconv.checkpoint import load_checkpoint
 from gpuconv.data import cifar
 from gpuconv.errors import ArgumentError, CheckpointError, DataNotFoundError
+from gpuconv.summary_cli import main as summary_main
 
 
 @pytest.fixture
@@ -204,3 +205,38 @@ def test_bad_widths_in_a_python_config_are_refused_before_any_memory_is_taken(wi
     with pytest.raises(ArgumentError, match=r"widths: expected a list of 1 to 4 ints in \[1, 4096\]"):
         train.Trainer(dict(dataset="cifar10", model="simplecnn", device="cpu", data_dir=str(cifar_tarball),
                            widths=widths, limit_train=8, limit_test=8))
+
+
+@pytest.mark.parametrize("model", ["simplecnn", "resnet8", "inception"])
+@pytest.mark.parametrize("option", [("--activation", "tanh"), ("--pool", "avg")])
+def test_activation_and_pool_are_refused_for_models_with_fixed_layers(model, option, capsys):
+    """--activation and --pool choose LeNet-5's layers; the other models' are fixed, and a run that
+    asked for tanh used to train with ReLU without a word."""
+    code = cli.main(["train", "--data-dir", "/nonexistent", "--dataset", "cifar10", "--model", model, *option])
+    assert code in (1, 2)
+    err = capsys.readouterr().err
+    assert "activation, pool: choose LeNet-5's" in err and model in err and option[1] in err
+    with pytest.raises(ArgumentError, match=f"--activation, --pool: choose LeNet-5's, and --model is {model}"):
+        summary_main(["--model", model, "--dataset", "cifar10", *option])
+
+
+def test_a_checkpoint_that_recorded_an_ignored_activation_still_resumes(cifar_tarball, tmp_path, capsys):
+    """Before --activation and --pool were refused for models with fixed layers, a run could record
+    activation='tanh' for a SimpleCNN that trained with ReLU: resuming it must not ask for tanh."""
+    from gpuconv.checkpoint import save_checkpoint
+    checkpoint = tmp_path / "old.npz"
+    args = ["--dataset", "cifar10", "--model", "simplecnn", "--widths", "8", "--device", "cpu", "--batch-size", "16",
+            "--limit-train", "32", "--limit-test", "16", "--data-dir", str(cifar_tarball), "--checkpoint", str(checkpoint)]
+    assert train.main(args + ["--epochs", "1"]) == 0
+    state, optim_state, meta = load_checkpoint(checkpoint)
+    meta["config"].update(activation="tanh", pool="avg")  # as such a run wrote it
+    from gpuconv.models import SimpleCNN
+    from gpuconv import optim
+    model = SimpleCNN(3, 10, 32, widths=(8,))
+    model.load_state_dict(state)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt.load_state_dict(optim_state)
+    save_checkpoint(checkpoint, model, opt, meta)
+    capsys.readouterr()
+    assert train.main(args + ["--epochs", "2", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
