@@ -793,3 +793,20 @@ def test_a_concat_keeps_its_output_gradient_while_branches_pass_it_on(first, rng
     for batch in (6, 6):
         x = rng.standard_normal((batch, 3, 6, 6)).astype(np.float32) + 1
         assert assert_same_run(model, x, rng.integers(0, 3, batch), need_dx=True).planned
+
+
+def test_a_deferred_gradient_that_does_not_say_what_it_reads_holds_every_lent_buffer():
+    """An op registered elsewhere (cpu_plan.lowers) may call add_later without `reads`: then every
+    buffer lent at that moment stays out of the pool until flush."""
+    pool = cpu_ops.GradientPool()
+    pool.start()
+    a, b = pool.take((3,)), pool.take((3,))
+    grads = cpu_plan._Grads(deferring=True, pool=pool)
+    grads.add_later(object(), lambda: np.zeros(1))
+    c = pool.take((3,))  # lent after: not held
+    for array in (a, b, c):
+        pool.give_back(array)
+    assert np.shares_memory(pool.take((3,)), c)
+    assert not any(np.shares_memory(pool.take((3,)), held) for held in (a, b))
+    grads.flush()
+    assert any(np.shares_memory(pool.take((3,)), held) for held in (a, b))

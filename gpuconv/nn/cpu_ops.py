@@ -102,8 +102,11 @@ class GradientPool:
         self.views = {key: view for key, view in self.views.items() if key[0] != id(flat)}
 
     def hold(self, array):
-        """`array`'s buffer is read later (a deferred weight gradient): kept until flush()."""
-        if id(root(array)) in self.lent:
+        """`array`'s buffer is read later (a deferred weight gradient): kept until flush(). None:
+        every buffer lent now (a deferred computation that does not say what it reads)."""
+        if array is None:
+            self.held.update(self.lent)
+        elif id(root(array)) in self.lent:
             self.held.add(id(root(array)))
 
     def give_back(self, array, *still_used):

@@ -429,9 +429,10 @@ class _Grads:
     add_later(param, compute) adds compute() now, or, when `deferring` (or for every thread,
     `always`), at flush(), which the plan calls after each chunk's backward: the weight
     gradients then run after all the input gradients, first layer first (see "Threads"). The
-    buffers they read are the chunk's and the thread's own, untouched until the next chunk, and
-    every parameter still gets the same contributions in the same order, so the numbers are the
-    same bits."""
+    buffers they read are the chunk's, and gradient buffers the thread's pool holds until flush()
+    (`reads`); every parameter still gets the same contributions, added in the same order, so the
+    numbers are the same bits. With `compute_now` (parts in processes) the values are computed at
+    once and only their sums wait: the same bits, and the gradient buffers go back at once."""
 
     def __init__(self, deferring=False, pool=None, compute_now=False):
         self.arrays, self.deferring, self.deferred = {}, deferring, []
@@ -445,20 +446,25 @@ class _Grads:
             self.arrays[key] = [param, value]
 
     def add_later(self, param, compute, always=False, reads=None):
-        """`reads`: the gradient buffer compute() reads, kept out of the pool until flush()."""
+        """`reads`: the gradient buffer compute() reads, kept out of the pool until flush() (None:
+        every buffer lent now, for an op that does not say)."""
         if not (self.deferring or always):
             self.add(param, compute())
         elif self.compute_now:
             value = compute()
             self.deferred.append((param, lambda: value))
         else:
-            if self.pool is not None and reads is not None:
+            if self.pool is not None:
                 self.pool.hold(reads)
             self.deferred.append((param, compute))
 
     def flush(self):
-        for param, compute in reversed(self.deferred):
-            self.add(param, compute())
+        """Compute the deferred gradients first layer first, then add them in the order the
+        backward reached them, as an undeferred thread does (a layer used three times sums its
+        weight gradients in that order either way)."""
+        values = [compute() for _, compute in reversed(self.deferred)][::-1]
+        for (param, _), value in zip(self.deferred, values):
+            self.add(param, value)
         self.deferred.clear()
         if self.pool is not None:
             self.pool.flush()
