@@ -1106,20 +1106,15 @@ class ConcatOp(BranchingOp):
         return out
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
-        pool, dx = gradients(scratch), None
-        for block, chain in zip(self.blocks, self.branches):
+        pool = gradients(scratch)
+        dx = pool.take(self.in_shape + (chunk.n,)) if need_dx else None
+        for position, (block, chain) in enumerate(zip(self.blocks, self.branches)):
             d = self.chain_backward(chain, chunk, dy[block], need_dx, grads, scratch)
-            own = d is not None and root(d) is not root(dy)  # a branch's own gradient, not dy's block
-            if not need_dx:
-                pass
-            elif dx is None and own:
-                dx = d  # the first branch's gradient is the sum's start: no copy, one buffer fewer
-                continue
-            elif dx is None:
-                dx = pool.take(self.in_shape + (chunk.n,))
-                np.copyto(dx, d)
-            else:
-                dx += d
-            if own:
+            if need_dx:
+                if position == 0:
+                    np.copyto(dx, d)
+                else:
+                    dx += d
+            if d is not None and root(d) is not root(dy):  # a branch's own gradient (not dy's block)
                 pool.give_back(d)
         return dx
