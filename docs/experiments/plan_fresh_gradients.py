@@ -4,6 +4,9 @@ the zoo's InceptionNet training step at batch 128 with one worker thread, altern
 in one process (24 rounds, the first 4 dropped). Run from the repository root, on a quiet machine:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/plan_fresh_gradients.py
+
+Its figures are of the code up to 4af6242: since 82d6efa the ops take their gradient buffers from
+the thread's pool (cpu_ops.GradientPool), not from cpu_ops.buffer, and both arms run the same code.
 """
 import time
 
