@@ -6,22 +6,11 @@ repository root, on a quiet machine:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/filter_grad_one_gemm.py
 """
-import time
-
 import numpy as np
+from row_runs_profile import median_ms  # beside this script: run it as python docs/experiments/...
 
 from gpuconv import blas
 from gpuconv.ops import conv_cpu, cpu_parts
-
-
-def median_ms(function, repeat=9):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.median(times)
 
 
 def row_runs(geo, x, dy):
@@ -65,11 +54,11 @@ def main(n=64):
             geo = conv_cpu._Geometry(x.shape, (o, c, 3, 3), (1, 1), (1, 1), (1, 1))
             current, chunk = row_runs(geo, x, dy)
             reference = current()
-            line = [f"c{c}-{o}@{side}: _RowRuns (chunk {chunk}) {median_ms(current):.2f} ms"]
+            line = [f"c{c}-{o}@{side}: _RowRuns (chunk {chunk}) {median_ms(current, 9):.2f} ms"]
             for m in (2, 4, 8, 16):
                 variant = one_gemm(geo, x, dy, m)
                 error = np.abs(variant() - reference).max() / np.abs(reference).max()
-                line.append(f"one GEMM, chunk {m}: {median_ms(variant):.2f} ms (max error {error:.0e})")
+                line.append(f"one GEMM, chunk {m}: {median_ms(variant, 9):.2f} ms (max error {error:.0e})")
             print("; ".join(line), flush=True)
 
 

@@ -5,21 +5,10 @@ on a quiet machine:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/row_runs_chunk_sizes.py
 """
-import time
-
 import numpy as np
+from row_runs_profile import median_ms  # beside this script: run it as python docs/experiments/...
 
 from gpuconv.ops import conv_cpu
-
-
-def median_ms(function, repeat=9):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.median(times)
 
 
 def main(n=128):
@@ -33,9 +22,9 @@ def main(n=128):
             line = []
             for mib in (1, 2, 4, 8):
                 conv_cpu.ROW_RUNS_BYTES = mib << 20
-                forward = median_ms(lambda: conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1)))
-                data = median_ms(lambda: conv_cpu.conv2d_backward(dy, x, w, (1, 1), (1, 1), (1, 1), True, False, False))
-                weight = median_ms(lambda: conv_cpu.conv2d_backward(dy, x, w, (1, 1), (1, 1), (1, 1), False, False, True))
+                forward = median_ms(lambda: conv_cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), (1, 1)), 9)
+                data = median_ms(lambda: conv_cpu.conv2d_backward(dy, x, w, (1, 1), (1, 1), (1, 1), True, False, False), 9)
+                weight = median_ms(lambda: conv_cpu.conv2d_backward(dy, x, w, (1, 1), (1, 1), (1, 1), False, False, True), 9)
                 line.append(f"{mib} MiB: forward {forward:.2f}, dx {data:.2f}, dW {weight:.2f} ms")
             print(f"c{c}-{o}@{side}: " + "; ".join(line), flush=True)
     finally:
