@@ -366,6 +366,20 @@ def test_models_ending_in_a_passing_conv_or_a_branch(setup, head):
 # the tape: backward twice, other forwards in between, the caller's arrays
 
 
+def check_backward_twice(model, compiled, x, dy):
+    """Two backwards of one compiled forward (retain_graph) add up to twice the eager gradients."""
+    _, eager_dx, eager_grads, _ = step(model, x, dy)
+    for p in model.parameters():
+        p.grad = None
+    inputs = gpuconv.tensor(x, requires_grad=True)
+    out = compiled(inputs)
+    out.backward(dy, retain_graph=True)
+    out.backward(dy)
+    assert_close(inputs.grad, 2 * eager_dx, "input gradient")
+    for name, p in model.named_parameters():
+        assert_close(p.grad, 2 * eager_grads[name], name)
+
+
 def mixed_model(rng):
     shared = conv(rng, 4, 4, 3, padding=1)
     return nn.Sequential(
@@ -381,16 +395,7 @@ def test_backward_twice_after_one_forward(setup):
     compiled = gpuconv.compile(model)
     x = rng.standard_normal((10, 3, 8, 8)).astype(np.float32) + 2
     dy = output_like(model, x, rng)
-    _, eager_dx, eager_grads, _ = step(model, x, dy)
-    for p in model.parameters():
-        p.grad = None
-    inputs = gpuconv.tensor(x, requires_grad=True)
-    out = compiled(inputs)
-    out.backward(dy, retain_graph=True)
-    out.backward(dy)
-    assert_close(inputs.grad, 2 * eager_dx, "input gradient")
-    for name, p in model.named_parameters():
-        assert_close(p.grad, 2 * eager_grads[name], name)
+    check_backward_twice(model, compiled, x, dy)
 
 
 @pytest.mark.parametrize("between", ["inference", "training forward"])
@@ -526,16 +531,7 @@ def test_an_eval_mode_model_computes_its_pooling_flags_in_the_backward(setup):
     x[:, :, :3] = 0  # ties
     dy = output_like(model, x, rng)
     check(model, x, dy, compiled)
-    _, eager_dx, eager_grads, _ = step(model, x, dy)
-    for p in model.parameters():
-        p.grad = None
-    inputs = gpuconv.tensor(x, requires_grad=True)
-    out = compiled(inputs)
-    out.backward(dy, retain_graph=True)
-    out.backward(dy)
-    assert_close(inputs.grad, 2 * eager_dx, "input gradient")
-    for name, p in model.named_parameters():
-        assert_close(p.grad, 2 * eager_grads[name], name)
+    check_backward_twice(model, compiled, x, dy)
 
 
 # ----------------------------------------------------------------------------------------------

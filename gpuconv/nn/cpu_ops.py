@@ -1040,11 +1040,10 @@ class ResidualOp(BranchingOp):
         dy = self.chain_backward(self.post, chunk, dy, True, grads, scratch)
         body = self.chain_backward(self.body, chunk, dy, need_dx, grads, scratch)
         shortcut = self.chain_backward(self.shortcut, chunk, dy, need_dx, grads, scratch)
-        dx = None
+        pool, dx = gradients(scratch), None
         if need_dx:
-            dx = np.add(body, shortcut, out=gradients(scratch).take(self.in_shape + (chunk.n,)))
+            dx = np.add(body, shortcut, out=pool.take(self.in_shape + (chunk.n,)))
         # the block's own gradients (the incoming one stays: the caller gives it back)
-        pool = gradients(scratch)
         for own in {id(root(d)): d for d in (body, shortcut, dy) if d is not None}.values():
             if root(own) is not root(incoming):
                 pool.give_back(own)
