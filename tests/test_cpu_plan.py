@@ -597,6 +597,27 @@ def test_worker_never_returns_a_result_left_by_an_abandoned_wait():
     assert worker.result() == 2
 
 
+def test_worker_runs_each_counted_call_once_and_no_other():
+    """A spare wake-up (result() wakes a worker that has not started, in case submit was stopped
+    before its wake-up) must neither run a call again nor run one the caller did not count."""
+    worker = cpu_plan._Worker(cpu_plan.PLAN_THREADS)
+    ran = []
+    worker.submit(ran.append, "counted")
+    time.sleep(0.1)   # run, its result not yet taken: the call is still set
+    worker._wake()    # a spare wake-up
+    time.sleep(0.1)
+    worker.result()
+    assert ran == ["counted"]
+    # Ctrl-C between submit's first two lines: the call is set but not counted
+    worker.call = (worker.ticket + 1, ran.append, "not counted")
+    worker._wake()
+    time.sleep(0.1)
+    assert ran == ["counted"]
+    worker.submit(ran.append, "next")
+    worker.result()
+    assert ran == ["counted", "next"]
+
+
 def test_processes_and_threads_give_the_same_bits(monkeypatch):
     """The parts a worker process runs are the same chunks and ops as a thread's, summed in the
     same order: several SGD steps at varying batch sizes end on the same weights."""

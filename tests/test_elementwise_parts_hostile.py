@@ -192,17 +192,19 @@ def test_a_fork_in_a_signal_handler_inside_the_threads_region_leaves_a_working_c
 
 
 def test_ctrl_c_right_after_the_region_lock_is_taken_leaves_it_free(tmp_path):
-    """_RegionLock.__enter__ takes the lock, then records its owner: a KeyboardInterrupt raised by
-    the SIGINT handler between the two (the eval loop runs pending handlers right after a call
-    such as acquire() returns) leaves __enter__ with the lock held, so `with` never calls
-    __exit__: every later op that takes a region waits for it forever. The interrupt is injected
-    with a trace function at the line after acquire(), as the handler would run there."""
+    """_RegionLock.__enter__ used to take the lock, then record its owner: a KeyboardInterrupt
+    raised by the SIGINT handler between the two (the eval loop runs pending handlers right after a
+    call such as acquire() returns) left __enter__ with the lock held, so `with` never called
+    __exit__: every later op that takes a region waited for it forever. Its __enter__ is now the C
+    lock's own, with no line between; the interrupt is injected with a trace function at the first
+    Python line that runs after the lock is taken (blas.num_threads, the region's next context
+    manager), as the handler would run there."""
     r = run_child(tmp_path, r'''
         signal.signal(signal.SIGINT, signal.default_int_handler)
         a = np.linspace(-1, 1, N, dtype=np.float32)
         expected = a + a
-        # the line after self._lock.acquire(): the lock is taken
-        fired, interrupted = interrupted_at("__enter__", "self.owner = threading.get_ident()", lambda: add(a, a))
+        # the first line after the region lock's acquire: the lock is taken
+        fired, interrupted = interrupted_at("num_threads", "getter, setter = _lookup()", lambda: add(a, a))
         locked = cpu_plan._region_lock.locked()
         done = threading.Event()
         result = {}

@@ -204,6 +204,36 @@ def test_an_interrupt_between_the_hand_overs_leaves_the_next_call_working(tmp_pa
     assert r["lock_free"], r
 
 
+def test_an_interrupt_inside_a_hand_over_neither_hangs_nor_loses_the_part(tmp_path):
+    """Ctrl-C arriving inside _Worker.submit, after the call was counted but before the worker was
+    woken: the caller waits for every counted call (a worker left running would write into the
+    next step's buffers), and that wait used to last forever, as the worker never woke. The wait
+    now wakes the worker itself; the interrupted conv still raises KeyboardInterrupt, and the
+    worker runs nothing of it later. The interrupt comes at the wake-up line, as a signal
+    handler's exception could."""
+    r = run_child(tmp_path, r'''
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        x, w = arrays([(4, 32, 64, 64), (32, 32, 3, 3)])
+        expected = conv.conv2d_forward_numpy(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+        gpuconv.ops.conv2d(x, w, padding=1)  # the worker thread exists
+        worker = cpu_plan._pools[cpu_plan.OP_THREADS][0]
+        started = time.monotonic()
+        fired, interrupted = interrupted_at("submit", "self._wake()", lambda: gpuconv.ops.conv2d(x, w, padding=1))
+        seconds = time.monotonic() - started
+        ran = worker.last_run == worker.ticket   # the counted call ran before the caller went on
+        again = gpuconv.ops.conv2d(x, w, padding=1)
+        time.sleep(0.2)                          # a spare wake-up, if any, has been taken
+        emit(fired=fired, interrupted=interrupted, seconds=seconds, ran=ran,
+             ok_again=bool(np.allclose(again, expected, rtol=1e-4, atol=1e-3)),
+             runs_after=worker.last_run == worker.ticket, idle=worker.call is None,
+             blas=blas.get_num_threads(), lock_free=not cpu_plan._region_lock.locked())
+    ''', hang_s=15)
+    assert r["fired"] and r["interrupted"], r
+    assert r["ran"] and r["seconds"] < 5, r
+    assert r["ok_again"] and r["runs_after"] and r["idle"], r
+    assert r["lock_free"], r
+
+
 def test_a_signal_handler_running_ops_inside_its_threads_region_does_not_hang(tmp_path):
     """A signal handler runs on the main thread between bytecodes, also while that thread is inside
     a parallel region (holding the region lock, waiting for its worker). A handler calling ops that
@@ -221,7 +251,7 @@ def test_a_signal_handler_running_ops_inside_its_threads_region_does_not_hang(tm
 
         def handler(signum, frame):
             state["calls"] += 1
-            inside = cpu_plan._region_lock.owner == threading.get_ident()
+            inside = cpu_plan._region_lock.held_here()
             state["in_region"] += inside
             t = gpuconv.tensor(big)
             got = (F.relu(t).data, (t + t).data, gpuconv.ops.conv2d(big[:4], w[:, :16], padding=1))

@@ -58,6 +58,7 @@ workers is GPUCONV_CPU_WORKERS in the environment, or gpuconv.set_cpu_workers(n)
 everything in the caller's thread; the default is one fewer than the CPUs this process may run on
 (at most 7).
 """
+import _thread
 import contextlib
 import os
 import sys
@@ -87,43 +88,28 @@ PLAN_THREADS, OP_THREADS = "gpuconv-cpu", "gpuconv-ops"
 _worker_count = None    # set_cpu_workers(); None: GPUCONV_CPU_WORKERS or the default
 
 
-class _RegionLock:
-    """The lock of the parallel regions (one at a time), knowing which thread holds it, for
-    _after_fork_in_child and held_here. Never entered twice by one thread (callers check
-    held_here first); it is an RLock for its _is_owned(): a KeyboardInterrupt arriving right after
-    the acquire, before `with` has taken over, must not leave it held for good."""
-
-    def __init__(self):
-        self._lock, self.owner = threading.RLock(), None
-
-    def __enter__(self):
-        try:
-            self._lock.acquire()
-            self.owner = threading.get_ident()
-        except BaseException:
-            if self._lock._is_owned():
-                self.owner = None
-                self._lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self.owner = None
-        self._lock.release()
+class _RegionLock(_thread.RLock):
+    """The lock of the parallel regions (one at a time), knowing whether this thread holds it
+    (held_here; _after_fork_in_child). Never entered twice by one thread (callers check held_here
+    first). Its __enter__ and __exit__ are the C lock's own: a `with` block calls them with no
+    Python frame around the acquire or the release, so there is no line at which a signal
+    handler's exception (Ctrl-C) could leave the lock held for good. (The Python __exit__ this
+    replaces could be interrupted on entry, before its release; test_a_real_ctrl_c_during_adds_in_parts
+    once found the lock held after its interrupts, 2026-12-03.)"""
 
     def locked(self):
         """Held by any thread (an RLock has no locked() before Python 3.14)."""
-        if self._lock._is_owned():
+        if self._is_owned():
             return True
-        if self._lock.acquire(blocking=False):
-            self._lock.release()
+        if self.acquire(blocking=False):
+            self.release()
             return False
         return True
 
     def held_here(self):
         """Does the calling thread hold it? Then the call is nested inside that thread's own region:
         a signal handler run between its bytecodes while it waits for its workers."""
-        return self.owner == threading.get_ident()
+        return self._is_owned()
 
 
 _region_lock = _RegionLock()
@@ -137,7 +123,7 @@ def _after_fork_in_child():
     fork from the region's own thread keeps all: that thread leaves the region in the child too,
     running the parts its worker threads had not finished itself: _Worker.result.)"""
     global _region_lock, _saved_interval
-    if _region_lock.locked() and _region_lock.owner != threading.get_ident():
+    if _region_lock.locked() and not _region_lock.held_here():
         blas.restore_after_fork()
         if _saved_interval is not None:
             sys.setswitchinterval(_saved_interval)
@@ -484,11 +470,12 @@ class _Worker:
         self.go, self.done = threading.Lock(), threading.Semaphore(0)
         self.go.acquire()
         self.ticket, self.call, self.outcome = 0, None, None
+        self.last_run = 0  # the ticket of the call the thread last started (_loop)
         self.pid = os.getpid()  # a forked child has this object but not its thread (result())
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
-    def _run(self):
-        ticket, function, argument = self.call
+    def _run(self, call):
+        ticket, function, argument = call
         try:
             self.outcome = (ticket, True, function(argument))
         except BaseException as error:  # handed to the caller, raised there
@@ -497,7 +484,13 @@ class _Worker:
     def _loop(self):
         while True:
             self.go.acquire()
-            self._run()
+            call = self.call  # read once: the caller may hand over its next call meanwhile
+            # A wake-up may be a spare one (result()'s re-wake): run a call once, and only once
+            # the caller has committed it (its ticket is the caller's: submit's second line).
+            if call is None or call[0] != self.ticket or call[0] == self.last_run:
+                continue
+            self.last_run = call[0]
+            self._run(call)
             # Keep nothing of the call while idle: its function may hold the caller's arrays
             # (an array-level op's closure), which must die with the caller's last reference.
             # self.call is cleared by the caller (result()), never here: a caller interrupted
@@ -505,9 +498,18 @@ class _Worker:
             self.done.release()
 
     def submit(self, function, argument):
+        """Hand a call over. Ctrl-C may stop this between any two lines: before the ticket is
+        bumped the call does not count (the worker never runs it, the caller does not wait for
+        it); after, it counts, and if the wake-up was not sent, result() sends it."""
+        self.call = (self.ticket + 1, function, argument)
         self.ticket += 1
-        self.call = (self.ticket, function, argument)
-        self.go.release()
+        self._wake()
+
+    def _wake(self):
+        try:
+            self.go.release()
+        except RuntimeError:  # already released: a spare wake-up not yet taken; one is enough
+            pass
 
     def _finished(self):
         return self.outcome is not None and self.outcome[0] == self.ticket
@@ -532,8 +534,10 @@ class _Worker:
                 if self._finished():
                     break
                 if self.pid != os.getpid():
-                    self._run()
+                    self._run(self.call)
                     break
+                if self.last_run != self.ticket:  # not started: maybe never woken (submit)
+                    self._wake()
             except BaseException as caught:  # a signal handler's exception; the wait goes on
                 interrupt = interrupt or caught
         ticket, ok, value = self.outcome
