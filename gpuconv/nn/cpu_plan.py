@@ -484,18 +484,23 @@ class _Worker:
     def _loop(self):
         while True:
             self.go.acquire()
-            call = self.call  # read once: the caller may hand over its next call meanwhile
-            # A wake-up may be a spare one (result()'s re-wake): run a call once, and only once
-            # the caller has committed it (its ticket is the caller's: submit's second line).
-            if call is None or call[0] != self.ticket or call[0] == self.last_run:
-                continue
-            self.last_run = call[0]
-            self._run(call)
-            # Keep nothing of the call while idle: its function may hold the caller's arrays
-            # (an array-level op's closure), which must die with the caller's last reference.
-            # self.call is cleared by the caller (result()), never here: a caller interrupted
-            # before it waited may already have handed over its next call, which this would wipe.
-            self.done.release()
+            if self._run_new_call():
+                self.done.release()
+
+    def _run_new_call(self):
+        """Runs the call handed over, if it is new -> whether it ran. A wake-up may be a spare one
+        (result()'s re-wake): a call runs once, and only once the caller has counted it (its
+        ticket is the caller's: submit's second line). Keeps nothing of the call when it returns,
+        as the thread waits: its function may hold the caller's arrays (an array-level op's
+        closure), which must die with the caller's last reference. self.call is cleared by the
+        caller (result()), never here: a caller interrupted before it waited may already have
+        handed over its next call, which this would wipe."""
+        call = self.call  # read once: the caller may hand over its next call meanwhile
+        if call is None or call[0] != self.ticket or call[0] == self.last_run:
+            return False
+        self.last_run = call[0]
+        self._run(call)
+        return True
 
     def submit(self, function, argument):
         """Hand a call over. Ctrl-C may stop this between any two lines: before the ticket is
