@@ -199,6 +199,13 @@ def unlowerable(layer):
     return None
 
 
+def uses_batch_statistics(layer):
+    """Does `layer`, or a BatchNorm2d inside it, normalize by the batch's statistics now (training,
+    or no running statistics)? Its plan then meets between its parts (BatchNormTrainOp)."""
+    return any(isinstance(module, L.BatchNorm2d) and (module.training or not module.track_running_stats)
+               for module in layer.modules())
+
+
 def _signature(layers, x):
     """What the compiled ops depend on; any change recompiles (cheap: a tuple per layer)."""
     return (x.shape[1:],) + tuple(_layer_signature(layer) for layer in layers)
@@ -708,6 +715,9 @@ class _Plan:
             self.parts, self.scratch = [], []
         if self.ops is None:
             return False
+        if self.meets and any(isinstance(op, BatchNormTrainOp) and x.shape[0] * op.shape[1] * op.shape[2] < 2
+                              for op in _in_forward_order(self.ops)):
+            return False  # one value per channel: the eager path says why it cannot normalize
         return (all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
                 and all(isinstance(array, np.ndarray) and array.dtype == np.float32 for array in self.buffers()))
 
