@@ -240,3 +240,73 @@ def test_a_plan_without_meetings_refuses_a_generator_that_yields():
 
     with pytest.raises(RuntimeError, match="sums over the whole batch"):
         cpu_ops.finish(steps())
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile: Ctrl-C between the rounds of a forward, in a child process under a hard timeout
+
+CHILD_PRELUDE = r'''
+import faulthandler, json, os, signal, sys, time
+faulthandler.dump_traceback_later(float(os.environ["HOSTILE_HANG_S"]), exit=True)
+import numpy as np
+import gpuconv
+from gpuconv import blas, nn
+from gpuconv.models import ResNet
+from gpuconv.nn import cpu_plan
+cpu_plan.processes = False
+
+
+def emit(**results):
+    print("RESULT " + json.dumps(results), flush=True)
+'''
+
+
+@pytest.mark.parametrize("where", [("_in_rounds", "reply = op.meet("), ("forward_steps", "y *= scale"),
+                                   ("backward_steps", "dx = gradients(scratch)")],
+                         ids=["at a meeting", "in the caller's part", "in the backward's part"])
+def test_ctrl_c_between_the_rounds_leaves_the_model_as_it_was(tmp_path, where):
+    """SIGINT's KeyboardInterrupt in the middle of a training step that meets: at the caller's
+    meeting, or inside the caller's part of a round (the worker's part of that round finishes
+    first). The step raises it; the lock is free, the BLAS count and the switch interval are
+    restored, the running statistics are as before a forward that failed, and the next step
+    gives the eager model's results."""
+    import hostile_child
+    function, line = where
+    r = hostile_child.run_child(tmp_path, CHILD_PRELUDE, r'''
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        function, line = ''' + repr(function) + ", " + repr(line) + r'''
+        eager, model = ResNet(8, in_channels=1, num_classes=5, seed=3), ResNet(8, in_channels=1, num_classes=5, seed=3)
+        compiled = gpuconv.compile(model)
+        x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+        before = {name: np.array(value, copy=True) for name, value in model.state_dict().items()}
+        blas_before, interval = blas.get_num_threads(), sys.getswitchinterval()
+
+        def step():
+            model.zero_grad()
+            y = compiled(gpuconv.tensor(x))
+            (y * y).sum().backward()
+
+        fired, interrupted = interrupted_at(function, line, step)
+        if function != "backward_steps":  # a forward that failed updated nothing
+            unchanged = all(np.array_equal(value, before[name]) for name, value in model.state_dict().items())
+        else:  # the forward ran whole: one update, as eagerly
+            eager(x)
+            unchanged = all(np.allclose(value, eager.state_dict()[name], rtol=1e-5, atol=1e-6)
+                            for name, value in model.state_dict().items())
+        settings = (not cpu_plan._region_lock.locked(), blas.get_num_threads() == blas_before,
+                    sys.getswitchinterval() == interval)
+        eager.zero_grad()
+        model.zero_grad()
+        y_eager = eager(gpuconv.tensor(x))
+        (y_eager * y_eager).sum().backward()
+        y = compiled(gpuconv.tensor(x))
+        (y * y).sum().backward()
+        scale = max(float(np.abs(p.grad).max()) for p in eager.parameters())
+        worst = max(float(np.abs(a.grad - b.grad).max()) for a, b in zip(model.parameters(), eager.parameters()))
+        emit(fired=fired, interrupted=interrupted, unchanged=unchanged, settings=settings,
+             same_out=bool(np.allclose(y.data, y_eager.data, rtol=1e-4, atol=1e-5)), grad_error=worst / scale,
+             planned=compiled.uses_executor(x))
+    ''', hang_s=60, name="ctrl_c_rounds")
+    assert r["fired"] and r["interrupted"], r
+    assert r["unchanged"] and all(r["settings"]), r
+    assert r["planned"] and r["same_out"] and r["grad_error"] < 1e-4, r
