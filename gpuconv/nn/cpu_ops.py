@@ -209,6 +209,9 @@ class ConvOp(Op):
     """
 
     passing = None  # which of the thread's two passing buffers holds the output (mark_passing_outputs), or None
+    # Rebuild the row copy R in the backward from the input (kept by the op before) instead of
+    # keeping it from the forward: set by the plan for plans that meet (cpu_plan._compile)
+    recompute_rows = False
 
     def __init__(self, layer, index, pool=None, relu=False):
         self.layer, self.index, self.pool, self.relu = layer, index, pool, relu
@@ -277,7 +280,7 @@ class ConvOp(Op):
         np.copyto(out, np.ndarray(shape, x.dtype, buffer=x, strides=strides))
         return out
 
-    def _row_matrices(self, x, store, key, n):
+    def _row_matrices(self, x, store, key, n, views_key=None):
         """Convolution without im2col (dilation 1). R[b, ih, c, kw, pw, n] = x[c, ih, (B*pw + b)*S + kw, n]
         holds every input row shifted by each kw and thinned to pooling column b: KH times less
         than the columns. Ordered (kh, c, kw), the column rows of output row (a, PH) are then one
@@ -290,8 +293,10 @@ class ConvOp(Op):
         if self.pointwise:  # R would be x itself: read it in place, no copy kept
             return kept_views(store, (key, "pointwise views"), self._pointwise_matrices, x)
         b = self.pool[1] if self.pool else 1
-        rows = buffer(store, key, (b // self.block[1], x.shape[1], self.channels, self.band[1], self.pooled_hw[1], n))
-        source, matrices = kept_views(store, (key, "views"), self._row_views, x, rows)
+        shape = (b // self.block[1], x.shape[1], self.channels, self.band[1], self.pooled_hw[1], n)
+        # views_key given: `key` names one flat buffer of the thread's, shared by such convs (recompute_rows)
+        rows = buffer(store, key, shape) if views_key is None else shared_view(store, key, shape)
+        source, matrices = kept_views(store, views_key or (key, "views"), self._row_views, x, rows)
         np.copyto(rows, source)
         return matrices
 
@@ -348,10 +353,21 @@ class ConvOp(Op):
         return np.ndarray((1, 1, ph, self.filters * a * b, pw * n), array.dtype, buffer=array,
                           strides=(0, 0, sph, sb, sn))
 
+    def _keeps_rows(self):
+        """Does the forward keep R for the backward (else the backward rebuilds it)?"""
+        return self.row_path and not self.pointwise and not self.recompute_rows
+
+    def _rows_for(self, x, chunk, scratch, n):
+        """R of the padded input x: kept in the chunk's store, or, where the backward rebuilds it,
+        in a buffer of the thread's that every conv with R of that shape shares."""
+        if self.recompute_rows and not self.pointwise:
+            return self._row_matrices(x, scratch, "shared rows", n, views_key=(self.index, "shared rows views"))
+        return self._row_matrices(x, chunk.store, (self.index, "rows"), n)
+
     def _product(self, x, y, chunk, scratch, n):
         """y = W @ columns(x), y [F, *positions, n]; returns the row matrices (or None)."""
         if self.row_path:
-            matrices = self._row_matrices(x, chunk.store, (self.index, "rows"), n)
+            matrices = self._rows_for(x, chunk, scratch, n)
             by_row = kept_views(chunk.store, (self.index, "y by row"), lambda y: self._by_output_row(y, n), y)
             np.matmul(self._row_weight(chunk.store), matrices, out=by_row)
             return matrices
@@ -427,6 +443,7 @@ class ConvOp(Op):
 
     def forward(self, chunk, x, scratch):
         n, key, f = chunk.n, self.index, self.filters
+        given = x
         x = self._padded(chunk, x, scratch)
         shape = (f,) + self.positions + (n,)
         if self.passing is None:
@@ -435,6 +452,8 @@ class ConvOp(Op):
             y = shared_view(scratch, ("passing", self.passing), shape)
         matrices = self._product(x, y, chunk, scratch, n)
         chunk.saved[key] = dict(source=x, y=y, matrices=matrices)
+        if self.recompute_rows and self.row_path and not self.pointwise:
+            chunk.saved[key].update(given=given, matrices=None)  # R is rebuilt from `given`
         bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
         if self.pool is None:
             if bias is not None:
@@ -484,8 +503,13 @@ class ConvOp(Op):
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
-        grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n),
-                        reads=dy)
+        if saved["matrices"] is None and "given" in saved:  # rebuild R (recompute_rows), then use it at once
+            source = self._padded(chunk, saved["given"], scratch)
+            grads.add(layer.weight, self._weight_grad(source, self._rows_for(source, chunk, scratch, n), dy, scratch,
+                                                      n))
+        else:
+            grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch,
+                                                                    n), reads=dy)
         if not need_dx:
             return None
         dx = gradients(scratch).take(saved["source"].shape)
@@ -781,7 +805,9 @@ class BatchNormTrainOp(Op):
     def backward_steps(self, chunk, dy, need_dx, grads, scratch):
         x, mean, invstd, scale = chunk.saved[self.index]
         layer, c = self.layer, x.shape[0]
-        centred = buffer(scratch, (self.index, "centred"), x.shape)
+        # one buffer of the thread's for every such op: one op's backward uses it at a time (a
+        # meeting suspends this thread's chunk, and no other chunk of the thread runs meanwhile)
+        centred = shared_view(scratch, "centred", x.shape)
         np.subtract(x, mean[:, None, None, None], out=centred)
         sums = np.stack([np.add.reduce(dy.reshape(c, -1), axis=1), _row_dots(dy, centred)])  # this part's
         if layer.weight is not None:
@@ -991,7 +1017,7 @@ def mark_passing_outputs(ops, copied_at_end):
             after += 1
         reader = ops[after] if after < len(ops) else None
         if op.pool is None and ((reader is None and copied_at_end) or (
-                isinstance(reader, ConvOp) and reader.row_path and not reader.pointwise)):
+                isinstance(reader, ConvOp) and reader._keeps_rows())):
             op.passing, slot = slot, 1 - slot
 
 

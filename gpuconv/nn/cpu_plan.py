@@ -403,6 +403,13 @@ def _lower_chain(layers):
 def _compile(layers, input_shape):
     """Layers -> ops through LOWERINGS, then each op set up for its input shape. Raises Unsupported."""
     ops = _lower_chain(layers)
+    if any(op.meets for op in ops):
+        # A plan that meets keeps every op's activations of the whole part at once (one chunk per
+        # part): its convs rebuild their row copies R in the backward instead of keeping them
+        # (ResNet-20's R kept took more memory at batch 128 than PyTorch's whole step)
+        for op in _in_forward_order(ops):
+            if isinstance(op, ConvOp):
+                op.recompute_rows = True
     shape = setup_chain(ops, tuple(input_shape), copied_at_end=True)  # into the caller's array
     mark_owned_gradients(ops, False)  # the plan's output gradient is the caller's
     return ops, shape
