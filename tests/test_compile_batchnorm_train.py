@@ -59,6 +59,16 @@ def shared_norm(seed):
                          nn.Linear(3 * 4 * 4, 3, rng=rng))
 
 
+def convs_then_norm(seed):
+    """Four convs in a row, then a BatchNorm: in a plan that meets each conv rebuilds its row copy
+    from its input in the backward, so no conv's output may pass through the thread's two shared
+    buffers (mark_passing_outputs), where the conv after next would overwrite it."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(conv(rng, 2, 3), nn.ReLU(), conv(rng, 3, 3), nn.ReLU(), conv(rng, 3, 3), nn.ReLU(),
+                         conv(rng, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 3, rng=rng))
+
+
 def images(rng, batch):
     return (rng.standard_normal((batch, 2, 8, 8)) * 2 + 0.5).astype(np.float32)
 
@@ -140,8 +150,8 @@ def test_residual_and_concat_model_trains_as_the_eager_one(batch, options, worke
 
 
 @pytest.mark.parametrize("batch", [3, 17])
-def test_first_and_last_op_and_a_norm_used_twice(batch, workers, rng):
-    for make in (first_and_last, shared_norm):
+def test_first_and_last_op_convs_in_a_row_and_a_norm_used_twice(batch, workers, rng):
+    for make in (first_and_last, convs_then_norm, shared_norm):
         pair = Pair(make)
         for _ in range(2):
             pair.step(images(rng, batch))
