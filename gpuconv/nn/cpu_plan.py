@@ -3,7 +3,7 @@
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
 Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
-BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity, residual
+BatchNorm2d (in training too), Flatten, Linear, Identity, Dropout when it is the identity, residual
 blocks of those (`RESIDUALS`: nn.Residual, the zoo's BasicBlock with its ShortcutA), each one op
 with two branches, and nn.Concat along the channels, one op with a branch per block of channels),
 the whole chain runs here as one autograd Function. A chain lowerable in part
@@ -45,13 +45,20 @@ Why it is faster than the layers (the measurements: docs/performance.md):
   op's dW and dx. The dense layers' weight gradients wait in every thread: both threads start the
   backward with the dense layers, whose calls take microseconds, so the fewer of them there, the
   less each thread waits for the GIL. Processes run the same order, so both give the same bits.
+* Meetings. A BatchNorm that normalizes by the batch (training) needs per-channel sums over every
+  part. Its op yields its part's sums (cpu_ops: "Meetings"), and a plan holding one runs its parts
+  in rounds (_Plan._in_rounds): one parallel region from one meeting to the next, the sums added
+  in part order at each. Such a plan runs in threads (the sums stay in this process), each part as
+  one chunk, without deferred weight gradients (a part would wait for the other's at every
+  meeting), and its convs rebuild R in the backward instead of keeping it (ConvOp.recompute_rows).
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
 
 What it does to the process (the README lists it for users): parts 1.. of a split batch run in
 worker processes (cpu_workers.py: fresh interpreters, never a fork of the caller) where
-cpu_workers.supported() and `processes` is on, else in `workers` daemon threads; for the length of
+cpu_workers.supported() and `processes` is on (and the plan has no meetings), else in `workers`
+daemon threads; for the length of
 each parallel region the BLAS thread count is 1 (and, with threads, Python's switch interval 0.2
 ms), both restored exactly afterwards; regions run one at a time, under one lock. The number of
 workers is GPUCONV_CPU_WORKERS in the environment, or gpuconv.set_cpu_workers(n); 0 runs
