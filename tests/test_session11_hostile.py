@@ -1,0 +1,353 @@
+"""Hostile tests of BatchNorm2d in training lowered into the CPU executor (cpu_ops.BatchNormTrainOp,
+cpu_plan._Plan._in_rounds, per-mode plans in the compiler). Each model is built twice from one seed
+and run compiled and eagerly; outputs, input gradients, p.grad and state_dict are compared
+(test_compile_batchnorm_train.Pair). Covered: non-finite inputs (the eager fallback after a plan's
+forward), backward twice, gradient accumulation, recomputed forwards with other batch sizes,
+switching modes and worker counts between forward and backward, BatchNorms at odd places,
+momentum 0 / 1 / None, constant inputs, float64, shape changes, load_state_dict between steps, a
+BatchNorm shared by two compiled models, and (in child processes under a hard timeout) two threads
+stepping their own models at once and an error raised in a worker's part only.
+
+Tests whose docstring starts with FOUND: fail on the code they were written against."""
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import functional as F
+from gpuconv import nn, optim
+from gpuconv.nn import cpu_ops, cpu_plan
+
+import test_compile_batchnorm_train as base
+
+Pair, residual_net, images, assert_close = base.Pair, base.residual_net, base.images, base.assert_close
+plans_on_tape, weighted_sum = base.plans_on_tape, base.weighted_sum
+
+
+@pytest.fixture(params=[0, 1, 2], ids=lambda n: f"workers{n}")
+def workers(request, monkeypatch):
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 5)
+    gpuconv.set_cpu_workers(request.param)
+    yield request.param
+    gpuconv.set_cpu_workers(None)
+
+
+def conv(rng, c_in, c_out, stride=1, padding=1, k=3):
+    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, bias=False, rng=rng)
+
+
+def simple_net(seed, **bn):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(conv(rng, 2, 4), nn.BatchNorm2d(4, **bn), nn.ReLU(), nn.MaxPool2d(2),
+                         conv(rng, 4, 4), nn.BatchNorm2d(4, **bn), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3, rng=rng))
+
+
+def state_copy(model):
+    return {name: np.array(value, copy=True) for name, value in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite inputs: the plan's output holds NaN, the compiler runs the segment eagerly again
+
+
+@pytest.mark.parametrize("make", [residual_net, simple_net], ids=["residual", "simple"])
+def test_nan_input_updates_running_statistics_once(make, workers, rng):
+    """FOUND: a forward whose output is not finite (a NaN in the input) is run a second time
+    eagerly by CompiledModel (PlanFunction.forward raises _NonFinite), but _Plan.forward already
+    updated the running statistics (_update_running_stats) before the finite check: every
+    BatchNorm counts the batch twice (num_batches_tracked 2 where the eager model has 1) and
+    blends its statistics in twice."""
+    fast_model, slow_model = make(0), make(0)
+    fast = gpuconv.compile(fast_model)
+    x = images(rng, 20)
+    x[3, 1, 2, 2] = np.nan
+    fast(gpuconv.tensor(x))
+    slow_model(gpuconv.tensor(x))
+    fast_state, slow_state = fast_model.state_dict(), slow_model.state_dict()
+    for name in fast_state:
+        if name.endswith("num_batches_tracked"):
+            assert int(fast_state[name]) == int(slow_state[name]), name
+
+
+def test_overflowing_input_updates_running_statistics_once(workers, rng):
+    """FOUND: as the NaN case, with finite but huge inputs (3e38: the squares overflow, the output
+    is not finite): the plan's forward updates the statistics, then the eager rerun again."""
+    fast_model, slow_model = simple_net(0), simple_net(0)
+    fast = gpuconv.compile(fast_model)
+    x = images(rng, 12) * np.float32(1e38)
+    fast(gpuconv.tensor(x))
+    slow_model(gpuconv.tensor(x))
+    assert int(fast_model[1].num_batches_tracked) == int(slow_model[1].num_batches_tracked)
+
+
+def test_constant_input_variance_zero(workers, rng):
+    """A constant batch: every BatchNorm's variance is 0 (normalized by sqrt(eps))."""
+    pair = Pair(simple_net)
+    x = np.full((11, 2, 8, 8), 0.75, np.float32)
+    pair.step(x)
+    pair.step(images(rng, 11))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward twice, accumulation, recomputation
+
+
+def test_backward_twice_with_retain_graph(workers, rng):
+    """loss.backward(retain_graph=True) twice: the gradients double, as eagerly."""
+    pair = Pair(residual_net)
+    x = images(rng, 17)
+    grads = []
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        loss = weighted_sum(network(inputs))
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append(inputs.grad)
+    assert_close(grads[0], grads[1])
+    pair.assert_same_state()
+
+
+def test_gradients_accumulate_over_steps_of_different_sizes(workers, rng):
+    pair = Pair(residual_net)
+    for batch in (17, 9, 23):
+        x = images(rng, batch)
+        for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+            weighted_sum(network(gpuconv.tensor(x))).backward()
+        pair.assert_same_state()
+
+
+def test_backwards_in_reverse_order_after_forwards_of_other_sizes(workers, rng):
+    """Three forwards of batch sizes 20, 7, 13, then their backwards last to first: the first two
+    recompute their forward on a layout made for another batch size."""
+    pair = Pair(residual_net)
+    xs = [images(rng, b) for b in (20, 7, 13)]
+    results = []
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        inputs = [gpuconv.tensor(x, requires_grad=True) for x in xs]
+        ys = [network(t) for t in inputs]
+        for y in reversed(ys):
+            weighted_sum(y).backward()
+        results.append([(y.data, t.grad) for y, t in zip(ys, inputs)])
+    for (fy, fdx), (sy, sdx) in zip(*results):
+        assert_close(fy, sy)
+        assert_close(fdx, sdx)
+    pair.assert_same_state()
+
+
+def test_eval_forward_between_a_train_forward_and_its_backward(workers, rng):
+    pair = Pair(residual_net)
+    x, other = images(rng, 15), images(rng, 15)
+    results = []
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        model.eval()
+        evaluated = network(gpuconv.tensor(other))
+        model.train()
+        weighted_sum(y).backward()
+        results.append((y.data, inputs.grad, evaluated.data))
+    for a, b in zip(*results):
+        assert_close(a, b)
+    pair.assert_same_state()
+
+
+def test_switch_to_eval_between_forward_and_backward(workers, rng):
+    """The backward of a training forward after model.eval() (no forward between)."""
+    pair = Pair(residual_net)
+    x = images(rng, 15)
+    results = []
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        model.train()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        model.eval()
+        weighted_sum(y).backward()
+        results.append((y.data, inputs.grad))
+    for a, b in zip(*results):
+        assert_close(a, b)
+    pair.assert_same_state()
+
+
+def test_set_cpu_workers_between_forward_and_backward(monkeypatch, rng):
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 4)
+    try:
+        pair = Pair(residual_net)
+        x = images(rng, 21)
+        results = []
+        for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+            model.zero_grad()
+            gpuconv.set_cpu_workers(2)
+            inputs = gpuconv.tensor(x, requires_grad=True)
+            y = network(inputs)
+            gpuconv.set_cpu_workers(0)
+            network(gpuconv.tensor(images(np.random.default_rng(3), 21)))  # another forward: recompute
+            weighted_sum(y).backward()
+            results.append((y.data, inputs.grad))
+        for a, b in zip(*results):
+            assert_close(a, b)
+        pair.assert_same_state()
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorms at odd places, options
+
+
+def bn_first_no_affine(seed):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.BatchNorm2d(2, affine=False), conv(rng, 2, 3, padding=0), nn.MaxPool2d(2),
+                         nn.BatchNorm2d(3, eps=3.0), nn.ReLU(), conv(rng, 3, 3, k=1, padding=0),
+                         nn.BatchNorm2d(3, momentum=0.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(3, 2, rng=rng))
+
+
+def momentum_one(seed):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(conv(rng, 2, 3, stride=2), nn.BatchNorm2d(3, momentum=1.0), nn.ReLU(),
+                         conv(rng, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(3, momentum=None),
+                         nn.Flatten(), nn.Linear(3 * 2 * 2, 2, rng=rng))
+
+
+def residual_bn_only(seed):
+    """A residual block whose body is a lone BatchNorm (add in place into its output) and whose
+    shortcut is a BatchNorm; a Concat whose first branch is a BatchNorm, second a conv."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(conv(rng, 2, 4), nn.Residual(nn.Sequential(nn.BatchNorm2d(4)),
+                                                      nn.Sequential(nn.BatchNorm2d(4, affine=False)), nn.ReLU()),
+                         nn.Concat(nn.Sequential(nn.BatchNorm2d(4)), nn.Sequential(conv(rng, 4, 2), nn.ReLU())),
+                         conv(rng, 6, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 2, rng=rng))
+
+
+def concat_relu_branch(seed):
+    """A Concat whose second branch starts with a ReLU on the Concat's input, which the first
+    branch's conv read (and, in a plan that meets, rebuilds its row copy from in the backward)."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(conv(rng, 2, 4), nn.BatchNorm2d(4),
+                         nn.Concat(nn.Sequential(conv(rng, 4, 3)), nn.Sequential(nn.ReLU(), conv(rng, 4, 2))),
+                         nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 4 * 4, 2, rng=rng))
+
+
+def alternating_convs(seed):
+    """Convs of different R shapes (kernel 3 and 5, strides 1 and 2, channels) sharing the thread's
+    'shared rows' buffer, each rebuilt in the backward."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.Conv2d(2, 5, 5, padding=2, bias=True, rng=rng), nn.ReLU(),
+                         conv(rng, 5, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Conv2d(3, 6, 5, padding=2, bias=False, rng=rng), nn.ReLU(),
+                         conv(rng, 6, 4), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 2 * 2, 2, rng=rng))
+
+
+@pytest.mark.parametrize("make", [bn_first_no_affine, momentum_one, residual_bn_only, concat_relu_branch,
+                                  alternating_convs])
+@pytest.mark.parametrize("batch", [2, 11, 16])
+def test_odd_places_train_as_the_eager_model(make, batch, workers, rng):
+    pair = Pair(make)
+    for _ in range(3):
+        pair.step(images(rng, batch))
+
+
+@pytest.mark.parametrize("make", [residual_bn_only, concat_relu_branch])
+def test_odd_places_with_sgd_and_labels(make, workers, rng):
+    pair = Pair(make)
+    optimizers = [optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
+    for batch in (16, 7, 16):
+        labels = rng.integers(0, 2, batch)
+        pair.step(images(rng, batch), loss=lambda y: F.cross_entropy(y, labels))
+        for o in optimizers:
+            o.step()
+    pair.assert_same_state()
+
+
+def test_input_without_gradient_and_bn_first(workers, rng):
+    """x without requires_grad: the first BatchNorm's backward needs no dx (returns before its
+    meeting) while its weight gradient still adds up."""
+    pair = Pair(bn_first_no_affine)
+    x = images(rng, 13)
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        weighted_sum(network(gpuconv.tensor(x))).backward()
+    pair.assert_same_state()
+
+
+def test_untracked_in_eval_then_train(workers, rng):
+    pair = Pair(residual_net, track=False)
+    for mode in (False, True, False):
+        for m in (pair.fast_model, pair.slow_model):
+            m.train(mode)
+        pair.step(images(rng, 14))
+
+
+def test_shape_changes_between_steps(workers, rng):
+    pair = Pair(alternating_convs)
+    for side in (8, 12, 8, 16):
+        x = (rng.standard_normal((10, 2, side, side))).astype(np.float32)
+        # the Linear needs 4*2*2 inputs: only side 8 reaches it; other sides fail the same way in both
+        if side == 8:
+            pair.step(x)
+        else:
+            for network in (pair.fast, pair.slow_model):
+                with pytest.raises(Exception):
+                    network(gpuconv.tensor(x))
+            pair.assert_same_state()
+
+
+def test_load_state_dict_between_steps(workers, rng):
+    pair = Pair(residual_net)
+    pair.step(images(rng, 12))
+    other = residual_net(5)
+    other(gpuconv.tensor(images(rng, 12)))  # statistics of its own
+    for m in (pair.fast_model, pair.slow_model):
+        m.load_state_dict(other.state_dict())
+    pair.assert_same_state()
+    pair.step(images(rng, 12))
+    for m in (pair.fast_model, pair.slow_model):
+        m.eval()
+    pair.step(images(rng, 12))
+
+
+def test_one_batchnorm_in_two_compiled_models(workers, rng):
+    """A BatchNorm2d shared by two models, each compiled; steps alternate between them."""
+    def make(seed):
+        rng_ = np.random.default_rng(seed)
+        norm = nn.BatchNorm2d(3, momentum=None)
+        a = nn.Sequential(conv(rng_, 2, 3), norm, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(48, 2, rng=rng_))
+        b = nn.Sequential(conv(rng_, 2, 3, stride=2), norm, nn.ReLU(), nn.Flatten(), nn.Linear(48, 2, rng=rng_))
+        return a, b
+    (fa, fb), (sa, sb) = make(0), make(0)
+    ca, cb = gpuconv.compile(fa), gpuconv.compile(fb)
+    for step in range(4):
+        x = images(rng, 9 + step)
+        for fm, sm in ((ca, sa), (cb, sb)):
+            yf, ys = fm(gpuconv.tensor(x)), sm(gpuconv.tensor(x))
+            assert_close(yf.data, ys.data)
+            weighted_sum(yf).backward()
+            weighted_sum(ys).backward()
+    for (name, p), q in zip(fa.named_parameters(), sa.parameters()):
+        assert_close(p.grad, q.grad)
+    for (name, p), q in zip(fb.named_parameters(), sb.parameters()):
+        assert_close(p.grad, q.grad)
+    assert int(fa[1].num_batches_tracked) == int(sa[1].num_batches_tracked) == 8
+    assert_close(fa[1].running_mean, sa[1].running_mean)
+    assert_close(fa[1].running_var, sa[1].running_var)
+
+
+def test_float64_model_runs_eagerly(workers, rng):
+    fast_model = simple_net(0)
+    slow_model = simple_net(0)
+    for m in (fast_model, slow_model):
+        for p in m.parameters():
+            p.data = p.data.astype(np.float64)
+        for layer in (m[1], m[5]):
+            layer.running_mean = layer.running_mean.astype(np.float64)
+            layer.running_var = layer.running_var.astype(np.float64)
+    fast = gpuconv.compile(fast_model)
+    x = images(rng, 10).astype(np.float64)
+    assert not fast.uses_executor(x)
+    assert_close(fast(gpuconv.tensor(x)).data, slow_model(gpuconv.tensor(x)).data)
+    assert int(fast_model[1].num_batches_tracked) == 1
