@@ -451,3 +451,224 @@ def test_retained_graph_backward_after_another_forward(workers, rng):
         grads.append(inputs.grad)
     assert_close(grads[0], grads[1])
     pair.assert_same_state()
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile, in child processes under a hard timeout (tests/hostile_child.py)
+
+CHILD_PRELUDE = r'''
+import faulthandler, json, os, sys, threading, time
+faulthandler.dump_traceback_later(float(os.environ["HOSTILE_HANG_S"]), exit=True)
+import numpy as np
+import gpuconv
+from gpuconv import blas, nn
+from gpuconv.models import ResNet
+from gpuconv.nn import cpu_ops, cpu_plan
+cpu_plan.processes = False
+cpu_plan.MIN_CHUNK = 8
+
+
+def emit(**results):
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def step(network, model, x):
+    model.zero_grad()
+    y = network(gpuconv.tensor(x))
+    w = gpuconv.tensor(np.random.default_rng(7).standard_normal(y.shape).astype(np.float32))
+    (y * w).sum().backward()
+    return y.data
+
+
+def compare(compiled_model, eager_model, y, y_eager):
+    scale = max(float(np.abs(p.grad).max()) for p in eager_model.parameters())
+    grad = max(float(np.abs(a.grad - b.grad).max()) for a, b in zip(compiled_model.parameters(),
+                                                                     eager_model.parameters())) / scale
+    state = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(compiled_model.state_dict().values(),
+                                                                        eager_model.state_dict().values()))
+    return bool(np.allclose(y, y_eager, rtol=1e-4, atol=1e-4)), grad, state
+'''
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+@pytest.mark.parametrize("workers_count", [1, 2])
+def test_an_error_in_a_workers_part_only(tmp_path, kind, workers_count):
+    """An exception raised by a BatchNorm's steps in a worker thread only (after its first
+    meeting): the step raises it, no hang, the lock is free, BLAS threads and the switch interval
+    restored, the statistics untouched by a failed forward, and the next step matches eager."""
+    import hostile_child
+    r = hostile_child.run_child(tmp_path, CHILD_PRELUDE, r'''
+        kind, count = ''' + repr(kind) + ", " + repr(workers_count) + r'''
+        gpuconv.set_cpu_workers(count)
+        eager, model = ResNet(8, in_channels=1, num_classes=5, seed=3), ResNet(8, in_channels=1, num_classes=5, seed=3)
+        compiled = gpuconv.compile(model)
+        x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
+        step(compiled, model, x)
+        step(eager, eager, x)
+        before = {name: np.array(value, copy=True) for name, value in model.state_dict().items()}
+        blas_before, interval = blas.get_num_threads(), sys.getswitchinterval()
+        real = getattr(cpu_ops.BatchNormTrainOp, kind + "_steps")
+        armed = {"left": 1}
+
+        def failing(self, *args):
+            result = yield from real(self, *args) if False else _wrapped(real(self, *args))
+            return result
+
+        def _wrapped(steps):
+            reply = None
+            while True:
+                try:
+                    request = steps.send(reply)
+                except StopIteration as done:
+                    return done.value
+                reply = yield request
+                if threading.current_thread() is not threading.main_thread() and armed["left"]:
+                    armed["left"] -= 1
+                    steps.close()
+                    raise MemoryError("injected in a worker")
+
+        setattr(cpu_ops.BatchNormTrainOp, kind + "_steps", failing)
+        raised = None
+        try:
+            step(compiled, model, x)
+        except MemoryError as e:
+            raised = str(e)
+        setattr(cpu_ops.BatchNormTrainOp, kind + "_steps", real)
+        if kind == "forward":
+            unchanged = all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
+        else:
+            eager(gpuconv.tensor(x))  # the forward ran whole: one update
+            unchanged = all(np.allclose(v, eager.state_dict()[k], rtol=1e-4, atol=1e-5)
+                            for k, v in model.state_dict().items())
+        settings = [not cpu_plan._region_lock.locked(), blas.get_num_threads() == blas_before,
+                    sys.getswitchinterval() == interval]
+        y = step(compiled, model, x)
+        y_eager = step(eager, eager, x)
+        same, grad, state = compare(model, eager, y, y_eager)
+        emit(raised=raised, fired=armed["left"] == 0, unchanged=unchanged, settings=settings, same=same,
+             grad=grad, state=state)
+    ''', hang_s=90, name="worker_error")
+    assert r["fired"] and r["raised"] == "injected in a worker", r
+    assert r["unchanged"] and all(r["settings"]), r
+    assert r["same"] and r["grad"] < 1e-3 and r["state"], r
+
+
+def test_two_threads_train_their_own_models_at_once(tmp_path):
+    """Two Python threads, each stepping its own compiled ResNet with training BatchNorms, while a
+    third flips set_cpu_workers between 0, 1 and 2: every step matches a sequential eager run."""
+    import hostile_child
+    r = hostile_child.run_child(tmp_path, CHILD_PRELUDE, r'''
+        pairs = [(ResNet(8, in_channels=1, num_classes=5, seed=s), ResNet(8, in_channels=1, num_classes=5, seed=s))
+                 for s in (1, 2)]
+        xs = [[np.random.default_rng(10 * s + i).standard_normal((24 + 5 * i, 1, 8, 8)).astype(np.float32)
+               for i in range(4)] for s in (1, 2)]
+        outputs, errors, stop = {}, [], threading.Event()
+
+        def run(which):
+            try:
+                model = pairs[which][0]
+                compiled = gpuconv.compile(model)
+                outputs[which] = [step(compiled, model, x) for x in xs[which]]
+            except BaseException as e:
+                errors.append(repr(e))
+
+        def flip():
+            n = 0
+            while not stop.is_set():
+                gpuconv.set_cpu_workers(n % 3)
+                n += 1
+                time.sleep(0.001)
+
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        flipper.join()
+        results = []
+        for which in (0, 1):
+            eager = pairs[which][1]
+            ys = [step(eager, eager, x) for x in xs[which]]
+            if which in outputs:
+                results.append(compare(pairs[which][0], eager, outputs[which][-1], ys[-1]))
+                results.append(all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(outputs[which], ys)))
+        emit(errors=errors, results=results, lock_free=not cpu_plan._region_lock.locked())
+    ''', hang_s=120, name="two_threads")
+    assert not r["errors"], r
+    assert r["lock_free"], r
+    (same0, grad0, state0), all0, (same1, grad1, state1), all1 = r["results"]
+    assert same0 and same1 and all0 and all1 and state0 and state1 and grad0 < 1e-3 and grad1 < 1e-3, r
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny parts, zoo models
+
+
+def loose_step(pair, x, grad_rtol=5e-3):
+    """Pair.step with p.grad compared at grad_rtol: a BatchNorm over a handful of values makes the
+    gradients before it ill-conditioned (the float32 eager model is as far from a float64 one)."""
+    outs = []
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        weighted_sum(y).backward()
+        outs.append((y.data, inputs.grad, [p.grad for p in model.parameters()]))
+    (fy, fdx, fg), (sy, sdx, sg) = outs
+    assert_close(fy, sy)
+    assert_close(fdx, sdx, rtol=grad_rtol)
+    for a, b in zip(fg, sg):
+        assert_close(a, b, rtol=grad_rtol)
+    fast_state, slow_state = pair.fast_model.state_dict(), pair.slow_model.state_dict()
+    for name in fast_state:
+        assert_close(np.asarray(fast_state[name], np.float64), np.asarray(slow_state[name], np.float64))
+
+
+def norm_after_global_pool(seed):
+    """A BatchNorm after the global average pool: one value per image and channel."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(conv(rng, 2, 4), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.BatchNorm2d(4, momentum=None), nn.Flatten(), nn.Linear(4, 2, rng=rng))
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_parts_of_one_image(batch, count, monkeypatch, rng):
+    """MIN_CHUNK 1: parts of one image each; a BatchNorm where each part holds one value per channel."""
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 1)
+    gpuconv.set_cpu_workers(count)
+    try:
+        pair = Pair(norm_after_global_pool)
+        for _ in range(2):
+            loose_step(pair, images(rng, batch))
+        plan = pair.fast._current_segments()[0].plan
+        assert plan.threads == min(count + 1, batch)
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+def test_batch_of_one_image(workers, rng):
+    pair = Pair(simple_net)
+    for _ in range(2):
+        pair.step(images(rng, 1))
+
+
+@pytest.mark.parametrize("name", ["simplecnn", "resnet8"])
+def test_zoo_models_with_sgd(name, workers, rng):
+    from gpuconv.models import ResNet, SimpleCNN
+
+    def make(seed):
+        if name == "simplecnn":
+            return SimpleCNN(2, 3, image_size=8, widths=(4, 6), hidden=5, seed=seed)
+        return ResNet(8, in_channels=2, num_classes=3, seed=seed)
+    pair = Pair(make)
+    optimizers = [optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
+    for batch in (13, 16, 7):
+        labels = rng.integers(0, 3, batch)
+        pair.step(images(rng, batch), loss=lambda y: F.cross_entropy(y, labels))
+        for o in optimizers:
+            o.step()
+    pair.assert_same_state()
