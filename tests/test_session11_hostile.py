@@ -672,3 +672,70 @@ def test_zoo_models_with_sgd(name, workers, rng):
         for o in optimizers:
             o.step()
     pair.assert_same_state()
+
+
+# ----------------------------------------------------------------------------------------------
+# no_grad, frozen parameters, a BatchNorm shared by a plan and an eager step, train/eval toggles
+
+
+def test_training_forward_under_no_grad_updates_statistics_once(workers, rng):
+    pair = Pair(residual_net)
+    x = images(rng, 14)
+    with gpuconv.no_grad():
+        yf = pair.fast(gpuconv.tensor(x))
+        ys = pair.slow_model(gpuconv.tensor(x))
+    assert_close(yf.data, ys.data)
+    pair.assert_same_state()
+    pair.step(images(rng, 14))
+
+
+def test_frozen_batchnorm_parameters(workers, rng):
+    pair = Pair(residual_net)
+    for m in (pair.fast_model, pair.slow_model):
+        for name, p in m.named_parameters():
+            if p.data.ndim == 1:  # BatchNorm weights and biases (and the Linear's bias)
+                p.requires_grad = False
+    for batch in (12, 7):
+        pair.step(images(rng, batch))
+
+
+def shared_across_segments(seed):
+    rng = np.random.default_rng(seed)
+    norm = nn.BatchNorm2d(4, momentum=None)
+    return nn.Sequential(conv(rng, 2, 4), nn.ReLU(), nn.MaxPool2d(2), norm, Doubler(), norm,
+                         conv(rng, 4, 4), nn.ReLU(), nn.MaxPool2d(2), norm, nn.Flatten(), nn.Linear(16, 2, rng=rng))
+
+
+def test_one_batchnorm_in_a_plan_and_in_an_eager_step(workers, rng):
+    pair = Pair(shared_across_segments)
+    for batch in (10, 6, 10):
+        pair.step(images(rng, batch))
+    assert int(pair.fast_model[3].num_batches_tracked) == 9
+
+
+def test_train_eval_toggles_follow_the_running_statistics(workers, rng):
+    pair = Pair(residual_net)
+    for i in range(6):
+        for m in (pair.fast_model, pair.slow_model):
+            m.train(i % 2 == 0)
+        pair.step(images(rng, 10 + i))
+
+
+def mixed_convs(seed):
+    """Convs off the row path (dilation 2: columns), pointwise ones (read in place), a 1x3 kernel
+    with padding (0, 1), a 1x1 conv fused with its pool, around training BatchNorms."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=2, dilation=2, bias=False, rng=rng), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 1, bias=False, rng=rng), nn.ReLU(),
+                         nn.Conv2d(4, 3, (1, 3), padding=(0, 1), bias=False, rng=rng), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Conv2d(3, 5, 3, padding=2, dilation=2, bias=False, rng=rng), nn.ReLU(),
+                         nn.Conv2d(5, 4, 1, bias=False, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2, rng=rng))
+
+
+@pytest.mark.parametrize("batch", [3, 16])
+def test_mixed_conv_kinds(batch, workers, rng):
+    pair = Pair(mixed_convs)
+    assert pair.fast.unsupported is None
+    for _ in range(3):
+        pair.step(images(rng, batch))
