@@ -739,3 +739,85 @@ def test_mixed_conv_kinds(batch, workers, rng):
     assert pair.fast.unsupported is None
     for _ in range(3):
         pair.step(images(rng, batch))
+
+
+def test_image_size_changes_between_steps(workers, rng):
+    """Another image size each step: the plan recompiles, its shared rows / centred buffers grow
+    and shrink, the row copies of each size are rebuilt from the right input."""
+    pair = Pair(lambda seed: nn.Sequential(*list(alternating_convs(seed))[:10], nn.AdaptiveAvgPool2d(1),
+                                           nn.Flatten(), nn.Linear(4, 2, rng=np.random.default_rng(seed))))
+    for side in (8, 12, 6, 16, 8):
+        x = (rng.standard_normal((9, 2, side, side)) + 0.5).astype(np.float32)
+        pair.step(x)
+
+
+def test_first_op_affine_batchnorm_without_input_gradient(workers, rng):
+    pair = Pair(base.first_and_last)
+    for batch in (5, 12):
+        x = images(rng, batch)
+        for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+            model.zero_grad()
+            weighted_sum(network(gpuconv.tensor(x))).backward()
+        pair.assert_same_state()
+
+
+def test_non_contiguous_input(workers, rng):
+    pair = Pair(base.first_and_last)
+    big = images(rng, 30)
+    for x in (big[::3], np.asfortranarray(big[:11]), big[:, :, ::-1, :][:13]):
+        pair.step(x)
+
+
+def test_toggles_with_worker_processes(monkeypatch, rng):
+    """cpu_plan.processes: eval steps run their parts in worker processes, training steps (which
+    meet) in threads; toggling between them every step, with an eval forward between a training
+    forward and its backward."""
+    monkeypatch.setattr(cpu_plan, "processes", True)
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 6)
+    gpuconv.set_cpu_workers(1)
+    try:
+        pair = Pair(residual_net)
+        for i in range(4):
+            for m in (pair.fast_model, pair.slow_model):
+                m.train(i % 2 == 0)
+            pair.step(images(rng, 14 + i))
+        x, other = images(rng, 14), images(rng, 14)
+        results = []
+        for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+            model.zero_grad()
+            model.train()
+            inputs = gpuconv.tensor(x, requires_grad=True)
+            y = network(inputs)
+            model.eval()
+            weighted_sum(network(gpuconv.tensor(other))).backward()
+            model.train()
+            network(gpuconv.tensor(other))
+            weighted_sum(y).backward()
+            results.append((y.data, inputs.grad))
+        for a, b in zip(*results):
+            assert_close(a, b)
+        pair.assert_same_state()
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+def nested(seed):
+    """BatchNorms in a Residual's activation (post: ReLU then BatchNorm after the add), a Residual inside a Concat
+    branch inside a Residual, an identity shortcut whose body is conv-BN, and a BatchNorm alone as
+    a Concat branch (its output copied into the Concat's buffer)."""
+    rng = np.random.default_rng(seed)
+    inner = nn.Residual(nn.Sequential(conv(rng, 4, 4), nn.BatchNorm2d(4)), None,
+                        nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4, momentum=None)))
+    branches = nn.Concat(nn.Sequential(inner, conv(rng, 4, 2)), nn.Sequential(nn.BatchNorm2d(4, affine=False)))
+    outer = nn.Residual(nn.Sequential(branches, nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1, bias=False, rng=rng)),
+                        nn.Sequential(nn.BatchNorm2d(4)), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
+    return nn.Sequential(conv(rng, 2, 4), outer, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64, 3, rng=rng))
+
+
+@pytest.mark.parametrize("batch", [4, 15])
+def test_nested_branches_with_batchnorms(batch, workers, rng):
+    pair = Pair(nested)
+    assert pair.fast.unsupported is None
+    for _ in range(3):  # (no SGD steps: float32 differences of the weights grow chaotically here)
+        pair.step(images(rng, batch))
