@@ -821,3 +821,22 @@ def test_nested_branches_with_batchnorms(batch, workers, rng):
     assert pair.fast.unsupported is None
     for _ in range(3):  # (no SGD steps: float32 differences of the weights grow chaotically here)
         pair.step(images(rng, batch))
+
+
+def shared_in_branches(seed):
+    """One BatchNorm in a Residual's body, its shortcut and its activation, and in two Concat
+    branches: its running statistics take the batches in forward order (momentum 0.3: the order
+    changes the numbers)."""
+    rng = np.random.default_rng(seed)
+    norm = nn.BatchNorm2d(4, momentum=0.3)
+    block = nn.Residual(nn.Sequential(conv(rng, 4, 4), norm, nn.ReLU()), nn.Sequential(norm), nn.Sequential(nn.ReLU(), norm))
+    branches = nn.Concat(nn.Sequential(conv(rng, 4, 4), norm), nn.Sequential(nn.ReLU(), norm, nn.ReLU()))
+    return nn.Sequential(conv(rng, 2, 4), block, branches, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(128, 2, rng=rng))
+
+
+def test_one_batchnorm_in_every_branch(workers, rng):
+    pair = Pair(shared_in_branches)
+    for batch in (6, 13):
+        pair.step(images(rng, batch))
+    assert int(pair.fast_model[1].shortcut[0].num_batches_tracked) == 10
