@@ -840,3 +840,40 @@ def test_one_batchnorm_in_every_branch(workers, rng):
     for batch in (6, 13):
         pair.step(images(rng, batch))
     assert int(pair.fast_model[1].shortcut[0].num_batches_tracked) == 10
+
+
+def test_sgd_steps_then_eval_in_worker_processes(monkeypatch, rng):
+    """Training steps (threads, they meet) with SGD updates in place, then eval steps whose parts
+    run in worker processes: the processes must see the updated weights and running statistics."""
+    monkeypatch.setattr(cpu_plan, "processes", True)
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 6)
+    gpuconv.set_cpu_workers(1)
+    try:
+        pair = Pair(residual_net)
+        optimizers = [optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
+        for i in range(6):
+            for m in (pair.fast_model, pair.slow_model):
+                m.train(i % 3 != 2)
+            labels = rng.integers(0, 3, 14)
+            pair.step(images(rng, 14), loss=lambda y: F.cross_entropy(y, labels))
+            for o in optimizers:
+                o.step()
+        plan = pair.fast._plans[(0, len(pair.fast._steps))]
+        assert plan.forwards == 2  # the eval steps ran the plan without batch statistics
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+def test_mixed_modes_in_one_plan(workers, rng):
+    """model.eval() with one BatchNorm set back to train (and one untracked): one plan holds
+    BatchNormEvalOp and BatchNormTrainOp; only the training one's statistics move."""
+    pair = Pair(residual_net)
+    for m in (pair.fast_model, pair.slow_model):
+        m.eval()
+        m[1].train()
+        m[3].body[4].train()
+    for batch in (9, 14):
+        pair.step(images(rng, batch))
+    for m in (pair.fast_model, pair.slow_model):
+        m[3].body[4].eval()
+    pair.step(images(rng, 9))
