@@ -877,3 +877,36 @@ def test_mixed_modes_in_one_plan(workers, rng):
     for m in (pair.fast_model, pair.slow_model):
         m[3].body[4].eval()
     pair.step(images(rng, 9))
+
+
+def test_ctrl_c_in_the_recomputed_forward_of_a_backward(tmp_path):
+    """Two forwards, then the first's backward, interrupted (KeyboardInterrupt) in the forward it
+    recomputes: the lock is free, the switch interval and BLAS threads restored, the running
+    statistics those of the two forwards, and a step after it matches the eager model."""
+    import hostile_child
+    r = hostile_child.run_child(tmp_path, CHILD_PRELUDE, r'''
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        eager, model = ResNet(8, in_channels=1, num_classes=5, seed=3), ResNet(8, in_channels=1, num_classes=5, seed=3)
+        compiled = gpuconv.compile(model)
+        rng = np.random.default_rng(0)
+        x, other = (rng.standard_normal((40, 1, 8, 8)).astype(np.float32) for _ in range(2))
+        blas_before, interval = blas.get_num_threads(), sys.getswitchinterval()
+        y = compiled(gpuconv.tensor(x))
+        compiled(gpuconv.tensor(other))
+        eager(gpuconv.tensor(x))
+        eager(gpuconv.tensor(other))
+        fired, interrupted = interrupted_at("forward_steps", "y *= scale", lambda: (y * y).sum().backward())
+        state = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(model.state_dict().values(),
+                                                                            eager.state_dict().values()))
+        settings = [not cpu_plan._region_lock.locked(), blas.get_num_threads() == blas_before,
+                    sys.getswitchinterval() == interval]
+        y1 = step(compiled, model, x)
+        y2 = step(eager, eager, x)
+        same, grad, state_after = compare(model, eager, y1, y2)
+        emit(fired=fired, interrupted=interrupted, state=state, settings=settings, same=same, grad=grad,
+             state_after=state_after)
+    ''', hang_s=60, name="ctrl_c_recompute")
+    assert r["fired"] and r["interrupted"], r
+    assert r["state"] and all(r["settings"]), r
+    assert r["same"] and r["grad"] < 1e-3 and r["state_after"], r
