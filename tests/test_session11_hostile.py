@@ -910,3 +910,33 @@ def test_ctrl_c_in_the_recomputed_forward_of_a_backward(tmp_path):
     assert r["fired"] and r["interrupted"], r
     assert r["state"] and all(r["settings"]), r
     assert r["same"] and r["grad"] < 1e-3 and r["state_after"], r
+
+
+def test_many_parts(monkeypatch, rng):
+    """Seven workers, eight parts of two or three images each, through the residual model."""
+    monkeypatch.setattr(cpu_plan, "MIN_CHUNK", 2)
+    gpuconv.set_cpu_workers(7)
+    try:
+        pair = Pair(residual_net)
+        for batch in (19, 16, 5):
+            pair.step(images(rng, batch))
+        assert pair.fast._current_segments()[0].plan.threads == 2  # the last batch, 5 images
+    finally:
+        gpuconv.set_cpu_workers(None)
+
+
+def test_zero_eps_constant_channel_falls_back_once(workers, rng):
+    """FOUND: eps=0 and a channel constant over the batch: 0 / 0 in the output (NaN), so the
+    compiled model reruns the segment eagerly, after the plan's forward already counted the batch
+    (see test_nan_input_updates_running_statistics_once): num_batches_tracked 2, eagerly 1."""
+    def make(seed):
+        r = np.random.default_rng(seed)
+        return nn.Sequential(nn.BatchNorm2d(2, eps=0.0), conv(r, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(48, 2, rng=r))
+    fast_model, slow_model = make(0), make(0)
+    fast = gpuconv.compile(fast_model)
+    x = images(rng, 10)
+    x[:, 1] = 3.0
+    yf, ys = fast(gpuconv.tensor(x)), slow_model(gpuconv.tensor(x))
+    assert np.isnan(ys.data).any() and np.isnan(yf.data).any()
+    assert int(fast_model[0].num_batches_tracked) == int(slow_model[0].num_batches_tracked) == 1
