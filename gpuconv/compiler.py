@@ -45,7 +45,8 @@ class PlanFunction(Function):
     def forward(self, x, *params):
         y = self.plan.forward(x)
         if not np.isfinite(y).all():
-            raise _NonFinite
+            raise _NonFinite  # the segment runs again eagerly, and its BatchNorms update their statistics
+        self.plan.update_running_stats(x.shape[0])
         self.x, self.signature, self.token = x, self.plan.signature, self.plan.forwards
         # the running statistics this forward read (copies: a few numbers per channel), for a
         # recomputed forward: the layers' may be replaced or updated in place before the backward
@@ -115,9 +116,9 @@ class CompiledModel:
         self.module = model
         self._steps = cpu_plan.steps(model)
         self._plan = cpu_plan._Plan()  # the plan of the whole model, when every step lowers
-        # (start, stop) -> the plan of that run; (start, stop, "batch statistics") -> its plan while a
-        # BatchNorm in it normalizes by the batch (training): a forward in one mode keeps its plan,
-        # and its backward stays valid, when the other mode runs in between
+        # (start, stop) -> the plan of that run; (start, stop, its BatchNorms' training flags) -> its
+        # plan while one of them trains: a forward in one mode keeps its plan, and its backward
+        # stays valid, when the other mode runs in between
         self._plans = {(0, len(self._steps)): self._plan}
         self._segments_key, self._segments = None, None
         self._probes = {}  # (start, stop) -> a plan uses_executor compiles, never one a forward runs
@@ -158,7 +159,7 @@ class CompiledModel:
             self._probes = {}
             self._segments_key, self._segments = None, None
         reasons = tuple(cpu_plan.unlowerable(layer) for layer in self._steps)
-        modes = tuple(cpu_plan.uses_batch_statistics(layer) for layer in self._steps)
+        modes = tuple(cpu_plan.batch_norm_modes(layer) for layer in self._steps)
         if (reasons, modes) != self._segments_key:
             segments, start, count = [], 0, len(self._steps)
             while start < count:
@@ -167,7 +168,8 @@ class CompiledModel:
                     stop += 1
                 plan = None
                 if reasons[start] is None and _worth_a_plan(self._steps[start:stop], (start, stop) == (0, count)):
-                    key = (start, stop) + (("batch statistics",) if any(modes[start:stop]) else ())
+                    flags = sum(modes[start:stop], ())
+                    key = (start, stop) + ((flags,) if any(flags) else ())
                     plan = self._plans.setdefault(key, cpu_plan._Plan())
                 segments.append(_Segment(start, stop, plan))
                 start = stop

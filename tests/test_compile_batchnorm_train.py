@@ -320,3 +320,24 @@ def test_ctrl_c_between_the_rounds_leaves_the_model_as_it_was(tmp_path, where):
     assert r["fired"] and r["interrupted"], r
     assert r["unchanged"] and all(r["settings"]), r
     assert r["planned"] and r["same_out"] and r["grad_error"] < 1e-4, r
+
+
+def test_a_pending_backward_survives_a_forward_with_one_norm_switched(workers, rng):
+    """A forward in training, one BatchNorm switched to eval, a forward, the first forward's
+    backward: each combination of the BatchNorms' modes has a plan of its own
+    (cpu_plan.batch_norm_modes), so the second forward does not recompile the first's plan."""
+    pair = Pair(residual_net)
+    x, other = images(rng, 20), images(rng, 20)
+    results = []
+    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
+        model.zero_grad()
+        inputs = gpuconv.tensor(x, requires_grad=True)
+        y = network(inputs)
+        model[1].eval()
+        network(other)
+        model[1].train()
+        weighted_sum(y).backward()
+        results.append((y.data, inputs.grad))
+    assert_close(results[0][0], results[1][0])
+    assert_close(results[0][1], results[1][1])
+    pair.assert_same_state()

@@ -206,11 +206,12 @@ def unlowerable(layer):
     return None
 
 
-def uses_batch_statistics(layer):
-    """Does `layer`, or a BatchNorm2d inside it, normalize by the batch's statistics now (training,
-    or no running statistics)? Its plan then meets between its parts (BatchNormTrainOp)."""
-    return any(isinstance(module, L.BatchNorm2d) and (module.training or not module.track_running_stats)
-               for module in layer.modules())
+def batch_norm_modes(layer):
+    """The training flags of `layer`'s BatchNorm2d modules (itself or inside it), in module order:
+    the compiler keeps a plan per combination, as each is compiled differently (BatchNormTrainOp
+    or BatchNormEvalOp; a BatchNorm without running statistics meets in both modes, and its
+    forward in one mode must not recompile the plan a pending backward of the other needs)."""
+    return tuple(module.training for module in layer.modules() if isinstance(module, L.BatchNorm2d))
 
 
 def _signature(layers, x):
@@ -765,9 +766,7 @@ class _Plan:
         """The forward of x; `buffers` (as buffers() gave them at an earlier forward) are read
         instead of the layers' own: a recomputed forward normalizes as the first one did."""
         if buffers is None:
-            out = self._forward(x)
-            self._update_running_stats(x.shape[0])
-            return out
+            return self._forward(x)
         at = 0
         try:
             for op in self.ops:
@@ -790,9 +789,11 @@ class _Plan:
         self._in_parts("forward", x, out)
         return out
 
-    def _update_running_stats(self, batch):
-        """After a forward (not a recomputed one): each BatchNorm that trains with running
-        statistics blends the batch's into them, in forward order, as BatchNorm2d.forward does."""
+    def update_running_stats(self, batch):
+        """After a forward whose output the caller keeps (not a recomputed one, nor one whose
+        output was not finite and runs again eagerly, which updates them itself): each BatchNorm
+        that trains with running statistics blends the last forward's batch statistics into them,
+        in forward order, as BatchNorm2d.forward does."""
         if not self.meets:
             return
         from ..functional import update_running_stats
