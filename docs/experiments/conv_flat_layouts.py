@@ -8,6 +8,10 @@ of the buffer. Then
   flat1: no copies, one GEMM per tap (K = C), the KH*KW products summed;
 and flat3's filter gradient (dy in the same layout, one GEMM per kernel row), against conv_cpu's.
 Output columns past each row (W + P - OW of them) and rows past each image are computed and dropped.
+Four runs on 2026-12-03 (07:2x-08:36 UTC, docs/performance.md, session 11): at c16-16@32 and
+c32-32@16 the best flat variant took 0.7x-1.15x _RowRuns' time, run to run, at c64-64@8 and LeNet-5's
+conv2 1.2x-1.7x; its copies are cheaper (long runs), its GEMMs slower (flat3's K = 48 ran at 44-56
+GFLOP/s on one core where _RowRuns' K = 144 runs at about 68): no consistent gain.
 Each line: the layout, images per chunk, milliseconds, the largest difference from conv_cpu's
 result relative to its largest value. Run from the repository root, on a quiet machine:
 
