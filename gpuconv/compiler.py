@@ -10,7 +10,7 @@ batch is a float32 NumPy array, the forward runs as one plan and is recorded on 
 Function (PlanFunction) whose inputs are x and the model's parameters; residual blocks (nn.Residual,
 the zoo's BasicBlock) are steps it lowers too, as one op with two branches, and so are branches
 concatenated along the channels (nn.Concat), one op with a branch per block of channels. A chain it can lower in
-part (a BatchNorm2d in training mode, an LPPool2d, a Dropout in training or a module with its own
+part (an LPPool2d, a Dropout in training or a module with its own
 forward between lowerable layers) is split into segments: each run of lowerable layers that holds a conv fused
 with its pool runs as a plan of its own (its own PlanFunction, whose input may need a gradient),
 everything else eagerly, layer by layer (_worth_a_plan says why not every run). Anything the
@@ -45,7 +45,8 @@ class PlanFunction(Function):
     def forward(self, x, *params):
         y = self.plan.forward(x)
         if not np.isfinite(y).all():
-            raise _NonFinite
+            raise _NonFinite  # the segment runs again eagerly, and its BatchNorms update their statistics
+        self.plan.update_running_stats(x.shape[0])
         self.x, self.signature, self.token = x, self.plan.signature, self.plan.forwards
         # the running statistics this forward read (copies: a few numbers per channel), for a
         # recomputed forward: the layers' may be replaced or updated in place before the backward
@@ -115,7 +116,10 @@ class CompiledModel:
         self.module = model
         self._steps = cpu_plan.steps(model)
         self._plan = cpu_plan._Plan()  # the plan of the whole model, when every step lowers
-        self._plans = {(0, len(self._steps)): self._plan}  # (start, stop) -> the plan of that run
+        # (start, stop) -> the plan of that run; (start, stop, its BatchNorms' training flags) -> its
+        # plan while one of them trains: a forward in one mode keeps its plan, and its backward
+        # stays valid, when the other mode runs in between
+        self._plans = {(0, len(self._steps)): self._plan}
         self._segments_key, self._segments = None, None
         self._probes = {}  # (start, stop) -> a plan uses_executor compiles, never one a forward runs
 
@@ -155,7 +159,8 @@ class CompiledModel:
             self._probes = {}
             self._segments_key, self._segments = None, None
         reasons = tuple(cpu_plan.unlowerable(layer) for layer in self._steps)
-        if reasons != self._segments_key:
+        modes = tuple(cpu_plan.batch_norm_modes(layer) for layer in self._steps)
+        if (reasons, modes) != self._segments_key:
             segments, start, count = [], 0, len(self._steps)
             while start < count:
                 stop = start + 1
@@ -163,10 +168,12 @@ class CompiledModel:
                     stop += 1
                 plan = None
                 if reasons[start] is None and _worth_a_plan(self._steps[start:stop], (start, stop) == (0, count)):
-                    plan = self._plans.setdefault((start, stop), cpu_plan._Plan())
+                    flags = sum(modes[start:stop], ())
+                    key = (start, stop) + ((flags,) if any(flags) else ())
+                    plan = self._plans.setdefault(key, cpu_plan._Plan())
                 segments.append(_Segment(start, stop, plan))
                 start = stop
-            self._segments_key, self._segments = reasons, segments
+            self._segments_key, self._segments = (reasons, modes), segments
         return self._segments
 
     def _segments_for(self, x):
@@ -202,12 +209,14 @@ class CompiledModel:
             if segment.plan is not None:
                 if shape is None:
                     return True
-                if len(shape) in (2, 4):  # as _plannable; prepare reads the shape only: an empty batch stands for x
-                    # a plan of its own: preparing the segment's would recompile it for this shape,
-                    # and the backward of a forward it ran would then refuse to run
+                if len(shape) in (2, 4):  # as _plannable; prepare reads the shape only: a view of
+                    # one value stands for x (the batch size counts: a BatchNorm that trains needs
+                    # two values per channel). A plan of its own: preparing the segment's would
+                    # recompile it for this shape, and the backward of a forward it ran would then
+                    # refuse to run
                     probe = self._probes.setdefault((segment.start, segment.stop), cpu_plan._Plan())
                     with probe.lock:
-                        if probe.prepare(layers, np.empty((0,) + shape[1:], np.float32)):
+                        if probe.prepare(layers, np.broadcast_to(np.float32(0), shape)):
                             return True
             shape = _output_shape(layers, shape)
         return False
@@ -216,7 +225,7 @@ class CompiledModel:
     def unsupported(self):
         """None when the whole model runs as one plan; else which steps run eagerly, and why."""
         segments = self._current_segments()
-        reasons = self._segments_key  # per step: why it does not lower now, or None
+        reasons = self._segments_key[0]  # per step: why it does not lower now, or None
         if all(reason is None for reason in reasons):
             return None
         if len(reasons) == 1:

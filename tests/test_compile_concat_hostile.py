@@ -53,7 +53,9 @@ def step(network, model, x, input_grad=True, dy=None):
     return out, (xt.grad.copy() if input_grad else None), grads
 
 
-def assert_same_step(eager, compiled, plans=1):
+def assert_same_step(eager, compiled, plans=1, grad_floor=0.0):
+    """`grad_floor`: the least magnitude a parameter gradient is compared at (a conv bias before a
+    BatchNorm that trains has a gradient of 0 plus rounding, which no relative tolerance fits)."""
     (e_out, e_dx, e_grads), (c_out, c_dx, c_grads) = eager, compiled
     if plans is not None:
         assert len(plans_on_tape(c_out)) == plans
@@ -64,7 +66,7 @@ def assert_same_step(eager, compiled, plans=1):
     for name, want in e_grads.items():
         assert (c_grads[name] is None) == (want is None), name
         if want is not None:
-            assert_close(c_grads[name], want, what=name)
+            assert_close(c_grads[name], want, what=name, floor=grad_floor)
 
 
 def check(make, x, plans=1, input_grad=True):
@@ -443,8 +445,10 @@ def test_a_concat_changed_after_compile_runs_as_changed(kind, change):
     for model in (eager_model, fast_model):
         CHANGES[change](model, rng_of(9))
     # the fused conv-pool before the Concat keeps a plan when the Concat runs eagerly
-    assert_same_step(step(eager_model, eager_model, x), step(fast, fast_model, x), plans=1)
-    lowered = change not in ("BatchNorm put in training", "Dropout put in training", "dim set to 2")
+    eager = step(eager_model, eager_model, x)
+    floor = 1e-2 * max(np.abs(g).max() for g in eager[2].values()) if change == "BatchNorm put in training" else 0.0
+    assert_same_step(eager, step(fast, fast_model, x), plans=1, grad_floor=floor)
+    lowered = change not in ("Dropout put in training", "dim set to 2")  # a BatchNorm that trains lowers too
     assert (fast.unsupported is None) == lowered, fast.unsupported
 
 

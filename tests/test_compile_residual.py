@@ -72,7 +72,7 @@ def batch(seed, shape):
 
 
 # ----------------------------------------------------------------------------------------------
-# the zoo's ResNet: eval mode lowers whole, training mode (batch statistics) runs eagerly
+# the zoo's ResNet: lowers whole, in eval mode and in training mode (batch statistics)
 
 
 @pytest.mark.parametrize("depth", [8, 14])
@@ -91,18 +91,18 @@ def test_resnet_in_eval_runs_as_one_plan(depth):
     assert sum(len(block.shortcut) == 1 for block in blocks) == 2
 
 
-def test_resnet_in_training_runs_eagerly_and_says_why():
+def test_resnet_in_training_runs_as_one_plan():
+    """Its BatchNorms normalize by the batch (cpu_ops.BatchNormTrainOp): one plan, the eager
+    results (the first step of a fresh ResNet: float32 gradients through eight BatchNorms that
+    train agree to about 1e-4 between any two summation orders)."""
     model = ResNet(8, in_channels=1, num_classes=5, seed=0)
     x, labels = batch(2, (64, 1, 8, 8))
-    compiled = gpuconv.compile(model)
-    assert not compiled.uses_executor(x)
-    assert "BasicBlock: BatchNorm2d in training mode" in compiled.unsupported
-    out, _, _ = step(compiled, x, labels)
-    assert plans_in(out) == 0
+    compiled = check_matches_eager(model, x, labels, rtol=1e-3)
+    assert compiled.unsupported is None and compiled.uses_executor(x)
 
 
 def test_resnet_eval_after_training_steps_keeps_eager_results():
-    """train() steps update the running statistics eagerly; eval() then lowers with the new ones."""
+    """train() steps update the running statistics (in the plan); eval() then uses the new ones."""
     model = ResNet(8, in_channels=1, num_classes=5, seed=3)
     compiled = gpuconv.compile(model)
     for seed in range(2):

@@ -58,15 +58,19 @@ def step(network, model, x, input_grad=True):
     return out, (xt.grad.copy() if input_grad else None), grads, model.state_dict()
 
 
-def assert_close(got, want, rtol=1e-4, what=""):
+def assert_close(got, want, rtol=1e-4, what="", floor=0.0):
+    """rtol of the largest finite magnitude of `want`, or of `floor` if larger."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     finite = want[np.isfinite(want)]
     scale = np.abs(finite).max() if finite.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=True, err_msg=what)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * max(scale, floor, 1e-30), equal_nan=True,
+                               err_msg=what)
 
 
-def assert_same_step(eager, compiled, plans=1, input_grad=True):
+def assert_same_step(eager, compiled, plans=1, input_grad=True, grad_floor=0.0):
+    """`grad_floor`: the least magnitude a parameter gradient is compared at (a conv bias before a
+    BatchNorm that trains has a gradient of 0 plus rounding, which no relative tolerance fits)."""
     (e_out, e_dx, e_grads, e_state), (c_out, c_dx, c_grads, c_state) = eager, compiled
     if plans is not None:
         assert plans_in(c_out) == plans
@@ -76,7 +80,7 @@ def assert_same_step(eager, compiled, plans=1, input_grad=True):
     for name, want in e_grads.items():
         assert (c_grads[name] is None) == (want is None), name
         if want is not None:
-            assert_close(c_grads[name], want, what=name)
+            assert_close(c_grads[name], want, what=name, floor=grad_floor)
     assert list(c_state) == list(e_state)
     for name in e_state:
         assert_close(c_state[name], e_state[name], what=name)
@@ -357,8 +361,10 @@ def test_a_block_changed_after_compile_runs_as_changed(kind, change):
     step(fast, fast_model, x)
     for model in (eager_model, fast_model):
         CHANGES[change](model[3], rng_of(9))
-    # a block with a BatchNorm in training runs eagerly; the fused conv-pool before it keeps its plan
-    assert_same_step(step(eager_model, eager_model, x), step(fast, fast_model, x), plans=1)
+    # a block with a BatchNorm in training lowers too (the whole model one plan)
+    eager = step(eager_model, eager_model, x)
+    floor = 1e-2 * max(np.abs(g).max() for g in eager[2].values()) if change == "BatchNorm put in training" else 0.0
+    assert_same_step(eager, step(fast, fast_model, x), plans=1, grad_floor=floor)
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "to and a new array", "in place", "train() and a training step"])
@@ -418,10 +424,10 @@ def change_statistics(model, network, change, x):
 
 
 def test_resnet_switching_train_and_eval_between_steps(kind):
-    """Training steps (eager: batch statistics), eval steps (one plan), SGD with momentum: the
-    parameters and running statistics follow the eager model's."""
+    """Training steps and eval steps (one plan each: batch statistics, running statistics), SGD with
+    momentum: the parameters and running statistics follow the eager model's."""
     models = [randomize_statistics(ResNet(8, in_channels=1, num_classes=5, seed=4), 5) for _ in range(2)]
-    sgd_through_train_and_eval(models, (64, 1, 8, 8), lambda network, out, mode: plans_in(out) == (mode == "eval"))
+    sgd_through_train_and_eval(models, (64, 1, 8, 8), lambda network, out, mode: plans_in(out) == 1)
 
 
 def sgd_through_train_and_eval(models, shape, as_expected):
@@ -446,13 +452,13 @@ def sgd_through_train_and_eval(models, shape, as_expected):
 
 def many_residual_plans_model(seed=0, blocks=cpu_workers.MAX_PLANS + 2):
     """More plans than a worker process keeps arenas for, each holding a residual block with an eval
-    BatchNorm (the training BatchNorm after each block runs eagerly and splits the plans)."""
+    BatchNorm (a LeakyReLU after each block runs eagerly and splits the plans)."""
     rng = rng_of(seed)
     layers, channels = [], 1
     for _ in range(blocks):
         block = nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, rng=rng), nn.BatchNorm2d(3)),
                             activation=nn.ReLU())
-        layers += [nn.Conv2d(channels, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(1), block, nn.BatchNorm2d(3)]
+        layers += [nn.Conv2d(channels, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(1), block, nn.LeakyReLU()]
         channels = 3
     model = randomize_statistics(nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 8 * 8, 5, rng=rng)), seed + 1)
     for layer in model.modules():
@@ -553,11 +559,10 @@ def test_compiled_residual_steps_leave_process_settings_and_the_model_alone(kind
         np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
-def test_unsupported_for_a_training_resnet_names_every_block():
+def test_a_resnet_lowers_whole_in_training_and_in_eval():
     compiled = gpuconv.compile(ResNet(8, in_channels=1, num_classes=5, seed=0))
-    text = compiled.unsupported
-    assert text.count("BasicBlock: BatchNorm2d in training mode") == 3, text
-    assert "step 1 BatchNorm2d" in text
+    assert compiled.unsupported is None
+    assert compiled.uses_executor(np.zeros((4, 1, 8, 8), np.float32))
     compiled.eval()
     assert compiled.unsupported is None
 

@@ -97,13 +97,22 @@ def test_hostile_backward_after_a_second_forward_and_new_running_statistics(chan
         assert_close(fast_grads[name], grad)
 
 
+class Halve(nn.Module):
+    """A module with its own forward, which the executor does not lower: an eager step."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
 def many_plans_model(seed, blocks=cpu_workers.MAX_PLANS + 2):
-    """More plans than a worker process keeps arenas for: a BatchNorm in training (eager) after
-    every fused conv block, so each block is a plan of its own (cpu_workers.MAX_PLANS is 8)."""
+    """More plans than a worker process keeps arenas for: an eager step (Halve) after every fused
+    conv block, so each block is a plan of its own (cpu_workers.MAX_PLANS is 8). (A BatchNorm in
+    training was that step until it lowered.) No ReLU: with ten of them, a pre-activation within
+    rounding of 0 flipped one image's input gradient between the eager and the compiled sums."""
     rng = np.random.default_rng(seed)
     layers, channels = [], 1
     for _ in range(blocks):
-        layers += [nn.Conv2d(channels, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(1), nn.BatchNorm2d(3)]
+        layers += [nn.Conv2d(channels, 3, 3, padding=1, rng=rng), nn.MaxPool2d(1), Halve()]
         channels = 3
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 8 * 8, 5, rng=rng))
 
@@ -228,8 +237,8 @@ def test_hostile_uses_executor_between_forward_and_backward_changes_nothing():
         (y * y).sum().backward()
         results.append({name: p.grad for name, p in model.named_parameters()})
     assert plans_on_tape(y)
-    for name, grad in results[0].items():
-        assert_close(results[1][name], grad)
+    for name, grad in results[0].items():  # through a BatchNorm that trains: float32 sums in other orders
+        assert_close(results[1][name], grad, rtol=1e-4)
 
 
 def test_hostile_threads_running_one_compiled_model_on_different_image_sizes():

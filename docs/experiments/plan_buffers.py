@@ -1,26 +1,28 @@
-"""What the CPU executor's plan keeps for the zoo's InceptionNet at batch 128 after one training
-step on the caller's thread alone (0 workers): every array in the chunks' stores (kept for the
-backward) and the thread's scratch (reused chunk after chunk), summed by its key's last word, and
-the ops' own gradient buffers ("dx") by op type. Run from the repository root:
+"""What the CPU executor's plan keeps for a zoo model (InceptionNet, or the one named on the
+command line: resnet20) at batch 128 after one training step on the caller's thread alone (0
+workers): every array in the chunks' stores (kept for the backward) and the thread's scratch
+(reused chunk after chunk), summed by its key's last word, and the ops' own gradient buffers
+("dx") by op type. Run from the repository root:
 
-    python docs/experiments/plan_buffers.py
+    python docs/experiments/plan_buffers.py [resnet20]
 """
 import collections
+import sys
 
 import numpy as np
 
 import gpuconv
 from gpuconv import functional as F
-from gpuconv.models import InceptionNet
+from gpuconv.bench import zoo
 from gpuconv.nn import cpu_ops
 
 
-def main(batch=128):
+def main(model="inception", batch=128):
     gpuconv.set_cpu_workers(0)
-    net = gpuconv.compile(InceptionNet(3, 10, 32))
+    net = gpuconv.compile(zoo.build(model, zoo.default_dataset(model)))
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     F.cross_entropy(net(gpuconv.tensor(x)), np.zeros(batch, int)).backward()
-    plan = net._plan
+    plan = net._current_segments()[0].plan  # the whole model's, in training mode
     by_kind = collections.defaultdict(int)
     places = [("store", chunk.store) for part in plan.parts for chunk in part]
     places += [("scratch", scratch) for scratch in plan.scratch]
@@ -52,4 +54,4 @@ def main(batch=128):
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

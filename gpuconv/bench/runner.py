@@ -46,7 +46,8 @@ DEFINITIONS = {
                   "with gpuconv's weights copied in; inference in eval mode. LeNet-5 on MNIST keeps the names "
                   "train_step / inference. FLOPs of a step: 3 forwards (an estimate)",
     "executor": "True where gpuconv.compile ran the model in the CPU executor, False where it ran eagerly "
-                "op by op because the executor cannot lower the model as that row runs it (BatchNorm in training mode)",
+                "op by op because the executor cannot lower the model as that row runs it (gpuconv.compile(model).unsupported "
+                "says why)",
     "conv op rows": "c<in>-<out>k<kernel>s<stride>@<input side>.<op>: gpuconv.ops.conv2d / conv2d_backward "
                     "against F.conv2d / aten.convolution_backward on the same arrays; backward_data is dx alone, "
                     "backward_filter dw (and db where the layer has a bias)",

@@ -272,7 +272,7 @@ def table_notes(results):
                     and r["device"] == "cpu" and results["settings"].get("compiled", True)})
     if eager:
         out.append(f"{', '.join(eager)}: gpuconv.compile cannot lower the model as it runs there into the CPU "
-                   "executor (BatchNorm in training mode: batch statistics), so these rows run eagerly op by op, "
+                   "executor (gpuconv.compile(model).unsupported says why), so these rows run eagerly op by op, "
                    "as training does.")
     for g in results.get("conv_geomeans") or []:
         if g["op"] == "all":

@@ -172,6 +172,9 @@ def route_to_first_max(dy, targets, equal, remaining):
 class Op:
     needs_own_output = False  # does backward read this op's output? (then nothing may overwrite it)
     owns_dy = False  # is the output gradient a plan buffer that nothing reads after this backward? (else the caller's)
+    # Does its forward or backward need sums over the whole batch (BatchNormTrainOp)? Then it has
+    # forward_steps / backward_steps, generators that yield for them (see "Meetings" below).
+    meets = False
 
     def setup(self, shape):
         """Per-image input shape -> per-image output shape; raises Unsupported."""
@@ -206,6 +209,9 @@ class ConvOp(Op):
     """
 
     passing = None  # which of the thread's two passing buffers holds the output (mark_passing_outputs), or None
+    # Rebuild the row copy R in the backward from the input (kept by the op before) instead of
+    # keeping it from the forward: set by the plan for plans that meet (cpu_plan._compile)
+    recompute_rows = False
 
     def __init__(self, layer, index, pool=None, relu=False):
         self.layer, self.index, self.pool, self.relu = layer, index, pool, relu
@@ -274,7 +280,7 @@ class ConvOp(Op):
         np.copyto(out, np.ndarray(shape, x.dtype, buffer=x, strides=strides))
         return out
 
-    def _row_matrices(self, x, store, key, n):
+    def _row_matrices(self, x, store, key, n, views_key=None):
         """Convolution without im2col (dilation 1). R[b, ih, c, kw, pw, n] = x[c, ih, (B*pw + b)*S + kw, n]
         holds every input row shifted by each kw and thinned to pooling column b: KH times less
         than the columns. Ordered (kh, c, kw), the column rows of output row (a, PH) are then one
@@ -287,8 +293,10 @@ class ConvOp(Op):
         if self.pointwise:  # R would be x itself: read it in place, no copy kept
             return kept_views(store, (key, "pointwise views"), self._pointwise_matrices, x)
         b = self.pool[1] if self.pool else 1
-        rows = buffer(store, key, (b // self.block[1], x.shape[1], self.channels, self.band[1], self.pooled_hw[1], n))
-        source, matrices = kept_views(store, (key, "views"), self._row_views, x, rows)
+        shape = (b // self.block[1], x.shape[1], self.channels, self.band[1], self.pooled_hw[1], n)
+        # views_key given: `key` names one flat buffer of the thread's, shared by such convs (recompute_rows)
+        rows = buffer(store, key, shape) if views_key is None else shared_view(store, key, shape)
+        source, matrices = kept_views(store, views_key or (key, "views"), self._row_views, x, rows)
         np.copyto(rows, source)
         return matrices
 
@@ -345,10 +353,21 @@ class ConvOp(Op):
         return np.ndarray((1, 1, ph, self.filters * a * b, pw * n), array.dtype, buffer=array,
                           strides=(0, 0, sph, sb, sn))
 
+    def _keeps_rows(self):
+        """Does the forward keep R for the backward (else the backward rebuilds it)?"""
+        return self.row_path and not self.pointwise and not self.recompute_rows
+
+    def _rows_for(self, x, chunk, scratch, n):
+        """R of the padded input x: kept in the chunk's store, or, where the backward rebuilds it,
+        in a buffer of the thread's that every conv with R of that shape shares."""
+        if self.recompute_rows and not self.pointwise:
+            return self._row_matrices(x, scratch, "shared rows", n, views_key=(self.index, "shared rows views"))
+        return self._row_matrices(x, chunk.store, (self.index, "rows"), n)
+
     def _product(self, x, y, chunk, scratch, n):
         """y = W @ columns(x), y [F, *positions, n]; returns the row matrices (or None)."""
         if self.row_path:
-            matrices = self._row_matrices(x, chunk.store, (self.index, "rows"), n)
+            matrices = self._rows_for(x, chunk, scratch, n)
             by_row = kept_views(chunk.store, (self.index, "y by row"), lambda y: self._by_output_row(y, n), y)
             np.matmul(self._row_weight(chunk.store), matrices, out=by_row)
             return matrices
@@ -424,6 +443,7 @@ class ConvOp(Op):
 
     def forward(self, chunk, x, scratch):
         n, key, f = chunk.n, self.index, self.filters
+        given = x
         x = self._padded(chunk, x, scratch)
         shape = (f,) + self.positions + (n,)
         if self.passing is None:
@@ -432,6 +452,8 @@ class ConvOp(Op):
             y = shared_view(scratch, ("passing", self.passing), shape)
         matrices = self._product(x, y, chunk, scratch, n)
         chunk.saved[key] = dict(source=x, y=y, matrices=matrices)
+        if self.recompute_rows and self.row_path and not self.pointwise:
+            chunk.saved[key].update(given=given, matrices=None)  # R is rebuilt from `given`
         bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
         if self.pool is None:
             if bias is not None:
@@ -481,8 +503,13 @@ class ConvOp(Op):
             dy = dfull
         elif layer.bias is not None:
             grads.add(layer.bias, np.add.reduce(dy, axis=(1, 2, 3)))
-        grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch, n),
-                        reads=dy)
+        if saved["matrices"] is None and "given" in saved:  # rebuild R (recompute_rows), then use it at once
+            source = self._padded(chunk, saved["given"], scratch)
+            grads.add(layer.weight, self._weight_grad(source, self._rows_for(source, chunk, scratch, n), dy, scratch,
+                                                      n))
+        else:
+            grads.add_later(layer.weight, lambda: self._weight_grad(saved["source"], saved["matrices"], dy, scratch,
+                                                                    n), reads=dy)
         if not need_dx:
             return None
         dx = gradients(scratch).take(saved["source"].shape)
@@ -725,6 +752,99 @@ class BatchNormEvalOp(Op):
         return dx
 
 
+class BatchNormTrainOp(Op):
+    """BatchNorm2d on the batch's statistics (training mode, or no running statistics), PyTorch's
+    semantics as gpuconv/ops/norm.py computes them: the mean over (N, H, W) per channel first, then
+    the biased variance of the centred values; y = (x - mean) * invstd * weight + bias. The backward
+    differentiates through the statistics: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)).
+
+    The plan splits the batch over its parts, so the sums behind these run in two steps: each part
+    sums its own images, yields the sums to the plan, and goes on with the whole batch's (a
+    meeting, see "Meetings" below): the mean, then the centred squares in the forward, sum(dy) and
+    sum(dy * (x - mean)) in the backward. The running statistics are the plan's to update, once
+    per forward, after every part has finished (cpu_plan._Plan.update_running_stats)."""
+
+    meets = True
+
+    def __init__(self, layer, index):
+        self.layer, self.index = layer, index
+        self.batch_mean = self.batch_var = None  # of the last forward (meet), for the running statistics
+
+    def setup(self, shape):
+        if len(shape) != 3 or shape[0] != self.layer.num_features:
+            raise Unsupported("batch norm channels")
+        self.shape = tuple(shape)
+        return shape
+
+    def params(self):
+        layer = self.layer
+        return [layer.weight, layer.bias] if layer.weight is not None else []
+
+    def forward(self, chunk, x, scratch):
+        return finish(self.forward_steps(chunk, x, scratch))
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        return finish(self.backward_steps(chunk, dy, need_dx, grads, scratch))
+
+    def forward_steps(self, chunk, x, scratch):
+        layer, c = self.layer, x.shape[0]
+        count = x.size // c  # values per channel in this part
+        mean = yield (self, "sum", np.add.reduce(x.reshape(c, -1), axis=1), count)
+        y = buffer(chunk.store, (self.index, "y"), x.shape)
+        np.subtract(x, mean[:, None, None, None], out=y)  # centred; scaled in place below
+        var = yield (self, "squares", _row_dots(y, y), count)
+        # the eager path's order: invstd in x's dtype, then scale = invstd * weight
+        invstd = 1 / np.sqrt(var + np.float32(layer.eps))
+        scale = invstd if layer.weight is None else invstd * layer.weight.data
+        y *= scale[:, None, None, None]
+        if layer.bias is not None:
+            y += layer.bias.data[:, None, None, None]
+        chunk.saved[self.index] = (x, mean, invstd, scale)
+        return y
+
+    def backward_steps(self, chunk, dy, need_dx, grads, scratch):
+        x, mean, invstd, scale = chunk.saved[self.index]
+        layer, c = self.layer, x.shape[0]
+        # one buffer of the thread's for every such op: one op's backward uses it at a time (a
+        # meeting suspends this thread's chunk, and no other chunk of the thread runs meanwhile)
+        centred = shared_view(scratch, "centred", x.shape)
+        np.subtract(x, mean[:, None, None, None], out=centred)
+        sums = np.stack([np.add.reduce(dy.reshape(c, -1), axis=1), _row_dots(dy, centred)])  # this part's
+        if layer.weight is not None:
+            grads.add(layer.weight, sums[1] * invstd)  # sum(dy * xhat); the plan adds the parts'
+            grads.add(layer.bias, sums[0].copy())
+        if not need_dx:
+            return None
+        dbias, dcentred, count = yield (self, "gradient sums", sums, x.size // c)
+        dx = gradients(scratch).take(dy.shape)
+        np.multiply(dy, scale[:, None, None, None], out=dx)
+        centred *= (-scale * invstd * invstd * dcentred / count)[:, None, None, None]
+        dx += centred
+        dx += (-scale * dbias / count)[:, None, None, None]
+        return dx
+
+    def meet(self, what, sums, counts):
+        """The whole batch's figures from each part's `sums` over its `counts` values per channel
+        (in part order: the same bits every time) -> what every part goes on with."""
+        total = sums[0].copy()
+        for other in sums[1:]:
+            total += other
+        count = np.float32(sum(counts))
+        if what == "sum":
+            self.batch_mean = total / count
+            return self.batch_mean
+        if what == "squares":
+            self.batch_var = total / count
+            return self.batch_var
+        return total[0], total[1], count  # "gradient sums": sum dy, sum dy * (x - mean)
+
+
+def _row_dots(a, b):
+    """Per channel of two [C, ...] arrays, the sum of a * b: one dot product per channel."""
+    c = a.shape[0]
+    return np.matmul(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).reshape(c)
+
+
 class GlobalAvgPoolOp(Op):
     """AdaptiveAvgPool2d(1), the global average pool: each channel's map -> its mean,
     [C, H, W, n] -> [C, 1, 1, n]. The reference takes NumPy's mean over (H, W) too; only the order
@@ -863,7 +983,7 @@ class LinearOp(Op):
 # chains of ops, and a residual block: two chains whose outputs are added
 
 
-SPATIAL_OPS = (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp)
+SPATIAL_OPS = (ConvOp, PoolOp, GlobalAvgPoolOp, BatchNormEvalOp, BatchNormTrainOp)
 
 
 def setup_chain(ops, shape, copied_at_end=False):
@@ -897,7 +1017,7 @@ def mark_passing_outputs(ops, copied_at_end):
             after += 1
         reader = ops[after] if after < len(ops) else None
         if op.pool is None and ((reader is None and copied_at_end) or (
-                isinstance(reader, ConvOp) and reader.row_path and not reader.pointwise)):
+                isinstance(reader, ConvOp) and reader._keeps_rows())):
             op.passing, slot = slot, 1 - slot
 
 
@@ -955,28 +1075,75 @@ class BranchingOp(Op):
                 op.override = None if arrays is None else tuple(arrays[at:at + count])
                 at += count
 
-    @staticmethod
-    def chain_backward(chain, chunk, dy, need_dx, grads, scratch):
-        return backward_chain(chain, chunk, dy, need_dx, grads, scratch)
+    @property
+    def meets(self):
+        return any(op.meets for op in self.ops())
+
+    def forward(self, chunk, x, scratch):
+        return finish(self.forward_steps(chunk, x, scratch))
+
+    def backward(self, chunk, dy, need_dx, grads, scratch):
+        return finish(self.backward_steps(chunk, dy, need_dx, grads, scratch))
 
 
-def backward_chain(chain, chunk, dy, need_dx, grads, scratch):
-    """The backward of a chain of ops, last op first -> the chain's input gradient. Each gradient
-    an op of the chain made goes back to the thread's pool once the op before has read it (dy, the
-    caller's, stays)."""
+# ----------------------------------------------------------------------------------------------
+# Meetings: sums over the whole batch in the middle of a forward or backward
+#
+# A BatchNorm that trains needs each channel's mean and variance over the whole batch, which the
+# plan splits over its parts. Its forward_steps and backward_steps are generators: they yield
+# (op, what, this part's sums) and get the whole batch's figures back (op.meet). The chains and
+# the branching ops pass the yields up (`yield from`), so a yield keeps its place inside residual
+# blocks and branches; the plan runs every part up to the same yield, meets, and sends the reply
+# to each (cpu_plan._Plan._in_rounds). Ops that never meet run as plain calls.
+
+
+def finish(steps):
+    """Run forward_steps / backward_steps to the end where no meeting can come (a plan without a
+    BatchNorm that trains) -> its result."""
+    try:
+        request = next(steps)
+    except StopIteration as done:
+        return done.value
+    steps.close()
+    raise RuntimeError(f"{type(request[0]).__name__} needs sums over the whole batch: it runs in the plan's rounds")
+
+
+def forward_chain_steps(chain, chunk, h, scratch):
+    """The forward of a chain of ops, as a generator that passes its ops' meetings up."""
+    for op in chain:
+        if op.meets:
+            h = yield from op.forward_steps(chunk, h, scratch)
+        else:
+            h = op.forward(chunk, h, scratch)
+    return h
+
+
+def backward_chain_steps(chain, chunk, dy, need_dx, grads, scratch):
+    """The backward of a chain of ops, last op first -> the chain's input gradient, as a generator
+    that passes its ops' meetings up. Each gradient an op of the chain made goes back to the
+    thread's pool once the op before has read it (dy, the caller's, stays)."""
     pool, d = gradients(scratch), dy
     for position in range(len(chain) - 1, -1, -1):
-        new = chain[position].backward(chunk, d, need_dx or position > 0, grads, scratch)
+        op, wanted = chain[position], need_dx or position > 0
+        if op.meets:
+            new = yield from op.backward_steps(chunk, d, wanted, grads, scratch)
+        else:
+            new = op.backward(chunk, d, wanted, grads, scratch)
         if root(d) is not root(dy):
             pool.give_back(d, new)
         d = new
     return d
 
 
+def backward_chain(chain, chunk, dy, need_dx, grads, scratch):
+    """backward_chain_steps run to the end (no meetings)."""
+    return finish(backward_chain_steps(chain, chunk, dy, need_dx, grads, scratch))
+
+
 def owns_output(op):
     """Whether an op's output is a buffer of its own that its backward does not read (the next op
     may then write into it: an add, an activation in place)."""
-    return isinstance(op, (BatchNormEvalOp, LinearOp, ConcatOp)) or (isinstance(op, ConvOp) and op.pool is None)
+    return isinstance(op, (BatchNormEvalOp, BatchNormTrainOp, LinearOp, ConcatOp)) or (isinstance(op, ConvOp) and op.pool is None)
 
 
 class ResidualOp(BranchingOp):
@@ -1022,24 +1189,18 @@ class ResidualOp(BranchingOp):
     def owns_dy(self, owned):
         mark_owned_gradients(self.post, owned)
 
-    def forward(self, chunk, x, scratch):
-        h = x
-        for op in self.body:
-            h = op.forward(chunk, h, scratch)
-        s = x
-        for op in self.shortcut:
-            s = op.forward(chunk, s, scratch)
+    def forward_steps(self, chunk, x, scratch):
+        h = yield from forward_chain_steps(self.body, chunk, x, scratch)
+        s = yield from forward_chain_steps(self.shortcut, chunk, x, scratch)
         total = h if self.add_in_place else buffer(chunk.store, (self.index, "sum"), h.shape)
         np.add(h, s, out=total)
-        for op in self.post:
-            total = op.forward(chunk, total, scratch)
-        return total
+        return (yield from forward_chain_steps(self.post, chunk, total, scratch))
 
-    def backward(self, chunk, dy, need_dx, grads, scratch):
+    def backward_steps(self, chunk, dy, need_dx, grads, scratch):
         incoming = dy
-        dy = self.chain_backward(self.post, chunk, dy, True, grads, scratch)
-        body = self.chain_backward(self.body, chunk, dy, need_dx, grads, scratch)
-        shortcut = self.chain_backward(self.shortcut, chunk, dy, need_dx, grads, scratch)
+        dy = yield from backward_chain_steps(self.post, chunk, dy, True, grads, scratch)
+        body = yield from backward_chain_steps(self.body, chunk, dy, need_dx, grads, scratch)
+        shortcut = yield from backward_chain_steps(self.shortcut, chunk, dy, need_dx, grads, scratch)
         pool, dx = gradients(scratch), None
         if need_dx:
             dx = np.add(body, shortcut, out=pool.take(self.in_shape + (chunk.n,)))
@@ -1095,20 +1256,18 @@ class ConcatOp(BranchingOp):
         for chain in self.branches:
             mark_owned_gradients(chain, owned)
 
-    def forward(self, chunk, x, scratch):
+    def forward_steps(self, chunk, x, scratch):
         out = buffer(chunk.store, (self.index, "out"), self.out_shape + (chunk.n,))
         for block, chain in zip(self.blocks, self.branches):
-            h = x
-            for op in chain:
-                h = op.forward(chunk, h, scratch)
+            h = yield from forward_chain_steps(chain, chunk, x, scratch)
             np.copyto(out[block], h)
         return out
 
-    def backward(self, chunk, dy, need_dx, grads, scratch):
+    def backward_steps(self, chunk, dy, need_dx, grads, scratch):
         pool = gradients(scratch)
         dx = pool.take(self.in_shape + (chunk.n,)) if need_dx else None
         for position, (block, chain) in enumerate(zip(self.blocks, self.branches)):
-            d = self.chain_backward(chain, chunk, dy[block], need_dx, grads, scratch)
+            d = yield from backward_chain_steps(chain, chunk, dy[block], need_dx, grads, scratch)
             if need_dx:
                 if position == 0:
                     np.copyto(dx, d)

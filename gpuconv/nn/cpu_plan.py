@@ -3,7 +3,7 @@
 gpuconv.compile(model) (gpuconv/compiler.py) hands a float32 NumPy batch here. When every layer
 of the chain lowers through the registry below (`LOWERINGS`: Conv2d with groups=1, ReLU, Tanh,
 Sigmoid, MaxPool2d/AvgPool2d with stride == kernel and no padding, AdaptiveAvgPool2d(1),
-BatchNorm2d in eval mode, Flatten, Linear, Identity, Dropout when it is the identity, residual
+BatchNorm2d (in training too), Flatten, Linear, Identity, Dropout when it is the identity, residual
 blocks of those (`RESIDUALS`: nn.Residual, the zoo's BasicBlock with its ShortcutA), each one op
 with two branches, and nn.Concat along the channels, one op with a branch per block of channels),
 the whole chain runs here as one autograd Function. A chain lowerable in part
@@ -45,13 +45,20 @@ Why it is faster than the layers (the measurements: docs/performance.md):
   op's dW and dx. The dense layers' weight gradients wait in every thread: both threads start the
   backward with the dense layers, whose calls take microseconds, so the fewer of them there, the
   less each thread waits for the GIL. Processes run the same order, so both give the same bits.
+* Meetings. A BatchNorm that normalizes by the batch (training) needs per-channel sums over every
+  part. Its op yields its part's sums (cpu_ops: "Meetings"), and a plan holding one runs its parts
+  in rounds (_Plan._in_rounds): one parallel region from one meeting to the next, the sums added
+  in part order at each. Such a plan runs in threads (the sums stay in this process), each part as
+  one chunk, without deferred weight gradients (a part would wait for the other's at every
+  meeting), and its convs rebuild R in the backward instead of keeping it (ConvOp.recompute_rows).
 * Memory. Buffers are allocated once per (chunk, layer) or per thread and reused while the batch
   size stays; no im2col matrix is kept (R is KH times smaller). What the caller receives
   (logits, input gradient, every p.grad) is always a new array.
 
 What it does to the process (the README lists it for users): parts 1.. of a split batch run in
 worker processes (cpu_workers.py: fresh interpreters, never a fork of the caller) where
-cpu_workers.supported() and `processes` is on, else in `workers` daemon threads; for the length of
+cpu_workers.supported() and `processes` is on (and the plan has no meetings), else in `workers`
+daemon threads; for the length of
 each parallel region the BLAS thread count is 1 (and, with threads, Python's switch interval 0.2
 ms), both restored exactly afterwards; regions run one at a time, under one lock. The number of
 workers is GPUCONV_CPU_WORKERS in the environment, or gpuconv.set_cpu_workers(n); 0 runs
@@ -71,9 +78,9 @@ from ..errors import ArgumentError, DTypeError, ShapeError
 from . import cpu_workers
 from . import layers as L
 from .sequential import Concat, Residual, Sequential
-from .cpu_ops import (ActivationOp, BatchNormEvalOp, BranchingOp, Chunk, ConcatOp, ConvOp, FlattenOp, GlobalAvgPoolOp,
-                      IdentityOp, LinearOp, PoolOp, ResidualOp, Unsupported, backward_chain, gradients,
-                      mark_owned_gradients, owns_output, setup_chain)
+from .cpu_ops import (ActivationOp, BatchNormEvalOp, BatchNormTrainOp, BranchingOp, Chunk, ConcatOp, ConvOp, FlattenOp,
+                      GlobalAvgPoolOp, IdentityOp, LinearOp, PoolOp, ResidualOp, Unsupported, backward_chain_steps,
+                      finish, forward_chain_steps, gradients, mark_owned_gradients, owns_output, setup_chain)
 
 MIN_CHUNK = 24          # fewer images than this per part is not worth a worker (docs/performance.md)
 SWITCH_INTERVAL = 0.0002  # seconds: Python's thread switch interval while the plan's threads run
@@ -199,6 +206,14 @@ def unlowerable(layer):
     return None
 
 
+def batch_norm_modes(layer):
+    """The training flags of `layer`'s BatchNorm2d modules (itself or inside it), in module order:
+    the compiler keeps a plan per combination, as each is compiled differently (BatchNormTrainOp
+    or BatchNormEvalOp; a BatchNorm without running statistics meets in both modes, and its
+    forward in one mode must not recompile the plan a pending backward of the other needs)."""
+    return tuple(module.training for module in layer.modules() if isinstance(module, L.BatchNorm2d))
+
+
 def _signature(layers, x):
     """What the compiled ops depend on; any change recompiles (cheap: a tuple per layer)."""
     return (x.shape[1:],) + tuple(_layer_signature(layer) for layer in layers)
@@ -287,12 +302,16 @@ def _lower_pool(layers, index, ops):
 
 @lowers(L.BatchNorm2d)
 def _lower_batch_norm(layers, index, ops):
+    """In eval with running statistics, a per-channel affine map (BatchNormEvalOp); on the batch's
+    statistics (training, or no running statistics), BatchNormTrainOp, whose sums over the whole
+    batch make the plan meet between its parts (_Plan._in_rounds)."""
     layer = layers[index]
-    if layer.training or not layer.track_running_stats:  # see BatchNormEvalOp for why
-        raise Unsupported("BatchNorm2d in training mode or without running statistics (batch statistics)")
     if (layer.weight is None) != (layer.bias is None):  # the eager path adds a bias only with a weight
         raise Unsupported("BatchNorm2d with only one of weight and bias")
-    ops.append(BatchNormEvalOp(layer, index))
+    if layer.training or not layer.track_running_stats:
+        ops.append(BatchNormTrainOp(layer, index))
+    else:
+        ops.append(BatchNormEvalOp(layer, index))
     return 1
 
 
@@ -392,6 +411,13 @@ def _lower_chain(layers):
 def _compile(layers, input_shape):
     """Layers -> ops through LOWERINGS, then each op set up for its input shape. Raises Unsupported."""
     ops = _lower_chain(layers)
+    if any(op.meets for op in ops):
+        # A plan that meets keeps every op's activations of the whole part at once (one chunk per
+        # part): its convs rebuild their row copies R in the backward instead of keeping them
+        # (ResNet-20's R kept took more memory at batch 128 than PyTorch's whole step)
+        for op in _in_forward_order(ops):
+            if isinstance(op, ConvOp):
+                op.recompute_rows = True
     shape = setup_chain(ops, tuple(input_shape), copied_at_end=True)  # into the caller's array
     mark_owned_gradients(ops, False)  # the plan's output gradient is the caller's
     return ops, shape
@@ -678,6 +704,7 @@ class _Plan:
         self.scratch = []        # per thread: buffers its ops reuse chunk after chunk
         self.forwards = 0
         self.compiles = 0        # worker processes keep one compiled copy per (plan, compile)
+        self.meets = False       # a BatchNorm that trains: the parts meet (_in_rounds)
         self.layers = None
         self._params = None
         self.training = True
@@ -698,10 +725,14 @@ class _Plan:
                 self.ops, self.out_shape = _compile(layers, x.shape[1:])
             except Unsupported:
                 self.ops = None
+            self.meets = self.ops is not None and any(op.meets for op in self.ops)
             self.layout_key = None
             self.parts, self.scratch = [], []
         if self.ops is None:
             return False
+        if self.meets and any(isinstance(op, BatchNormTrainOp) and x.shape[0] * op.shape[1] * op.shape[2] < 2
+                              for op in _in_forward_order(self.ops)):
+            return False  # one value per channel: the eager path says why it cannot normalize
         return (all(isinstance(p.data, np.ndarray) and p.data.dtype == np.float32 for p in self.params())
                 and all(isinstance(array, np.ndarray) and array.dtype == np.float32 for array in self.buffers()))
 
@@ -715,7 +746,10 @@ class _Plan:
         bounds = _split(batch, threads)
         self.parts = []
         for start, stop in zip(bounds, bounds[1:]):
-            count = -(-(stop - start) // MAX_CHUNK)
+            # A plan that meets (a BatchNorm that trains) runs a part as one chunk: a chunk waits at
+            # each meeting with its activations in the thread's shared buffers (scratch), which a
+            # second chunk of the thread would overwrite
+            count = 1 if self.meets else -(-(stop - start) // MAX_CHUNK)
             edges = [start + (stop - start) * i // count for i in range(count + 1)]
             part = [Chunk(a, b) for a, b in zip(edges, edges[1:])]
             for chunk in part:  # a chunk of a size seen before takes over its buffers
@@ -755,15 +789,37 @@ class _Plan:
         self._in_parts("forward", x, out)
         return out
 
+    def update_running_stats(self, batch):
+        """After a forward whose output the caller keeps (not a recomputed one, nor one whose
+        output was not finite and runs again eagerly, which updates them itself): each BatchNorm
+        that trains with running statistics blends the last forward's batch statistics into them,
+        in forward order, as BatchNorm2d.forward does."""
+        if not self.meets:
+            return
+        from ..functional import update_running_stats
+        for op in _in_forward_order(self.ops):
+            layer = getattr(op, "layer", None)
+            if not (isinstance(op, BatchNormTrainOp) and layer.training and layer.track_running_stats):
+                continue
+            layer.num_batches_tracked += 1
+            momentum = layer.momentum
+            if momentum is None:  # cumulative moving average
+                momentum = 1.0 / layer.num_batches_tracked
+            update_running_stats(layer.running_mean, layer.running_var, op.batch_mean, op.batch_var, momentum,
+                                 (batch,) + tuple(op.shape))
+
     def run_forward(self, thread, x, out):
-        """Part `thread`'s chunks of a forward."""
+        """Part `thread`'s chunks of a forward (a plan that never meets)."""
+        finish(self.forward_steps(thread, x, out))
+
+    def forward_steps(self, thread, x, out):
+        """Part `thread`'s chunks of a forward, as a generator that yields at each meeting."""
         scratch = self.scratch[thread]
         for chunk in self.parts[thread]:
             chunk.saved = {}
             h = x[chunk.start:chunk.stop]
             h = h.transpose(1, 2, 3, 0) if h.ndim == 4 else h.T
-            for op in self.ops:
-                h = op.forward(chunk, h, scratch)
+            h = yield from forward_chain_steps(self.ops, chunk, h, scratch)
             target = out[chunk.start:chunk.stop]
             np.copyto(target.transpose(*range(1, target.ndim), 0), h)
 
@@ -786,14 +842,22 @@ class _Plan:
         return dx, [total[id(p)][1] if id(p) in total else None for p in self.params()]
 
     def run_backward(self, thread, dy, dx, need_dx):
-        """Part `thread`'s chunks of a backward -> its _Grads."""
+        """Part `thread`'s chunks of a backward -> its _Grads (a plan that never meets)."""
+        return finish(self.backward_steps(thread, dy, dx, need_dx))
+
+    def backward_steps(self, thread, dy, dx, need_dx):
+        """Part `thread`'s chunks of a backward -> its _Grads, as a generator that yields at each
+        meeting."""
         scratch = self.scratch[thread]
         pool = gradients(scratch)
-        grads = _Grads(self.deferring[thread], pool, compute_now=self.weight_grads_now)
+        # In rounds (a plan that meets) no part defers its weight gradients to the end: the
+        # other part would wait for them at every meeting, then alone at the end
+        grads = _Grads(self.deferring[thread] and not self.meets, pool, compute_now=self.weight_grads_now)
         for chunk in self.parts[thread]:
             pool.start()
             d = dy[chunk.start:chunk.stop]
-            d = backward_chain(self.ops, chunk, d.transpose(*range(1, d.ndim), 0), need_dx, grads, scratch)
+            d = yield from backward_chain_steps(self.ops, chunk, d.transpose(*range(1, d.ndim), 0), need_dx, grads,
+                                                scratch)
             grads.flush()
             if need_dx:
                 target = dx[chunk.start:chunk.stop]
@@ -829,6 +893,10 @@ class _Plan:
         # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
         # thread counts at some shapes), under the lock that keeps other regions' settings out.
         with _region_lock, blas.num_threads(1):
+            if self.meets:
+                self.in_processes = self.weight_grads_now = False
+                with _switch_interval(SWITCH_INTERVAL):
+                    return self._in_rounds(kind, *arrays)
             if self.threads == 1:
                 return [function(0, *arrays)]
             if kind == "forward":  # a backward runs where its forward ran: its activations are there
@@ -838,3 +906,48 @@ class _Plan:
                 return cpu_workers.run_parallel(self, kind, arrays)
             with _switch_interval(SWITCH_INTERVAL):
                 return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
+
+    def _in_rounds(self, kind, *arrays):
+        """<kind>_steps(thread, *arrays) for every part, in rounds: a round runs every part up to
+        its next meeting (a parallel region; the parts reach the same one, as they run the same
+        ops), then the meeting op adds the parts' sums in part order and every part goes on with
+        the whole batch's figures. -> the parts' results in part order. Threads only: a meeting
+        needs the parts' sums in this process. A part that fails ends the call: the others are
+        closed where they wait, before the error is raised."""
+        steps = [getattr(self, kind + "_steps")(thread, *arrays) for thread in range(self.threads)]
+        replies = [None] * self.threads
+        try:
+            while True:
+                if self.threads == 1:
+                    outcomes = [_advance(steps[0], replies[0])]
+                else:
+                    outcomes = _run_parallel(lambda thread: _advance(steps[thread], replies[thread]),
+                                             list(range(self.threads)))
+                if all(done for done, _ in outcomes):
+                    return [value for _, value in outcomes]
+                requests = [value for _, value in outcomes]
+                op, what = requests[0][0], requests[0][1]
+                if any(done or value[0] is not op or value[1] != what for done, value in outcomes):
+                    raise RuntimeError(f"the parts of a plan's {kind} met at different places: {requests}")
+                reply = op.meet(what, [value[2] for value in requests], [value[3] for value in requests])
+                replies = [reply] * self.threads
+        finally:
+            for generator in steps:
+                generator.close()
+
+
+def _advance(steps, reply):
+    """Run a part's generator to its next meeting -> (False, its request) or (True, its result)."""
+    try:
+        return False, steps.send(reply)
+    except StopIteration as done:
+        return True, done.value
+
+
+def _in_forward_order(ops):
+    """The ops of a chain, those inside branching ops included, in the order the forward runs them."""
+    for op in ops:
+        if isinstance(op, BranchingOp):
+            yield from _in_forward_order(op.ops())
+        else:
+            yield op
