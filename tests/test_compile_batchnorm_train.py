@@ -10,9 +10,9 @@ import pytest
 import gpuconv
 from gpuconv import functional as F
 from gpuconv import nn, optim
-from gpuconv.compiler import PlanFunction
 from gpuconv.errors import ShapeError
 from gpuconv.nn import cpu_ops, cpu_plan
+from test_compile_segments import plans_on_tape
 
 
 @pytest.fixture(params=[0, 1, 2], ids=lambda n: f"workers{n}")
@@ -73,18 +73,6 @@ def images(rng, batch):
     return (rng.standard_normal((batch, 2, 8, 8)) * 2 + 0.5).astype(np.float32)
 
 
-def plans_on_tape(y):
-    found, seen, stack = [], set(), [y.creator]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        found += [node] if isinstance(node, PlanFunction) else []
-        stack += [creator for _, creator in node.inputs]
-    return found
-
-
 def assert_close(actual, expected, rtol=2e-5):
     """rtol of the largest magnitude: entries near zero cancel in sums, elementwise rtol is noise."""
     scale = float(np.abs(expected).max()) or 1.0
@@ -120,6 +108,34 @@ class Pair:
         assert_close(fast_dx, slow_dx)
         self.assert_same_state()
         return fast
+
+    def sgd_steps(self, rng, batches, lr=0.05, classes=3, modes=None):
+        """SGD with momentum on both copies, one step per batch size in `batches` (cross-entropy
+        against random labels, compared at each step); `modes`: each step's train() flag."""
+        optimizers = [optim.SGD(m.parameters(), lr=lr, momentum=0.9) for m in (self.fast_model, self.slow_model)]
+        for index, batch in enumerate(batches):
+            for model in (self.fast_model, self.slow_model):
+                model.train(True if modes is None else modes[index])
+            labels = rng.integers(0, classes, batch)
+            self.step(images(rng, batch), loss=lambda y: F.cross_entropy(y, labels))
+            for optimizer in optimizers:
+                optimizer.step()
+        self.assert_same_state()
+
+    def backward_after(self, x, between):
+        """In each copy: forward x, between(network, model), x's backward; compares the outputs,
+        the input gradients and the state."""
+        results = []
+        for network, model in ((self.fast, self.fast_model), (self.slow_model, self.slow_model)):
+            model.zero_grad()
+            inputs = gpuconv.tensor(x, requires_grad=True)
+            y = network(inputs)
+            between(network, model)
+            weighted_sum(y).backward()
+            results.append((y.data, inputs.grad))
+        for fast, slow in zip(*results):
+            assert_close(fast, slow)
+        self.assert_same_state()
 
     def assert_same_state(self):
         slow = dict(self.slow_model.named_parameters())
@@ -166,14 +182,7 @@ def test_without_running_statistics_eval_normalizes_by_the_batch_too(workers, rn
 
 
 def test_sgd_training_follows_the_eager_model(workers, rng):
-    pair = Pair(residual_net)
-    optimizers = [optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
-    for batch in (24, 19, 24, 24):
-        x, labels = images(rng, batch), rng.integers(0, 3, batch)
-        pair.step(x, loss=lambda y: F.cross_entropy(y, labels))
-        for optimizer in optimizers:
-            optimizer.step()
-    pair.assert_same_state()
+    Pair(residual_net).sgd_steps(rng, (24, 19, 24, 24))
 
 
 def test_parts_run_in_threads_even_where_processes_are_asked_for(monkeypatch, rng):
@@ -195,17 +204,8 @@ def test_a_second_forward_before_the_backward_updates_the_statistics_once(worker
     the gradients are the first forward's, and the recomputed forward leaves the running
     statistics alone; each of the two forwards updated them once, as eagerly."""
     pair = Pair(residual_net)
-    first, second = images(rng, 20), images(rng, 20)
-    results = []
-    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
-        inputs = gpuconv.tensor(first, requires_grad=True)
-        y = network(inputs)
-        network(second)  # replaces the plan's saved activations
-        weighted_sum(y).backward()
-        results.append((y.data, inputs.grad))
-    assert_close(results[0][0], results[1][0])
-    assert_close(results[0][1], results[1][1])
-    pair.assert_same_state()
+    second = images(rng, 20)
+    pair.backward_after(images(rng, 20), lambda network, model: network(second))  # replaces the activations
     assert int(pair.fast_model[1].num_batches_tracked) == 2
 
 
@@ -271,7 +271,7 @@ def emit(**results):
 '''
 
 
-@pytest.mark.parametrize("where", [("_in_rounds", "reply = op.meet("), ("forward_steps", "y *= scale"),
+@pytest.mark.parametrize("where", [("_in_rounds", "reply = op.meet("), ("forward_steps", "invstd = 1 / np.sqrt(var"),
                                    ("backward_steps", "dx = gradients(scratch)")],
                          ids=["at a meeting", "in the caller's part", "in the backward's part"])
 def test_ctrl_c_between_the_rounds_leaves_the_model_as_it_was(tmp_path, where):
@@ -326,18 +326,10 @@ def test_a_pending_backward_survives_a_forward_with_one_norm_switched(workers, r
     """A forward in training, one BatchNorm switched to eval, a forward, the first forward's
     backward: each combination of the BatchNorms' modes has a plan of its own
     (cpu_plan.batch_norm_modes), so the second forward does not recompile the first's plan."""
-    pair = Pair(residual_net)
-    x, other = images(rng, 20), images(rng, 20)
-    results = []
-    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
-        model.zero_grad()
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        y = network(inputs)
+    other = images(rng, 20)
+
+    def one_norm_in_eval(network, model):
         model[1].eval()
         network(other)
         model[1].train()
-        weighted_sum(y).backward()
-        results.append((y.data, inputs.grad))
-    assert_close(results[0][0], results[1][0])
-    assert_close(results[0][1], results[1][1])
-    pair.assert_same_state()
+    Pair(residual_net).backward_after(images(rng, 20), one_norm_in_eval)

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import functional as F
-from gpuconv import nn, optim
-from gpuconv.nn import cpu_ops, cpu_plan
+from gpuconv import nn
+from gpuconv.nn import cpu_plan
 
 import test_compile_batchnorm_train as base
 
@@ -257,14 +256,7 @@ def test_odd_places_train_as_the_eager_model(make, batch, workers, rng):
 
 @pytest.mark.parametrize("make", [residual_bn_only, concat_relu_branch])
 def test_odd_places_with_sgd_and_labels(make, workers, rng):
-    pair = Pair(make)
-    optimizers = [optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
-    for batch in (16, 7, 16):
-        labels = rng.integers(0, 2, batch)
-        pair.step(images(rng, batch), loss=lambda y: F.cross_entropy(y, labels))
-        for o in optimizers:
-            o.step()
-    pair.assert_same_state()
+    Pair(make).sgd_steps(rng, (16, 7, 16), lr=0.1, classes=2)
 
 
 def test_input_without_gradient_and_bn_first(workers, rng):
@@ -394,22 +386,13 @@ def test_mixed_tracked_and_untracked_backward_after_eval_forward(workers, rng):
         return nn.Sequential(conv(rng_, 2, 4), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
                              conv(rng_, 4, 4), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                              nn.Flatten(), nn.Linear(64, 2, rng=rng_))
-    pair = Pair(make)
-    x = images(rng, 12)
-    results = []
-    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
-        model.zero_grad()
-        model.train()
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        y = network(inputs)
+    other = images(np.random.default_rng(9), 12)
+
+    def eval_forward(network, model):
         model.eval()
-        network(gpuconv.tensor(images(np.random.default_rng(9), 12)))
+        network(gpuconv.tensor(other))
         model.train()
-        weighted_sum(y).backward()
-        results.append((y.data, inputs.grad))
-    for a, b in zip(*results):
-        assert_close(a, b)
-    pair.assert_same_state()
+    Pair(make).backward_after(images(rng, 12), eval_forward)
 
 
 class Doubler(nn.Module):
@@ -667,14 +650,7 @@ def test_zoo_models_with_sgd(name, workers, rng):
         if name == "simplecnn":
             return SimpleCNN(2, 3, image_size=8, widths=(4, 6), hidden=5, seed=seed)
         return ResNet(8, in_channels=2, num_classes=3, seed=seed)
-    pair = Pair(make)
-    optimizers = [optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
-    for batch in (13, 16, 7):
-        labels = rng.integers(0, 3, batch)
-        pair.step(images(rng, batch), loss=lambda y: F.cross_entropy(y, labels))
-        for o in optimizers:
-            o.step()
-    pair.assert_same_state()
+    Pair(make).sgd_steps(rng, (13, 16, 7))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,14 +829,7 @@ def test_sgd_steps_then_eval_in_worker_processes(monkeypatch, rng):
     gpuconv.set_cpu_workers(1)
     try:
         pair = Pair(residual_net)
-        optimizers = [optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (pair.fast_model, pair.slow_model)]
-        for i in range(6):
-            for m in (pair.fast_model, pair.slow_model):
-                m.train(i % 3 != 2)
-            labels = rng.integers(0, 3, 14)
-            pair.step(images(rng, 14), loss=lambda y: F.cross_entropy(y, labels))
-            for o in optimizers:
-                o.step()
+        pair.sgd_steps(rng, (14,) * 6, lr=0.02, modes=[i % 3 != 2 for i in range(6)])
         plan = pair.fast._plans[(0, len(pair.fast._steps))]
         assert plan.forwards == 2  # the eval steps ran the plan without batch statistics
     finally:
@@ -899,7 +868,7 @@ def test_ctrl_c_in_the_recomputed_forward_of_a_backward(tmp_path):
         compiled(gpuconv.tensor(other))
         eager(gpuconv.tensor(x))
         eager(gpuconv.tensor(other))
-        fired, interrupted = interrupted_at("forward_steps", "y *= scale", lambda: (y * y).sum().backward())
+        fired, interrupted = interrupted_at("forward_steps", "invstd = 1 / np.sqrt(var", lambda: (y * y).sum().backward())
         state = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(model.state_dict().values(),
                                                                             eager.state_dict().values()))
         settings = [not cpu_plan._region_lock.locked(), blas.get_num_threads() == blas_before,

@@ -17,24 +17,17 @@ result relative to its largest value. Run from the repository root, on a quiet m
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/conv_flat_layouts.py
 """
-import time
-
 import numpy as np
+from row_runs_profile import median_ms as median_ms_of
 
 from gpuconv import blas
 from gpuconv.ops import conv_cpu, cpu_parts
 
+def median_ms(function):
+    return median_ms_of(function, repeat=15)
+
+
 SHAPES = [(16, 16, 32, 3, 1), (32, 32, 16, 3, 1), (64, 64, 8, 3, 1), (6, 16, 14, 5, 0), (3, 16, 32, 3, 1)]
-
-
-def median_ms(function, repeat=15):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.median(times)
 
 
 class Flat:

@@ -9,26 +9,16 @@ PyTorch installed:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. python docs/experiments/resnet20_train_lowered.py
 """
 import copy
-import time
 
 import numpy as np
 import torch
+from row_runs_profile import median_ms
 
 from gpuconv import functional, nn, optim
 from gpuconv.autograd import no_grad
 from gpuconv.bench import zoo
 from gpuconv.bench.torch_rows import TorchZooRows
 from gpuconv.compiler import compile as compile_model
-
-
-def median_ms(step, repeat=5):
-    step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.median(times)
 
 
 def main(batch=128, rounds=3):
@@ -68,7 +58,7 @@ def main(batch=128, rounds=3):
     results = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            results[name].append(median_ms(step))
+            results[name].append(median_ms(step, repeat=5))
     for name, times in results.items():
         print(f"{name:45s} {np.median(times):6.0f} ms (rounds: {', '.join(f'{t:.0f}' for t in times)})")
 

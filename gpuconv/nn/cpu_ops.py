@@ -727,13 +727,9 @@ class BatchNormEvalOp(Op):
         # the eval path's order: invstd in x's dtype, then scale = invstd * weight
         invstd = 1 / np.sqrt(running_var.astype(np.float32) + np.float32(layer.eps))
         mean = running_mean.astype(np.float32)
-        scale = invstd if layer.weight is None else invstd * layer.weight.data
         y = buffer(chunk.store, (self.index, "y"), x.shape)
         np.subtract(x, mean[:, None, None, None], out=y)
-        y *= scale[:, None, None, None]
-        if layer.bias is not None:
-            y += layer.bias.data[:, None, None, None]
-        chunk.saved[self.index] = (x, mean, invstd, scale)
+        chunk.saved[self.index] = (x, mean, invstd, _scale_and_shift(y, layer, invstd))
         return y
 
     def backward(self, chunk, dy, need_dx, grads, scratch):
@@ -793,13 +789,8 @@ class BatchNormTrainOp(Op):
         y = buffer(chunk.store, (self.index, "y"), x.shape)
         np.subtract(x, mean[:, None, None, None], out=y)  # centred; scaled in place below
         var = yield (self, "squares", _row_dots(y, y), count)
-        # the eager path's order: invstd in x's dtype, then scale = invstd * weight
         invstd = 1 / np.sqrt(var + np.float32(layer.eps))
-        scale = invstd if layer.weight is None else invstd * layer.weight.data
-        y *= scale[:, None, None, None]
-        if layer.bias is not None:
-            y += layer.bias.data[:, None, None, None]
-        chunk.saved[self.index] = (x, mean, invstd, scale)
+        chunk.saved[self.index] = (x, mean, invstd, _scale_and_shift(y, layer, invstd))
         return y
 
     def backward_steps(self, chunk, dy, need_dx, grads, scratch):
@@ -837,6 +828,16 @@ class BatchNormTrainOp(Op):
             self.batch_var = total / count
             return self.batch_var
         return total[0], total[1], count  # "gradient sums": sum dy, sum dy * (x - mean)
+
+
+def _scale_and_shift(y, layer, invstd):
+    """The centred y [C, ...] times invstd * weight plus bias per channel, in place -> the scale
+    invstd * weight. The eager path's order: invstd in y's dtype, then the scale."""
+    scale = invstd if layer.weight is None else invstd * layer.weight.data
+    y *= scale[:, None, None, None]
+    if layer.bias is not None:
+        y += layer.bias.data[:, None, None, None]
+    return scale
 
 
 def _row_dots(a, b):
