@@ -33,6 +33,7 @@ from .data.registry import DATASETS, dataset_info
 from .errors import ArgumentError, CheckpointError, NonFiniteError
 from .ops.loss import check_labels
 from .models import MODEL_TITLES, MODELS, build_model, simplecnn_widths_of
+from .nn import Sequential
 from .cli import MAX_WIDTH, HelpFormatter, parse_widths, valid_widths
 
 DEFAULTS = dict(device="auto", epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9,
@@ -106,12 +107,18 @@ def evaluate(model, images, labels, batch_size=1000, group=None):
 
 
 def first_non_finite_layer(model, x):
-    """Run x through the model layer by layer; name of the first layer whose output is NaN/Inf."""
+    """Run x through the model step by step -> the name of the first step whose output is NaN/Inf.
+    The steps are the children of a model whose forward is nn.Sequential's (a chain); any other
+    model (an nn.Residual, an nn.Concat, a forward of its own) is one step, named by its class:
+    its children are not a chain, and feeding one's output to the next raised in the middle of
+    the error report."""
     xp = get_array_module(x)
     if not bool(xp.isfinite(x).all()):
         return "input"
+    chain = isinstance(model, Sequential) and type(model).forward is Sequential.forward
+    steps = model.named_children() if chain else [(type(model).__name__, model)]
     with no_grad():
-        for name, layer in model.named_children():
+        for name, layer in steps:
             x = layer(x).data
             if not bool(xp.isfinite(x).all()):
                 return name

@@ -139,6 +139,27 @@ def test_non_finite_loss_names_step_and_layer_and_keeps_last_good_checkpoint(tmp
     assert all(np.isfinite(v).all() for v in state.values())
 
 
+def test_first_non_finite_layer_walks_a_chain_and_names_any_other_model_whole():
+    """An nn.Sequential's children are its steps; a model whose forward is not a chain (a Concat,
+    a Residual) is one step, named by its class: walking its children as a chain fed one
+    branch's output to the next and raised ShapeError in the middle of the error report."""
+    from gpuconv import nn
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 4, 4)).astype(np.float32)
+    chain = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.Conv2d(3, 2, 1, rng=rng))
+    chain[2].weight.data[:] = np.nan
+    assert train.first_non_finite_layer(chain, x) == "2"
+    concat = nn.Concat(nn.Conv2d(2, 3, 1, rng=rng), nn.Conv2d(2, 2, 1, rng=rng))
+    residual = nn.Residual(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.ReLU()),
+                           nn.Conv2d(2, 3, 1, rng=rng))
+    for model, layer in ((concat, concat[1]), (residual, residual.body[0])):
+        assert train.first_non_finite_layer(model, x) == "loss"  # finite: the loss went non-finite
+        layer.weight.data[:] = np.inf
+        assert train.first_non_finite_layer(model, x) == type(model).__name__
+    x[0, 0, 0, 0] = np.nan
+    assert train.first_non_finite_layer(concat, x) == "input"
+
+
 @pytest.mark.parametrize("option, value", [("lr", 0.0), ("lr", -1.0), ("epochs", 0), ("batch_size", 0)])
 def test_bad_training_arguments_are_rejected(option, value):
     with pytest.raises(ArgumentError, match=option):
