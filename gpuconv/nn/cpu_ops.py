@@ -3,6 +3,7 @@ batch-innermost arrays: spatial [C, H, W, n], dense [F, n]. Each op sets itself 
 input shape, then runs forward and backward on one thread's chunk of images, reusing that chunk's
 buffers. See cpu_plan.py's docstring for why this layout and these fusions are fast.
 """
+import functools
 import math
 import operator
 
@@ -354,13 +355,17 @@ class ConvOp(Op):
                           strides=(0, 0, sph, sb, sn))
 
     def _keeps_rows(self):
-        """Does the forward keep R for the backward (else the backward rebuilds it)?"""
+        """Does the forward keep R for the backward?"""
         return self.row_path and not self.pointwise and not self.recompute_rows
+
+    def _rebuilds_rows(self):
+        """Does the backward rebuild R from the forward's input instead?"""
+        return self.row_path and not self.pointwise and self.recompute_rows
 
     def _rows_for(self, x, chunk, scratch, n):
         """R of the padded input x: kept in the chunk's store, or, where the backward rebuilds it,
         in a buffer of the thread's that every conv with R of that shape shares."""
-        if self.recompute_rows and not self.pointwise:
+        if self._rebuilds_rows():
             return self._row_matrices(x, scratch, "shared rows", n, views_key=(self.index, "shared rows views"))
         return self._row_matrices(x, chunk.store, (self.index, "rows"), n)
 
@@ -452,7 +457,7 @@ class ConvOp(Op):
             y = shared_view(scratch, ("passing", self.passing), shape)
         matrices = self._product(x, y, chunk, scratch, n)
         chunk.saved[key] = dict(source=x, y=y, matrices=matrices)
-        if self.recompute_rows and self.row_path and not self.pointwise:
+        if self._rebuilds_rows():
             chunk.saved[key].update(given=given, matrices=None)  # R is rebuilt from `given`
         bias = self.layer.bias.data.reshape(-1, 1, 1, 1) if self.layer.bias is not None else None
         if self.pool is None:
@@ -1076,8 +1081,8 @@ class BranchingOp(Op):
                 op.override = None if arrays is None else tuple(arrays[at:at + count])
                 at += count
 
-    @property
-    def meets(self):
+    @functools.cached_property
+    def meets(self):  # asked for every op of every chunk's forward and backward; the chains never change
         return any(op.meets for op in self.ops())
 
     def forward(self, chunk, x, scratch):

@@ -758,7 +758,9 @@ class _Plan:
         while len(self.scratch) < threads:
             self.scratch.append({})
         del self.scratch[threads:]
-        self.deferring = [thread % 2 == 1 for thread in range(threads)]
+        # In rounds (a plan that meets) no part defers its weight gradients to the end: the
+        # other part would wait for them at every meeting, then alone at the end
+        self.deferring = [thread % 2 == 1 and not self.meets for thread in range(threads)]
         self.batch, self.threads, self.layout_key = batch, threads, (batch, threads, MAX_CHUNK)
         blas.warm_up()
 
@@ -850,9 +852,7 @@ class _Plan:
         meeting."""
         scratch = self.scratch[thread]
         pool = gradients(scratch)
-        # In rounds (a plan that meets) no part defers its weight gradients to the end: the
-        # other part would wait for them at every meeting, then alone at the end
-        grads = _Grads(self.deferring[thread] and not self.meets, pool, compute_now=self.weight_grads_now)
+        grads = _Grads(self.deferring[thread], pool, compute_now=self.weight_grads_now)
         for chunk in self.parts[thread]:
             pool.start()
             d = dy[chunk.start:chunk.stop]
