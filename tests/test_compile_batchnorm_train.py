@@ -333,3 +333,51 @@ def test_a_pending_backward_survives_a_forward_with_one_norm_switched(workers, r
         network(other)
         model[1].train()
     Pair(residual_net).backward_after(images(rng, 20), one_norm_in_eval)
+
+
+def test_training_beside_a_blas_thread_and_a_piped_subprocess(tmp_path):
+    """Another thread multiplies matrices (OpenBLAS) the whole time a compiled ResNet with
+    BatchNorms that train takes SGD steps, and a subprocess with a pipe runs between steps: two
+    such runs end on the same bits, close to the eager model's weights, with the lock free, the
+    BLAS count and the switch interval as before, and the subprocess's output read whole."""
+    import hostile_child
+    r = hostile_child.run_child(tmp_path, CHILD_PRELUDE, r'''
+        import hashlib, subprocess, threading
+        blas_before, interval = blas.get_num_threads(), sys.getswitchinterval()
+        stop = threading.Event()
+
+        def blas_work():
+            a = np.ones((256, 256), np.float32)
+            while not stop.is_set():
+                a @ a
+
+        def train(compiled_run):
+            model = ResNet(8, in_channels=1, num_classes=5, seed=3)
+            network = gpuconv.compile(model) if compiled_run else model
+            optimizer = gpuconv.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            data, echoed = np.random.default_rng(1), []
+            for _ in range(3):
+                x = data.standard_normal((48, 1, 8, 8)).astype(np.float32)
+                labels = data.integers(0, 5, 48)
+                optimizer.zero_grad()
+                gpuconv.functional.cross_entropy(network(x), labels).backward()
+                optimizer.step()
+                echoed.append(subprocess.run([sys.executable, "-c", "print('x' * 100000)"], capture_output=True,
+                                             text=True, timeout=30).stdout.strip() == "x" * 100000)
+            weights = [p.data.copy() for p in model.parameters()]
+            return weights, hashlib.sha256(b"".join(w.tobytes() for w in weights)).hexdigest(), all(echoed)
+
+        other = threading.Thread(target=blas_work)
+        other.start()
+        try:
+            first, second, eager = train(True), train(True), train(False)
+        finally:
+            stop.set()
+            other.join()
+        worst = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12)) for a, b in zip(first[0], eager[0]))
+        emit(same_bits=first[1] == second[1], worst=worst, piped=first[2] and second[2],
+             settings=[not cpu_plan._region_lock.locked(), blas.get_num_threads() == blas_before,
+                       sys.getswitchinterval() == interval])
+    ''', hang_s=120, name="blas_thread_pipe")
+    assert r["same_bits"] and r["piped"] and all(r["settings"]), r
+    assert r["worst"] < 1e-3, r
