@@ -10,9 +10,25 @@ it (encode/decode) with each part it hands to a worker process, which does the s
 
 Through C's fegetenv/fesetenv (ctypes, the C library's libm): where they cannot be found, `current()`
 is None and the parts run as they are.
+
+NumPy's error policy (np.errstate: warn, raise, ignore, call, print or log for each of divide,
+over, under and invalid) is the calling thread's too (a context variable): a worker started with
+NumPy's default, so an overflow in a worker's part warned from that thread (or, in a worker
+process, on stderr, past the user's warning filters) where the caller had asked for an exception
+or for silence. So a part elsewhere only notes the kinds the caller does not ignore
+(`noting_errors`: errstate's call mode, no user code runs there), and the caller reports them
+once its region has ended (`report_errors`), in its own thread, as its np.errstate says: once per
+kind, in NumPy's order, as one whole-array call would have. The caller's own part runs under its
+errstate as it is.
 """
+import contextlib
 import ctypes
 import ctypes.util
+import os
+import sys
+import warnings
+
+import numpy as np
 
 ENV_BYTES = 256  # more than any C library's fenv_t (x86-64 glibc: 32 bytes, aarch64: 8)
 
@@ -65,3 +81,75 @@ def decode(text):
     if text == "-":
         return None
     return ctypes.create_string_buffer(bytes.fromhex(text).ljust(ENV_BYTES, b"\0"), ENV_BYTES)
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy's error policy
+
+KINDS = ("divide", "over", "under", "invalid")  # np.geterr()'s keys, in the order NumPy reports them
+_NAMES = {"divide": "divide by zero", "over": "overflow", "under": "underflow", "invalid": "invalid value"}
+_KIND_OF = {name: kind for kind, name in _NAMES.items()}
+_FLAGS = {"divide": 1, "over": 2, "under": 4, "invalid": 8}  # the status bits NumPy passes a callback
+
+
+def watched_errors():
+    """The calling thread's np.errstate as a part elsewhere runs it: the kinds it ignores ignored,
+    every other one noted (np.errstate's call mode), never warned, raised or called back there."""
+    return {kind: "ignore" if mode == "ignore" else "call" for kind, mode in np.geterr().items()}
+
+
+def noting_errors(watched, met):
+    """np.errstate for a part run under `watched` (from watched_errors()): each kind of error it
+    meets is added to the set `met`."""
+    return np.errstate(call=lambda name, flag: met.add(_KIND_OF.get(name, name)), **watched)
+
+
+def report_errors(met, where):
+    """In the caller's thread, once its parts have ended: each kind in `met` as the caller's
+    np.errstate says, in NumPy's order (raise: FloatingPointError at the first one)."""
+    modes = np.geterr()
+    flags = sum(_FLAGS[kind] for kind in KINDS if kind in met)
+    for kind in KINDS:
+        if kind not in met or modes[kind] == "ignore":
+            continue
+        message = f"{_NAMES[kind]} encountered in {where}"
+        mode = modes[kind]
+        if mode == "raise":
+            raise FloatingPointError(message)
+        if mode == "warn":  # from the user's line that called into gpuconv, as NumPy's name theirs
+            warnings.warn(message, RuntimeWarning, stacklevel=_callers_level())
+        elif mode == "call":
+            np.geterrcall()(_NAMES[kind], flags)
+        elif mode == "print":
+            print(f"Warning: {message}")
+        elif mode == "log":
+            np.geterrcall().write(f"Warning: {message}\n")
+
+
+def _callers_level():
+    """warnings.warn's stacklevel for the first frame outside gpuconv (and contextlib, whose exits
+    report regions' errors), counted from report_errors'."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def encode_watched(watched):
+    """`watched` (watched_errors()) as one word for a worker process's command: a 1 per kind noted."""
+    return "".join("1" if watched[kind] == "call" else "0" for kind in KINDS)
+
+
+def decode_watched(text):
+    return {kind: "call" if flag == "1" else "ignore" for kind, flag in zip(KINDS, text)}
+
+
+def encode_kinds(met):
+    """The kinds a worker process's part met, as one word of its reply ("-" for none)."""
+    return ",".join(kind for kind in KINDS if kind in met) or "-"
+
+
+def decode_kinds(text):
+    return set(text.split(",")) & set(KINDS)

@@ -658,7 +658,7 @@ def test_a_worker_error_of_any_text_reaches_the_caller_whole(monkeypatch):
         os.close(arena), os.close(spec)
         with pytest.raises(WorkerError, match="raised KeyError: '\U0001F600"):
             process.receive(1)
-        process.socket.send(b"F no-such-key 1 0 -")  # "-": no floating-point environment
+        process.socket.send(b"F no-such-key 1 0 - 0000")  # "-": no floating-point environment; no errors watched
         with pytest.raises(WorkerError, match="raised KeyError: 'no-such-key'"):
             process.receive(1)
     finally:

@@ -596,7 +596,11 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     tickets = [worker.ticket for worker in workers]
     results, error = [], None
     env = fpenv.current()  # the caller's rounding mode and flush-to-zero hold in every part
-    in_callers_env = function if env is None else (lambda part: fpenv.run_in(env, function, part))
+    watched, met = fpenv.watched_errors(), _worker_errors()  # and its np.errstate (fpenv.py)
+
+    def in_callers_env(part):
+        with fpenv.noting_errors(watched, met):
+            return function(part) if env is None else fpenv.run_in(env, function, part)
     try:  # an interrupt between the hand-overs, too, waits for the parts handed over
         for worker, part in zip(workers, parts[1:]):
             worker.submit(in_callers_env, part)
@@ -612,6 +616,35 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     if error is not None:
         raise error
     return results
+
+
+_noted = threading.local()  # .met: the error kinds this thread's region's workers met (fpenv.py)
+
+
+def _worker_errors():
+    """The set the running region's worker parts add the floating-point error kinds they meet to
+    (a throwaway one outside `_reporting_worker_errors`)."""
+    met = getattr(_noted, "met", None)
+    return set() if met is None else met
+
+
+@contextlib.contextmanager
+def _reporting_worker_errors(where):
+    """Around a region, outside its lock: the floating-point errors its worker parts met, reported
+    in this thread once it has ended, as this thread's np.errstate says (fpenv.report_errors; a
+    callback or a warning hook may run ops: the region's workers are free by then). Not after a
+    region that raised: its error is the one NumPy would have given first, or a worse one. A
+    region nested in this thread's own (a signal handler's op) leaves the report to the outer one."""
+    if getattr(_noted, "met", None) is not None:
+        yield
+        return
+    _noted.met = met = set()
+    try:
+        yield
+    finally:
+        _noted.met = None
+    if met:
+        fpenv.report_errors(met, where)
 
 
 @contextlib.contextmanager
@@ -684,7 +717,7 @@ def run_in_parts(function, batch):
     if parts == 1:
         return [run_alone(function, 0, batch)]
     bounds = _split(batch, parts)
-    with _region_lock, blas.num_threads(1):
+    with _reporting_worker_errors("a CPU worker thread's part of a gpuconv op"), _region_lock, blas.num_threads(1):
         return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)),
                              pool=OP_THREADS)
 
@@ -892,7 +925,8 @@ class _Plan:
                                "region's workers are busy; run it outside the handler")
         # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
         # thread counts at some shapes), under the lock that keeps other regions' settings out.
-        with _region_lock, blas.num_threads(1):
+        where = f"a CPU worker's part of a compiled model's {kind}"
+        with _reporting_worker_errors(where), _region_lock, blas.num_threads(1):
             if self.meets:
                 self.in_processes = self.weight_grads_now = False
                 with _switch_interval(SWITCH_INTERVAL):
@@ -903,7 +937,7 @@ class _Plan:
                 self.in_processes = processes and cpu_workers.supported()
             self.weight_grads_now = self.in_processes
             if self.in_processes:
-                return cpu_workers.run_parallel(self, kind, arrays)
+                return cpu_workers.run_parallel(self, kind, arrays, _worker_errors())
             with _switch_interval(SWITCH_INTERVAL):
                 return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
 

@@ -26,6 +26,7 @@ The part a worker runs is the same chunks and ops as in a thread, in the caller'
 environment (rounding mode, flush-to-zero: gpuconv/fpenv.py) as a thread's part is, and its
 gradients are summed in the same order, so processes and threads give the same bits.
 """
+import atexit
 import json
 import math
 import mmap
@@ -54,8 +55,9 @@ class ArenaDropped(Exception):
     Raised before anything is sent; the caller runs the forward again, then the backward
     (compiler.PlanFunction.backward)."""
 
-# Every message is a few bytes ("F 3.1 64 1 7f03...", the last word the caller's fpenv, at most
-# 2 * fpenv.ENV_BYTES hex digits; "ok") or an error text of at most ERROR_CHARS; a
+# Every message is a few bytes ("F 3.1 64 1 7f03... 1101": the caller's fpenv, at most
+# 2 * fpenv.ENV_BYTES hex digits, then the error kinds its np.errstate watches; "ok", or "ok over"
+# for a part that met such errors) or an error text of at most ERROR_CHARS; a
 # setup's description travels in a memfd. recv allocates its whole buffer on every call, the
 # polls included, so it is kept small (a worker near its memory limit must still hear commands).
 MESSAGE_BYTES = 8192
@@ -239,7 +241,8 @@ class _Process:
         self.arenas = {}  # plan key -> (mapping, views, capacity rows); the mapping holds the memfd
 
     def receive(self, part):
-        """The reply; WorkerError if the process died. Ctrl-C (or any exception) while waiting
+        """The reply: the floating-point error kinds a part met (a set; empty for a setup or a
+        free); WorkerError if the process died. Ctrl-C (or any exception) while waiting
         kills the worker, which would otherwise go on writing into the arena."""
         try:
             data = _receive(self.socket, lambda flags: self.socket.recv(MESSAGE_BYTES, flags))
@@ -253,7 +256,9 @@ class _Process:
             raise WorkerError(f"part {part} of the batch: CPU worker process {self.process.pid} died ({how}); "
                               "the next step starts a new worker")
         if data == b"ok":
-            return
+            return set()
+        if data.startswith(b"ok "):  # "ok over,invalid": a part that met errors the caller watches
+            return fpenv.decode_kinds(data[3:].decode())
         try:
             error = json.loads(data)["error"]
         except (ValueError, KeyError, TypeError):  # never expected; the worker's words are lost, not the error
@@ -287,6 +292,7 @@ class _Pool:
     def __init__(self):
         self.processes, self.pid = [], os.getpid()
         self.ended = {}  # pid -> how a worker found dead ended
+        self.closes_at_exit = False
 
     def get(self, count):
         if self.pid != os.getpid():  # a forked child: the processes are the parent's
@@ -299,6 +305,9 @@ class _Pool:
                 self.ended[p.process.pid] = _how(p.close())
         self.processes = alive
         while len(self.processes) < count:
+            if not self.closes_at_exit:
+                atexit.register(_close_at_exit)
+                self.closes_at_exit = True
             self.processes.append(_Process())
         return self.processes[:count]
 
@@ -322,6 +331,15 @@ MAX_PLANS = 8     # arenas a worker keeps; the least recently set up is dropped 
 def close():
     """Stop every worker process (they are started again when needed)."""
     _pool.close()
+
+
+def _close_at_exit():
+    """At the interpreter's exit, the workers stopped and their sockets closed: a worker would exit
+    anyway once the caller's end closes, but the caller's Popen objects and sockets, still open at
+    teardown, warned (ResourceWarning, shown under python -X dev). Not in a forked child, whose
+    pool is the parent's."""
+    if _pool.pid == os.getpid():
+        _pool.close()
 
 
 def _forget(process, key):
@@ -412,10 +430,12 @@ def _prune():
             _forgotten.discard(number)
 
 
-def run_parallel(plan, kind, arrays):
+def run_parallel(plan, kind, arrays, met):
     """run_<kind> for part 0 in this thread and parts 1.. in worker processes -> results in part
-    order, as cpu_plan._run_parallel gives them. The caller holds the region lock. Any failure
-    ends the workers of the region (their state is unknown); the next region starts new ones."""
+    order, as cpu_plan._run_parallel gives them; the floating-point error kinds the workers' parts
+    met (those the caller's np.errstate does not ignore) are added to the set `met`. The caller
+    holds the region lock. Any failure ends the workers of the region (their state is unknown);
+    the next region starts new ones."""
     key = f"{_number(plan)}.{plan.compiles}"
     processes = _pool.get(len(plan.parts) - 1)
     _prune()
@@ -430,6 +450,7 @@ def run_parallel(plan, kind, arrays):
     # the caller's rounding mode and flush-to-zero, for the workers' parts too (fpenv.py; the
     # worker restores its own after each part)
     env = fpenv.encode(fpenv.current())
+    watched = fpenv.encode_watched(fpenv.watched_errors())  # and which errors it wants to hear of
     touched, started = [], []
     try:
         for index, process in enumerate(processes, start=1):
@@ -444,10 +465,10 @@ def run_parallel(plan, kind, arrays):
             rows = stop - start
             if kind == "forward":
                 np.copyto(views["x"][:rows], arrays[0][start:stop])
-                process.socket.send(f"F {key} {rows} {int(plan.training)} {env}".encode())
+                process.socket.send(f"F {key} {rows} {int(plan.training)} {env} {watched}".encode())
             else:
                 np.copyto(views["dy"][:rows], arrays[0][start:stop])
-                process.socket.send(f"B {key} {rows} {int(bool(arrays[2]))} {env}".encode())
+                process.socket.send(f"B {key} {rows} {int(bool(arrays[2]))} {env} {watched}".encode())
             started.append((index, process, views, start, stop))
         error, results = None, []
         try:
@@ -456,7 +477,7 @@ def run_parallel(plan, kind, arrays):
             error = caught
         for index, process, views, start, stop in started:
             try:
-                process.receive(index)
+                met |= process.receive(index)
             except BaseException as caught:
                 error = error or caught
                 continue
@@ -515,9 +536,11 @@ def serve(fd):
         if not data:
             return
         try:
-            if data[:1] in (b"F", b"B"):  # the hot commands: "F key rows training env", "B key rows need_dx env"
-                op, key, rows, flag, env = data.decode().split()
-                fpenv.run_in(fpenv.decode(env), _run, states[key], op, int(rows), flag == "1")
+            met = set()
+            if data[:1] in (b"F", b"B"):  # the hot commands: "F key rows training env watched", "B key rows need_dx env watched"
+                op, key, rows, flag, env, watched = data.decode().split()
+                with fpenv.noting_errors(fpenv.decode_watched(watched), met):  # reported by the caller
+                    fpenv.run_in(fpenv.decode(env), _run, states[key], op, int(rows), flag == "1")
             elif data[:1] == b"D":  # "D key": the caller freed that arena
                 state = states.pop(data.decode().split()[1], None)
                 if state is not None:
@@ -533,7 +556,7 @@ def serve(fd):
                 finally:
                     os.close(arena_fd)
                     os.close(spec_fd)
-            sock.send(b"ok")
+            sock.send(b"ok " + fpenv.encode_kinds(met).encode() if met else b"ok")
         except BaseException as error:
             for fd in fds:  # whatever the failed command left open
                 try:
