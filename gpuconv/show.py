@@ -193,18 +193,57 @@ def predict(model, images, batch_size=1000, transform=None):
 
 
 def feature_maps(model, image, transform=None):
-    """Run one uint8 image ((28, 28) or (C, H, W)) through the model child by child -> (maps,
-    probabilities): maps[title] is the (C, H, W) NumPy output of the child the model's
-    `feature_layers` names for that title (LeNet-5: the activations after conv1 and conv2)."""
+    """Run one uint8 image ((28, 28) or (C, H, W)) through the model -> (maps, probabilities):
+    maps[title] is the (C, H, W) NumPy output of the layer the model's `feature_layers` names for
+    that title (LeNet-5: the activations after conv1 and conv2; a dotted name reaches inside a
+    block, as named_modules() spells it).
+
+    The model runs its own forward, and each named layer's output is kept as it passes (the last
+    one, for a layer called twice), so a model whose forward is not a chain of its children (a
+    forward of its own, a top-level Residual or Concat) shows what its layers computed. Meanwhile
+    the named layers' forward is wrapped: do not run the model in another thread during the call."""
     x = to_device(_model_input(image[None], transform), model.device)
-    wanted = {after: conv for conv, after in getattr(model, "feature_layers", FEATURE_LAYERS).items()}
-    maps = {}
-    with no_grad():
-        for name, layer in model.named_children():
-            x = layer(x).data
-            if name in wanted:
-                maps[wanted[name]] = to_device(x, "cpu")[0]
-    return maps, softmax(to_device(x, "cpu").astype(np.float64))[0]
+    titles = getattr(model, "feature_layers", FEATURE_LAYERS)
+    layers = dict(model.named_modules())
+    missing = [name for name in titles.values() if name not in layers]
+    if missing:
+        raise ArgumentError(
+            f"feature_maps(model): {type(model).__name__} has no layer named {', '.join(map(repr, missing))} "
+            f"(the names of model.feature_layers, or LeNet-5's {FEATURE_LAYERS} for a model without one); "
+            "set model.feature_layers = {title: layer name}, names as model.named_modules() gives them")
+    kept, watched = {}, {}  # id(layer) -> (layer, its titles)
+    for title, name in titles.items():
+        watched.setdefault(id(layers[name]), (layers[name], []))[1].append(title)
+    own = {key: layer.__dict__.get("forward", _NONE) for key, (layer, _) in watched.items()}
+    try:
+        for layer, its_titles in watched.values():
+            layer.forward = _keeping_output(layer.forward, its_titles, kept)  # shadows the class's
+        with no_grad():
+            logits = model(x).data
+    finally:
+        for key, (layer, _) in watched.items():
+            if own[key] is _NONE:
+                del layer.forward
+            else:
+                layer.forward = own[key]
+    never = [titles[title] for title in titles if title not in kept]
+    if never:
+        raise ArgumentError(f"feature_maps(model): layer {', '.join(map(repr, never))} of {type(model).__name__} "
+                            "did not run in its forward; name layers the forward calls in model.feature_layers")
+    maps = {title: to_device(kept[title], "cpu")[0] for title in titles}
+    return maps, softmax(to_device(logits, "cpu").astype(np.float64))[0]
+
+
+_NONE = object()
+
+
+def _keeping_output(forward, titles, kept):
+    def keeping(*args, **kwargs):
+        y = forward(*args, **kwargs)
+        for title in titles:
+            kept[title] = y.data
+        return y
+    return keeping
 
 
 def confusion_matrix(labels, predicted, num_classes=10):
