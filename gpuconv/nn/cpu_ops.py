@@ -704,11 +704,7 @@ class BatchNormEvalOp(Op):
     y = (x - running_mean) * scale + bias with scale = weight / sqrt(running_var + eps), computed as
     gpuconv/ops/norm.py's eval path does (so the forward is the same float32 arithmetic); the
     backward treats the statistics as constants, as that path does: dx = dy * scale,
-    dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy).
-
-    Training mode is not lowered: its statistics are over the whole batch, which the plan splits
-    over its parts, so each BatchNorm would need a hand-over between the parts in the forward and
-    in the backward (a plan has two per step); and it updates the running statistics."""
+    dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy). (Training mode: BatchNormTrainOp.)"""
 
     def __init__(self, layer, index):
         self.layer, self.index = layer, index
@@ -741,7 +737,10 @@ class BatchNormEvalOp(Op):
         x, mean, invstd, scale = chunk.saved[self.index]
         layer = self.layer
         if layer.weight is not None:
-            centred = buffer(scratch, (self.index, "centred"), x.shape)
+            # the thread's one buffer for every batch norm's backward, as BatchNormTrainOp's: one
+            # op's backward uses it at a time (it held one the size of its input per op: 96 MiB for
+            # ResNet-20 at batch 128)
+            centred = shared_view(scratch, "centred", x.shape)
             np.subtract(x, mean[:, None, None, None], out=centred)
             centred *= dy
             grads.add(layer.weight, np.add.reduce(centred, axis=(1, 2, 3)) * invstd)
