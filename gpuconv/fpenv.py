@@ -15,11 +15,12 @@ NumPy's error policy (np.errstate: warn, raise, ignore, call, print or log for e
 over, under and invalid) is the calling thread's too (a context variable): a worker started with
 NumPy's default, so an overflow in a worker's part warned from that thread (or, in a worker
 process, on stderr, past the user's warning filters) where the caller had asked for an exception
-or for silence. So a part elsewhere only notes the kinds the caller does not ignore
-(`noting_errors`: errstate's call mode, no user code runs there), and the caller reports them
-once its region has ended (`report_errors`), in its own thread, as its np.errstate says: once per
-kind, in NumPy's order, as one whole-array call would have. The caller's own part runs under its
-errstate as it is.
+or for silence. So every part of a region, the caller's own too, only notes the kinds the
+caller does not ignore (`noting_errors`: errstate's call mode, no user code runs in a part), and
+the caller reports them once the region has ended (`report_errors`), in its own thread, as its
+np.errstate says: once per kind, in NumPy's order, as one whole-array call would have. Which part
+met an error then changes nothing, and a callback or warning hook may run gpuconv ops, a compiled
+model included: the region is over.
 """
 import contextlib
 import ctypes
@@ -119,10 +120,14 @@ def report_errors(met, where):
         if mode == "warn":  # from the user's line that called into gpuconv, as NumPy's name theirs
             warnings.warn(message, RuntimeWarning, stacklevel=_callers_level())
         elif mode == "call":
+            if not callable(np.geterrcall()):  # NumPy's error for a call mode without a callback
+                raise NameError(f"python callback specified for {_NAMES[kind]} (in {where}) but no function found.")
             np.geterrcall()(_NAMES[kind], flags)
-        elif mode == "print":
-            print(f"Warning: {message}")
+        elif mode == "print":  # NumPy prints to stderr
+            print(f"Warning: {message}", file=sys.stderr)
         elif mode == "log":
+            if not callable(getattr(np.geterrcall(), "write", None)):
+                raise NameError(f"log specified for {_NAMES[kind]} (in {where}) but no object with write method found.")
             np.geterrcall().write(f"Warning: {message}\n")
 
 

@@ -596,7 +596,7 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     tickets = [worker.ticket for worker in workers]
     results, error = [], None
     env = fpenv.current()  # the caller's rounding mode and flush-to-zero hold in every part
-    watched, met = fpenv.watched_errors(), _worker_errors()  # and its np.errstate (fpenv.py)
+    watched, met = fpenv.watched_errors(), _parts_errors()  # and its np.errstate (fpenv.py)
 
     def in_callers_env(part):
         with fpenv.noting_errors(watched, met):
@@ -604,7 +604,8 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     try:  # an interrupt between the hand-overs, too, waits for the parts handed over
         for worker, part in zip(workers, parts[1:]):
             worker.submit(in_callers_env, part)
-        results.append(function(parts[0]))
+        with fpenv.noting_errors(watched, met):  # the caller's part too: reported alike, after the region
+            results.append(function(parts[0]))
     except BaseException as caught:
         error = caught
     workers = [worker for worker, ticket in zip(workers, tickets) if worker.ticket != ticket]
@@ -618,31 +619,31 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     return results
 
 
-_noted = threading.local()  # .met: the error kinds this thread's region's workers met (fpenv.py)
+_noted = threading.local()  # .scopes: per region entered in this thread, the error kinds its parts met
 
 
-def _worker_errors():
-    """The set the running region's worker parts add the floating-point error kinds they meet to
-    (a throwaway one outside `_reporting_worker_errors`)."""
-    met = getattr(_noted, "met", None)
-    return set() if met is None else met
+def _parts_errors():
+    """The set the parts of this thread's innermost region add the floating-point error kinds
+    they meet to (a throwaway one outside `_reporting_parts_errors`)."""
+    scopes = getattr(_noted, "scopes", None)
+    return scopes[-1] if scopes else set()
 
 
 @contextlib.contextmanager
-def _reporting_worker_errors(where):
-    """Around a region, outside its lock: the floating-point errors its worker parts met, reported
-    in this thread once it has ended, as this thread's np.errstate says (fpenv.report_errors; a
-    callback or a warning hook may run ops: the region's workers are free by then). Not after a
-    region that raised: its error is the one NumPy would have given first, or a worse one. A
-    region nested in this thread's own (a signal handler's op) leaves the report to the outer one."""
-    if getattr(_noted, "met", None) is not None:
-        yield
-        return
-    _noted.met = met = set()
+def _reporting_parts_errors(where):
+    """Around a region, outside its lock: the floating-point errors its parts met (all of them,
+    the caller's own too: fpenv.py), reported in this thread once it has ended, as this thread's
+    np.errstate says (fpenv.report_errors). A callback or a warning hook may then run ops, even a
+    compiled model: the region is over. Not after a region that raised: its error comes first.
+    A stack, one set per region: a signal handler's op that runs while this thread waits for the
+    region lock reports its own errors under its own errstate, not into the waiting call's."""
+    scopes = _noted.__dict__.setdefault("scopes", [])
+    met = set()
+    scopes.append(met)
     try:
         yield
     finally:
-        _noted.met = None
+        scopes.pop()  # this region's: one entered later (a signal handler's) has ended before it
     if met:
         fpenv.report_errors(met, where)
 
@@ -717,7 +718,7 @@ def run_in_parts(function, batch):
     if parts == 1:
         return [run_alone(function, 0, batch)]
     bounds = _split(batch, parts)
-    with _reporting_worker_errors("a CPU worker thread's part of a gpuconv op"), _region_lock, blas.num_threads(1):
+    with _reporting_parts_errors("a gpuconv op run in parts on CPU workers"), _region_lock, blas.num_threads(1):
         return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)),
                              pool=OP_THREADS)
 
@@ -925,8 +926,8 @@ class _Plan:
                                "region's workers are busy; run it outside the handler")
         # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
         # thread counts at some shapes), under the lock that keeps other regions' settings out.
-        where = f"a CPU worker's part of a compiled model's {kind}"
-        with _reporting_worker_errors(where), _region_lock, blas.num_threads(1):
+        where = f"a compiled model's {kind}, run in parts on CPU workers"
+        with _reporting_parts_errors(where), _region_lock, blas.num_threads(1):
             if self.meets:
                 self.in_processes = self.weight_grads_now = False
                 with _switch_interval(SWITCH_INTERVAL):
@@ -937,7 +938,7 @@ class _Plan:
                 self.in_processes = processes and cpu_workers.supported()
             self.weight_grads_now = self.in_processes
             if self.in_processes:
-                return cpu_workers.run_parallel(self, kind, arrays, _worker_errors())
+                return cpu_workers.run_parallel(self, kind, arrays, _parts_errors())
             with _switch_interval(SWITCH_INTERVAL):
                 return _run_parallel(lambda thread: function(thread, *arrays), list(range(self.threads)))
 

@@ -66,8 +66,10 @@ SPIN_SECONDS = 0.002  # both sides poll this long before blocking: the next mess
 
 
 def supported():
-    """Linux with memfd_create and fd passing (send_fds)."""
-    return sys.platform.startswith("linux") and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+    """Linux with memfd_create and fd passing (send_fds), and the interpreter not exiting (after
+    _close_at_exit, a region runs its parts in threads)."""
+    return (sys.platform.startswith("linux") and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+            and not _exiting)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,13 +335,43 @@ def close():
     _pool.close()
 
 
+EXIT_GRACE_SECONDS = 1.0  # how long exit waits for the workers, all together, before SIGKILL
+_exiting = False
+
+
 def _close_at_exit():
-    """At the interpreter's exit, the workers stopped and their sockets closed: a worker would exit
-    anyway once the caller's end closes, but the caller's Popen objects and sockets, still open at
-    teardown, warned (ResourceWarning, shown under python -X dev). Not in a forked child, whose
-    pool is the parent's."""
-    if _pool.pid == os.getpid():
-        _pool.close()
+    """At the interpreter's exit: the workers' sockets closed, the workers reaped (an idle one
+    exits as soon as its socket closes; one that has not within EXIT_GRACE_SECONDS, stopped or
+    stuck, is killed). Without this, the Popen objects and sockets still open at teardown warned
+    (ResourceWarning, shown under python -X dev). Left alone:
+    - while another thread is in a region (a daemon thread at exit): its workers and arenas are
+      in use, and the OS ends them as before;
+    - in a forked child, whose pool is the parent's;
+    - the arenas' mappings: the OS unmaps them; a thread may still hold views of them.
+    Regions after this one (another at-exit handler's, a daemon thread's) run in threads."""
+    global _exiting
+    if _pool.pid != os.getpid():
+        return
+    from .cpu_plan import _region_lock
+    if not _region_lock.acquire(blocking=False):
+        return
+    try:
+        _exiting = True
+        processes, _pool.processes = _pool.processes, []
+        for process in processes:
+            try:
+                process.socket.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + EXIT_GRACE_SECONDS
+        for process in processes:
+            try:
+                process.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.process.kill()
+                process.process.wait()
+    finally:
+        _region_lock.release()
 
 
 def _forget(process, key):
@@ -432,8 +464,8 @@ def _prune():
 
 def run_parallel(plan, kind, arrays, met):
     """run_<kind> for part 0 in this thread and parts 1.. in worker processes -> results in part
-    order, as cpu_plan._run_parallel gives them; the floating-point error kinds the workers' parts
-    met (those the caller's np.errstate does not ignore) are added to the set `met`. The caller
+    order, as cpu_plan._run_parallel gives them; the floating-point error kinds the parts met (those
+    the caller's np.errstate does not ignore, the caller's own part's too) are added to the set `met`. The caller
     holds the region lock. Any failure ends the workers of the region (their state is unknown);
     the next region starts new ones."""
     key = f"{_number(plan)}.{plan.compiles}"
@@ -472,7 +504,8 @@ def run_parallel(plan, kind, arrays, met):
             started.append((index, process, views, start, stop))
         error, results = None, []
         try:
-            results.append(getattr(plan, "run_" + kind)(0, *arrays))
+            with fpenv.noting_errors(fpenv.watched_errors(), met):  # the caller's part too, as a thread's
+                results.append(getattr(plan, "run_" + kind)(0, *arrays))
         except BaseException as caught:
             error = caught
         for index, process, views, start, stop in started:
