@@ -186,3 +186,62 @@ def test_worker_processes_are_closed_at_exit(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ran"
     assert "ResourceWarning" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("mode", ["raise", "warn"])
+def test_a_region_that_raised_reports_nothing_more(worker_kind, reported, monkeypatch, mode):
+    """The caller's part raises (a ValueError here, after its rows ran) while the worker's part
+    met an overflow: the caller gets its ValueError alone, neither replaced by a FloatingPointError
+    nor followed by a warning; the next region reports nothing left over."""
+    from gpuconv.nn import cpu_plan
+    run_forward = cpu_plan._Plan.run_forward
+
+    def failing_in_part_0(self, thread, *arrays):
+        result = run_forward(self, thread, *arrays)
+        if thread == 0:
+            raise ValueError("the caller's part failed")
+        return result
+
+    net = compiled_lenet()
+    monkeypatch.setattr(cpu_plan._Plan, "run_forward", failing_in_part_0)
+    with np.errstate(all=mode), pytest.raises(ValueError, match="the caller's part failed") as caught:
+        net(gpuconv.tensor(overflowing_batch()))
+    assert caught.value.__context__ is None
+    assert reported.warnings == []
+    monkeypatch.setattr(cpu_plan._Plan, "run_forward", run_forward)
+    with np.errstate(all="raise"):
+        net(gpuconv.tensor(np.full((BATCH, 1, 28, 28), 0.5, np.float32)))
+
+
+def test_an_exit_handler_runs_a_compiled_model_after_the_workers_closed(tmp_path):
+    """An atexit handler of the user's, registered before gpuconv started its workers (so it runs
+    after gpuconv's exit close), runs the compiled model: in threads, the same bits as before,
+    no worker process started at exit (no ResourceWarning under python -X dev). Child process,
+    hard timeout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "exit_handler.py"
+    script.write_text(
+        "import atexit, numpy as np, gpuconv\n"
+        "from gpuconv.models import LeNet5\n"
+        "from gpuconv.nn import cpu_plan, cpu_workers\n"
+        "cpu_plan.processes = True\n"
+        "gpuconv.set_cpu_workers(1)\n"
+        "net = gpuconv.compile(LeNet5())\n"
+        "x = gpuconv.tensor(np.random.default_rng(0).random((128, 1, 28, 28), dtype=np.float32))\n"
+        "def at_exit():\n"
+        "    again = net(x).data\n"
+        "    assert not cpu_workers._pool.processes, 'a worker process started at exit'\n"
+        "    print('same bits' if np.array_equal(again, first) else 'different bits', flush=True)\n"
+        "atexit.register(at_exit)\n"
+        "first = net(x).data.copy()\n"
+        "assert cpu_workers._pool.processes, 'no worker process ran'\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-X", "dev", str(script)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "same bits"
+    assert "ResourceWarning" not in done.stderr and "Traceback" not in done.stderr, done.stderr
