@@ -43,9 +43,13 @@ class PlanFunction(Function):
         self.plan = plan
 
     def forward(self, x, *params):
-        y = self.plan.forward(x)
+        with cpu_plan.errors_deferred() as reports:  # np.errstate's: see below
+            y = self.plan.forward(x)
         if not np.isfinite(y).all():
-            raise _NonFinite  # the segment runs again eagerly, and its BatchNorms update their statistics
+            # the segment runs again eagerly, and its BatchNorms update their statistics; its ops
+            # report the floating-point errors they meet, so the plan's are dropped (not twice)
+            raise _NonFinite
+        cpu_plan.report_deferred(reports)  # may raise FloatingPointError: before the statistics move
         self.plan.update_running_stats(x.shape[0])
         self.x, self.signature, self.token = x, self.plan.signature, self.plan.forwards
         # the running statistics this forward read (copies: a few numbers per channel), for a
@@ -62,15 +66,22 @@ class PlanFunction(Function):
                     "(a layer's hyper-parameters, training mode with active Dropout, or the input "
                     "shape); call backward() before changing them")
             if plan.forwards != self.token:  # another forward replaced the saved activations
-                plan.forward(self.x, self.buffers)
+                _recompute(plan, self.x, self.buffers)
                 self.token = plan.forwards
             try:
                 dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
             except cpu_workers.ArenaDropped:  # more than cpu_workers.MAX_PLANS plans ran since this forward
-                plan.forward(self.x, self.buffers)
+                _recompute(plan, self.x, self.buffers)
                 self.token = plan.forwards
                 dx, grads = plan.backward(dy, need_dx=self.needs_input_grad[0])
         return (dx,) + tuple(g if needs else None for g, needs in zip(grads, self.needs_input_grad[1:]))
+
+
+def _recompute(plan, x, buffers):
+    """A forward run again for its activations: the floating-point errors it meets were reported
+    when it first ran, so they are not again."""
+    with cpu_plan.errors_deferred():
+        plan.forward(x, buffers)
 
 
 def _worth_a_plan(layers, whole):

@@ -15,12 +15,15 @@ NumPy's error policy (np.errstate: warn, raise, ignore, call, print or log for e
 over, under and invalid) is the calling thread's too (a context variable): a worker started with
 NumPy's default, so an overflow in a worker's part warned from that thread (or, in a worker
 process, on stderr, past the user's warning filters) where the caller had asked for an exception
-or for silence. So every part of a region, the caller's own too, only notes the kinds the
-caller does not ignore (`noting_errors`: errstate's call mode, no user code runs in a part), and
-the caller reports them once the region has ended (`report_errors`), in its own thread, as its
-np.errstate says: once per kind, in NumPy's order, as one whole-array call would have. Which part
-met an error then changes nothing, and a callback or warning hook may run gpuconv ops, a compiled
-model included: the region is over.
+or for silence. So inside a region (gpuconv/nn/cpu_plan.py: a split op, a compiled model's
+forward or backward, an op run alone under the region lock) every part, the caller's own too,
+only notes the kinds the caller does not ignore (`noting_errors`: errstate's call mode, no user
+code runs there), and the caller reports them once the region has ended (`report_errors`), in
+its own thread, as its np.errstate says: once per kind, in NumPy's order, as one whole-array call
+would have. Which part met an error then changes nothing, and a callback or warning hook may run
+gpuconv ops, a compiled model included: the region is over. A compiled forward whose output is
+not finite runs again eagerly (gpuconv/compiler.py); its plan's reports are dropped, the eager
+ops report theirs.
 """
 import contextlib
 import ctypes

@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -200,8 +201,21 @@ def feature_maps(model, image, transform=None):
 
     The model runs its own forward, and each named layer's output is kept as it passes (the last
     one, for a layer called twice), so a model whose forward is not a chain of its children (a
-    forward of its own, a top-level Residual or Concat) shows what its layers computed. Meanwhile
-    the named layers' forward is wrapped: do not run the model in another thread during the call."""
+    forward of its own, a top-level Residual or Concat) shows what its layers computed. A compiled
+    model (gpuconv.compile) runs its module eagerly here: a plan calls no layer's forward.
+    Meanwhile the named layers' forward is wrapped: feature_maps calls take turns (a lock), and
+    the model should not run in another thread during one."""
+    from .compiler import CompiledModel
+    if isinstance(model, CompiledModel):
+        model = model.module
+    with _feature_maps_lock:
+        return _feature_maps(model, image, transform)
+
+
+_feature_maps_lock = threading.Lock()
+
+
+def _feature_maps(model, image, transform):
     x = to_device(_model_input(image[None], transform), model.device)
     titles = getattr(model, "feature_layers", FEATURE_LAYERS)
     layers = dict(model.named_modules())

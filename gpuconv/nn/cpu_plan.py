@@ -631,20 +631,47 @@ def _parts_errors():
 
 @contextlib.contextmanager
 def _reporting_parts_errors(where):
-    """Around a region, outside its lock: the floating-point errors its parts met (all of them,
-    the caller's own too: fpenv.py), reported in this thread once it has ended, as this thread's
-    np.errstate says (fpenv.report_errors). A callback or a warning hook may then run ops, even a
-    compiled model: the region is over. Not after a region that raised: its error comes first.
-    A stack, one set per region: a signal handler's op that runs while this thread waits for the
-    region lock reports its own errors under its own errstate, not into the waiting call's."""
+    """Around a region, outside its lock -> the set its parts add the error kinds they meet to
+    (every part, the caller's own too, and what the caller does between them, such as a
+    meeting's sums: fpenv.py). Once the region has ended they are reported in this thread, as this
+    thread's np.errstate says (fpenv.report_errors), or kept for an `errors_deferred` block. A
+    callback or a warning hook may then run ops, even a compiled model: the region is over. Not
+    after a region that raised: its error comes first. A stack, one set per region: a signal
+    handler's op that runs while this thread waits for the region lock reports its own errors
+    under its own errstate, not into the waiting call's."""
     scopes = _noted.__dict__.setdefault("scopes", [])
     met = set()
     scopes.append(met)
     try:
-        yield
+        yield met
     finally:
         scopes.pop()  # this region's: one entered later (a signal handler's) has ended before it
     if met:
+        deferred = getattr(_noted, "deferred", None)
+        if deferred is not None and deferred[0] == len(scopes):  # a region of the deferring block's own
+            deferred[1].append((met, where))
+        else:
+            fpenv.report_errors(met, where)
+
+
+@contextlib.contextmanager
+def errors_deferred():
+    """The reports of this thread's regions in the block kept, not made -> the list they go to,
+    for report_deferred. For compiler.PlanFunction.forward: a plan whose output is not finite runs
+    again eagerly, and the eager ops report what they meet; the plan's reports would come twice."""
+    outer = getattr(_noted, "deferred", None)
+    # the depth of the report scopes at the block's start: a region entered deeper (a signal
+    # handler's op while this thread waits for the region lock) reports under its own errstate
+    pending = []
+    _noted.deferred = (len(_noted.__dict__.setdefault("scopes", [])), pending)
+    try:
+        yield pending
+    finally:
+        _noted.deferred = outer
+
+
+def report_deferred(pending):
+    for met, where in pending:
         fpenv.report_errors(met, where)
 
 
@@ -677,7 +704,8 @@ def run_alone(function, *args):
     (a signal handler's op), it runs at once: the lock is this thread's already."""
     if _region_lock.held_here():
         return function(*args)
-    with _region_lock:
+    with _reporting_parts_errors("a gpuconv op") as met, _region_lock, \
+            fpenv.noting_errors(fpenv.watched_errors(), met):  # reported after the lock (_reporting_parts_errors)
         return function(*args)
 
 
@@ -718,7 +746,8 @@ def run_in_parts(function, batch):
     if parts == 1:
         return [run_alone(function, 0, batch)]
     bounds = _split(batch, parts)
-    with _reporting_parts_errors("a gpuconv op run in parts on CPU workers"), _region_lock, blas.num_threads(1):
+    with _reporting_parts_errors("a gpuconv op run in parts on CPU workers") as met, _region_lock, \
+            blas.num_threads(1), fpenv.noting_errors(fpenv.watched_errors(), met):
         return _run_parallel(lambda part: function(bounds[part], bounds[part + 1]), list(range(parts)),
                              pool=OP_THREADS)
 
@@ -927,7 +956,8 @@ class _Plan:
         # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
         # thread counts at some shapes), under the lock that keeps other regions' settings out.
         where = f"a compiled model's {kind}, run in parts on CPU workers"
-        with _reporting_parts_errors(where), _region_lock, blas.num_threads(1):
+        with _reporting_parts_errors(where) as met, _region_lock, blas.num_threads(1), \
+                fpenv.noting_errors(fpenv.watched_errors(), met):  # a single part's and the meetings' too
             if self.meets:
                 self.in_processes = self.weight_grads_now = False
                 with _switch_interval(SWITCH_INTERVAL):

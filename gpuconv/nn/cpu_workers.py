@@ -51,8 +51,8 @@ ALIGN = 64
 
 class ArenaDropped(Exception):
     """A backward whose worker dropped the plan's arena (and the activations of its forward with it)
-    since that forward: more than MAX_PLANS plans ran after it (a model split into many segments).
-    Raised before anything is sent; the caller runs the forward again, then the backward
+    since that forward: more than MAX_PLANS plans ran after it (a model split into many segments),
+    or the interpreter is exiting and closed its workers. Raised before anything is sent; the caller runs the forward again, then the backward
     (compiler.PlanFunction.backward)."""
 
 # Every message is a few bytes ("F 3.1 64 1 7f03... 1101": the caller's fpenv, at most
@@ -469,6 +469,8 @@ def run_parallel(plan, kind, arrays, met):
     holds the region lock. Any failure ends the workers of the region (their state is unknown);
     the next region starts new ones."""
     key = f"{_number(plan)}.{plan.compiles}"
+    if _exiting:  # a backward after the exit close: its forward's workers are gone; that forward
+        raise ArenaDropped(key)  # runs again, in threads (supported() is False now), then the backward
     processes = _pool.get(len(plan.parts) - 1)
     _prune()
     pids = [process.process.pid for process in processes]
