@@ -604,8 +604,7 @@ def _run_parallel(function, parts, pool=PLAN_THREADS):
     try:  # an interrupt between the hand-overs, too, waits for the parts handed over
         for worker, part in zip(workers, parts[1:]):
             worker.submit(in_callers_env, part)
-        with fpenv.noting_errors(watched, met):  # the caller's part too: reported alike, after the region
-            results.append(function(parts[0]))
+        results.append(function(parts[0]))  # noting already: every caller of this function notes for its region
     except BaseException as caught:
         error = caught
     workers = [worker for worker, ticket in zip(workers, tickets) if worker.ticket != ticket]

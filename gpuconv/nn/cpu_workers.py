@@ -506,8 +506,7 @@ def run_parallel(plan, kind, arrays, met):
             started.append((index, process, views, start, stop))
         error, results = None, []
         try:
-            with fpenv.noting_errors(fpenv.watched_errors(), met):  # the caller's part too, as a thread's
-                results.append(getattr(plan, "run_" + kind)(0, *arrays))
+            results.append(getattr(plan, "run_" + kind)(0, *arrays))  # noting already (_Plan._in_parts)
         except BaseException as caught:
             error = caught
         for index, process, views, start, stop in started:
