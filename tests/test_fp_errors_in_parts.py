@@ -245,3 +245,24 @@ def test_an_exit_handler_runs_a_compiled_model_after_the_workers_closed(tmp_path
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "same bits"
     assert "ResourceWarning" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_forward_recomputed_for_its_backward_reports_nothing_again(worker_kind):
+    """Two forwards, then the first one's backward: the plan runs that forward again for its
+    activations (compiler.PlanFunction.backward). Its underflow was reported when it first ran;
+    the recomputation reports nothing more (the backward's own products do not underflow here)."""
+    from gpuconv import nn
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    model[0].weight.data[...] = 1e-20
+    x = gpuconv.tensor(np.full((BATCH, 1, 6, 6), 1e-20, np.float32))  # products of 1e-40: underflow
+    net = gpuconv.compile(model)
+    assert net.uses_executor(x.data)
+    calls = []
+    with np.errstate(under="call", call=lambda name, flag: calls.append(name)):
+        first = net(x)
+        assert calls == ["underflow"]
+        net(x)
+        assert calls == ["underflow"] * 2
+        first.backward(gpuconv.tensor(np.ones(first.shape, np.float32)))
+    assert calls == ["underflow"] * 2
+    assert np.isfinite(model[0].weight.grad).all()
