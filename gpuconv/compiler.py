@@ -20,6 +20,7 @@ Like torch.compile, it wraps and never changes the model.
 """
 import numpy as np
 
+from . import fpenv
 from .autograd import Function, Tensor
 from .backend import emulation_enabled
 from .nn import cpu_plan, cpu_workers
@@ -43,18 +44,22 @@ class PlanFunction(Function):
         self.plan = plan
 
     def forward(self, x, *params):
-        with cpu_plan.errors_deferred() as reports:  # np.errstate's: see below
-            y = self.plan.forward(x)
+        reports = []  # the floating-point errors the plan met (np.errstate's): see the end
+        y = self.plan.forward(x, reports=reports)
         if not np.isfinite(y).all():
             # the segment runs again eagerly, and its BatchNorms update their statistics; its ops
             # report the floating-point errors they meet, so the plan's are dropped (not twice)
             raise _NonFinite
-        cpu_plan.report_deferred(reports)  # may raise FloatingPointError: before the statistics move
         self.plan.update_running_stats(x.shape[0])
         self.x, self.signature, self.token = x, self.plan.signature, self.plan.forwards
         # the running statistics this forward read (copies: a few numbers per channel), for a
         # recomputed forward: the layers' may be replaced or updated in place before the backward
         self.buffers = [np.array(array, copy=True) for array in self.plan.buffers()]
+        # last, as the eager model's ops report theirs as they run: a FloatingPointError leaves the
+        # statistics counted (an eager BatchNorm counts its batch first), and a callback may run
+        # this model again (a forward of its own, after this one's statistics and token)
+        for kinds, where in reports:
+            fpenv.report_errors(kinds, where)
         return y
 
     def backward(self, dy):
@@ -80,8 +85,7 @@ class PlanFunction(Function):
 def _recompute(plan, x, buffers):
     """A forward run again for its activations: the floating-point errors it meets were reported
     when it first ran, so they are not again."""
-    with cpu_plan.errors_deferred():
-        plan.forward(x, buffers)
+    plan.forward(x, buffers, reports=[])
 
 
 def _worth_a_plan(layers, whole):

@@ -212,7 +212,7 @@ def feature_maps(model, image, transform=None):
         return _feature_maps(model, image, transform)
 
 
-_feature_maps_lock = threading.Lock()
+_feature_maps_lock = threading.RLock()  # re-entrant: a model's forward may call feature_maps on a part of it
 
 
 def _feature_maps(model, image, transform):

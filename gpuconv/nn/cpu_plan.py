@@ -629,15 +629,16 @@ def _parts_errors():
 
 
 @contextlib.contextmanager
-def _reporting_parts_errors(where):
+def _reporting_parts_errors(where, into=None):
     """Around a region, outside its lock -> the set its parts add the error kinds they meet to
     (every part, the caller's own too, and what the caller does between them, such as a
     meeting's sums: fpenv.py). Once the region has ended they are reported in this thread, as this
-    thread's np.errstate says (fpenv.report_errors), or kept for an `errors_deferred` block. A
-    callback or a warning hook may then run ops, even a compiled model: the region is over. Not
-    after a region that raised: its error comes first. A stack, one set per region: a signal
-    handler's op that runs while this thread waits for the region lock reports its own errors
-    under its own errstate, not into the waiting call's."""
+    thread's np.errstate says (fpenv.report_errors), or appended to the list `into` as (kinds,
+    where) for the caller to report (compiler.PlanFunction.forward). A callback or a warning hook
+    may then run ops, even a compiled model: the region is over. Not after a region that raised:
+    its error comes first. A stack, one set per region: a signal handler's op that runs while this
+    thread waits for the region lock reports its own errors under its own errstate, not into the
+    waiting call's."""
     scopes = _noted.__dict__.setdefault("scopes", [])
     met = set()
     scopes.append(met)
@@ -646,32 +647,10 @@ def _reporting_parts_errors(where):
     finally:
         scopes.pop()  # this region's: one entered later (a signal handler's) has ended before it
     if met:
-        deferred = getattr(_noted, "deferred", None)
-        if deferred is not None and deferred[0] == len(scopes):  # a region of the deferring block's own
-            deferred[1].append((met, where))
-        else:
+        if into is None:
             fpenv.report_errors(met, where)
-
-
-@contextlib.contextmanager
-def errors_deferred():
-    """The reports of this thread's regions in the block kept, not made -> the list they go to,
-    for report_deferred. For compiler.PlanFunction.forward: a plan whose output is not finite runs
-    again eagerly, and the eager ops report what they meet; the plan's reports would come twice."""
-    outer = getattr(_noted, "deferred", None)
-    # the depth of the report scopes at the block's start: a region entered deeper (a signal
-    # handler's op while this thread waits for the region lock) reports under its own errstate
-    pending = []
-    _noted.deferred = (len(_noted.__dict__.setdefault("scopes", [])), pending)
-    try:
-        yield pending
-    finally:
-        _noted.deferred = outer
-
-
-def report_deferred(pending):
-    for met, where in pending:
-        fpenv.report_errors(met, where)
+        else:
+            into.append((met, where))
 
 
 @contextlib.contextmanager
@@ -826,11 +805,13 @@ class _Plan:
         self.batch, self.threads, self.layout_key = batch, threads, (batch, threads, MAX_CHUNK)
         blas.warm_up()
 
-    def forward(self, x, buffers=None):
+    def forward(self, x, buffers=None, reports=None):
         """The forward of x; `buffers` (as buffers() gave them at an earlier forward) are read
-        instead of the layers' own: a recomputed forward normalizes as the first one did."""
+        instead of the layers' own: a recomputed forward normalizes as the first one did. With a
+        list `reports`, the floating-point errors its regions meet go there as (kinds, where), for
+        fpenv.report_errors, instead of being reported (_reporting_parts_errors)."""
         if buffers is None:
-            return self._forward(x)
+            return self._forward(x, reports)
         at = 0
         try:
             for op in self.ops:
@@ -838,19 +819,19 @@ class _Plan:
                 if count:
                     op.override = tuple(buffers[at:at + count])
                     at += count
-            return self._forward(x)
+            return self._forward(x, reports)
         finally:
             for op in self.ops:
                 op.override = None
 
-    def _forward(self, x):
+    def _forward(self, x, reports=None):
         batch = x.shape[0]
         self.layout(batch)
         self.input_shape = x.shape[1:]
         out = np.empty((batch,) + tuple(self.out_shape), np.float32)
         self.forwards += 1
         self.training = any(layer.training for layer in self.layers)
-        self._in_parts("forward", x, out)
+        self._in_parts("forward", x, out, reports=reports)
         return out
 
     def update_running_stats(self, batch):
@@ -944,7 +925,7 @@ class _Plan:
             found += op.override or [getattr(owner, name) for owner, name in op.buffers()]
         return found
 
-    def _in_parts(self, kind, *arrays):
+    def _in_parts(self, kind, *arrays, reports=None):
         """run_<kind>(thread, *arrays) for every part -> their results in part order; parts 1..
         in worker threads, with a 1-thread BLAS (and a short switch interval) for the region."""
         function = getattr(self, "run_" + kind)
@@ -955,7 +936,7 @@ class _Plan:
         # One part too runs with a 1-thread BLAS (OpenBLAS's sums differ in the last bits between
         # thread counts at some shapes), under the lock that keeps other regions' settings out.
         where = f"a compiled model's {kind}, run in parts on CPU workers"
-        with _reporting_parts_errors(where) as met, _region_lock, blas.num_threads(1), \
+        with _reporting_parts_errors(where, reports) as met, _region_lock, blas.num_threads(1), \
                 fpenv.noting_errors(fpenv.watched_errors(), met):  # a single part's and the meetings' too
             if self.meets:
                 self.in_processes = self.weight_grads_now = False
