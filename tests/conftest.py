@@ -45,3 +45,12 @@ def one_worker():
     cpu_plan.set_cpu_workers(1)
     yield
     cpu_plan._worker_count = before
+
+
+@pytest.fixture
+def fresh_worker_processes():
+    """Worker processes started inside the test (they inherit stderr as capfd has it then)."""
+    from gpuconv.nn import cpu_workers
+    cpu_workers.close()
+    yield
+    cpu_workers.close()

@@ -6,8 +6,12 @@ caller's first: cpu_plan._split), so whatever NumPy reports can only come from t
 Before: the worker warned from its own thread under NumPy's default policy (a worker process on
 stderr, past the caller's warning filters), whatever the caller had asked for: no
 FloatingPointError under errstate(all='raise'), warnings under errstate(all='ignore')."""
+import os
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +19,6 @@ import pytest
 import gpuconv
 from gpuconv import functional as F
 from gpuconv.models import LeNet5
-from gpuconv.nn import cpu_workers
 
 BATCH = 128  # two parts of 64 with one worker
 
@@ -25,6 +28,17 @@ def overflowing_batch():
     x = np.full((BATCH, 1, 28, 28), 0.5, np.float32)
     x[BATCH // 2:] = 3.3e38
     return x
+
+
+def run_under_dev_mode(tmp_path, source):
+    """`source` as a script run by a fresh `python -X dev` (ResourceWarnings shown), with this
+    checkout importable; hard timeout -> CompletedProcess."""
+    script = tmp_path / "child.py"
+    script.write_text(source)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-X", "dev", str(script)], capture_output=True, text=True,
+                          timeout=120, env=env)
 
 
 def compiled_lenet():
@@ -53,14 +67,6 @@ def reported(monkeypatch):
         warnings.simplefilter("always")
         monkeypatch.setattr(warnings, "showwarning", seen.show)
         yield seen
-
-
-@pytest.fixture
-def fresh_worker_processes():
-    """Worker processes started inside the test (they inherit stderr as capfd has it then)."""
-    cpu_workers.close()
-    yield
-    cpu_workers.close()
 
 
 def run_compiled_forward():
@@ -165,12 +171,7 @@ def test_worker_processes_are_closed_at_exit(tmp_path):
     """A program that used worker processes exits without ResourceWarnings: the pool closes its
     sockets and reaps its workers at exit (before: 'subprocess ... is still running' and 'unclosed
     socket' under python -X dev). Child process, hard timeout."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = tmp_path / "uses_workers.py"
-    script.write_text(
+    done = run_under_dev_mode(tmp_path, (
         "import numpy as np, gpuconv\n"
         "from gpuconv.models import LeNet5\n"
         "from gpuconv.nn import cpu_plan, cpu_workers\n"
@@ -178,11 +179,7 @@ def test_worker_processes_are_closed_at_exit(tmp_path):
         "gpuconv.set_cpu_workers(1)\n"
         "gpuconv.compile(LeNet5())(gpuconv.tensor(np.zeros((128, 1, 28, 28), np.float32)))\n"
         "assert cpu_workers._pool.processes, 'no worker process started'\n"
-        "print('ran')\n")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-X", "dev", str(script)], capture_output=True, text=True,
-                          timeout=120, env=env)
+        "print('ran')\n"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ran"
     assert "ResourceWarning" not in done.stderr, done.stderr
@@ -218,12 +215,7 @@ def test_an_exit_handler_runs_a_compiled_model_after_the_workers_closed(tmp_path
     after gpuconv's exit close), runs the compiled model: in threads, the same bits as before,
     no worker process started at exit (no ResourceWarning under python -X dev). Child process,
     hard timeout."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = tmp_path / "exit_handler.py"
-    script.write_text(
+    done = run_under_dev_mode(tmp_path, (
         "import atexit, numpy as np, gpuconv\n"
         "from gpuconv.models import LeNet5\n"
         "from gpuconv.nn import cpu_plan, cpu_workers\n"
@@ -237,11 +229,7 @@ def test_an_exit_handler_runs_a_compiled_model_after_the_workers_closed(tmp_path
         "    print('same bits' if np.array_equal(again, first) else 'different bits', flush=True)\n"
         "atexit.register(at_exit)\n"
         "first = net(x).data.copy()\n"
-        "assert cpu_workers._pool.processes, 'no worker process ran'\n")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-X", "dev", str(script)], capture_output=True, text=True,
-                          timeout=120, env=env)
+        "assert cpu_workers._pool.processes, 'no worker process ran'\n"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "same bits"
     assert "ResourceWarning" not in done.stderr and "Traceback" not in done.stderr, done.stderr

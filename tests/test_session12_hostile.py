@@ -44,19 +44,10 @@ def finite_batch():
     return np.full((BATCH, 1, 28, 28), 0.5, np.float32)
 
 
-@pytest.fixture(params=["processes", "threads"])
-def kind(request, monkeypatch):
-    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
-    gpuconv.set_cpu_workers(1)
-    yield request.param
-    gpuconv.set_cpu_workers(None)
-
-
 @pytest.fixture
-def fresh_worker_processes():
-    cpu_workers.close()
-    yield
-    cpu_workers.close()
+def kind(worker_kind):
+    """conftest's worker_kind: one worker, in processes or threads."""
+    return worker_kind
 
 
 def run_script(code, timeout=60, args=()):

@@ -41,12 +41,10 @@ def finite_batch(batch=BATCH):
     return np.full((batch, 1, 28, 28), 0.5, np.float32)
 
 
-@pytest.fixture(params=["processes", "threads"])
-def kind(request, monkeypatch):
-    monkeypatch.setattr(cpu_plan, "processes", request.param == "processes")
-    gpuconv.set_cpu_workers(1)
-    yield request.param
-    gpuconv.set_cpu_workers(None)
+@pytest.fixture
+def kind(worker_kind):
+    """conftest's worker_kind: one worker, in processes or threads."""
+    return worker_kind
 
 
 @pytest.fixture
