@@ -122,20 +122,24 @@ class Pair:
                 optimizer.step()
         self.assert_same_state()
 
-    def backward_after(self, x, between):
-        """In each copy: forward x, between(network, model), x's backward; compares the outputs,
-        the input gradients and the state."""
-        results = []
+    def backward_after(self, x, between, before=None):
+        """In each copy: before(model) if given, forward x, between(network, model), x's backward;
+        compares the outputs, the input gradients and the state -> what between returned in the
+        compiled copy and in the eager one."""
+        results, returned = [], []
         for network, model in ((self.fast, self.fast_model), (self.slow_model, self.slow_model)):
             model.zero_grad()
+            if before is not None:
+                before(model)
             inputs = gpuconv.tensor(x, requires_grad=True)
             y = network(inputs)
-            between(network, model)
+            returned.append(between(network, model))
             weighted_sum(y).backward()
             results.append((y.data, inputs.grad))
         for fast, slow in zip(*results):
             assert_close(fast, slow)
         self.assert_same_state()
+        return returned
 
     def assert_same_state(self):
         slow = dict(self.slow_model.named_parameters())

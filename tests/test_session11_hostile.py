@@ -141,37 +141,22 @@ def test_backwards_in_reverse_order_after_forwards_of_other_sizes(workers, rng):
 def test_eval_forward_between_a_train_forward_and_its_backward(workers, rng):
     pair = Pair(residual_net)
     x, other = images(rng, 15), images(rng, 15)
-    results = []
-    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
-        model.zero_grad()
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        y = network(inputs)
+
+    def evaluate_other(network, model):
         model.eval()
         evaluated = network(gpuconv.tensor(other))
         model.train()
-        weighted_sum(y).backward()
-        results.append((y.data, inputs.grad, evaluated.data))
-    for a, b in zip(*results):
-        assert_close(a, b)
-    pair.assert_same_state()
+        return evaluated.data
+    assert_close(*pair.backward_after(x, evaluate_other))
 
 
 def test_switch_to_eval_between_forward_and_backward(workers, rng):
     """The backward of a training forward after model.eval() (no forward between)."""
     pair = Pair(residual_net)
-    x = images(rng, 15)
-    results = []
-    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
-        model.zero_grad()
-        model.train()
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        y = network(inputs)
+
+    def to_eval(network, model):
         model.eval()
-        weighted_sum(y).backward()
-        results.append((y.data, inputs.grad))
-    for a, b in zip(*results):
-        assert_close(a, b)
-    pair.assert_same_state()
+    pair.backward_after(images(rng, 15), to_eval, before=lambda model: model.train())
 
 
 def test_set_cpu_workers_between_forward_and_backward(monkeypatch, rng):
@@ -362,19 +347,11 @@ def test_untracked_model_backward_after_a_forward_in_the_other_mode(order, worke
     runs the backward."""
     pair = Pair(residual_net, track=False)
     x, other = images(rng, 15), images(rng, 15)
-    results = []
-    for network, model in ((pair.fast, pair.fast_model), (pair.slow_model, pair.slow_model)):
-        model.zero_grad()
-        model.train(order == "eval-forward-between")
-        inputs = gpuconv.tensor(x, requires_grad=True)
-        y = network(inputs)
+
+    def other_mode_forward(network, model):
         model.train(order != "eval-forward-between")
         network(gpuconv.tensor(other))
-        weighted_sum(y).backward()
-        results.append((y.data, inputs.grad))
-    for a, b in zip(*results):
-        assert_close(a, b)
-    pair.assert_same_state()
+    pair.backward_after(x, other_mode_forward, before=lambda model: model.train(order == "eval-forward-between"))
 
 
 def test_mixed_tracked_and_untracked_backward_after_eval_forward(workers, rng):

@@ -18,7 +18,7 @@ result relative to its largest value. Run from the repository root, on a quiet m
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/conv_flat_layouts.py
 """
 import numpy as np
-from row_runs_profile import median_ms as median_ms_of
+from timing import median_ms as median_ms_of
 
 from gpuconv import blas
 from gpuconv.ops import conv_cpu, cpu_parts

@@ -6,7 +6,7 @@ copy. PyTorch's whole conv at the same shapes: docs/experiments/conv_numba_direc
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. python docs/experiments/conv_gemm_alone.py
 """
 import numpy as np
-from row_runs_profile import median_ms
+from timing import median_ms
 
 from gpuconv.bench.machine import blas_config
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
-from row_runs_profile import median_ms
+from timing import median_ms
 
 
 @numba.njit(nogil=True, fastmath=True, boundscheck=False)

@@ -7,7 +7,7 @@ repository root, on a quiet machine:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/filter_grad_one_gemm.py
 """
 import numpy as np
-from row_runs_profile import median_ms  # beside this script: run it as python docs/experiments/...
+from timing import median_ms  # beside this script: run it as python docs/experiments/...
 
 from gpuconv import blas
 from gpuconv.ops import conv_cpu, cpu_parts

@@ -25,9 +25,9 @@ import time
 import numpy as np
 
 import gpuconv
-from gpuconv import compiler, nn, optim
-from gpuconv import functional as F
+from gpuconv import compiler, nn
 from gpuconv.models import LeNet5, SimpleCNN
+from timing import sgd_step
 
 
 def load_old_compiler(path):
@@ -44,17 +44,6 @@ def load_old_compiler(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def stepper(net, model, x, labels):
-    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        loss = F.cross_entropy(net(x), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return step
 
 
 def _fused_conv(layers):
@@ -107,17 +96,17 @@ def groups(x, labels, old_path):
     for name, make in (("SimpleCNN", SimpleCNN), ("LeNet-5+Dropout", lenet_dropout)):
         variants = {}
         model = make(seed=1)
-        variants[f"{name} eager"] = stepper(model, model, x, labels)
+        variants[f"{name} eager"] = sgd_step(model, model, x, labels)
         for rule in ("conv", "fused", "every"):
             model = make(seed=1)
-            variants[f"{name} {rule}"] = stepper(compiled_with(model, rule), model, x, labels)
+            variants[f"{name} {rule}"] = sgd_step(compiled_with(model, rule), model, x, labels)
         yield variants
     variants = {}
     model = LeNet5(seed=1)
-    variants["LeNet-5 new"] = stepper(gpuconv.compile(model), model, x, labels)
+    variants["LeNet-5 new"] = sgd_step(gpuconv.compile(model), model, x, labels)
     if old_path:
         model = LeNet5(seed=1)
-        variants["LeNet-5 old"] = stepper(load_old_compiler(old_path).compile(model), model, x, labels)
+        variants["LeNet-5 old"] = sgd_step(load_old_compiler(old_path).compile(model), model, x, labels)
     yield variants
 
 

@@ -15,7 +15,7 @@ Medians of 5 after 1, three rounds. Run from the repository root, with PyTorch i
 """
 import numpy as np
 import torch
-from row_runs_profile import median_ms
+from timing import median_ms
 
 from gpuconv.bench import zoo
 from gpuconv.bench.machine import blas_config

@@ -12,9 +12,9 @@ import copy
 
 import numpy as np
 import torch
-from row_runs_profile import median_ms
+from timing import median_ms, sgd_step
 
-from gpuconv import functional, nn, optim
+from gpuconv import nn
 from gpuconv.autograd import no_grad
 from gpuconv.bench import zoo
 from gpuconv.bench.torch_rows import TorchZooRows
@@ -37,21 +37,10 @@ def main(batch=128, rounds=3):
     eager, lowered, in_eval = model, copy.deepcopy(model), copy.deepcopy(model)
     compiled_train, compiled_eval = compile_model(lowered), compile_model(in_eval)
 
-    def step_of(network, module, training):
-        optimizer = optim.SGD(module.parameters(), lr=1e-12, momentum=0.9)
-
-        def step():
-            network.train(training)
-            loss = functional.cross_entropy(network(x), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            assert np.isfinite(loss.item())
-        return step
-
-    steps = {"eager training step": step_of(eager, eager, True),
-             "compiled training step (BatchNorm lowered)": step_of(compiled_train, lowered, True),
-             "compiled eval-mode step": step_of(compiled_eval, in_eval, False),
+    steps = {"eager training step": sgd_step(eager, eager, x, labels, lr=1e-12, training=True),
+             "compiled training step (BatchNorm lowered)": sgd_step(compiled_train, lowered, x, labels, lr=1e-12,
+                                                                    training=True),
+             "compiled eval-mode step": sgd_step(compiled_eval, in_eval, x, labels, lr=1e-12, training=False),
              "PyTorch training step": TorchZooRows(torch, "cpu", "resnet20", dataset, batch, 0).step(None)}
     compiled_train.train()
     assert compiled_train.uses_executor(x)

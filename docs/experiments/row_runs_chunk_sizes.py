@@ -6,7 +6,7 @@ on a quiet machine:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/row_runs_chunk_sizes.py
 """
 import numpy as np
-from row_runs_profile import median_ms  # beside this script: run it as python docs/experiments/...
+from timing import median_ms  # beside this script: run it as python docs/experiments/...
 
 from gpuconv.ops import conv_cpu
 

@@ -5,22 +5,12 @@ root, on a quiet machine:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python docs/experiments/row_runs_profile.py
 """
-import time
 
 import numpy as np
 
 from gpuconv import blas
 from gpuconv.ops import conv_cpu, cpu_parts
-
-
-def median_ms(function, repeat=30):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.median(times)
+from timing import median_ms
 
 
 def main(n=64):

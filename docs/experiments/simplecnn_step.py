@@ -9,11 +9,9 @@ eagerly too (no run was worth a plan); it now runs as one plan. Run from the rep
 import copy
 
 import numpy as np
-from row_runs_profile import median_ms
+from timing import median_ms, sgd_step
 
 import gpuconv
-from gpuconv import functional as F
-from gpuconv import optim
 from gpuconv.models import SimpleCNN
 
 
@@ -25,17 +23,8 @@ def main(batch=128, rounds=3):
     x, labels = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, batch)
     print("one plan:", compiled.unsupported is None and compiled.uses_executor(x))
 
-    def step_of(network, model):
-        optimizer = optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
-
-        def step():
-            loss = F.cross_entropy(network(x), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return step
-
-    steps = {"eager": step_of(eager, eager), "compiled": step_of(compiled, lowered)}
+    steps = {"eager": sgd_step(eager, eager, x, labels, lr=1e-9),
+             "compiled": sgd_step(compiled, lowered, x, labels, lr=1e-9)}
     results = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
