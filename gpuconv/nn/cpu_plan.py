@@ -628,8 +628,7 @@ def _parts_errors():
     return scopes[-1] if scopes else set()
 
 
-@contextlib.contextmanager
-def _reporting_parts_errors(where, into=None):
+class _reporting_parts_errors:
     """Around a region, outside its lock -> the set its parts add the error kinds they meet to
     (every part, the caller's own too, and what the caller does between them, such as a
     meeting's sums: fpenv.py). Once the region has ended they are reported in this thread, as this
@@ -639,18 +638,25 @@ def _reporting_parts_errors(where, into=None):
     its error comes first. A stack, one set per region: a signal handler's op that runs while this
     thread waits for the region lock reports its own errors under its own errstate, not into the
     waiting call's."""
-    scopes = _noted.__dict__.setdefault("scopes", [])
-    met = set()
-    scopes.append(met)
-    try:
-        yield met
-    finally:
-        scopes.pop()  # this region's: one entered later (a signal handler's) has ended before it
-    if met:
-        if into is None:
-            fpenv.report_errors(met, where)
-        else:
-            into.append((met, where))
+
+    __slots__ = ("where", "into", "met")  # a class, not a generator: it wraps every eager matmul
+
+    def __init__(self, where, into=None):
+        self.where, self.into = where, into
+
+    def __enter__(self):
+        self.met = set()
+        _noted.__dict__.setdefault("scopes", []).append(self.met)
+        return self.met
+
+    def __exit__(self, kind, value, traceback):
+        _noted.scopes.pop()  # this region's: one entered later (a signal handler's) has ended before it
+        if kind is None and self.met:
+            if self.into is None:
+                fpenv.report_errors(self.met, self.where)
+            else:
+                self.into.append((self.met, self.where))
+        return False
 
 
 @contextlib.contextmanager
